@@ -1,0 +1,53 @@
+//! Errors of the runtime core. Every loader path returns one of these; none panics on bad input.
+
+use thiserror::Error;
+
+/// Why a model file could not be read.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("not a GGUF file (magic {found:02x?}, expected \"GGUF\")")]
+    BadMagic { found: [u8; 4] },
+    #[error("unsupported GGUF version {0} (supported: 2, 3)")]
+    UnsupportedVersion(u32),
+    #[error("GGUF file truncated: {what} needs {need} bytes at offset {offset}, file has {len}")]
+    Truncated { what: String, offset: u64, need: u64, len: u64 },
+    #[error("GGUF {what} is absurd: {value}")]
+    Absurd { what: String, value: u64 },
+    #[error("GGUF metadata key {key} has an unknown value type {ty}")]
+    UnknownValueType { key: String, ty: u32 },
+    #[error("tensor {name} has an unknown or unsupported GGML type {ty}")]
+    UnknownTensorType { name: String, ty: u32 },
+    #[error("tensor {name}: data [{start}, {end}) lies beyond the end of the file ({len} bytes)")]
+    TensorOutOfBounds { name: String, start: u64, end: u64, len: u64 },
+    #[error("tensor {name}: {reason}")]
+    BadTensor { name: String, reason: String },
+    #[error("missing metadata key {0}")]
+    MissingKey(String),
+    #[error("metadata key {key} has the wrong type (expected {expected})")]
+    WrongKeyType { key: String, expected: &'static str },
+    #[error("missing tensor {0}")]
+    MissingTensor(String),
+    #[error("tensor {name} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch { name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Why a generation request could not run.
+#[derive(Debug, Error)]
+pub enum GenerateError {
+    #[error("prompt has {prompt} tokens but the context holds {context} (with {reserve} reserved for the answer)")]
+    PromptTooLong { prompt: usize, context: usize, reserve: usize },
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("device: {0}")]
+    Device(String),
+}

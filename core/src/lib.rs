@@ -1,0 +1,12 @@
+//! vidllm runtime core: model-file loading, GGML blocks, tokenizer, chat prompts,
+//! sampling and streaming. Knows nothing of devices or backends.
+
+pub mod chat;
+pub mod error;
+pub mod ggml;
+pub mod gguf;
+pub mod sampler;
+pub mod stream;
+pub mod tokenizer;
+
+pub use error::{GenerateError, LoadError};

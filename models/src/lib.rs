@@ -1,0 +1,13 @@
+//! vidllm model graphs, written once for every device: the backend is whatever the
+//! `Device` names at run time; 4-bit matrices go through `vidllm_shaders::QuantOps`.
+
+pub mod generate;
+pub mod llama;
+pub mod llama_gguf;
+pub mod quant_linear;
+pub mod rms_norm;
+pub mod rope;
+
+pub use generate::{GenerateParams, Piece, Session, Timings};
+pub use llama::{KvCache, Llama, LlamaConfig, Logits};
+pub use llama_gguf::{config_from_gguf, load_llama};

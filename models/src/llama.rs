@@ -1,0 +1,251 @@
+//! LLaMA-family decoder (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation
+//! Language Models"); reference: transformers `models/llama/modeling_llama.py` and
+//! llama.cpp `src/models/llama.cpp`.
+//!
+//! Pre-norm residual blocks: `h = x + Attn(RMSNorm(x))`, `y = h + MLP(RMSNorm(h))`, with
+//! RoPE, grouped-query attention and a SwiGLU MLP `down(silu(gate(x)) * up(x))`.
+//! Weights are immutable; the KV cache is the run state, allocated once, passed `&mut`.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::quant_linear::QuantLinear;
+use crate::rms_norm::RmsNorm;
+use crate::rope::{Rope, RopeStyle};
+
+/// Resolved decoder configuration (no options).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_head: usize,
+    pub d_ff: usize,
+    pub vocab_size: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f64,
+    pub rope_style: RopeStyle,
+    /// Positions the model was trained for.
+    pub max_context: usize,
+}
+
+/// Token embedding table kept on the host in its file format; rows are dequantised when
+/// looked up (a few KB per token), so the device holds only the output projection.
+pub struct HostEmbedding {
+    pub ty: vidllm_core::ggml::GgmlType,
+    pub bytes: Vec<u8>,
+    pub d_model: usize,
+}
+
+impl HostEmbedding {
+    /// # Shapes
+    /// - returns `[tokens.len(), d_model]`
+    pub fn lookup(&self, tokens: &[u32], device: &Device) -> Tensor<2> {
+        let row = self.ty.bytes_for(self.d_model as u64).expect("row is whole blocks") as usize;
+        let mut out = Vec::with_capacity(tokens.len() * self.d_model);
+        for &t in tokens {
+            let bytes = &self.bytes[t as usize * row..(t as usize + 1) * row];
+            out.extend(vidllm_core::ggml::dequantize(self.ty, bytes, self.d_model));
+        }
+        Tensor::from_data(TensorData::new(out, [tokens.len(), self.d_model]), device)
+    }
+
+    pub fn rows(&self) -> usize {
+        let row = self.ty.bytes_for(self.d_model as u64).unwrap_or(1) as usize;
+        self.bytes.len() / row
+    }
+}
+
+pub struct Attention {
+    pub q: QuantLinear,
+    pub k: QuantLinear,
+    pub v: QuantLinear,
+    pub o: QuantLinear,
+    /// Qwen2-style projection biases (absent for LLaMA).
+    pub q_bias: Option<Tensor<1>>,
+    pub k_bias: Option<Tensor<1>>,
+    pub v_bias: Option<Tensor<1>>,
+}
+
+pub struct Mlp {
+    pub gate: QuantLinear,
+    pub up: QuantLinear,
+    pub down: QuantLinear,
+}
+
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub mlp_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed: HostEmbedding,
+    pub blocks: Vec<Block>,
+    pub norm: RmsNorm,
+    /// Output projection (the embedding matrix itself when tied).
+    pub lm_head: QuantLinear,
+    pub rope: Rope,
+    pub device: Device,
+}
+
+/// Keys and values of every layer; `len` is the next position.
+pub struct KvCache {
+    /// Per layer `[1, n_kv_heads, capacity, d_head]`.
+    k: Vec<Tensor<4>>,
+    v: Vec<Tensor<4>>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
+        let shape = [1, cfg.n_kv_heads, capacity, cfg.d_head];
+        let zeros = || Tensor::<4>::zeros(shape, device);
+        Self { k: (0..cfg.n_layers).map(|_| zeros()).collect(), v: (0..cfg.n_layers).map(|_| zeros()).collect(), len: 0, capacity }
+    }
+
+    /// Forget everything after position `len` (for reuse of a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn device_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|t| t.shape().num_elements() * 4).sum()
+    }
+}
+
+impl Attention {
+    /// # Shapes
+    /// - x: `[t, d_model]` -> `[t, d_model]`
+    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<2> {
+        let [t, _] = x.dims();
+        let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
+        let (start, end) = (cache.len, cache.len + t);
+        let proj = |w: &QuantLinear, b: &Option<Tensor<1>>, heads: usize| {
+            let y = w.forward(x.clone());
+            let y = match b {
+                Some(b) => y + b.clone().unsqueeze::<2>(),
+                None => y,
+            };
+            y.reshape([1, t, heads, dh]).swap_dims(1, 2) // [1, heads, t, d_head]
+        };
+        let q = rope.forward(proj(&self.q, &self.q_bias, h), start);
+        let k = rope.forward(proj(&self.k, &self.k_bias, kvh), start);
+        let v = proj(&self.v, &self.v_bias, kvh);
+
+        // Append this step's keys and values, then attend over the whole prefix.
+        let range = [0..1, 0..kvh, start..end, 0..dh];
+        cache.k[layer] = cache.k[layer].clone().slice_assign(range.clone(), k);
+        cache.v[layer] = cache.v[layer].clone().slice_assign(range, v);
+        let keys = cache.k[layer].clone().narrow(2, 0, end); // [1, kvh, s, dh]
+        let values = cache.v[layer].clone().narrow(2, 0, end);
+
+        // Grouped-query attention without copying K/V: query heads j*r..(j+1)*r share KV
+        // head j, so fold the group into the row axis.
+        let r = h / kvh;
+        let q = q.reshape([1, kvh, r * t, dh]);
+        let scores = q.matmul(keys.swap_dims(2, 3)) * (dh as f64).powf(-0.5); // [1, kvh, r*t, s]
+        let scores = match causal_mask(r, t, start, &x.device()) {
+            Some(mask) => scores + mask,
+            None => scores,
+        };
+        let ctx = softmax(scores, 3).matmul(values); // [1, kvh, r*t, dh]
+        let ctx = ctx.reshape([1, h, t, dh]).swap_dims(1, 2).reshape([t, h * dh]);
+        self.o.forward(ctx)
+    }
+}
+
+/// Additive mask: row `(g, i)` may see key `j` iff `j <= start + i`. `None` for one token.
+///
+/// # Shapes
+/// - returns `[1, 1, r * t, start + t]`
+fn causal_mask(r: usize, t: usize, start: usize, device: &Device) -> Option<Tensor<4>> {
+    if t == 1 {
+        return None;
+    }
+    let s = start + t;
+    let mut m = vec![0f32; r * t * s];
+    for g in 0..r {
+        for i in 0..t {
+            let row = (g * t + i) * s;
+            m[row + start + i + 1..row + s].fill(f32::NEG_INFINITY);
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(m, [1, 1, r * t, s]), device))
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let gate = silu(self.gate.forward(x.clone()));
+        self.down.forward(gate * self.up.forward(x))
+    }
+}
+
+impl Block {
+    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<2> {
+        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, cache, layer);
+        h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
+    }
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (teacher forcing, parity tests).
+    All,
+}
+
+impl Llama {
+    /// Run `tokens` at positions `cache.len..`, appending them to the cache.
+    ///
+    /// # Shapes
+    /// - returns `[1 or tokens.len(), vocab_size]`
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Tensor<2> {
+        let t = tokens.len();
+        let mut x = self.embed.lookup(tokens, &self.device); // [t, d_model]
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x, &self.cfg, &self.rope, cache, layer);
+        }
+        cache.len += t;
+        let x = match which {
+            Logits::Last => x.narrow(0, t - 1, 1),
+            Logits::All => x,
+        };
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Bytes of device memory held by the weights (not the KV cache).
+    pub fn weights_device_bytes(&self) -> usize {
+        let lin = |l: &QuantLinear| l.device_bytes();
+        let norm = |n: &RmsNorm| n.weight.shape().num_elements() * 4;
+        let bias = |b: &Option<Tensor<1>>| b.as_ref().map(|b| b.shape().num_elements() * 4).unwrap_or(0);
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let a = &b.attn;
+                lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o) + bias(&a.q_bias) + bias(&a.k_bias) + bias(&a.v_bias)
+                    + lin(&b.mlp.gate) + lin(&b.mlp.up) + lin(&b.mlp.down) + norm(&b.attn_norm) + norm(&b.mlp_norm)
+            })
+            .sum();
+        // RoPE tables are derived state, counted with the weights since they live as long.
+        let rope = 2 * self.cfg.max_context.min(ROPE_TABLE_MAX) * self.cfg.d_head / 2 * 4;
+        blocks + norm(&self.norm) + lin(&self.lm_head) + rope
+    }
+}
+
+/// Longest RoPE table built up front; contexts beyond this are refused at load time.
+pub const ROPE_TABLE_MAX: usize = 8192;
+
+impl Llama {
+    /// Positions covered by the RoPE table (the usable context).
+    pub fn rope_positions(&self) -> usize {
+        self.cfg.max_context.min(ROPE_TABLE_MAX)
+    }
+}

@@ -1,0 +1,89 @@
+//! `bench`: prefill (pp) and decode (tg) throughput, measured as llama-bench does:
+//! pp = one forward over N prompt tokens; tg = N single-token forwards from an empty
+//! context. Each test runs `--reps` times after one warm-up; mean and spread reported.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use vidllm_models::generate::read_row;
+use vidllm_models::{KvCache, Llama, Logits};
+
+use crate::{ModelArgs, runtime};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Deterministic pseudo-random token ids (what llama-bench feeds too).
+fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn prefill_rate(m: &Llama, tokens: &[u32]) -> Result<f64> {
+    let mut cache = KvCache::new(&m.cfg, tokens.len() + 1, &m.device);
+    let t0 = Instant::now();
+    read_row(m.forward(tokens, &mut cache, Logits::Last))?;
+    Ok(tokens.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn decode_rate(m: &Llama, n: usize) -> Result<f64> {
+    let mut cache = KvCache::new(&m.cfg, n + 1, &m.device);
+    let mut tok = 1u32;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let row = read_row(m.forward(&[tok], &mut cache, Logits::Last))?;
+        tok = vidllm_core::sampler::argmax(&row);
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn stats(xs: &[f64]) -> (f64, f64) {
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len().max(2).saturating_sub(1) as f64;
+    (mean, var.sqrt())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let rt = runtime::load(&a.model)?;
+    let m = &rt.model;
+    let prompt = synthetic_tokens(a.prompt_tokens, m.cfg.vocab_size);
+    let reps = a.reps.max(1);
+    // Warm-up: kernel compilation and allocations stay out of the numbers.
+    prefill_rate(m, &prompt)?;
+    decode_rate(m, 4)?;
+    let pp: Vec<f64> = (0..reps).map(|_| prefill_rate(m, &prompt)).collect::<Result<_>>()?;
+    let tg: Vec<f64> = (0..reps).map(|_| decode_rate(m, a.gen_tokens)).collect::<Result<_>>()?;
+    let ((pp_m, pp_s), (tg_m, tg_s)) = (stats(&pp), stats(&tg));
+    if a.json {
+        println!("{}", json!({
+            "device": rt.device_name, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+            "prefill_tok_s": pp_m, "prefill_sd": pp_s, "decode_tok_s": tg_m, "decode_sd": tg_s,
+            "weights_device_bytes": m.weights_device_bytes(), "file_bytes": rt.file_bytes,
+        }));
+    } else {
+        println!("| model | device | test | t/s |\n|---|---|---|---|");
+        println!("| {} | {} | pp{} | {pp_m:.2} ± {pp_s:.2} |", a.model.model, rt.device_name, a.prompt_tokens);
+        println!("| {} | {} | tg{} | {tg_m:.2} ± {tg_s:.2} |", a.model.model, rt.device_name, a.gen_tokens);
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! `chat`: one prompt in, a streamed answer out.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::json;
+use vidllm_core::chat::{Message, render};
+use vidllm_core::sampler::SamplerConfig;
+use vidllm_core::tokenizer::Tokenizer;
+use vidllm_models::{GenerateParams, Session};
+
+use crate::{ModelArgs, runtime};
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Use the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the answer contains this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print one JSON object at the end instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The prompt's token ids: the chat template (or the raw text), BOS per the model.
+pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+    if raw {
+        return Ok(tok.encode(prompt, tok.add_bos)?);
+    }
+    let template = tok.chat_template.as_deref().context("the model has no chat template; use --raw")?;
+    let piece = |id: Option<u32>| id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned()).unwrap_or_default();
+    let text = render(template, &[Message::new("user", prompt)], &piece(tok.bos), &piece(tok.eos))?;
+    // Templates that write the BOS text themselves get no second one.
+    let bos_in_text = tok.bos.is_some_and(|b| text.starts_with(&piece(Some(b))));
+    Ok(tok.encode(&text, tok.add_bos && !bos_in_text)?)
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let rt = runtime::load(&a.model)?;
+    eprintln!("device: {}  load: {:.2}s  weights on device: {:.1} MiB", rt.device_name, rt.load_time.as_secs_f64(), rt.model.weights_device_bytes() as f64 / 1048576.0);
+    let prompt = prompt_tokens(&rt.tok, &a.prompt, a.raw)?;
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, min_p: a.min_p, repeat_penalty: a.repeat_penalty, seed: a.seed, ..Default::default() },
+        stop: a.stop.clone(),
+    };
+    let mut session = Session::new(&rt.model, rt.context);
+    let mut stream = session.generate(&prompt, &rt.tok, params)?;
+    let mut out = std::io::stdout().lock();
+    let mut tokens = Vec::new();
+    while let Some(piece) = stream.next() {
+        let piece = piece?;
+        tokens.push(piece.id);
+        if !a.json {
+            out.write_all(piece.text.as_bytes())?;
+            out.flush()?;
+        }
+    }
+    let tail = stream.finish();
+    let t = stream.timings.clone();
+    let text = stream.text().to_string();
+    if a.json {
+        let v = json!({
+            "prompt_tokens": prompt, "tokens": tokens, "text": text,
+            "timings": {"load_s": rt.load_time.as_secs_f64(), "prefill_s": t.prefill.as_secs_f64(), "prefill_tok_s": t.prefill_tok_s(), "decode_s": t.decode.as_secs_f64(), "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
+            "weights_device_bytes": rt.model.weights_device_bytes(),
+            "device": rt.device_name,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{tail}")?;
+    }
+    eprintln!(
+        "prompt: {} tok, prefill {:.1} tok/s | generated: {} tok, decode {:.1} tok/s",
+        t.prompt_tokens, t.prefill_tok_s(), t.generated, t.decode_tok_s()
+    );
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! `vidllm-native`: run vidllm models from the command line.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod chat;
+mod inspect;
+mod runtime;
+
+use vidllm_shaders::device::DeviceChoice;
+
+#[derive(Parser)]
+#[command(name = "vidllm-native", version, about = "Portable video-LLM runtime (native)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt, streaming tokens to stdout.
+    Chat(chat::ChatArgs),
+    /// Print the token ids of a text.
+    Tokenize(inspect::TokenizeArgs),
+    /// Print the top next-token logits after every prompt position (teacher forcing).
+    Logits(inspect::LogitsArgs),
+    /// Measure prefill and decode speed, like llama-bench.
+    Bench(bench::BenchArgs),
+}
+
+/// Options shared by every command that runs the model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file.
+    #[arg(long)]
+    pub model: String,
+    /// Where to run: a hardware GPU if present (auto), wgpu on any adapter (gpu), or the CPU.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Context length (tokens) to allocate; defaults to the model's, at most 4096.
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Command::Chat(a) => chat::run(a),
+        Command::Tokenize(a) => inspect::tokenize(a),
+        Command::Logits(a) => inspect::logits(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

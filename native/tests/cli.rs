@@ -1,0 +1,107 @@
+//! The `vidllm-native` command line as users and outside tools call it: good runs on the
+//! real SmolLM2 file, and one clear line (no panic) for every kind of bad input.
+
+use std::process::Command;
+
+use serde_json::Value as Json;
+use vidllm_core::gguf::Value;
+use vidllm_core::gguf::writer::{TensorSpec, write};
+use vidllm_tests::smollm2_path;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vidllm-native"))
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = bin().args(args).output().expect("runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A bad input must fail with one `error:` line naming the problem.
+fn assert_clean_failure(args: &[&str], needle: &str) {
+    let (ok, _, err) = run(args);
+    assert!(!ok, "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err}");
+    assert!(lines[0].starts_with("error:") && lines[0].to_lowercase().contains(needle), "{args:?}: {err}");
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> String {
+    let dir = std::env::temp_dir().join(format!("vidllm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+fn tiny_gguf(meta: &[(&str, Value)], ty_id: u32, dims: Vec<u64>) -> Vec<u8> {
+    let data = vec![0u8; 64];
+    write(meta, &[TensorSpec { name: "token_embd.weight", dims, ty_id, data: &data }])
+}
+
+fn model() -> String {
+    smollm2_path().display().to_string()
+}
+
+#[test]
+fn bad_files_give_one_line_errors() {
+    let real = std::fs::read(smollm2_path()).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated.gguf", real[..real.len() / 2].to_vec(), "beyond the end"),
+        ("header-only.gguf", real[..100].to_vec(), "truncated"),
+        ("magic.gguf", b"GGML\x03\0\0\0".to_vec(), "not a gguf"),
+        ("version.gguf", { let mut b = real[..64].to_vec(); b[4] = 7; b }, "version 7"),
+        ("empty.gguf", Vec::new(), "truncated"),
+        ("type.gguf", tiny_gguf(&[], 77, vec![16]), "unknown"),
+        ("dims.gguf", tiny_gguf(&[], 0, vec![1 << 31, 1 << 31, 1 << 31]), "dimension"),
+        ("keys.gguf", tiny_gguf(&[("general.architecture", Value::String("llama".into()))], 0, vec![16]), "missing"),
+        ("arch.gguf", tiny_gguf(&[("general.architecture", Value::String("mamba".into()))], 0, vec![16]), "architecture"),
+    ];
+    for (name, bytes, needle) in cases {
+        let p = temp_file(name, &bytes);
+        assert_clean_failure(&["chat", "--model", &p, "--prompt", "hi", "--device", "cpu"], needle);
+    }
+    // A tensor whose data lies beyond the file.
+    let mut b = tiny_gguf(&[], 0, vec![16]);
+    b.truncate(b.len() - 32);
+    let p = temp_file("offset.gguf", &b);
+    assert_clean_failure(&["chat", "--model", &p, "--prompt", "hi", "--device", "cpu"], "beyond the end");
+    assert_clean_failure(&["chat", "--model", "/nonexistent.gguf", "--prompt", "hi"], "cannot open");
+}
+
+#[test]
+fn prompt_longer_than_context_is_refused() {
+    let long = "word ".repeat(200);
+    assert_clean_failure(&["chat", "--model", &model(), "--prompt", &long, "--ctx", "64", "--device", "cpu"], "context");
+    assert_clean_failure(&["logits", "--model", &model(), "--prompt", &long, "--ctx", "64", "--device", "cpu", "--json"], "context");
+}
+
+#[test]
+fn tokenize_json() {
+    let (ok, out, err) = run(&["tokenize", "--model", &model(), "--text", "Hello world", "--json"]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!([19556, 905]));
+}
+
+#[test]
+fn chat_json_on_cpu() {
+    let (ok, out, err) = run(&["chat", "--model", &model(), "--prompt", "What is 2+2?", "--max-tokens", "8", "--device", "cpu", "--json"]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["tokens"].as_array().unwrap().len() <= 8 && !v["text"].as_str().unwrap().is_empty());
+    let resident = v["weights_device_bytes"].as_u64().unwrap();
+    let file = std::fs::metadata(smollm2_path()).unwrap().len();
+    assert!(resident as f64 <= 1.1 * file as f64, "{resident} vs {file}");
+    assert!(err.contains("decode"), "timings on stderr: {err}");
+}
+
+#[test]
+fn logits_json_shape() {
+    let (ok, out, err) = run(&["logits", "--model", &model(), "--prompt-tokens", "19556,905", "--top", "3", "--device", "cpu", "--json"]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["positions"].as_array().unwrap().len(), 2);
+    assert_eq!(v["positions"][0]["top"].as_array().unwrap().len(), 3);
+}

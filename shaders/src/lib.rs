@@ -1,0 +1,122 @@
+//! vidllm kernels: matrix products against weights kept in GGML's block layout.
+//!
+//! A quantised matrix `W [n, k]` is uploaded byte for byte as it sits in the GGUF file,
+//! as u32 words in an int tensor; nothing is widened to f16 or f32 on the device. One
+//! backend extension, [`QuantOps`], computes `y = x W^T` from those words:
+//! - wgpu / WebGPU (`Cube`): CubeCL kernels, a GEMV for decode and a shared-memory tiled
+//!   matmul for prefill (`cube.rs`);
+//! - CPU (`Flex`): the same arithmetic in Rust, parallel over output rows (`cpu.rs`).
+//! Model code calls [`QuantMatrix::forward`] and never branches on the device.
+
+use burn::backend::{Backend, backend_extension, tensor::{FloatTensor, IntTensor}};
+use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData, Device};
+use vidllm_core::ggml::GgmlType;
+
+mod block;
+pub mod cpu;
+pub mod device;
+pub mod cube;
+
+/// Largest number of rows of `x` that takes the GEMV path (decode, small batches).
+pub const GEMV_MAX_M: usize = 8;
+
+#[backend_extension(Cube, Flex)]
+pub trait QuantOps: Backend {
+    /// `y[m, n] = sum_k x[m, k] * W[n, k]`, with `W` GGML blocks of type `ty` (a
+    /// [`GgmlType::id`]) packed little-endian into u32 `words`.
+    ///
+    /// # Shapes
+    /// - x: `[m, k]` (f32), words: `[ceil(n * row_bytes / 4) + 1]`
+    /// - returns `[m, n]` (f32)
+    fn q_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> FloatTensor<Self>;
+}
+
+/// A weight matrix `[n, k]` resident on a device in GGML block layout.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    words: Tensor<1, Int>,
+    ty: GgmlType,
+    n: usize,
+    k: usize,
+}
+
+/// Why a matrix cannot be uploaded in block form.
+#[derive(Debug, PartialEq)]
+pub enum QuantError {
+    NotQuantized(GgmlType),
+    RowNotBlocks { k: usize },
+    WrongSize { expected: usize, got: usize },
+}
+
+impl std::fmt::Display for QuantError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotQuantized(t) => write!(f, "{} is not a block-quantised type", t.name()),
+            Self::RowNotBlocks { k } => write!(f, "row length {k} is not a multiple of 32"),
+            Self::WrongSize { expected, got } => write!(f, "expected {expected} bytes of blocks, got {got}"),
+        }
+    }
+}
+
+impl std::error::Error for QuantError {}
+
+impl QuantMatrix {
+    /// Upload `bytes` (exactly `n` rows of `k / 32` blocks) to `device`, unchanged.
+    pub fn upload(ty: GgmlType, bytes: &[u8], n: usize, k: usize, device: &Device) -> Result<Self, QuantError> {
+        if !ty.is_quantized() {
+            return Err(QuantError::NotQuantized(ty));
+        }
+        if k % ty.block_elems() != 0 {
+            return Err(QuantError::RowNotBlocks { k });
+        }
+        let expected = n * k / ty.block_elems() * ty.block_bytes();
+        if bytes.len() != expected {
+            return Err(QuantError::WrongSize { expected, got: bytes.len() });
+        }
+        let words = pack_words(bytes);
+        let len = words.len();
+        let data = TensorData::new(words, [len]);
+        let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
+        Ok(Self { words: Tensor::from_data(data, opts), ty, n, k })
+    }
+
+    /// `x W^T`.
+    ///
+    /// # Shapes
+    /// - x: `[m, k]` -> `[m, n]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let y = <burn::backend::Dispatch as QuantOps>::q_matmul(
+            x.into_dispatch(),
+            self.words.clone().into_dispatch(),
+            self.ty.id(),
+            self.n,
+            self.k,
+        );
+        Tensor::from_dispatch(y)
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn shape(&self) -> [usize; 2] {
+        [self.n, self.k]
+    }
+
+    /// Bytes this matrix occupies on its device.
+    pub fn device_bytes(&self) -> usize {
+        self.words.shape().num_elements() * 4
+    }
+}
+
+/// Little-endian u32 words of `bytes`, zero-padded, plus one spare word so that kernels
+/// may read an unaligned u32 at the very end without leaving the buffer.
+fn pack_words(bytes: &[u8]) -> Vec<u32> {
+    let mut words = vec![0u32; bytes.len().div_ceil(4) + 1];
+    for (w, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
+        let mut b = [0u8; 4];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u32::from_le_bytes(b);
+    }
+    words
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# System packages vidllm needs on Debian: a Vulkan loader and Mesa's drivers (lavapipe,
+# the software Vulkan used where there is no GPU), plus Python for fetching the model.
+set -euo pipefail
+need=()
+for p in mesa-vulkan-drivers libvulkan1 python3-pip; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95+) is required: https://rustup.rs" >&2; exit 1; }

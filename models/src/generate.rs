@@ -57,7 +57,7 @@ impl Timings {
 /// Read a `[1, vocab]` logits tensor back to the host.
 pub fn read_row(t: Tensor<2>) -> Result<Vec<f32>, GenerateError> {
     let data = t.try_into_data().map_err(|e| GenerateError::Device(format!("{e:?}")))?;
-    data.into_vec::<f32>().map_err(|e| GenerateError::Device(format!("{e:?}")))
+    data.try_into_vec::<f32>().map_err(|e| GenerateError::Device(format!("{e:?}")))
 }
 
 pub struct Session<'m> {

@@ -15,7 +15,7 @@ impl QuantOps for Flex {
     fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;
-        let x = x.into_data().into_vec::<f32>().expect("q_matmul: x must be f32");
+        let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
         let y = q_matmul_cpu(ty, &x, w, m, n, k);
         FlexTensor::from_data(TensorData::new(y, [m, n]))

@@ -128,20 +128,16 @@ fn block_header(w: &[u32], base: u32, #[comptime] ty: u32) -> (f32, f32, u32) {
 #[cube]
 fn dequant(w: &[u32], base: u32, j: u32, #[comptime] ty: u32) -> f32 {
     let (d, mn, qs) = block_header(w, base, ty);
-    let mut v = 0.0f32;
     if comptime![ty == TYPE_Q8_0] {
         let b = byte_at(w, qs + j);
-        v = f32::cast_from(i32::cast_from(b) - i32::cast_from((b >> 7) * 256)) * d;
+        f32::cast_from(i32::cast_from(b) - i32::cast_from((b >> 7) * 256)) * d
     } else {
         let b = byte_at(w, qs + (j & 15));
-        let q = select(j < 16, b & 15, b >> 4);
-        if comptime![ty == TYPE_Q4_0] {
-            v = (f32::cast_from(q) - 8.0) * d;
-        } else {
-            v = f32::cast_from(q) * d + mn;
-        }
+        let q = f32::cast_from(select(j < 16, b & 15, b >> 4));
+        // Q4_0: (q - 8) d (mn is 0); Q4_1: q d + m.
+        let offset = comptime![if ty == TYPE_Q4_0 { 8.0f32 } else { 0.0f32 }];
+        (q - offset) * d + mn
     }
-    v
 }
 
 /// Dot product of one weight block with 32 values of `x` starting at `xo`.
@@ -181,6 +177,14 @@ fn block_dot(w: &[u32], base: u32, x: &[f32], xo: u32, #[comptime] ty: u32) -> f
     r
 }
 
+#[cube]
+fn tree_step(sums: &mut [f32], slot: u32, lane: u32, #[comptime] stride: u32) {
+    if lane < stride {
+        sums[slot as usize] = sums[slot as usize] + sums[(slot + stride) as usize];
+    }
+    sync_cube();
+}
+
 #[cube(launch)]
 fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[comptime] ty: u32) {
     let lane = UNIT_POS_X;
@@ -196,18 +200,16 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
             b += LANES;
         }
     }
-    let mut sums = Shared::<f32>::new_slice(comptime![(LANES * ROWS) as usize]);
+    let mut sums = Shared::<[f32]>::new_slice(comptime![(LANES * ROWS) as usize]);
     let slot = UNIT_POS_Y * LANES + lane;
     sums[slot as usize] = partial;
     sync_cube();
-    let mut stride = LANES / 2;
-    while stride > 0 {
-        if lane < stride {
-            sums[slot as usize] = sums[slot as usize] + sums[(slot + stride) as usize];
-        }
-        sync_cube();
-        stride = stride / 2;
-    }
+    // Tree sum over the 32 lanes of this output.
+    tree_step(&mut sums, slot, lane, 16u32);
+    tree_step(&mut sums, slot, lane, 8u32);
+    tree_step(&mut sums, slot, lane, 4u32);
+    tree_step(&mut sums, slot, lane, 2u32);
+    tree_step(&mut sums, slot, lane, 1u32);
     if lane == 0 && row < n {
         out[(mrow * n + row) as usize] = sums[slot as usize];
     }
@@ -221,8 +223,8 @@ fn tiled(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32
     let n0 = CUBE_POS_X * TILE;
     let m0 = CUBE_POS_Y * TILE;
     let k = nb * 32;
-    let mut xs = Shared::<f32>::new_slice(comptime![(TILE * TS) as usize]);
-    let mut ws = Shared::<f32>::new_slice(comptime![(TILE * TS) as usize]);
+    let mut xs = Shared::<[f32]>::new_slice(comptime![(TILE * TS) as usize]);
+    let mut ws = Shared::<[f32]>::new_slice(comptime![(TILE * TS) as usize]);
     let mut a00 = 0.0f32;
     let mut a01 = 0.0f32;
     let mut a10 = 0.0f32;

@@ -5,6 +5,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
+use vidllm_core::GenerateError;
 use vidllm_core::chat::{Message, render};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::tokenizer::Tokenizer;
@@ -59,8 +60,11 @@ pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let rt = runtime::load(&a.model)?;
-    eprintln!("device: {}  load: {:.2}s  weights on device: {:.1} MiB", rt.device_name, rt.load_time.as_secs_f64(), rt.model.weights_device_bytes() as f64 / 1048576.0);
     let prompt = prompt_tokens(&rt.tok, &a.prompt, a.raw)?;
+    if prompt.len() + 1 > rt.context {
+        return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: rt.context, reserve: 1 }.into());
+    }
+    eprintln!("device: {}  load: {:.2}s  weights on device: {:.1} MiB", rt.device_name, rt.load_time.as_secs_f64(), rt.model.weights_device_bytes() as f64 / 1048576.0);
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, min_p: a.min_p, repeat_penalty: a.repeat_penalty, seed: a.seed, ..Default::default() },

@@ -13,5 +13,5 @@ cargo test --release --workspace --lib --bins --tests -- --nocapture --test-thre
 status=${PIPESTATUS[0]}
 set -e
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
-     END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

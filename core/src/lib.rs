@@ -5,6 +5,7 @@ pub mod chat;
 pub mod error;
 pub mod ggml;
 pub mod gguf;
+pub mod safetensors;
 pub mod sampler;
 pub mod stream;
 pub mod tokenizer;

@@ -53,6 +53,8 @@ pub struct Tokenizer {
     pub eog: Vec<u32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// The tokenizer's own post-processor adds BOS (Hugging Face `tokenizer.json`).
+    post_processor_bos: bool,
 }
 
 impl Tokenizer {
@@ -81,7 +83,43 @@ impl Tokenizer {
         let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(kind == TokenizerKind::SentencePiece);
         let eog = end_of_generation_ids(&tokens, eos, id("tokenizer.ggml.eot_token_id"));
         let chat_template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
-        Ok(Self { inner, kind, pieces, bos, eos, eog, add_bos, chat_template })
+        Ok(Self { inner, kind, pieces, bos, eos, eog, add_bos, chat_template, post_processor_bos: false })
+    }
+
+    /// A Hugging Face folder's `tokenizer.json` and `tokenizer_config.json`.
+    pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self, LoadError> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        // Byte-level decoders mark GPT-2 style vocabularies; the rest are SentencePiece-like.
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default()).unwrap_or_default();
+        let byte_level = json["decoder"]["type"] == "ByteLevel" || json["pre_tokenizer"]["type"] == "ByteLevel";
+        let kind = if byte_level { TokenizerKind::ByteLevelBpe } else { TokenizerKind::SentencePiece };
+        let n = inner.get_vocab_size(true);
+        let specials: std::collections::HashSet<u32> = inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&i, _)| i).collect();
+        let pieces = (0..n as u32)
+            .map(|i| {
+                let t = inner.id_to_token(i).unwrap_or_default();
+                let ty = if specials.contains(&i) { TOKEN_TYPE_CONTROL } else { 1 };
+                piece_bytes(kind, &t, ty)
+            })
+            .collect();
+        let special = |key: &str| -> Option<u32> {
+            let v = &cfg[key];
+            let s = v.as_str().or_else(|| v["content"].as_str())?;
+            inner.token_to_id(s)
+        };
+        let (bos, eos) = (special("bos_token"), special("eos_token"));
+        let post_processor_bos = !json["post_processor"].is_null();
+        let add_bos = cfg["add_bos_token"].as_bool().unwrap_or(kind == TokenizerKind::SentencePiece) || post_processor_bos;
+        let tokens: Vec<String> = (0..n as u32).map(|i| inner.id_to_token(i).unwrap_or_default()).collect();
+        let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let eog = end_of_generation_ids(&token_refs, eos, None);
+        let chat_template = cfg["chat_template"].as_str().map(str::to_string);
+        Ok(Self { inner, kind, pieces, bos, eos, eog, add_bos, chat_template, post_processor_bos })
     }
 
     pub fn kind(&self) -> TokenizerKind {
@@ -95,6 +133,11 @@ impl Tokenizer {
     /// Token ids of `text`; special-token text (`<|im_start|>`) maps to its id.
     /// BOS is prepended when `add_bos` is set and the model has one.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, LoadError> {
+        if self.post_processor_bos {
+            // The tokenizer's own template decides what to add, as transformers does.
+            let enc = self.inner.encode(text, add_bos).map_err(|e| LoadError::Tokenizer(e.to_string()))?;
+            return Ok(enc.get_ids().to_vec());
+        }
         let enc = self.inner.encode(text, false).map_err(|e| LoadError::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos {

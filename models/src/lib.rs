@@ -1,12 +1,17 @@
 //! vidllm model graphs, written once for every device: the backend is whatever the
 //! `Device` names at run time; 4-bit matrices go through `vidllm_shaders::QuantOps`.
 
+pub mod clip;
 pub mod generate;
+pub mod layers;
 pub mod llama;
 pub mod llama_gguf;
+pub mod llama_hf;
+pub mod merge;
 pub mod quant_linear;
 pub mod rms_norm;
 pub mod rope;
+pub mod video_llava;
 
 pub use generate::{GenerateParams, Piece, Session, Timings};
 pub use llama::{KvCache, Llama, LlamaConfig, Logits};

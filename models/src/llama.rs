@@ -207,8 +207,16 @@ impl Llama {
     /// # Shapes
     /// - returns `[1 or tokens.len(), vocab_size]`
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Tensor<2> {
-        let t = tokens.len();
-        let mut x = self.embed.lookup(tokens, &self.device); // [t, d_model]
+        self.forward_embeds(self.embed.lookup(tokens, &self.device), cache, which)
+    }
+
+    /// Run input embeddings (text and visual tokens already merged) at `cache.len..`.
+    ///
+    /// # Shapes
+    /// - x: `[t, d_model]` -> `[1 or t, vocab_size]`
+    pub fn forward_embeds(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Tensor<2> {
+        let t = x.dims()[0];
+        let mut x = x;
         for (layer, block) in self.blocks.iter().enumerate() {
             x = block.forward(x, &self.cfg, &self.rope, cache, layer);
         }

@@ -1,0 +1,201 @@
+//! CLIP vision tower (Radford et al. 2021, "Learning Transferable Visual Models From
+//! Natural Language Supervision"); reference: transformers `models/clip/modeling_clip.py`
+//! (`CLIPVisionTransformer`).
+//!
+//! Patches (a strided conv without bias, computed as a matmul over unfolded patches), a
+//! class token, learned positions, `pre_layrnorm`, then pre-norm encoder blocks.
+//! `hidden_states[0]` is the pre-norm embedding, `hidden_states[k]` the output of block k.
+
+use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Deserialize;
+use vidllm_core::LoadError;
+use vidllm_core::safetensors::Checkpoint;
+
+use crate::layers::{LayerNorm, Linear, vector};
+
+/// `CLIPVisionConfig` as written in `config.json` (`vision_config`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipVisionConfigJson {
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub image_size: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub hidden_act: Option<String>,
+    pub layer_norm_eps: Option<f64>,
+    pub num_channels: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`, CLIP's default.
+    QuickGelu,
+    /// Exact (erf) GELU.
+    Gelu,
+}
+
+impl Activation {
+    pub fn parse(s: &str) -> Result<Self, LoadError> {
+        match s {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::Gelu),
+            other => Err(LoadError::Unsupported(format!("activation {other:?} (supported: quick_gelu, gelu)"))),
+        }
+    }
+
+    pub fn forward(self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
+            Self::Gelu => gelu(x),
+        }
+    }
+}
+
+/// Resolved tower configuration (transformers' defaults filled in).
+#[derive(Debug, Clone)]
+pub struct ClipVisionConfig {
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub act: Activation,
+    pub eps: f64,
+}
+
+impl TryFrom<&ClipVisionConfigJson> for ClipVisionConfig {
+    type Error = LoadError;
+    fn try_from(j: &ClipVisionConfigJson) -> Result<Self, LoadError> {
+        let c = Self {
+            d_model: j.hidden_size.unwrap_or(768),
+            d_ff: j.intermediate_size.unwrap_or(3072),
+            n_layers: j.num_hidden_layers.unwrap_or(12),
+            n_heads: j.num_attention_heads.unwrap_or(12),
+            image_size: j.image_size.unwrap_or(224),
+            patch_size: j.patch_size.unwrap_or(32),
+            act: Activation::parse(j.hidden_act.as_deref().unwrap_or("quick_gelu"))?,
+            eps: j.layer_norm_eps.unwrap_or(1e-5),
+        };
+        if j.num_channels.unwrap_or(3) != 3 || c.patch_size == 0 || c.image_size % c.patch_size != 0 || c.n_heads == 0 || c.d_model % c.n_heads != 0 {
+            return Err(LoadError::Unsupported(format!("CLIP vision config {j:?}")));
+        }
+        Ok(c)
+    }
+}
+
+impl ClipVisionConfig {
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Tokens per image, class token included.
+    pub fn tokens(&self) -> usize {
+        self.grid() * self.grid() + 1
+    }
+}
+
+struct EncoderLayer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct ClipVisionTower {
+    pub cfg: ClipVisionConfig,
+    /// `[3 * p * p, d_model]`: the patch conv as a matmul over unfolded patches.
+    patch_t: Tensor<2>,
+    class: Tensor<1>,
+    /// `[tokens, d_model]`
+    positions: Tensor<2>,
+    pre_ln: LayerNorm,
+    layers: Vec<EncoderLayer>,
+}
+
+impl ClipVisionTower {
+    /// Load from `{prefix}embeddings.*`, `{prefix}pre_layrnorm.*`, `{prefix}encoder.layers.*`.
+    pub fn load(ck: &Checkpoint, prefix: &str, cfg: ClipVisionConfig, device: &Device) -> Result<Self, LoadError> {
+        let (d, p) = (cfg.d_model, cfg.patch_size);
+        let name = |s: &str| format!("{prefix}{s}");
+        let w = ck.f32_shaped(&name("embeddings.patch_embedding.weight"), &[d, 3, p, p])?;
+        let patch_t = Tensor::<2>::from_data(TensorData::new(w, [d, 3 * p * p]), device).transpose();
+        let class = vector(ck, &name("embeddings.class_embedding"), d, device)?;
+        let pos = ck.f32_shaped(&name("embeddings.position_embedding.weight"), &[cfg.tokens(), d])?;
+        let positions = Tensor::from_data(TensorData::new(pos, [cfg.tokens(), d]), device);
+        let pre_ln = LayerNorm::load(ck, &name("pre_layrnorm"), d, cfg.eps, device)?;
+        let layers = (0..cfg.n_layers)
+            .map(|i| {
+                let l = |s: &str| name(&format!("encoder.layers.{i}.{s}"));
+                Ok(EncoderLayer {
+                    ln1: LayerNorm::load(ck, &l("layer_norm1"), d, cfg.eps, device)?,
+                    q: Linear::load(ck, &l("self_attn.q_proj"), d, d, device)?,
+                    k: Linear::load(ck, &l("self_attn.k_proj"), d, d, device)?,
+                    v: Linear::load(ck, &l("self_attn.v_proj"), d, d, device)?,
+                    o: Linear::load(ck, &l("self_attn.out_proj"), d, d, device)?,
+                    ln2: LayerNorm::load(ck, &l("layer_norm2"), d, cfg.eps, device)?,
+                    fc1: Linear::load(ck, &l("mlp.fc1"), cfg.d_ff, d, device)?,
+                    fc2: Linear::load(ck, &l("mlp.fc2"), d, cfg.d_ff, device)?,
+                })
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        Ok(Self { cfg, patch_t, class, positions, pre_ln, layers })
+    }
+
+    /// Patch + class + position embeddings, then `pre_layrnorm` (= `hidden_states[0]`).
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, h, w]` -> `[t * tokens, d_model]`
+    fn embed(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let [t, _, _, _] = pixels.dims();
+        let (g, p, d) = (self.cfg.grid(), self.cfg.patch_size, self.cfg.d_model);
+        let patches = pixels
+            .reshape([t, 3, g, p, g, p])
+            .permute([0, 2, 4, 1, 3, 5]) // [t, gy, gx, c, py, px]
+            .reshape([t * g * g, 3 * p * p]);
+        let x = patches.matmul(self.patch_t.clone()).reshape([t, g * g, d]);
+        let cls = self.class.clone().reshape([1, 1, d]).expand([t, 1, d]);
+        let x = Tensor::cat(vec![cls, x], 1) + self.positions.clone().unsqueeze::<3>();
+        self.pre_ln.forward(x.reshape([t * (g * g + 1), d]))
+    }
+
+    /// `hidden_states[index]` (0 = embeddings, k = after block k), every token kept.
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, h, w]` -> `[t, tokens, d_model]`
+    pub fn hidden_state(&self, pixels: Tensor<4>, index: usize) -> Tensor<3> {
+        let t = pixels.dims()[0];
+        let mut x = self.embed(pixels);
+        for layer in &self.layers[..index] {
+            x = layer.forward(x, t, &self.cfg);
+        }
+        x.reshape([t, self.cfg.tokens(), self.cfg.d_model])
+    }
+}
+
+impl EncoderLayer {
+    /// # Shapes
+    /// - x: `[t * n, d]` (t images of n tokens) -> same
+    fn forward(&self, x: Tensor<2>, t: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
+        let h = x.clone() + self.attention(self.ln1.forward(x), t, cfg);
+        h.clone() + self.fc2.forward(cfg.act.forward(self.fc1.forward(self.ln2.forward(h))))
+    }
+
+    fn attention(&self, x: Tensor<2>, t: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
+        let (n, d, h) = (cfg.tokens(), cfg.d_model, cfg.n_heads);
+        let dh = d / h;
+        let heads = |y: Tensor<2>| y.reshape([t, n, h, dh]).swap_dims(1, 2); // [t, h, n, dh]
+        let q = heads(self.q.forward(x.clone()));
+        let k = heads(self.k.forward(x.clone()));
+        let v = heads(self.v.forward(x));
+        let att = softmax(q.matmul(k.swap_dims(2, 3)) * (dh as f64).powf(-0.5), 3);
+        let ctx = att.matmul(v).swap_dims(1, 2).reshape([t * n, d]);
+        self.o.forward(ctx)
+    }
+}

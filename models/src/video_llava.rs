@@ -1,0 +1,195 @@
+//! Video-LLaVA (Lin et al. 2023, "Video-LLaVA: Learning United Visual Representation by
+//! Alignment Before Projection"); reference: transformers
+//! `models/video_llava/modeling_video_llava.py`.
+//!
+//! Each frame goes through the CLIP video tower on its own (no temporal attention);
+//! `hidden_states[vision_feature_layer]` keeps the class token for video (8 x 257 tokens at
+//! 224 px); images drop it under the "default" strategy. A two-layer MLP projector (GELU)
+//! maps the features into the decoder's embedding space, where they replace the
+//! `<video>` / `<image>` placeholder ids, images first.
+
+use burn::tensor::activation::gelu;
+use burn::tensor::{Device, Tensor};
+use serde::Deserialize;
+use vidllm_core::LoadError;
+use vidllm_core::safetensors::Checkpoint;
+
+use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
+use crate::layers::Linear;
+use crate::llama::Llama;
+use crate::llama_hf::{LlamaConfigJson, LlamaNames, NoPatch, QuantChoice, WeightPatch, load_llama_hf};
+
+/// `VideoLlavaConfig` as in `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VideoLlavaConfigJson {
+    pub vision_config: ClipVisionConfigJson,
+    pub text_config: LlamaConfigJson,
+    pub image_token_index: Option<u32>,
+    pub video_token_index: Option<u32>,
+    pub projector_hidden_act: Option<String>,
+    pub vision_feature_layer: Option<i64>,
+    pub vision_feature_select_strategy: Option<String>,
+    pub multimodal_projector_bias: Option<bool>,
+}
+
+/// Which vision tokens the image path keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureSelect {
+    /// Drop the class token.
+    Default,
+    /// Keep every token.
+    Full,
+}
+
+/// Placeholder ids and feature choices, resolved.
+#[derive(Debug, Clone)]
+pub struct VisualConfig {
+    pub image_token: u32,
+    pub video_token: u32,
+    /// Index into `hidden_states` (0 = embeddings).
+    pub feature_layer: usize,
+    pub image_select: FeatureSelect,
+}
+
+/// Resolve `vision_feature_layer` (negative counts from the end of `hidden_states`, which
+/// has `n_layers + 1` entries) to an index.
+pub fn feature_layer_index(layer: i64, n_layers: usize) -> Result<usize, LoadError> {
+    let n = n_layers as i64 + 1;
+    let idx = if layer < 0 { n + layer } else { layer };
+    if !(0..n).contains(&idx) {
+        return Err(LoadError::Unsupported(format!("vision_feature_layer {layer} with {n_layers} layers")));
+    }
+    Ok(idx as usize)
+}
+
+/// Projector `linear_2(gelu(linear_1(x)))`.
+pub struct MultiModalProjector {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl MultiModalProjector {
+    pub fn load(ck: &Checkpoint, prefix: &str, d_vis: usize, d_text: usize, device: &Device) -> Result<Self, LoadError> {
+        Ok(Self {
+            linear_1: Linear::load(ck, &format!("{prefix}linear_1"), d_text, d_vis, device)?,
+            linear_2: Linear::load(ck, &format!("{prefix}linear_2"), d_text, d_text, device)?,
+        })
+    }
+
+    /// # Shapes
+    /// - x: `[n, d_vis]` -> `[n, d_text]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.linear_2.forward(gelu(self.linear_1.forward(x)))
+    }
+}
+
+/// The first prefix under which `probe` exists: the three transformers layouts.
+pub fn find_prefix(ck: &Checkpoint, candidates: &[&str], probe: &str) -> Result<String, LoadError> {
+    candidates
+        .iter()
+        .find(|p| ck.contains(&format!("{p}{probe}")))
+        .map(|p| p.to_string())
+        .ok_or_else(|| LoadError::MissingTensor(format!("{}{probe} (or any of {candidates:?})", candidates[0])))
+}
+
+/// Key prefixes across transformers <=4.51 (and what 4.52+ still writes), the in-memory
+/// 4.52-5.5 layout, and >=5.6 (no `vision_model.`).
+pub mod names {
+    pub const VIDEO_TOWER: [&str; 4] = ["video_tower.vision_model.", "model.video_tower.vision_model.", "video_tower.", "model.video_tower."];
+    pub const IMAGE_TOWER: [&str; 4] = ["image_tower.vision_model.", "model.image_tower.vision_model.", "image_tower.", "model.image_tower."];
+    pub const PROJECTOR: [&str; 2] = ["multi_modal_projector.", "model.multi_modal_projector."];
+    pub const LANGUAGE: [&str; 3] = ["language_model.model.", "model.language_model.", "language_model."];
+    pub const LM_HEAD: [&str; 2] = ["language_model.lm_head.weight", "lm_head.weight"];
+    pub const TOWER_PROBE: &str = "embeddings.patch_embedding.weight";
+}
+
+pub struct VideoLlava {
+    pub video_tower: ClipVisionTower,
+    pub image_tower: Option<ClipVisionTower>,
+    pub projector: MultiModalProjector,
+    pub decoder: Llama,
+    pub visual: VisualConfig,
+}
+
+impl VideoLlava {
+    pub fn load(dir: &std::path::Path, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
+        let cfg: VideoLlavaConfigJson = read_config(dir)?;
+        Self::load_with(dir, &cfg, quant, &NoPatch, device)
+    }
+
+    pub fn load_with(dir: &std::path::Path, cfg: &VideoLlavaConfigJson, quant: QuantChoice, patch: &dyn WeightPatch, device: &Device) -> Result<Self, LoadError> {
+        if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
+            return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
+        }
+        let ck = Checkpoint::open_dir(dir)?;
+        let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
+        let text = crate::llama::LlamaConfig::try_from(&cfg.text_config)?;
+        let visual = VisualConfig {
+            image_token: cfg.image_token_index.unwrap_or(32000),
+            video_token: cfg.video_token_index.unwrap_or(32001),
+            feature_layer: feature_layer_index(cfg.vision_feature_layer.unwrap_or(-2), vcfg.n_layers)?,
+            image_select: match cfg.vision_feature_select_strategy.as_deref().unwrap_or("default") {
+                "default" => FeatureSelect::Default,
+                "full" => FeatureSelect::Full,
+                o => return Err(LoadError::Unsupported(format!("vision_feature_select_strategy {o:?}"))),
+            },
+        };
+        let video_prefix = find_prefix(&ck, &names::VIDEO_TOWER, names::TOWER_PROBE)?;
+        let video_tower = ClipVisionTower::load(&ck, &video_prefix, vcfg.clone(), device)?;
+        let image_tower = match find_prefix(&ck, &names::IMAGE_TOWER, names::TOWER_PROBE) {
+            Ok(p) => Some(ClipVisionTower::load(&ck, &p, vcfg.clone(), device)?),
+            Err(_) => None,
+        };
+        let proj_prefix = find_prefix(&ck, &names::PROJECTOR, "linear_1.weight")?;
+        let projector = MultiModalProjector::load(&ck, &proj_prefix, vcfg.d_model, text.d_model, device)?;
+        let model = find_prefix(&ck, &names::LANGUAGE, "embed_tokens.weight")?;
+        let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
+        let decoder = load_llama_hf(&ck, &LlamaNames { model, lm_head }, text, quant, patch, device)?;
+        Ok(Self { video_tower, image_tower, projector, decoder, visual })
+    }
+
+    /// Tokens one video of `t` frames becomes (class tokens kept).
+    pub fn video_tokens(&self, t: usize) -> usize {
+        t * self.video_tower.cfg.tokens()
+    }
+
+    /// Selected vision hidden state of each frame (class token kept).
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, s, s]` -> `[t, tokens, d_vis]`
+    pub fn video_hidden(&self, pixels: Tensor<4>) -> Tensor<3> {
+        self.video_tower.hidden_state(pixels, self.visual.feature_layer)
+    }
+
+    /// Projected video features, frame-major.
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, s, s]` -> `[t * tokens, d_text]`
+    pub fn video_features(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let h = self.video_hidden(pixels);
+        let [t, n, d] = h.dims();
+        self.projector.forward(h.reshape([t * n, d]))
+    }
+
+    /// Projected image features (class token dropped under "default").
+    ///
+    /// # Shapes
+    /// - pixels: `[b, 3, s, s]` -> `[b * tokens', d_text]`
+    pub fn image_features(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let tower = self.image_tower.as_ref().unwrap_or(&self.video_tower);
+        let h = tower.hidden_state(pixels, self.visual.feature_layer);
+        let [b, n, d] = h.dims();
+        let h = match self.visual.image_select {
+            FeatureSelect::Default => h.narrow(1, 1, n - 1),
+            FeatureSelect::Full => h,
+        };
+        let n = h.dims()[1];
+        self.projector.forward(h.reshape([b * n, d]))
+    }
+}
+
+pub fn read_config<T: for<'de> Deserialize<'de>>(dir: &std::path::Path) -> Result<T, LoadError> {
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).map_err(|source| LoadError::Open { path: p.display().to_string(), source })?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Unsupported(format!("{}: {e}", p.display())))
+}

@@ -1,0 +1,106 @@
+//! Tiny random Video-LLaVA (made and run by transformers 4.57.1,
+//! `tests/fixtures/gen_video_fixtures.py`) against vidllm, stage by stage, on every device:
+//! the selected CLIP hidden state, the projected features, the logits, and the greedy
+//! continuation. f32 weights (`--quant f32`) so the comparison is exact to rounding.
+
+use burn::tensor::{Tensor, TensorData};
+use vidllm_core::safetensors::Checkpoint;
+use vidllm_core::sampler::argmax;
+use vidllm_core::tokenizer::Tokenizer;
+use vidllm_models::generate::read_row;
+use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
+use vidllm_models::video_llava::VideoLlava;
+use vidllm_models::{KvCache, Logits};
+use vidllm_tests::{fixture, test_devices};
+
+struct Reference {
+    ck: Checkpoint,
+}
+
+impl Reference {
+    fn load() -> Self {
+        Self { ck: Checkpoint::open_files(&[fixture("tiny_video_llava_ref.safetensors")]).unwrap() }
+    }
+
+    fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        self.ck.f32(name).unwrap()
+    }
+
+    fn ids(&self, name: &str) -> Vec<u32> {
+        self.ck.i64(name).unwrap().0.into_iter().map(|v| v as u32).collect()
+    }
+}
+
+/// Relative error: max |a - b| / max |b|.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "lengths");
+    let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    d / want.iter().map(|v| v.abs()).fold(1e-12f32, f32::max)
+}
+
+fn check(stage: &str, device: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    println!("{device} {stage}: max relative error {e:.2e}");
+    assert!(e < 1e-4, "{device} {stage}: {e}");
+}
+
+#[test]
+fn tokenizer_json_gives_the_fixture_ids() {
+    let r = Reference::load();
+    let dir = fixture("tiny_video_llava");
+    let tok = Tokenizer::from_hf_dir(&dir).unwrap();
+    let prompt = r.ck.metadata["prompt"].clone();
+    let ids = tok.encode(&prompt, true).unwrap();
+    let model = VideoLlava::load(&dir, QuantChoice::F32, &burn::tensor::Device::flex()).unwrap();
+    let expanded = expand_placeholders(&ids, model.visual.video_token, model.video_tokens(8));
+    assert_eq!(expanded, r.ids("input_ids"));
+}
+
+#[test]
+fn video_llava_stages_match_transformers_on_every_device() {
+    let r = Reference::load();
+    let dir = fixture("tiny_video_llava");
+    let (pix, pshape) = r.f32("pixel_values_videos"); // [1, t, 3, s, s]
+    let (t, s) = (pshape[1], pshape[3]);
+    let ids = r.ids("input_ids");
+    let greedy = r.ids("greedy");
+    for (name, device) in test_devices() {
+        let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+        let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
+        let hidden = model.video_hidden(pixels.clone());
+        check("vision hidden state", &name, &hidden.into_data().try_into_vec::<f32>().unwrap(), &r.f32("vision_hidden").0);
+        let features = model.video_features(pixels);
+        check("projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").0);
+
+        let visual = [Visual { token: model.visual.video_token, features, per_placeholder: model.video_tokens(t) }];
+        let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
+        let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
+        let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        check("logits", &name, &logits, &r.f32("logits").0);
+
+        // Greedy continuation: the last prompt position, then one token at a time.
+        let vocab = model.decoder.cfg.vocab_size;
+        let mut next = argmax(&logits[logits.len() - vocab..]);
+        let mut got = vec![next];
+        while got.len() < greedy.len() {
+            let row = read_row(model.decoder.forward(&[next], &mut cache, Logits::Last)).unwrap();
+            next = argmax(&row);
+            got.push(next);
+        }
+        assert_eq!(got, greedy, "{name}: greedy tokens");
+        println!("{name}: greedy continuation {got:?} equals transformers'");
+    }
+}
+
+#[test]
+fn placeholder_count_mismatch_is_an_error_naming_both_counts() {
+    let dir = fixture("tiny_video_llava");
+    let device = burn::tensor::Device::flex();
+    let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+    let features = Tensor::<2>::zeros([10, model.decoder.cfg.d_model], &device);
+    let ids = [1, 5, model.visual.video_token, model.visual.video_token, 7];
+    let visual = [Visual { token: model.visual.video_token, features, per_placeholder: 10 }];
+    let e = merge_embeddings(&model.decoder, &ids, &visual).err().unwrap().to_string();
+    assert!(e.contains("2 placeholder") && e.contains("10 features"), "{e}");
+}

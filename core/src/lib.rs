@@ -6,7 +6,9 @@ pub mod error;
 pub mod ggml;
 pub mod gguf;
 pub mod safetensors;
+pub mod preprocess;
 pub mod sampler;
+pub mod sampling;
 pub mod stream;
 pub mod tokenizer;
 

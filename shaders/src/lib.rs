@@ -15,6 +15,7 @@ use vidllm_core::ggml::GgmlType;
 mod block;
 pub mod cpu;
 pub mod device;
+pub mod preprocess;
 pub mod cube;
 
 /// Largest number of rows of `x` that takes the GEMV path (decode, small batches).

@@ -1,0 +1,114 @@
+//! Which frames of a video to look at. Each policy is the formula its reference uses, so
+//! the same indices (and so the same pixels) reach the model.
+
+/// A frame-sampling policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// transformers' docs: `np.arange(0, total, total / n).astype(int)`.
+    Hf { n: usize },
+    /// The original Video-LLaVA repo: `np.linspace(0, total - 1, n, dtype=int)`.
+    Linspace { n: usize },
+    /// PLLaVA: `seg = (total - 1) / n; index_i = int(seg / 2) + int(round(seg * i))`.
+    Pllava { n: usize },
+    /// One frame every `1 / fps` seconds from the start, at most `max_frames` (spread
+    /// uniformly over the video when there would be more).
+    Fps { fps: f64, max_frames: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SamplingError(pub String);
+
+impl std::fmt::Display for SamplingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SamplingError {}
+
+impl Sampling {
+    /// Frame indices for a video of `total` frames at `src_fps`.
+    pub fn indices(&self, total: usize, src_fps: f64) -> Result<Vec<usize>, SamplingError> {
+        let asked = match *self {
+            Sampling::Hf { n } | Sampling::Linspace { n } | Sampling::Pllava { n } => n,
+            Sampling::Fps { max_frames, .. } => max_frames,
+        };
+        if asked == 0 {
+            return Err(SamplingError("asked for 0 frames".into()));
+        }
+        if total == 0 {
+            return Err(SamplingError("the video has no frames".into()));
+        }
+        let fixed = |n: usize| -> Result<(), SamplingError> {
+            if total < n {
+                return Err(SamplingError(format!("the video has {total} frames, fewer than the {n} asked")));
+            }
+            Ok(())
+        };
+        Ok(match *self {
+            Sampling::Hf { n } => {
+                fixed(n)?;
+                let step = total as f64 / n as f64;
+                (0..n).map(|i| (i as f64 * step) as usize).collect()
+            }
+            Sampling::Linspace { n } => {
+                fixed(n)?;
+                linspace(total, n)
+            }
+            Sampling::Pllava { n } => {
+                fixed(n)?;
+                let seg = (total - 1) as f64 / n as f64;
+                (0..n).map(|i| (seg / 2.0) as usize + round_half_even(seg * i as f64) as usize).collect()
+            }
+            Sampling::Fps { fps, max_frames } => {
+                if !(fps > 0.0) || !(src_fps > 0.0) {
+                    return Err(SamplingError(format!("bad frame rate (sampling {fps} fps from a {src_fps} fps video)")));
+                }
+                let every: Vec<usize> = (0..).map(|k| (k as f64 * src_fps / fps).round() as usize).take_while(|&i| i < total).collect();
+                if every.len() <= max_frames { every } else { linspace(every.len(), max_frames).into_iter().map(|j| every[j]).collect() }
+            }
+        })
+    }
+}
+
+/// `np.linspace(0, total - 1, n, dtype=int)` (truncation toward zero, as numpy's cast).
+fn linspace(total: usize, n: usize) -> Vec<usize> {
+    if n == 1 {
+        return vec![0];
+    }
+    let step = (total - 1) as f64 / (n - 1) as f64;
+    (0..n).map(|i| (i as f64 * step) as usize).collect()
+}
+
+/// Python's `round`: halves go to the even neighbour.
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 { r - x.signum() } else { r }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formulas_match_numpy() {
+        // np.arange(0, 132, 132 / 8).astype(int)
+        assert_eq!(Sampling::Hf { n: 8 }.indices(132, 25.0).unwrap(), vec![0, 16, 33, 49, 66, 82, 99, 115]);
+        // np.linspace(0, 131, 8, dtype=int)
+        assert_eq!(Sampling::Linspace { n: 8 }.indices(132, 25.0).unwrap(), vec![0, 18, 37, 56, 74, 93, 112, 131]);
+        // PLLaVA: seg = 131 / 8 = 16.375 -> 8 + round(16.375 i)
+        assert_eq!(Sampling::Pllava { n: 8 }.indices(132, 25.0).unwrap(), vec![8, 24, 41, 57, 74, 90, 106, 123]);
+    }
+
+    #[test]
+    fn fps_policy_caps_the_count() {
+        assert_eq!(Sampling::Fps { fps: 1.0, max_frames: 10 }.indices(132, 25.0).unwrap(), vec![0, 25, 50, 75, 100, 125]);
+        assert_eq!(Sampling::Fps { fps: 5.0, max_frames: 3 }.indices(132, 25.0).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn too_few_frames_is_an_error() {
+        let e = Sampling::Hf { n: 8 }.indices(5, 25.0).unwrap_err();
+        assert!(e.0.contains("5 frames") && e.0.contains("8 asked"), "{e}");
+    }
+}

@@ -1,0 +1,35 @@
+//! Frame preprocessing on the device for a whole batch of frames: two resampling matmuls
+//! (PIL's separable antialiased filter, crop folded into the weights), 8-bit rounding
+//! after each pass as PIL does, then rescale and normalise. Math: `vidllm_core::preprocess`.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use vidllm_core::preprocess::{PreprocessConfig, crop_origin, resample_weights};
+
+/// RGB u8 frames of one size, `[t, h, w, 3]` packed, -> pixel values `[t, 3, oh, ow]`.
+pub fn preprocess(frames: &[&[u8]], h: usize, w: usize, cfg: &PreprocessConfig, device: &Device) -> Tensor<4> {
+    let t = frames.len();
+    let mut host = Vec::with_capacity(t * h * w * 3);
+    for f in frames {
+        host.extend(f.iter().map(|&b| b as f32));
+    }
+    let x = Tensor::<4>::from_data(TensorData::new(host, [t, h, w, 3]), device).permute([0, 3, 1, 2]); // [t, 3, h, w]
+    let (rh, rw) = cfg.resized(h, w);
+    let (oh, ow) = cfg.output_size(h, w);
+    let (top, left) = crop_origin(cfg, rh, rw);
+    let x = if cfg.shortest_edge.is_some() {
+        let wx = resample_weights(w, rw, left..left + ow, cfg.resample);
+        let wy = resample_weights(h, rh, top..top + oh, cfg.resample);
+        let wx = Tensor::<2>::from_data(TensorData::new(wx, [ow, w]), device).transpose(); // [w, ow]
+        let wy = Tensor::<2>::from_data(TensorData::new(wy, [oh, h]), device); // [oh, h]
+        // Horizontal pass: [t*3*h, w] @ [w, ow].
+        let x = x.reshape([t * 3 * h, w]).matmul(wx).round().clamp(0.0, 255.0);
+        // Vertical pass: [oh, h] @ [h, ow] for each of the t*3 planes.
+        let x = wy.unsqueeze::<3>().matmul(x.reshape([t * 3, h, ow])).round().clamp(0.0, 255.0);
+        x.reshape([t, 3, oh, ow])
+    } else {
+        x.narrow(2, top, oh).narrow(3, left, ow)
+    };
+    let mean = Tensor::<1>::from_floats(cfg.mean, device).reshape([1, 3, 1, 1]);
+    let std = Tensor::<1>::from_floats(cfg.std, device).reshape([1, 3, 1, 1]);
+    (x * cfg.rescale - mean) / std
+}

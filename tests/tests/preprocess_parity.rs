@@ -1,0 +1,36 @@
+//! Frame preprocessing: the device path against the CPU reference (1e-3) and against the
+//! transformers image processor's `pixel_values_videos` (PIL resampling; vidllm works in
+//! floating point where PIL uses fixed point, so one 8-bit level of difference is allowed).
+
+use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson, reference};
+use vidllm_core::safetensors::Checkpoint;
+use vidllm_shaders::preprocess::preprocess;
+use vidllm_tests::{fixture, test_devices};
+
+#[test]
+fn device_preprocessing_matches_cpu_reference_and_transformers() {
+    let ck = Checkpoint::open_files(&[fixture("tiny_video_llava_ref.safetensors")]).unwrap();
+    let (frames, shape) = ck.raw("frames").map(|(b, _, s)| (b.to_vec(), s)).unwrap(); // [t, h, w, 3] u8
+    let (t, h, w) = (shape[0], shape[1], shape[2]);
+    let json: PreprocessorJson = serde_json::from_str(&std::fs::read_to_string(fixture("tiny_video_llava/preprocessor_config.json")).unwrap()).unwrap();
+    let cfg = json.resolve(&PreprocessConfig::clip(224)).unwrap();
+    let (want, _) = ck.f32("pixel_values_videos").unwrap();
+    let per = h * w * 3;
+    let cpu: Vec<f32> = (0..t).flat_map(|i| reference(&frames[i * per..(i + 1) * per], h, w, &cfg)).collect();
+    // One 8-bit level after normalisation: 1 / (255 * std).
+    let level = 1.0 / (255.0 * cfg.std.iter().copied().fold(f32::MAX, f32::min));
+    let off_by_more = cpu.iter().zip(&want).filter(|(a, b)| (*a - *b).abs() > level * 1.01).count();
+    let max_diff = cpu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("cpu reference vs transformers: max |diff| {max_diff:.4} ({:.2} levels), {off_by_more} values off by more than one level", max_diff / level);
+    assert_eq!(off_by_more, 0);
+    let slices: Vec<&[u8]> = frames.chunks(per).collect();
+    for (name, device) in test_devices() {
+        let got = preprocess(&slices, h, w, &cfg, &device).into_data().try_into_vec::<f32>().unwrap();
+        let d = got.iter().zip(&cpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let flips = got.iter().zip(&cpu).filter(|(a, b)| (*a - *b).abs() > 1e-3).count();
+        println!("{name} vs cpu reference: max |diff| {d:.2e}, {flips} of {} values beyond 1e-3", got.len());
+        // Float sums can round a value sitting exactly on .5 the other way: at most a few.
+        assert!(flips * 1000 <= got.len(), "{name}: {flips} values differ");
+        assert!(d <= level * 1.01, "{name}: {d}");
+    }
+}

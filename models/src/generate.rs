@@ -78,19 +78,38 @@ impl<'m> Session<'m> {
         self.cache.capacity
     }
 
-    /// Run `tokens` after what the cache holds; returns the last position's logits.
+    /// Run `tokens` after what the cache holds (and after the last answer's final token,
+    /// which was sampled but not run); returns the last position's logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        self.prefill_with(tokens, None)
+    }
+
+    /// As `prefill`, with input embeddings for `tokens` given (visual tokens merged in).
+    ///
+    /// # Shapes
+    /// - embeds: `[tokens.len(), d_model]`
+    pub fn prefill_embeds(&mut self, tokens: &[u32], embeds: Tensor<2>) -> Result<Vec<f32>, GenerateError> {
+        self.prefill_with(tokens, Some(embeds))
+    }
+
+    fn prefill_with(&mut self, tokens: &[u32], embeds: Option<Tensor<2>>) -> Result<Vec<f32>, GenerateError> {
         if tokens.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        let needed = self.cache.len + tokens.len();
+        let pending: Vec<u32> = self.history[self.cache.len..].to_vec();
+        let needed = self.cache.len + pending.len() + tokens.len();
         if needed + 1 > self.cache.capacity {
             return Err(GenerateError::PromptTooLong { prompt: needed, context: self.cache.capacity, reserve: 1 });
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.model.cfg.vocab_size) {
             return Err(GenerateError::Tokenizer(format!("token id {bad} is outside the vocabulary")));
         }
-        let logits = self.model.forward(tokens, &mut self.cache, Logits::Last);
+        let x = match embeds {
+            Some(e) if pending.is_empty() => e,
+            Some(e) => Tensor::cat(vec![self.model.embed.lookup(&pending, &self.model.device), e], 0),
+            None => self.model.embed.lookup(&[pending.as_slice(), tokens].concat(), &self.model.device),
+        };
+        let logits = self.model.forward_embeds(x, &mut self.cache, Logits::Last);
         self.history.extend_from_slice(tokens);
         read_row(logits)
     }
@@ -102,8 +121,29 @@ impl<'m> Session<'m> {
         tok: &'s Tokenizer,
         params: GenerateParams,
     ) -> Result<TokenStream<'s, 'm>, GenerateError> {
+        self.generate_with(prompt, None, tok, params)
+    }
+
+    /// Stream the answer to a prompt whose input embeddings are given (visual tokens).
+    pub fn generate_embeds<'s>(
+        &'s mut self,
+        prompt: &[u32],
+        embeds: Tensor<2>,
+        tok: &'s Tokenizer,
+        params: GenerateParams,
+    ) -> Result<TokenStream<'s, 'm>, GenerateError> {
+        self.generate_with(prompt, Some(embeds), tok, params)
+    }
+
+    fn generate_with<'s>(
+        &'s mut self,
+        prompt: &[u32],
+        embeds: Option<Tensor<2>>,
+        tok: &'s Tokenizer,
+        params: GenerateParams,
+    ) -> Result<TokenStream<'s, 'm>, GenerateError> {
         let t0 = Instant::now();
-        let logits = self.prefill(prompt)?;
+        let logits = self.prefill_with(prompt, embeds)?;
         let timings = Timings { prompt_tokens: prompt.len(), prefill: t0.elapsed(), ..Default::default() };
         let sampler = Sampler::new(params.sampler.clone());
         Ok(TokenStream { session: self, tok, params, sampler, logits: Some(logits), text: String::new(), emitted: 0, detok: TextStream::new(), timings, done: false })

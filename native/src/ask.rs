@@ -1,0 +1,254 @@
+//! `ask`: questions about a video (and images) to a Video-LLaVA-format checkpoint.
+//! Stages, each timed: decode frames -> preprocess on the device -> encode (vision tower
+//! + projector) -> prefill -> stream the answer. Without `--prompt`, follow-up questions
+//! reuse the video already in the KV cache.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
+use vidllm_core::sampler::SamplerConfig;
+use vidllm_core::sampling::Sampling;
+use vidllm_core::tokenizer::Tokenizer;
+use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
+use vidllm_models::video_llava::VideoLlava;
+use vidllm_models::{GenerateParams, Session};
+use vidllm_shaders::device::{DeviceChoice, pick};
+use vidllm_shaders::preprocess::preprocess;
+
+use crate::video::{Frame, VideoReader};
+
+#[derive(Args)]
+pub struct AskArgs {
+    /// Hugging Face-format model folder (Video-LLaVA).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub video: String,
+    /// Image files to add (each becomes an `<image>` placeholder, before the video).
+    #[arg(long)]
+    pub image: Vec<String>,
+    /// The question; without it, an interactive loop reads questions from stdin.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Use the prompt as given (placeholders included), without the conversation template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// q4_0 | q4_1 | q8_0 | f16 | f32: how the decoder is stored on the device.
+    #[arg(long, default_value = "q4_1")]
+    pub quant: QuantChoice,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which frames to sample.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    /// hf (transformers' uniform) | linspace (original repo) | pllava | fps
+    #[arg(long, default_value = "hf")]
+    pub sampling: String,
+    /// With `--sampling fps`: frames per second to take...
+    #[arg(long, default_value_t = 1.0)]
+    pub fps: f64,
+    /// ...and at most this many.
+    #[arg(long, default_value_t = 32)]
+    pub max_frames: usize,
+}
+
+impl SamplingArgs {
+    pub fn policy(&self) -> Result<Sampling> {
+        Ok(match self.sampling.as_str() {
+            "hf" => Sampling::Hf { n: self.frames },
+            "linspace" => Sampling::Linspace { n: self.frames },
+            "pllava" => Sampling::Pllava { n: self.frames },
+            "fps" => Sampling::Fps { fps: self.fps, max_frames: self.max_frames },
+            o => bail!("unknown sampling {o:?} (hf, linspace, pllava, fps)"),
+        })
+    }
+}
+
+/// Preprocessing parameters from the folder, else CLIP defaults at the tower's size.
+fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
+    let defaults = PreprocessConfig::clip(image_size);
+    for name in ["video_preprocessor_config.json", "preprocessor_config.json"] {
+        let p = dir.join(name);
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            let j: PreprocessorJson = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
+            return Ok(j.resolve(&defaults)?);
+        }
+    }
+    Ok(defaults)
+}
+
+fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Device) -> burn::tensor::Tensor<4> {
+    let slices: Vec<&[u8]> = frames.iter().map(|f| f.rgb.as_slice()).collect();
+    preprocess(&slices, frames[0].height, frames[0].width, cfg, device)
+}
+
+/// Refuse folders of an architecture `ask` does not run, naming it.
+fn check_architecture(dir: &Path) -> Result<()> {
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
+    match v["model_type"].as_str() {
+        Some("video_llava") => Ok(()),
+        other => bail!("{}: unsupported architecture {:?} (supported: video_llava)", p.display(), other.unwrap_or("missing model_type")),
+    }
+}
+
+/// Video-LLaVA's conversation: `USER: <image>\n...<video>\n{question} ASSISTANT:`.
+fn first_turn(question: &str, n_images: usize) -> String {
+    format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images))
+}
+
+pub fn run(a: AskArgs) -> Result<()> {
+    let dir = Path::new(&a.model);
+    check_architecture(dir)?;
+    let policy = a.sampling.policy()?;
+    let reader = VideoReader::open(&a.video)?;
+    let picked = pick(a.device)?;
+    let device = picked.device.clone();
+    let t_load = Instant::now();
+    let model = VideoLlava::load(dir, a.quant, &device).with_context(|| format!("loading {}", a.model))?;
+    let tok = Tokenizer::from_hf_dir(dir)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let pcfg = preprocess_config(dir, model.video_tower.cfg.image_size)?;
+
+    let t0 = Instant::now();
+    let frames = reader.sample(policy)?;
+    let images: Vec<Frame> = a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
+    let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    let video_px = pixels(&frames, &pcfg, &device);
+    let image_px: Vec<_> = images.iter().map(|f| pixels(std::slice::from_ref(f), &pcfg, &device)).collect();
+    let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let t2 = Instant::now();
+    let video_features = model.video_features(video_px);
+    let mut visuals = Vec::new();
+    if !image_px.is_empty() {
+        let feats = burn::tensor::Tensor::cat(image_px.into_iter().map(|p| model.image_features(p)).collect(), 0);
+        let per = feats.dims()[0] / images.len();
+        visuals.push(Visual { token: model.visual.image_token, features: feats, per_placeholder: per });
+    }
+    let per_video = model.video_tokens(frames.len());
+    visuals.push(Visual { token: model.visual.video_token, features: video_features, per_placeholder: per_video });
+    let encode_sync = device.sync();
+    encode_sync.map_err(|e| anyhow::anyhow!("device: {e:?}"))?;
+    let encode_ms = t2.elapsed().as_secs_f64() * 1e3;
+    let visual_tokens: usize = visuals.iter().map(|v| v.features.dims()[0]).sum();
+    if !a.json {
+        let stamps: Vec<String> = frames.iter().map(|f| format!("#{}@{:.2}s", f.index, f.pts)).collect();
+        eprintln!("device: {}  load: {load_s:.2}s", picked.name);
+        eprintln!("frames: {} [{}]  visual tokens: {visual_tokens}", frames.len(), stamps.join(" "));
+        eprintln!("decode {decode_ms:.1} ms | preprocess {preprocess_ms:.1} ms | encode {encode_ms:.1} ms");
+    }
+
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig { temperature: a.temperature, seed: a.seed, ..Default::default() },
+        stop: Vec::new(),
+    };
+    let mut session = Session::new(&model.decoder, a.ctx);
+    let question = |q: &str| if a.raw { q.to_string() } else { first_turn(q, images.len()) };
+    let Some(prompt) = a.prompt.clone() else {
+        return interactive(&mut session, &tok, &model, visuals, params, &question);
+    };
+    let text = question(&prompt);
+    let mut ids = tok.encode(&text, tok.add_bos)?;
+    for v in &visuals {
+        ids = expand_placeholders(&ids, v.token, v.per_placeholder);
+    }
+    let embeds = merge_embeddings(&model.decoder, &ids, &visuals)?;
+    let mut stream = session.generate_embeds(&ids, embeds, &tok, params)?;
+    let mut out = std::io::stdout().lock();
+    let mut tokens = Vec::new();
+    while let Some(p) = stream.next() {
+        let p = p?;
+        tokens.push(p.id);
+        if !a.json {
+            out.write_all(p.text.as_bytes())?;
+            out.flush()?;
+        }
+    }
+    let tail = stream.finish();
+    let t = stream.timings.clone();
+    if a.json {
+        let frames_json: Vec<_> = frames.iter().map(|f| json!({"index": f.index, "pts": f.pts})).collect();
+        writeln!(out, "{}", json!({
+            "frames": frames_json, "visual_tokens": visual_tokens, "prompt_tokens": ids, "tokens": tokens,
+            "text": stream.text(),
+            "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
+                        "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
+            "device": picked.name,
+        }))?;
+    } else {
+        writeln!(out, "{tail}")?;
+        eprintln!("prefill {:.1} ms ({} tokens) | generated {} tokens, {:.1} tok/s", t.prefill.as_secs_f64() * 1e3, t.prompt_tokens, t.generated, t.decode_tok_s());
+    }
+    Ok(())
+}
+
+/// Questions from stdin; the video is encoded once and stays in the KV cache.
+fn interactive(
+    session: &mut Session,
+    tok: &Tokenizer,
+    model: &VideoLlava,
+    visuals: Vec<Visual>,
+    params: GenerateParams,
+    question: &dyn Fn(&str) -> String,
+) -> Result<()> {
+    let stdin = std::io::stdin();
+    let mut visuals = Some(visuals);
+    eprint!("> ");
+    for line in stdin.lock().lines() {
+        let q = line?;
+        if q.trim().is_empty() {
+            eprint!("> ");
+            continue;
+        }
+        let mut stream = match visuals.take() {
+            Some(v) => {
+                let mut ids = tok.encode(&question(&q), tok.add_bos)?;
+                for vis in &v {
+                    ids = expand_placeholders(&ids, vis.token, vis.per_placeholder);
+                }
+                let embeds = merge_embeddings(&model.decoder, &ids, &v)?;
+                session.generate_embeds(&ids, embeds, tok, params.clone())?
+            }
+            None => {
+                // Vicuna-style follow-up: close the last answer, open a new turn.
+                let eos = tok.eos.map(|e| String::from_utf8_lossy(tok.token_bytes(e)).into_owned()).unwrap_or_default();
+                let ids = tok.encode(&format!("{eos}USER: {q} ASSISTANT:"), false)?;
+                session.generate(&ids, tok, params.clone())?
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        while let Some(p) = stream.next() {
+            out.write_all(p?.text.as_bytes())?;
+            out.flush()?;
+        }
+        writeln!(out, "{}", stream.finish())?;
+        eprintln!("[prefill {} tokens in {:.1} ms | {:.1} tok/s]", stream.timings.prompt_tokens, stream.timings.prefill.as_secs_f64() * 1e3, stream.timings.decode_tok_s());
+        eprint!("> ");
+    }
+    Ok(())
+}

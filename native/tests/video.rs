@@ -1,0 +1,162 @@
+//! Frames and `ask` as a user runs them: the native decoder against the ffmpeg CLI at the
+//! sampled indices (mp4, gif, webm, mkv, avi), one clear line for every bad video, and a
+//! streamed answer from the tiny Video-LLaVA fixture about a real clip.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value as Json;
+use vidllm_tests::fixture;
+
+fn clips() -> PathBuf {
+    let p = PathBuf::from(std::env::var("VIDLLM_CLIPS").unwrap_or_else(|_| {
+        format!("{}/.cache/vidllm/clips", std::env::var("HOME").unwrap_or_default())
+    }));
+    assert!(p.join("bigbuckbunny.mp4").exists(), "{} has no clips: run tests/scripts/fetch_clips.sh", p.display());
+    p
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vidllm-video-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn ffmpeg(args: &[&str]) {
+    let st = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).status().expect("ffmpeg CLI");
+    assert!(st.success(), "ffmpeg {args:?}");
+}
+
+/// A clip re-encoded into another container/codec (1.5 s of carphone).
+fn converted(ext: &str, codec: &[&str]) -> String {
+    let out = tmp(&format!("carphone.{ext}"));
+    let src = clips().join("carphone_pristine.mp4");
+    let mut args = vec!["-i", src.to_str().unwrap(), "-t", "1.5"];
+    args.extend_from_slice(codec);
+    args.push(out.to_str().unwrap());
+    ffmpeg(&args);
+    out.display().to_string()
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vidllm-native")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn ask(video: &str, extra: &[&str]) -> (bool, String, String) {
+    let model = fixture("tiny_video_llava");
+    let mut args = vec!["ask", "--model", model.to_str().unwrap(), "--video", video, "--prompt", "What happens?", "--quant", "f32", "--max-tokens", "6", "--json"];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--device") {
+        args.extend_from_slice(&["--device", "cpu"]);
+    }
+    run(&args)
+}
+
+/// The ffmpeg CLI's RGB frames at `indices` (decode order, no frame-rate conversion).
+fn cli_frames(path: &str, indices: &[u64], w: usize, h: usize) -> Vec<Vec<u8>> {
+    let select: Vec<String> = indices.iter().map(|i| format!("eq(n\\,{i})")).collect();
+    let vf = format!("select='{}'", select.join("+"));
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i", path, "-vf", &vf, "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out.stdout.chunks(w * h * 3).map(<[u8]>::to_vec).collect()
+}
+
+/// Our frames (through `ask --json` for the indices, and the reader via `frames` dump).
+fn check_against_cli(path: &str) {
+    let (ok, out, err) = run(&["frames", "--video", path, "--frames", "8", "--sampling", "hf", "--dump", tmp("dump.rgb").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(&out).unwrap();
+    let (w, h) = (v["width"].as_u64().unwrap() as usize, v["height"].as_u64().unwrap() as usize);
+    let indices: Vec<u64> = v["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect();
+    let ours = std::fs::read(tmp("dump.rgb")).unwrap();
+    let theirs = cli_frames(path, &indices, w, h);
+    assert_eq!(theirs.len(), indices.len(), "{path}: ffmpeg gave {} frames", theirs.len());
+    for (k, reference) in theirs.iter().enumerate() {
+        let mine = &ours[k * w * h * 3..(k + 1) * w * h * 3];
+        let worst = mine.iter().zip(reference).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        println!("{path} frame {}: max channel difference {worst}/255", indices[k]);
+        assert!(worst <= 2, "{path} frame {}: {worst}/255", indices[k]);
+    }
+}
+
+#[test]
+fn frames_equal_the_ffmpeg_cli() {
+    check_against_cli(clips().join("bigbuckbunny.mp4").to_str().unwrap());
+    check_against_cli(&converted("gif", &["-vf", "fps=10,scale=88:-1"]));
+    check_against_cli(&converted("webm", &["-c:v", "libvpx-vp9", "-b:v", "200k"]));
+    check_against_cli(&converted("mkv", &["-c:v", "libx264"]));
+    check_against_cli(&converted("avi", &["-c:v", "mpeg4"]));
+}
+
+#[test]
+fn ask_streams_an_answer_about_a_real_clip() {
+    let clip = clips().join("bigbuckbunny.mp4");
+    let (ok, out, err) = ask(clip.to_str().unwrap(), &[]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    let frames = v["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), 8);
+    assert_eq!(frames[1]["index"], 16); // np.arange(0, 132, 16.5).astype(int)
+    assert!((frames[1]["pts"].as_f64().unwrap() - 0.64).abs() < 1e-6);
+    assert_eq!(v["visual_tokens"], 40);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 6);
+    // Streaming (no --json): the answer goes to stdout, the stage timings to stderr.
+    let model = fixture("tiny_video_llava");
+    let (ok, _, err) = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "Hi", "--device", "cpu", "--max-tokens", "4", "--sampling", "linspace"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("#131@") && err.contains("visual tokens: 40") && err.contains("encode"), "{err}");
+}
+
+#[test]
+fn ask_on_gpu_device() {
+    if std::env::var("VIDLLM_TEST_NO_GPU").is_ok_and(|v| v == "1") {
+        return;
+    }
+    let clip = clips().join("carphone_pristine.mp4");
+    let (ok, out, err) = ask(clip.to_str().unwrap(), &["--device", "gpu", "--sampling", "pllava"]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["device"].as_str().unwrap().starts_with("gpu"));
+}
+
+fn assert_one_line_error(res: (bool, String, String), needle: &str) {
+    let (ok, _, err) = res;
+    assert!(!ok, "succeeded");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty() && !l.contains("XDG_RUNTIME_DIR")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error:") && lines[0].to_lowercase().contains(needle), "{err}");
+}
+
+#[test]
+fn bad_videos_give_one_line_errors() {
+    assert_one_line_error(ask("/nonexistent.mp4", &[]), "cannot open");
+    let empty = tmp("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    assert_one_line_error(ask(empty.to_str().unwrap(), &[]), "empty");
+    let junk = tmp("junk.mp4");
+    std::fs::write(&junk, (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>()).unwrap();
+    assert_one_line_error(ask(junk.to_str().unwrap(), &[]), "not a readable video");
+    let audio = tmp("tone.wav");
+    ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=0.5", audio.to_str().unwrap()]);
+    assert_one_line_error(ask(audio.to_str().unwrap(), &[]), "no video stream");
+    let short = clips().join("carphone_pristine.mp4");
+    assert_one_line_error(ask(short.to_str().unwrap(), &["--frames", "500"]), "fewer than the 500");
+    let huge = tmp("huge.mkv");
+    ffmpeg(&["-f", "lavfi", "-i", "color=c=red:s=8000x4400:d=0.04", "-frames:v", "1", "-c:v", "png", huge.to_str().unwrap()]);
+    assert_one_line_error(ask(huge.to_str().unwrap(), &[]), "larger than");
+}
+
+#[test]
+fn bad_model_folders_give_one_line_errors() {
+    let clip = clips().join("carphone_pristine.mp4");
+    let dir = tmp("unknown-arch");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
+    let res = run(&["ask", "--model", dir.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "x", "--device", "cpu"]);
+    assert_one_line_error(res, "unsupported architecture");
+}

@@ -8,6 +8,8 @@ pub mod llama;
 pub mod llama_gguf;
 pub mod llama_hf;
 pub mod merge;
+pub mod pllava;
+pub mod pllava_pool;
 pub mod quant_linear;
 pub mod rms_norm;
 pub mod rope;

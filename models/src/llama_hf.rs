@@ -105,17 +105,18 @@ impl QuantChoice {
     }
 }
 
-/// A LoRA delta to merge into a weight at load time: `W += scale * B A`.
-pub trait WeightPatch {
-    /// Adjust `w` (`[out, in]`, row-major) of the tensor called `name`.
-    fn patch(&self, name: &str, w: &mut [f32], out: usize, inp: usize) -> Result<(), LoadError>;
+/// Where a decoder matrix comes from: the checkpoint as is, or with adapters merged.
+pub trait WeightSource {
+    /// The `[out, in]` matrix called `name`, row-major.
+    fn matrix(&self, ck: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Vec<f32>, LoadError>;
 }
 
-pub struct NoPatch;
+/// The checkpoint's weights unchanged.
+pub struct Plain;
 
-impl WeightPatch for NoPatch {
-    fn patch(&self, _: &str, _: &mut [f32], _: usize, _: usize) -> Result<(), LoadError> {
-        Ok(())
+impl WeightSource for Plain {
+    fn matrix(&self, ck: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Vec<f32>, LoadError> {
+        ck.f32_shaped(name, &[out, inp])
     }
 }
 
@@ -131,13 +132,12 @@ pub fn load_llama_hf(
     names: &LlamaNames,
     cfg: LlamaConfig,
     quant: QuantChoice,
-    patch: &dyn WeightPatch,
+    source: &dyn WeightSource,
     device: &Device,
 ) -> Result<Llama, LoadError> {
     let n = |s: &str| format!("{}{s}", names.model);
     let linear = |name: &str, out: usize, inp: usize| -> Result<QuantLinear, LoadError> {
-        let mut w = ck.f32_shaped(name, &[out, inp])?;
-        patch.patch(name, &mut w, out, inp)?;
+        let w = source.matrix(ck, name, out, inp)?;
         // Rows that are not whole blocks stay in f16/f32.
         let ty = if inp % 32 == 0 { quant.ggml() } else { GgmlType::F32 };
         QuantLinear::from_raw(name, ty, &quantize(ty, &w), out, inp, device)

@@ -17,7 +17,7 @@ use vidllm_core::safetensors::Checkpoint;
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
 use crate::layers::Linear;
 use crate::llama::Llama;
-use crate::llama_hf::{LlamaConfigJson, LlamaNames, NoPatch, QuantChoice, WeightPatch, load_llama_hf};
+use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
 
 /// `VideoLlavaConfig` as in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -114,10 +114,10 @@ pub struct VideoLlava {
 impl VideoLlava {
     pub fn load(dir: &std::path::Path, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
         let cfg: VideoLlavaConfigJson = read_config(dir)?;
-        Self::load_with(dir, &cfg, quant, &NoPatch, device)
+        Self::load_with(dir, &cfg, quant, device)
     }
 
-    pub fn load_with(dir: &std::path::Path, cfg: &VideoLlavaConfigJson, quant: QuantChoice, patch: &dyn WeightPatch, device: &Device) -> Result<Self, LoadError> {
+    pub fn load_with(dir: &std::path::Path, cfg: &VideoLlavaConfigJson, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
@@ -144,7 +144,7 @@ impl VideoLlava {
         let projector = MultiModalProjector::load(&ck, &proj_prefix, vcfg.d_model, text.d_model, device)?;
         let model = find_prefix(&ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
-        let decoder = load_llama_hf(&ck, &LlamaNames { model, lm_head }, text, quant, patch, device)?;
+        let decoder = load_llama_hf(&ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?;
         Ok(Self { video_tower, image_tower, projector, decoder, visual })
     }
 

@@ -16,6 +16,7 @@ use vidllm_core::sampling::Sampling;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
+use vidllm_models::pllava::Pllava;
 use vidllm_models::video_llava::VideoLlava;
 use vidllm_models::{GenerateParams, Session};
 use vidllm_shaders::device::{DeviceChoice, pick};
@@ -41,6 +42,12 @@ pub struct AskArgs {
     pub raw: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// PLLaVA: pool frame tokens to T,H,W (default: the folder's pooling_shape).
+    #[arg(long, value_delimiter = ',')]
+    pub pool: Option<Vec<usize>>,
+    /// PLLaVA: LoRA alpha used when merging the adapters (default 4, the paper's serving value).
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
     /// q4_0 | q4_1 | q8_0 | f16 | f32: how the decoder is stored on the device.
     #[arg(long, default_value = "q4_1")]
     pub quant: QuantChoice,
@@ -104,34 +111,101 @@ fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Devic
     preprocess(&slices, frames[0].height, frames[0].width, cfg, device)
 }
 
+/// The video-language architectures `ask` runs, by `config.json`'s `model_type`.
+enum VideoModel {
+    VideoLlava(VideoLlava),
+    Pllava(Pllava),
+}
+
+#[derive(Clone, Copy)]
+enum Arch {
+    VideoLlava,
+    Pllava,
+}
+
 /// Refuse folders of an architecture `ask` does not run, naming it.
-fn check_architecture(dir: &Path) -> Result<()> {
+fn architecture(dir: &Path) -> Result<Arch> {
     let p = dir.join("config.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
     match v["model_type"].as_str() {
-        Some("video_llava") => Ok(()),
-        other => bail!("{}: unsupported architecture {:?} (supported: video_llava)", p.display(), other.unwrap_or("missing model_type")),
+        Some("video_llava") => Ok(Arch::VideoLlava),
+        Some("pllava") => Ok(Arch::Pllava),
+        other => bail!("{}: unsupported architecture {:?} (supported: video_llava, pllava)", p.display(), other.unwrap_or("missing model_type")),
     }
 }
 
-/// Video-LLaVA's conversation: `USER: <image>\n...<video>\n{question} ASSISTANT:`.
-fn first_turn(question: &str, n_images: usize) -> String {
-    format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images))
+impl VideoModel {
+    fn load(arch: Arch, dir: &Path, a: &AskArgs, device: &burn::tensor::Device) -> Result<Self> {
+        let pool = match &a.pool {
+            None => None,
+            Some(p) if p.len() == 3 => Some([p[0], p[1], p[2]]),
+            Some(p) => bail!("--pool takes T,H,W (got {p:?})"),
+        };
+        Ok(match arch {
+            Arch::VideoLlava => Self::VideoLlava(VideoLlava::load(dir, a.quant, device)?),
+            Arch::Pllava => Self::Pllava(Pllava::load(dir, a.quant, a.lora_alpha, pool, device)?),
+        })
+    }
+
+    fn decoder(&self) -> &vidllm_models::Llama {
+        match self {
+            Self::VideoLlava(m) => &m.decoder,
+            Self::Pllava(m) => &m.decoder,
+        }
+    }
+
+    fn image_size(&self) -> usize {
+        match self {
+            Self::VideoLlava(m) => m.video_tower.cfg.image_size,
+            Self::Pllava(m) => m.vision_tower.cfg.image_size,
+        }
+    }
+
+    /// The video's visual tokens and the placeholder they fill.
+    fn video(&self, pixels: burn::tensor::Tensor<4>) -> Visual {
+        match self {
+            Self::VideoLlava(m) => {
+                let per = m.video_tokens(pixels.dims()[0]);
+                Visual { token: m.visual.video_token, features: m.video_features(pixels), per_placeholder: per }
+            }
+            Self::Pllava(m) => Visual { token: m.image_token, features: m.video_features(pixels), per_placeholder: m.video_tokens() },
+        }
+    }
+
+    fn images(&self, pixels: Vec<burn::tensor::Tensor<4>>) -> Result<Option<Visual>> {
+        if pixels.is_empty() {
+            return Ok(None);
+        }
+        let Self::VideoLlava(m) = self else { bail!("--image is supported for Video-LLaVA folders only") };
+        let n = pixels.len();
+        let feats = burn::tensor::Tensor::cat(pixels.into_iter().map(|p| m.image_features(p)).collect(), 0);
+        let per = feats.dims()[0] / n;
+        Ok(Some(Visual { token: m.visual.image_token, features: feats, per_placeholder: per }))
+    }
+
+    /// The first turn: Vicuna-style `USER: ... ASSISTANT:` with the placeholders.
+    fn first_turn(&self, question: &str, n_images: usize) -> String {
+        match self {
+            Self::VideoLlava(_) => format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images)),
+            Self::Pllava(_) => format!("USER: <image>\n{question} ASSISTANT:"),
+        }
+    }
 }
+
 
 pub fn run(a: AskArgs) -> Result<()> {
     let dir = Path::new(&a.model);
-    check_architecture(dir)?;
+    let arch = architecture(dir)?;
     let policy = a.sampling.policy()?;
     let reader = VideoReader::open(&a.video)?;
     let picked = pick(a.device)?;
     let device = picked.device.clone();
     let t_load = Instant::now();
-    let model = VideoLlava::load(dir, a.quant, &device).with_context(|| format!("loading {}", a.model))?;
+    let model = VideoModel::load(arch, dir, &a, &device).with_context(|| format!("loading {}", a.model))?;
     let tok = Tokenizer::from_hf_dir(dir)?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let pcfg = preprocess_config(dir, model.video_tower.cfg.image_size)?;
+    let pcfg = preprocess_config(dir, model.image_size())?;
 
     let t0 = Instant::now();
     let frames = reader.sample(policy)?;
@@ -142,15 +216,8 @@ pub fn run(a: AskArgs) -> Result<()> {
     let image_px: Vec<_> = images.iter().map(|f| pixels(std::slice::from_ref(f), &pcfg, &device)).collect();
     let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
-    let video_features = model.video_features(video_px);
-    let mut visuals = Vec::new();
-    if !image_px.is_empty() {
-        let feats = burn::tensor::Tensor::cat(image_px.into_iter().map(|p| model.image_features(p)).collect(), 0);
-        let per = feats.dims()[0] / images.len();
-        visuals.push(Visual { token: model.visual.image_token, features: feats, per_placeholder: per });
-    }
-    let per_video = model.video_tokens(frames.len());
-    visuals.push(Visual { token: model.visual.video_token, features: video_features, per_placeholder: per_video });
+    let mut visuals: Vec<Visual> = model.images(image_px)?.into_iter().collect();
+    visuals.push(model.video(video_px));
     let encode_sync = device.sync();
     encode_sync.map_err(|e| anyhow::anyhow!("device: {e:?}"))?;
     let encode_ms = t2.elapsed().as_secs_f64() * 1e3;
@@ -167,8 +234,8 @@ pub fn run(a: AskArgs) -> Result<()> {
         sampler: SamplerConfig { temperature: a.temperature, seed: a.seed, ..Default::default() },
         stop: Vec::new(),
     };
-    let mut session = Session::new(&model.decoder, a.ctx);
-    let question = |q: &str| if a.raw { q.to_string() } else { first_turn(q, images.len()) };
+    let mut session = Session::new(model.decoder(), a.ctx);
+    let question = |q: &str| if a.raw { q.to_string() } else { model.first_turn(q, images.len()) };
     let Some(prompt) = a.prompt.clone() else {
         return interactive(&mut session, &tok, &model, visuals, params, &question);
     };
@@ -177,7 +244,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     for v in &visuals {
         ids = expand_placeholders(&ids, v.token, v.per_placeholder);
     }
-    let embeds = merge_embeddings(&model.decoder, &ids, &visuals)?;
+    let embeds = merge_embeddings(model.decoder(), &ids, &visuals)?;
     let mut stream = session.generate_embeds(&ids, embeds, &tok, params)?;
     let mut out = std::io::stdout().lock();
     let mut tokens = Vec::new();
@@ -211,7 +278,7 @@ pub fn run(a: AskArgs) -> Result<()> {
 fn interactive(
     session: &mut Session,
     tok: &Tokenizer,
-    model: &VideoLlava,
+    model: &VideoModel,
     visuals: Vec<Visual>,
     params: GenerateParams,
     question: &dyn Fn(&str) -> String,
@@ -231,7 +298,7 @@ fn interactive(
                 for vis in &v {
                     ids = expand_placeholders(&ids, vis.token, vis.per_placeholder);
                 }
-                let embeds = merge_embeddings(&model.decoder, &ids, &v)?;
+                let embeds = merge_embeddings(model.decoder(), &ids, &v)?;
                 session.generate_embeds(&ids, embeds, tok, params.clone())?
             }
             None => {

@@ -160,3 +160,42 @@ fn bad_model_folders_give_one_line_errors() {
     let res = run(&["ask", "--model", dir.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "x", "--device", "cpu"]);
     assert_one_line_error(res, "unsupported architecture");
 }
+
+#[test]
+fn ask_runs_pllava_folders_with_pool_and_lora_alpha() {
+    let clip = clips().join("bikes.mp4");
+    let model = fixture("tiny_pllava");
+    let (ok, out, err) = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "Describe",
+        "--frames", "16", "--sampling", "pllava", "--pool", "4,2,2", "--lora-alpha", "8", "--max-tokens", "5", "--device", "cpu", "--json"]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["visual_tokens"], 16);
+    assert_eq!(v["frames"].as_array().unwrap().len(), 16);
+    assert_eq!(v["frames"][0]["index"], 7); // seg = 249 / 16 -> int(7.78) + 0
+}
+
+#[test]
+fn follow_up_questions_reuse_the_encoded_video() {
+    use std::io::Write;
+    let clip = clips().join("carphone_pristine.mp4");
+    let model = fixture("tiny_video_llava");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vidllm-native"))
+        .args(["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--device", "cpu", "--max-tokens", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"What is this?\nAnd then?\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let prefills: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.split("[prefill ").nth(1))
+        .map(|s| s.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(prefills.len(), 2, "{err}");
+    assert!(prefills[0] > 40, "first turn carries the 40 visual tokens: {prefills:?}");
+    assert!(prefills[1] < 20, "the follow-up pays only for its own tokens: {prefills:?}");
+}

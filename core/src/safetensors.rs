@@ -265,3 +265,42 @@ mod tests {
         assert!(e.contains("pickled"), "{e}");
     }
 }
+
+/// Writes safetensors files: used by tests to build re-keyed, sharded, bf16 or broken
+/// checkpoints from the fixtures.
+pub mod writer {
+    use half::bf16;
+
+    /// One tensor to write: name, dtype name, shape and little-endian bytes.
+    pub struct Entry {
+        pub name: String,
+        pub dtype: &'static str,
+        pub shape: Vec<usize>,
+        pub data: Vec<u8>,
+    }
+
+    impl Entry {
+        pub fn f32(name: &str, shape: Vec<usize>, v: &[f32]) -> Self {
+            Self { name: name.into(), dtype: "F32", shape, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        }
+
+        pub fn bf16(name: &str, shape: Vec<usize>, v: &[f32]) -> Self {
+            Self { name: name.into(), dtype: "BF16", shape, data: v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect() }
+        }
+    }
+
+    pub fn write(entries: &[Entry]) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for e in entries {
+            header.insert(e.name.clone(), serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.data.len()]}));
+            offset += e.data.len();
+        }
+        let mut h = serde_json::to_vec(&header).expect("json");
+        h.resize(h.len().div_ceil(8) * 8, b' ');
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&h);
+        entries.iter().for_each(|e| out.extend_from_slice(&e.data));
+        out
+    }
+}

@@ -7,6 +7,7 @@ pub mod layers;
 pub mod llama;
 pub mod llama_gguf;
 pub mod llama_hf;
+pub mod llava_next_video;
 pub mod merge;
 pub mod pllava;
 pub mod pllava_pool;

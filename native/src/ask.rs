@@ -16,6 +16,7 @@ use vidllm_core::sampling::Sampling;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
+use vidllm_models::llava_next_video::LlavaNextVideo;
 use vidllm_models::pllava::Pllava;
 use vidllm_models::video_llava::VideoLlava;
 use vidllm_models::{GenerateParams, Session};
@@ -115,12 +116,14 @@ fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Devic
 enum VideoModel {
     VideoLlava(VideoLlava),
     Pllava(Pllava),
+    LlavaNextVideo(LlavaNextVideo),
 }
 
 #[derive(Clone, Copy)]
 enum Arch {
     VideoLlava,
     Pllava,
+    LlavaNextVideo,
 }
 
 /// Refuse folders of an architecture `ask` does not run, naming it.
@@ -131,7 +134,8 @@ fn architecture(dir: &Path) -> Result<Arch> {
     match v["model_type"].as_str() {
         Some("video_llava") => Ok(Arch::VideoLlava),
         Some("pllava") => Ok(Arch::Pllava),
-        other => bail!("{}: unsupported architecture {:?} (supported: video_llava, pllava)", p.display(), other.unwrap_or("missing model_type")),
+        Some("llava_next_video") => Ok(Arch::LlavaNextVideo),
+        other => bail!("{}: unsupported architecture {:?} (supported: video_llava, pllava, llava_next_video)", p.display(), other.unwrap_or("missing model_type")),
     }
 }
 
@@ -145,6 +149,7 @@ impl VideoModel {
         Ok(match arch {
             Arch::VideoLlava => Self::VideoLlava(VideoLlava::load(dir, a.quant, device)?),
             Arch::Pllava => Self::Pllava(Pllava::load(dir, a.quant, a.lora_alpha, pool, device)?),
+            Arch::LlavaNextVideo => Self::LlavaNextVideo(LlavaNextVideo::load(dir, a.quant, device)?),
         })
     }
 
@@ -152,6 +157,7 @@ impl VideoModel {
         match self {
             Self::VideoLlava(m) => &m.decoder,
             Self::Pllava(m) => &m.decoder,
+            Self::LlavaNextVideo(m) => &m.decoder,
         }
     }
 
@@ -159,6 +165,7 @@ impl VideoModel {
         match self {
             Self::VideoLlava(m) => m.video_tower.cfg.image_size,
             Self::Pllava(m) => m.vision_tower.cfg.image_size,
+            Self::LlavaNextVideo(m) => m.vision_tower.cfg.image_size,
         }
     }
 
@@ -170,6 +177,10 @@ impl VideoModel {
                 Visual { token: m.visual.video_token, features: m.video_features(pixels), per_placeholder: per }
             }
             Self::Pllava(m) => Visual { token: m.image_token, features: m.video_features(pixels), per_placeholder: m.video_tokens() },
+            Self::LlavaNextVideo(m) => {
+                let per = pixels.dims()[0] * m.tokens_per_frame();
+                Visual { token: m.video_token, features: m.video_features(pixels), per_placeholder: per }
+            }
         }
     }
 
@@ -187,7 +198,7 @@ impl VideoModel {
     /// The first turn: Vicuna-style `USER: ... ASSISTANT:` with the placeholders.
     fn first_turn(&self, question: &str, n_images: usize) -> String {
         match self {
-            Self::VideoLlava(_) => format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images)),
+            Self::VideoLlava(_) | Self::LlavaNextVideo(_) => format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images)),
             Self::Pllava(_) => format!("USER: <image>\n{question} ASSISTANT:"),
         }
     }

@@ -175,6 +175,17 @@ fn ask_runs_pllava_folders_with_pool_and_lora_alpha() {
 }
 
 #[test]
+fn ask_runs_llava_next_video_folders() {
+    let clip = clips().join("carphone_pristine.mp4");
+    let model = fixture("tiny_llava_next_video");
+    let (ok, out, err) = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "Describe",
+        "--frames", "4", "--max-tokens", "3", "--device", "cpu", "--json"]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["visual_tokens"], 16); // 4 frames x (4x4 patches pooled 2x2)
+}
+
+#[test]
 fn follow_up_questions_reuse_the_encoded_video() {
     use std::io::Write;
     let clip = clips().join("carphone_pristine.mp4");

@@ -1,0 +1,100 @@
+//! LLaVA-NeXT-Video (Zhang et al. 2024, "LLaVA-NeXT: A Strong Zero-shot Video
+//! Understanding Model"); reference: transformers
+//! `models/llava_next_video/modeling_llava_next_video.py`.
+//!
+//! Per frame: CLIP `hidden_states[vision_feature_layer]`, class token dropped, the token
+//! grid average-pooled with a `spatial_pool_stride` window (24x24 -> 12x12 at 336 px),
+//! **then** the projector. Video placeholders take `t * pooled` tokens. (Images use
+//! LLaVA-NeXT's any-resolution tiling, which vidllm does not implement yet.)
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+use serde::Deserialize;
+use vidllm_core::LoadError;
+use vidllm_core::safetensors::Checkpoint;
+
+use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
+use crate::llama::{Llama, LlamaConfig};
+use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
+use crate::pllava_pool::avg_pool2d_frames;
+use crate::video_llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlavaNextVideoConfigJson {
+    pub vision_config: ClipVisionConfigJson,
+    pub text_config: LlamaConfigJson,
+    pub video_token_index: Option<u32>,
+    pub vision_feature_layer: Option<i64>,
+    pub vision_feature_select_strategy: Option<String>,
+    pub spatial_pool_mode: Option<String>,
+    pub spatial_pool_stride: Option<usize>,
+    pub projector_hidden_act: Option<String>,
+}
+
+mod names {
+    pub const TOWER: [&str; 4] = ["vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."];
+    pub const PROJECTOR: [&str; 2] = ["multi_modal_projector.", "model.multi_modal_projector."];
+    pub const LANGUAGE: [&str; 3] = ["language_model.model.", "model.language_model.", "language_model."];
+    pub const LM_HEAD: [&str; 2] = ["language_model.lm_head.weight", "lm_head.weight"];
+}
+
+pub struct LlavaNextVideo {
+    pub vision_tower: ClipVisionTower,
+    pub projector: MultiModalProjector,
+    pub decoder: Llama,
+    pub video_token: u32,
+    pub feature_layer: usize,
+    pub pool_stride: usize,
+}
+
+impl LlavaNextVideo {
+    pub fn load(dir: &Path, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
+        let cfg: LlavaNextVideoConfigJson = read_config(dir)?;
+        if cfg.spatial_pool_mode.as_deref().unwrap_or("average") != "average" {
+            return Err(LoadError::Unsupported(format!("spatial_pool_mode {:?} (supported: average)", cfg.spatial_pool_mode)));
+        }
+        if cfg.vision_feature_select_strategy.as_deref().unwrap_or("default") != "default" {
+            return Err(LoadError::Unsupported(format!("vision_feature_select_strategy {:?} for video", cfg.vision_feature_select_strategy)));
+        }
+        if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
+            return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
+        }
+        let ck = Checkpoint::open_dir(dir)?;
+        let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
+        let text = LlamaConfig::try_from(&cfg.text_config)?;
+        let pool_stride = cfg.spatial_pool_stride.unwrap_or(2);
+        if pool_stride == 0 || pool_stride > vcfg.grid() {
+            return Err(LoadError::Unsupported(format!("spatial_pool_stride {pool_stride}")));
+        }
+        let tower = find_prefix(&ck, &names::TOWER, "embeddings.patch_embedding.weight")?;
+        let proj = find_prefix(&ck, &names::PROJECTOR, "linear_1.weight")?;
+        let model = find_prefix(&ck, &names::LANGUAGE, "embed_tokens.weight")?;
+        let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
+        Ok(Self {
+            vision_tower: ClipVisionTower::load(&ck, &tower, vcfg.clone(), device)?,
+            projector: MultiModalProjector::load(&ck, &proj, vcfg.d_model, text.d_model, device)?,
+            decoder: load_llama_hf(&ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?,
+            video_token: cfg.video_token_index.unwrap_or(32000),
+            feature_layer: feature_layer_index(cfg.vision_feature_layer.unwrap_or(-2), vcfg.n_layers)?,
+            pool_stride,
+        })
+    }
+
+    /// Tokens per frame after pooling.
+    pub fn tokens_per_frame(&self) -> usize {
+        let g = self.vision_tower.cfg.grid() / self.pool_stride;
+        g * g
+    }
+
+    /// # Shapes
+    /// - pixels: `[t, 3, s, s]` -> `[t * tokens_per_frame, d_text]`
+    pub fn video_features(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let device = pixels.device();
+        let h = self.vision_tower.hidden_state(pixels, self.feature_layer);
+        let [t, n, d] = h.dims();
+        let g = self.vision_tower.cfg.grid();
+        let grid = h.narrow(1, 1, n - 1).reshape([t, g, g, d]);
+        self.projector.forward(avg_pool2d_frames(grid, self.pool_stride, &device))
+    }
+}

@@ -121,7 +121,7 @@ impl KvCache {
 impl Attention {
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`
-    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &Option<Tensor<4>>) -> Tensor<2> {
         let [t, _] = x.dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let (start, end) = (cache.len, cache.len + t);
@@ -149,8 +149,8 @@ impl Attention {
         let r = h / kvh;
         let q = q.reshape([1, kvh, r * t, dh]);
         let scores = q.matmul(keys.swap_dims(2, 3)) * (dh as f64).powf(-0.5); // [1, kvh, r*t, s]
-        let scores = match causal_mask(r, t, start, &x.device()) {
-            Some(mask) => scores + mask,
+        let scores = match mask {
+            Some(mask) => scores + mask.clone(),
             None => scores,
         };
         let ctx = softmax(scores, 3).matmul(values); // [1, kvh, r*t, dh]
@@ -186,8 +186,8 @@ impl Mlp {
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<2> {
-        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, cache, layer);
+    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &Option<Tensor<4>>) -> Tensor<2> {
+        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, cache, layer, mask);
         h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
     }
 }
@@ -216,9 +216,11 @@ impl Llama {
     /// - x: `[t, d_model]` -> `[1 or t, vocab_size]`
     pub fn forward_embeds(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Tensor<2> {
         let t = x.dims()[0];
+        // One mask for every layer: it depends only on the positions.
+        let mask = causal_mask(self.cfg.n_heads / self.cfg.n_kv_heads, t, cache.len, &self.device);
         let mut x = x;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, &self.cfg, &self.rope, cache, layer);
+            x = block.forward(x, &self.cfg, &self.rope, cache, layer, &mask);
         }
         cache.len += t;
         let x = match which {

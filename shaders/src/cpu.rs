@@ -9,26 +9,39 @@
 //! - output rows are split over threads; an AVX2+FMA build of the same loop is picked at
 //!   run time where the processor has it.
 
-use burn::tensor::TensorData;
+use burn::backend::ops::FloatTensorOps;
+use burn::tensor::{Shape, TensorData};
 use burn_flex::{Flex, FlexTensor};
 use half::f16;
 use rayon::prelude::*;
-use vidllm_core::ggml::{GgmlType, QK};
+use vidllm_core::ggml::{GgmlType, QK, dequant_block};
 
 use crate::QuantOps;
 use crate::block::ty_from_id;
 
 /// Rows of `x` sharing one decode of a weight block.
 const MC: usize = 8;
-/// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
+/// From this many rows of `x` on (prefill), the weight is dequantised into a transient f32
+/// scratch and multiplied by the CPU backend's GEMM: the decode is amortised over the rows
+/// and the GEMM is cache-blocked. The resident copy stays in blocks.
+const GEMM_MIN_M: usize = 32;
+/// Fewest output rows per parallel task; a matrix is split into about four tasks per
+/// thread, since waking the pool costs as much as a small row block.
+const MIN_ROWS_PER_TASK: usize = 16;
 
 impl QuantOps for Flex {
     fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;
-        let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
+        if m >= GEMM_MIN_M {
+            let w = FlexTensor::from_data(TensorData::new(dequantize_rows(ty, w, n, k), [n, k]));
+            // A transposed view: the GEMM reads it through strides, no copy.
+            let wt = <Flex as FloatTensorOps<Flex>>::float_transpose(w);
+            let x = <Flex as FloatTensorOps<Flex>>::float_reshape(x, Shape::new([m, k]));
+            return <Flex as FloatTensorOps<Flex>>::float_matmul(x, wt);
+        }
+        let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let y = q_matmul_cpu(ty, &x, w, m, n, k);
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
@@ -41,8 +54,9 @@ pub fn q_matmul_cpu(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: us
     let xsum: Vec<f32> = x.chunks_exact(QK).map(|b| b.iter().sum()).collect();
     let row_bytes = nb * ty.block_bytes();
     let mut yt = vec![0f32; n * m]; // transposed: [n, m]
-    yt.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(task, out)| {
-        let r0 = task * ROWS_PER_TASK;
+    let rows_per_task = MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
+    yt.par_chunks_mut(m * rows_per_task).enumerate().for_each(|(task, out)| {
+        let r0 = task * rows_per_task;
         for (i, orow) in out.chunks_mut(m).enumerate() {
             let wrow = &w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes];
             row(ty, wrow, x, &xsum, m, k, orow);
@@ -60,6 +74,19 @@ pub fn q_matmul_cpu(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: us
     y
 }
 
+/// `W` `[n, k]` in f32 from its blocks, rows decoded in parallel.
+fn dequantize_rows(ty: GgmlType, w: &[u8], n: usize, k: usize) -> Vec<f32> {
+    let row_bytes = k / QK * ty.block_bytes();
+    let mut rows = vec![0f32; n * k];
+    rows.par_chunks_mut(k).enumerate().for_each(|(r, out)| {
+        let src = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (b, blk) in src.chunks_exact(ty.block_bytes()).enumerate() {
+            dequant_block(ty, blk, &mut out[b * QK..(b + 1) * QK]);
+        }
+    });
+    rows
+}
+
 /// One weight row against every row of `x`, on the best instruction set available.
 fn row(ty: GgmlType, wrow: &[u8], x: &[f32], xsum: &[f32], m: usize, k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -74,6 +101,48 @@ fn row(ty: GgmlType, wrow: &[u8], x: &[f32], xsum: &[f32], m: usize, k: usize, o
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_avx2(ty: GgmlType, wrow: &[u8], x: &[f32], xsum: &[f32], m: usize, k: usize, out: &mut [f32]) {
     row_generic::<true>(ty, wrow, x, xsum, m, k, out)
+}
+
+/// `W_row . x` for Q4_0 (`Q4_1 = false`) or Q4_1 blocks.
+#[inline(always)]
+fn dot_q4<const Q4_1: bool>(wrow: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let bb = if Q4_1 { 20 } else { 18 };
+    let qoff = if Q4_1 { 4 } else { 2 };
+    let mut acc = [0f32; 16];
+    let mut constant = 0f32;
+    for ((blk, xb), xs) in wrow.chunks_exact(bb).zip(x.chunks_exact(QK)).zip(xsum) {
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let bias = if Q4_1 { f16::from_le_bytes([blk[2], blk[3]]).to_f32() } else { -8.0 * d };
+        let qs: &[u8; 16] = blk[qoff..qoff + 16].try_into().expect("16 quant bytes");
+        let (xl, xh) = xb.split_at(16);
+        let mut p = [0f32; 16];
+        for j in 0..16 {
+            p[j] = (qs[j] & 15) as f32 * xl[j] + (qs[j] >> 4) as f32 * xh[j];
+        }
+        for j in 0..16 {
+            acc[j] += d * p[j];
+        }
+        constant += bias * xs;
+    }
+    acc.iter().sum::<f32>() + constant
+}
+
+/// `W_row . x` for Q8_0 blocks.
+#[inline(always)]
+fn dot_q8(wrow: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (blk, xb) in wrow.chunks_exact(34).zip(x.chunks_exact(QK)) {
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let qs: &[u8; 32] = blk[2..34].try_into().expect("32 quant bytes");
+        let mut p = [0f32; 16];
+        for j in 0..16 {
+            p[j] = qs[j] as i8 as f32 * xb[j] + qs[16 + j] as i8 as f32 * xb[16 + j];
+        }
+        for j in 0..16 {
+            acc[j] += d * p[j];
+        }
+    }
+    acc.iter().sum()
 }
 
 /// A decoded block: `lo[j]` is element j, `hi[j]` element j + 16, already scaled by `d`
@@ -114,6 +183,15 @@ fn decode(ty: GgmlType, b: &[u8]) -> Decoded {
 /// library call, so plain multiply and add are used).
 #[inline(always)]
 fn row_generic<const FMA: bool>(ty: GgmlType, wrow: &[u8], x: &[f32], xsum: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    if m == 1 {
+        // Decode: one row of x; a loop per type keeps the accumulators in registers.
+        out[0] = match ty {
+            GgmlType::Q4_0 => dot_q4::<false>(wrow, x, xsum),
+            GgmlType::Q4_1 => dot_q4::<true>(wrow, x, xsum),
+            _ => dot_q8(wrow, x),
+        };
+        return;
+    }
     let nb = k / QK;
     let bb = ty.block_bytes();
     for m0 in (0..m).step_by(MC) {

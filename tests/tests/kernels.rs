@@ -38,7 +38,7 @@ fn check(ty: GgmlType, m: usize, n: usize, k: usize) {
     for (name, device) in test_devices() {
         let qm = QuantMatrix::upload(ty, &blocks, n, k, &device).unwrap();
         let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
-        let got = qm.forward(xt).into_data().into_vec::<f32>().unwrap();
+        let got = qm.forward(xt).into_data().try_into_vec::<f32>().unwrap();
         let (diff, mag) = max_abs_diff(&got, &expected);
         println!("{ty:?} m={m} n={n} k={k} on {name}: max |diff| {diff:.3e} (max |y| {mag:.2})");
         assert!(diff <= 2e-5 * (k as f32).sqrt() * mag.max(1.0), "{ty:?} m={m} n={n} k={k} on {name}: diff {diff}");

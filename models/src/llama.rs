@@ -199,7 +199,12 @@ pub enum Logits {
     Last,
     /// Every position (teacher forcing, parity tests).
     All,
+    /// None (an inner prefill chunk).
+    None,
 }
+
+/// Prompt tokens run per pass during prefill.
+pub const PREFILL_CHUNK: usize = 256;
 
 impl Llama {
     /// Run `tokens` at positions `cache.len..`, appending them to the cache.
@@ -216,6 +221,25 @@ impl Llama {
     /// - x: `[t, d_model]` -> `[1 or t, vocab_size]`
     pub fn forward_embeds(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Tensor<2> {
         let t = x.dims()[0];
+        if t > PREFILL_CHUNK {
+            // Long prompts run in chunks: each attends to the cache so far, so the masked
+            // half of the score matrix is never computed and peak memory stays bounded.
+            let mut outs = Vec::new();
+            for start in (0..t).step_by(PREFILL_CHUNK) {
+                let len = PREFILL_CHUNK.min(t - start);
+                let last = start + len == t;
+                let want = if which == Logits::All { Logits::All } else if last { Logits::Last } else { Logits::None };
+                if let Some(y) = self.forward_chunk(x.clone().narrow(0, start, len), cache, want) {
+                    outs.push(y);
+                }
+            }
+            return Tensor::cat(outs, 0);
+        }
+        self.forward_chunk(x, cache, which).expect("logits were asked for")
+    }
+
+    fn forward_chunk(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {
+        let t = x.dims()[0];
         // One mask for every layer: it depends only on the positions.
         let mask = causal_mask(self.cfg.n_heads / self.cfg.n_kv_heads, t, cache.len, &self.device);
         let mut x = x;
@@ -226,8 +250,9 @@ impl Llama {
         let x = match which {
             Logits::Last => x.narrow(0, t - 1, 1),
             Logits::All => x,
+            Logits::None => return None,
         };
-        self.lm_head.forward(self.norm.forward(x))
+        Some(self.lm_head.forward(self.norm.forward(x)))
     }
 
     /// Bytes of device memory held by the weights (not the KV cache).

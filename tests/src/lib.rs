@@ -48,3 +48,31 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
     let m = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
     (d, m)
 }
+
+/// Relative error: max |got - want| / max |want|.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let (d, m) = max_abs_diff(got, want);
+    d / m.max(1e-12)
+}
+
+/// One stage of a reference-parity test: f32 paths agree within 1e-4 relative.
+pub fn check_stage(stage: &str, device: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    println!("{device} {stage}: max relative error {e:.2e}");
+    assert!(e < 1e-4, "{device} {stage}: relative error {e}");
+}
+
+/// Greedy tokens after a prefill whose logits (every position, or the last) are `logits`.
+pub fn greedy(decoder: &vidllm_models::Llama, cache: &mut vidllm_models::KvCache, logits: &[f32], n: usize) -> Vec<u32> {
+    use vidllm_core::sampler::argmax;
+    let vocab = decoder.cfg.vocab_size;
+    let mut next = argmax(&logits[logits.len() - vocab..]);
+    let mut out = vec![next];
+    while out.len() < n {
+        let row = vidllm_models::generate::read_row(decoder.forward(&[next], cache, vidllm_models::Logits::Last)).unwrap();
+        next = argmax(&row);
+        out.push(next);
+    }
+    out
+}

@@ -3,20 +3,14 @@
 
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
-use vidllm_core::sampler::argmax;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::llava_next_video::LlavaNextVideo;
 use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
 use vidllm_models::{KvCache, Logits};
-use vidllm_tests::{fixture, test_devices};
+use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
 
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    d / want.iter().map(|v| v.abs()).fold(1e-12f32, f32::max)
-}
 
 #[test]
 fn llava_next_video_matches_transformers_on_every_device() {
@@ -33,23 +27,13 @@ fn llava_next_video_matches_transformers_on_every_device() {
         assert_eq!(expand_placeholders(&prompt_ids, model.video_token, t * model.tokens_per_frame()), ids);
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, s[2], s[3], s[4]]), &device);
         let features = model.video_features(pixels);
-        let e = rel_err(&features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("features").unwrap().0);
-        println!("{name} pooled+projected features: max relative error {e:.2e}");
-        assert!(e < 1e-4);
+        check_stage("pooled+projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("features").unwrap().0);
         let visual = [Visual { token: model.video_token, features, per_placeholder: t * model.tokens_per_frame() }];
         let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
         let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
         let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
-        let e = rel_err(&logits, &r.f32("logits").unwrap().0);
-        println!("{name} logits: max relative error {e:.2e}");
-        assert!(e < 1e-4);
-        let vocab = model.decoder.cfg.vocab_size;
-        let mut next = argmax(&logits[logits.len() - vocab..]);
-        let mut got = vec![next];
-        while got.len() < greedy.len() {
-            next = argmax(&read_row(model.decoder.forward(&[next], &mut cache, Logits::Last)).unwrap());
-            got.push(next);
-        }
+        check_stage("logits", &name, &logits, &r.f32("logits").unwrap().0);
+        let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());
         assert_eq!(got, greedy, "{name}");
     }
 }

@@ -5,30 +5,19 @@
 
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
-use vidllm_core::sampler::argmax;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, merge_embeddings};
 use vidllm_models::pllava::Pllava;
 use vidllm_models::pllava_pool::pool3d;
 use vidllm_models::{KvCache, Logits};
-use vidllm_tests::{fixture, test_devices};
+use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, rel_err, test_devices};
 
 fn reference() -> Checkpoint {
     Checkpoint::open_files(&[fixture("tiny_pllava_ref.safetensors")]).unwrap()
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    d / want.iter().map(|v| v.abs()).fold(1e-12f32, f32::max)
-}
 
-fn check(stage: &str, device: &str, got: &[f32], want: &[f32]) {
-    let e = rel_err(got, want);
-    println!("{device} {stage}: max relative error {e:.2e}");
-    assert!(e < 1e-4, "{device} {stage}: {e}");
-}
 
 #[test]
 fn adaptive_avg_pool3d_matches_torch_on_non_divisible_shapes() {
@@ -41,7 +30,7 @@ fn adaptive_avg_pool3d_matches_torch_on_non_divisible_shapes() {
             let x = Tensor::<4>::from_data(TensorData::new(x, [c, t, h, w]), &device).permute([1, 2, 3, 0]); // [t, h, w, c]
             let y = pool3d(x, *out, None, &device); // [t'*h'*w', c]
             let got = y.swap_dims(0, 1).into_data().try_into_vec::<f32>().unwrap(); // [c, t'*h'*w']
-            check(&format!("pool ({t},{h},{w}) -> {out:?}"), &name, &got, &r.f32(&format!("pool{i}_out")).unwrap().0);
+            check_stage(&format!("pool ({t},{h},{w}) -> {out:?}"), &name, &got, &r.f32(&format!("pool{i}_out")).unwrap().0);
         }
     }
 }
@@ -57,21 +46,15 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
         let model = Pllava::load(&fixture("tiny_pllava"), QuantChoice::F32, Some(alpha), None, &device).unwrap();
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [s[0], s[1], s[2], s[3]]), &device);
         let projected = model.projected(pixels.clone());
-        check("projector (before pooling)", &name, &projected.into_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").unwrap().0);
+        check_stage("projector (before pooling)", &name, &projected.into_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").unwrap().0);
         let features = model.video_features(pixels);
-        check("pooled tokens", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("pooled").unwrap().0);
+        check_stage("pooled tokens", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("pooled").unwrap().0);
         let visual = [Visual { token: model.image_token, features, per_placeholder: model.video_tokens() }];
         let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
         let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
         let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
-        check("logits (LoRA merged)", &name, &logits, &r.f32("logits").unwrap().0);
-        let vocab = model.decoder.cfg.vocab_size;
-        let mut next = argmax(&logits[logits.len() - vocab..]);
-        let mut got = vec![next];
-        while got.len() < greedy.len() {
-            next = argmax(&read_row(model.decoder.forward(&[next], &mut cache, Logits::Last)).unwrap());
-            got.push(next);
-        }
+        check_stage("logits (LoRA merged)", &name, &logits, &r.f32("logits").unwrap().0);
+        let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());
         assert_eq!(got, greedy, "{name}: greedy tokens");
         println!("{name}: greedy {got:?} equals the reference");
     }

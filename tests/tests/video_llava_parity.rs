@@ -5,14 +5,13 @@
 
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
-use vidllm_core::sampler::argmax;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
 use vidllm_models::video_llava::VideoLlava;
 use vidllm_models::{KvCache, Logits};
-use vidllm_tests::{fixture, test_devices};
+use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
 
 struct Reference {
     ck: Checkpoint,
@@ -32,18 +31,7 @@ impl Reference {
     }
 }
 
-/// Relative error: max |a - b| / max |b|.
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len(), "lengths");
-    let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    d / want.iter().map(|v| v.abs()).fold(1e-12f32, f32::max)
-}
 
-fn check(stage: &str, device: &str, got: &[f32], want: &[f32]) {
-    let e = rel_err(got, want);
-    println!("{device} {stage}: max relative error {e:.2e}");
-    assert!(e < 1e-4, "{device} {stage}: {e}");
-}
 
 #[test]
 fn tokenizer_json_gives_the_fixture_ids() {
@@ -69,25 +57,18 @@ fn video_llava_stages_match_transformers_on_every_device() {
         let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
         let hidden = model.video_hidden(pixels.clone());
-        check("vision hidden state", &name, &hidden.into_data().try_into_vec::<f32>().unwrap(), &r.f32("vision_hidden").0);
+        check_stage("vision hidden state", &name, &hidden.into_data().try_into_vec::<f32>().unwrap(), &r.f32("vision_hidden").0);
         let features = model.video_features(pixels);
-        check("projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").0);
+        check_stage("projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").0);
 
         let visual = [Visual { token: model.visual.video_token, features, per_placeholder: model.video_tokens(t) }];
         let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
         let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
         let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
-        check("logits", &name, &logits, &r.f32("logits").0);
+        check_stage("logits", &name, &logits, &r.f32("logits").0);
 
         // Greedy continuation: the last prompt position, then one token at a time.
-        let vocab = model.decoder.cfg.vocab_size;
-        let mut next = argmax(&logits[logits.len() - vocab..]);
-        let mut got = vec![next];
-        while got.len() < greedy.len() {
-            let row = read_row(model.decoder.forward(&[next], &mut cache, Logits::Last)).unwrap();
-            next = argmax(&row);
-            got.push(next);
-        }
+        let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());
         assert_eq!(got, greedy, "{name}: greedy tokens");
         println!("{name}: greedy continuation {got:?} equals transformers'");
     }

@@ -85,3 +85,34 @@ fn placeholder_count_mismatch_is_an_error_naming_both_counts() {
     let e = merge_embeddings(&model.decoder, &ids, &visual).err().unwrap().to_string();
     assert!(e.contains("2 placeholder") && e.contains("10 features"), "{e}");
 }
+
+#[test]
+fn image_and_video_in_one_prompt_match_transformers() {
+    let r = Reference::load();
+    let dir = fixture("tiny_video_llava");
+    let (vpix, vs) = r.f32("pixel_values_videos");
+    let (ipix, is) = r.f32("pixel_values_images"); // [1, 3, s, s]
+    let ids = r.ids("both_input_ids");
+    let tok = Tokenizer::from_hf_dir(&dir).unwrap();
+    for (name, device) in test_devices() {
+        let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+        let image = Tensor::<4>::from_data(TensorData::new(ipix.clone(), [is[0], 3, is[2], is[3]]), &device);
+        let image_features = model.image_features(image);
+        check_stage("image features (class token dropped)", &name, &image_features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("image_features").0);
+        let video = Tensor::<4>::from_data(TensorData::new(vpix.clone(), [vs[1], 3, vs[3], vs[4]]), &device);
+        let n_img = image_features.dims()[0];
+        let visuals = [
+            Visual { token: model.visual.image_token, features: image_features, per_placeholder: n_img },
+            Visual { token: model.visual.video_token, features: model.video_features(video), per_placeholder: model.video_tokens(vs[1]) },
+        ];
+        let mut prompt = tok.encode(&r.ck.metadata["image_prompt"], true).unwrap();
+        for v in &visuals {
+            prompt = expand_placeholders(&prompt, v.token, v.per_placeholder);
+        }
+        assert_eq!(prompt, ids, "placeholder expansion");
+        let embeds = merge_embeddings(&model.decoder, &ids, &visuals).unwrap();
+        let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + 1, &device);
+        let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        check_stage("image + video logits", &name, &logits, &r.f32("both_logits").0);
+    }
+}

@@ -35,11 +35,7 @@ impl QuantOps for Flex {
         let m = x.layout().shape().num_elements() / k;
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
         if m >= GEMM_MIN_M {
-            let w = FlexTensor::from_data(TensorData::new(dequantize_rows(ty, w, n, k), [n, k]));
-            // A transposed view: the GEMM reads it through strides, no copy.
-            let wt = <Flex as FloatTensorOps<Flex>>::float_transpose(w);
-            let x = <Flex as FloatTensorOps<Flex>>::float_reshape(x, Shape::new([m, k]));
-            return <Flex as FloatTensorOps<Flex>>::float_matmul(x, wt);
+            return gemm_by_row_tiles(ty, x, w, m, n, k);
         }
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let y = q_matmul_cpu(ty, &x, w, m, n, k);
@@ -72,6 +68,31 @@ pub fn q_matmul_cpu(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: us
         }
     }
     y
+}
+
+/// Rows of `W` dequantised at a time for the prefill GEMM: the f32 scratch stays small
+/// (2 MiB at k = 1024) whatever the matrix.
+const GEMM_TILE_ROWS: usize = 512;
+
+/// `x W^T` through the CPU backend's GEMM, `W` dequantised one tile of rows at a time.
+fn gemm_by_row_tiles(ty: GgmlType, x: FlexTensor, w: &[u8], m: usize, n: usize, k: usize) -> FlexTensor {
+    let x = <Flex as FloatTensorOps<Flex>>::float_reshape(x, Shape::new([m, k]));
+    let row_bytes = k / QK * ty.block_bytes();
+    let tiles: Vec<FlexTensor> = (0..n)
+        .step_by(GEMM_TILE_ROWS)
+        .map(|r0| {
+            let rows = GEMM_TILE_ROWS.min(n - r0);
+            let bytes = &w[r0 * row_bytes..(r0 + rows) * row_bytes];
+            let tile = FlexTensor::from_data(TensorData::new(dequantize_rows(ty, bytes, rows, k), [rows, k]));
+            // A transposed view: the GEMM reads it through strides, no copy.
+            let tile_t = <Flex as FloatTensorOps<Flex>>::float_transpose(tile);
+            <Flex as FloatTensorOps<Flex>>::float_matmul(x.clone(), tile_t) // [m, rows]
+        })
+        .collect();
+    if tiles.len() == 1 {
+        return tiles.into_iter().next().expect("one tile");
+    }
+    <Flex as FloatTensorOps<Flex>>::float_cat(tiles, 1)
 }
 
 /// `W` `[n, k]` in f32 from its blocks, rows decoded in parallel.

@@ -23,6 +23,7 @@ use vidllm_models::{GenerateParams, Session};
 use vidllm_shaders::device::{DeviceChoice, pick};
 use vidllm_shaders::preprocess::preprocess;
 
+use crate::chat::drain;
 use crate::video::{Frame, VideoReader};
 
 #[derive(Args)]
@@ -258,15 +259,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let embeds = merge_embeddings(model.decoder(), &ids, &visuals)?;
     let mut stream = session.generate_embeds(&ids, embeds, &tok, params)?;
     let mut out = std::io::stdout().lock();
-    let mut tokens = Vec::new();
-    while let Some(p) = stream.next() {
-        let p = p?;
-        tokens.push(p.id);
-        if !a.json {
-            out.write_all(p.text.as_bytes())?;
-            out.flush()?;
-        }
-    }
+    let tokens = drain(&mut stream, &mut out, !a.json)?;
     let tail = stream.finish();
     let t = stream.timings.clone();
     if a.json {
@@ -320,10 +313,7 @@ fn interactive(
             }
         };
         let mut out = std::io::stdout().lock();
-        while let Some(p) = stream.next() {
-            out.write_all(p?.text.as_bytes())?;
-            out.flush()?;
-        }
+        drain(&mut stream, &mut out, true)?;
         writeln!(out, "{}", stream.finish())?;
         eprintln!("[prefill {} tokens in {:.1} ms | {:.1} tok/s]", stream.timings.prompt_tokens, stream.timings.prefill.as_secs_f64() * 1e3, stream.timings.decode_tok_s());
         eprint!("> ");

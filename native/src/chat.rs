@@ -9,6 +9,7 @@ use vidllm_core::GenerateError;
 use vidllm_core::chat::{Message, render};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_models::generate::TokenStream;
 use vidllm_models::{GenerateParams, Session};
 
 use crate::{ModelArgs, runtime};
@@ -58,6 +59,21 @@ pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32
     Ok(tok.encode(&text, tok.add_bos && !bos_in_text)?)
 }
 
+/// Run a stream to its end, writing each piece to `out` as it comes when `echo` is set;
+/// returns the token ids.
+pub fn drain(stream: &mut TokenStream, out: &mut impl Write, echo: bool) -> Result<Vec<u32>> {
+    let mut tokens = Vec::new();
+    for piece in stream.by_ref() {
+        let piece = piece?;
+        tokens.push(piece.id);
+        if echo {
+            out.write_all(piece.text.as_bytes())?;
+            out.flush()?;
+        }
+    }
+    Ok(tokens)
+}
+
 pub fn run(a: ChatArgs) -> Result<()> {
     let rt = runtime::load(&a.model)?;
     let prompt = prompt_tokens(&rt.tok, &a.prompt, a.raw)?;
@@ -73,15 +89,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let mut session = Session::new(&rt.model, rt.context);
     let mut stream = session.generate(&prompt, &rt.tok, params)?;
     let mut out = std::io::stdout().lock();
-    let mut tokens = Vec::new();
-    while let Some(piece) = stream.next() {
-        let piece = piece?;
-        tokens.push(piece.id);
-        if !a.json {
-            out.write_all(piece.text.as_bytes())?;
-            out.flush()?;
-        }
-    }
+    let tokens = drain(&mut stream, &mut out, !a.json)?;
     let tail = stream.finish();
     let t = stream.timings.clone();
     let text = stream.text().to_string();

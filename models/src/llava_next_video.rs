@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
@@ -17,7 +17,6 @@ use vidllm_core::safetensors::Checkpoint;
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
-use crate::pllava_pool::avg_pool2d_frames;
 use crate::video_llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,4 +96,29 @@ impl LlavaNextVideo {
         let grid = h.narrow(1, 1, n - 1).reshape([t, g, g, d]);
         self.projector.forward(avg_pool2d_frames(grid, self.pool_stride, &device))
     }
+}
+
+/// `[n / k, n]` matrix of `AvgPool(kernel = k, stride = k)` along one axis (floor mode).
+pub fn window_avg_matrix(n: usize, k: usize) -> Vec<f32> {
+    let n_out = n / k;
+    let mut m = vec![0f32; n_out * n];
+    for i in 0..n_out {
+        for j in i * k..(i + 1) * k {
+            m[i * n + j] = 1.0 / k as f32;
+        }
+    }
+    m
+}
+
+/// 2-D `AvgPool2d(k, stride = k)` of each frame's token grid (LLaVA-NeXT-Video's pooler).
+///
+/// # Shapes
+/// - x: `[t, h, w, d]` -> `[t * (h / k) * (w / k), d]`
+pub fn avg_pool2d_frames(x: Tensor<4>, k: usize, device: &Device) -> Tensor<2> {
+    let [t, h, w, d] = x.dims();
+    let (ho, wo) = (h / k, w / k);
+    let pw = Tensor::<2>::from_data(TensorData::new(window_avg_matrix(w, k), [wo, w]), device).unsqueeze::<3>();
+    let ph = Tensor::<2>::from_data(TensorData::new(window_avg_matrix(h, k), [ho, h]), device).unsqueeze::<3>();
+    let x = pw.matmul(x.reshape([t * h, w, d])); // [t*h, wo, d]
+    ph.matmul(x.reshape([t, h, wo * d])).reshape([t * ho * wo, d])
 }

@@ -21,31 +21,6 @@ pub fn adaptive_avg_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
     m
 }
 
-/// `[n / k, n]` matrix of `AvgPool(kernel = k, stride = k)` along one axis (floor mode).
-pub fn window_avg_matrix(n: usize, k: usize) -> Vec<f32> {
-    let n_out = n / k;
-    let mut m = vec![0f32; n_out * n];
-    for i in 0..n_out {
-        for j in i * k..(i + 1) * k {
-            m[i * n + j] = 1.0 / k as f32;
-        }
-    }
-    m
-}
-
-/// 2-D `AvgPool2d(k, stride = k)` of each frame's token grid (LLaVA-NeXT-Video's pooler).
-///
-/// # Shapes
-/// - x: `[t, h, w, d]` -> `[t * (h / k) * (w / k), d]`
-pub fn avg_pool2d_frames(x: Tensor<4>, k: usize, device: &Device) -> Tensor<2> {
-    let [t, h, w, d] = x.dims();
-    let (ho, wo) = (h / k, w / k);
-    let pw = Tensor::<2>::from_data(TensorData::new(window_avg_matrix(w, k), [wo, w]), device).unsqueeze::<3>();
-    let ph = Tensor::<2>::from_data(TensorData::new(window_avg_matrix(h, k), [ho, h]), device).unsqueeze::<3>();
-    let x = pw.matmul(x.reshape([t * h, w, d])); // [t*h, wo, d]
-    ph.matmul(x.reshape([t, h, wo * d])).reshape([t * ho * wo, d])
-}
-
 /// `[n_repeated, t]` 0/1 matrix of `repeat_interleave(n_repeated / t + 1)[:n_repeated]`.
 pub fn repeat_matrix(t: usize, n_repeated: usize) -> Vec<f32> {
     let k = n_repeated / t + 1;

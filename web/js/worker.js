@@ -1,0 +1,92 @@
+// vidllm in a Web Worker: the page stays responsive while the model runs.
+//
+//   const w = new VidLLMWorker(new URL("vidllm/worker.js", import.meta.url));
+//   await w.load({ model: url, onProgress });
+//   for await (const piece of w.generate({ prompt })) out.textContent += piece.text;
+//   w.dispose();
+//
+// This file is both the worker's script (when loaded in a worker) and the page-side
+// client (`VidLLMWorker`), so one URL serves both.
+
+import { VidLLM } from "./vidllm.js";
+
+const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
+
+if (inWorker) {
+  let rt = null;
+  const aborts = new Map();
+  self.onmessage = async ({ data }) => {
+    const { id, op } = data;
+    try {
+      if (op === "load") {
+        rt = await VidLLM.load({ ...data.opts, onProgress: (p) => self.postMessage({ id, progress: p }) });
+        self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes });
+      } else if (op === "generate") {
+        const ctrl = new AbortController();
+        aborts.set(id, ctrl);
+        for await (const piece of rt.generate({ ...data.opts, signal: ctrl.signal })) self.postMessage({ id, piece });
+        aborts.delete(id);
+        self.postMessage({ id, done: true });
+      } else if (op === "abort") {
+        aborts.get(data.target)?.abort();
+      } else if (op === "dispose") {
+        rt?.dispose();
+        rt = null;
+        self.postMessage({ id, done: true });
+      }
+    } catch (e) {
+      self.postMessage({ id, error: { name: e.name, message: e.message } });
+    }
+  };
+}
+
+/** Page-side handle on a model running in a worker; the same calls as `VidLLM`. */
+export class VidLLMWorker {
+  #worker;
+  #next = 0;
+  #handlers = new Map();
+
+  constructor(url = import.meta.url) {
+    this.#worker = new Worker(url, { type: "module" });
+    this.#worker.onmessage = ({ data }) => this.#handlers.get(data.id)?.(data);
+  }
+
+  #call(op, opts, onMessage) {
+    const id = this.#next++;
+    return new Promise((resolve, reject) => {
+      this.#handlers.set(id, (m) => {
+        if (m.error) { this.#handlers.delete(id); const e = new Error(m.error.message); e.name = m.error.name; reject(e); }
+        else if (m.done) { this.#handlers.delete(id); resolve(m); }
+        else onMessage?.(m);
+      });
+      this.#worker.postMessage({ id, op, opts });
+    });
+  }
+
+  async load({ onProgress, ...opts }) {
+    const m = await this.#call("load", opts, (x) => onProgress?.(x.progress));
+    this.weightsDeviceBytes = m.weightsDeviceBytes;
+  }
+
+  async *generate({ signal, ...opts }) {
+    const queue = [];
+    let wake = null;
+    let finished = false;
+    let failure = null;
+    const id = this.#next;
+    signal?.addEventListener("abort", () => this.#worker.postMessage({ op: "abort", target: id }));
+    this.#call("generate", opts, (m) => { queue.push(m.piece); wake?.(); })
+      .then(() => { finished = true; wake?.(); }, (e) => { failure = e; finished = true; wake?.(); });
+    for (;;) {
+      if (queue.length) { yield queue.shift(); continue; }
+      if (finished) { if (failure) throw failure; return; }
+      await new Promise((r) => (wake = r));
+      wake = null;
+    }
+  }
+
+  async dispose() {
+    await this.#call("dispose", {});
+    this.#worker.terminate();
+  }
+}

@@ -13,6 +13,7 @@ use half::{bf16, f16};
 use serde::Deserialize;
 
 use crate::error::LoadError;
+use crate::gguf::Source;
 
 /// Headers larger than this are refused (real ones are a few MB at most).
 const MAX_HEADER: u64 = 100 << 20;
@@ -63,7 +64,7 @@ pub struct TensorView {
 
 /// All tensors of a checkpoint folder (one file or several shards).
 pub struct Checkpoint {
-    files: Vec<(PathBuf, memmap2::Mmap)>,
+    files: Vec<Source>,
     tensors: BTreeMap<String, TensorView>,
     /// `__metadata__` of every file, merged.
     pub metadata: BTreeMap<String, String>,
@@ -87,18 +88,31 @@ impl Checkpoint {
     }
 
     pub fn open_files(paths: &[PathBuf]) -> Result<Self, LoadError> {
-        let mut files = Vec::new();
-        let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        for (i, p) in paths.iter().enumerate() {
+        let mut sources = Vec::new();
+        for p in paths {
             let open_err = |source| LoadError::Open { path: p.display().to_string(), source };
             let f = std::fs::File::open(p).map_err(open_err)?;
             // SAFETY: read-only map of a file vidllm does not modify.
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(open_err)?;
-            let (views, meta) = parse_header(&map, i, p)?;
+            sources.push((p.display().to_string(), Source::Mmap(map)));
+        }
+        Self::from_sources(sources)
+    }
+
+    /// Files already in memory (a browser's fetches), each with a name for errors.
+    pub fn from_buffers(buffers: Vec<(String, Vec<u8>)>) -> Result<Self, LoadError> {
+        Self::from_sources(buffers.into_iter().map(|(name, b)| (name, Source::Owned(b))).collect())
+    }
+
+    fn from_sources(sources: Vec<(String, Source)>) -> Result<Self, LoadError> {
+        let mut files = Vec::new();
+        let mut tensors = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        for (i, (name, source)) in sources.into_iter().enumerate() {
+            let (views, meta) = parse_header(&source, i, &name)?;
             tensors.extend(views);
             metadata.extend(meta);
-            files.push((p.clone(), map));
+            files.push(source);
         }
         Ok(Self { files, tensors, metadata })
     }
@@ -116,7 +130,7 @@ impl Checkpoint {
     }
 
     fn bytes(&self, v: &TensorView) -> &[u8] {
-        &self.files[v.file].1[v.start..v.end]
+        &self.files[v.file][v.start..v.end]
     }
 
     /// Raw little-endian bytes, dtype name (`"U8"`, `"I64"`, ...) and shape.
@@ -177,9 +191,9 @@ fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
 
 type Header = (Vec<(String, TensorView)>, BTreeMap<String, String>);
 
-fn parse_header(buf: &[u8], file: usize, path: &Path) -> Result<Header, LoadError> {
+fn parse_header(buf: &[u8], file: usize, path: &str) -> Result<Header, LoadError> {
     let len = buf.len() as u64;
-    let trunc = |what: &str, offset: u64, need: u64| LoadError::Truncated { what: format!("{} {what}", path.display()), offset, need, len };
+    let trunc = |what: &str, offset: u64, need: u64| LoadError::Truncated { what: format!("{path} {what}"), offset, need, len };
     if len < 8 {
         return Err(trunc("header length", 0, 8));
     }
@@ -189,7 +203,7 @@ fn parse_header(buf: &[u8], file: usize, path: &Path) -> Result<Header, LoadErro
     }
     let header = &buf[8..8 + n as usize];
     let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
-        .map_err(|e| LoadError::Unsupported(format!("{}: bad safetensors header: {e}", path.display())))?;
+        .map_err(|e| LoadError::Unsupported(format!("{path}: bad safetensors header: {e}")))?;
     let data_start = 8 + n;
     let mut out = Vec::new();
     let mut meta = BTreeMap::new();

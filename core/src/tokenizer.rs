@@ -89,13 +89,17 @@ impl Tokenizer {
     /// A Hugging Face folder's `tokenizer.json` and `tokenizer_config.json`.
     pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self, LoadError> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null);
+        let json = std::fs::read_to_string(&path).map_err(|source| LoadError::Open { path: path.display().to_string(), source })?;
+        let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
+        Self::from_hf_json(&json, config.as_deref()).map_err(|e| LoadError::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// The text of `tokenizer.json` and, if present, `tokenizer_config.json`.
+    pub fn from_hf_json(tokenizer_json: &str, tokenizer_config: Option<&str>) -> Result<Self, LoadError> {
+        let inner: tokenizers::Tokenizer = tokenizer_json.parse().map_err(|e| LoadError::Tokenizer(format!("tokenizer.json: {e}")))?;
+        let cfg: serde_json::Value = tokenizer_config.and_then(|t| serde_json::from_str(t).ok()).unwrap_or(serde_json::Value::Null);
         // Byte-level decoders mark GPT-2 style vocabularies; the rest are SentencePiece-like.
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default()).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap_or_default();
         let byte_level = json["decoder"]["type"] == "ByteLevel" || json["pre_tokenizer"]["type"] == "ByteLevel";
         let kind = if byte_level { TokenizerKind::ByteLevelBpe } else { TokenizerKind::SentencePiece };
         let n = inner.get_vocab_size(true);

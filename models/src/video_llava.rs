@@ -112,16 +112,17 @@ pub struct VideoLlava {
 }
 
 impl VideoLlava {
+    /// Load a Hugging Face folder.
     pub fn load(dir: &std::path::Path, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
         let cfg: VideoLlavaConfigJson = read_config(dir)?;
-        Self::load_with(dir, &cfg, quant, device)
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, device)
     }
 
-    pub fn load_with(dir: &std::path::Path, cfg: &VideoLlavaConfigJson, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
+    /// Build from a checkpoint already open (from files or from memory) and its config.
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &VideoLlavaConfigJson, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
-        let ck = Checkpoint::open_dir(dir)?;
         let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
         let text = crate::llama::LlamaConfig::try_from(&cfg.text_config)?;
         let visual = VisualConfig {
@@ -134,17 +135,17 @@ impl VideoLlava {
                 o => return Err(LoadError::Unsupported(format!("vision_feature_select_strategy {o:?}"))),
             },
         };
-        let video_prefix = find_prefix(&ck, &names::VIDEO_TOWER, names::TOWER_PROBE)?;
-        let video_tower = ClipVisionTower::load(&ck, &video_prefix, vcfg.clone(), device)?;
-        let image_tower = match find_prefix(&ck, &names::IMAGE_TOWER, names::TOWER_PROBE) {
-            Ok(p) => Some(ClipVisionTower::load(&ck, &p, vcfg.clone(), device)?),
+        let video_prefix = find_prefix(ck, &names::VIDEO_TOWER, names::TOWER_PROBE)?;
+        let video_tower = ClipVisionTower::load(ck, &video_prefix, vcfg.clone(), device)?;
+        let image_tower = match find_prefix(ck, &names::IMAGE_TOWER, names::TOWER_PROBE) {
+            Ok(p) => Some(ClipVisionTower::load(ck, &p, vcfg.clone(), device)?),
             Err(_) => None,
         };
-        let proj_prefix = find_prefix(&ck, &names::PROJECTOR, "linear_1.weight")?;
-        let projector = MultiModalProjector::load(&ck, &proj_prefix, vcfg.d_model, text.d_model, device)?;
-        let model = find_prefix(&ck, &names::LANGUAGE, "embed_tokens.weight")?;
+        let proj_prefix = find_prefix(ck, &names::PROJECTOR, "linear_1.weight")?;
+        let projector = MultiModalProjector::load(ck, &proj_prefix, vcfg.d_model, text.d_model, device)?;
+        let model = find_prefix(ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
-        let decoder = load_llama_hf(&ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?;
+        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?;
         Ok(Self { video_tower, image_tower, projector, decoder, visual })
     }
 

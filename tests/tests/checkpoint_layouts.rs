@@ -126,3 +126,26 @@ fn missing_and_misshaped_weights_are_named() {
     let e = features(&d).unwrap_err();
     assert!(e.contains("multi_modal_projector.linear_1.weight") && e.contains("shape"), "{e}");
 }
+
+#[test]
+fn a_folder_read_into_memory_loads_the_same() {
+    // What a browser does: fetch the files, then build everything from bytes.
+    let dir = fixture("tiny_video_llava");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::from_buffers(vec![("model.safetensors".into(), bytes)]).unwrap();
+    let cfg: vidllm_models::video_llava::VideoLlavaConfigJson = serde_json::from_str(&read("config.json")).unwrap();
+    let device = Device::flex();
+    let from_memory = VideoLlava::from_checkpoint(&ck, &cfg, QuantChoice::F32, &device).unwrap();
+    let from_dir = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+    let ids = [1u32, 5, 9, 11];
+    let logits = |m: &VideoLlava| {
+        let mut cache = vidllm_models::KvCache::new(&m.decoder.cfg, 8, &device);
+        m.decoder.forward(&ids, &mut cache, vidllm_models::Logits::Last).into_data().try_into_vec::<f32>().unwrap()
+    };
+    assert_eq!(logits(&from_memory), logits(&from_dir));
+    let tok_mem = vidllm_core::tokenizer::Tokenizer::from_hf_json(&read("tokenizer.json"), Some(&read("tokenizer_config.json"))).unwrap();
+    let tok_dir = vidllm_core::tokenizer::Tokenizer::from_hf_dir(&dir).unwrap();
+    let text = "USER: <video>\nWhat is happening? ASSISTANT:";
+    assert_eq!(tok_mem.encode(text, true).unwrap(), tok_dir.encode(text, true).unwrap());
+}

@@ -31,8 +31,14 @@ pub struct AskArgs {
     /// Hugging Face-format model folder (Video-LLaVA).
     #[arg(long)]
     pub model: String,
-    #[arg(long)]
-    pub video: String,
+    #[arg(long, required_unless_present = "rgb_frames")]
+    pub video: Option<String>,
+    /// Frames given directly instead of a video: packed RGB bytes, frame after frame
+    /// (what `frames --dump` writes), with `--frame-size W,H`.
+    #[arg(long, requires = "frame_size")]
+    pub rgb_frames: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub frame_size: Option<Vec<usize>>,
     /// Image files to add (each becomes an `<image>` placeholder, before the video).
     #[arg(long)]
     pub image: Vec<String>,
@@ -111,6 +117,37 @@ fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> 
 fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Device) -> burn::tensor::Tensor<4> {
     let slices: Vec<&[u8]> = frames.iter().map(|f| f.rgb.as_slice()).collect();
     preprocess(&slices, frames[0].height, frames[0].width, cfg, device)
+}
+
+/// Where the frames come from: a video file, or raw RGB frames.
+enum FrameSource {
+    Video(VideoReader),
+    Raw { path: String, width: usize, height: usize },
+}
+
+impl FrameSource {
+    fn open(a: &AskArgs) -> Result<Self> {
+        match (&a.video, &a.rgb_frames, &a.frame_size) {
+            (_, Some(path), Some(size)) if size.len() == 2 => Ok(Self::Raw { path: path.clone(), width: size[0], height: size[1] }),
+            (_, Some(_), _) => bail!("--frame-size takes W,H"),
+            (Some(v), None, _) => Ok(Self::Video(VideoReader::open(v)?)),
+            (None, None, _) => bail!("give --video or --rgb-frames"),
+        }
+    }
+
+    fn frames(&self, policy: Sampling) -> Result<Vec<Frame>> {
+        match self {
+            Self::Video(r) => r.sample(policy),
+            Self::Raw { path, width, height } => {
+                let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
+                let per = width * height * 3;
+                if per == 0 || bytes.is_empty() || bytes.len() % per != 0 {
+                    bail!("{path}: {} bytes is not a whole number of {width}x{height} RGB frames", bytes.len());
+                }
+                Ok(bytes.chunks(per).enumerate().map(|(i, c)| Frame { index: i, pts: 0.0, width: *width, height: *height, rgb: c.to_vec() }).collect())
+            }
+        }
+    }
 }
 
 /// The video-language architectures `ask` runs, by `config.json`'s `model_type`.
@@ -210,7 +247,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let dir = Path::new(&a.model);
     let arch = architecture(dir)?;
     let policy = a.sampling.policy()?;
-    let reader = VideoReader::open(&a.video)?;
+    let source = FrameSource::open(&a)?;
     let picked = pick(a.device)?;
     let device = picked.device.clone();
     let t_load = Instant::now();
@@ -220,7 +257,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let pcfg = preprocess_config(dir, model.image_size())?;
 
     let t0 = Instant::now();
-    let frames = reader.sample(policy)?;
+    let frames = source.frames(policy)?;
     let images: Vec<Frame> = a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();

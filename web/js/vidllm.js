@@ -5,7 +5,7 @@
 //   const stream = await rt.chat.completions.create({ messages, stream: true });
 //   rt.dispose();
 
-import init, { Runtime } from "../pkg/vidllm_web.js";
+import init, { Runtime, VideoRuntime } from "../pkg/vidllm_web.js";
 
 /** WebGPU is missing (no navigator.gpu or no adapter). */
 export class WebGPUNotAvailableError extends Error {
@@ -166,4 +166,84 @@ export class VidLLM {
     this.#rt?.free();
     this.#rt = null;
   }
+}
+
+/** Seek a <video> to `t` seconds and resolve once the frame is there. */
+function seek(video, t) {
+  return new Promise((resolve, reject) => {
+    const done = () => { video.removeEventListener("error", fail); resolve(); };
+    const fail = () => reject(new Error(`the browser cannot decode this video (${video.error?.message ?? "error"})`));
+    video.addEventListener("seeked", done, { once: true });
+    video.addEventListener("error", fail, { once: true });
+    video.currentTime = t;
+  });
+}
+
+/**
+ * Sample `n` frames of a <video> at transformers' times (i * duration / n) as RGBA.
+ * Canvas read-back path: a cross-origin video without CORS taints it and is refused.
+ */
+export async function sampleFrames(video, n) {
+  if (video.readyState < 1) await new Promise((r) => video.addEventListener("loadedmetadata", r, { once: true }));
+  const w = video.videoWidth, h = video.videoHeight;
+  const canvas = new OffscreenCanvas(w, h);
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  const rgba = new Uint8Array(n * w * h * 4);
+  const times = [];
+  for (let i = 0; i < n; i++) {
+    const t = (i * video.duration) / n;
+    await seek(video, t);
+    const bitmap = await createImageBitmap(video);
+    ctx.drawImage(bitmap, 0, 0);
+    bitmap.close();
+    let data;
+    try { data = ctx.getImageData(0, 0, w, h).data; } catch (e) {
+      throw new Error(`cannot read the video's pixels (a cross-origin video needs CORS): ${e.message}`);
+    }
+    rgba.set(data, i * w * h * 4);
+    times.push(t);
+  }
+  return { rgba, width: w, height: h, times };
+}
+
+async function fetchText(url, optional = false) {
+  const res = await fetch(url);
+  if (!res.ok) {
+    if (optional) return undefined;
+    throw new ModelFetchError(`cannot fetch ${url}: HTTP ${res.status}`);
+  }
+  return res.text();
+}
+
+/** A Video-LLaVA folder (Hugging Face format) running in the page. */
+export class VidLLMVideo {
+  #rt;
+  constructor(rt) { this.#rt = rt; }
+
+  /** `base`: URL of the folder (config.json, tokenizer.json, model.safetensors, ...). */
+  static async load({ base, device = "webgpu", onProgress }) {
+    await init();
+    if (device === "webgpu" && !globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU");
+    const folder = new URL(base.endsWith("/") ? base : base + "/", globalThis.location?.href);
+    const u = (f) => new URL(f, folder).href;
+    const [config, tokenizer, tokenizerConfig, preprocessor] = await Promise.all([
+      fetchText(u("config.json")), fetchText(u("tokenizer.json")),
+      fetchText(u("tokenizer_config.json"), true), fetchText(u("preprocessor_config.json"), true)]);
+    const weights = await fetchBytes(u("model.safetensors"), onProgress);
+    return new VidLLMVideo(await VideoRuntime.load(config, tokenizer, tokenizerConfig, preprocessor, weights, device === "webgpu"));
+  }
+
+  /** Frames from `video`, then a streamed answer; `frames` also gets {times, rgba, width, height}. */
+  ask({ video, frames = 8, prompt, maxTokens = 256, signal, onFrames }) {
+    const ch = channel();
+    (async () => {
+      const f = await sampleFrames(video, frames);
+      onFrames?.(f);
+      await this.#rt.ask(f.rgba, frames, f.height, f.width, prompt, maxTokens,
+        (text, id) => ch.push({ text, id: id ?? null }), () => Boolean(signal?.aborted));
+    })().then(() => ch.close(), (e) => ch.close(e instanceof Error ? e : new Error(String(e))));
+    return ch;
+  }
+
+  dispose() { this.#rt?.free(); this.#rt = null; }
 }

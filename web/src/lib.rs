@@ -9,7 +9,13 @@ use vidllm_core::gguf::Gguf;
 use vidllm_core::sampler::{Sampler, SamplerConfig};
 use vidllm_core::stream::TextStream;
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
+use vidllm_core::safetensors::Checkpoint;
+use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
+use vidllm_models::video_llava::{VideoLlava, VideoLlavaConfigJson};
 use vidllm_models::{KvCache, Llama, Logits, load_llama};
+use vidllm_shaders::preprocess::preprocess;
 use wasm_bindgen::prelude::*;
 
 fn js_err(e: impl std::fmt::Display) -> JsError {
@@ -23,6 +29,59 @@ fn callback_err(e: JsValue) -> JsError {
 async fn read_row(t: Tensor<2>) -> Result<Vec<f32>, JsError> {
     let data = t.into_data_async().await.map_err(|e| js_err(format!("device: {e:?}")))?;
     data.try_into_vec::<f32>().map_err(|e| js_err(format!("device: {e:?}")))
+}
+
+/// How to sample and where the pieces go.
+struct Generation<'a> {
+    max_tokens: usize,
+    temperature: f32,
+    seed: u64,
+    on_piece: &'a js_sys::Function,
+    should_stop: &'a js_sys::Function,
+}
+
+/// Prefill `input` (its embeddings given), then sample token by token, reading every
+/// logits row back asynchronously. `history` gets the input and the sampled tokens.
+async fn stream_answer(
+    model: &Llama,
+    tok: &Tokenizer,
+    cache: &mut KvCache,
+    history: &mut Vec<u32>,
+    input: &[u32],
+    embeds: Tensor<2>,
+    g: Generation<'_>,
+) -> Result<Vec<u32>, JsError> {
+    if cache.len + input.len() + 1 > cache.capacity {
+        return Err(js_err(format!("prompt has {} tokens but the context holds {}", cache.len + input.len(), cache.capacity)));
+    }
+    if let Some(bad) = input.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
+        return Err(js_err(format!("token id {bad} is outside the vocabulary")));
+    }
+    let mut sampler = Sampler::new(SamplerConfig { temperature: g.temperature, seed: g.seed, ..Default::default() });
+    let mut detok = TextStream::new();
+    let mut logits = read_row(model.forward_embeds(embeds, cache, Logits::Last)).await?;
+    history.extend_from_slice(input);
+    let mut out = Vec::new();
+    while out.len() < g.max_tokens {
+        let id = sampler.sample(&logits, history);
+        if tok.is_eog(id) {
+            break;
+        }
+        history.push(id);
+        out.push(id);
+        let text = detok.push(tok, id);
+        g.on_piece.call2(&JsValue::NULL, &JsValue::from_str(&text), &JsValue::from(id)).map_err(callback_err)?;
+        let stop = g.should_stop.call0(&JsValue::NULL).map_err(callback_err)?.as_bool().unwrap_or(false);
+        if stop || out.len() == g.max_tokens || cache.len + 1 >= cache.capacity {
+            break;
+        }
+        logits = read_row(model.forward(&[id], cache, Logits::Last)).await?;
+    }
+    let tail = detok.finish();
+    if !tail.is_empty() {
+        g.on_piece.call2(&JsValue::NULL, &JsValue::from_str(&tail), &JsValue::NULL).map_err(callback_err)?;
+    }
+    Ok(out)
 }
 
 /// A decoder on a WebGPU (or CPU) device, with its conversation state.
@@ -90,37 +149,10 @@ impl Runtime {
         if input.is_empty() {
             return Err(js_err("prompt is empty"));
         }
-        if self.cache.len + input.len() + 1 > self.cache.capacity {
-            return Err(js_err(format!("prompt has {} tokens but the context holds {}", self.cache.len + input.len(), self.cache.capacity)));
-        }
-        if let Some(bad) = input.iter().find(|&&t| t as usize >= self.model.cfg.vocab_size) {
-            return Err(js_err(format!("token id {bad} is outside the vocabulary")));
-        }
-        let mut sampler = Sampler::new(SamplerConfig { temperature, seed, ..Default::default() });
-        let mut detok = TextStream::new();
-        let mut logits = read_row(self.model.forward(&input, &mut self.cache, Logits::Last)).await?;
-        self.history.extend_from_slice(&prompt);
-        let mut out = Vec::new();
-        while out.len() < max_tokens {
-            let id = sampler.sample(&logits, &self.history);
-            if self.tok.is_eog(id) {
-                break;
-            }
-            self.history.push(id);
-            out.push(id);
-            let text = detok.push(&self.tok, id);
-            on_piece.call2(&JsValue::NULL, &JsValue::from_str(&text), &JsValue::from(id)).map_err(callback_err)?;
-            let stop = should_stop.call0(&JsValue::NULL).map_err(callback_err)?.as_bool().unwrap_or(false);
-            if stop || out.len() == max_tokens || self.cache.len + 1 >= self.cache.capacity {
-                break;
-            }
-            logits = read_row(self.model.forward(&[id], &mut self.cache, Logits::Last)).await?;
-        }
-        let tail = detok.finish();
-        if !tail.is_empty() {
-            on_piece.call2(&JsValue::NULL, &JsValue::from_str(&tail), &JsValue::NULL).map_err(callback_err)?;
-        }
-        Ok(out)
+        let embeds = self.model.embed.lookup(&input, &self.device);
+        let opts = Generation { max_tokens, temperature, seed, on_piece, should_stop };
+        self.history.truncate(self.cache.len);
+        stream_answer(&self.model, &self.tok, &mut self.cache, &mut self.history, &input, embeds, opts).await
     }
 
     /// Device memory held by the weights, from the runtime's own allocations.
@@ -134,5 +166,80 @@ impl Runtime {
 
     pub fn device_name(&self) -> String {
         format!("{:?}", self.device)
+    }
+}
+
+/// A Video-LLaVA model in the browser: frames in, a streamed answer out.
+#[wasm_bindgen]
+pub struct VideoRuntime {
+    model: VideoLlava,
+    tok: Tokenizer,
+    pre: PreprocessConfig,
+    device: Device,
+}
+
+#[wasm_bindgen]
+impl VideoRuntime {
+    /// A Video-LLaVA folder's files, already fetched: `config.json`, `tokenizer.json`,
+    /// `tokenizer_config.json` and `preprocessor_config.json` (texts, the last two
+    /// optional) and `model.safetensors` (bytes).
+    pub async fn load(
+        config: String,
+        tokenizer: String,
+        tokenizer_config: Option<String>,
+        preprocessor: Option<String>,
+        weights: Vec<u8>,
+        gpu: bool,
+    ) -> Result<VideoRuntime, JsError> {
+        let device = if gpu {
+            Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU: {e}")))?
+        } else {
+            Device::flex()
+        };
+        let cfg: VideoLlavaConfigJson = serde_json::from_str(&config).map_err(|e| js_err(format!("config.json: {e}")))?;
+        let ck = Checkpoint::from_buffers(vec![("model.safetensors".into(), weights)]).map_err(js_err)?;
+        let model = VideoLlava::from_checkpoint(&ck, &cfg, QuantChoice::Q4_1, &device).map_err(js_err)?;
+        let tok = Tokenizer::from_hf_json(&tokenizer, tokenizer_config.as_deref()).map_err(js_err)?;
+        let json: PreprocessorJson = match preprocessor {
+            Some(p) => serde_json::from_str(&p).map_err(|e| js_err(format!("preprocessor_config.json: {e}")))?,
+            None => PreprocessorJson::default(),
+        };
+        let pre = json.resolve(&PreprocessConfig::clip(model.video_tower.cfg.image_size)).map_err(js_err)?;
+        Ok(VideoRuntime { model, tok, pre, device })
+    }
+
+    /// Tokens `frames` frames become.
+    pub fn visual_tokens(&self, frames: usize) -> usize {
+        self.model.video_tokens(frames)
+    }
+
+    /// Answer `question` about `t` RGBA frames of `h` x `w` (packed, frame after frame).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn ask(
+        &self,
+        rgba: Vec<u8>,
+        t: usize,
+        h: usize,
+        w: usize,
+        question: String,
+        max_tokens: usize,
+        on_piece: &js_sys::Function,
+        should_stop: &js_sys::Function,
+    ) -> Result<Vec<u32>, JsError> {
+        if t == 0 || rgba.len() != t * h * w * 4 {
+            return Err(js_err(format!("expected {t} frames of {w}x{h} RGBA ({} bytes), got {} bytes", t * h * w * 4, rgba.len())));
+        }
+        let rgb: Vec<u8> = rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+        let frames: Vec<&[u8]> = rgb.chunks_exact(h * w * 3).collect();
+        let pixels = preprocess(&frames, h, w, &self.pre, &self.device);
+        let features = self.model.video_features(pixels);
+        let visual = [Visual { token: self.model.visual.video_token, features, per_placeholder: self.model.video_tokens(t) }];
+        let text = format!("USER: <video>\n{question} ASSISTANT:");
+        let ids = expand_placeholders(&self.tok.encode(&text, self.tok.add_bos).map_err(js_err)?, self.model.visual.video_token, self.model.video_tokens(t));
+        let embeds = merge_embeddings(&self.model.decoder, &ids, &visual).map_err(js_err)?;
+        let mut cache = KvCache::new(&self.model.decoder.cfg, (ids.len() + max_tokens + 1).min(self.model.decoder.rope_positions()), &self.device);
+        let mut history = Vec::new();
+        let opts = Generation { max_tokens, temperature: 0.0, seed: 0, on_piece, should_stop };
+        stream_answer(&self.model.decoder, &self.tok, &mut cache, &mut history, &ids, embeds, opts).await
     }
 }

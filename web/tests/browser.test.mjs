@@ -154,3 +154,26 @@ test("Video-LLaVA answers about a <video> in Chromium with the native runtime's 
     server.close();
   }
 });
+
+test("the demo page answers about its sample clip and shows the sampled frames", { timeout: 900_000 }, async () => {
+  const server = await serve();
+  const b = await browser();
+  try {
+    const page = await b.newPage({ viewport: { width: 1000, height: 1000 } });
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`http://127.0.0.1:${server.address().port}/index.html`);
+    await page.click("#vask");
+    await page.waitForFunction(() => document.querySelector("#stop").disabled && /tokens/.test(document.querySelector("#status").textContent), null, { timeout: 600_000 });
+    const thumbs = await page.$$eval("#thumbs figcaption", (els) => els.map((e) => e.textContent));
+    const status = await page.textContent("#status");
+    await page.screenshot({ path: new URL("./out-demo-video.png", import.meta.url).pathname, fullPage: true });
+    console.log(`demo video: ${thumbs.join(" ")} | ${status}`);
+    assert.equal(thumbs.length, 8);
+    assert.equal(await page.getAttribute("#status", "class"), "");
+    assert.deepEqual(errors, []);
+  } finally {
+    await b.close();
+    server.close();
+  }
+});

@@ -26,6 +26,15 @@ fn callback_err(e: JsValue) -> JsError {
     js_err(format!("callback failed: {e:?}"))
 }
 
+/// WebGPU (initialised asynchronously, as browsers require) or the CPU backend.
+async fn open_device(gpu: bool) -> Result<Device, JsError> {
+    if gpu {
+        Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU: {e}")))
+    } else {
+        Ok(Device::flex())
+    }
+}
+
 async fn read_row(t: Tensor<2>) -> Result<Vec<f32>, JsError> {
     let data = t.into_data_async().await.map_err(|e| js_err(format!("device: {e:?}")))?;
     data.try_into_vec::<f32>().map_err(|e| js_err(format!("device: {e:?}")))
@@ -101,11 +110,7 @@ impl Runtime {
     /// Load GGUF bytes. `gpu`: WebGPU (initialised asynchronously), else the CPU backend.
     pub async fn load_gguf(bytes: Vec<u8>, gpu: bool, context: usize) -> Result<Runtime, JsError> {
         let file_bytes = bytes.len();
-        let device = if gpu {
-            Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU: {e}")))?
-        } else {
-            Device::flex()
-        };
+        let device = open_device(gpu).await?;
         let g = Gguf::from_bytes(bytes).map_err(js_err)?;
         let tok = Tokenizer::from_gguf(&g).map_err(js_err)?;
         let model = load_llama(&g, &device).map_err(js_err)?;
@@ -191,11 +196,7 @@ impl VideoRuntime {
         weights: Vec<u8>,
         gpu: bool,
     ) -> Result<VideoRuntime, JsError> {
-        let device = if gpu {
-            Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU: {e}")))?
-        } else {
-            Device::flex()
-        };
+        let device = open_device(gpu).await?;
         let cfg: VideoLlavaConfigJson = serde_json::from_str(&config).map_err(|e| js_err(format!("config.json: {e}")))?;
         let ck = Checkpoint::from_buffers(vec![("model.safetensors".into(), weights)]).map_err(js_err)?;
         let model = VideoLlava::from_checkpoint(&ck, &cfg, QuantChoice::Q4_1, &device).map_err(js_err)?;

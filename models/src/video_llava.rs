@@ -149,6 +149,12 @@ impl VideoLlava {
         Ok(Self { video_tower, image_tower, projector, decoder, visual })
     }
 
+    /// The first turn of Video-LLaVA's conversation: `USER: <image>\n...<video>\n{question}
+    /// ASSISTANT:` (images first, as their features fill the prompt first).
+    pub fn conversation(question: &str, n_images: usize) -> String {
+        format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images))
+    }
+
     /// Tokens one video of `t` frames becomes (class tokens kept).
     pub fn video_tokens(&self, t: usize) -> usize {
         t * self.video_tower.cfg.tokens()

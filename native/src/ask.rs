@@ -236,7 +236,7 @@ impl VideoModel {
     /// The first turn: Vicuna-style `USER: ... ASSISTANT:` with the placeholders.
     fn first_turn(&self, question: &str, n_images: usize) -> String {
         match self {
-            Self::VideoLlava(_) | Self::LlavaNextVideo(_) => format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images)),
+            Self::VideoLlava(_) | Self::LlavaNextVideo(_) => VideoLlava::conversation(question, n_images),
             Self::Pllava(_) => format!("USER: <image>\n{question} ASSISTANT:"),
         }
     }
@@ -344,8 +344,7 @@ fn interactive(
             }
             None => {
                 // Vicuna-style follow-up: close the last answer, open a new turn.
-                let eos = tok.eos.map(|e| String::from_utf8_lossy(tok.token_bytes(e)).into_owned()).unwrap_or_default();
-                let ids = tok.encode(&format!("{eos}USER: {q} ASSISTANT:"), false)?;
+                let ids = tok.encode(&format!("{}USER: {q} ASSISTANT:", tok.token_text(tok.eos)), false)?;
                 session.generate(&ids, tok, params.clone())?
             }
         };

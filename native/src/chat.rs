@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 use vidllm_core::GenerateError;
-use vidllm_core::chat::{Message, render};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::TokenStream;
@@ -51,12 +50,7 @@ pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32
     if raw {
         return Ok(tok.encode(prompt, tok.add_bos)?);
     }
-    let template = tok.chat_template.as_deref().context("the model has no chat template; use --raw")?;
-    let piece = |id: Option<u32>| id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned()).unwrap_or_default();
-    let text = render(template, &[Message::new("user", prompt)], &piece(tok.bos), &piece(tok.eos))?;
-    // Templates that write the BOS text themselves get no second one.
-    let bos_in_text = tok.bos.is_some_and(|b| text.starts_with(&piece(Some(b))));
-    Ok(tok.encode(&text, tok.add_bos && !bos_in_text)?)
+    tok.chat_tokens(prompt).context("applying the model's chat template (--raw skips it)")
 }
 
 /// Run a stream to its end, writing each piece to `out` as it comes when `echo` is set;

@@ -4,7 +4,6 @@
 //! the model graph and the 4-bit kernels are the native ones, compiled to WGSL.
 
 use burn::tensor::{Device, Tensor};
-use vidllm_core::chat::{Message, render};
 use vidllm_core::gguf::Gguf;
 use vidllm_core::sampler::{Sampler, SamplerConfig};
 use vidllm_core::stream::TextStream;
@@ -126,10 +125,7 @@ impl Runtime {
 
     /// The model's chat template applied to one user message, tokenised.
     pub fn chat_tokens(&self, user: &str) -> Result<Vec<u32>, JsError> {
-        let template = self.tok.chat_template.as_deref().ok_or_else(|| js_err("the model has no chat template"))?;
-        let piece = |id: Option<u32>| id.map(|i| String::from_utf8_lossy(self.tok.token_bytes(i)).into_owned()).unwrap_or_default();
-        let text = render(template, &[Message::new("user", user)], &piece(self.tok.bos), &piece(self.tok.eos)).map_err(js_err)?;
-        self.tok.encode(&text, self.tok.add_bos).map_err(js_err)
+        self.tok.chat_tokens(user).map_err(js_err)
     }
 
     /// Forget the conversation.
@@ -235,7 +231,7 @@ impl VideoRuntime {
         let pixels = preprocess(&frames, h, w, &self.pre, &self.device);
         let features = self.model.video_features(pixels);
         let visual = [Visual { token: self.model.visual.video_token, features, per_placeholder: self.model.video_tokens(t) }];
-        let text = format!("USER: <video>\n{question} ASSISTANT:");
+        let text = VideoLlava::conversation(&question, 0);
         let ids = expand_placeholders(&self.tok.encode(&text, self.tok.add_bos).map_err(js_err)?, self.model.visual.video_token, self.model.video_tokens(t));
         let embeds = merge_embeddings(&self.model.decoder, &ids, &visual).map_err(js_err)?;
         let mut cache = KvCache::new(&self.model.decoder.cfg, (ids.len() + max_tokens + 1).min(self.model.decoder.rope_positions()), &self.device);

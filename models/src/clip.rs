@@ -7,6 +7,7 @@
 //! `hidden_states[0]` is the pre-norm embedding, `hidden_states[k]` the output of block k.
 
 use burn::tensor::activation::{gelu, sigmoid, softmax};
+use vidllm_shaders::device::max_binding_bytes;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 use vidllm_core::LoadError;
@@ -171,11 +172,30 @@ impl ClipVisionTower {
     /// - pixels: `[t, 3, h, w]` -> `[t, tokens, d_model]`
     pub fn hidden_state(&self, pixels: Tensor<4>, index: usize) -> Tensor<3> {
         let t = pixels.dims()[0];
+        let batch = self.frames_per_batch();
+        if t > batch {
+            // Frames are independent: encode them in batches whose attention scores
+            // fit one storage binding, then put the batches back together.
+            let parts = (0..t).step_by(batch).map(|s| self.hidden_state(pixels.clone().narrow(0, s, batch.min(t - s)), index));
+            return Tensor::cat(parts.collect(), 0);
+        }
         let mut x = self.embed(pixels);
         for layer in &self.layers[..index] {
             x = layer.forward(x, t, &self.cfg);
         }
         x.reshape([t, self.cfg.tokens(), self.cfg.d_model])
+    }
+}
+
+impl ClipVisionTower {
+    /// Frames encoded together: as many as keep the largest activation, the attention
+    /// scores `[frames, heads, n, n]` or the MLP's `[frames * n, intermediate]`, within
+    /// one storage binding.
+    fn frames_per_batch(&self) -> usize {
+        let c = &self.cfg;
+        let n = c.tokens();
+        let per_frame = 4 * (c.n_heads * n * n).max(n * c.d_ff);
+        (max_binding_bytes() / per_frame.max(1)).max(1)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod quant_linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod video_llava;
+pub mod video_model;
 
 pub use generate::{GenerateParams, Piece, Session, Timings};
 pub use llama::{KvCache, Llama, LlamaConfig, Logits};

@@ -8,6 +8,7 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
+use vidllm_shaders::device::max_binding_bytes;
 
 use crate::quant_linear::QuantLinear;
 use crate::rms_norm::RmsNorm;
@@ -221,12 +222,13 @@ impl Llama {
     /// - x: `[t, d_model]` -> `[1 or t, vocab_size]`
     pub fn forward_embeds(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Tensor<2> {
         let t = x.dims()[0];
-        if t > PREFILL_CHUNK {
+        let chunk = self.prefill_chunk(cache.capacity);
+        if t > chunk {
             // Long prompts run in chunks: each attends to the cache so far, so the masked
             // half of the score matrix is never computed and peak memory stays bounded.
             let mut outs = Vec::new();
-            for start in (0..t).step_by(PREFILL_CHUNK) {
-                let len = PREFILL_CHUNK.min(t - start);
+            for start in (0..t).step_by(chunk) {
+                let len = chunk.min(t - start);
                 let last = start + len == t;
                 let want = if which == Logits::All { Logits::All } else if last { Logits::Last } else { Logits::None };
                 if let Some(y) = self.forward_chunk(x.clone().narrow(0, start, len), cache, want) {
@@ -236,6 +238,13 @@ impl Llama {
             return Tensor::cat(outs, 0);
         }
         self.forward_chunk(x, cache, which).expect("logits were asked for")
+    }
+
+    /// Tokens per prefill step: [`PREFILL_CHUNK`], fewer where the step's attention scores
+    /// `[heads, chunk, context]` or logits `[chunk, vocab]` would outgrow one storage binding.
+    pub fn prefill_chunk(&self, context: usize) -> usize {
+        let per_token = 4 * (self.cfg.n_heads * context).max(self.cfg.vocab_size);
+        (max_binding_bytes() / per_token.max(1)).clamp(1, PREFILL_CHUNK)
     }
 
     fn forward_chunk(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {

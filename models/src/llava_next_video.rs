@@ -50,6 +50,11 @@ pub struct LlavaNextVideo {
 impl LlavaNextVideo {
     pub fn load(dir: &Path, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
         let cfg: LlavaNextVideoConfigJson = read_config(dir)?;
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, device)
+    }
+
+    /// Build from a checkpoint already open (from files or from memory) and its config.
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &LlavaNextVideoConfigJson, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
         if cfg.spatial_pool_mode.as_deref().unwrap_or("average") != "average" {
             return Err(LoadError::Unsupported(format!("spatial_pool_mode {:?} (supported: average)", cfg.spatial_pool_mode)));
         }
@@ -59,21 +64,20 @@ impl LlavaNextVideo {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
-        let ck = Checkpoint::open_dir(dir)?;
         let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
         let text = LlamaConfig::try_from(&cfg.text_config)?;
         let pool_stride = cfg.spatial_pool_stride.unwrap_or(2);
         if pool_stride == 0 || pool_stride > vcfg.grid() {
             return Err(LoadError::Unsupported(format!("spatial_pool_stride {pool_stride}")));
         }
-        let tower = find_prefix(&ck, &names::TOWER, "embeddings.patch_embedding.weight")?;
-        let proj = find_prefix(&ck, &names::PROJECTOR, "linear_1.weight")?;
-        let model = find_prefix(&ck, &names::LANGUAGE, "embed_tokens.weight")?;
+        let tower = find_prefix(ck, &names::TOWER, "embeddings.patch_embedding.weight")?;
+        let proj = find_prefix(ck, &names::PROJECTOR, "linear_1.weight")?;
+        let model = find_prefix(ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
         Ok(Self {
-            vision_tower: ClipVisionTower::load(&ck, &tower, vcfg.clone(), device)?,
-            projector: MultiModalProjector::load(&ck, &proj, vcfg.d_model, text.d_model, device)?,
-            decoder: load_llama_hf(&ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?,
+            vision_tower: ClipVisionTower::load(ck, &tower, vcfg.clone(), device)?,
+            projector: MultiModalProjector::load(ck, &proj, vcfg.d_model, text.d_model, device)?,
+            decoder: load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?,
             video_token: cfg.video_token_index.unwrap_or(32000),
             feature_layer: feature_layer_index(cfg.vision_feature_layer.unwrap_or(-2), vcfg.n_layers)?,
             pool_stride,

@@ -109,24 +109,35 @@ impl Pllava {
     /// pooling to `pool` (default: the config's).
     pub fn load(dir: &Path, quant: QuantChoice, lora_alpha: Option<f32>, pool: Option<[usize; 3]>, device: &Device) -> Result<Self, LoadError> {
         let cfg: PllavaConfigJson = read_config(dir)?;
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, lora_alpha, pool, device)
+    }
+
+    /// Build from a checkpoint already open (from files or from memory) and its config.
+    pub fn from_checkpoint(
+        ck: &Checkpoint,
+        cfg: &PllavaConfigJson,
+        quant: QuantChoice,
+        lora_alpha: Option<f32>,
+        pool: Option<[usize; 3]>,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
-        let ck = Checkpoint::open_dir(dir)?;
         let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
         let text = LlamaConfig::try_from(&cfg.text_config)?;
         let pooling_shape = pool.or(cfg.pooling_shape).unwrap_or([16, 12, 12]);
         if pooling_shape.contains(&0) {
             return Err(LoadError::Unsupported(format!("pooling shape {pooling_shape:?}")));
         }
-        let tower = find_prefix(&ck, &names::TOWER, "embeddings.patch_embedding.weight")?;
-        let vision_tower = ClipVisionTower::load(&ck, &tower, vcfg.clone(), device)?;
-        let proj = find_prefix(&ck, &names::PROJECTOR, "linear_1.weight")?;
-        let projector = MultiModalProjector::load(&ck, &proj, vcfg.d_model, text.d_model, device)?;
-        let model = find_prefix(&ck, &names::LANGUAGE, "embed_tokens.weight")?;
+        let tower = find_prefix(ck, &names::TOWER, "embeddings.patch_embedding.weight")?;
+        let vision_tower = ClipVisionTower::load(ck, &tower, vcfg.clone(), device)?;
+        let proj = find_prefix(ck, &names::PROJECTOR, "linear_1.weight")?;
+        let projector = MultiModalProjector::load(ck, &proj, vcfg.d_model, text.d_model, device)?;
+        let model = find_prefix(ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
         let lora = LoraMerge { alpha: lora_alpha.unwrap_or(4.0) };
-        let decoder = load_llama_hf(&ck, &LlamaNames { model, lm_head }, text, quant, &lora, device)?;
+        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &lora, device)?;
         Ok(Self {
             vision_tower,
             projector,

@@ -5,13 +5,15 @@ use burn::tensor::{Device, Tensor, TensorData};
 use vidllm_core::LoadError;
 use vidllm_core::ggml::{GgmlType, dequantize};
 use vidllm_shaders::QuantMatrix;
+use vidllm_shaders::device::max_binding_bytes;
 
 #[derive(Debug, Clone)]
 pub enum QuantLinear {
     /// Block-quantised `W [out, in]`.
     Blocks(QuantMatrix),
-    /// Float `W^T [in, out]`, ready for `x.matmul`.
-    Dense(Tensor<2>),
+    /// Float `W^T [in, out]`, ready for `x.matmul`, in column bands each within one
+    /// storage binding (one band unless the matrix is larger than the device allows).
+    Dense(Vec<Tensor<2>>),
 }
 
 impl QuantLinear {
@@ -23,8 +25,12 @@ impl QuantLinear {
             return Ok(Self::Blocks(m));
         }
         let w = dequantize(ty, bytes, out * inp);
-        let w = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), device);
-        Ok(Self::Dense(w.transpose()))
+        let rows = (max_binding_bytes() / (inp * 4).max(1)).max(1);
+        let bands = w
+            .chunks(rows * inp)
+            .map(|band| Tensor::<2>::from_data(TensorData::new(band.to_vec(), [band.len() / inp, inp]), device).transpose())
+            .collect();
+        Ok(Self::Dense(bands))
     }
 
     /// # Shapes
@@ -32,7 +38,10 @@ impl QuantLinear {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
             Self::Blocks(w) => w.forward(x),
-            Self::Dense(wt) => x.matmul(wt.clone()),
+            Self::Dense(bands) => match bands.as_slice() {
+                [wt] => x.matmul(wt.clone()),
+                many => Tensor::cat(many.iter().map(|wt| x.clone().matmul(wt.clone())).collect(), 1),
+            },
         }
     }
 
@@ -40,7 +49,7 @@ impl QuantLinear {
     pub fn device_bytes(&self) -> usize {
         match self {
             Self::Blocks(w) => w.device_bytes(),
-            Self::Dense(w) => w.shape().num_elements() * 4,
+            Self::Dense(bands) => bands.iter().map(|w| w.shape().num_elements() * 4).sum(),
         }
     }
 }

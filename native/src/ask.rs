@@ -15,10 +15,8 @@ use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::Sampling;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
-use vidllm_models::llava_next_video::LlavaNextVideo;
-use vidllm_models::pllava::Pllava;
-use vidllm_models::video_llava::VideoLlava;
+use vidllm_models::merge::{Visual, merge_embeddings};
+use vidllm_models::video_model::{LoadOptions, VideoModel};
 use vidllm_models::{GenerateParams, Session};
 use vidllm_shaders::device::{DeviceChoice, pick};
 use vidllm_shaders::preprocess::preprocess;
@@ -150,108 +148,24 @@ impl FrameSource {
     }
 }
 
-/// The video-language architectures `ask` runs, by `config.json`'s `model_type`.
-enum VideoModel {
-    VideoLlava(VideoLlava),
-    Pllava(Pllava),
-    LlavaNextVideo(LlavaNextVideo),
+fn load_options(a: &AskArgs) -> Result<LoadOptions> {
+    let pool = match &a.pool {
+        None => None,
+        Some(p) if p.len() == 3 => Some([p[0], p[1], p[2]]),
+        Some(p) => bail!("--pool takes T,H,W (got {p:?})"),
+    };
+    Ok(LoadOptions { quant: a.quant, lora_alpha: a.lora_alpha, pool })
 }
-
-#[derive(Clone, Copy)]
-enum Arch {
-    VideoLlava,
-    Pllava,
-    LlavaNextVideo,
-}
-
-/// Refuse folders of an architecture `ask` does not run, naming it.
-fn architecture(dir: &Path) -> Result<Arch> {
-    let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
-    match v["model_type"].as_str() {
-        Some("video_llava") => Ok(Arch::VideoLlava),
-        Some("pllava") => Ok(Arch::Pllava),
-        Some("llava_next_video") => Ok(Arch::LlavaNextVideo),
-        other => bail!("{}: unsupported architecture {:?} (supported: video_llava, pllava, llava_next_video)", p.display(), other.unwrap_or("missing model_type")),
-    }
-}
-
-impl VideoModel {
-    fn load(arch: Arch, dir: &Path, a: &AskArgs, device: &burn::tensor::Device) -> Result<Self> {
-        let pool = match &a.pool {
-            None => None,
-            Some(p) if p.len() == 3 => Some([p[0], p[1], p[2]]),
-            Some(p) => bail!("--pool takes T,H,W (got {p:?})"),
-        };
-        Ok(match arch {
-            Arch::VideoLlava => Self::VideoLlava(VideoLlava::load(dir, a.quant, device)?),
-            Arch::Pllava => Self::Pllava(Pllava::load(dir, a.quant, a.lora_alpha, pool, device)?),
-            Arch::LlavaNextVideo => Self::LlavaNextVideo(LlavaNextVideo::load(dir, a.quant, device)?),
-        })
-    }
-
-    fn decoder(&self) -> &vidllm_models::Llama {
-        match self {
-            Self::VideoLlava(m) => &m.decoder,
-            Self::Pllava(m) => &m.decoder,
-            Self::LlavaNextVideo(m) => &m.decoder,
-        }
-    }
-
-    fn image_size(&self) -> usize {
-        match self {
-            Self::VideoLlava(m) => m.video_tower.cfg.image_size,
-            Self::Pllava(m) => m.vision_tower.cfg.image_size,
-            Self::LlavaNextVideo(m) => m.vision_tower.cfg.image_size,
-        }
-    }
-
-    /// The video's visual tokens and the placeholder they fill.
-    fn video(&self, pixels: burn::tensor::Tensor<4>) -> Visual {
-        match self {
-            Self::VideoLlava(m) => {
-                let per = m.video_tokens(pixels.dims()[0]);
-                Visual { token: m.visual.video_token, features: m.video_features(pixels), per_placeholder: per }
-            }
-            Self::Pllava(m) => Visual { token: m.image_token, features: m.video_features(pixels), per_placeholder: m.video_tokens() },
-            Self::LlavaNextVideo(m) => {
-                let per = pixels.dims()[0] * m.tokens_per_frame();
-                Visual { token: m.video_token, features: m.video_features(pixels), per_placeholder: per }
-            }
-        }
-    }
-
-    fn images(&self, pixels: Vec<burn::tensor::Tensor<4>>) -> Result<Option<Visual>> {
-        if pixels.is_empty() {
-            return Ok(None);
-        }
-        let Self::VideoLlava(m) = self else { bail!("--image is supported for Video-LLaVA folders only") };
-        let n = pixels.len();
-        let feats = burn::tensor::Tensor::cat(pixels.into_iter().map(|p| m.image_features(p)).collect(), 0);
-        let per = feats.dims()[0] / n;
-        Ok(Some(Visual { token: m.visual.image_token, features: feats, per_placeholder: per }))
-    }
-
-    /// The first turn: Vicuna-style `USER: ... ASSISTANT:` with the placeholders.
-    fn first_turn(&self, question: &str, n_images: usize) -> String {
-        match self {
-            Self::VideoLlava(_) | Self::LlavaNextVideo(_) => VideoLlava::conversation(question, n_images),
-            Self::Pllava(_) => format!("USER: <image>\n{question} ASSISTANT:"),
-        }
-    }
-}
-
 
 pub fn run(a: AskArgs) -> Result<()> {
     let dir = Path::new(&a.model);
-    let arch = architecture(dir)?;
+    let opts = load_options(&a)?;
     let policy = a.sampling.policy()?;
     let source = FrameSource::open(&a)?;
     let picked = pick(a.device)?;
     let device = picked.device.clone();
     let t_load = Instant::now();
-    let model = VideoModel::load(arch, dir, &a, &device).with_context(|| format!("loading {}", a.model))?;
+    let model = VideoModel::load(dir, opts, &device).with_context(|| format!("loading {}", a.model))?;
     let tok = Tokenizer::from_hf_dir(dir)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let pcfg = preprocess_config(dir, model.image_size())?;
@@ -265,7 +179,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let image_px: Vec<_> = images.iter().map(|f| pixels(std::slice::from_ref(f), &pcfg, &device)).collect();
     let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
-    let mut visuals: Vec<Visual> = model.images(image_px)?.into_iter().collect();
+    let mut visuals: Vec<Visual> = model.images(image_px).context("--image")?.into_iter().collect();
     visuals.push(model.video(video_px));
     let encode_sync = device.sync();
     encode_sync.map_err(|e| anyhow::anyhow!("device: {e:?}"))?;
@@ -288,11 +202,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let Some(prompt) = a.prompt.clone() else {
         return interactive(&mut session, &tok, &model, visuals, params, &question);
     };
-    let text = question(&prompt);
-    let mut ids = tok.encode(&text, tok.add_bos)?;
-    for v in &visuals {
-        ids = expand_placeholders(&ids, v.token, v.per_placeholder);
-    }
+    let ids = VideoModel::prompt_ids(&tok, &question(&prompt), &visuals)?;
     let embeds = merge_embeddings(model.decoder(), &ids, &visuals)?;
     let mut stream = session.generate_embeds(&ids, embeds, &tok, params)?;
     let mut out = std::io::stdout().lock();
@@ -335,16 +245,12 @@ fn interactive(
         }
         let mut stream = match visuals.take() {
             Some(v) => {
-                let mut ids = tok.encode(&question(&q), tok.add_bos)?;
-                for vis in &v {
-                    ids = expand_placeholders(&ids, vis.token, vis.per_placeholder);
-                }
+                let ids = VideoModel::prompt_ids(tok, &question(&q), &v)?;
                 let embeds = merge_embeddings(model.decoder(), &ids, &v)?;
                 session.generate_embeds(&ids, embeds, tok, params.clone())?
             }
             None => {
-                // Vicuna-style follow-up: close the last answer, open a new turn.
-                let ids = tok.encode(&format!("{}USER: {q} ASSISTANT:", tok.token_text(tok.eos)), false)?;
+                let ids = tok.encode(&VideoModel::follow_up(tok, &q), false)?;
                 session.generate(&ids, tok, params.clone())?
             }
         };

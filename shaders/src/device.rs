@@ -2,7 +2,24 @@
 //! lavapipe included), `cpu` the Flex CPU backend, `auto` a hardware GPU if there is one,
 //! else the CPU.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use burn::tensor::{Device, DeviceKind};
+
+static MAX_BINDING: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// The largest buffer one kernel may bind (WebGPU's `maxStorageBufferBindingSize`).
+/// Weights above it are stored as row bands; attention and vision batches are sized
+/// under it. Unlimited until a device that states a limit is opened.
+pub fn max_binding_bytes() -> usize {
+    MAX_BINDING.load(Ordering::Relaxed)
+}
+
+/// Set the binding limit (from the device's limits, or lower to test the split paths).
+/// Call before loading a model: weights are split as they are uploaded.
+pub fn set_max_binding_bytes(bytes: usize) {
+    MAX_BINDING.store(bytes.max(4096), Ordering::Relaxed);
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {

@@ -33,12 +33,22 @@ pub trait QuantOps: Backend {
 }
 
 /// A weight matrix `[n, k]` resident on a device in GGML block layout.
+///
+/// Stored as row bands, each small enough for one storage binding
+/// ([`device::max_binding_bytes`]); most matrices are one band.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
-    words: Tensor<1, Int>,
+    bands: Vec<Band>,
     ty: GgmlType,
     n: usize,
     k: usize,
+}
+
+/// Rows `n` of a [`QuantMatrix`], as u32 words.
+#[derive(Debug, Clone)]
+struct Band {
+    words: Tensor<1, Int>,
+    n: usize,
 }
 
 /// Why a matrix cannot be uploaded in block form.
@@ -74,11 +84,19 @@ impl QuantMatrix {
         if bytes.len() != expected {
             return Err(QuantError::WrongSize { expected, got: bytes.len() });
         }
-        let words = pack_words(bytes);
-        let len = words.len();
-        let data = TensorData::new(words, [len]);
-        let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
-        Ok(Self { words: Tensor::from_data(data, opts), ty, n, k })
+        let row_bytes = expected / n.max(1);
+        // One spare word per band; at least one row per band whatever the limit.
+        let rows_per_band = (device::max_binding_bytes().saturating_sub(8) / row_bytes.max(1)).max(1);
+        let bands = bytes
+            .chunks(rows_per_band * row_bytes)
+            .map(|chunk| {
+                let words = pack_words(chunk);
+                let len = words.len();
+                let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
+                Band { words: Tensor::from_data(TensorData::new(words, [len]), opts), n: chunk.len() / row_bytes }
+            })
+            .collect();
+        Ok(Self { bands, ty, n, k })
     }
 
     /// `x W^T`.
@@ -86,14 +104,19 @@ impl QuantMatrix {
     /// # Shapes
     /// - x: `[m, k]` -> `[m, n]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = <burn::backend::Dispatch as QuantOps>::q_matmul(
-            x.into_dispatch(),
-            self.words.clone().into_dispatch(),
-            self.ty.id(),
-            self.n,
-            self.k,
-        );
-        Tensor::from_dispatch(y)
+        let band = |b: &Band, x: Tensor<2>| {
+            let y = <burn::backend::Dispatch as QuantOps>::q_matmul(x.into_dispatch(), b.words.clone().into_dispatch(), self.ty.id(), b.n, self.k);
+            Tensor::<2>::from_dispatch(y)
+        };
+        match self.bands.as_slice() {
+            [one] => band(one, x),
+            many => Tensor::cat(many.iter().map(|b| band(b, x.clone())).collect(), 1),
+        }
+    }
+
+    /// Row bands the matrix is stored as (more than one only above the binding limit).
+    pub fn bands(&self) -> usize {
+        self.bands.len()
     }
 
     pub fn ty(&self) -> GgmlType {
@@ -106,7 +129,7 @@ impl QuantMatrix {
 
     /// Bytes this matrix occupies on its device.
     pub fn device_bytes(&self) -> usize {
-        self.words.shape().num_elements() * 4
+        self.bands.iter().map(|b| b.words.shape().num_elements() * 4).sum()
     }
 }
 

@@ -2,7 +2,7 @@
 //! (PIL's separable antialiased filter, crop folded into the weights), 8-bit rounding
 //! after each pass as PIL does, then rescale and normalise. Math: `vidllm_core::preprocess`.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use vidllm_core::preprocess::{PreprocessConfig, crop_origin, resample_weights};
 
 /// RGB u8 frames of one size, `[t, h, w, 3]` packed, -> pixel values `[t, 3, oh, ow]`.
@@ -13,6 +13,30 @@ pub fn preprocess(frames: &[&[u8]], h: usize, w: usize, cfg: &PreprocessConfig, 
         host.extend(f.iter().map(|&b| b as f32));
     }
     let x = Tensor::<4>::from_data(TensorData::new(host, [t, h, w, 3]), device).permute([0, 3, 1, 2]); // [t, 3, h, w]
+    preprocess_planes(x, cfg)
+}
+
+/// Frames already on the device as RGBA8 texels, one u32 word per pixel (R in the low
+/// byte, as a texture-to-buffer copy lays them out), rows padded to `row_words` words
+/// -> the RGB planes `[t, 3, h, w]` as floats 0..=255.
+///
+/// # Shapes
+/// - words: `[t, h, row_words]` (u32), `w <= row_words`
+pub fn unpack_rgba_words(words: Tensor<3, Int>, w: usize) -> Tensor<4> {
+    let [t, h, _] = words.dims();
+    let px = words.narrow(2, 0, w);
+    let channel = |shift: u32| px.clone().bitwise_right_shift_scalar(shift).bitwise_and_scalar(0xff).float();
+    Tensor::stack::<4>(vec![channel(0), channel(8), channel(16)], 1).reshape([t, 3, h, w])
+}
+
+/// RGB planes as floats 0..=255 -> pixel values: resize (PIL-exact), crop, normalise.
+///
+/// # Shapes
+/// - x: `[t, 3, h, w]` -> `[t, 3, oh, ow]`
+pub fn preprocess_planes(x: Tensor<4>, cfg: &PreprocessConfig) -> Tensor<4> {
+    let [t, _, h, w] = x.dims();
+    let device = x.device();
+    let device = &device;
     let (rh, rw) = cfg.resized(h, w);
     let (oh, ow) = cfg.output_size(h, w);
     let (top, left) = crop_origin(cfg, rh, rw);

@@ -4,7 +4,8 @@
 
 use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson, reference};
 use vidllm_core::safetensors::Checkpoint;
-use vidllm_shaders::preprocess::preprocess;
+use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData};
+use vidllm_shaders::preprocess::{preprocess, preprocess_planes, unpack_rgba_words};
 use vidllm_tests::{fixture, test_devices};
 
 #[test]
@@ -32,5 +33,32 @@ fn device_preprocessing_matches_cpu_reference_and_transformers() {
         // Float sums can round a value sitting exactly on .5 the other way: at most a few.
         assert!(flips * 1000 <= got.len(), "{name}: {flips} values differ");
         assert!(d <= level * 1.01, "{name}: {d}");
+    }
+}
+
+/// The browser uploads frames as RGBA texels (one u32 per pixel, rows padded to 256
+/// bytes); unpacked on the device they must give exactly the pixels of the RGB path.
+#[test]
+fn packed_rgba_frames_preprocess_like_rgb_frames() {
+    let ck = Checkpoint::open_files(&[fixture("tiny_video_llava_ref.safetensors")]).unwrap();
+    let (frames, shape) = ck.raw("frames").map(|(b, _, s)| (b.to_vec(), s)).unwrap();
+    let (t, h, w) = (shape[0], shape[1], shape[2]);
+    let json: PreprocessorJson = serde_json::from_str(&std::fs::read_to_string(fixture("tiny_video_llava/preprocessor_config.json")).unwrap()).unwrap();
+    let cfg = json.resolve(&PreprocessConfig::clip(224)).unwrap();
+    let row_words = (w * 4).next_multiple_of(256) / 4;
+    let mut words = vec![0xdead_beefu32; t * h * row_words];
+    for (i, px) in frames.chunks(3).enumerate() {
+        let (f, y, x) = (i / (h * w), i / w % h, i % w);
+        words[(f * h + y) * row_words + x] = u32::from_le_bytes([px[0], px[1], px[2], 255]);
+    }
+    let slices: Vec<&[u8]> = frames.chunks(h * w * 3).collect();
+    for (name, device) in test_devices() {
+        let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
+        let packed = Tensor::<3, Int>::from_data(TensorData::new(words.clone(), [t, h, row_words]), opts);
+        let got = preprocess_planes(unpack_rgba_words(packed, w), &cfg).into_data().try_into_vec::<f32>().unwrap();
+        let want = preprocess(&slices, h, w, &cfg, &device).into_data().try_into_vec::<f32>().unwrap();
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        println!("{name}: packed RGBA vs RGB path max |diff| {d:.1e} over {} values", got.len());
+        assert_eq!(d, 0.0, "{name}");
     }
 }

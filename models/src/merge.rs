@@ -8,6 +8,7 @@ use vidllm_core::LoadError;
 use crate::llama::Llama;
 
 /// Visual features for one kind of placeholder.
+#[derive(Clone)]
 pub struct Visual {
     pub token: u32,
     /// `[n, d_text]`

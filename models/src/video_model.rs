@@ -151,6 +151,11 @@ impl VideoModel {
         }
     }
 
+    /// A first turn about still images only (Video-LLaVA).
+    pub fn image_turn(question: &str, n_images: usize) -> String {
+        format!("USER: {}{question} ASSISTANT:", "<image>\n".repeat(n_images))
+    }
+
     /// A later turn: close the last answer, open a new one.
     pub fn follow_up(tok: &Tokenizer, question: &str) -> String {
         format!("{}USER: {question} ASSISTANT:", tok.token_text(tok.eos))

@@ -1,9 +1,13 @@
 // vidllm in the browser: the JS surface over the wasm runtime.
 //
-//   const rt = await VidLLM.load({ model: "https://host/model.gguf", onProgress });
-//   for await (const piece of rt.generate({ prompt: "Hi!" })) out.textContent += piece.text;
+//   const rt = await VidLLM.load({ model: "https://host/Video-LLaVA-7B-hf/", onProgress });
+//   for await (const piece of rt.ask({ video: videoElement, prompt: "What happens?" })) out.textContent += piece.text;
+//   for await (const piece of rt.ask({ prompt: "And then?" })) ...   // same video, same KV cache
 //   const stream = await rt.chat.completions.create({ messages, stream: true });
 //   rt.dispose();
+//
+// `model` is a Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a
+// GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
 import init, { Runtime, VideoRuntime } from "../pkg/vidllm_web.js";
 
@@ -19,6 +23,14 @@ export class ModelFetchError extends Error {
 export class QuotaError extends Error {
   constructor(message) { super(message); this.name = "QuotaError"; }
 }
+/** The video cannot be decoded, or its pixels may not be read (cross-origin without CORS). */
+export class VideoError extends Error {
+  constructor(message) { super(message); this.name = "VideoError"; }
+}
+/** A downloaded file does not match the SHA-256 its folder lists. */
+export class IntegrityError extends Error {
+  constructor(message) { super(message); this.name = "IntegrityError"; }
+}
 /** The runtime was used after dispose(). */
 export class DisposedError extends Error {
   constructor() { super("this VidLLM runtime was disposed"); this.name = "DisposedError"; }
@@ -31,13 +43,16 @@ async function cached(url) {
   try { return await (await caches.open(CACHE)).match(url); } catch { return null; }
 }
 
-async function store(url, bytes) {
+/** Cache `bytes`; a full storage quota is reported (the model still runs, uncached). */
+async function store(url, bytes, onProgress) {
   if (typeof caches === "undefined") return;
   try {
     await (await caches.open(CACHE)).put(url, new Response(bytes));
   } catch (e) {
     if (e && e.name === "QuotaExceededError") {
-      console.warn(new QuotaError(`not cached: the browser's storage quota is too small for ${bytes.byteLength} bytes`));
+      const warning = new QuotaError(`${url} was not cached: the browser's storage quota has no room for ${(bytes.byteLength / 1048576).toFixed(1)} MiB, so the next load downloads it again (free space, or allow persistent storage)`);
+      console.warn(warning.message);
+      onProgress?.({ file: url, loaded: bytes.byteLength, total: bytes.byteLength, warning });
     }
   }
 }
@@ -67,7 +82,7 @@ async function fetchBytes(url, onProgress) {
   const bytes = new Uint8Array(loaded);
   let at = 0;
   for (const c of chunks) { bytes.set(c, at); at += c.byteLength; }
-  await store(url, bytes);
+  await store(url, bytes, onProgress);
   return bytes;
 }
 
@@ -91,63 +106,185 @@ function channel() {
   };
 }
 
+async function sha256Hex(bytes) {
+  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(d, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** `SHA256SUMS` (`<hex>  <file>` lines, as sha256sum writes) -> Map(file -> hex). */
+function parseSums(text) {
+  const sums = new Map();
+  for (const line of (text ?? "").split("\n")) {
+    const m = line.trim().match(/^([0-9a-fA-F]{64})\s+\*?(.+)$/);
+    if (m) sums.set(m[2], m[1].toLowerCase());
+  }
+  return sums;
+}
+
+async function verify(name, bytes, sums) {
+  const want = sums.get(name);
+  if (!want) return;
+  const got = await sha256Hex(bytes);
+  if (got !== want) throw new IntegrityError(`${name}: SHA-256 ${got}, but SHA256SUMS lists ${want}`);
+}
+
+/** The files of a model folder, from a base URL or from user-picked `File`s. */
+function folderSource(model, onProgress) {
+  if (Array.isArray(model) || (typeof FileList !== "undefined" && model instanceof FileList)) {
+    const files = new Map(Array.from(model, (f) => [f.name, f]));
+    const get = (name) => files.get(name);
+    return {
+      text: async (name, optional) => {
+        const f = get(name);
+        if (!f) { if (optional) return undefined; throw new ModelFetchError(`${name} is not among the picked files`); }
+        return f.text();
+      },
+      bytes: async (name) => {
+        const f = get(name);
+        if (!f) throw new ModelFetchError(`${name} is not among the picked files`);
+        const b = new Uint8Array(await f.arrayBuffer());
+        onProgress?.({ file: name, loaded: b.byteLength, total: b.byteLength });
+        return b;
+      },
+    };
+  }
+  const base = String(model);
+  const folder = new URL(base.endsWith("/") ? base : base + "/", globalThis.location?.href);
+  const u = (f) => new URL(f, folder).href;
+  return { text: (name, optional) => fetchText(u(name), optional), bytes: (name) => fetchBytes(u(name), onProgress) };
+}
+
+const isGgufName = (s) => /\.gguf(\?|#|$)/i.test(s);
+
+/** A runtime: a text decoder from a GGUF, or a video-language model from a folder. */
 export class VidLLM {
   #rt;
+  #video;
   #busy = Promise.resolve();
+  #seen = null;
 
-  constructor(rt) {
+  constructor(rt, video) {
     this.#rt = rt;
+    this.#video = video;
     this.chat = { completions: { create: (req) => this.#completion(req) } };
   }
 
   /**
-   * @param {{model: string|Uint8Array|File, onProgress?: Function, device?: "webgpu"|"cpu", context?: number}} opts
+   * @param {{model: string|Uint8Array|File|File[]|FileList, onProgress?: Function,
+   *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number}} opts
    */
-  static async load({ model, onProgress, device = "webgpu", context = 2048 }) {
+  static async load({ model, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha }) {
     await init();
     if (device === "webgpu") {
       if (!globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing); use device: \"cpu\"");
       const adapter = await navigator.gpu.requestAdapter();
       if (!adapter) throw new WebGPUNotAvailableError("WebGPU found no adapter; use device: \"cpu\"");
     }
-    let bytes;
+    const gpu = device === "webgpu";
+    const cap = maxBindingBytes ?? undefined;
+    let bytes = null;
     if (model instanceof Uint8Array) bytes = model;
     else if (typeof File !== "undefined" && model instanceof File) bytes = new Uint8Array(await model.arrayBuffer());
-    else bytes = await fetchBytes(String(model), onProgress);
-    return new VidLLM(await Runtime.load_gguf(bytes, device === "webgpu", context));
+    else if (typeof model === "string" && isGgufName(model)) bytes = await fetchBytes(model, onProgress);
+    if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap), false);
+    return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha), true);
   }
 
+  /** "text" for a GGUF decoder, else the folder's architecture (e.g. "video_llava"). */
+  get architecture() { return this.#video ? this.#live().architecture() : "text"; }
   get weightsDeviceBytes() { return this.#live().weights_device_bytes(); }
+  /** Frames a video is sampled to unless `ask` says otherwise. */
+  get defaultFrames() { return this.#video ? this.#live().default_frames() : 0; }
+  /** Row bands of the output head (1 unless it exceeds the storage-binding cap). */
+  get headBands() { return this.#video ? 1 : this.#live().head_bands(); }
 
   #live() {
     if (!this.#rt) throw new DisposedError();
     return this.#rt;
   }
 
-  /**
-   * Stream an answer: yields {text, id}. `raw` skips the chat template; `signal` aborts.
-   * Follow-up calls continue the same conversation (its KV cache).
-   */
-  generate({ prompt, raw = false, maxTokens = 256, temperature = 0, seed = 0, signal } = {}) {
-    const rt = this.#live();
+  /** Run `work` after whatever the runtime is doing; its pieces stream through a channel. */
+  #stream(work) {
     const ch = channel();
-    const tokens = raw ? rt.tokenize(prompt) : rt.chat_tokens(prompt);
-    const run = this.#busy.then(() =>
-      rt.generate(Uint32Array.from(tokens), maxTokens, temperature, BigInt(seed),
-        (text, id) => ch.push({ text, id: id ?? null }),
-        () => Boolean(signal?.aborted)));
+    const run = this.#busy.then(() => work((text, id) => ch.push({ text, id: id ?? null })));
     this.#busy = run.then(() => {}, () => {});
     run.then(() => ch.close(), (e) => ch.close(e instanceof Error ? e : new Error(String(e))));
     return ch;
   }
 
-  /** OpenAI-shaped chat completion (the last user message; streamed chunks). */
-  async #completion({ messages, stream = false, max_tokens = 256, temperature = 0, seed = 0, signal }) {
+  /**
+   * Stream an answer to a text prompt: yields {text, id}. `raw` skips the chat template;
+   * `signal` aborts. Follow-up calls continue the same conversation (its KV cache).
+   */
+  generate({ prompt, raw = false, maxTokens = 256, temperature = 0, seed = 0, signal } = {}) {
+    if (this.#video) return this.ask({ prompt, maxTokens, temperature, seed, signal });
+    const rt = this.#live();
+    const tokens = raw ? rt.tokenize(prompt) : rt.chat_tokens(prompt);
+    return this.#stream((push) => rt.generate(Uint32Array.from(tokens), maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted)));
+  }
+
+  /**
+   * Ask about a video (an `HTMLVideoElement`, or frames already taken: `ImageBitmap`s /
+   * `VideoFrame`s) and/or images. `frames`: how many to sample (default: the model's);
+   * `sampling`: "hf" | "linspace" | "pllava" | "fps" (with `fps`, `maxFrames`).
+   * Asking again without a new video continues the conversation about the same one;
+   * `newConversation` starts over, still without encoding the video again.
+   * `onFrames({sources, times, width, height})` sees the sampled frames (`ImageBitmap`s,
+   * closed once encoded: draw them during the call).
+   */
+  ask({ video, image, frames, sampling = "hf", fps = 1, maxFrames = 32, prompt, maxTokens = 256, temperature = 0, seed = 0,
+        signal, onFrames, newConversation = false } = {}) {
+    const rt = this.#live();
+    if (!this.#video) throw new Error("this is a text model (GGUF); load a video-language folder to ask about videos");
+    return this.#stream(async (push) => {
+      const given = Array.isArray(frames) ? frames : null;
+      const n = typeof frames === "number" ? frames : rt.default_frames();
+      const key = video && !given ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames } : null;
+      const seen = this.#seen;
+      const same = key && seen && Object.keys(key).every((k) => key[k] === seen[k]);
+      if ((video || given) && !same) {
+        rt.clear_visuals();
+        this.#seen = null;
+        const f = given ? { sources: given, times: given.map((x) => (x.timestamp ?? 0) / 1e6) }
+          : await sampleFrames(video, { n, sampling, fps, maxFrames });
+        try {
+          onFrames?.(f);
+          await encodeVideo(rt, f);
+        } finally {
+          if (!given) f.sources.forEach((b) => b.close());
+        }
+        this.#seen = key;
+      } else if (newConversation) rt.reset_conversation();
+      if (image) {
+        if (!video && !given) { rt.clear_visuals(); this.#seen = null; }
+        for (const im of Array.isArray(image) ? image : [image]) await encodeImage(rt, im);
+      }
+      await rt.ask(String(prompt ?? ""), maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted));
+    });
+  }
+
+  /** The last video's frames as the device received them: {rgb, ...} (tests, debugging). */
+  async framesRGB() { return this.#live().frames_rgb(); }
+
+  /**
+   * OpenAI-shaped chat completion over the last user message, whose content may hold
+   * `{type: "text"}`, `{type: "video", video}` and `{type: "image", image}` parts.
+   * Each call is a fresh conversation; a video seen last time is not encoded again.
+   */
+  async #completion({ messages, stream = false, max_tokens = 256, temperature = 0, seed = 0, signal, frames }) {
     const user = [...messages].reverse().find((m) => m.role === "user");
-    const content = typeof user?.content === "string" ? user.content
-      : (user?.content ?? []).filter((p) => p.type === "text").map((p) => p.text).join("\n");
-    this.#live().reset();
-    const pieces = this.generate({ prompt: content, maxTokens: max_tokens, temperature, seed, signal });
+    const parts = typeof user?.content === "string" ? [{ type: "text", text: user.content }] : (user?.content ?? []);
+    const prompt = parts.filter((p) => p.type === "text").map((p) => p.text).join("\n");
+    const video = parts.find((p) => p.type === "video")?.video;
+    const images = parts.filter((p) => p.type === "image").map((p) => p.image);
+    let pieces;
+    if (this.#video) {
+      pieces = this.ask({ video, image: images.length ? images : undefined, frames, prompt, maxTokens: max_tokens, temperature, seed, signal, newConversation: true });
+    } else {
+      if (video || images.length) throw new Error("this is a text model (GGUF); video and image parts need a video-language folder");
+      this.#live().reset();
+      pieces = this.generate({ prompt, maxTokens: max_tokens, temperature, seed, signal });
+    }
     const id = `chatcmpl-${Date.now()}`;
     if (!stream) {
       let text = "";
@@ -168,46 +305,9 @@ export class VidLLM {
   }
 }
 
-/** Seek a <video> to `t` seconds and resolve once the frame is there. */
-function seek(video, t) {
-  return new Promise((resolve, reject) => {
-    const done = () => { video.removeEventListener("error", fail); resolve(); };
-    const fail = () => reject(new Error(`the browser cannot decode this video (${video.error?.message ?? "error"})`));
-    video.addEventListener("seeked", done, { once: true });
-    video.addEventListener("error", fail, { once: true });
-    video.currentTime = t;
-  });
-}
-
-/**
- * Sample `n` frames of a <video> at transformers' times (i * duration / n) as RGBA.
- * Canvas read-back path: a cross-origin video without CORS taints it and is refused.
- */
-export async function sampleFrames(video, n) {
-  if (video.readyState < 1) await new Promise((r) => video.addEventListener("loadedmetadata", r, { once: true }));
-  const w = video.videoWidth, h = video.videoHeight;
-  const canvas = new OffscreenCanvas(w, h);
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const rgba = new Uint8Array(n * w * h * 4);
-  const times = [];
-  for (let i = 0; i < n; i++) {
-    const t = (i * video.duration) / n;
-    await seek(video, t);
-    const bitmap = await createImageBitmap(video);
-    ctx.drawImage(bitmap, 0, 0);
-    bitmap.close();
-    let data;
-    try { data = ctx.getImageData(0, 0, w, h).data; } catch (e) {
-      throw new Error(`cannot read the video's pixels (a cross-origin video needs CORS): ${e.message}`);
-    }
-    rgba.set(data, i * w * h * 4);
-    times.push(t);
-  }
-  return { rgba, width: w, height: h, times };
-}
-
 async function fetchText(url, optional = false) {
-  const res = await fetch(url);
+  let res;
+  try { res = await fetch(url); } catch (e) { throw new ModelFetchError(`cannot fetch ${url}: ${e.message}`); }
   if (!res.ok) {
     if (optional) return undefined;
     throw new ModelFetchError(`cannot fetch ${url}: HTTP ${res.status}`);
@@ -215,35 +315,129 @@ async function fetchText(url, optional = false) {
   return res.text();
 }
 
-/** A Video-LLaVA folder (Hugging Face format) running in the page. */
-export class VidLLMVideo {
-  #rt;
-  constructor(rt) { this.#rt = rt; }
-
-  /** `base`: URL of the folder (config.json, tokenizer.json, model.safetensors, ...). */
-  static async load({ base, device = "webgpu", onProgress }) {
-    await init();
-    if (device === "webgpu" && !globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU");
-    const folder = new URL(base.endsWith("/") ? base : base + "/", globalThis.location?.href);
-    const u = (f) => new URL(f, folder).href;
-    const [config, tokenizer, tokenizerConfig, preprocessor] = await Promise.all([
-      fetchText(u("config.json")), fetchText(u("tokenizer.json")),
-      fetchText(u("tokenizer_config.json"), true), fetchText(u("preprocessor_config.json"), true)]);
-    const weights = await fetchBytes(u("model.safetensors"), onProgress);
-    return new VidLLMVideo(await VideoRuntime.load(config, tokenizer, tokenizerConfig, preprocessor, weights, device === "webgpu"));
+/** A Hugging Face-style folder: config, tokenizer, preprocessor, safetensors (sharded or not). */
+async function loadFolder(src, gpu, context, cap, loraAlpha) {
+  const [config, tokenizer, tokenizerConfig, preprocessor, index, sums] = await Promise.all([
+    src.text("config.json"), src.text("tokenizer.json"), src.text("tokenizer_config.json", true),
+    src.text("preprocessor_config.json", true), src.text("model.safetensors.index.json", true), src.text("SHA256SUMS", true)]);
+  const names = index ? [...new Set(Object.values(JSON.parse(index).weight_map))].sort() : ["model.safetensors"];
+  const checks = parseSums(sums);
+  const shards = [];
+  for (const name of names) {
+    const bytes = await src.bytes(name);
+    await verify(name, bytes, checks);
+    shards.push(bytes);
   }
+  return VideoRuntime.load(config, tokenizer, tokenizerConfig, preprocessor, names, shards, gpu, context, cap, loraAlpha);
+}
 
-  /** Frames from `video`, then a streamed answer; `frames` also gets {times, rgba, width, height}. */
-  ask({ video, frames = 8, prompt, maxTokens = 256, signal, onFrames }) {
-    const ch = channel();
-    (async () => {
-      const f = await sampleFrames(video, frames);
-      onFrames?.(f);
-      await this.#rt.ask(f.rgba, frames, f.height, f.width, prompt, maxTokens,
-        (text, id) => ch.push({ text, id: id ?? null }), () => Boolean(signal?.aborted));
-    })().then(() => ch.close(), (e) => ch.close(e instanceof Error ? e : new Error(String(e))));
-    return ch;
+/**
+ * Sampling times in seconds, the native policies in the time domain: "hf" (transformers:
+ * i * d / n), "linspace" (first to last), "pllava" (segment middles), "fps".
+ */
+export function times(video, n, { sampling = "hf", fps = 1, maxFrames = 32 } = {}) {
+  const d = video.duration;
+  if (!Number.isFinite(d) || d <= 0) throw new VideoError("the video has no known duration (still loading, or a live stream)");
+  const last = Math.max(0, d - 1e-3);
+  switch (sampling) {
+    case "hf": return Array.from({ length: n }, (_, i) => (i * d) / n);
+    case "linspace": return Array.from({ length: n }, (_, i) => (n === 1 ? 0 : (i * last) / (n - 1)));
+    case "pllava": return Array.from({ length: n }, (_, i) => ((i + 0.5) * d) / n);
+    case "fps": return Array.from({ length: Math.min(maxFrames, Math.max(1, Math.floor(d * fps))) }, (_, i) => i / fps);
+    default: throw new Error(`unknown sampling ${JSON.stringify(sampling)} (hf, linspace, pllava, fps)`);
   }
+}
 
-  dispose() { this.#rt?.free(); this.#rt = null; }
+/** Wait for `video` to know its size and duration, or fail if the browser cannot decode it. */
+async function metadata(video) {
+  if (video.error) throw new VideoError(`the browser cannot decode this video (${video.error.message || `code ${video.error.code}`})`);
+  if (video.readyState >= 1) return;
+  await new Promise((resolve, reject) => {
+    const ok = () => { video.removeEventListener("error", fail); resolve(); };
+    const fail = () => { video.removeEventListener("loadedmetadata", ok); reject(new VideoError(`the browser cannot decode this video (${video.error?.message || "unsupported or corrupt"})`)); };
+    video.addEventListener("loadedmetadata", ok, { once: true });
+    video.addEventListener("error", fail, { once: true });
+  });
+}
+
+/** Seek a <video> to `t` seconds and resolve once the frame is there. */
+function seek(video, t) {
+  return new Promise((resolve, reject) => {
+    const done = () => { video.removeEventListener("error", fail); resolve(); };
+    const fail = () => { video.removeEventListener("seeked", done); reject(new VideoError(`the browser cannot decode this video (${video.error?.message ?? "error"})`)); };
+    video.addEventListener("seeked", done, { once: true });
+    video.addEventListener("error", fail, { once: true });
+    video.currentTime = t;
+  });
+}
+
+/** Refuse pixels the page may not read: a GPU copy of them would fail outright. */
+function assertReadable(source) {
+  const c = new OffscreenCanvas(1, 1).getContext("2d");
+  c.drawImage(source, 0, 0, 1, 1);
+  try { c.getImageData(0, 0, 1, 1); } catch (e) {
+    throw new VideoError(`cannot read this video's pixels: it is cross-origin without CORS (serve it with Access-Control-Allow-Origin and set crossorigin="anonymous") (${e.name})`);
+  }
+}
+
+/**
+ * Frames of a <video> as `ImageBitmap`s (transferable to a worker), at `at` seconds or
+ * by a policy `{n, sampling, fps, maxFrames}` (see `times`).
+ */
+export async function sampleFrames(video, at) {
+  await metadata(video);
+  const ts = Array.isArray(at) ? at : times(video, at.n, at);
+  const sources = [];
+  for (const t of ts) {
+    await seek(video, t);
+    const bitmap = await createImageBitmap(video);
+    if (!sources.length) assertReadable(bitmap);
+    sources.push(bitmap);
+  }
+  return { sources, times: ts, width: video.videoWidth, height: video.videoHeight };
+}
+
+const sizeOf = (s) => [s.displayWidth ?? s.videoWidth ?? s.naturalWidth ?? s.width, s.displayHeight ?? s.videoHeight ?? s.naturalHeight ?? s.height];
+
+/** RGBA bytes of frame sources through a canvas: the CPU backend's path. */
+function rgbaOf(sources, w, h) {
+  const ctx = new OffscreenCanvas(w, h).getContext("2d", { willReadFrequently: true });
+  const out = new Uint8Array(sources.length * w * h * 4);
+  sources.forEach((s, i) => {
+    ctx.clearRect(0, 0, w, h);
+    ctx.drawImage(s, 0, 0);
+    out.set(ctx.getImageData(0, 0, w, h).data, i * w * h * 4);
+  });
+  return out;
+}
+
+/** Frames to the device: straight into a GPU texture on WebGPU, through a canvas on the CPU. */
+async function encodeVideo(rt, { sources }) {
+  if (!sources.length) throw new VideoError("no frames to encode");
+  const [w, h] = sizeOf(sources[0]);
+  sources.forEach(assertSameSize(w, h));
+  assertReadable(sources[0]);
+  if (rt.gpu_frames()) {
+    rt.begin_frames(sources.length, w, h);
+    for (const s of sources) rt.add_frame(s);
+    return rt.encode_video();
+  }
+  return rt.encode_video_rgba(rgbaOf(sources, w, h), sources.length, h, w);
+}
+
+const assertSameSize = (w, h) => (s, i) => {
+  const [sw, sh] = sizeOf(s);
+  if (sw !== w || sh !== h) throw new VideoError(`frame ${i} is ${sw}x${sh}, the first ${w}x${h}`);
+};
+
+async function encodeImage(rt, image) {
+  if (typeof HTMLImageElement !== "undefined" && image instanceof HTMLImageElement && !image.complete) await image.decode();
+  const [w, h] = sizeOf(image);
+  assertReadable(image);
+  if (rt.gpu_frames()) {
+    rt.begin_frames(1, w, h);
+    rt.add_frame(image);
+    return rt.encode_image();
+  }
+  return rt.encode_image_rgba(rgbaOf([image], w, h), h, w);
 }

@@ -2,13 +2,16 @@
 //
 //   const w = new VidLLMWorker(new URL("vidllm/worker.js", import.meta.url));
 //   await w.load({ model: url, onProgress });
-//   for await (const piece of w.generate({ prompt })) out.textContent += piece.text;
+//   for await (const piece of w.ask({ video, prompt })) out.textContent += piece.text;
 //   w.dispose();
+//
+// The page seeks the <video> and takes each frame as an ImageBitmap, which it transfers
+// (not copies) to the worker; there the frames go to the GPU as they do in a page.
 //
 // This file is both the worker's script (when loaded in a worker) and the page-side
 // client (`VidLLMWorker`), so one URL serves both.
 
-import { VidLLM } from "./vidllm.js";
+import { VidLLM, sampleFrames } from "./vidllm.js";
 
 const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
 
@@ -20,11 +23,17 @@ if (inWorker) {
     try {
       if (op === "load") {
         rt = await VidLLM.load({ ...data.opts, onProgress: (p) => self.postMessage({ id, progress: p }) });
-        self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes });
-      } else if (op === "generate") {
+        self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes, architecture: rt.architecture,
+          defaultFrames: rt.architecture === "text" ? 0 : rt.defaultFrames });
+      } else if (op === "generate" || op === "ask") {
         const ctrl = new AbortController();
         aborts.set(id, ctrl);
-        for await (const piece of rt.generate({ ...data.opts, signal: ctrl.signal })) self.postMessage({ id, piece });
+        const pieces = op === "ask" ? rt.ask({ ...data.opts, signal: ctrl.signal }) : rt.generate({ ...data.opts, signal: ctrl.signal });
+        try {
+          for await (const piece of pieces) self.postMessage({ id, piece });
+        } finally {
+          if (Array.isArray(data.opts.frames)) data.opts.frames.forEach((f) => f.close?.());
+        }
         aborts.delete(id);
         self.postMessage({ id, done: true });
       } else if (op === "abort") {
@@ -51,7 +60,7 @@ export class VidLLMWorker {
     this.#worker.onmessage = ({ data }) => this.#handlers.get(data.id)?.(data);
   }
 
-  #call(op, opts, onMessage) {
+  #call(op, opts, onMessage, transfer = []) {
     const id = this.#next++;
     return new Promise((resolve, reject) => {
       this.#handlers.set(id, (m) => {
@@ -59,23 +68,40 @@ export class VidLLMWorker {
         else if (m.done) { this.#handlers.delete(id); resolve(m); }
         else onMessage?.(m);
       });
-      this.#worker.postMessage({ id, op, opts });
+      this.#worker.postMessage({ id, op, opts }, transfer);
     });
   }
 
   async load({ onProgress, ...opts }) {
     const m = await this.#call("load", opts, (x) => onProgress?.(x.progress));
     this.weightsDeviceBytes = m.weightsDeviceBytes;
+    this.architecture = m.architecture;
+    this.defaultFrames = m.defaultFrames;
   }
 
-  async *generate({ signal, ...opts }) {
+  generate(opts) { return this.#pieces("generate", opts); }
+
+  /** As `VidLLM.ask`; a `<video>` is sampled here and its frames transferred to the worker. */
+  async *ask({ video, frames, sampling = "hf", fps = 1, maxFrames = 32, onFrames, ...opts }) {
+    let transfer = [];
+    if (video) {
+      const n = typeof frames === "number" ? frames : this.defaultFrames;
+      const f = await sampleFrames(video, { n, sampling, fps, maxFrames });
+      onFrames?.(f);
+      frames = f.sources;
+      transfer = f.sources;
+    }
+    yield* this.#pieces("ask", { ...opts, frames }, transfer);
+  }
+
+  async *#pieces(op, { signal, ...opts }, transfer = []) {
     const queue = [];
     let wake = null;
     let finished = false;
     let failure = null;
     const id = this.#next;
     signal?.addEventListener("abort", () => this.#worker.postMessage({ op: "abort", target: id }));
-    this.#call("generate", opts, (m) => { queue.push(m.piece); wake?.(); })
+    this.#call(op, opts, (m) => { queue.push(m.piece); wake?.(); }, transfer)
       .then(() => { finished = true; wake?.(); }, (e) => { failure = e; finished = true; wake?.(); });
     for (;;) {
       if (queue.length) { yield queue.shift(); continue; }

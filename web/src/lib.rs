@@ -8,14 +8,13 @@ use vidllm_core::gguf::Gguf;
 use vidllm_core::sampler::{Sampler, SamplerConfig};
 use vidllm_core::stream::TextStream;
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
-use vidllm_core::safetensors::Checkpoint;
-use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
-use vidllm_models::video_llava::{VideoLlava, VideoLlavaConfigJson};
 use vidllm_models::{KvCache, Llama, Logits, load_llama};
-use vidllm_shaders::preprocess::preprocess;
 use wasm_bindgen::prelude::*;
+
+mod gpu;
+mod video;
+
+pub use video::VideoRuntime;
 
 fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
@@ -25,18 +24,18 @@ fn callback_err(e: JsValue) -> JsError {
     js_err(format!("callback failed: {e:?}"))
 }
 
-/// WebGPU (initialised asynchronously, as browsers require) or the CPU backend.
-async fn open_device(gpu: bool) -> Result<Device, JsError> {
-    if gpu {
-        Device::wgpu_options().init_async().await.map_err(|e| js_err(format!("WebGPU: {e}")))
-    } else {
-        Ok(Device::flex())
-    }
-}
-
 async fn read_row(t: Tensor<2>) -> Result<Vec<f32>, JsError> {
     let data = t.into_data_async().await.map_err(|e| js_err(format!("device: {e:?}")))?;
     data.try_into_vec::<f32>().map_err(|e| js_err(format!("device: {e:?}")))
+}
+
+/// Refuse input that would not fit the context (with room for one answer token),
+/// before any state changes.
+fn check_room(cache: &KvCache, input: usize) -> Result<(), JsError> {
+    if cache.len + input + 1 > cache.capacity {
+        return Err(js_err(format!("the prompt needs {} tokens of context but the context holds {}", cache.len + input + 1, cache.capacity)));
+    }
+    Ok(())
 }
 
 /// How to sample and where the pieces go.
@@ -59,9 +58,7 @@ async fn stream_answer(
     embeds: Tensor<2>,
     g: Generation<'_>,
 ) -> Result<Vec<u32>, JsError> {
-    if cache.len + input.len() + 1 > cache.capacity {
-        return Err(js_err(format!("prompt has {} tokens but the context holds {}", cache.len + input.len(), cache.capacity)));
-    }
+    check_room(cache, input.len())?;
     if let Some(bad) = input.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
         return Err(js_err(format!("token id {bad} is outside the vocabulary")));
     }
@@ -106,10 +103,11 @@ pub struct Runtime {
 
 #[wasm_bindgen]
 impl Runtime {
-    /// Load GGUF bytes. `gpu`: WebGPU (initialised asynchronously), else the CPU backend.
-    pub async fn load_gguf(bytes: Vec<u8>, gpu: bool, context: usize) -> Result<Runtime, JsError> {
+    /// Load GGUF bytes. `gpu`: WebGPU (initialised asynchronously), else the CPU backend;
+    /// `binding_cap`: bytes one storage binding may hold, below the device's own limit.
+    pub async fn load_gguf(bytes: Vec<u8>, gpu: bool, context: usize, binding_cap: Option<f64>) -> Result<Runtime, JsError> {
         let file_bytes = bytes.len();
-        let device = open_device(gpu).await?;
+        let device = gpu::open_device(gpu, binding_cap.map(|c| c as u64)).await?.device;
         let g = Gguf::from_bytes(bytes).map_err(js_err)?;
         let tok = Tokenizer::from_gguf(&g).map_err(js_err)?;
         let model = load_llama(&g, &device).map_err(js_err)?;
@@ -150,6 +148,7 @@ impl Runtime {
         if input.is_empty() {
             return Err(js_err("prompt is empty"));
         }
+        check_room(&self.cache, input.len())?;
         let embeds = self.model.embed.lookup(&input, &self.device);
         let opts = Generation { max_tokens, temperature, seed, on_piece, should_stop };
         self.history.truncate(self.cache.len);
@@ -168,75 +167,13 @@ impl Runtime {
     pub fn device_name(&self) -> String {
         format!("{:?}", self.device)
     }
-}
 
-/// A Video-LLaVA model in the browser: frames in, a streamed answer out.
-#[wasm_bindgen]
-pub struct VideoRuntime {
-    model: VideoLlava,
-    tok: Tokenizer,
-    pre: PreprocessConfig,
-    device: Device,
-}
-
-#[wasm_bindgen]
-impl VideoRuntime {
-    /// A Video-LLaVA folder's files, already fetched: `config.json`, `tokenizer.json`,
-    /// `tokenizer_config.json` and `preprocessor_config.json` (texts, the last two
-    /// optional) and `model.safetensors` (bytes).
-    pub async fn load(
-        config: String,
-        tokenizer: String,
-        tokenizer_config: Option<String>,
-        preprocessor: Option<String>,
-        weights: Vec<u8>,
-        gpu: bool,
-    ) -> Result<VideoRuntime, JsError> {
-        let device = open_device(gpu).await?;
-        let cfg: VideoLlavaConfigJson = serde_json::from_str(&config).map_err(|e| js_err(format!("config.json: {e}")))?;
-        let ck = Checkpoint::from_buffers(vec![("model.safetensors".into(), weights)]).map_err(js_err)?;
-        let model = VideoLlava::from_checkpoint(&ck, &cfg, QuantChoice::Q4_1, &device).map_err(js_err)?;
-        let tok = Tokenizer::from_hf_json(&tokenizer, tokenizer_config.as_deref()).map_err(js_err)?;
-        let json: PreprocessorJson = match preprocessor {
-            Some(p) => serde_json::from_str(&p).map_err(|e| js_err(format!("preprocessor_config.json: {e}")))?,
-            None => PreprocessorJson::default(),
-        };
-        let pre = json.resolve(&PreprocessConfig::clip(model.video_tower.cfg.image_size)).map_err(js_err)?;
-        Ok(VideoRuntime { model, tok, pre, device })
-    }
-
-    /// Tokens `frames` frames become.
-    pub fn visual_tokens(&self, frames: usize) -> usize {
-        self.model.video_tokens(frames)
-    }
-
-    /// Answer `question` about `t` RGBA frames of `h` x `w` (packed, frame after frame).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn ask(
-        &self,
-        rgba: Vec<u8>,
-        t: usize,
-        h: usize,
-        w: usize,
-        question: String,
-        max_tokens: usize,
-        on_piece: &js_sys::Function,
-        should_stop: &js_sys::Function,
-    ) -> Result<Vec<u32>, JsError> {
-        if t == 0 || rgba.len() != t * h * w * 4 {
-            return Err(js_err(format!("expected {t} frames of {w}x{h} RGBA ({} bytes), got {} bytes", t * h * w * 4, rgba.len())));
+    /// Row bands of the output head (more than one when it exceeds the binding cap).
+    pub fn head_bands(&self) -> usize {
+        match &self.model.lm_head {
+            vidllm_models::quant_linear::QuantLinear::Blocks(m) => m.bands(),
+            vidllm_models::quant_linear::QuantLinear::Dense(b) => b.len(),
         }
-        let rgb: Vec<u8> = rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
-        let frames: Vec<&[u8]> = rgb.chunks_exact(h * w * 3).collect();
-        let pixels = preprocess(&frames, h, w, &self.pre, &self.device);
-        let features = self.model.video_features(pixels);
-        let visual = [Visual { token: self.model.visual.video_token, features, per_placeholder: self.model.video_tokens(t) }];
-        let text = VideoLlava::conversation(&question, 0);
-        let ids = expand_placeholders(&self.tok.encode(&text, self.tok.add_bos).map_err(js_err)?, self.model.visual.video_token, self.model.video_tokens(t));
-        let embeds = merge_embeddings(&self.model.decoder, &ids, &visual).map_err(js_err)?;
-        let mut cache = KvCache::new(&self.model.decoder.cfg, (ids.len() + max_tokens + 1).min(self.model.decoder.rope_positions()), &self.device);
-        let mut history = Vec::new();
-        let opts = Generation { max_tokens, temperature: 0.0, seed: 0, on_piece, should_stop };
-        stream_answer(&self.model.decoder, &self.tok, &mut cache, &mut history, &ids, embeds, opts).await
     }
 }
+

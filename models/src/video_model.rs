@@ -70,6 +70,8 @@ impl VideoModel {
     pub fn load(dir: &std::path::Path, opts: LoadOptions, device: &Device) -> Result<Self, LoadError> {
         let p = dir.join("config.json");
         let config = std::fs::read_to_string(&p).map_err(|source| LoadError::Open { path: p.display().to_string(), source })?;
+        // An unsupported architecture is named before any weights are looked for.
+        Arch::of_config(&config)?;
         Self::from_checkpoint(&config, &Checkpoint::open_dir(dir)?, opts, device)
     }
 

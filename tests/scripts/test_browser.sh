@@ -18,4 +18,5 @@ bash web/build.sh
 # The video test compares with vidllm-native on the same frames.
 export VIDLLM_NATIVE_BIN="${VIDLLM_NATIVE_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/vidllm-native}"
 export VIDLLM_CLIPS="${VIDLLM_CLIPS:-$(bash tests/scripts/fetch_clips.sh)}"
-(cd web && npm install --no-audit --no-fund --silent && node --test tests/)
+# The TypeScript declarations must describe what an embedder writes (tests/embed.ts).
+(cd web && npm install --no-audit --no-fund --silent && npx tsc -p tests/tsconfig.json && node --test tests/)

@@ -44,8 +44,8 @@ fn smollm2_under_a_4_mib_cap() {
         let whole = load_llama(&g, &device).unwrap();
         set_max_binding_bytes(4 << 20);
         let split = load_llama(&g, &device).unwrap();
-        // The tied 49152 x 576 Q4_1 head is 17.7 MB: five bands under 4 MiB.
-        assert!(bands(&split.lm_head) >= 5, "{name}: head in {} bands", bands(&split.lm_head));
+        // The tied 49152 x 576 Q8_0 head is 30 MB: eight bands under 4 MiB.
+        assert!(bands(&split.lm_head) >= 8, "{name}: head in {} bands", bands(&split.lm_head));
         // Bands cost one spare word each, nothing more: the weights stay 4-bit.
         assert!(split.weights_device_bytes().abs_diff(whole.weights_device_bytes()) < 4096, "{name}: resident bytes changed");
         for c in f.cases.iter().take(3) {

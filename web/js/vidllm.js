@@ -9,7 +9,7 @@
 // `model` is a Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
-import init, { Runtime, VideoRuntime } from "../pkg/vidllm_web.js";
+import init, { Runtime, VideoRuntime, last_failure } from "../pkg/vidllm_web.js";
 
 /** WebGPU is missing (no navigator.gpu or no adapter). */
 export class WebGPUNotAvailableError extends Error {
@@ -31,6 +31,22 @@ export class VideoError extends Error {
 export class IntegrityError extends Error {
   constructor(message) { super(message); this.name = "IntegrityError"; }
 }
+/**
+ * The runtime stopped for good: the GPU refused an allocation, the device was lost, or a
+ * bug. The message says which; reload the page to start again.
+ */
+export class RuntimeFailedError extends Error {
+  constructor(message) { super(message); this.name = "RuntimeFailedError"; }
+}
+
+/** A wasm trap (panic) becomes a RuntimeFailedError carrying the panic's message. */
+function failure(e) {
+  if (e instanceof WebAssembly.RuntimeError || /unreachable/.test(String(e?.message))) {
+    return new RuntimeFailedError(`the runtime stopped: ${last_failure() ?? e.message}; reload the page to start again`);
+  }
+  return e instanceof Error ? e : new Error(String(e));
+}
+
 /** The runtime was used after dispose(). */
 export class DisposedError extends Error {
   constructor() { super("this VidLLM runtime was disposed"); this.name = "DisposedError"; }
@@ -162,10 +178,19 @@ export class VidLLM {
   #video;
   #busy = Promise.resolve();
   #seen = null;
+  #info;
 
   constructor(rt, video) {
     this.#rt = rt;
     this.#video = video;
+    // Read once: the wasm object is borrowed while an answer streams, so getters used
+    // during a stream must not call into it.
+    this.#info = {
+      architecture: video ? rt.architecture() : "text",
+      weightsDeviceBytes: rt.weights_device_bytes(),
+      defaultFrames: video ? rt.default_frames() : 0,
+      headBands: video ? 1 : rt.head_bands(),
+    };
     this.chat = { completions: { create: (req) => this.#completion(req) } };
   }
 
@@ -186,17 +211,19 @@ export class VidLLM {
     if (model instanceof Uint8Array) bytes = model;
     else if (typeof File !== "undefined" && model instanceof File) bytes = new Uint8Array(await model.arrayBuffer());
     else if (typeof model === "string" && isGgufName(model)) bytes = await fetchBytes(model, onProgress);
-    if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap), false);
-    return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha), true);
+    try {
+      if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap), false);
+      return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha), true);
+    } catch (e) { throw failure(e); }
   }
 
   /** "text" for a GGUF decoder, else the folder's architecture (e.g. "video_llava"). */
-  get architecture() { return this.#video ? this.#live().architecture() : "text"; }
-  get weightsDeviceBytes() { return this.#live().weights_device_bytes(); }
+  get architecture() { return this.#info.architecture; }
+  get weightsDeviceBytes() { return this.#info.weightsDeviceBytes; }
   /** Frames a video is sampled to unless `ask` says otherwise. */
-  get defaultFrames() { return this.#video ? this.#live().default_frames() : 0; }
+  get defaultFrames() { return this.#info.defaultFrames; }
   /** Row bands of the output head (1 unless it exceeds the storage-binding cap). */
-  get headBands() { return this.#video ? 1 : this.#live().head_bands(); }
+  get headBands() { return this.#info.headBands; }
 
   #live() {
     if (!this.#rt) throw new DisposedError();
@@ -208,7 +235,11 @@ export class VidLLM {
     const ch = channel();
     const run = this.#busy.then(() => work((text, id) => ch.push({ text, id: id ?? null })));
     this.#busy = run.then(() => {}, () => {});
-    run.then(() => ch.close(), (e) => ch.close(e instanceof Error ? e : new Error(String(e))));
+    run.then(() => ch.close(), (e) => {
+      const err = failure(e);
+      if (err instanceof RuntimeFailedError) this.#rt = null;
+      ch.close(err);
+    });
     return ch;
   }
 
@@ -238,7 +269,7 @@ export class VidLLM {
     if (!this.#video) throw new Error("this is a text model (GGUF); load a video-language folder to ask about videos");
     return this.#stream(async (push) => {
       const given = Array.isArray(frames) ? frames : null;
-      const n = typeof frames === "number" ? frames : rt.default_frames();
+      const n = typeof frames === "number" ? frames : this.#info.defaultFrames;
       const key = video && !given ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames } : null;
       const seen = this.#seen;
       const same = key && seen && Object.keys(key).every((k) => key[k] === seen[k]);

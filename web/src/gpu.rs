@@ -10,7 +10,9 @@ use burn::tensor::wgpu::{WgpuSetup, wgpu};
 use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions};
 use cubecl_wgpu::{AutoCompiler, WgpuServer};
 use vidllm_shaders::device::set_max_binding_bytes;
-use wasm_bindgen::{JsCast, JsValue};
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen::JsCast;
+use wasm_bindgen::JsValue;
 
 use crate::js_err;
 use wasm_bindgen::JsError;
@@ -52,6 +54,11 @@ pub async fn open_device(gpu: bool, cap: Option<u64>) -> Result<Opened, JsError>
             (Device::wgpu_options().setup(setup.clone()).init().map_err(|e| js_err(format!("WebGPU: {e}")))?, setup)
         }
     };
+    setup.device.set_device_lost_callback(|reason, message| {
+        if reason != wgpu::DeviceLostReason::Destroyed {
+            crate::record_failure(format!("the WebGPU device was lost ({reason:?}): {message}"));
+        }
+    });
     let limits = setup.device.limits();
     let device_cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
     let opened = Opened { device, wgpu: Some((setup.device.clone(), setup.queue.clone())), binding_cap: device_cap };
@@ -87,6 +94,7 @@ async fn capped_setup(cap: u64) -> Result<WgpuSetup, JsError> {
 }
 
 /// What a browser can hand over as a frame.
+#[cfg(target_arch = "wasm32")]
 fn external_source(v: JsValue) -> Result<wgpu::ExternalImageSource, JsError> {
     use wgpu::ExternalImageSource as S;
     let v = match v.dyn_into::<web_sys::ImageBitmap>() {
@@ -123,6 +131,7 @@ fn external_source(v: JsValue) -> Result<wgpu::ExternalImageSource, JsError> {
 }
 
 /// Frames of one size being gathered in a texture array, one layer per frame.
+/// (Browser only: native builds of this crate, for checks, refuse to make one.)
 pub struct FrameTexture {
     texture: wgpu::Texture,
     pub width: u32,
@@ -158,6 +167,13 @@ impl FrameTexture {
     }
 
     /// Copy the browser's current picture of `source` into the next layer.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn push(&mut self, _queue: &wgpu::Queue, _source: JsValue) -> Result<(), JsError> {
+        Err(js_err("external images exist only in a browser"))
+    }
+
+    /// Copy the browser's current picture of `source` into the next layer.
+    #[cfg(target_arch = "wasm32")]
     pub fn push(&mut self, queue: &wgpu::Queue, source: JsValue) -> Result<(), JsError> {
         if self.filled == self.frames {
             return Err(js_err(format!("all {} frames were already given", self.frames)));

@@ -16,6 +16,29 @@ mod video;
 
 pub use video::VideoRuntime;
 
+thread_local! {
+    /// Why the runtime last failed for good: a panic's message, or the GPU device's loss.
+    static FAILURE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+pub(crate) fn record_failure(why: String) {
+    web_sys::console::error_1(&JsValue::from_str(&format!("vidllm: {why}")));
+    FAILURE.with(|f| *f.borrow_mut() = Some(why));
+}
+
+/// Keep a panic's message (an allocation the GPU refused, a bug) so the page can show it:
+/// in wasm a panic aborts with a bare "unreachable".
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| record_failure(info.to_string())));
+}
+
+/// The message of the failure that stopped the runtime, if any.
+#[wasm_bindgen]
+pub fn last_failure() -> Option<String> {
+    FAILURE.with(|f| f.borrow().clone())
+}
+
 fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }

@@ -1,0 +1,139 @@
+// Types for the vidllm browser package (js/vidllm.js).
+
+export interface Progress {
+  file: string;
+  loaded: number;
+  total: number;
+  cached?: boolean;
+  /** Set when the file could not be cached (storage quota); the load still succeeds. */
+  warning?: QuotaError;
+}
+
+export interface LoadOptions {
+  /**
+   * A Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a GGUF URL
+   * (text decoder), GGUF bytes or `File`, or the picked files of a folder.
+   */
+  model: string | Uint8Array | File | File[] | FileList;
+  onProgress?: (p: Progress) => void;
+  /** Default "webgpu". */
+  device?: "webgpu" | "cpu";
+  /** KV-cache length in tokens (default 4096, at most the model's positions). */
+  context?: number;
+  /** Keep every storage binding under this many bytes (default: the device's limit). */
+  maxBindingBytes?: number;
+  /** PLLaVA: LoRA alpha used when merging the adapters (default 4). */
+  loraAlpha?: number;
+}
+
+export interface Piece {
+  text: string;
+  /** The token id, or null for trailing text flushed at the end. */
+  id: number | null;
+}
+
+export type FrameSource = ImageBitmap | VideoFrame;
+export type ImageSource = HTMLImageElement | ImageBitmap | VideoFrame | HTMLCanvasElement | OffscreenCanvas | ImageData;
+export type Sampling = "hf" | "linspace" | "pllava" | "fps";
+
+export interface SampledFrames {
+  sources: ImageBitmap[];
+  times: number[];
+  width: number;
+  height: number;
+}
+
+export interface GenerateOptions {
+  prompt: string;
+  raw?: boolean;
+  maxTokens?: number;
+  temperature?: number;
+  seed?: number;
+  signal?: AbortSignal;
+}
+
+export interface AskOptions {
+  /** The video to ask about; omit to continue the conversation about the last one. */
+  video?: HTMLVideoElement;
+  image?: ImageSource | ImageSource[];
+  /** How many frames to sample (default: the model's), or frames already taken. */
+  frames?: number | FrameSource[];
+  sampling?: Sampling;
+  fps?: number;
+  maxFrames?: number;
+  prompt: string;
+  maxTokens?: number;
+  temperature?: number;
+  seed?: number;
+  signal?: AbortSignal;
+  /** Sees the sampled frames; they are closed once encoded, so draw them during the call. */
+  onFrames?: (f: SampledFrames) => void;
+  /** Start a new conversation about the same (already encoded) video. */
+  newConversation?: boolean;
+}
+
+export type ContentPart =
+  | { type: "text"; text: string }
+  | { type: "video"; video: HTMLVideoElement }
+  | { type: "image"; image: ImageSource };
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant";
+  content: string | ContentPart[];
+}
+
+export interface ChatRequest {
+  messages: ChatMessage[];
+  stream?: boolean;
+  max_tokens?: number;
+  temperature?: number;
+  seed?: number;
+  signal?: AbortSignal;
+  /** Frames to sample from a video part. */
+  frames?: number;
+}
+
+export interface ChatCompletion {
+  id: string;
+  object: "chat.completion";
+  choices: { index: number; message: { role: "assistant"; content: string }; finish_reason: "stop" }[];
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: "chat.completion.chunk";
+  choices: { index: number; delta: { content?: string }; finish_reason: "stop" | null }[];
+}
+
+export class VidLLM {
+  static load(opts: LoadOptions): Promise<VidLLM>;
+  /** "text" for a GGUF decoder, else the folder's model_type. */
+  readonly architecture: "text" | "video_llava" | "pllava" | "llava_next_video";
+  readonly weightsDeviceBytes: number;
+  readonly defaultFrames: number;
+  readonly headBands: number;
+  generate(opts: GenerateOptions): AsyncIterable<Piece>;
+  ask(opts: AskOptions): AsyncIterable<Piece>;
+  /** RGB bytes of the frames the device received for the last video. */
+  framesRGB(): Promise<Uint8Array>;
+  chat: {
+    completions: {
+      create(req: ChatRequest & { stream: true }): Promise<AsyncIterable<ChatCompletionChunk>>;
+      create(req: ChatRequest & { stream?: false }): Promise<ChatCompletion>;
+    };
+  };
+  dispose(): void;
+}
+
+/** Sampling times in seconds for a video of known duration. */
+export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sampling; fps?: number; maxFrames?: number }): number[];
+/** Seek and take frames as ImageBitmaps, at given times or by a policy. */
+export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number }): Promise<SampledFrames>;
+
+export class WebGPUNotAvailableError extends Error {}
+export class ModelFetchError extends Error {}
+export class QuotaError extends Error {}
+export class VideoError extends Error {}
+export class IntegrityError extends Error {}
+export class DisposedError extends Error {}
+export class RuntimeFailedError extends Error {}

@@ -1,0 +1,21 @@
+// Type-checked usage of the package's declarations (npm run typecheck): what an embedder
+// writes, so a wrong or missing type shows up here.
+import { VidLLM, QuotaError, type Piece } from "vidllm";
+import { VidLLMWorker } from "vidllm/worker.js";
+
+export async function answer(video: HTMLVideoElement, out: HTMLElement, signal: AbortSignal): Promise<void> {
+  const rt = await VidLLM.load({ model: "/models/Video-LLaVA-7B-hf/", onProgress: (p) => p.warning instanceof QuotaError && console.warn(p.warning.message) });
+  for await (const piece of rt.ask({ video, frames: 8, sampling: "hf", prompt: "What happens?", signal })) out.textContent += piece.text;
+  const follow: AsyncIterable<Piece> = rt.ask({ prompt: "And then?", maxTokens: 64 });
+  for await (const p of follow) out.textContent += p.text;
+  const stream = await rt.chat.completions.create({
+    messages: [{ role: "user", content: [{ type: "video", video }, { type: "text", text: "Describe it." }] }],
+    stream: true,
+  });
+  for await (const chunk of stream) out.textContent += chunk.choices[0].delta.content ?? "";
+  rt.dispose();
+  const w = new VidLLMWorker();
+  await w.load({ model: "/models/SmolLM2.gguf", device: "cpu" });
+  for await (const p of w.generate({ prompt: "Hi" })) out.textContent += p.text;
+  await w.dispose();
+}

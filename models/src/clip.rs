@@ -7,11 +7,11 @@
 //! `hidden_states[0]` is the pre-norm embedding, `hidden_states[k]` the output of block k.
 
 use burn::tensor::activation::{gelu, sigmoid, softmax};
-use vidllm_shaders::device::max_binding_bytes;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
+use vidllm_shaders::device::per_binding;
 
 use crate::layers::{LayerNorm, Linear, vector};
 
@@ -185,17 +185,13 @@ impl ClipVisionTower {
         }
         x.reshape([t, self.cfg.tokens(), self.cfg.d_model])
     }
-}
 
-impl ClipVisionTower {
     /// Frames encoded together: as many as keep the largest activation, the attention
     /// scores `[frames, heads, n, n]` or the MLP's `[frames * n, intermediate]`, within
     /// one storage binding.
     fn frames_per_batch(&self) -> usize {
-        let c = &self.cfg;
-        let n = c.tokens();
-        let per_frame = 4 * (c.n_heads * n * n).max(n * c.d_ff);
-        (max_binding_bytes() / per_frame.max(1)).max(1)
+        let (c, n) = (&self.cfg, self.cfg.tokens());
+        per_binding(4 * (c.n_heads * n * n).max(n * c.d_ff), 0)
     }
 }
 

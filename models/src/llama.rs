@@ -8,7 +8,7 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
-use vidllm_shaders::device::max_binding_bytes;
+use vidllm_shaders::device::per_binding;
 
 use crate::quant_linear::QuantLinear;
 use crate::rms_norm::RmsNorm;
@@ -243,8 +243,7 @@ impl Llama {
     /// Tokens per prefill step: [`PREFILL_CHUNK`], fewer where the step's attention scores
     /// `[heads, chunk, context]` or logits `[chunk, vocab]` would outgrow one storage binding.
     pub fn prefill_chunk(&self, context: usize) -> usize {
-        let per_token = 4 * (self.cfg.n_heads * context).max(self.cfg.vocab_size);
-        (max_binding_bytes() / per_token.max(1)).clamp(1, PREFILL_CHUNK)
+        per_binding(4 * (self.cfg.n_heads * context).max(self.cfg.vocab_size), 0).min(PREFILL_CHUNK)
     }
 
     fn forward_chunk(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {

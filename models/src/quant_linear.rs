@@ -5,7 +5,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use vidllm_core::LoadError;
 use vidllm_core::ggml::{GgmlType, dequantize};
 use vidllm_shaders::QuantMatrix;
-use vidllm_shaders::device::max_binding_bytes;
+use vidllm_shaders::device::per_binding;
 
 #[derive(Debug, Clone)]
 pub enum QuantLinear {
@@ -25,7 +25,7 @@ impl QuantLinear {
             return Ok(Self::Blocks(m));
         }
         let w = dequantize(ty, bytes, out * inp);
-        let rows = (max_binding_bytes() / (inp * 4).max(1)).max(1);
+        let rows = per_binding(inp * 4, 0);
         let bands = w
             .chunks(rows * inp)
             .map(|band| Tensor::<2>::from_data(TensorData::new(band.to_vec(), [band.len() / inp, inp]), device).transpose())

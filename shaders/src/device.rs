@@ -15,10 +15,23 @@ pub fn max_binding_bytes() -> usize {
     MAX_BINDING.load(Ordering::Relaxed)
 }
 
-/// Set the binding limit (from the device's limits, or lower to test the split paths).
+/// Set the binding limit outright (tests of the split paths).
 /// Call before loading a model: weights are split as they are uploaded.
 pub fn set_max_binding_bytes(bytes: usize) {
     MAX_BINDING.store(bytes.max(4096), Ordering::Relaxed);
+}
+
+/// Lower the binding limit to `bytes` if it is higher; never raises it. Devices opened
+/// in one process (one page) share the limit, so it is the smallest of theirs: opening
+/// a roomier device, or the CPU, must not lift the cap a GPU model still runs under.
+pub fn lower_max_binding_bytes(bytes: usize) {
+    MAX_BINDING.fetch_min(bytes.max(4096), Ordering::Relaxed);
+}
+
+/// How many items of `item_bytes` fit one binding beside `fixed_bytes` (at least one):
+/// rows of a weight band, tokens of a prefill step, frames of a vision batch.
+pub fn per_binding(item_bytes: usize, fixed_bytes: usize) -> usize {
+    (max_binding_bytes().saturating_sub(fixed_bytes) / item_bytes.max(1)).max(1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

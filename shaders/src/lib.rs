@@ -85,8 +85,8 @@ impl QuantMatrix {
             return Err(QuantError::WrongSize { expected, got: bytes.len() });
         }
         let row_bytes = expected / n.max(1);
-        // One spare word per band; at least one row per band whatever the limit.
-        let rows_per_band = (device::max_binding_bytes().saturating_sub(8) / row_bytes.max(1)).max(1);
+        // Room for the padding and the spare word of each band.
+        let rows_per_band = device::per_binding(row_bytes, 8);
         let bands = bytes
             .chunks(rows_per_band * row_bytes)
             .map(|chunk| {

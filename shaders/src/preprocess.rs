@@ -7,13 +7,18 @@ use vidllm_core::preprocess::{PreprocessConfig, crop_origin, resample_weights};
 
 /// RGB u8 frames of one size, `[t, h, w, 3]` packed, -> pixel values `[t, 3, oh, ow]`.
 pub fn preprocess(frames: &[&[u8]], h: usize, w: usize, cfg: &PreprocessConfig, device: &Device) -> Tensor<4> {
+    preprocess_planes(rgb_planes(frames, h, w, device), cfg)
+}
+
+/// RGB u8 frames of one size, each `[h, w, 3]` packed, uploaded as the RGB planes
+/// `[t, 3, h, w]` as floats 0..=255.
+pub fn rgb_planes(frames: &[&[u8]], h: usize, w: usize, device: &Device) -> Tensor<4> {
     let t = frames.len();
     let mut host = Vec::with_capacity(t * h * w * 3);
     for f in frames {
         host.extend(f.iter().map(|&b| b as f32));
     }
-    let x = Tensor::<4>::from_data(TensorData::new(host, [t, h, w, 3]), device).permute([0, 3, 1, 2]); // [t, 3, h, w]
-    preprocess_planes(x, cfg)
+    Tensor::<4>::from_data(TensorData::new(host, [t, h, w, 3]), device).permute([0, 3, 1, 2])
 }
 
 /// Frames already on the device as RGBA8 texels, one u32 word per pixel (R in the low

@@ -9,6 +9,8 @@ for p in mesa-vulkan-drivers libvulkan1 python3-pip ffmpeg libavcodec-dev libavf
          libswscale-dev libavfilter-dev libavdevice-dev libswresample-dev pkg-config clang libclang-dev chromium; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# Node.js and npm drive the browser tests; the machines come with them, Debian's if not.
+command -v npm >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive

@@ -10,6 +10,7 @@
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
 import init, { Runtime, VideoRuntime, last_failure } from "../pkg/vidllm_web.js";
+import { channel } from "./channel.js";
 
 /** WebGPU is missing (no navigator.gpu or no adapter). */
 export class WebGPUNotAvailableError extends Error {
@@ -100,26 +101,6 @@ async function fetchBytes(url, onProgress) {
   for (const c of chunks) { bytes.set(c, at); at += c.byteLength; }
   await store(url, bytes, onProgress);
   return bytes;
-}
-
-/** Callback pushes -> async iterator pulls. */
-function channel() {
-  const items = [];
-  let wake = null;
-  let closed = false;
-  let failure = null;
-  return {
-    push(v) { items.push(v); wake?.(); },
-    close(err) { closed = true; failure = err ?? null; wake?.(); },
-    async *[Symbol.asyncIterator]() {
-      for (;;) {
-        if (items.length) { yield items.shift(); continue; }
-        if (closed) { if (failure) throw failure; return; }
-        await new Promise((r) => (wake = r));
-        wake = null;
-      }
-    },
-  };
 }
 
 async function sha256Hex(bytes) {

@@ -12,6 +12,7 @@
 // client (`VidLLMWorker`), so one URL serves both.
 
 import { VidLLM, sampleFrames } from "./vidllm.js";
+import { channel } from "./channel.js";
 
 const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
 
@@ -94,21 +95,12 @@ export class VidLLMWorker {
     yield* this.#pieces("ask", { ...opts, frames }, transfer);
   }
 
-  async *#pieces(op, { signal, ...opts }, transfer = []) {
-    const queue = [];
-    let wake = null;
-    let finished = false;
-    let failure = null;
+  #pieces(op, { signal, ...opts }, transfer = []) {
+    const ch = channel();
     const id = this.#next;
     signal?.addEventListener("abort", () => this.#worker.postMessage({ op: "abort", target: id }));
-    this.#call(op, opts, (m) => { queue.push(m.piece); wake?.(); }, transfer)
-      .then(() => { finished = true; wake?.(); }, (e) => { failure = e; finished = true; wake?.(); });
-    for (;;) {
-      if (queue.length) { yield queue.shift(); continue; }
-      if (finished) { if (failure) throw failure; return; }
-      await new Promise((r) => (wake = r));
-      wake = null;
-    }
+    this.#call(op, opts, (m) => ch.push(m.piece), transfer).then(() => ch.close(), (e) => ch.close(e));
+    return ch;
   }
 
   async dispose() {

@@ -9,7 +9,7 @@ use burn::backend::Wgpu;
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
 use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions};
 use cubecl_wgpu::{AutoCompiler, WgpuServer};
-use vidllm_shaders::device::set_max_binding_bytes;
+use vidllm_shaders::device::lower_max_binding_bytes;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen::JsCast;
 use wasm_bindgen::JsValue;
@@ -25,8 +25,6 @@ pub struct Opened {
     pub device: Device,
     /// The wgpu handles under the device (WebGPU only), for external-image copies.
     pub wgpu: Option<(wgpu::Device, wgpu::Queue)>,
-    /// The binding cap in force: the device's limit, or a lower one asked for.
-    pub binding_cap: u64,
 }
 
 thread_local! {
@@ -36,16 +34,17 @@ thread_local! {
 
 /// WebGPU (initialised asynchronously, as browsers require) or the CPU backend.
 /// `cap`: treat storage bindings above this many bytes as unavailable (tests, small GPUs).
+/// The page's binding limit only ever goes down (`lower_max_binding_bytes`): the device's
+/// own limit when it opens, then any cap asked for.
 pub async fn open_device(gpu: bool, cap: Option<u64>) -> Result<Opened, JsError> {
+    if let Some(c) = cap {
+        lower_max_binding_bytes(usize::try_from(c).unwrap_or(usize::MAX));
+    }
     if !gpu {
-        let binding_cap = cap.unwrap_or(u64::MAX);
-        set_max_binding_bytes(binding_cap.min(usize::MAX as u64) as usize);
-        return Ok(Opened { device: Device::flex(), wgpu: None, binding_cap });
+        return Ok(Opened { device: Device::flex(), wgpu: None });
     }
     if let Some(o) = GPU.with(|g| g.borrow().clone()) {
-        let binding_cap = cap.map_or(o.binding_cap, |c| c.min(o.binding_cap));
-        set_max_binding_bytes(binding_cap as usize);
-        return Ok(Opened { binding_cap, ..o });
+        return Ok(o);
     }
     let (device, setup) = match cap {
         None => Device::wgpu_options().init_with_setup_async().await.map_err(|e| js_err(format!("WebGPU: {e}")))?,
@@ -61,11 +60,10 @@ pub async fn open_device(gpu: bool, cap: Option<u64>) -> Result<Opened, JsError>
     });
     let limits = setup.device.limits();
     let device_cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
-    let opened = Opened { device, wgpu: Some((setup.device.clone(), setup.queue.clone())), binding_cap: device_cap };
+    lower_max_binding_bytes(usize::try_from(device_cap).unwrap_or(usize::MAX));
+    let opened = Opened { device, wgpu: Some((setup.device.clone(), setup.queue.clone())) };
     GPU.with(|g| *g.borrow_mut() = Some(opened.clone()));
-    let binding_cap = cap.map_or(device_cap, |c| c.min(device_cap));
-    set_max_binding_bytes(binding_cap as usize);
-    Ok(Opened { binding_cap, ..opened })
+    Ok(opened)
 }
 
 /// A WebGPU device whose storage bindings and buffers are limited to `cap` bytes, the

@@ -6,7 +6,7 @@
 //! decoder into a texture (`begin_frames` / `add_frame` / `encode_video`); on the CPU
 //! backend, as RGBA bytes read from a canvas (`encode_video_rgba`).
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::tokenizer::Tokenizer;
@@ -14,7 +14,7 @@ use vidllm_models::KvCache;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, merge_embeddings};
 use vidllm_models::video_model::{Arch, LoadOptions, VideoModel};
-use vidllm_shaders::preprocess::{preprocess_planes, unpack_rgba_words};
+use vidllm_shaders::preprocess::{preprocess_planes, rgb_planes, unpack_rgba_words};
 use wasm_bindgen::prelude::*;
 
 use crate::gpu::{FrameTexture, Opened, open_device};
@@ -43,12 +43,12 @@ pub struct VideoRuntime {
     history: Vec<u32>,
 }
 
-fn rgb_planes(rgba: &[u8], t: usize, h: usize, w: usize, device: &burn::tensor::Device) -> Result<Tensor<4>, JsError> {
+/// `t` RGBA frames of `h` x `w` (packed, frame after frame), alpha dropped.
+fn rgb_of(rgba: &[u8], t: usize, h: usize, w: usize) -> Result<Vec<u8>, JsError> {
     if t == 0 || rgba.len() != t * h * w * 4 {
         return Err(js_err(format!("expected {t} frames of {w}x{h} RGBA ({} bytes), got {} bytes", t * h * w * 4, rgba.len())));
     }
-    let rgb: Vec<f32> = rgba.chunks_exact(4).flat_map(|p| [p[0] as f32, p[1] as f32, p[2] as f32]).collect();
-    Ok(Tensor::<4>::from_data(TensorData::new(rgb, [t, h, w, 3]), device).permute([0, 3, 1, 2]))
+    Ok(rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect())
 }
 
 #[wasm_bindgen]
@@ -148,8 +148,10 @@ impl VideoRuntime {
 
     /// Encode `t` RGBA frames of `h` x `w` (packed, frame after frame) as the video.
     pub fn encode_video_rgba(&mut self, rgba: Vec<u8>, t: usize, h: usize, w: usize) -> Result<usize, JsError> {
-        let planes = rgb_planes(&rgba, t, h, w, &self.opened.device)?;
-        self.frames = Some(Frames::Rgb { rgb: rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect() });
+        let rgb = rgb_of(&rgba, t, h, w)?;
+        let frames: Vec<&[u8]> = rgb.chunks_exact(h * w * 3).collect();
+        let planes = rgb_planes(&frames, h, w, &self.opened.device);
+        self.frames = Some(Frames::Rgb { rgb });
         Ok(self.set_video(planes))
     }
 
@@ -168,8 +170,8 @@ impl VideoRuntime {
     }
 
     pub fn encode_image_rgba(&mut self, rgba: Vec<u8>, h: usize, w: usize) -> Result<(), JsError> {
-        let planes = rgb_planes(&rgba, 1, h, w, &self.opened.device)?;
-        self.add_image(planes)
+        let rgb = rgb_of(&rgba, 1, h, w)?;
+        self.add_image(rgb_planes(&[&rgb], h, w, &self.opened.device))
     }
 
     fn add_image(&mut self, planes: Tensor<4>) -> Result<(), JsError> {

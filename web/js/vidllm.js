@@ -187,7 +187,10 @@ export class VidLLM {
       if (!adapter) throw new WebGPUNotAvailableError("WebGPU found no adapter; use device: \"cpu\"");
     }
     const gpu = device === "webgpu";
-    const cap = maxBindingBytes ?? undefined;
+    if (maxBindingBytes !== undefined && !(Number.isFinite(maxBindingBytes) && maxBindingBytes > 0)) {
+      throw new RangeError(`maxBindingBytes must be a positive number of bytes, not ${maxBindingBytes}`);
+    }
+    const cap = maxBindingBytes;
     let bytes = null;
     if (model instanceof Uint8Array) bytes = model;
     else if (typeof File !== "undefined" && model instanceof File) bytes = new Uint8Array(await model.arrayBuffer());

@@ -196,6 +196,7 @@ test("bad input gives named errors and the runtime stays usable", { timeout: 900
     console.log(JSON.stringify(out, null, 1));
     assert.match(out.missingModel, /^ModelFetchError: .*404/);
     assert.match(out.missingGguf, /^ModelFetchError: .*404/);
+    assert.match(out.badCap, /^RangeError: maxBindingBytes must be a positive number/);
     assert.match(out.undecodable, /^VideoError: the browser cannot decode this video/);
     assert.match(out.crossOrigin, /^VideoError: cannot read this video's pixels: it is cross-origin/);
     // Aborted after the 2nd piece: the token already being computed may still arrive.

@@ -179,10 +179,7 @@ impl Gguf {
         }
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let len = source.len() as u64;
-        let tensors = raw
-            .into_iter()
-            .map(|t| t.locate(data_start, alignment, len))
-            .collect::<Result<Vec<_>, _>>()?;
+        let tensors = raw.into_iter().map(|t| t.locate(data_start, alignment, len)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self { version, metadata, tensors, alignment, source })
     }
 

@@ -36,7 +36,14 @@ pub struct PreprocessConfig {
 impl PreprocessConfig {
     /// CLIP's defaults at `size` pixels (Video-LLaVA: 224).
     pub fn clip(size: usize) -> Self {
-        Self { shortest_edge: Some(size), crop: Some((size, size)), resample: Resample::Bicubic, rescale: 1.0 / 255.0, mean: CLIP_MEAN, std: CLIP_STD }
+        Self {
+            shortest_edge: Some(size),
+            crop: Some((size, size)),
+            resample: Resample::Bicubic,
+            rescale: 1.0 / 255.0,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
     }
 
     /// Output `(height, width)` for an input of `(h, w)`.

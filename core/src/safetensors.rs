@@ -202,8 +202,8 @@ fn parse_header(buf: &[u8], file: usize, path: &str) -> Result<Header, LoadError
         return Err(trunc("header", 8, n));
     }
     let header = &buf[8..8 + n as usize];
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
-        .map_err(|e| LoadError::Unsupported(format!("{path}: bad safetensors header: {e}")))?;
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| LoadError::Unsupported(format!("{path}: bad safetensors header: {e}")))?;
     let data_start = 8 + n;
     let mut out = Vec::new();
     let mut meta = BTreeMap::new();
@@ -220,12 +220,22 @@ fn parse_header(buf: &[u8], file: usize, path: &str) -> Result<Header, LoadError
         let count = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let bytes = count.zip(dtype.size()).map(|(c, s)| c.saturating_mul(s) as u64);
         if e < b || bytes.is_some_and(|nb| nb != e - b) {
-            return Err(LoadError::BadTensor { name, reason: format!("offsets [{b}, {e}) do not match shape {:?} of {}", info.shape, info.dtype) });
+            return Err(LoadError::BadTensor {
+                name,
+                reason: format!("offsets [{b}, {e}) do not match shape {:?} of {}", info.shape, info.dtype),
+            });
         }
         if data_start + e > len {
             return Err(LoadError::TensorOutOfBounds { name, start: data_start + b, end: data_start + e, len });
         }
-        let view = TensorView { dtype, dtype_name: info.dtype, shape: info.shape, file, start: (data_start + b) as usize, end: (data_start + e) as usize };
+        let view = TensorView {
+            dtype,
+            dtype_name: info.dtype,
+            shape: info.shape,
+            file,
+            start: (data_start + b) as usize,
+            end: (data_start + e) as usize,
+        };
         out.push((name, view));
     }
     Ok((out, meta))
@@ -307,7 +317,10 @@ pub mod writer {
         let mut header = serde_json::Map::new();
         let mut offset = 0usize;
         for e in entries {
-            header.insert(e.name.clone(), serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.data.len()]}));
+            header.insert(
+                e.name.clone(),
+                serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.data.len()]}),
+            );
             offset += e.data.len();
         }
         let mut h = serde_json::to_vec(&header).expect("json");

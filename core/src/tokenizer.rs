@@ -103,7 +103,8 @@ impl Tokenizer {
         let byte_level = json["decoder"]["type"] == "ByteLevel" || json["pre_tokenizer"]["type"] == "ByteLevel";
         let kind = if byte_level { TokenizerKind::ByteLevelBpe } else { TokenizerKind::SentencePiece };
         let n = inner.get_vocab_size(true);
-        let specials: std::collections::HashSet<u32> = inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&i, _)| i).collect();
+        let specials: std::collections::HashSet<u32> =
+            inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&i, _)| i).collect();
         let pieces = (0..n as u32)
             .map(|i| {
                 let t = inner.id_to_token(i).unwrap_or_default();
@@ -164,7 +165,8 @@ impl Tokenizer {
     /// One user message through the model's own chat template, tokenised. BOS is added as
     /// the model asks, unless the template already wrote its text.
     pub fn chat_tokens(&self, user: &str) -> Result<Vec<u32>, crate::GenerateError> {
-        let template = self.chat_template.as_deref().ok_or_else(|| crate::GenerateError::Template("the model has no chat template".into()))?;
+        let template =
+            self.chat_template.as_deref().ok_or_else(|| crate::GenerateError::Template("the model has no chat template".into()))?;
         let bos = self.token_text(self.bos);
         let text = crate::chat::render(template, &[crate::chat::Message::new("user", user)], &bos, &self.token_text(self.eos))?;
         let bos_in_text = self.bos.is_some() && text.starts_with(&bos);
@@ -196,12 +198,7 @@ fn token_types(g: &Gguf, n: usize) -> Result<Vec<i64>, LoadError> {
 fn end_of_generation_ids(tokens: &[&str], eos: Option<u32>, eot: Option<u32>) -> Vec<u32> {
     // llama.cpp also treats these well-known end-of-turn tokens as end of generation.
     const EOG_TEXT: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
-    let mut ids: Vec<u32> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| EOG_TEXT.contains(t))
-        .map(|(i, _)| i as u32)
-        .collect();
+    let mut ids: Vec<u32> = tokens.iter().enumerate().filter(|(_, t)| EOG_TEXT.contains(t)).map(|(i, _)| i as u32).collect();
     ids.extend(eot);
     ids.extend(eos);
     ids.sort_unstable();
@@ -220,7 +217,8 @@ fn byte_level_bpe(g: &Gguf, tokens: &[&str]) -> Result<tokenizers::Tokenizer, Lo
         .into_iter()
         .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(format!("bad merge {m:?}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let bpe = BPE::builder().vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges).build().map_err(tok_err)?;
+    let bpe =
+        BPE::builder().vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges).build().map_err(tok_err)?;
     let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
     let mut tk = tokenizers::Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
@@ -255,7 +253,10 @@ fn sentencepiece(g: &Gguf, tokens: &[&str]) -> Result<tokenizers::Tokenizer, Loa
     let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
     let merges = merges_from_scores(tokens, &scores, &vocab);
     let unk = g.get("tokenizer.ggml.unknown_token_id").and_then(|v| v.as_u64()).and_then(|i| tokens.get(i as usize));
-    let mut b = BPE::builder().vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges).byte_fallback(true).fuse_unk(true);
+    let mut b = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
     if let Some(u) = unk {
         b = b.unk_token(u.to_string());
     }

@@ -80,7 +80,12 @@ impl TryFrom<&ClipVisionConfigJson> for ClipVisionConfig {
             act: Activation::parse(j.hidden_act.as_deref().unwrap_or("quick_gelu"))?,
             eps: j.layer_norm_eps.unwrap_or(1e-5),
         };
-        if j.num_channels.unwrap_or(3) != 3 || c.patch_size == 0 || c.image_size % c.patch_size != 0 || c.n_heads == 0 || c.d_model % c.n_heads != 0 {
+        if j.num_channels.unwrap_or(3) != 3
+            || c.patch_size == 0
+            || c.image_size % c.patch_size != 0
+            || c.n_heads == 0
+            || c.d_model % c.n_heads != 0
+        {
             return Err(LoadError::Unsupported(format!("CLIP vision config {j:?}")));
         }
         Ok(c)

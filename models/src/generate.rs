@@ -146,7 +146,18 @@ impl<'m> Session<'m> {
         let logits = self.prefill_with(prompt, embeds)?;
         let timings = Timings { prompt_tokens: prompt.len(), prefill: t0.elapsed(), ..Default::default() };
         let sampler = Sampler::new(params.sampler.clone());
-        Ok(TokenStream { session: self, tok, params, sampler, logits: Some(logits), text: String::new(), emitted: 0, detok: TextStream::new(), timings, done: false })
+        Ok(TokenStream {
+            session: self,
+            tok,
+            params,
+            sampler,
+            logits: Some(logits),
+            text: String::new(),
+            emitted: 0,
+            detok: TextStream::new(),
+            timings,
+            done: false,
+        })
     }
 }
 

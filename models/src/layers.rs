@@ -53,7 +53,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(ck: &Checkpoint, prefix: &str, n: usize, eps: f64, device: &Device) -> Result<Self, LoadError> {
-        Ok(Self { weight: vector(ck, &format!("{prefix}.weight"), n, device)?, bias: vector(ck, &format!("{prefix}.bias"), n, device)?, eps })
+        Ok(Self {
+            weight: vector(ck, &format!("{prefix}.weight"), n, device)?,
+            bias: vector(ck, &format!("{prefix}.bias"), n, device)?,
+            eps,
+        })
     }
 
     /// # Shapes

@@ -122,7 +122,15 @@ impl KvCache {
 impl Attention {
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`
-    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &Option<Tensor<4>>) -> Tensor<2> {
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        mask: &Option<Tensor<4>>,
+    ) -> Tensor<2> {
         let [t, _] = x.dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let (start, end) = (cache.len, cache.len + t);
@@ -187,7 +195,15 @@ impl Mlp {
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &Option<Tensor<4>>) -> Tensor<2> {
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        mask: &Option<Tensor<4>>,
+    ) -> Tensor<2> {
         let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, cache, layer, mask);
         h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
     }
@@ -230,7 +246,13 @@ impl Llama {
             for start in (0..t).step_by(chunk) {
                 let len = chunk.min(t - start);
                 let last = start + len == t;
-                let want = if which == Logits::All { Logits::All } else if last { Logits::Last } else { Logits::None };
+                let want = if which == Logits::All {
+                    Logits::All
+                } else if last {
+                    Logits::Last
+                } else {
+                    Logits::None
+                };
                 if let Some(y) = self.forward_chunk(x.clone().narrow(0, start, len), cache, want) {
                     outs.push(y);
                 }
@@ -273,8 +295,18 @@ impl Llama {
             .iter()
             .map(|b| {
                 let a = &b.attn;
-                lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o) + bias(&a.q_bias) + bias(&a.k_bias) + bias(&a.v_bias)
-                    + lin(&b.mlp.gate) + lin(&b.mlp.up) + lin(&b.mlp.down) + norm(&b.attn_norm) + norm(&b.mlp_norm)
+                lin(&a.q)
+                    + lin(&a.k)
+                    + lin(&a.v)
+                    + lin(&a.o)
+                    + bias(&a.q_bias)
+                    + bias(&a.k_bias)
+                    + bias(&a.v_bias)
+                    + lin(&b.mlp.gate)
+                    + lin(&b.mlp.up)
+                    + lin(&b.mlp.down)
+                    + norm(&b.attn_norm)
+                    + norm(&b.mlp_norm)
             })
             .sum();
         // RoPE tables are derived state, counted with the weights since they live as long.

@@ -142,7 +142,8 @@ pub fn load_llama_hf(
         let ty = if inp % 32 == 0 { quant.ggml() } else { GgmlType::F32 };
         QuantLinear::from_raw(name, ty, &quantize(ty, &w), out, inp, device)
     };
-    let norm = |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm { weight: vector(ck, name, cfg.d_model, device)?, eps: cfg.rms_eps }) };
+    let norm =
+        |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm { weight: vector(ck, name, cfg.d_model, device)?, eps: cfg.rms_eps }) };
     let (q_out, kv_out) = (cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head);
     let blocks = (0..cfg.n_layers)
         .map(|i| {

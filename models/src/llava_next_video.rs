@@ -54,12 +54,20 @@ impl LlavaNextVideo {
     }
 
     /// Build from a checkpoint already open (from files or from memory) and its config.
-    pub fn from_checkpoint(ck: &Checkpoint, cfg: &LlavaNextVideoConfigJson, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(
+        ck: &Checkpoint,
+        cfg: &LlavaNextVideoConfigJson,
+        quant: QuantChoice,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
         if cfg.spatial_pool_mode.as_deref().unwrap_or("average") != "average" {
             return Err(LoadError::Unsupported(format!("spatial_pool_mode {:?} (supported: average)", cfg.spatial_pool_mode)));
         }
         if cfg.vision_feature_select_strategy.as_deref().unwrap_or("default") != "default" {
-            return Err(LoadError::Unsupported(format!("vision_feature_select_strategy {:?} for video", cfg.vision_feature_select_strategy)));
+            return Err(LoadError::Unsupported(format!(
+                "vision_feature_select_strategy {:?} for video",
+                cfg.vision_feature_select_strategy
+            )));
         }
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));

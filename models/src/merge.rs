@@ -65,5 +65,7 @@ pub fn merge_embeddings(decoder: &Llama, ids: &[u32], visuals: &[Visual]) -> Res
 
 fn mismatch(token: u32, ids: &[u32], features: usize) -> LoadError {
     let placeholders = ids.iter().filter(|&&i| i == token).count();
-    LoadError::Unsupported(format!("visual tokens and features do not match: {placeholders} placeholder tokens (id {token}), {features} features"))
+    LoadError::Unsupported(format!(
+        "visual tokens and features do not match: {placeholders} placeholder tokens (id {token}), {features} features"
+    ))
 }

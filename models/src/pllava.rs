@@ -53,7 +53,8 @@ mod names {
     pub const TOWER: [&str; 3] = ["vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower."];
     pub const PROJECTOR: [&str; 2] = ["multi_modal_projector.", "model.multi_modal_projector."];
     /// PEFT-wrapped decoder first, then plain (already merged) layouts.
-    pub const LANGUAGE: [&str; 4] = ["language_model.base_model.model.model.", "language_model.model.", "model.language_model.", "language_model."];
+    pub const LANGUAGE: [&str; 4] =
+        ["language_model.base_model.model.model.", "language_model.model.", "model.language_model.", "language_model."];
     pub const LM_HEAD: [&str; 3] = ["language_model.base_model.model.lm_head.weight", "language_model.lm_head.weight", "lm_head.weight"];
     pub const BASE: &str = "base_layer.weight";
     pub const LORA_A: &str = "lora_A.default.weight";
@@ -107,7 +108,13 @@ pub struct Pllava {
 impl Pllava {
     /// Load, merging LoRA with `lora_alpha` (default: 4, PLLaVA's serving value) and
     /// pooling to `pool` (default: the config's).
-    pub fn load(dir: &Path, quant: QuantChoice, lora_alpha: Option<f32>, pool: Option<[usize; 3]>, device: &Device) -> Result<Self, LoadError> {
+    pub fn load(
+        dir: &Path,
+        quant: QuantChoice,
+        lora_alpha: Option<f32>,
+        pool: Option<[usize; 3]>,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
         let cfg: PllavaConfigJson = read_config(dir)?;
         Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, lora_alpha, pool, device)
     }

@@ -95,8 +95,10 @@ pub fn find_prefix(ck: &Checkpoint, candidates: &[&str], probe: &str) -> Result<
 /// Key prefixes across transformers <=4.51 (and what 4.52+ still writes), the in-memory
 /// 4.52-5.5 layout, and >=5.6 (no `vision_model.`).
 pub mod names {
-    pub const VIDEO_TOWER: [&str; 4] = ["video_tower.vision_model.", "model.video_tower.vision_model.", "video_tower.", "model.video_tower."];
-    pub const IMAGE_TOWER: [&str; 4] = ["image_tower.vision_model.", "model.image_tower.vision_model.", "image_tower.", "model.image_tower."];
+    pub const VIDEO_TOWER: [&str; 4] =
+        ["video_tower.vision_model.", "model.video_tower.vision_model.", "video_tower.", "model.video_tower."];
+    pub const IMAGE_TOWER: [&str; 4] =
+        ["image_tower.vision_model.", "model.image_tower.vision_model.", "image_tower.", "model.image_tower."];
     pub const PROJECTOR: [&str; 2] = ["multi_modal_projector.", "model.multi_modal_projector."];
     pub const LANGUAGE: [&str; 3] = ["language_model.model.", "model.language_model.", "language_model."];
     pub const LM_HEAD: [&str; 2] = ["language_model.lm_head.weight", "lm_head.weight"];

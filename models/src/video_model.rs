@@ -25,7 +25,8 @@ pub enum Arch {
 impl Arch {
     /// The architecture a `config.json` names; unsupported ones are refused by name.
     pub fn of_config(config_json: &str) -> Result<Self, LoadError> {
-        let v: serde_json::Value = serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json is not JSON: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json is not JSON: {e}")))?;
         match v["model_type"].as_str() {
             Some("video_llava") => Ok(Self::VideoLlava),
             Some("pllava") => Ok(Self::Pllava),
@@ -79,7 +80,9 @@ impl VideoModel {
     pub fn from_checkpoint(config_json: &str, ck: &Checkpoint, opts: LoadOptions, device: &Device) -> Result<Self, LoadError> {
         Ok(match Arch::of_config(config_json)? {
             Arch::VideoLlava => Self::VideoLlava(VideoLlava::from_checkpoint(ck, &parse(config_json)?, opts.quant, device)?),
-            Arch::Pllava => Self::Pllava(Pllava::from_checkpoint(ck, &parse(config_json)?, opts.quant, opts.lora_alpha, opts.pool, device)?),
+            Arch::Pllava => {
+                Self::Pllava(Pllava::from_checkpoint(ck, &parse(config_json)?, opts.quant, opts.lora_alpha, opts.pool, device)?)
+            }
             Arch::LlavaNextVideo => Self::LlavaNextVideo(LlavaNextVideo::from_checkpoint(ck, &parse(config_json)?, opts.quant, device)?),
         })
     }

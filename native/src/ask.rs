@@ -142,7 +142,11 @@ impl FrameSource {
                 if per == 0 || bytes.is_empty() || bytes.len() % per != 0 {
                     bail!("{path}: {} bytes is not a whole number of {width}x{height} RGB frames", bytes.len());
                 }
-                Ok(bytes.chunks(per).enumerate().map(|(i, c)| Frame { index: i, pts: 0.0, width: *width, height: *height, rgb: c.to_vec() }).collect())
+                Ok(bytes
+                    .chunks(per)
+                    .enumerate()
+                    .map(|(i, c)| Frame { index: i, pts: 0.0, width: *width, height: *height, rgb: c.to_vec() })
+                    .collect())
             }
         }
     }
@@ -172,7 +176,8 @@ pub fn run(a: AskArgs) -> Result<()> {
 
     let t0 = Instant::now();
     let frames = source.frames(policy)?;
-    let images: Vec<Frame> = a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
+    let images: Vec<Frame> =
+        a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let video_px = pixels(&frames, &pcfg, &device);
@@ -211,16 +216,26 @@ pub fn run(a: AskArgs) -> Result<()> {
     let t = stream.timings.clone();
     if a.json {
         let frames_json: Vec<_> = frames.iter().map(|f| json!({"index": f.index, "pts": f.pts})).collect();
-        writeln!(out, "{}", json!({
-            "frames": frames_json, "visual_tokens": visual_tokens, "prompt_tokens": ids, "tokens": tokens,
-            "text": stream.text(),
-            "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
-                        "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
-            "device": picked.name,
-        }))?;
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "frames": frames_json, "visual_tokens": visual_tokens, "prompt_tokens": ids, "tokens": tokens,
+                "text": stream.text(),
+                "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
+                            "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
+                "device": picked.name,
+            })
+        )?;
     } else {
         writeln!(out, "{tail}")?;
-        eprintln!("prefill {:.1} ms ({} tokens) | generated {} tokens, {:.1} tok/s", t.prefill.as_secs_f64() * 1e3, t.prompt_tokens, t.generated, t.decode_tok_s());
+        eprintln!(
+            "prefill {:.1} ms ({} tokens) | generated {} tokens, {:.1} tok/s",
+            t.prefill.as_secs_f64() * 1e3,
+            t.prompt_tokens,
+            t.generated,
+            t.decode_tok_s()
+        );
     }
     Ok(())
 }
@@ -257,7 +272,12 @@ fn interactive(
         let mut out = std::io::stdout().lock();
         drain(&mut stream, &mut out, true)?;
         writeln!(out, "{}", stream.finish())?;
-        eprintln!("[prefill {} tokens in {:.1} ms | {:.1} tok/s]", stream.timings.prompt_tokens, stream.timings.prefill.as_secs_f64() * 1e3, stream.timings.decode_tok_s());
+        eprintln!(
+            "[prefill {} tokens in {:.1} ms | {:.1} tok/s]",
+            stream.timings.prompt_tokens,
+            stream.timings.prefill.as_secs_f64() * 1e3,
+            stream.timings.decode_tok_s()
+        );
         eprint!("> ");
     }
     Ok(())

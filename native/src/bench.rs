@@ -75,11 +75,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let tg: Vec<f64> = (0..reps).map(|_| decode_rate(m, a.gen_tokens)).collect::<Result<_>>()?;
     let ((pp_m, pp_s), (tg_m, tg_s)) = (stats(&pp), stats(&tg));
     if a.json {
-        println!("{}", json!({
-            "device": rt.device_name, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
-            "prefill_tok_s": pp_m, "prefill_sd": pp_s, "decode_tok_s": tg_m, "decode_sd": tg_s,
-            "weights_device_bytes": m.weights_device_bytes(), "file_bytes": rt.file_bytes,
-        }));
+        println!(
+            "{}",
+            json!({
+                "device": rt.device_name, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+                "prefill_tok_s": pp_m, "prefill_sd": pp_s, "decode_tok_s": tg_m, "decode_sd": tg_s,
+                "weights_device_bytes": m.weights_device_bytes(), "file_bytes": rt.file_bytes,
+            })
+        );
     } else {
         println!("| model | device | test | t/s |\n|---|---|---|---|");
         println!("| {} | {} | pp{} | {pp_m:.2} ± {pp_s:.2} |", a.model.model, rt.device_name, a.prompt_tokens);

@@ -74,10 +74,23 @@ pub fn run(a: ChatArgs) -> Result<()> {
     if prompt.len() + 1 > rt.context {
         return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: rt.context, reserve: 1 }.into());
     }
-    eprintln!("device: {}  load: {:.2}s  weights on device: {:.1} MiB", rt.device_name, rt.load_time.as_secs_f64(), rt.model.weights_device_bytes() as f64 / 1048576.0);
+    eprintln!(
+        "device: {}  load: {:.2}s  weights on device: {:.1} MiB",
+        rt.device_name,
+        rt.load_time.as_secs_f64(),
+        rt.model.weights_device_bytes() as f64 / 1048576.0
+    );
     let params = GenerateParams {
         max_tokens: a.max_tokens,
-        sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, min_p: a.min_p, repeat_penalty: a.repeat_penalty, seed: a.seed, ..Default::default() },
+        sampler: SamplerConfig {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            seed: a.seed,
+            ..Default::default()
+        },
         stop: a.stop.clone(),
     };
     let mut session = Session::new(&rt.model, rt.context);
@@ -100,7 +113,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
     }
     eprintln!(
         "prompt: {} tok, prefill {:.1} tok/s | generated: {} tok, decode {:.1} tok/s",
-        t.prompt_tokens, t.prefill_tok_s(), t.generated, t.decode_tok_s()
+        t.prompt_tokens,
+        t.prefill_tok_s(),
+        t.generated,
+        t.decode_tok_s()
     );
     Ok(())
 }

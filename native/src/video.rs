@@ -6,11 +6,11 @@
 //! in decode order instead, keeping only the targets.
 
 use anyhow::{Context, Result, anyhow, bail};
-use ffmpeg_next as ffmpeg;
 use ffmpeg::format::Pixel;
 use ffmpeg::media::Type;
 use ffmpeg::software::scaling::{context::Context as Scaler, flag::Flags};
 use ffmpeg::util::frame::video::Video as AvFrame;
+use ffmpeg_next as ffmpeg;
 use vidllm_core::sampling::Sampling;
 
 /// Largest frame accepted (8K UHD); larger ones are refused before decoding.
@@ -100,7 +100,10 @@ impl VideoReader {
         indices
             .iter()
             .map(|i| {
-                decoded.iter().find(|(t, _)| t == i).map(|(_, f)| f.clone())
+                decoded
+                    .iter()
+                    .find(|(t, _)| t == i)
+                    .map(|(_, f)| f.clone())
                     .ok_or_else(|| anyhow!("{}: frame {i} could not be decoded (the stream ends early or is corrupt)", self.path))
             })
             .collect()

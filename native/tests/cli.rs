@@ -51,7 +51,15 @@ fn bad_files_give_one_line_errors() {
         ("truncated.gguf", real[..real.len() / 2].to_vec(), "beyond the end"),
         ("header-only.gguf", real[..100].to_vec(), "truncated"),
         ("magic.gguf", b"GGML\x03\0\0\0".to_vec(), "not a gguf"),
-        ("version.gguf", { let mut b = real[..64].to_vec(); b[4] = 7; b }, "version 7"),
+        (
+            "version.gguf",
+            {
+                let mut b = real[..64].to_vec();
+                b[4] = 7;
+                b
+            },
+            "version 7",
+        ),
         ("empty.gguf", Vec::new(), "truncated"),
         ("type.gguf", tiny_gguf(&[], 77, vec![16]), "unknown"),
         ("dims.gguf", tiny_gguf(&[], 0, vec![1 << 31, 1 << 31, 1 << 31]), "dimension"),

@@ -9,9 +9,9 @@ use serde_json::Value as Json;
 use vidllm_tests::fixture;
 
 fn clips() -> PathBuf {
-    let p = PathBuf::from(std::env::var("VIDLLM_CLIPS").unwrap_or_else(|_| {
-        format!("{}/.cache/vidllm/clips", std::env::var("HOME").unwrap_or_default())
-    }));
+    let p = PathBuf::from(
+        std::env::var("VIDLLM_CLIPS").unwrap_or_else(|_| format!("{}/.cache/vidllm/clips", std::env::var("HOME").unwrap_or_default())),
+    );
     assert!(p.join("bigbuckbunny.mp4").exists(), "{} has no clips: run tests/scripts/fetch_clips.sh", p.display());
     p
 }
@@ -45,7 +45,20 @@ fn run(args: &[&str]) -> (bool, String, String) {
 
 fn ask(video: &str, extra: &[&str]) -> (bool, String, String) {
     let model = fixture("tiny_video_llava");
-    let mut args = vec!["ask", "--model", model.to_str().unwrap(), "--video", video, "--prompt", "What happens?", "--quant", "f32", "--max-tokens", "6", "--json"];
+    let mut args = vec![
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--video",
+        video,
+        "--prompt",
+        "What happens?",
+        "--quant",
+        "f32",
+        "--max-tokens",
+        "6",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     if !extra.contains(&"--device") {
         args.extend_from_slice(&["--device", "cpu"]);
@@ -67,7 +80,8 @@ fn cli_frames(path: &str, indices: &[u64], w: usize, h: usize) -> Vec<Vec<u8>> {
 
 /// Our frames (through `ask --json` for the indices, and the reader via `frames` dump).
 fn check_against_cli(path: &str) {
-    let (ok, out, err) = run(&["frames", "--video", path, "--frames", "8", "--sampling", "hf", "--dump", tmp("dump.rgb").to_str().unwrap()]);
+    let (ok, out, err) =
+        run(&["frames", "--video", path, "--frames", "8", "--sampling", "hf", "--dump", tmp("dump.rgb").to_str().unwrap()]);
     assert!(ok, "{err}");
     let v: Json = serde_json::from_str(&out).unwrap();
     let (w, h) = (v["width"].as_u64().unwrap() as usize, v["height"].as_u64().unwrap() as usize);
@@ -106,7 +120,21 @@ fn ask_streams_an_answer_about_a_real_clip() {
     assert_eq!(v["tokens"].as_array().unwrap().len(), 6);
     // Streaming (no --json): the answer goes to stdout, the stage timings to stderr.
     let model = fixture("tiny_video_llava");
-    let (ok, _, err) = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "Hi", "--device", "cpu", "--max-tokens", "4", "--sampling", "linspace"]);
+    let (ok, _, err) = run(&[
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--video",
+        clip.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "4",
+        "--sampling",
+        "linspace",
+    ]);
     assert!(ok, "{err}");
     assert!(err.contains("#131@") && err.contains("visual tokens: 40") && err.contains("encode"), "{err}");
 }
@@ -165,8 +193,28 @@ fn bad_model_folders_give_one_line_errors() {
 fn ask_runs_pllava_folders_with_pool_and_lora_alpha() {
     let clip = clips().join("bikes.mp4");
     let model = fixture("tiny_pllava");
-    let (ok, out, err) = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "Describe",
-        "--frames", "16", "--sampling", "pllava", "--pool", "4,2,2", "--lora-alpha", "8", "--max-tokens", "5", "--device", "cpu", "--json"]);
+    let (ok, out, err) = run(&[
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--video",
+        clip.to_str().unwrap(),
+        "--prompt",
+        "Describe",
+        "--frames",
+        "16",
+        "--sampling",
+        "pllava",
+        "--pool",
+        "4,2,2",
+        "--lora-alpha",
+        "8",
+        "--max-tokens",
+        "5",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     let v: Json = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["visual_tokens"], 16);
@@ -178,8 +226,22 @@ fn ask_runs_pllava_folders_with_pool_and_lora_alpha() {
 fn ask_runs_llava_next_video_folders() {
     let clip = clips().join("carphone_pristine.mp4");
     let model = fixture("tiny_llava_next_video");
-    let (ok, out, err) = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "Describe",
-        "--frames", "4", "--max-tokens", "3", "--device", "cpu", "--json"]);
+    let (ok, out, err) = run(&[
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--video",
+        clip.to_str().unwrap(),
+        "--prompt",
+        "Describe",
+        "--frames",
+        "4",
+        "--max-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     let v: Json = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["visual_tokens"], 16); // 4 frames x (4x4 patches pooled 2x2)
@@ -201,11 +263,8 @@ fn follow_up_questions_reuse_the_encoded_video() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let prefills: Vec<usize> = err
-        .lines()
-        .filter_map(|l| l.split("[prefill ").nth(1))
-        .map(|s| s.split(' ').next().unwrap().parse().unwrap())
-        .collect();
+    let prefills: Vec<usize> =
+        err.lines().filter_map(|l| l.split("[prefill ").nth(1)).map(|s| s.split(' ').next().unwrap().parse().unwrap()).collect();
     assert_eq!(prefills.len(), 2, "{err}");
     assert!(prefills[0] > 40, "first turn carries the 40 visual tokens: {prefills:?}");
     assert!(prefills[1] < 20, "the follow-up pays only for its own tokens: {prefills:?}");

@@ -8,15 +8,18 @@
 //! - CPU (`Flex`): the same arithmetic in Rust, parallel over output rows (`cpu.rs`).
 //! Model code calls [`QuantMatrix::forward`] and never branches on the device.
 
-use burn::backend::{Backend, backend_extension, tensor::{FloatTensor, IntTensor}};
-use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData, Device};
+use burn::backend::{
+    Backend, backend_extension,
+    tensor::{FloatTensor, IntTensor},
+};
+use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_core::ggml::GgmlType;
 
 mod block;
 pub mod cpu;
+pub mod cube;
 pub mod device;
 pub mod preprocess;
-pub mod cube;
 
 /// Largest number of rows of `x` that takes the GEMV path (decode, small batches).
 pub const GEMV_MAX_M: usize = 8;
@@ -105,7 +108,13 @@ impl QuantMatrix {
     /// - x: `[m, k]` -> `[m, n]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let band = |b: &Band, x: Tensor<2>| {
-            let y = <burn::backend::Dispatch as QuantOps>::q_matmul(x.into_dispatch(), b.words.clone().into_dispatch(), self.ty.id(), b.n, self.k);
+            let y = <burn::backend::Dispatch as QuantOps>::q_matmul(
+                x.into_dispatch(),
+                b.words.clone().into_dispatch(),
+                self.ty.id(),
+                b.n,
+                self.k,
+            );
             Tensor::<2>::from_dispatch(y)
         };
         match self.bands.as_slice() {

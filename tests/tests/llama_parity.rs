@@ -98,7 +98,11 @@ fn teacher_forcing(model: &Llama, f: &Fixture, device_name: &str) -> Vec<f32> {
             compared += 1;
             assert_eq!(argmax(row), ref_id, "{device_name}: case {} position {pos} (margin {:.2})", c.name, c.margin(pos));
         }
-        println!("{device_name} {}: {compared}/{} positions compared, max |logit - llama.cpp| on its top-1: {worst:.3}", c.name, c.sequence.len());
+        println!(
+            "{device_name} {}: {compared}/{} positions compared, max |logit - llama.cpp| on its top-1: {worst:.3}",
+            c.name,
+            c.sequence.len()
+        );
         assert!(compared * 2 >= c.sequence.len(), "too few clear positions in {}", c.name);
         if first.is_empty() {
             first = all;

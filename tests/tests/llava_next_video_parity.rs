@@ -11,7 +11,6 @@ use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
 use vidllm_models::{KvCache, Logits};
 use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
 
-
 #[test]
 fn llava_next_video_matches_transformers_on_every_device() {
     let r = Checkpoint::open_files(&[fixture("tiny_llava_next_video_ref.safetensors")]).unwrap();

@@ -17,8 +17,6 @@ fn reference() -> Checkpoint {
     Checkpoint::open_files(&[fixture("tiny_pllava_ref.safetensors")]).unwrap()
 }
 
-
-
 #[test]
 fn adaptive_avg_pool3d_matches_torch_on_non_divisible_shapes() {
     let r = reference();
@@ -46,7 +44,12 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
         let model = Pllava::load(&fixture("tiny_pllava"), QuantChoice::F32, Some(alpha), None, &device).unwrap();
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [s[0], s[1], s[2], s[3]]), &device);
         let projected = model.projected(pixels.clone());
-        check_stage("projector (before pooling)", &name, &projected.into_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").unwrap().0);
+        check_stage(
+            "projector (before pooling)",
+            &name,
+            &projected.into_data().try_into_vec::<f32>().unwrap(),
+            &r.f32("projected").unwrap().0,
+        );
         let features = model.video_features(pixels);
         check_stage("pooled tokens", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("pooled").unwrap().0);
         let visual = [Visual { token: model.image_token, features, per_placeholder: model.video_tokens() }];

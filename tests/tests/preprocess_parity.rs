@@ -2,9 +2,9 @@
 //! transformers image processor's `pixel_values_videos` (PIL resampling; vidllm works in
 //! floating point where PIL uses fixed point, so one 8-bit level of difference is allowed).
 
+use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson, reference};
 use vidllm_core::safetensors::Checkpoint;
-use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_shaders::preprocess::{preprocess, preprocess_planes, unpack_rgba_words};
 use vidllm_tests::{fixture, test_devices};
 
@@ -13,7 +13,8 @@ fn device_preprocessing_matches_cpu_reference_and_transformers() {
     let ck = Checkpoint::open_files(&[fixture("tiny_video_llava_ref.safetensors")]).unwrap();
     let (frames, shape) = ck.raw("frames").map(|(b, _, s)| (b.to_vec(), s)).unwrap(); // [t, h, w, 3] u8
     let (t, h, w) = (shape[0], shape[1], shape[2]);
-    let json: PreprocessorJson = serde_json::from_str(&std::fs::read_to_string(fixture("tiny_video_llava/preprocessor_config.json")).unwrap()).unwrap();
+    let json: PreprocessorJson =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_video_llava/preprocessor_config.json")).unwrap()).unwrap();
     let cfg = json.resolve(&PreprocessConfig::clip(224)).unwrap();
     let (want, _) = ck.f32("pixel_values_videos").unwrap();
     let per = h * w * 3;
@@ -22,7 +23,10 @@ fn device_preprocessing_matches_cpu_reference_and_transformers() {
     let level = 1.0 / (255.0 * cfg.std.iter().copied().fold(f32::MAX, f32::min));
     let off_by_more = cpu.iter().zip(&want).filter(|(a, b)| (*a - *b).abs() > level * 1.01).count();
     let max_diff = cpu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    println!("cpu reference vs transformers: max |diff| {max_diff:.4} ({:.2} levels), {off_by_more} values off by more than one level", max_diff / level);
+    println!(
+        "cpu reference vs transformers: max |diff| {max_diff:.4} ({:.2} levels), {off_by_more} values off by more than one level",
+        max_diff / level
+    );
     assert_eq!(off_by_more, 0);
     let slices: Vec<&[u8]> = frames.chunks(per).collect();
     for (name, device) in test_devices() {
@@ -43,7 +47,8 @@ fn packed_rgba_frames_preprocess_like_rgb_frames() {
     let ck = Checkpoint::open_files(&[fixture("tiny_video_llava_ref.safetensors")]).unwrap();
     let (frames, shape) = ck.raw("frames").map(|(b, _, s)| (b.to_vec(), s)).unwrap();
     let (t, h, w) = (shape[0], shape[1], shape[2]);
-    let json: PreprocessorJson = serde_json::from_str(&std::fs::read_to_string(fixture("tiny_video_llava/preprocessor_config.json")).unwrap()).unwrap();
+    let json: PreprocessorJson =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_video_llava/preprocessor_config.json")).unwrap()).unwrap();
     let cfg = json.resolve(&PreprocessConfig::clip(224)).unwrap();
     let row_words = (w * 4).next_multiple_of(256) / 4;
     let mut words = vec![0xdead_beefu32; t * h * row_words];

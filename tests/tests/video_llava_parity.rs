@@ -31,8 +31,6 @@ impl Reference {
     }
 }
 
-
-
 #[test]
 fn tokenizer_json_gives_the_fixture_ids() {
     let r = Reference::load();
@@ -98,7 +96,12 @@ fn image_and_video_in_one_prompt_match_transformers() {
         let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
         let image = Tensor::<4>::from_data(TensorData::new(ipix.clone(), [is[0], 3, is[2], is[3]]), &device);
         let image_features = model.image_features(image);
-        check_stage("image features (class token dropped)", &name, &image_features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("image_features").0);
+        check_stage(
+            "image features (class token dropped)",
+            &name,
+            &image_features.to_data().try_into_vec::<f32>().unwrap(),
+            &r.f32("image_features").0,
+        );
         let video = Tensor::<4>::from_data(TensorData::new(vpix.clone(), [vs[1], 3, vs[3], vs[4]]), &device);
         let n_img = image_features.dims()[0];
         let visuals = [

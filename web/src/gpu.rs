@@ -208,17 +208,24 @@ impl FrameTexture {
         // Zero-filled, so the runtime counts the buffer as written before we copy into it.
         let words = Tensor::<3, Int>::zeros(shape, TensorCreationOptions::new(burn.clone()).with_dtype(DType::U32));
         let prim = words.clone().try_into_primitive::<Wgpu>().map_err(|e| js_err(format!("frames: {e:?}")))?;
-        let res = prim
-            .client
-            .get_resource::<WgpuServer<AutoCompiler>>(prim.handle.clone())
-            .map_err(|e| js_err(format!("frames: {e:?}")))?;
+        let res =
+            prim.client.get_resource::<WgpuServer<AutoCompiler>>(prim.handle.clone()).map_err(|e| js_err(format!("frames: {e:?}")))?;
         let res = res.resource();
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("vidllm frames") });
         enc.copy_texture_to_buffer(
-            wgpu::TexelCopyTextureInfo { texture: &self.texture, mip_level: 0, origin: wgpu::Origin3d::ZERO, aspect: wgpu::TextureAspect::All },
+            wgpu::TexelCopyTextureInfo {
+                texture: &self.texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
             wgpu::TexelCopyBufferInfo {
                 buffer: &res.buffer,
-                layout: wgpu::TexelCopyBufferLayout { offset: res.offset, bytes_per_row: Some(row_words as u32 * 4), rows_per_image: Some(self.height) },
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: res.offset,
+                    bytes_per_row: Some(row_words as u32 * 4),
+                    rows_per_image: Some(self.height),
+                },
             },
             wgpu::Extent3d { width: self.width, height: self.height, depth_or_array_layers: self.frames },
         );

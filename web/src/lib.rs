@@ -56,7 +56,11 @@ async fn read_row(t: Tensor<2>) -> Result<Vec<f32>, JsError> {
 /// before any state changes.
 fn check_room(cache: &KvCache, input: usize) -> Result<(), JsError> {
     if cache.len + input + 1 > cache.capacity {
-        return Err(js_err(format!("the prompt needs {} tokens of context but the context holds {}", cache.len + input + 1, cache.capacity)));
+        return Err(js_err(format!(
+            "the prompt needs {} tokens of context but the context holds {}",
+            cache.len + input + 1,
+            cache.capacity
+        )));
     }
     Ok(())
 }
@@ -199,4 +203,3 @@ impl Runtime {
         }
     }
 }
-

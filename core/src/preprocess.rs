@@ -12,6 +12,8 @@ use serde::Deserialize;
 use crate::error::LoadError;
 
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+// The values as OpenAI publishes them (f32 rounds the last digit away).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

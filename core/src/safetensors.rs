@@ -174,17 +174,23 @@ impl Checkpoint {
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
+    let text = std::fs::read_to_string(index).map_err(|source| LoadError::Open { path: index.display().to_string(), source })?;
+    shard_names(&text, &index.display().to_string())
+}
+
+/// The shard file names a `model.safetensors.index.json` (its text; `what` names it in
+/// errors) lists, sorted and once each. Names that could leave the folder are refused.
+pub fn shard_names(index_json: &str, what: &str) -> Result<Vec<String>, LoadError> {
     #[derive(Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|source| LoadError::Open { path: index.display().to_string(), source })?;
-    let idx: Index = serde_json::from_str(&text).map_err(|e| LoadError::Unsupported(format!("{}: {e}", index.display())))?;
+    let idx: Index = serde_json::from_str(index_json).map_err(|e| LoadError::Unsupported(format!("{what}: {e}")))?;
     let mut files: Vec<String> = idx.weight_map.into_values().collect();
     files.sort();
     files.dedup();
     if let Some(bad) = files.iter().find(|f| f.contains('/') || f.contains("..") || !f.ends_with(".safetensors")) {
-        return Err(LoadError::Unsupported(format!("shard name {bad:?} in {}", index.display())));
+        return Err(LoadError::Unsupported(format!("shard name {bad:?} in {what}")));
     }
     Ok(files)
 }

@@ -27,6 +27,33 @@ impl std::fmt::Display for SamplingError {
 impl std::error::Error for SamplingError {}
 
 impl Sampling {
+    /// A policy by name (`hf`, `linspace`, `pllava`, `fps`), as the CLI and the browser
+    /// package take it: `n` frames, or with `fps`, `fps` frames a second and at most
+    /// `max_frames`.
+    pub fn from_name(name: &str, n: usize, fps: f64, max_frames: usize) -> Result<Self, SamplingError> {
+        Ok(match name {
+            "hf" => Sampling::Hf { n },
+            "linspace" => Sampling::Linspace { n },
+            "pllava" => Sampling::Pllava { n },
+            "fps" => Sampling::Fps { fps, max_frames },
+            o => return Err(SamplingError(format!("unknown sampling {o:?} (hf, linspace, pllava, fps)"))),
+        })
+    }
+
+    /// Sampling times in seconds for a video of `duration` seconds whose frames come
+    /// `frame_rate` a second: the policy's frame indices on that grid, as times. What a
+    /// browser asks for, where a `<video>` tells its duration but gives no frame numbers.
+    pub fn times(&self, duration: f64, frame_rate: f64) -> Result<Vec<f64>, SamplingError> {
+        if !(duration.is_finite() && duration > 0.0) {
+            return Err(SamplingError(format!("the video has no usable duration ({duration} s)")));
+        }
+        if !(frame_rate.is_finite() && frame_rate > 0.0) {
+            return Err(SamplingError(format!("bad frame rate {frame_rate}")));
+        }
+        let total = ((duration * frame_rate).round() as usize).max(1);
+        Ok(self.indices(total, frame_rate)?.into_iter().map(|i| i as f64 / frame_rate).collect())
+    }
+
     /// Frame indices for a video of `total` frames at `src_fps`.
     pub fn indices(&self, total: usize, src_fps: f64) -> Result<Vec<usize>, SamplingError> {
         let asked = match *self {
@@ -61,7 +88,9 @@ impl Sampling {
                 (0..n).map(|i| (seg / 2.0) as usize + round_half_even(seg * i as f64) as usize).collect()
             }
             Sampling::Fps { fps, max_frames } => {
-                if !(fps > 0.0) || !(src_fps > 0.0) {
+                // Positive and finite (an infinite rate would never leave the first frame).
+                let rate = |r: f64| r.is_finite() && r > 0.0;
+                if !(rate(fps) && rate(src_fps)) {
                     return Err(SamplingError(format!("bad frame rate (sampling {fps} fps from a {src_fps} fps video)")));
                 }
                 let every: Vec<usize> = (0..).map(|k| (k as f64 * src_fps / fps).round() as usize).take_while(|&i| i < total).collect();
@@ -104,6 +133,20 @@ mod tests {
     fn fps_policy_caps_the_count() {
         assert_eq!(Sampling::Fps { fps: 1.0, max_frames: 10 }.indices(132, 25.0).unwrap(), vec![0, 25, 50, 75, 100, 125]);
         assert_eq!(Sampling::Fps { fps: 5.0, max_frames: 3 }.indices(132, 25.0).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn times_are_the_indices_on_the_frame_grid() {
+        // A 5-minute clip at 30 fps, 1 frame a second, at most 32: spread over the whole clip.
+        let t = Sampling::Fps { fps: 1.0, max_frames: 32 }.times(300.0, 30.0).unwrap();
+        assert_eq!(t.len(), 32);
+        assert_eq!(t[0], 0.0);
+        assert!(t[31] > 290.0, "{t:?}");
+        let i = Sampling::Hf { n: 8 }.indices(132, 25.0).unwrap();
+        let t = Sampling::Hf { n: 8 }.times(132.0 / 25.0, 25.0).unwrap();
+        assert_eq!(t, i.iter().map(|&i| i as f64 / 25.0).collect::<Vec<_>>());
+        assert!(Sampling::Hf { n: 8 }.times(f64::NAN, 25.0).is_err());
+        assert!(Sampling::from_name("nope", 8, 1.0, 8).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - `gpt2`: byte-level BPE; the pre-tokeniser follows `tokenizer.ggml.pre` (llama.cpp's
 //!   `llama-vocab.cpp` lists the regexes per type).
 //! - `llama`: SentencePiece BPE with byte fallback; merges are rebuilt from the scores.
+//!
 //! Control and user-defined tokens are added as special tokens, so a rendered chat template
 //! (`<|im_start|>`) maps to their ids.
 //!
@@ -162,14 +163,19 @@ impl Tokenizer {
         id.map(|i| String::from_utf8_lossy(self.token_bytes(i)).into_owned()).unwrap_or_default()
     }
 
-    /// One user message through the model's own chat template, tokenised. BOS is added as
-    /// the model asks, unless the template already wrote its text.
-    pub fn chat_tokens(&self, user: &str) -> Result<Vec<u32>, crate::GenerateError> {
+    /// `messages` through the model's own chat template, ending with the assistant's turn
+    /// opened.
+    pub fn render_chat(&self, messages: &[crate::chat::Message]) -> Result<String, crate::GenerateError> {
         let template =
             self.chat_template.as_deref().ok_or_else(|| crate::GenerateError::Template("the model has no chat template".into()))?;
-        let bos = self.token_text(self.bos);
-        let text = crate::chat::render(template, &[crate::chat::Message::new("user", user)], &bos, &self.token_text(self.eos))?;
-        let bos_in_text = self.bos.is_some() && text.starts_with(&bos);
+        crate::chat::render(template, messages, &self.token_text(self.bos), &self.token_text(self.eos))
+    }
+
+    /// `messages` through the model's own chat template, tokenised. BOS is added as the
+    /// model asks, unless the template already wrote its text.
+    pub fn chat_tokens(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>, crate::GenerateError> {
+        let text = self.render_chat(messages)?;
+        let bos_in_text = self.bos.is_some() && text.starts_with(&self.token_text(self.bos));
         self.encode(&text, self.add_bos && !bos_in_text).map_err(|e| crate::GenerateError::Tokenizer(e.to_string()))
     }
 
@@ -295,10 +301,10 @@ fn piece_bytes(kind: TokenizerKind, token: &str, ty: i64) -> Vec<u8> {
     match kind {
         TokenizerKind::ByteLevelBpe => token.chars().map(|c| unicode_to_byte(c).unwrap_or(b'?')).collect(),
         TokenizerKind::SentencePiece => {
-            if let Some(hex) = token.strip_prefix("<0x").and_then(|s| s.strip_suffix('>')) {
-                if let Ok(b) = u8::from_str_radix(hex, 16) {
-                    return vec![b];
-                }
+            if let Some(hex) = token.strip_prefix("<0x").and_then(|s| s.strip_suffix('>'))
+                && let Ok(b) = u8::from_str_radix(hex, 16)
+            {
+                return vec![b];
             }
             token.replace('▁', " ").into_bytes()
         }

@@ -82,9 +82,9 @@ impl TryFrom<&ClipVisionConfigJson> for ClipVisionConfig {
         };
         if j.num_channels.unwrap_or(3) != 3
             || c.patch_size == 0
-            || c.image_size % c.patch_size != 0
+            || !c.image_size.is_multiple_of(c.patch_size)
             || c.n_heads == 0
-            || c.d_model % c.n_heads != 0
+            || !c.d_model.is_multiple_of(c.n_heads)
         {
             return Err(LoadError::Unsupported(format!("CLIP vision config {j:?}")));
         }

@@ -2,13 +2,16 @@
 //! `Device` names at run time; 4-bit matrices go through `vidllm_shaders::QuantOps`.
 
 pub mod clip;
+pub mod conversation;
 pub mod generate;
 pub mod layers;
 pub mod llama;
 pub mod llama_gguf;
 pub mod llama_hf;
+pub mod llava;
 pub mod llava_next_video;
 pub mod merge;
+pub mod model_files;
 pub mod pllava;
 pub mod pllava_pool;
 pub mod quant_linear;
@@ -17,6 +20,7 @@ pub mod rope;
 pub mod video_llava;
 pub mod video_model;
 
-pub use generate::{GenerateParams, Piece, Session, Timings};
+pub use conversation::{Conversation, FinishReason, Finished, Model, Prompt, Step};
+pub use generate::{GenerateParams, Piece, Timings};
 pub use llama::{KvCache, Llama, LlamaConfig, Logits};
 pub use llama_gguf::{config_from_gguf, load_llama};

@@ -84,10 +84,10 @@ fn check_config(c: &LlamaConfig) -> Result<(), LoadError> {
             return bad(what, v);
         }
     }
-    if c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+    if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) {
         return bad("head_count_kv", c.n_kv_heads);
     }
-    if c.d_head == 0 || c.d_head % 2 != 0 || c.d_head * c.n_heads != c.d_model && c.d_head > c.d_model {
+    if c.d_head == 0 || !c.d_head.is_multiple_of(2) || c.d_head * c.n_heads != c.d_model && c.d_head > c.d_model {
         return bad("rope.dimension_count", c.d_head);
     }
     Ok(())

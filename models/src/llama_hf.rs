@@ -139,7 +139,7 @@ pub fn load_llama_hf(
     let linear = |name: &str, out: usize, inp: usize| -> Result<QuantLinear, LoadError> {
         let w = source.matrix(ck, name, out, inp)?;
         // Rows that are not whole blocks stay in f16/f32.
-        let ty = if inp % 32 == 0 { quant.ggml() } else { GgmlType::F32 };
+        let ty = if inp.is_multiple_of(32) { quant.ggml() } else { GgmlType::F32 };
         QuantLinear::from_raw(name, ty, &quantize(ty, &w), out, inp, device)
     };
     let norm =

@@ -17,7 +17,10 @@ use vidllm_core::safetensors::Checkpoint;
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
-use crate::video_llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config};
+use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
+use crate::merge::Visual;
+use crate::video_model::{Architecture, LoadOptions, parse_config};
+use vidllm_core::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlavaNextVideoConfigJson {
@@ -133,4 +136,31 @@ pub fn avg_pool2d_frames(x: Tensor<4>, k: usize, device: &Device) -> Tensor<2> {
     let ph = Tensor::<2>::from_data(TensorData::new(window_avg_matrix(h, k), [ho, h]), device).unsqueeze::<3>();
     let x = pw.matmul(x.reshape([t * h, w, d])); // [t*h, wo, d]
     ph.matmul(x.reshape([t, h, wo * d])).reshape([t * ho * wo, d])
+}
+
+impl Architecture for LlavaNextVideo {
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError> {
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, device)
+    }
+
+    fn decoder(&self) -> &Llama {
+        &self.decoder
+    }
+
+    fn image_size(&self) -> usize {
+        self.vision_tower.cfg.image_size
+    }
+
+    fn video(&self, pixels: Tensor<4>) -> Visual {
+        let per_placeholder = pixels.dims()[0] * self.tokens_per_frame();
+        Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder }
+    }
+
+    fn first_turn(&self, question: &str, n_images: usize, video: bool) -> String {
+        vicuna::first_turn(question, n_images, if video { "<video>\n" } else { "" })
+    }
+
+    fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {
+        vicuna::follow_up(tok, question)
+    }
 }

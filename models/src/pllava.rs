@@ -28,8 +28,11 @@ use vidllm_core::safetensors::Checkpoint;
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, QuantChoice, WeightSource, load_llama_hf};
+use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
+use crate::merge::Visual;
 use crate::pllava_pool::pool3d;
-use crate::video_llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config};
+use crate::video_model::{Architecture, LoadOptions, parse_config};
+use vidllm_core::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LoraJson {
@@ -186,5 +189,36 @@ impl Pllava {
         let device = pixels.device();
         let repeat = (t < self.num_frames).then_some(self.num_frames);
         pool3d(self.projected(pixels), self.pooling_shape, repeat, &device)
+    }
+}
+
+impl Architecture for Pllava {
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError> {
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, opts.lora_alpha, opts.pool, device)
+    }
+
+    fn decoder(&self) -> &Llama {
+        &self.decoder
+    }
+
+    fn image_size(&self) -> usize {
+        self.vision_tower.cfg.image_size
+    }
+
+    fn default_frames(&self) -> usize {
+        self.num_frames
+    }
+
+    /// The pooled video fills one `<image>` placeholder, as PLLaVA's prompts write it.
+    fn video(&self, pixels: Tensor<4>) -> Visual {
+        Visual { token: self.image_token, features: self.video_features(pixels), per_placeholder: self.video_tokens() }
+    }
+
+    fn first_turn(&self, question: &str, _n_images: usize, _video: bool) -> String {
+        vicuna::first_turn(question, 0, "<image>\n")
+    }
+
+    fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {
+        vicuna::follow_up(tok, question)
     }
 }

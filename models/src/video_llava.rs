@@ -8,16 +8,18 @@
 //! maps the features into the decoder's embedding space, where they replace the
 //! `<video>` / `<image>` placeholder ids, images first.
 
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
-use crate::layers::Linear;
 use crate::llama::Llama;
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
+use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
+use crate::merge::Visual;
+use crate::video_model::{Architecture, LoadOptions, parse_config};
+use vidllm_core::tokenizer::Tokenizer;
 
 /// `VideoLlavaConfig` as in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,47 +51,6 @@ pub struct VisualConfig {
     /// Index into `hidden_states` (0 = embeddings).
     pub feature_layer: usize,
     pub image_select: FeatureSelect,
-}
-
-/// Resolve `vision_feature_layer` (negative counts from the end of `hidden_states`, which
-/// has `n_layers + 1` entries) to an index.
-pub fn feature_layer_index(layer: i64, n_layers: usize) -> Result<usize, LoadError> {
-    let n = n_layers as i64 + 1;
-    let idx = if layer < 0 { n + layer } else { layer };
-    if !(0..n).contains(&idx) {
-        return Err(LoadError::Unsupported(format!("vision_feature_layer {layer} with {n_layers} layers")));
-    }
-    Ok(idx as usize)
-}
-
-/// Projector `linear_2(gelu(linear_1(x)))`.
-pub struct MultiModalProjector {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl MultiModalProjector {
-    pub fn load(ck: &Checkpoint, prefix: &str, d_vis: usize, d_text: usize, device: &Device) -> Result<Self, LoadError> {
-        Ok(Self {
-            linear_1: Linear::load(ck, &format!("{prefix}linear_1"), d_text, d_vis, device)?,
-            linear_2: Linear::load(ck, &format!("{prefix}linear_2"), d_text, d_text, device)?,
-        })
-    }
-
-    /// # Shapes
-    /// - x: `[n, d_vis]` -> `[n, d_text]`
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.linear_2.forward(gelu(self.linear_1.forward(x)))
-    }
-}
-
-/// The first prefix under which `probe` exists: the three transformers layouts.
-pub fn find_prefix(ck: &Checkpoint, candidates: &[&str], probe: &str) -> Result<String, LoadError> {
-    candidates
-        .iter()
-        .find(|p| ck.contains(&format!("{p}{probe}")))
-        .map(|p| p.to_string())
-        .ok_or_else(|| LoadError::MissingTensor(format!("{}{probe} (or any of {candidates:?})", candidates[0])))
 }
 
 /// Key prefixes across transformers <=4.51 (and what 4.52+ still writes), the in-memory
@@ -151,12 +112,6 @@ impl VideoLlava {
         Ok(Self { video_tower, image_tower, projector, decoder, visual })
     }
 
-    /// The first turn of Video-LLaVA's conversation: `USER: <image>\n...<video>\n{question}
-    /// ASSISTANT:` (images first, as their features fill the prompt first).
-    pub fn conversation(question: &str, n_images: usize) -> String {
-        format!("USER: {}<video>\n{question} ASSISTANT:", "<image>\n".repeat(n_images))
-    }
-
     /// Tokens one video of `t` frames becomes (class tokens kept).
     pub fn video_tokens(&self, t: usize) -> usize {
         t * self.video_tower.cfg.tokens()
@@ -197,8 +152,45 @@ impl VideoLlava {
     }
 }
 
-pub fn read_config<T: for<'de> Deserialize<'de>>(dir: &std::path::Path) -> Result<T, LoadError> {
-    let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).map_err(|source| LoadError::Open { path: p.display().to_string(), source })?;
-    serde_json::from_str(&text).map_err(|e| LoadError::Unsupported(format!("{}: {e}", p.display())))
+impl Architecture for VideoLlava {
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError> {
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, device)
+    }
+
+    fn decoder(&self) -> &Llama {
+        &self.decoder
+    }
+
+    fn image_size(&self) -> usize {
+        self.video_tower.cfg.image_size
+    }
+
+    fn video(&self, pixels: Tensor<4>) -> Visual {
+        let per_placeholder = self.video_tokens(pixels.dims()[0]);
+        Visual { token: self.visual.video_token, features: self.video_features(pixels), per_placeholder }
+    }
+
+    fn supports_images(&self) -> bool {
+        true
+    }
+
+    fn images(&self, pixels: Vec<Tensor<4>>) -> Result<Visual, LoadError> {
+        let n = pixels.len();
+        if n == 0 {
+            return Err(LoadError::Unsupported("no images were given".into()));
+        }
+        let features = Tensor::cat(pixels.into_iter().map(|p| self.image_features(p)).collect(), 0);
+        let per_placeholder = features.dims()[0] / n;
+        Ok(Visual { token: self.visual.image_token, features, per_placeholder })
+    }
+
+    /// `USER: <image>\n...<video>\n{question} ASSISTANT:` (images first, as their
+    /// features fill the prompt first).
+    fn first_turn(&self, question: &str, n_images: usize, video: bool) -> String {
+        vicuna::first_turn(question, n_images, if video { "<video>\n" } else { "" })
+    }
+
+    fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {
+        vicuna::follow_up(tok, question)
+    }
 }

@@ -1,6 +1,11 @@
-//! The video-language architectures vidllm runs, picked by `config.json`'s `model_type`,
-//! behind one face: frames in (pixel batches), visual tokens out, and the prompt that
-//! places them. Native `ask` and the browser runtime both drive models through this.
+//! The video-language architectures vidllm runs, behind one trait, [`Architecture`]:
+//! frames in (pixel batches), visual tokens out, and the turns that place them. Which one
+//! a folder holds is its `config.json`'s `model_type`, looked up in [`REGISTRY`].
+//!
+//! A new architecture is one file implementing [`Architecture`] plus one line in
+//! [`REGISTRY`]; `Conversation`, `vidllm-native ask` and the browser take it from there.
+
+use std::ops::Deref;
 
 use burn::tensor::{Device, Tensor};
 use serde::de::DeserializeOwned;
@@ -14,30 +19,6 @@ use crate::llava_next_video::LlavaNextVideo;
 use crate::merge::{Visual, expand_placeholders};
 use crate::pllava::Pllava;
 use crate::video_llava::VideoLlava;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    VideoLlava,
-    Pllava,
-    LlavaNextVideo,
-}
-
-impl Arch {
-    /// The architecture a `config.json` names; unsupported ones are refused by name.
-    pub fn of_config(config_json: &str) -> Result<Self, LoadError> {
-        let v: serde_json::Value =
-            serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json is not JSON: {e}")))?;
-        match v["model_type"].as_str() {
-            Some("video_llava") => Ok(Self::VideoLlava),
-            Some("pllava") => Ok(Self::Pllava),
-            Some("llava_next_video") => Ok(Self::LlavaNextVideo),
-            other => Err(LoadError::Unsupported(format!(
-                "config.json: unsupported architecture {:?} (supported: video_llava, pllava, llava_next_video)",
-                other.unwrap_or("missing model_type")
-            ))),
-        }
-    }
-}
 
 /// Load-time choices a user may override.
 #[derive(Debug, Clone, Copy)]
@@ -56,114 +37,124 @@ impl Default for LoadOptions {
     }
 }
 
-pub enum VideoModel {
-    VideoLlava(VideoLlava),
-    Pllava(Pllava),
-    LlavaNextVideo(LlavaNextVideo),
-}
+/// A video-language model: a vision side that turns frames into visual tokens for a
+/// LLaMA-family decoder, and the conversation format its checkpoints were tuned on.
+pub trait Architecture {
+    /// Build from a `config.json` (its text) and an open checkpoint (files or memory).
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError>
+    where
+        Self: Sized;
 
-fn parse<T: DeserializeOwned>(config_json: &str) -> Result<T, LoadError> {
-    serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json: {e}")))
-}
-
-impl VideoModel {
-    /// A Hugging Face-format folder on disk.
-    pub fn load(dir: &std::path::Path, opts: LoadOptions, device: &Device) -> Result<Self, LoadError> {
-        let p = dir.join("config.json");
-        let config = std::fs::read_to_string(&p).map_err(|source| LoadError::Open { path: p.display().to_string(), source })?;
-        // An unsupported architecture is named before any weights are looked for.
-        Arch::of_config(&config)?;
-        Self::from_checkpoint(&config, &Checkpoint::open_dir(dir)?, opts, device)
-    }
-
-    /// A model from its `config.json` text and an open checkpoint (files or memory).
-    pub fn from_checkpoint(config_json: &str, ck: &Checkpoint, opts: LoadOptions, device: &Device) -> Result<Self, LoadError> {
-        Ok(match Arch::of_config(config_json)? {
-            Arch::VideoLlava => Self::VideoLlava(VideoLlava::from_checkpoint(ck, &parse(config_json)?, opts.quant, device)?),
-            Arch::Pllava => {
-                Self::Pllava(Pllava::from_checkpoint(ck, &parse(config_json)?, opts.quant, opts.lora_alpha, opts.pool, device)?)
-            }
-            Arch::LlavaNextVideo => Self::LlavaNextVideo(LlavaNextVideo::from_checkpoint(ck, &parse(config_json)?, opts.quant, device)?),
-        })
-    }
-
-    pub fn decoder(&self) -> &Llama {
-        match self {
-            Self::VideoLlava(m) => &m.decoder,
-            Self::Pllava(m) => &m.decoder,
-            Self::LlavaNextVideo(m) => &m.decoder,
-        }
-    }
+    fn decoder(&self) -> &Llama;
 
     /// Frame side the vision tower takes.
-    pub fn image_size(&self) -> usize {
-        match self {
-            Self::VideoLlava(m) => m.video_tower.cfg.image_size,
-            Self::Pllava(m) => m.vision_tower.cfg.image_size,
-            Self::LlavaNextVideo(m) => m.vision_tower.cfg.image_size,
-        }
-    }
+    fn image_size(&self) -> usize;
 
-    /// Frames the model was trained on (PLLaVA's `num_frames`; 8 otherwise).
-    pub fn default_frames(&self) -> usize {
-        match self {
-            Self::Pllava(m) => m.num_frames,
-            _ => 8,
-        }
-    }
-
-    pub fn supports_images(&self) -> bool {
-        matches!(self, Self::VideoLlava(_))
+    /// Frames a video is sampled to unless the user says otherwise.
+    fn default_frames(&self) -> usize {
+        8
     }
 
     /// The video's visual tokens and the placeholder they fill.
     ///
     /// # Shapes
     /// - pixels: `[t, 3, s, s]`
-    pub fn video(&self, pixels: Tensor<4>) -> Visual {
-        match self {
-            Self::VideoLlava(m) => {
-                let per = m.video_tokens(pixels.dims()[0]);
-                Visual { token: m.visual.video_token, features: m.video_features(pixels), per_placeholder: per }
-            }
-            Self::Pllava(m) => Visual { token: m.image_token, features: m.video_features(pixels), per_placeholder: m.video_tokens() },
-            Self::LlavaNextVideo(m) => {
-                let per = pixels.dims()[0] * m.tokens_per_frame();
-                Visual { token: m.video_token, features: m.video_features(pixels), per_placeholder: per }
-            }
-        }
+    fn video(&self, pixels: Tensor<4>) -> Visual;
+
+    fn supports_images(&self) -> bool {
+        false
     }
 
-    /// Still images, each its own `<image>` placeholder (Video-LLaVA only).
-    pub fn images(&self, pixels: Vec<Tensor<4>>) -> Result<Option<Visual>, LoadError> {
-        if pixels.is_empty() {
-            return Ok(None);
-        }
-        let Self::VideoLlava(m) = self else {
-            return Err(LoadError::Unsupported("images with a video are supported for Video-LLaVA folders only".into()));
-        };
-        let n = pixels.len();
-        let feats = Tensor::cat(pixels.into_iter().map(|p| m.image_features(p)).collect(), 0);
-        let per = feats.dims()[0] / n;
-        Ok(Some(Visual { token: m.visual.image_token, features: feats, per_placeholder: per }))
+    /// Still images' visual tokens, each image its own placeholder.
+    ///
+    /// # Shapes
+    /// - each pixels: `[1, 3, s, s]`
+    fn images(&self, _pixels: Vec<Tensor<4>>) -> Result<Visual, LoadError> {
+        Err(LoadError::Unsupported("this architecture takes no still images".into()))
     }
 
-    /// The first turn: Vicuna-style `USER: ... ASSISTANT:` with the placeholders.
-    pub fn first_turn(&self, question: &str, n_images: usize) -> String {
-        match self {
-            Self::VideoLlava(_) | Self::LlavaNextVideo(_) => VideoLlava::conversation(question, n_images),
-            Self::Pllava(_) => format!("USER: <image>\n{question} ASSISTANT:"),
-        }
+    /// The first turn's text, with placeholders for `n_images` images and, when `video`,
+    /// for the video.
+    fn first_turn(&self, question: &str, n_images: usize, video: bool) -> String;
+
+    /// A later turn, after the last answer (whose final token may not have run yet).
+    fn follow_up(&self, tok: &Tokenizer, question: &str) -> String;
+}
+
+/// How a registry entry loads its architecture (see [`Architecture::load`]).
+type LoadFn = fn(&str, &Checkpoint, &LoadOptions, &Device) -> Result<Box<dyn Architecture>, LoadError>;
+
+/// One architecture of the registry: its `model_type` and how to load it.
+pub struct Registration {
+    pub model_type: &'static str,
+    load: LoadFn,
+}
+
+const fn register<A: Architecture + 'static>(model_type: &'static str) -> Registration {
+    fn boxed<A: Architecture + 'static>(
+        config_json: &str,
+        ck: &Checkpoint,
+        opts: &LoadOptions,
+        device: &Device,
+    ) -> Result<Box<dyn Architecture>, LoadError> {
+        Ok(Box::new(A::load(config_json, ck, opts, device)?))
+    }
+    Registration { model_type, load: boxed::<A> }
+}
+
+/// Every architecture vidllm runs, by `config.json`'s `model_type`.
+pub static REGISTRY: [Registration; 3] =
+    [register::<VideoLlava>("video_llava"), register::<Pllava>("pllava"), register::<LlavaNextVideo>("llava_next_video")];
+
+/// The `model_type`s of [`REGISTRY`].
+pub fn supported() -> Vec<&'static str> {
+    REGISTRY.iter().map(|r| r.model_type).collect()
+}
+
+/// `config.json` parsed as an architecture's own config struct.
+pub fn parse_config<T: DeserializeOwned>(config_json: &str) -> Result<T, LoadError> {
+    serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json: {e}")))
+}
+
+/// A loaded video-language model: an [`Architecture`] and the `model_type` it was found by.
+pub struct VideoModel {
+    model_type: &'static str,
+    arch: Box<dyn Architecture>,
+}
+
+impl Deref for VideoModel {
+    type Target = dyn Architecture;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.arch
+    }
+}
+
+impl VideoModel {
+    /// The registry entry a `config.json` names; unsupported architectures are refused by
+    /// name, before any weights are looked for.
+    pub fn registration(config_json: &str) -> Result<&'static Registration, LoadError> {
+        let v: serde_json::Value =
+            serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json is not JSON: {e}")))?;
+        let model_type = v["model_type"].as_str();
+        REGISTRY.iter().find(|r| Some(r.model_type) == model_type).ok_or_else(|| {
+            LoadError::Unsupported(format!(
+                "config.json: unsupported architecture {:?} (supported: {})",
+                model_type.unwrap_or("missing model_type"),
+                supported().join(", ")
+            ))
+        })
     }
 
-    /// A first turn about still images only (Video-LLaVA).
-    pub fn image_turn(question: &str, n_images: usize) -> String {
-        format!("USER: {}{question} ASSISTANT:", "<image>\n".repeat(n_images))
+    /// A model from its `config.json` text and an open checkpoint (files or memory).
+    pub fn from_checkpoint(config_json: &str, ck: &Checkpoint, opts: LoadOptions, device: &Device) -> Result<Self, LoadError> {
+        let r = Self::registration(config_json)?;
+        Ok(Self { model_type: r.model_type, arch: (r.load)(config_json, ck, &opts, device)? })
     }
 
-    /// A later turn: close the last answer, open a new one.
-    pub fn follow_up(tok: &Tokenizer, question: &str) -> String {
-        format!("{}USER: {question} ASSISTANT:", tok.token_text(tok.eos))
+    /// The `config.json` `model_type` this model was loaded as.
+    pub fn model_type(&self) -> &'static str {
+        self.model_type
     }
 
     /// Token ids of a first-turn `text`, each placeholder expanded to its visual tokens.

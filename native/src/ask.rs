@@ -1,23 +1,23 @@
-//! `ask`: questions about a video (and images) to a Video-LLaVA-format checkpoint.
-//! Stages, each timed: decode frames -> preprocess on the device -> encode (vision tower
-//! + projector) -> prefill -> stream the answer. Without `--prompt`, follow-up questions
-//! reuse the video already in the KV cache.
+//! `ask`: questions about a video (and images) to a video-language model folder.
+//! Stages, each timed: decode frames -> preprocess on the device -> encode (vision tower,
+//! then the connector) -> prefill -> stream the answer. Without `--prompt`, follow-up
+//! questions reuse the video already in the KV cache.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
-use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
+use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::Sampling;
-use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::merge::{Visual, merge_embeddings};
-use vidllm_models::video_model::{LoadOptions, VideoModel};
-use vidllm_models::{GenerateParams, Session};
+use vidllm_models::model_files::ModelFiles;
+use vidllm_models::video_model::LoadOptions;
+use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
 use vidllm_shaders::device::{DeviceChoice, pick};
 use vidllm_shaders::preprocess::preprocess;
 
@@ -26,7 +26,7 @@ use crate::video::{Frame, VideoReader};
 
 #[derive(Args)]
 pub struct AskArgs {
-    /// Hugging Face-format model folder (Video-LLaVA).
+    /// Hugging Face-format model folder (`config.json` `model_type`: video_llava, pllava, llava_next_video).
     #[arg(long)]
     pub model: String,
     #[arg(long, required_unless_present = "rgb_frames")]
@@ -89,27 +89,8 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn policy(&self) -> Result<Sampling> {
-        Ok(match self.sampling.as_str() {
-            "hf" => Sampling::Hf { n: self.frames },
-            "linspace" => Sampling::Linspace { n: self.frames },
-            "pllava" => Sampling::Pllava { n: self.frames },
-            "fps" => Sampling::Fps { fps: self.fps, max_frames: self.max_frames },
-            o => bail!("unknown sampling {o:?} (hf, linspace, pllava, fps)"),
-        })
+        Ok(Sampling::from_name(&self.sampling, self.frames, self.fps, self.max_frames)?)
     }
-}
-
-/// Preprocessing parameters from the folder, else CLIP defaults at the tower's size.
-fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
-    let defaults = PreprocessConfig::clip(image_size);
-    for name in ["video_preprocessor_config.json", "preprocessor_config.json"] {
-        let p = dir.join(name);
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            let j: PreprocessorJson = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
-            return Ok(j.resolve(&defaults)?);
-        }
-    }
-    Ok(defaults)
 }
 
 fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Device) -> burn::tensor::Tensor<4> {
@@ -169,10 +150,11 @@ pub fn run(a: AskArgs) -> Result<()> {
     let picked = pick(a.device)?;
     let device = picked.device.clone();
     let t_load = Instant::now();
-    let model = VideoModel::load(dir, opts, &device).with_context(|| format!("loading {}", a.model))?;
-    let tok = Tokenizer::from_hf_dir(dir)?;
+    let folder = ModelFiles::Dir(dir.to_path_buf()).load(opts, &device).with_context(|| format!("loading {}", a.model))?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let pcfg = preprocess_config(dir, model.image_size())?;
+    let pcfg = folder.pre;
+    let model = Rc::new(Model::Video(folder.model));
+    let vm = model.video().expect("a video-language model was loaded");
 
     let t0 = Instant::now();
     let frames = source.frames(policy)?;
@@ -184,12 +166,14 @@ pub fn run(a: AskArgs) -> Result<()> {
     let image_px: Vec<_> = images.iter().map(|f| pixels(std::slice::from_ref(f), &pcfg, &device)).collect();
     let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
-    let mut visuals: Vec<Visual> = model.images(image_px).context("--image")?.into_iter().collect();
-    visuals.push(model.video(video_px));
-    let encode_sync = device.sync();
-    encode_sync.map_err(|e| anyhow::anyhow!("device: {e:?}"))?;
+    let mut conv = Conversation::new(model.clone(), Rc::new(folder.tok), a.ctx);
+    conv.set_video(vm.video(video_px));
+    for px in image_px {
+        conv.add_image(px).context("--image")?;
+    }
+    device.sync().map_err(|e| anyhow::anyhow!("device: {e:?}"))?;
     let encode_ms = t2.elapsed().as_secs_f64() * 1e3;
-    let visual_tokens: usize = visuals.iter().map(|v| v.features.dims()[0]).sum();
+    let visual_tokens = conv.visual_tokens();
     if !a.json {
         let stamps: Vec<String> = frames.iter().map(|f| format!("#{}@{:.2}s", f.index, f.pts)).collect();
         eprintln!("device: {}  load: {load_s:.2}s", picked.name);
@@ -202,33 +186,29 @@ pub fn run(a: AskArgs) -> Result<()> {
         sampler: SamplerConfig { temperature: a.temperature, seed: a.seed, ..Default::default() },
         stop: Vec::new(),
     };
-    let mut session = Session::new(model.decoder(), a.ctx);
-    let question = |q: &str| if a.raw { q.to_string() } else { model.first_turn(q, images.len()) };
-    let Some(prompt) = a.prompt.clone() else {
-        return interactive(&mut session, &tok, &model, visuals, params, &question);
+    let Some(question) = a.prompt.clone() else {
+        return interactive(&mut conv, params, a.raw);
     };
-    let ids = VideoModel::prompt_ids(&tok, &question(&prompt), &visuals)?;
-    let embeds = merge_embeddings(model.decoder(), &ids, &visuals)?;
-    let mut stream = session.generate_embeds(&ids, embeds, &tok, params)?;
+    conv.ask(if a.raw { Prompt::Raw(&question) } else { Prompt::Question(&question) }, params)?;
     let mut out = std::io::stdout().lock();
-    let tokens = drain(&mut stream, &mut out, !a.json)?;
-    let tail = stream.finish();
-    let t = stream.timings.clone();
+    let f = drain(&mut conv, &mut out, !a.json)?;
+    let t = &f.timings;
     if a.json {
         let frames_json: Vec<_> = frames.iter().map(|f| json!({"index": f.index, "pts": f.pts})).collect();
+        // The prompt as run: the conversation's tokens before the answer.
+        let prompt_ids = &conv.history()[..conv.history().len() - f.tokens.len()];
         writeln!(
             out,
             "{}",
             json!({
-                "frames": frames_json, "visual_tokens": visual_tokens, "prompt_tokens": ids, "tokens": tokens,
-                "text": stream.text(),
+                "frames": frames_json, "visual_tokens": visual_tokens, "prompt_tokens": prompt_ids, "tokens": f.tokens,
+                "text": f.text, "finish_reason": f.reason.openai(),
                 "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
                             "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
                 "device": picked.name,
             })
         )?;
     } else {
-        writeln!(out, "{tail}")?;
         eprintln!(
             "prefill {:.1} ms ({} tokens) | generated {} tokens, {:.1} tok/s",
             t.prefill.as_secs_f64() * 1e3,
@@ -240,17 +220,10 @@ pub fn run(a: AskArgs) -> Result<()> {
     Ok(())
 }
 
-/// Questions from stdin; the video is encoded once and stays in the KV cache.
-fn interactive(
-    session: &mut Session,
-    tok: &Tokenizer,
-    model: &VideoModel,
-    visuals: Vec<Visual>,
-    params: GenerateParams,
-    question: &dyn Fn(&str) -> String,
-) -> Result<()> {
+/// Questions from stdin; the video is encoded once and stays in the KV cache. A refused
+/// question (too long for the context) is reported and the conversation goes on.
+fn interactive(conv: &mut Conversation, params: GenerateParams, raw_first: bool) -> Result<()> {
     let stdin = std::io::stdin();
-    let mut visuals = Some(visuals);
     eprint!("> ");
     for line in stdin.lock().lines() {
         let q = line?;
@@ -258,26 +231,15 @@ fn interactive(
             eprint!("> ");
             continue;
         }
-        let mut stream = match visuals.take() {
-            Some(v) => {
-                let ids = VideoModel::prompt_ids(tok, &question(&q), &v)?;
-                let embeds = merge_embeddings(model.decoder(), &ids, &v)?;
-                session.generate_embeds(&ids, embeds, tok, params.clone())?
-            }
-            None => {
-                let ids = tok.encode(&VideoModel::follow_up(tok, &q), false)?;
-                session.generate(&ids, tok, params.clone())?
-            }
-        };
-        let mut out = std::io::stdout().lock();
-        drain(&mut stream, &mut out, true)?;
-        writeln!(out, "{}", stream.finish())?;
-        eprintln!(
-            "[prefill {} tokens in {:.1} ms | {:.1} tok/s]",
-            stream.timings.prompt_tokens,
-            stream.timings.prefill.as_secs_f64() * 1e3,
-            stream.timings.decode_tok_s()
-        );
+        let prompt = if raw_first && conv.history().is_empty() { Prompt::Raw(&q) } else { Prompt::Question(&q) };
+        if let Err(e) = conv.ask(prompt, params.clone()) {
+            eprintln!("error: {e}");
+            eprint!("> ");
+            continue;
+        }
+        let f = drain(conv, &mut std::io::stdout().lock(), true)?;
+        let t = &f.timings;
+        eprintln!("[prefill {} tokens in {:.1} ms | {:.1} tok/s]", t.prompt_tokens, t.prefill.as_secs_f64() * 1e3, t.decode_tok_s());
         eprint!("> ");
     }
     Ok(())

@@ -65,7 +65,7 @@ fn stats(xs: &[f64]) -> (f64, f64) {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let rt = runtime::load(&a.model)?;
-    let m = &rt.model;
+    let m = rt.model.decoder();
     let prompt = synthetic_tokens(a.prompt_tokens, m.cfg.vocab_size);
     let reps = a.reps.max(1);
     // Warm-up: kernel compilation and allocations stay out of the numbers.

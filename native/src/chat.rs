@@ -5,11 +5,10 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
-use vidllm_core::GenerateError;
+use vidllm_core::chat::Message;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::generate::TokenStream;
-use vidllm_models::{GenerateParams, Session};
+use vidllm_models::{Conversation, Finished, GenerateParams, Prompt};
 
 use crate::{ModelArgs, runtime};
 
@@ -50,36 +49,37 @@ pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32
     if raw {
         return Ok(tok.encode(prompt, tok.add_bos)?);
     }
-    tok.chat_tokens(prompt).context("applying the model's chat template (--raw skips it)")
+    tok.chat_tokens(&[Message::new("user", prompt)]).context("applying the model's chat template (--raw skips it)")
 }
 
-/// Run a stream to its end, writing each piece to `out` as it comes when `echo` is set;
-/// returns the token ids.
-pub fn drain(stream: &mut TokenStream, out: &mut impl Write, echo: bool) -> Result<Vec<u32>> {
-    let mut tokens = Vec::new();
-    for piece in stream.by_ref() {
-        let piece = piece?;
-        tokens.push(piece.id);
-        if echo {
-            out.write_all(piece.text.as_bytes())?;
-            out.flush()?;
+/// Drive the conversation's answer to its end, writing each piece to `out` as it comes
+/// when `echo` is set. A failed write (a closed pipe) ends the answer and is reported.
+pub fn drain(conv: &mut Conversation, out: &mut impl Write, echo: bool) -> Result<Finished> {
+    let mut failed = None;
+    let finished = conv.answer(|piece| {
+        if !echo {
+            return true;
         }
+        match out.write_all(piece.text.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
     }
-    Ok(tokens)
+    if echo {
+        writeln!(out, "{}", finished.tail)?;
+    }
+    Ok(finished)
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let rt = runtime::load(&a.model)?;
     let prompt = prompt_tokens(&rt.tok, &a.prompt, a.raw)?;
-    if prompt.len() + 1 > rt.context {
-        return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: rt.context, reserve: 1 }.into());
-    }
-    eprintln!(
-        "device: {}  load: {:.2}s  weights on device: {:.1} MiB",
-        rt.device_name,
-        rt.load_time.as_secs_f64(),
-        rt.model.weights_device_bytes() as f64 / 1048576.0
-    );
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig {
@@ -93,23 +93,27 @@ pub fn run(a: ChatArgs) -> Result<()> {
         },
         stop: a.stop.clone(),
     };
-    let mut session = Session::new(&rt.model, rt.context);
-    let mut stream = session.generate(&prompt, &rt.tok, params)?;
+    let weights_device_bytes = rt.model.decoder().weights_device_bytes();
+    let mut conv = Conversation::new(rt.model, rt.tok, rt.context);
+    // A prompt over the context is refused here, before anything is printed.
+    conv.ask(Prompt::Tokens(&prompt), params)?;
+    eprintln!(
+        "device: {}  load: {:.2}s  weights on device: {:.1} MiB",
+        rt.device_name,
+        rt.load_time.as_secs_f64(),
+        weights_device_bytes as f64 / 1048576.0
+    );
     let mut out = std::io::stdout().lock();
-    let tokens = drain(&mut stream, &mut out, !a.json)?;
-    let tail = stream.finish();
-    let t = stream.timings.clone();
-    let text = stream.text().to_string();
+    let f = drain(&mut conv, &mut out, !a.json)?;
+    let t = &f.timings;
     if a.json {
         let v = json!({
-            "prompt_tokens": prompt, "tokens": tokens, "text": text,
+            "prompt_tokens": prompt, "tokens": f.tokens, "text": f.text, "finish_reason": f.reason.openai(),
             "timings": {"load_s": rt.load_time.as_secs_f64(), "prefill_s": t.prefill.as_secs_f64(), "prefill_tok_s": t.prefill_tok_s(), "decode_s": t.decode.as_secs_f64(), "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
-            "weights_device_bytes": rt.model.weights_device_bytes(),
+            "weights_device_bytes": weights_device_bytes,
             "device": rt.device_name,
         });
         writeln!(out, "{v}")?;
-    } else {
-        writeln!(out, "{tail}")?;
     }
     eprintln!(
         "prompt: {} tok, prefill {:.1} tok/s | generated: {} tok, decode {:.1} tok/s",

@@ -59,12 +59,12 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     if tokens.len() > rt.context {
         bail!("prompt has {} tokens but the context holds {}", tokens.len(), rt.context);
     }
-    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= rt.model.cfg.vocab_size) {
-        bail!("token id {bad} is outside the vocabulary ({})", rt.model.cfg.vocab_size);
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= rt.model.decoder().cfg.vocab_size) {
+        bail!("token id {bad} is outside the vocabulary ({})", rt.model.decoder().cfg.vocab_size);
     }
-    let mut cache = KvCache::new(&rt.model.cfg, tokens.len(), &rt.model.device);
-    let all = read_row(rt.model.forward(&tokens, &mut cache, Logits::All))?;
-    let vocab = rt.model.cfg.vocab_size;
+    let mut cache = KvCache::new(&rt.model.decoder().cfg, tokens.len(), &rt.model.decoder().device);
+    let all = read_row(rt.model.decoder().forward(&tokens, &mut cache, Logits::All))?;
+    let vocab = rt.model.decoder().cfg.vocab_size;
     let positions: Vec<_> = all.chunks(vocab).map(|row| json!({ "top": top_k(row, a.top) })).collect();
     if a.json {
         println!("{}", json!({ "tokens": tokens, "positions": positions }));

@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Answer a prompt, streaming tokens to stdout.
     Chat(chat::ChatArgs),
-    /// Answer a question about a video (Video-LLaVA-format folder).
+    /// Answer a question about a video (a video-language model folder: Video-LLaVA, PLLaVA, LLaVA-NeXT-Video).
     Ask(ask::AskArgs),
     /// Show (and dump) the frames a sampling policy picks from a video.
     Frames(frames::FramesArgs),

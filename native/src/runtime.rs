@@ -1,18 +1,19 @@
 //! Loading a model, its tokenizer and a device, with load timing.
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use vidllm_core::gguf::Gguf;
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::{Llama, config_from_gguf, load_llama};
+use vidllm_models::{Model, config_from_gguf, load_llama};
 
 use crate::ModelArgs;
 use vidllm_shaders::device;
 
 pub struct Loaded {
-    pub model: Llama,
-    pub tok: Tokenizer,
+    pub model: Rc<Model>,
+    pub tok: Rc<Tokenizer>,
     pub device_name: String,
     pub load_time: Duration,
     pub context: usize,
@@ -31,7 +32,14 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let picked = device::pick(args.device)?;
     let model = load_llama(&g, &picked.device).with_context(|| format!("loading {}", args.model))?;
     let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
-    Ok(Loaded { model, tok, device_name: picked.name, load_time: t0.elapsed(), context, file_bytes: g.file_len() })
+    Ok(Loaded {
+        model: Rc::new(Model::Text(model)),
+        tok: Rc::new(tok),
+        device_name: picked.name,
+        load_time: t0.elapsed(),
+        context,
+        file_bytes: g.file_len(),
+    })
 }
 
 /// Tokenizer only (no device, no weights).

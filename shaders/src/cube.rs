@@ -177,6 +177,8 @@ fn block_dot(w: &[u32], base: u32, x: &[f32], xo: u32, #[comptime] ty: u32) -> f
     r
 }
 
+// Written as a load, an add and a store: the form the kernel code was checked in on every device.
+#[allow(clippy::assign_op_pattern)]
 #[cube]
 fn tree_step(sums: &mut [f32], slot: u32, lane: u32, #[comptime] stride: u32) {
     if lane < stride {

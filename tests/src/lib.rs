@@ -41,6 +41,15 @@ pub fn test_devices() -> Vec<(String, Device)> {
     out
 }
 
+/// Whether `device` runs every case of a whole-model test. A software GPU (lavapipe in CI)
+/// is slow at full SmolLM2 runs, so there the model-level tests take the cases that cover
+/// every path (raw text, multi-byte text, a chat turn, greedy decoding), and the CPU takes
+/// them all; kernels and the tiny vision-language models run in full everywhere.
+/// `VIDLLM_TEST_GPU_ALL=1` runs every case on every device (a machine with a real GPU).
+pub fn every_case_on(device: &str) -> bool {
+    device == "cpu" || std::env::var("VIDLLM_TEST_GPU_ALL").is_ok_and(|v| v == "1")
+}
+
 /// Largest absolute difference, and the largest magnitude of the reference.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
     assert_eq!(a.len(), b.len());

@@ -61,6 +61,8 @@ export interface AskOptions {
   sampling?: Sampling;
   fps?: number;
   maxFrames?: number;
+  /** The frame grid the policy picks on (a <video> does not tell its rate); default 30. */
+  frameRate?: number;
   prompt: string;
   maxTokens?: number;
   temperature?: number;
@@ -125,10 +127,10 @@ export class VidLLM {
   dispose(): void;
 }
 
-/** Sampling times in seconds for a video of known duration. */
-export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sampling; fps?: number; maxFrames?: number }): number[];
+/** Sampling times in seconds for a video of known duration (the native policies, on a `frameRate` grid, default 30). */
+export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<number[]>;
 /** Seek and take frames as ImageBitmaps, at given times or by a policy. */
-export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number }): Promise<SampledFrames>;
+export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<SampledFrames>;
 
 export class WebGPUNotAvailableError extends Error {}
 export class ModelFetchError extends Error {}
@@ -137,3 +139,10 @@ export class VideoError extends Error {}
 export class IntegrityError extends Error {}
 export class DisposedError extends Error {}
 export class RuntimeFailedError extends Error {}
+/** The prompt does not fit the context; nothing changed. */
+export class ContextFullError extends Error {}
+/** No video yet, images on a model without them, an answer still streaming. */
+export class InvalidRequestError extends Error {}
+export class TemplateError extends Error {}
+export class TokenizerError extends Error {}
+export class VisualTokensError extends Error {}

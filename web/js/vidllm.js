@@ -9,7 +9,7 @@
 // `model` is a Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
-import init, { Runtime, VideoRuntime, last_failure } from "../pkg/vidllm_web.js";
+import init, { Runtime, VideoRuntime, folder_architecture, folder_files, last_failure, sampling_times } from "../pkg/vidllm_web.js";
 import { channel } from "./channel.js";
 
 /** WebGPU is missing (no navigator.gpu or no adapter). */
@@ -40,11 +40,37 @@ export class RuntimeFailedError extends Error {
   constructor(message) { super(message); this.name = "RuntimeFailedError"; }
 }
 
-/** A wasm trap (panic) becomes a RuntimeFailedError carrying the panic's message. */
+/** The prompt does not fit the context (with room for one answer token); nothing changed, ask again. */
+export class ContextFullError extends Error {
+  constructor(message) { super(message); this.name = "ContextFullError"; }
+}
+/** A request the runtime cannot serve as asked (no video yet, images on a model without them, an answer still streaming). */
+export class InvalidRequestError extends Error {
+  constructor(message) { super(message); this.name = "InvalidRequestError"; }
+}
+/** The model's chat template failed to render. */
+export class TemplateError extends Error {
+  constructor(message) { super(message); this.name = "TemplateError"; }
+}
+/** The prompt could not be tokenised. */
+export class TokenizerError extends Error {
+  constructor(message) { super(message); this.name = "TokenizerError"; }
+}
+/** Visual tokens and placeholders do not match. */
+export class VisualTokensError extends Error {
+  constructor(message) { super(message); this.name = "VisualTokensError"; }
+}
+
+// Errors the wasm runtime raises by name (`GenerateError::kind` in Rust), as classes.
+const NAMED = { ContextFullError, InvalidRequestError, TemplateError, TokenizerError, VisualTokensError, RuntimeFailedError };
+
+/** A wasm trap (panic) becomes a RuntimeFailedError carrying the panic's message; a named runtime error, its class. */
 function failure(e) {
   if (e instanceof WebAssembly.RuntimeError || /unreachable/.test(String(e?.message))) {
     return new RuntimeFailedError(`the runtime stopped: ${last_failure() ?? e.message}; reload the page to start again`);
   }
+  const Named = NAMED[e?.name];
+  if (Named && !(e instanceof Named)) return new Named(e.message);
   return e instanceof Error ? e : new Error(String(e));
 }
 
@@ -234,34 +260,34 @@ export class VidLLM {
   generate({ prompt, raw = false, maxTokens = 256, temperature = 0, seed = 0, signal } = {}) {
     if (this.#video) return this.ask({ prompt, maxTokens, temperature, seed, signal });
     const rt = this.#live();
-    const tokens = raw ? rt.tokenize(prompt) : rt.chat_tokens(prompt);
-    return this.#stream((push) => rt.generate(Uint32Array.from(tokens), maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted)));
+    return this.#stream((push) => rt.generate(String(prompt ?? ""), raw, maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted)));
   }
 
   /**
    * Ask about a video (an `HTMLVideoElement`, or frames already taken: `ImageBitmap`s /
    * `VideoFrame`s) and/or images. `frames`: how many to sample (default: the model's);
-   * `sampling`: "hf" | "linspace" | "pllava" | "fps" (with `fps`, `maxFrames`).
+   * `sampling`: "hf" | "linspace" | "pllava" | "fps" (with `fps`, `maxFrames`), on a grid of
+   * `frameRate` frames a second (see `times`).
    * Asking again without a new video continues the conversation about the same one;
    * `newConversation` starts over, still without encoding the video again.
    * `onFrames({sources, times, width, height})` sees the sampled frames (`ImageBitmap`s,
    * closed once encoded: draw them during the call).
    */
-  ask({ video, image, frames, sampling = "hf", fps = 1, maxFrames = 32, prompt, maxTokens = 256, temperature = 0, seed = 0,
+  ask({ video, image, frames, sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30, prompt, maxTokens = 256, temperature = 0, seed = 0,
         signal, onFrames, newConversation = false } = {}) {
     const rt = this.#live();
     if (!this.#video) throw new Error("this is a text model (GGUF); load a video-language folder to ask about videos");
     return this.#stream(async (push) => {
       const given = Array.isArray(frames) ? frames : null;
       const n = typeof frames === "number" ? frames : this.#info.defaultFrames;
-      const key = video && !given ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames } : null;
+      const key = video && !given ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate } : null;
       const seen = this.#seen;
       const same = key && seen && Object.keys(key).every((k) => key[k] === seen[k]);
       if ((video || given) && !same) {
         rt.clear_visuals();
         this.#seen = null;
         const f = given ? { sources: given, times: given.map((x) => (x.timestamp ?? 0) / 1e6) }
-          : await sampleFrames(video, { n, sampling, fps, maxFrames });
+          : await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
         try {
           onFrames?.(f);
           await encodeVideo(rt, f);
@@ -330,36 +356,46 @@ async function fetchText(url, optional = false) {
   return res.text();
 }
 
-/** A Hugging Face-style folder: config, tokenizer, preprocessor, safetensors (sharded or not). */
+/**
+ * A Hugging Face-style folder: the config files the runtime reads (`folder_files()`, the
+ * same list and precedence as native folders), then the safetensors shards. The
+ * architecture is checked before any weights are fetched.
+ */
 async function loadFolder(src, gpu, context, cap, loraAlpha) {
-  const [config, tokenizer, tokenizerConfig, preprocessor, index, sums] = await Promise.all([
-    src.text("config.json"), src.text("tokenizer.json"), src.text("tokenizer_config.json", true),
-    src.text("preprocessor_config.json", true), src.text("model.safetensors.index.json", true), src.text("SHA256SUMS", true)]);
-  const names = index ? [...new Set(Object.values(JSON.parse(index).weight_map))].sort() : ["model.safetensors"];
+  const wanted = folder_files();
+  const required = new Set(["config.json", "tokenizer.json"]);
+  const [texts, sums] = await Promise.all([Promise.all(wanted.map((n) => src.text(n, !required.has(n)))), src.text("SHA256SUMS", true)]);
+  const text = (n) => texts[wanted.indexOf(n)];
+  folder_architecture(text("config.json"));
+  const index = text("model.safetensors.index.json");
+  const shards = index ? [...new Set(Object.values(JSON.parse(index).weight_map))].sort() : ["model.safetensors"];
   const checks = parseSums(sums);
-  const shards = [];
-  for (const name of names) {
+  const enc = new TextEncoder();
+  const names = [], files = [];
+  wanted.forEach((n, i) => { if (texts[i] !== undefined) { names.push(n); files.push(enc.encode(texts[i])); } });
+  for (const name of shards) {
     const bytes = await src.bytes(name);
     await verify(name, bytes, checks);
-    shards.push(bytes);
+    names.push(name);
+    files.push(bytes);
   }
-  return VideoRuntime.load(config, tokenizer, tokenizerConfig, preprocessor, names, shards, gpu, context, cap, loraAlpha);
+  return VideoRuntime.load(names, files, gpu, context, cap, loraAlpha);
 }
 
 /**
- * Sampling times in seconds, the native policies in the time domain: "hf" (transformers:
- * i * d / n), "linspace" (first to last), "pllava" (segment middles), "fps".
+ * Sampling times in seconds: the native policies ("hf" transformers' uniform, "linspace"
+ * the original Video-LLaVA repo, "pllava" segment middles, "fps" with at most `maxFrames`
+ * spread over the whole video), computed by the same Rust code as `vidllm-native`, on a
+ * grid of `frameRate` frames a second (a <video> does not tell its own; default 30).
  */
-export function times(video, n, { sampling = "hf", fps = 1, maxFrames = 32 } = {}) {
+export async function times(video, n, { sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30 } = {}) {
+  await init();
   const d = video.duration;
   if (!Number.isFinite(d) || d <= 0) throw new VideoError("the video has no known duration (still loading, or a live stream)");
-  const last = Math.max(0, d - 1e-3);
-  switch (sampling) {
-    case "hf": return Array.from({ length: n }, (_, i) => (i * d) / n);
-    case "linspace": return Array.from({ length: n }, (_, i) => (n === 1 ? 0 : (i * last) / (n - 1)));
-    case "pllava": return Array.from({ length: n }, (_, i) => ((i + 0.5) * d) / n);
-    case "fps": return Array.from({ length: Math.min(maxFrames, Math.max(1, Math.floor(d * fps))) }, (_, i) => i / fps);
-    default: throw new Error(`unknown sampling ${JSON.stringify(sampling)} (hf, linspace, pllava, fps)`);
+  try {
+    return Array.from(sampling_times(String(sampling), n, fps, maxFrames, d, frameRate));
+  } catch (e) {
+    throw new RangeError(e.message);
   }
 }
 
@@ -397,11 +433,11 @@ function assertReadable(source) {
 
 /**
  * Frames of a <video> as `ImageBitmap`s (transferable to a worker), at `at` seconds or
- * by a policy `{n, sampling, fps, maxFrames}` (see `times`).
+ * by a policy `{n, sampling, fps, maxFrames, frameRate}` (see `times`).
  */
 export async function sampleFrames(video, at) {
   await metadata(video);
-  const ts = Array.isArray(at) ? at : times(video, at.n, at);
+  const ts = Array.isArray(at) ? at : await times(video, at.n, at);
   const sources = [];
   for (const t of ts) {
     await seek(video, t);

@@ -83,11 +83,11 @@ export class VidLLMWorker {
   generate(opts) { return this.#pieces("generate", opts); }
 
   /** As `VidLLM.ask`; a `<video>` is sampled here and its frames transferred to the worker. */
-  async *ask({ video, frames, sampling = "hf", fps = 1, maxFrames = 32, onFrames, ...opts }) {
+  async *ask({ video, frames, sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30, onFrames, ...opts }) {
     let transfer = [];
     if (video) {
       const n = typeof frames === "number" ? frames : this.defaultFrames;
-      const f = await sampleFrames(video, { n, sampling, fps, maxFrames });
+      const f = await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
       onFrames?.(f);
       frames = f.sources;
       transfer = f.sources;

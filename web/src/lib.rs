@@ -1,14 +1,18 @@
 //! vidllm in the browser: load a GGUF decoder onto WebGPU and stream its answer.
 //!
-//! Browsers forbid blocking on the GPU, so every read-back here is `into_data_async`;
-//! the model graph and the 4-bit kernels are the native ones, compiled to WGSL.
+//! Browsers forbid blocking on the GPU, so answers are driven by the shared
+//! `Conversation`'s async driver (`into_data_async` read-back); the model graph and the
+//! 4-bit kernels are the native ones, compiled to WGSL.
 
-use burn::tensor::{Device, Tensor};
+use std::rc::Rc;
+
+use burn::tensor::Device;
+use vidllm_core::GenerateError;
 use vidllm_core::gguf::Gguf;
-use vidllm_core::sampler::{Sampler, SamplerConfig};
-use vidllm_core::stream::TextStream;
+use vidllm_core::sampler::SamplerConfig;
+use vidllm_core::sampling::Sampling;
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::{KvCache, Llama, Logits, load_llama};
+use vidllm_models::{Conversation, GenerateParams, Model, Prompt, load_llama};
 use wasm_bindgen::prelude::*;
 
 mod gpu;
@@ -43,88 +47,80 @@ fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
-fn callback_err(e: JsValue) -> JsError {
-    js_err(format!("callback failed: {e:?}"))
+/// A generation error as a JS `Error` named by its kind (`ContextFullError`, ...), which
+/// vidllm.js turns into an instance of its class of that name.
+pub(crate) fn gen_err(e: GenerateError) -> JsValue {
+    let err = js_sys::Error::new(&e.to_string());
+    err.set_name(e.kind());
+    err.into()
 }
 
-async fn read_row(t: Tensor<2>) -> Result<Vec<f32>, JsError> {
-    let data = t.into_data_async().await.map_err(|e| js_err(format!("device: {e:?}")))?;
-    data.try_into_vec::<f32>().map_err(|e| js_err(format!("device: {e:?}")))
-}
-
-/// Refuse input that would not fit the context (with room for one answer token),
-/// before any state changes.
-fn check_room(cache: &KvCache, input: usize) -> Result<(), JsError> {
-    if cache.len + input + 1 > cache.capacity {
-        return Err(js_err(format!(
-            "the prompt needs {} tokens of context but the context holds {}",
-            cache.len + input + 1,
-            cache.capacity
-        )));
+/// Stream the conversation's answer to JS: `on_piece(text, id)` for each piece (`id` null
+/// for the text held back to the end); `should_stop()` is polled after each piece (an
+/// `AbortSignal`'s `aborted`). Returns the answer's token ids. All generation logic is the
+/// shared `Conversation`'s; this only moves pieces across.
+pub(crate) async fn stream_to_js(
+    conv: &mut Conversation,
+    on_piece: &js_sys::Function,
+    should_stop: &js_sys::Function,
+) -> Result<Vec<u32>, JsValue> {
+    let mut failed = None;
+    let finished = conv
+        .answer_async(|p| {
+            let stop = on_piece
+                .call2(&JsValue::NULL, &JsValue::from_str(&p.text), &JsValue::from(p.id))
+                .and_then(|_| should_stop.call0(&JsValue::NULL));
+            match stop {
+                Ok(stop) => !stop.as_bool().unwrap_or(false),
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })
+        .await
+        .map_err(gen_err)?;
+    if let Some(e) = failed {
+        return Err(e);
     }
-    Ok(())
+    if !finished.tail.is_empty() {
+        on_piece.call2(&JsValue::NULL, &JsValue::from_str(&finished.tail), &JsValue::NULL)?;
+    }
+    Ok(finished.tokens)
 }
 
-/// How to sample and where the pieces go.
-struct Generation<'a> {
-    max_tokens: usize,
-    temperature: f32,
-    seed: u64,
-    on_piece: &'a js_sys::Function,
-    should_stop: &'a js_sys::Function,
+/// Sampling parameters from the page.
+pub(crate) fn params(max_tokens: usize, temperature: f32, seed: u64) -> GenerateParams {
+    GenerateParams { max_tokens, sampler: SamplerConfig { temperature, seed, ..Default::default() }, stop: Vec::new() }
 }
 
-/// Prefill `input` (its embeddings given), then sample token by token, reading every
-/// logits row back asynchronously. `history` gets the input and the sampled tokens.
-async fn stream_answer(
-    model: &Llama,
-    tok: &Tokenizer,
-    cache: &mut KvCache,
-    history: &mut Vec<u32>,
-    input: &[u32],
-    embeds: Tensor<2>,
-    g: Generation<'_>,
-) -> Result<Vec<u32>, JsError> {
-    check_room(cache, input.len())?;
-    if let Some(bad) = input.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
-        return Err(js_err(format!("token id {bad} is outside the vocabulary")));
-    }
-    let mut sampler = Sampler::new(SamplerConfig { temperature: g.temperature, seed: g.seed, ..Default::default() });
-    let mut detok = TextStream::new();
-    let mut logits = read_row(model.forward_embeds(embeds, cache, Logits::Last)).await?;
-    history.extend_from_slice(input);
-    let mut out = Vec::new();
-    while out.len() < g.max_tokens {
-        let id = sampler.sample(&logits, history);
-        if tok.is_eog(id) {
-            break;
-        }
-        history.push(id);
-        out.push(id);
-        let text = detok.push(tok, id);
-        g.on_piece.call2(&JsValue::NULL, &JsValue::from_str(&text), &JsValue::from(id)).map_err(callback_err)?;
-        let stop = g.should_stop.call0(&JsValue::NULL).map_err(callback_err)?.as_bool().unwrap_or(false);
-        if stop || out.len() == g.max_tokens || cache.len + 1 >= cache.capacity {
-            break;
-        }
-        logits = read_row(model.forward(&[id], cache, Logits::Last)).await?;
-    }
-    let tail = detok.finish();
-    if !tail.is_empty() {
-        g.on_piece.call2(&JsValue::NULL, &JsValue::from_str(&tail), &JsValue::NULL).map_err(callback_err)?;
-    }
-    Ok(out)
+/// The times (seconds) a sampling policy picks in a video of `duration` seconds at
+/// `frame_rate` frames a second: the native policies, so the page and `vidllm-native`
+/// look at the same moments.
+#[wasm_bindgen]
+pub fn sampling_times(sampling: &str, n: usize, fps: f64, max_frames: usize, duration: f64, frame_rate: f64) -> Result<Vec<f64>, JsError> {
+    Sampling::from_name(sampling, n, fps, max_frames).and_then(|p| p.times(duration, frame_rate)).map_err(js_err)
 }
 
-/// A decoder on a WebGPU (or CPU) device, with its conversation state.
+/// The files of a model folder besides its weights (each optional but `config.json` and
+/// `tokenizer.json`): what the page fetches before the shards.
+#[wasm_bindgen]
+pub fn folder_files() -> Vec<String> {
+    vidllm_models::model_files::CONFIG_FILES.iter().map(|s| s.to_string()).collect()
+}
+
+/// The `model_type` of a folder's `config.json`, or an error naming the supported ones:
+/// checked before any weights are fetched.
+#[wasm_bindgen]
+pub fn folder_architecture(config_json: &str) -> Result<String, JsError> {
+    Ok(vidllm_models::video_model::VideoModel::registration(config_json).map_err(js_err)?.model_type.to_string())
+}
+
+/// A decoder on a WebGPU (or CPU) device, with its conversation.
 #[wasm_bindgen]
 pub struct Runtime {
-    model: Llama,
-    tok: Tokenizer,
+    conv: Conversation,
     device: Device,
-    cache: KvCache,
-    /// Tokens whose keys and values are in the cache, plus the last sampled one.
-    history: Vec<u32>,
     file_bytes: usize,
 }
 
@@ -138,53 +134,37 @@ impl Runtime {
         let g = Gguf::from_bytes(bytes).map_err(js_err)?;
         let tok = Tokenizer::from_gguf(&g).map_err(js_err)?;
         let model = load_llama(&g, &device).map_err(js_err)?;
-        let context = context.clamp(2, model.rope_positions());
-        let cache = KvCache::new(&model.cfg, context, &device);
-        Ok(Runtime { model, tok, device, cache, history: Vec::new(), file_bytes })
-    }
-
-    /// Token ids of `text` (special-token text parsed; BOS as the model asks).
-    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, JsError> {
-        self.tok.encode(text, self.tok.add_bos).map_err(js_err)
-    }
-
-    /// The model's chat template applied to one user message, tokenised.
-    pub fn chat_tokens(&self, user: &str) -> Result<Vec<u32>, JsError> {
-        self.tok.chat_tokens(user).map_err(js_err)
+        let conv = Conversation::new(Rc::new(Model::Text(model)), Rc::new(tok), context);
+        Ok(Runtime { conv, device, file_bytes })
     }
 
     /// Forget the conversation.
     pub fn reset(&mut self) {
-        self.cache.truncate(0);
-        self.history.clear();
+        self.conv.reset();
     }
 
-    /// Generate after `prompt`, calling `on_piece(text, id)` per token; returns the ids.
-    /// `should_stop()` is polled between tokens (an `AbortSignal`'s `aborted`).
+    /// Answer `prompt` (through the model's chat template, or as written with `raw`),
+    /// continuing the conversation; `on_piece(text, id)` per piece, `should_stop()` polled
+    /// between tokens. Returns the answer's token ids.
+    #[allow(clippy::too_many_arguments)]
     pub async fn generate(
         &mut self,
-        prompt: Vec<u32>,
+        prompt: String,
+        raw: bool,
         max_tokens: usize,
         temperature: f32,
         seed: u64,
         on_piece: &js_sys::Function,
         should_stop: &js_sys::Function,
-    ) -> Result<Vec<u32>, JsError> {
-        let pending: Vec<u32> = self.history[self.cache.len..].to_vec();
-        let input = [pending.as_slice(), &prompt].concat();
-        if input.is_empty() {
-            return Err(js_err("prompt is empty"));
-        }
-        check_room(&self.cache, input.len())?;
-        let embeds = self.model.embed.lookup(&input, &self.device);
-        let opts = Generation { max_tokens, temperature, seed, on_piece, should_stop };
-        self.history.truncate(self.cache.len);
-        stream_answer(&self.model, &self.tok, &mut self.cache, &mut self.history, &input, embeds, opts).await
+    ) -> Result<Vec<u32>, JsValue> {
+        let p = if raw { Prompt::Raw(&prompt) } else { Prompt::Question(&prompt) };
+        self.conv.ask(p, params(max_tokens, temperature, seed)).map_err(gen_err)?;
+        stream_to_js(&mut self.conv, on_piece, should_stop).await
     }
 
     /// Device memory held by the weights, from the runtime's own allocations.
     pub fn weights_device_bytes(&self) -> usize {
-        self.model.weights_device_bytes()
+        self.conv.model().decoder().weights_device_bytes()
     }
 
     pub fn file_bytes(&self) -> usize {
@@ -197,7 +177,7 @@ impl Runtime {
 
     /// Row bands of the output head (more than one when it exceeds the binding cap).
     pub fn head_bands(&self) -> usize {
-        match &self.model.lm_head {
+        match &self.conv.model().decoder().lm_head {
             vidllm_models::quant_linear::QuantLinear::Blocks(m) => m.bands(),
             vidllm_models::quant_linear::QuantLinear::Dense(b) => b.len(),
         }

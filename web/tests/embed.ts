@@ -1,13 +1,20 @@
 // Type-checked usage of the package's declarations (npm run typecheck): what an embedder
 // writes, so a wrong or missing type shows up here.
-import { VidLLM, QuotaError, type Piece } from "vidllm";
+import { VidLLM, QuotaError, ContextFullError, times, type Piece } from "vidllm";
 import { VidLLMWorker } from "vidllm/worker.js";
 
 export async function answer(video: HTMLVideoElement, out: HTMLElement, signal: AbortSignal): Promise<void> {
   const rt = await VidLLM.load({ model: "/models/Video-LLaVA-7B-hf/", onProgress: (p) => p.warning instanceof QuotaError && console.warn(p.warning.message) });
   for await (const piece of rt.ask({ video, frames: 8, sampling: "hf", prompt: "What happens?", signal })) out.textContent += piece.text;
   const follow: AsyncIterable<Piece> = rt.ask({ prompt: "And then?", maxTokens: 64 });
-  for await (const p of follow) out.textContent += p.text;
+  try {
+    for await (const p of follow) out.textContent += p.text;
+  } catch (e) {
+    if (e instanceof ContextFullError) out.textContent += "(the conversation is full: ask with newConversation)";
+    else throw e;
+  }
+  const moments: number[] = await times(video, 0, { sampling: "fps", fps: 1, maxFrames: 32, frameRate: 25 });
+  out.dataset.moments = moments.join(",");
   const stream = await rt.chat.completions.create({
     messages: [{ role: "user", content: [{ type: "video", video }, { type: "text", text: "Describe it." }] }],
     stream: true,

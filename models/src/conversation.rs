@@ -1,0 +1,507 @@
+//! A conversation: the turn state machine that every front end drives (`vidllm-native
+//! chat` and `ask`, the browser page and its worker).
+//!
+//! A [`Conversation`] holds the model, its tokenizer, the KV cache and the visuals being
+//! talked about, and renders each question through the model's own turn format. It is
+//! sans-IO: it never reads the device. [`Conversation::step`] hands the driver the
+//! `[1, vocab]` logits tensor it needs; the driver reads it back (blocking natively, with
+//! `into_data_async` in a browser, where blocking is forbidden) and passes the row to
+//! [`Conversation::accept`], which samples, detokenises and applies the stop rules. The
+//! two drivers, [`Conversation::answer`] and [`Conversation::answer_async`], are that loop
+//! and nothing more, so both stop at the same token for the same reason.
+//!
+//! The context rule, in one place: a prompt is refused (before anything changes) unless
+//! the cache has room for it plus one answer token; a sampled token is run only while the
+//! cache has a free position for it, else the answer ends with [`FinishReason::ContextFull`].
+
+use std::rc::Rc;
+
+use burn::tensor::Tensor;
+use vidllm_core::GenerateError;
+use vidllm_core::chat::Message;
+use vidllm_core::sampler::Sampler;
+use vidllm_core::stream::TextStream;
+use vidllm_core::tokenizer::Tokenizer;
+use web_time::Instant;
+
+use crate::generate::{GenerateParams, Piece, Timings, read_row, read_row_async};
+use crate::llama::{KvCache, Llama, Logits};
+use crate::merge::{Visual, merge_embeddings};
+use crate::video_model::VideoModel;
+
+/// What a conversation talks to: a text decoder (a GGUF file), or a video-language model.
+// Built once and shared behind an `Rc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Model {
+    Text(Llama),
+    Video(VideoModel),
+}
+
+impl Model {
+    pub fn decoder(&self) -> &Llama {
+        match self {
+            Self::Text(m) => m,
+            Self::Video(m) => m.decoder(),
+        }
+    }
+
+    pub fn video(&self) -> Option<&VideoModel> {
+        match self {
+            Self::Text(_) => None,
+            Self::Video(m) => Some(m),
+        }
+    }
+}
+
+/// Why an answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model wrote an end-of-generation token.
+    EndOfText,
+    /// The text reached a stop string (it is cut just before it).
+    StopString,
+    /// `max_tokens` tokens were generated.
+    MaxTokens,
+    /// The cache has no position left for the last sampled token.
+    ContextFull,
+    /// The driver aborted.
+    Aborted,
+}
+
+impl FinishReason {
+    /// OpenAI's `finish_reason`.
+    pub fn openai(self) -> &'static str {
+        match self {
+            Self::EndOfText | Self::StopString | Self::Aborted => "stop",
+            Self::MaxTokens | Self::ContextFull => "length",
+        }
+    }
+}
+
+/// The end of an answer.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    /// Text held back until the end (an unfinished character, a partial stop string).
+    pub tail: String,
+    /// The whole answer (cut before a stop string).
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub timings: Timings,
+}
+
+/// What the driver does next.
+// One value a step, moved once: boxing the finished answer would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Step {
+    /// Read this `[1, vocab]` logits row back and pass it to [`Conversation::accept`].
+    Read(Tensor<2>),
+    /// The answer ended.
+    Finished(Finished),
+}
+
+/// The input of a turn.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    /// A question, rendered through the model's turn format (first turn or follow-up).
+    Question(&'a str),
+    /// Text used as written (placeholders included): BOS as the model asks on a first
+    /// turn, none on a later one.
+    Raw(&'a str),
+    /// Token ids, run after what the cache holds.
+    Tokens(&'a [u32]),
+}
+
+/// The answer being generated.
+struct Answer {
+    params: GenerateParams,
+    sampler: Sampler,
+    detok: TextStream,
+    /// The turn's input, run by the first step: its ids and their embeddings.
+    input: Option<(Vec<u32>, Tensor<2>)>,
+    /// All text so far, and how much of it was emitted.
+    text: String,
+    emitted: usize,
+    tokens: Vec<u32>,
+    timings: Timings,
+    /// When the row being read was asked for, and whether it is the prefill's.
+    asked: Option<Instant>,
+    prefilling: bool,
+    finish: Option<FinishReason>,
+    /// The question, for the chat history of text models (`None` for raw input).
+    question: Option<String>,
+}
+
+impl Answer {
+    /// Text that can be emitted: all but a tail that could still begin a stop string. A
+    /// completed stop string ends the answer, cut before it.
+    fn release(&mut self) -> String {
+        if let Some(pos) = self.params.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+            self.finish = Some(FinishReason::StopString);
+            self.text.truncate(pos);
+        }
+        let hold = if self.finish.is_some() { 0 } else { self.held_back() };
+        let end = self.text.len() - hold;
+        let out = self.text[self.emitted.min(end)..end].to_string();
+        self.emitted = self.emitted.max(end);
+        out
+    }
+
+    /// Bytes at the end of the text that begin one of the stop strings.
+    fn held_back(&self) -> usize {
+        let mut hold = 0;
+        for s in &self.params.stop {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.text.ends_with(&s[..i]) {
+                    hold = hold.max(i);
+                }
+            }
+        }
+        hold
+    }
+}
+
+pub struct Conversation {
+    model: Rc<Model>,
+    tok: Rc<Tokenizer>,
+    cache: KvCache,
+    /// Every token in the cache, in order, then the last sampled one (not run yet).
+    history: Vec<u32>,
+    /// Still images' visual tokens, one entry an image, asked about with the first question.
+    images: Vec<Visual>,
+    video: Option<Visual>,
+    /// The turns so far, for models whose follow-ups go through a chat template.
+    messages: Vec<Message>,
+    answer: Option<Answer>,
+}
+
+impl Conversation {
+    /// A conversation holding up to `context` tokens (at least 2, at most the model's).
+    pub fn new(model: Rc<Model>, tok: Rc<Tokenizer>, context: usize) -> Self {
+        let decoder = model.decoder();
+        let context = context.clamp(2, decoder.rope_positions().max(2));
+        let cache = KvCache::new(&decoder.cfg, context, &decoder.device);
+        Self { model, tok, cache, history: Vec::new(), images: Vec::new(), video: None, messages: Vec::new(), answer: None }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+
+    /// Tokens the cache can hold.
+    pub fn context(&self) -> usize {
+        self.cache.capacity
+    }
+
+    /// Every token of the conversation so far (the last sampled one included).
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Talk about this video from now on (a new conversation starts).
+    pub fn set_video(&mut self, video: Visual) {
+        self.video = Some(video);
+        self.reset();
+    }
+
+    pub fn video(&self) -> Option<&Visual> {
+        self.video.as_ref()
+    }
+
+    /// Encode a still image (preprocessed, `[1, 3, s, s]`), asked about with the next first
+    /// question; a new conversation starts.
+    pub fn add_image(&mut self, pixels: Tensor<4>) -> Result<(), GenerateError> {
+        let m = self
+            .model
+            .video()
+            .ok_or_else(|| GenerateError::Unsupported("this is a text model: images need a video-language model".into()))?;
+        if !m.supports_images() {
+            return Err(GenerateError::Unsupported(format!("{} takes no still images (Video-LLaVA does)", m.model_type())));
+        }
+        let image = m.images(vec![pixels]).map_err(|e| GenerateError::Visual(e.to_string()))?;
+        self.images.push(image);
+        self.reset();
+        Ok(())
+    }
+
+    /// Visual tokens of the images and the video being talked about.
+    pub fn visual_tokens(&self) -> usize {
+        self.images.iter().chain(&self.video).map(|v| v.features.dims()[0]).sum()
+    }
+
+    /// Forget the video, the images and the conversation.
+    pub fn clear_visuals(&mut self) {
+        self.video = None;
+        self.images.clear();
+        self.reset();
+    }
+
+    /// Start a new conversation about the same visuals (their encoding is kept).
+    pub fn reset(&mut self) {
+        self.cache.truncate(0);
+        self.history.clear();
+        self.messages.clear();
+        self.answer = None;
+    }
+
+    /// Start answering `prompt`. Nothing changes when it is refused (too long for the
+    /// context, no visual to ask about, an answer still streaming): the conversation
+    /// goes on as before.
+    pub fn ask(&mut self, prompt: Prompt, params: GenerateParams) -> Result<(), GenerateError> {
+        if self.answer.is_some() {
+            return Err(GenerateError::Busy);
+        }
+        let (restart, ids, embeds) = self.turn_input(prompt)?;
+        let kept = if restart { 0 } else { self.cache.len };
+        let pending: &[u32] = if restart { &[] } else { &self.history[self.cache.len..] };
+        if ids.is_empty() && pending.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let needed = kept + pending.len() + ids.len();
+        if needed + 1 > self.cache.capacity {
+            return Err(GenerateError::PromptTooLong { prompt: needed, context: self.cache.capacity, reserve: 1 });
+        }
+        let decoder = self.model.decoder();
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= decoder.cfg.vocab_size) {
+            return Err(GenerateError::Tokenizer(format!("token id {bad} is outside the vocabulary")));
+        }
+        // The last answer's final token was sampled but not run: it goes first.
+        let x = match embeds {
+            Some(e) if pending.is_empty() => e,
+            Some(e) => Tensor::cat(vec![decoder.embed.lookup(pending, &decoder.device), e], 0),
+            None => decoder.embed.lookup(&[pending, ids.as_slice()].concat(), &decoder.device),
+        };
+        if restart {
+            // The turn re-runs the whole conversation: the cache starts over, the
+            // messages it renders stay.
+            self.cache.truncate(0);
+            self.history.clear();
+        }
+        let question = match prompt {
+            Prompt::Question(q) => Some(q.to_string()),
+            _ => None,
+        };
+        self.answer = Some(Answer {
+            sampler: Sampler::new(params.sampler.clone()),
+            params,
+            detok: TextStream::new(),
+            input: Some((ids, x)),
+            text: String::new(),
+            emitted: 0,
+            tokens: Vec::new(),
+            timings: Timings::default(),
+            asked: None,
+            prefilling: false,
+            finish: None,
+            question,
+        });
+        Ok(())
+    }
+
+    /// The token ids of a turn and, when visual tokens are merged in, its embeddings;
+    /// `restart` when the cache must be dropped first (a follow-up whose chat-template
+    /// rendering does not continue what is in the cache).
+    fn turn_input(&self, prompt: Prompt) -> Result<(bool, Vec<u32>, Option<Tensor<2>>), GenerateError> {
+        let tok = &*self.tok;
+        let first = self.history.is_empty();
+        let tokenizer = |e: vidllm_core::LoadError| GenerateError::Tokenizer(e.to_string());
+        Ok(match (prompt, &*self.model) {
+            (Prompt::Tokens(ids), _) => (false, ids.to_vec(), None),
+            (Prompt::Raw(text), Model::Video(m)) if first => {
+                let (ids, embeds) = self.first_turn(m, text)?;
+                (false, ids, Some(embeds))
+            }
+            (Prompt::Raw(text), _) => (false, tok.encode(text, first && tok.add_bos).map_err(tokenizer)?, None),
+            (Prompt::Question(q), Model::Video(m)) if first => {
+                let text = match (&self.video, self.images.len()) {
+                    (Some(_), n) => m.first_turn(q, n, true),
+                    (None, n) if n > 0 => m.first_turn(q, n, false),
+                    (None, _) => return Err(GenerateError::NoVisual),
+                };
+                let (ids, embeds) = self.first_turn(m, &text)?;
+                (false, ids, Some(embeds))
+            }
+            (Prompt::Question(q), Model::Video(m)) => (false, tok.encode(&m.follow_up(tok, q), false).map_err(tokenizer)?, None),
+            (Prompt::Question(q), Model::Text(_)) if first => (false, tok.chat_tokens(&[Message::new("user", q)])?, None),
+            (Prompt::Question(q), Model::Text(_)) => self.text_follow_up(q)?,
+        })
+    }
+
+    /// A first turn's ids, placeholders expanded, and its embeddings, visual rows merged in.
+    fn first_turn(&self, m: &VideoModel, text: &str) -> Result<(Vec<u32>, Tensor<2>), GenerateError> {
+        let visual = |e: vidllm_core::LoadError| GenerateError::Visual(e.to_string());
+        // All images fill the `<image>` placeholders in order, as one run of features.
+        let mut visuals: Vec<Visual> = match self.images.first() {
+            Some(first) => vec![Visual {
+                token: first.token,
+                features: Tensor::cat(self.images.iter().map(|v| v.features.clone()).collect(), 0),
+                per_placeholder: first.per_placeholder,
+            }],
+            None => Vec::new(),
+        };
+        visuals.extend(self.video.clone());
+        let ids = VideoModel::prompt_ids(&self.tok, text, &visuals).map_err(visual)?;
+        let embeds = merge_embeddings(m.decoder(), &ids, &visuals).map_err(visual)?;
+        Ok((ids, embeds))
+    }
+
+    /// A text model's follow-up: the chat template over the whole conversation, minus what
+    /// the cache already holds. Where the rendering does not continue the cached text (a
+    /// template that rewrites earlier turns), the whole conversation is run again.
+    fn text_follow_up(&self, q: &str) -> Result<(bool, Vec<u32>, Option<Tensor<2>>), GenerateError> {
+        let tok = &*self.tok;
+        let tokenizer = |e: vidllm_core::LoadError| GenerateError::Tokenizer(e.to_string());
+        let Some((Message { content: answer, .. }, asked)) = self.messages.split_last() else {
+            // The conversation so far was raw text: the question continues it as written.
+            return Ok((false, tok.encode(q, false).map_err(tokenizer)?, None));
+        };
+        let mut all = self.messages.clone();
+        all.push(Message::new("user", q));
+        let before = tok.render_chat(asked)? + answer;
+        let now = tok.render_chat(&all)?;
+        match now.strip_prefix(&before) {
+            Some(rest) => Ok((false, tok.encode(rest, false).map_err(tokenizer)?, None)),
+            None => Ok((true, tok.chat_tokens(&all)?, None)),
+        }
+    }
+
+    /// What the driver must do next: read a logits row, or take the finished answer.
+    pub fn step(&mut self) -> Result<Step, GenerateError> {
+        let a = self.answer.as_mut().ok_or_else(|| GenerateError::Unsupported("no answer is in progress (ask first)".into()))?;
+        let decoder = self.model.decoder();
+        if let Some((ids, x)) = a.input.take() {
+            a.asked = Some(Instant::now());
+            a.timings.prompt_tokens = x.dims()[0];
+            let logits = decoder.forward_embeds(x, &mut self.cache, Logits::Last);
+            // The cache now holds what it held, the pending token and the turn's input.
+            self.history.extend_from_slice(&ids);
+            a.prefilling = true;
+            return Ok(Step::Read(logits));
+        }
+        if a.finish.is_none() {
+            if a.tokens.len() >= a.params.max_tokens {
+                a.finish = Some(FinishReason::MaxTokens);
+            } else if self.cache.len + 1 > self.cache.capacity {
+                a.finish = Some(FinishReason::ContextFull);
+            } else {
+                let last = *self.history.last().expect("an answer token was sampled");
+                a.asked = Some(Instant::now());
+                return Ok(Step::Read(decoder.forward(&[last], &mut self.cache, Logits::Last)));
+            }
+        }
+        let mut a = self.answer.take().expect("checked above");
+        let reason = a.finish.expect("set above");
+        if reason != FinishReason::StopString {
+            let rest = a.detok.finish();
+            a.text.push_str(&rest);
+        }
+        let tail = a.text[a.emitted.min(a.text.len())..].to_string();
+        if let Some(q) = a.question {
+            self.messages.push(Message::new("user", &q));
+            self.messages.push(Message::new("assistant", &a.text));
+        }
+        Ok(Step::Finished(Finished { reason, tail, text: a.text, tokens: a.tokens, timings: a.timings }))
+    }
+
+    /// Take the logits row the last [`Step::Read`] asked for: sample the next token. Returns
+    /// the piece of text it completes, or `None` when the answer ended here.
+    pub fn accept(&mut self, row: &[f32]) -> Result<Option<Piece>, GenerateError> {
+        let a = self.answer.as_mut().ok_or_else(|| GenerateError::Unsupported("no answer is in progress (ask first)".into()))?;
+        let vocab = self.model.decoder().cfg.vocab_size;
+        if row.len() != vocab {
+            return Err(GenerateError::Device(format!("a logits row has {} values, the vocabulary {vocab}", row.len())));
+        }
+        if let Some(t0) = a.asked.take() {
+            if std::mem::take(&mut a.prefilling) {
+                a.timings.prefill = t0.elapsed();
+            } else {
+                a.timings.decode += t0.elapsed();
+            }
+        }
+        if a.finish.is_none() && a.tokens.len() >= a.params.max_tokens {
+            a.finish = Some(FinishReason::MaxTokens); // max_tokens 0: the prompt runs, nothing is sampled
+        }
+        if a.finish.is_some() {
+            return Ok(None);
+        }
+        let id = a.sampler.sample(row, &self.history);
+        if self.tok.is_eog(id) {
+            a.finish = Some(FinishReason::EndOfText);
+            return Ok(None);
+        }
+        // The token is not in the cache yet: the next step runs it.
+        self.history.push(id);
+        a.tokens.push(id);
+        a.timings.generated += 1;
+        let piece = a.detok.push(&self.tok, id);
+        a.text.push_str(&piece);
+        Ok(Some(Piece { id, text: a.release() }))
+    }
+
+    /// End the answer after the token already sampled; the next step finishes it.
+    pub fn abort(&mut self) {
+        if let Some(a) = self.answer.as_mut() {
+            a.finish.get_or_insert(FinishReason::Aborted);
+        }
+    }
+
+    /// Drive the answer to its end, reading each row back synchronously (native devices).
+    /// `on_piece` returns `false` to abort.
+    pub fn answer(&mut self, on_piece: impl FnMut(&Piece) -> bool) -> Result<Finished, GenerateError> {
+        self.answer_with(read_row, on_piece)
+    }
+
+    /// [`Conversation::answer`] for devices that must not block (WebGPU in a browser):
+    /// each row is read back with `into_data_async`.
+    pub async fn answer_async(&mut self, on_piece: impl FnMut(&Piece) -> bool) -> Result<Finished, GenerateError> {
+        self.answer_async_with(read_row_async, on_piece).await
+    }
+
+    /// The blocking driver, with the row read by `read`.
+    pub fn answer_with(
+        &mut self,
+        mut read: impl FnMut(Tensor<2>) -> Result<Vec<f32>, GenerateError>,
+        mut on_piece: impl FnMut(&Piece) -> bool,
+    ) -> Result<Finished, GenerateError> {
+        loop {
+            match self.step().inspect_err(|_| self.answer = None)? {
+                Step::Read(logits) => {
+                    let row = read(logits).inspect_err(|_| self.answer = None)?;
+                    self.take_row(&row, &mut on_piece)?;
+                }
+                Step::Finished(f) => return Ok(f),
+            }
+        }
+    }
+
+    /// The non-blocking driver, with the row read by `read`.
+    pub async fn answer_async_with<F: Future<Output = Result<Vec<f32>, GenerateError>>>(
+        &mut self,
+        mut read: impl FnMut(Tensor<2>) -> F,
+        mut on_piece: impl FnMut(&Piece) -> bool,
+    ) -> Result<Finished, GenerateError> {
+        loop {
+            match self.step().inspect_err(|_| self.answer = None)? {
+                Step::Read(logits) => {
+                    let row = read(logits).await.inspect_err(|_| self.answer = None)?;
+                    self.take_row(&row, &mut on_piece)?;
+                }
+                Step::Finished(f) => return Ok(f),
+            }
+        }
+    }
+
+    /// The drivers' one shared move: accept a row, hand its piece out, abort when told.
+    fn take_row(&mut self, row: &[f32], on_piece: &mut impl FnMut(&Piece) -> bool) -> Result<(), GenerateError> {
+        if let Some(p) = self.accept(row).inspect_err(|_| self.answer = None)?
+            && !on_piece(&p)
+        {
+            self.abort();
+        }
+        Ok(())
+    }
+}

@@ -17,8 +17,9 @@ pub enum LoadError {
     Absurd { what: String, value: u64 },
     #[error("GGUF metadata key {key} has an unknown value type {ty}")]
     UnknownValueType { key: String, ty: u32 },
-    #[error("tensor {name} has an unknown or unsupported GGML type {ty}")]
-    UnknownTensorType { name: String, ty: u32 },
+    /// `what`: ggml's name for the type where it has one (`iq2_xs`), else its id.
+    #[error("tensor {name} is of GGML type {what}, which vidllm does not read (it reads {supported})")]
+    UnknownTensorType { name: String, what: String, supported: String },
     #[error("tensor {name}: data [{start}, {end}) lies beyond the end of the file ({len} bytes)")]
     TensorOutOfBounds { name: String, start: u64, end: u64, len: u64 },
     #[error("tensor {name}: {reason}")]

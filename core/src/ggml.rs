@@ -1,72 +1,523 @@
-//! GGML tensor types and block layouts (the format the 4-bit weights keep on the device).
+//! GGML tensor types and block layouts (the format weights keep on the device).
 //!
-//! Block layouts follow ggml's `ggml-common.h`: every quantised row is a run of
-//! 32-element blocks; the scale (and min) are IEEE f16.
-//! - Q4_0 (18 B): d f16, 16 B nibbles; x = (q - 8) * d
-//! - Q4_1 (20 B): d f16, m f16, 16 B nibbles; x = q * d + m
-//! - Q8_0 (34 B): d f16, 32 x i8; x = q * d
+//! Each quantised type is a `#[repr(C)]` struct, byte for byte as ggml's `ggml-common.h`
+//! declares it, with its size checked at compile time against ggml's. The CPU kernels
+//! read rows as slices of these structs; the GPU kernels take their byte offsets
+//! ([`Layout`]) from the same declarations. Every field is a byte array, so blocks have
+//! alignment 1 and a row is a slice of blocks wherever it starts in a file.
 //!
-//! Nibble j of byte `qs[j]` (low) is element j, the high nibble element j + 16.
+//! 32-element blocks (scale `d`, minimum `m`, all f16):
+//! - Q4_0 (18 B): x = (q4 - 8) d;  Q4_1 (20 B): x = q4 d + m
+//! - Q5_0 (22 B): x = (q5 - 16) d; Q5_1 (24 B): x = q5 d + m (fifth bits in `qh`)
+//! - Q8_0 (34 B): x = q8 d;        IQ4_NL (18 B): x = d KVALUES[q4]
+//!
+//! In a 32-element block, nibble j of `qs[j]` (low) is element j, the high nibble element
+//! j + 16; bit j of `qh` is element j's fifth bit.
+//!
+//! 256-element "K" super-blocks of 8 sub-blocks of 32 (16 of 16 for Q2_K, Q3_K, Q6_K),
+//! each sub-block with its own scale (and minimum), packed in `scales`:
+//! - Q2_K (84 B): x = d sc q2 - dmin m;  Q3_K (110 B): x = d (sc - 32) (q2 - 4 [hmask bit 0])
+//! - Q4_K (144 B), Q5_K (176 B): x = d sc q - dmin m, 6-bit sc and m
+//! - Q6_K (210 B): x = d sc (q6 - 32), i8 sc; IQ4_XS (136 B): x = d (ls - 32) KVALUES[q4]
 
-use half::f16;
+use std::mem::offset_of;
 
-/// Elements per quantisation block (all supported quantised types).
+use bytemuck::{Pod, Zeroable};
+use half::{bf16, f16};
+
+/// Elements per block of the 32-element types, and per sub-block of the K types.
 pub const QK: usize = 32;
+/// Elements per K super-block.
+pub const QK_K: usize = 256;
 
-/// A GGML tensor element type that vidllm can load.
+/// The non-linear 4-bit grid of IQ4_NL and IQ4_XS (ggml's `kvalues_iq4nl`).
+pub const KVALUES_IQ4NL: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// A quantised block type: its layout is the struct itself.
+pub trait Block: Pod {
+    const TYPE: GgmlType;
+    /// Elements per block.
+    const ELEMS: usize;
+
+    /// The block's `ELEMS` values, in order.
+    fn dequantize(&self, out: &mut [f32]);
+}
+
+fn f16_of(b: [u8; 2]) -> f32 {
+    f16::from_le_bytes(b).to_f32()
+}
+
+macro_rules! blocks {
+    ($($(#[$doc:meta])* $name:ident ($bytes:literal bytes) { $($field:ident: $fty:ty),* $(,)? })*) => {$(
+        $(#[$doc])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Pod, Zeroable)]
+        pub struct $name {
+            $(pub $field: $fty),*
+        }
+        // ggml's size for the type, and no padding (alignment 1).
+        const _: () = assert!(size_of::<$name>() == $bytes && align_of::<$name>() == 1);
+    )*};
+}
+
+blocks! {
+    /// `block_q4_0`
+    BlockQ4_0 (18 bytes) { d: [u8; 2], qs: [u8; QK / 2] }
+    /// `block_q4_1`
+    BlockQ4_1 (20 bytes) { d: [u8; 2], m: [u8; 2], qs: [u8; QK / 2] }
+    /// `block_q5_0`
+    BlockQ5_0 (22 bytes) { d: [u8; 2], qh: [u8; 4], qs: [u8; QK / 2] }
+    /// `block_q5_1`
+    BlockQ5_1 (24 bytes) { d: [u8; 2], m: [u8; 2], qh: [u8; 4], qs: [u8; QK / 2] }
+    /// `block_q8_0`
+    BlockQ8_0 (34 bytes) { d: [u8; 2], qs: [i8; QK] }
+    /// `block_iq4_nl`
+    BlockIq4Nl (18 bytes) { d: [u8; 2], qs: [u8; QK / 2] }
+    /// `block_q2_K`: 16 sub-blocks of 16; `scales[i]` = m << 4 | sc (4 bits each).
+    BlockQ2K (84 bytes) { scales: [u8; QK_K / 16], qs: [u8; QK_K / 4], d: [u8; 2], dmin: [u8; 2] }
+    /// `block_q3_K`: 16 sub-blocks of 16, 6-bit scales packed in 12 bytes.
+    BlockQ3K (110 bytes) { hmask: [u8; QK_K / 8], qs: [u8; QK_K / 4], scales: [u8; 12], d: [u8; 2] }
+    /// `block_q4_K`: 8 sub-blocks of 32, 6-bit scales and minimums packed in 12 bytes.
+    BlockQ4K (144 bytes) { d: [u8; 2], dmin: [u8; 2], scales: [u8; 12], qs: [u8; QK_K / 2] }
+    /// `block_q5_K`
+    BlockQ5K (176 bytes) { d: [u8; 2], dmin: [u8; 2], scales: [u8; 12], qh: [u8; QK_K / 8], qs: [u8; QK_K / 2] }
+    /// `block_q6_K`: 16 sub-blocks of 16, i8 scales.
+    BlockQ6K (210 bytes) { ql: [u8; QK_K / 2], qh: [u8; QK_K / 4], scales: [i8; QK_K / 16], d: [u8; 2] }
+    /// `block_iq4_xs`: 8 sub-blocks of 32, 6-bit scales (low 4 bits in `scales_l`, high 2 in `scales_h`).
+    BlockIq4Xs (136 bytes) { d: [u8; 2], scales_h: [u8; 2], scales_l: [u8; QK_K / 64], qs: [u8; QK_K / 2] }
+}
+
+/// Element `j` (0..32) of a 32-element block's 4-bit codes: low nibbles first.
+fn nibble(qs: &[u8; QK / 2], j: usize) -> u8 {
+    (qs[j % 16] >> (4 * (j / 16))) & 15
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum in the 12 packed bytes of Q4_K / Q5_K:
+/// bytes 0-3 hold sc 0-3 (low 6 bits), bytes 4-7 m 0-3; sub-blocks 4-7 take their low 4
+/// bits from bytes 8-11 and their high 2 from the top bits of bytes 0-7.
+pub fn k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        ((scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+    }
+}
+
+/// Sub-block `j`'s (0..16) 6-bit scale in Q3_K's 12 packed bytes, before its offset of 32:
+/// the low 4 bits are nibbles of bytes 0-7 (low nibbles first), the high 2 bits pairs of
+/// bytes 8-11.
+pub fn q3k_scale(scales: &[u8; 12], j: usize) -> u8 {
+    let low = (scales[j % 8] >> (4 * (j / 8))) & 15;
+    let high = (scales[8 + j % 4] >> (2 * (j / 4))) & 3;
+    low | (high << 4)
+}
+
+impl Block for BlockQ4_0 {
+    const TYPE: GgmlType = GgmlType::Q4_0;
+    const ELEMS: usize = QK;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = f16_of(self.d);
+        for (j, o) in out[..QK].iter_mut().enumerate() {
+            *o = (nibble(&self.qs, j) as f32 - 8.0) * d;
+        }
+    }
+}
+
+impl Block for BlockQ4_1 {
+    const TYPE: GgmlType = GgmlType::Q4_1;
+    const ELEMS: usize = QK;
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, m) = (f16_of(self.d), f16_of(self.m));
+        for (j, o) in out[..QK].iter_mut().enumerate() {
+            *o = nibble(&self.qs, j) as f32 * d + m;
+        }
+    }
+}
+
+/// The 5-bit code of element `j` of a Q5_0 / Q5_1 block.
+fn q5(qs: &[u8; QK / 2], qh: [u8; 4], j: usize) -> u8 {
+    nibble(qs, j) | ((((u32::from_le_bytes(qh) >> j) & 1) as u8) << 4)
+}
+
+impl Block for BlockQ5_0 {
+    const TYPE: GgmlType = GgmlType::Q5_0;
+    const ELEMS: usize = QK;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = f16_of(self.d);
+        for (j, o) in out[..QK].iter_mut().enumerate() {
+            *o = (q5(&self.qs, self.qh, j) as f32 - 16.0) * d;
+        }
+    }
+}
+
+impl Block for BlockQ5_1 {
+    const TYPE: GgmlType = GgmlType::Q5_1;
+    const ELEMS: usize = QK;
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, m) = (f16_of(self.d), f16_of(self.m));
+        for (j, o) in out[..QK].iter_mut().enumerate() {
+            *o = q5(&self.qs, self.qh, j) as f32 * d + m;
+        }
+    }
+}
+
+impl Block for BlockQ8_0 {
+    const TYPE: GgmlType = GgmlType::Q8_0;
+    const ELEMS: usize = QK;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = f16_of(self.d);
+        for (o, q) in out[..QK].iter_mut().zip(self.qs) {
+            *o = q as f32 * d;
+        }
+    }
+}
+
+impl Block for BlockIq4Nl {
+    const TYPE: GgmlType = GgmlType::Iq4Nl;
+    const ELEMS: usize = QK;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = f16_of(self.d);
+        for (j, o) in out[..QK].iter_mut().enumerate() {
+            *o = KVALUES_IQ4NL[nibble(&self.qs, j) as usize] as f32 * d;
+        }
+    }
+}
+
+/// Q2_K, Q3_K and Q6_K store element `i` of the super-block's two halves of 128 as
+/// `i = half * 128 + shift * 32 + l`: the 2-bit field `shift` of byte `l` of that half's
+/// 32 bytes (Q6_K's high bits the same way; its low nibbles `i = half * 128 + nib * 64 + l`).
+fn crumb(qs: &[u8], i: usize) -> u8 {
+    (qs[32 * (i / 128) + i % 32] >> (2 * ((i % 128) / 32))) & 3
+}
+
+impl Block for BlockQ2K {
+    const TYPE: GgmlType = GgmlType::Q2K;
+    const ELEMS: usize = QK_K;
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, dmin) = (f16_of(self.d), f16_of(self.dmin));
+        for (i, o) in out[..QK_K].iter_mut().enumerate() {
+            let sc = self.scales[i / 16];
+            *o = d * (sc & 15) as f32 * crumb(&self.qs, i) as f32 - dmin * (sc >> 4) as f32;
+        }
+    }
+}
+
+impl Block for BlockQ3K {
+    const TYPE: GgmlType = GgmlType::Q3K;
+    const ELEMS: usize = QK_K;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = f16_of(self.d);
+        for (i, o) in out[..QK_K].iter_mut().enumerate() {
+            let sc = q3k_scale(&self.scales, i / 16) as f32 - 32.0;
+            // The high bit is stored inverted: a clear bit subtracts 4.
+            let high = (self.hmask[i % 32] >> (i / 32)) & 1;
+            let q = crumb(&self.qs, i) as f32 - if high == 0 { 4.0 } else { 0.0 };
+            *o = d * sc * q;
+        }
+    }
+}
+
+/// Element `i`'s low 4 bits in Q4_K / Q5_K: chunk `i / 64` of 32 bytes, low nibbles for
+/// the first 32 elements of the chunk.
+fn k_nibble(qs: &[u8; QK_K / 2], i: usize) -> u8 {
+    (qs[32 * (i / 64) + i % 32] >> (4 * ((i % 64) / 32))) & 15
+}
+
+impl Block for BlockQ4K {
+    const TYPE: GgmlType = GgmlType::Q4K;
+    const ELEMS: usize = QK_K;
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, dmin) = (f16_of(self.d), f16_of(self.dmin));
+        for (i, o) in out[..QK_K].iter_mut().enumerate() {
+            let (sc, m) = k_scale_min(&self.scales, i / 32);
+            *o = d * sc as f32 * k_nibble(&self.qs, i) as f32 - dmin * m as f32;
+        }
+    }
+}
+
+impl Block for BlockQ5K {
+    const TYPE: GgmlType = GgmlType::Q5K;
+    const ELEMS: usize = QK_K;
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, dmin) = (f16_of(self.d), f16_of(self.dmin));
+        for (i, o) in out[..QK_K].iter_mut().enumerate() {
+            let (sc, m) = k_scale_min(&self.scales, i / 32);
+            let q = k_nibble(&self.qs, i) | (((self.qh[i % 32] >> (i / 32)) & 1) << 4);
+            *o = d * sc as f32 * q as f32 - dmin * m as f32;
+        }
+    }
+}
+
+impl Block for BlockQ6K {
+    const TYPE: GgmlType = GgmlType::Q6K;
+    const ELEMS: usize = QK_K;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = f16_of(self.d);
+        for (i, o) in out[..QK_K].iter_mut().enumerate() {
+            let low = (self.ql[64 * (i / 128) + i % 64] >> (4 * ((i % 128) / 64))) & 15;
+            let q = (low | (crumb(&self.qh, i) << 4)) as f32 - 32.0;
+            *o = d * self.scales[i / 16] as f32 * q;
+        }
+    }
+}
+
+impl Block for BlockIq4Xs {
+    const TYPE: GgmlType = GgmlType::Iq4Xs;
+    const ELEMS: usize = QK_K;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = f16_of(self.d);
+        let high = u16::from_le_bytes(self.scales_h);
+        for (j, sub) in out[..QK_K].chunks_exact_mut(QK).enumerate() {
+            let ls = ((self.scales_l[j / 2] >> (4 * (j % 2))) & 15) | ((((high >> (2 * j)) & 3) as u8) << 4);
+            let dl = d * (ls as f32 - 32.0);
+            let qs: &[u8; 16] = self.qs[16 * j..16 * j + 16].try_into().expect("16 bytes");
+            for (k, o) in sub.iter_mut().enumerate() {
+                *o = dl * KVALUES_IQ4NL[nibble(qs, k) as usize] as f32;
+            }
+        }
+    }
+}
+
+impl BlockQ4_0 {
+    pub fn d(&self) -> f32 {
+        f16_of(self.d)
+    }
+}
+
+impl BlockQ4_1 {
+    pub fn d(&self) -> f32 {
+        f16_of(self.d)
+    }
+
+    pub fn m(&self) -> f32 {
+        f16_of(self.m)
+    }
+}
+
+impl BlockQ8_0 {
+    pub fn d(&self) -> f32 {
+        f16_of(self.d)
+    }
+}
+
+/// A row (or any whole number of blocks) of `bytes` as typed blocks.
+///
+/// # Panics
+/// If `bytes` is not a whole number of blocks (loaders check sizes first).
+pub fn blocks<B: Block>(bytes: &[u8]) -> &[B] {
+    bytemuck::cast_slice(bytes)
+}
+
+/// Byte offsets of a block's fields, for kernels that read blocks as bytes (the GPU's).
+/// Fields a type lacks are 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Layout {
+    pub d: usize,
+    /// `m` (Q4_1, Q5_1) or `dmin` (Q2_K, Q4_K, Q5_K).
+    pub m: usize,
+    pub scales: usize,
+    pub qh: usize,
+    /// `qs` (`ql` for Q6_K; `hmask` is `qh` for Q3_K).
+    pub qs: usize,
+}
+
+/// The GGML tensor element types vidllm reads. Others are refused by name
+/// ([`unsupported_type_name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
     F32,
     F16,
+    Bf16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Iq4Nl,
+    Iq4Xs,
 }
 
 impl GgmlType {
+    pub const ALL: [GgmlType; 15] = [
+        Self::F32,
+        Self::F16,
+        Self::Bf16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+        Self::Iq4Nl,
+        Self::Iq4Xs,
+    ];
+
     /// Map the on-disk type id (`ggml_type`) to a supported type.
-    pub fn from_id(id: u32) -> Option<Self> {
+    pub const fn from_id(id: u32) -> Option<Self> {
         match id {
             0 => Some(Self::F32),
             1 => Some(Self::F16),
             2 => Some(Self::Q4_0),
             3 => Some(Self::Q4_1),
+            6 => Some(Self::Q5_0),
+            7 => Some(Self::Q5_1),
             8 => Some(Self::Q8_0),
+            10 => Some(Self::Q2K),
+            11 => Some(Self::Q3K),
+            12 => Some(Self::Q4K),
+            13 => Some(Self::Q5K),
+            14 => Some(Self::Q6K),
+            20 => Some(Self::Iq4Nl),
+            23 => Some(Self::Iq4Xs),
+            30 => Some(Self::Bf16),
             _ => None,
         }
     }
 
-    pub fn id(self) -> u32 {
+    /// ggml's `enum ggml_type` value.
+    pub const fn id(self) -> u32 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::Iq4Nl => 20,
+            Self::Iq4Xs => 23,
+            Self::Bf16 => 30,
         }
     }
 
     /// Elements per block (1 for plain float types).
-    pub fn block_elems(self) -> usize {
+    pub const fn block_elems(self) -> usize {
         match self {
-            Self::F32 | Self::F16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => QK,
+            Self::F32 | Self::F16 | Self::Bf16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Iq4Nl => QK,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K | Self::Iq4Xs => QK_K,
         }
     }
 
     /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
+    pub const fn block_bytes(self) -> usize {
         match self {
             Self::F32 => 4,
-            Self::F16 => 2,
-            Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q8_0 => 34,
+            Self::F16 | Self::Bf16 => 2,
+            Self::Q4_0 => size_of::<BlockQ4_0>(),
+            Self::Q4_1 => size_of::<BlockQ4_1>(),
+            Self::Q5_0 => size_of::<BlockQ5_0>(),
+            Self::Q5_1 => size_of::<BlockQ5_1>(),
+            Self::Q8_0 => size_of::<BlockQ8_0>(),
+            Self::Q2K => size_of::<BlockQ2K>(),
+            Self::Q3K => size_of::<BlockQ3K>(),
+            Self::Q4K => size_of::<BlockQ4K>(),
+            Self::Q5K => size_of::<BlockQ5K>(),
+            Self::Q6K => size_of::<BlockQ6K>(),
+            Self::Iq4Nl => size_of::<BlockIq4Nl>(),
+            Self::Iq4Xs => size_of::<BlockIq4Xs>(),
         }
     }
 
-    pub fn is_quantized(self) -> bool {
+    /// Where a block's fields sit, from the structs above.
+    pub const fn layout(self) -> Layout {
+        let z = Layout { d: 0, m: 0, scales: 0, qh: 0, qs: 0 };
+        match self {
+            Self::F32 | Self::F16 | Self::Bf16 => z,
+            Self::Q4_0 => Layout { d: offset_of!(BlockQ4_0, d), qs: offset_of!(BlockQ4_0, qs), ..z },
+            Self::Q4_1 => Layout { d: offset_of!(BlockQ4_1, d), m: offset_of!(BlockQ4_1, m), qs: offset_of!(BlockQ4_1, qs), ..z },
+            Self::Q5_0 => Layout { d: offset_of!(BlockQ5_0, d), qh: offset_of!(BlockQ5_0, qh), qs: offset_of!(BlockQ5_0, qs), ..z },
+            Self::Q5_1 => Layout {
+                d: offset_of!(BlockQ5_1, d),
+                m: offset_of!(BlockQ5_1, m),
+                qh: offset_of!(BlockQ5_1, qh),
+                qs: offset_of!(BlockQ5_1, qs),
+                ..z
+            },
+            Self::Q8_0 => Layout { d: offset_of!(BlockQ8_0, d), qs: offset_of!(BlockQ8_0, qs), ..z },
+            Self::Iq4Nl => Layout { d: offset_of!(BlockIq4Nl, d), qs: offset_of!(BlockIq4Nl, qs), ..z },
+            Self::Q2K => Layout {
+                d: offset_of!(BlockQ2K, d),
+                m: offset_of!(BlockQ2K, dmin),
+                scales: offset_of!(BlockQ2K, scales),
+                qs: offset_of!(BlockQ2K, qs),
+                ..z
+            },
+            Self::Q3K => Layout {
+                d: offset_of!(BlockQ3K, d),
+                scales: offset_of!(BlockQ3K, scales),
+                qh: offset_of!(BlockQ3K, hmask),
+                qs: offset_of!(BlockQ3K, qs),
+                ..z
+            },
+            Self::Q4K => Layout {
+                d: offset_of!(BlockQ4K, d),
+                m: offset_of!(BlockQ4K, dmin),
+                scales: offset_of!(BlockQ4K, scales),
+                qs: offset_of!(BlockQ4K, qs),
+                ..z
+            },
+            Self::Q5K => Layout {
+                d: offset_of!(BlockQ5K, d),
+                m: offset_of!(BlockQ5K, dmin),
+                scales: offset_of!(BlockQ5K, scales),
+                qh: offset_of!(BlockQ5K, qh),
+                qs: offset_of!(BlockQ5K, qs),
+            },
+            Self::Q6K => Layout {
+                d: offset_of!(BlockQ6K, d),
+                scales: offset_of!(BlockQ6K, scales),
+                qh: offset_of!(BlockQ6K, qh),
+                qs: offset_of!(BlockQ6K, ql),
+                ..z
+            },
+            Self::Iq4Xs => Layout {
+                d: offset_of!(BlockIq4Xs, d),
+                m: offset_of!(BlockIq4Xs, scales_h),
+                scales: offset_of!(BlockIq4Xs, scales_l),
+                qs: offset_of!(BlockIq4Xs, qs),
+                ..z
+            },
+        }
+    }
+
+    /// Byte offsets in a block of its f16 scale `d` and, where the type has one, its f16
+    /// minimum `m` (the legacy GPU kernels).
+    pub const fn scale_offsets(self) -> (usize, Option<usize>) {
+        let l = self.layout();
+        match self {
+            Self::Q4_1 | Self::Q5_1 => (l.d, Some(l.m)),
+            _ => (l.d, None),
+        }
+    }
+
+    /// Byte offset in a block of its first quant byte.
+    pub const fn quant_offset(self) -> usize {
+        self.layout().qs
+    }
+
+    pub const fn is_quantized(self) -> bool {
         self.block_elems() > 1
+    }
+
+    /// Kept on the device exactly as the file stores it and decoded inside the matmul
+    /// kernels: every block type, and F16 / BF16 (only F32 is plain floats on the device).
+    pub const fn stays_packed(self) -> bool {
+        self.is_quantized() || matches!(self, Self::F16 | Self::Bf16)
     }
 
     /// Bytes of `n` elements, or `None` when `n` is not a whole number of blocks.
@@ -75,49 +526,121 @@ impl GgmlType {
         n.is_multiple_of(be).then(|| n / be * self.block_bytes() as u64)
     }
 
+    /// llama.cpp's name for the type.
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
+            Self::Bf16 => "bf16",
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
             Self::Q8_0 => "q8_0",
+            Self::Q2K => "q2_K",
+            Self::Q3K => "q3_K",
+            Self::Q4K => "q4_K",
+            Self::Q5K => "q5_K",
+            Self::Q6K => "q6_K",
+            Self::Iq4Nl => "iq4_nl",
+            Self::Iq4Xs => "iq4_xs",
         }
     }
 }
 
-fn f16_at(b: &[u8], o: usize) -> f32 {
-    f16::from_le_bytes([b[o], b[o + 1]]).to_f32()
+/// ggml's name for a type id vidllm does not read (IQ1/IQ2/IQ3, ternary, FP4, ...), for
+/// errors that name what a file holds.
+pub fn unsupported_type_name(id: u32) -> Option<&'static str> {
+    Some(match id {
+        9 => "q8_1",
+        15 => "q8_K",
+        16 => "iq2_xxs",
+        17 => "iq2_xs",
+        18 => "iq3_xxs",
+        19 => "iq1_s",
+        21 => "iq3_s",
+        22 => "iq2_s",
+        24 => "i8",
+        25 => "i16",
+        26 => "i32",
+        27 => "i64",
+        28 => "f64",
+        29 => "iq1_m",
+        34 => "tq1_0",
+        35 => "tq2_0",
+        39 => "mxfp4",
+        40 => "nvfp4",
+        41 => "q1_0",
+        _ => return None,
+    })
 }
 
-/// Dequantise one block (`bytes` = exactly one block) into `out` (32 values).
+/// Call `$body` with `$B` bound to the block struct of a quantised `$ty`.
+#[macro_export]
+macro_rules! with_block {
+    ($ty:expr, $B:ident => $body:expr, else $other:expr) => {{
+        use $crate::ggml::*;
+        match $ty {
+            GgmlType::Q4_0 => {
+                type $B = BlockQ4_0;
+                $body
+            }
+            GgmlType::Q4_1 => {
+                type $B = BlockQ4_1;
+                $body
+            }
+            GgmlType::Q5_0 => {
+                type $B = BlockQ5_0;
+                $body
+            }
+            GgmlType::Q5_1 => {
+                type $B = BlockQ5_1;
+                $body
+            }
+            GgmlType::Q8_0 => {
+                type $B = BlockQ8_0;
+                $body
+            }
+            GgmlType::Iq4Nl => {
+                type $B = BlockIq4Nl;
+                $body
+            }
+            GgmlType::Q2K => {
+                type $B = BlockQ2K;
+                $body
+            }
+            GgmlType::Q3K => {
+                type $B = BlockQ3K;
+                $body
+            }
+            GgmlType::Q4K => {
+                type $B = BlockQ4K;
+                $body
+            }
+            GgmlType::Q5K => {
+                type $B = BlockQ5K;
+                $body
+            }
+            GgmlType::Q6K => {
+                type $B = BlockQ6K;
+                $body
+            }
+            GgmlType::Iq4Xs => {
+                type $B = BlockIq4Xs;
+                $body
+            }
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => $other,
+        }
+    }};
+}
+
+/// Dequantise one block (`bytes` = exactly one block) into `out` (its elements).
 pub fn dequant_block(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
-    match ty {
-        GgmlType::Q4_0 => {
-            let d = f16_at(bytes, 0);
-            for j in 0..16 {
-                let q = bytes[2 + j];
-                out[j] = ((q & 0x0f) as f32 - 8.0) * d;
-                out[j + 16] = ((q >> 4) as f32 - 8.0) * d;
-            }
-        }
-        GgmlType::Q4_1 => {
-            let (d, m) = (f16_at(bytes, 0), f16_at(bytes, 2));
-            for j in 0..16 {
-                let q = bytes[4 + j];
-                out[j] = (q & 0x0f) as f32 * d + m;
-                out[j + 16] = (q >> 4) as f32 * d + m;
-            }
-        }
-        GgmlType::Q8_0 => {
-            let d = f16_at(bytes, 0);
-            for j in 0..QK {
-                out[j] = bytes[2 + j] as i8 as f32 * d;
-            }
-        }
+    with_block!(ty, B => bytemuck::from_bytes::<B>(bytes).dequantize(out), else match ty {
         GgmlType::F32 => out[0] = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
-        GgmlType::F16 => out[0] = f16_at(bytes, 0),
-    }
+        GgmlType::F16 => out[0] = f16_of([bytes[0], bytes[1]]),
+        _ => out[0] = bf16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+    })
 }
 
 /// Dequantise a whole row-major tensor of `n` elements.
@@ -139,48 +662,53 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     match ty {
         GgmlType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         GgmlType::F16 => x.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        _ => x.chunks(QK).for_each(|b| quantize_block(ty, b, &mut out)),
+        GgmlType::Bf16 => x.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => x.chunks(QK).for_each(|b| quantize_block(ty, b, &mut out)),
+        other => panic!("quantize: vidllm quantises to q4_0, q4_1 and q8_0; {} comes from llama.cpp's quantizer", other.name()),
     }
     out
 }
 
 fn quantize_block(ty: GgmlType, b: &[f32], out: &mut Vec<u8>) {
+    let f16_bytes = |v: f32| f16::from_f32(v).to_le_bytes();
     match ty {
         GgmlType::Q4_0 => {
             // The signed value of largest magnitude maps to -8.
             let max = b.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
             let d = max / -8.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            for j in 0..16 {
+            let mut blk = BlockQ4_0 { d: f16_bytes(d), qs: [0; QK / 2] };
+            for (j, q) in blk.qs.iter_mut().enumerate() {
                 let q0 = ((b[j] * id + 8.5) as i32).clamp(0, 15) as u8;
-                let q1 = ((b[j + 16] * id + 8.5) as i32).clamp(0, 15) as u8;
-                out.push(q0 | (q1 << 4));
+                let q1 = ((b[j + QK / 2] * id + 8.5) as i32).clamp(0, 15) as u8;
+                *q = q0 | (q1 << 4);
             }
+            out.extend_from_slice(bytemuck::bytes_of(&blk));
         }
         GgmlType::Q4_1 => {
             let min = b.iter().copied().fold(f32::INFINITY, f32::min);
             let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let d = (max - min) / 15.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
-            for j in 0..16 {
+            let mut blk = BlockQ4_1 { d: f16_bytes(d), m: f16_bytes(min), qs: [0; QK / 2] };
+            for (j, q) in blk.qs.iter_mut().enumerate() {
                 let q0 = (((b[j] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
-                let q1 = (((b[j + 16] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
-                out.push(q0 | (q1 << 4));
+                let q1 = (((b[j + QK / 2] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                *q = q0 | (q1 << 4);
             }
+            out.extend_from_slice(bytemuck::bytes_of(&blk));
         }
         GgmlType::Q8_0 => {
             let amax = b.iter().fold(0f32, |m, &v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            for &v in b {
-                out.push((v * id).round().clamp(-127.0, 127.0) as i8 as u8);
+            let mut blk = BlockQ8_0 { d: f16_bytes(d), qs: [0; QK] };
+            for (q, &v) in blk.qs.iter_mut().zip(b) {
+                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
             }
+            out.extend_from_slice(bytemuck::bytes_of(&blk));
         }
-        GgmlType::F32 | GgmlType::F16 => unreachable!("plain float types have no blocks"),
+        _ => unreachable!("quantize() passes only q4_0, q4_1 and q8_0"),
     }
 }
 

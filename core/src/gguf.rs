@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::LoadError;
-use crate::ggml::GgmlType;
+use crate::ggml::{GgmlType, unsupported_type_name};
+use crate::progress::{OnRead, ReadProgress};
 
 const MAGIC: [u8; 4] = *b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -129,6 +130,8 @@ pub struct Gguf {
     pub tensors: Vec<TensorInfo>,
     pub alignment: u64,
     source: Source,
+    /// Tensor bytes read so far through [`Gguf::tensor_bytes`].
+    progress: ReadProgress,
 }
 
 impl Gguf {
@@ -180,7 +183,8 @@ impl Gguf {
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let len = source.len() as u64;
         let tensors = raw.into_iter().map(|t| t.locate(data_start, alignment, len)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { version, metadata, tensors, alignment, source })
+        let progress = ReadProgress::new(tensors.iter().map(|t| t.n_bytes).sum());
+        Ok(Self { version, metadata, tensors, alignment, source, progress })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -189,7 +193,13 @@ impl Gguf {
 
     /// The bytes of a tensor (bounds were checked at parse time).
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        self.progress.advance(t.n_bytes);
         &self.source[t.start as usize..(t.start + t.n_bytes) as usize]
+    }
+
+    /// Report tensor reads (bytes so far, bytes of all tensors) to `f`: a loader's progress.
+    pub fn on_read(&mut self, f: OnRead) {
+        self.progress.observe(f);
     }
 
     pub fn file_len(&self) -> u64 {
@@ -352,7 +362,11 @@ impl<'a> Reader<'a> {
             dims.push(d);
         }
         let ty_id = self.u32("tensor type")?;
-        let ty = GgmlType::from_id(ty_id).ok_or_else(|| LoadError::UnknownTensorType { name: name.clone(), ty: ty_id })?;
+        let ty = GgmlType::from_id(ty_id).ok_or_else(|| LoadError::UnknownTensorType {
+            name: name.clone(),
+            what: unsupported_type_name(ty_id).map_or_else(|| format!("id {ty_id} (unknown)"), |n| format!("{n} (id {ty_id})")),
+            supported: GgmlType::ALL.map(GgmlType::name).join(", "),
+        })?;
         let offset = self.u64("tensor offset")?;
         Ok(RawTensor { name, dims, ty, offset })
     }

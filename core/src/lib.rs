@@ -6,6 +6,7 @@ pub mod error;
 pub mod ggml;
 pub mod gguf;
 pub mod preprocess;
+pub mod progress;
 pub mod safetensors;
 pub mod sampler;
 pub mod sampling;

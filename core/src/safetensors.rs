@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::error::LoadError;
 use crate::gguf::Source;
+use crate::progress::{OnRead, ReadProgress};
 
 /// Headers larger than this are refused (real ones are a few MB at most).
 const MAX_HEADER: u64 = 100 << 20;
@@ -68,6 +69,8 @@ pub struct Checkpoint {
     tensors: BTreeMap<String, TensorView>,
     /// `__metadata__` of every file, merged.
     pub metadata: BTreeMap<String, String>,
+    /// Tensor bytes read so far.
+    progress: ReadProgress,
 }
 
 impl Checkpoint {
@@ -114,7 +117,8 @@ impl Checkpoint {
             metadata.extend(meta);
             files.push(source);
         }
-        Ok(Self { files, tensors, metadata })
+        let progress = ReadProgress::new(tensors.values().map(|v: &TensorView| (v.end - v.start) as u64).sum());
+        Ok(Self { files, tensors, metadata, progress })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorView> {
@@ -130,7 +134,13 @@ impl Checkpoint {
     }
 
     fn bytes(&self, v: &TensorView) -> &[u8] {
+        self.progress.advance((v.end - v.start) as u64);
         &self.files[v.file][v.start..v.end]
+    }
+
+    /// Report tensor reads (bytes so far, bytes of all tensors) to `f`: a loader's progress.
+    pub fn on_read(&mut self, f: OnRead) {
+        self.progress.observe(f);
     }
 
     /// Raw little-endian bytes, dtype name (`"U8"`, `"I64"`, ...) and shape.

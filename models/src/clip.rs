@@ -7,11 +7,11 @@
 //! `hidden_states[0]` is the pre-norm embedding, `hidden_states[k]` the output of block k.
 
 use burn::tensor::activation::{gelu, sigmoid, softmax};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
-use vidllm_shaders::device::per_binding;
+use vidllm_shaders::device::{BindingCap, Placement};
 
 use crate::layers::{LayerNorm, Linear, vector};
 
@@ -123,11 +123,14 @@ pub struct ClipVisionTower {
     positions: Tensor<2>,
     pre_ln: LayerNorm,
     layers: Vec<EncoderLayer>,
+    /// The binding cap of its device: frames are encoded in batches under it.
+    cap: BindingCap,
 }
 
 impl ClipVisionTower {
     /// Load from `{prefix}embeddings.*`, `{prefix}pre_layrnorm.*`, `{prefix}encoder.layers.*`.
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: ClipVisionConfig, device: &Device) -> Result<Self, LoadError> {
+    pub fn load(ck: &Checkpoint, prefix: &str, cfg: ClipVisionConfig, at: &Placement) -> Result<Self, LoadError> {
+        let device = &at.device;
         let (d, p) = (cfg.d_model, cfg.patch_size);
         let name = |s: &str| format!("{prefix}{s}");
         let w = ck.f32_shaped(&name("embeddings.patch_embedding.weight"), &[d, 3, p, p])?;
@@ -151,7 +154,7 @@ impl ClipVisionTower {
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
-        Ok(Self { cfg, patch_t, class, positions, pre_ln, layers })
+        Ok(Self { cfg, patch_t, class, positions, pre_ln, layers, cap: at.cap })
     }
 
     /// Patch + class + position embeddings, then `pre_layrnorm` (= `hidden_states[0]`).
@@ -196,7 +199,7 @@ impl ClipVisionTower {
     /// one storage binding.
     fn frames_per_batch(&self) -> usize {
         let (c, n) = (&self.cfg, self.cfg.tokens());
-        per_binding(4 * (c.n_heads * n * n).max(n * c.d_ff), 0)
+        self.cap.per_binding(4 * (c.n_heads * n * n).max(n * c.d_ff), 0)
     }
 }
 

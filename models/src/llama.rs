@@ -8,7 +8,7 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
-use vidllm_shaders::device::per_binding;
+use vidllm_shaders::device::BindingCap;
 
 use crate::quant_linear::QuantLinear;
 use crate::rms_norm::RmsNorm;
@@ -91,6 +91,8 @@ pub struct Llama {
     pub lm_head: QuantLinear,
     pub rope: Rope,
     pub device: Device,
+    /// The binding cap of the device it was loaded onto: prefill chunks are sized under it.
+    pub cap: BindingCap,
 }
 
 /// Keys and values of every layer; `len` is the next position.
@@ -265,7 +267,7 @@ impl Llama {
     /// Tokens per prefill step: [`PREFILL_CHUNK`], fewer where the step's attention scores
     /// `[heads, chunk, context]` or logits `[chunk, vocab]` would outgrow one storage binding.
     pub fn prefill_chunk(&self, context: usize) -> usize {
-        per_binding(4 * (self.cfg.n_heads * context).max(self.cfg.vocab_size), 0).min(PREFILL_CHUNK)
+        self.cap.per_binding(4 * (self.cfg.n_heads * context).max(self.cfg.vocab_size), 0).min(PREFILL_CHUNK)
     }
 
     fn forward_chunk(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {

@@ -1,10 +1,11 @@
 //! Loading a LLaMA-family decoder from GGUF: the `{arch}.*` metadata keys and the
 //! llama.cpp tensor names, in one place. Quantised matrices go to the device unchanged.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use vidllm_core::LoadError;
 use vidllm_core::ggml::dequantize;
 use vidllm_core::gguf::{Gguf, TensorInfo};
+use vidllm_shaders::device::Placement;
 
 use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
 use crate::quant_linear::QuantLinear;
@@ -95,7 +96,7 @@ fn check_config(c: &LlamaConfig) -> Result<(), LoadError> {
 
 struct Loader<'a> {
     g: &'a Gguf,
-    device: &'a Device,
+    at: &'a Placement,
 }
 
 impl Loader<'_> {
@@ -114,7 +115,7 @@ impl Loader<'_> {
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<QuantLinear, LoadError> {
         let t = self.info(name)?;
         self.check_shape(t, &[out, inp])?;
-        QuantLinear::from_raw(name, t.ty, self.g.tensor_bytes(t), out, inp, self.device)
+        QuantLinear::from_raw(name, t.ty, self.g.tensor_bytes(t), out, inp, self.at)
     }
 
     /// A float vector `[n]` (norm weights, biases), any float or block type.
@@ -122,7 +123,7 @@ impl Loader<'_> {
         let t = self.info(name)?;
         self.check_shape(t, &[n])?;
         let v = dequantize(t.ty, self.g.tensor_bytes(t), n);
-        Ok(Tensor::from_data(TensorData::new(v, [n]), self.device))
+        Ok(Tensor::from_data(TensorData::new(v, [n]), &self.at.device))
     }
 
     fn optional_vector(&self, name: &str, n: usize) -> Result<Option<Tensor<1>>, LoadError> {
@@ -157,10 +158,10 @@ impl Loader<'_> {
     }
 }
 
-/// Load the decoder in `g` onto `device`.
-pub fn load_llama(g: &Gguf, device: &Device) -> Result<Llama, LoadError> {
+/// Load the decoder in `g` onto the placement's device.
+pub fn load_llama(g: &Gguf, at: &Placement) -> Result<Llama, LoadError> {
     let cfg = config_from_gguf(g)?;
-    let l = Loader { g, device };
+    let l = Loader { g, at };
     let emb = l.info(names::TOKEN_EMBD)?;
     l.check_shape(emb, &[cfg.vocab_size, cfg.d_model])?;
     let embed = HostEmbedding { ty: emb.ty, bytes: g.tensor_bytes(emb).to_vec(), d_model: cfg.d_model };
@@ -169,6 +170,6 @@ pub fn load_llama(g: &Gguf, device: &Device) -> Result<Llama, LoadError> {
     let head_name = if g.tensor(names::OUTPUT).is_some() { names::OUTPUT } else { names::TOKEN_EMBD };
     let lm_head = l.linear(head_name, cfg.vocab_size, cfg.d_model)?;
     let rope_len = cfg.max_context.min(ROPE_TABLE_MAX);
-    let rope = Rope::new(cfg.d_head, cfg.rope_theta, rope_len, cfg.rope_style, device);
-    Ok(Llama { norm: l.norm(names::OUTPUT_NORM, &cfg)?, cfg, embed, blocks, lm_head, rope, device: device.clone() })
+    let rope = Rope::new(cfg.d_head, cfg.rope_theta, rope_len, cfg.rope_style, &at.device);
+    Ok(Llama { norm: l.norm(names::OUTPUT_NORM, &cfg)?, cfg, embed, blocks, lm_head, rope, device: at.device.clone(), cap: at.cap })
 }

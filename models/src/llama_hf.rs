@@ -1,11 +1,11 @@
 //! Loading a LLaMA-family decoder from a Hugging Face checkpoint (`LlamaForCausalLM` names
 //! under a prefix), quantised on load into the same GGML blocks and kernels as GGUF files.
 
-use burn::tensor::Device;
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::ggml::{GgmlType, quantize};
 use vidllm_core::safetensors::Checkpoint;
+use vidllm_shaders::device::Placement;
 
 use crate::layers::vector;
 use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
@@ -133,14 +133,15 @@ pub fn load_llama_hf(
     cfg: LlamaConfig,
     quant: QuantChoice,
     source: &dyn WeightSource,
-    device: &Device,
+    at: &Placement,
 ) -> Result<Llama, LoadError> {
+    let device = &at.device;
     let n = |s: &str| format!("{}{s}", names.model);
     let linear = |name: &str, out: usize, inp: usize| -> Result<QuantLinear, LoadError> {
         let w = source.matrix(ck, name, out, inp)?;
         // Rows that are not whole blocks stay in f16/f32.
         let ty = if inp.is_multiple_of(32) { quant.ggml() } else { GgmlType::F32 };
-        QuantLinear::from_raw(name, ty, &quantize(ty, &w), out, inp, device)
+        QuantLinear::from_raw(name, ty, &quantize(ty, &w), out, inp, at)
     };
     let norm =
         |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm { weight: vector(ck, name, cfg.d_model, device)?, eps: cfg.rms_eps }) };
@@ -175,5 +176,5 @@ pub fn load_llama_hf(
     let head = names.lm_head.as_deref().filter(|h| ck.contains(h)).unwrap_or(&emb_name);
     let lm_head = linear(head, cfg.vocab_size, cfg.d_model)?;
     let rope = Rope::new(cfg.d_head, cfg.rope_theta, cfg.max_context.min(ROPE_TABLE_MAX), cfg.rope_style, device);
-    Ok(Llama { norm: norm(&n("norm.weight"))?, cfg, embed, blocks, lm_head, rope, device: device.clone() })
+    Ok(Llama { norm: norm(&n("norm.weight"))?, cfg, embed, blocks, lm_head, rope, device: device.clone(), cap: at.cap })
 }

@@ -21,6 +21,7 @@ use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_c
 use crate::merge::Visual;
 use crate::video_model::{Architecture, LoadOptions, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_shaders::device::Placement;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlavaNextVideoConfigJson {
@@ -51,18 +52,13 @@ pub struct LlavaNextVideo {
 }
 
 impl LlavaNextVideo {
-    pub fn load(dir: &Path, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
+    pub fn load(dir: &Path, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
         let cfg: LlavaNextVideoConfigJson = read_config(dir)?;
-        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, device)
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, at)
     }
 
     /// Build from a checkpoint already open (from files or from memory) and its config.
-    pub fn from_checkpoint(
-        ck: &Checkpoint,
-        cfg: &LlavaNextVideoConfigJson,
-        quant: QuantChoice,
-        device: &Device,
-    ) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &LlavaNextVideoConfigJson, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
         if cfg.spatial_pool_mode.as_deref().unwrap_or("average") != "average" {
             return Err(LoadError::Unsupported(format!("spatial_pool_mode {:?} (supported: average)", cfg.spatial_pool_mode)));
         }
@@ -86,9 +82,9 @@ impl LlavaNextVideo {
         let model = find_prefix(ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
         Ok(Self {
-            vision_tower: ClipVisionTower::load(ck, &tower, vcfg.clone(), device)?,
-            projector: MultiModalProjector::load(ck, &proj, vcfg.d_model, text.d_model, device)?,
-            decoder: load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?,
+            vision_tower: ClipVisionTower::load(ck, &tower, vcfg.clone(), at)?,
+            projector: MultiModalProjector::load(ck, &proj, vcfg.d_model, text.d_model, &at.device)?,
+            decoder: load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, at)?,
             video_token: cfg.video_token_index.unwrap_or(32000),
             feature_layer: feature_layer_index(cfg.vision_feature_layer.unwrap_or(-2), vcfg.n_layers)?,
             pool_stride,
@@ -139,8 +135,8 @@ pub fn avg_pool2d_frames(x: Tensor<4>, k: usize, device: &Device) -> Tensor<2> {
 }
 
 impl Architecture for LlavaNextVideo {
-    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError> {
-        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, device)
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, at)
     }
 
     fn decoder(&self) -> &Llama {

@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::tensor::Device;
 use vidllm_core::LoadError;
 use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
+use vidllm_core::progress::OnRead;
 use vidllm_core::safetensors::{Checkpoint, shard_names};
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_shaders::device::Placement;
 
 use crate::video_model::{LoadOptions, VideoModel};
 
@@ -143,12 +144,22 @@ impl ModelFiles {
 
     /// Model, tokenizer and preprocessing. An unsupported architecture is named before any
     /// weights are looked for.
-    pub fn load(self, opts: LoadOptions, device: &Device) -> Result<Folder, LoadError> {
+    pub fn load(self, opts: LoadOptions, at: &Placement) -> Result<Folder, LoadError> {
+        self.load_reporting(opts, at, None)
+    }
+
+    /// [`ModelFiles::load`], reporting the weights read (bytes so far, bytes in all) to
+    /// `on_read` as the architecture's loader reads them.
+    pub fn load_reporting(self, opts: LoadOptions, at: &Placement, on_read: Option<OnRead>) -> Result<Folder, LoadError> {
         let config = self.required("config.json")?;
         VideoModel::registration(&config)?;
         let tok = self.tokenizer()?;
         let pre = self.preprocessor()?;
-        let model = VideoModel::from_checkpoint(&config, &self.checkpoint()?, opts, device)?;
+        let mut ck = self.checkpoint()?;
+        if let Some(f) = on_read {
+            ck.on_read(f);
+        }
+        let model = VideoModel::from_checkpoint(&config, &ck, opts, at)?;
         // Defaults where the folder says nothing: CLIP's, at the tower's input size.
         let pre = pre.resolve(&PreprocessConfig::clip(model.image_size()))?;
         Ok(Folder { model, tok, pre })

@@ -20,7 +20,7 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
@@ -33,6 +33,7 @@ use crate::merge::Visual;
 use crate::pllava_pool::pool3d;
 use crate::video_model::{Architecture, LoadOptions, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_shaders::device::Placement;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LoraJson {
@@ -116,10 +117,10 @@ impl Pllava {
         quant: QuantChoice,
         lora_alpha: Option<f32>,
         pool: Option<[usize; 3]>,
-        device: &Device,
+        at: &Placement,
     ) -> Result<Self, LoadError> {
         let cfg: PllavaConfigJson = read_config(dir)?;
-        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, lora_alpha, pool, device)
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, lora_alpha, pool, at)
     }
 
     /// Build from a checkpoint already open (from files or from memory) and its config.
@@ -129,7 +130,7 @@ impl Pllava {
         quant: QuantChoice,
         lora_alpha: Option<f32>,
         pool: Option<[usize; 3]>,
-        device: &Device,
+        at: &Placement,
     ) -> Result<Self, LoadError> {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
@@ -141,13 +142,13 @@ impl Pllava {
             return Err(LoadError::Unsupported(format!("pooling shape {pooling_shape:?}")));
         }
         let tower = find_prefix(ck, &names::TOWER, "embeddings.patch_embedding.weight")?;
-        let vision_tower = ClipVisionTower::load(ck, &tower, vcfg.clone(), device)?;
+        let vision_tower = ClipVisionTower::load(ck, &tower, vcfg.clone(), at)?;
         let proj = find_prefix(ck, &names::PROJECTOR, "linear_1.weight")?;
-        let projector = MultiModalProjector::load(ck, &proj, vcfg.d_model, text.d_model, device)?;
+        let projector = MultiModalProjector::load(ck, &proj, vcfg.d_model, text.d_model, &at.device)?;
         let model = find_prefix(ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
         let lora = LoraMerge { alpha: lora_alpha.unwrap_or(4.0) };
-        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &lora, device)?;
+        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &lora, at)?;
         Ok(Self {
             vision_tower,
             projector,
@@ -193,8 +194,8 @@ impl Pllava {
 }
 
 impl Architecture for Pllava {
-    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError> {
-        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, opts.lora_alpha, opts.pool, device)
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, opts.lora_alpha, opts.pool, at)
     }
 
     fn decoder(&self) -> &Llama {

@@ -8,7 +8,7 @@
 //! maps the features into the decoder's embedding space, where they replace the
 //! `<video>` / `<image>` placeholder ids, images first.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
@@ -20,6 +20,7 @@ use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_c
 use crate::merge::Visual;
 use crate::video_model::{Architecture, LoadOptions, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_shaders::device::Placement;
 
 /// `VideoLlavaConfig` as in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,13 +77,13 @@ pub struct VideoLlava {
 
 impl VideoLlava {
     /// Load a Hugging Face folder.
-    pub fn load(dir: &std::path::Path, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
+    pub fn load(dir: &std::path::Path, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
         let cfg: VideoLlavaConfigJson = read_config(dir)?;
-        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, device)
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, at)
     }
 
     /// Build from a checkpoint already open (from files or from memory) and its config.
-    pub fn from_checkpoint(ck: &Checkpoint, cfg: &VideoLlavaConfigJson, quant: QuantChoice, device: &Device) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &VideoLlavaConfigJson, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
@@ -99,16 +100,16 @@ impl VideoLlava {
             },
         };
         let video_prefix = find_prefix(ck, &names::VIDEO_TOWER, names::TOWER_PROBE)?;
-        let video_tower = ClipVisionTower::load(ck, &video_prefix, vcfg.clone(), device)?;
+        let video_tower = ClipVisionTower::load(ck, &video_prefix, vcfg.clone(), at)?;
         let image_tower = match find_prefix(ck, &names::IMAGE_TOWER, names::TOWER_PROBE) {
-            Ok(p) => Some(ClipVisionTower::load(ck, &p, vcfg.clone(), device)?),
+            Ok(p) => Some(ClipVisionTower::load(ck, &p, vcfg.clone(), at)?),
             Err(_) => None,
         };
         let proj_prefix = find_prefix(ck, &names::PROJECTOR, "linear_1.weight")?;
-        let projector = MultiModalProjector::load(ck, &proj_prefix, vcfg.d_model, text.d_model, device)?;
+        let projector = MultiModalProjector::load(ck, &proj_prefix, vcfg.d_model, text.d_model, &at.device)?;
         let model = find_prefix(ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
-        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, device)?;
+        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, at)?;
         Ok(Self { video_tower, image_tower, projector, decoder, visual })
     }
 
@@ -153,8 +154,8 @@ impl VideoLlava {
 }
 
 impl Architecture for VideoLlava {
-    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError> {
-        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, device)
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, at)
     }
 
     fn decoder(&self) -> &Llama {

@@ -7,11 +7,12 @@
 
 use std::ops::Deref;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use serde::de::DeserializeOwned;
 use vidllm_core::error::LoadError;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_shaders::device::Placement;
 
 use crate::Llama;
 use crate::llama_hf::QuantChoice;
@@ -41,7 +42,7 @@ impl Default for LoadOptions {
 /// LLaMA-family decoder, and the conversation format its checkpoints were tuned on.
 pub trait Architecture {
     /// Build from a `config.json` (its text) and an open checkpoint (files or memory).
-    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, device: &Device) -> Result<Self, LoadError>
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError>
     where
         Self: Sized;
 
@@ -82,7 +83,7 @@ pub trait Architecture {
 }
 
 /// How a registry entry loads its architecture (see [`Architecture::load`]).
-type LoadFn = fn(&str, &Checkpoint, &LoadOptions, &Device) -> Result<Box<dyn Architecture>, LoadError>;
+type LoadFn = fn(&str, &Checkpoint, &LoadOptions, &Placement) -> Result<Box<dyn Architecture>, LoadError>;
 
 /// One architecture of the registry: its `model_type` and how to load it.
 pub struct Registration {
@@ -95,9 +96,9 @@ const fn register<A: Architecture + 'static>(model_type: &'static str) -> Regist
         config_json: &str,
         ck: &Checkpoint,
         opts: &LoadOptions,
-        device: &Device,
+        at: &Placement,
     ) -> Result<Box<dyn Architecture>, LoadError> {
-        Ok(Box::new(A::load(config_json, ck, opts, device)?))
+        Ok(Box::new(A::load(config_json, ck, opts, at)?))
     }
     Registration { model_type, load: boxed::<A> }
 }
@@ -147,9 +148,9 @@ impl VideoModel {
     }
 
     /// A model from its `config.json` text and an open checkpoint (files or memory).
-    pub fn from_checkpoint(config_json: &str, ck: &Checkpoint, opts: LoadOptions, device: &Device) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(config_json: &str, ck: &Checkpoint, opts: LoadOptions, at: &Placement) -> Result<Self, LoadError> {
         let r = Self::registration(config_json)?;
-        Ok(Self { model_type: r.model_type, arch: (r.load)(config_json, ck, &opts, device)? })
+        Ok(Self { model_type: r.model_type, arch: (r.load)(config_json, ck, &opts, at)? })
     }
 
     /// The `config.json` `model_type` this model was loaded as.

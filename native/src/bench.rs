@@ -10,6 +10,7 @@ use serde_json::json;
 use vidllm_models::generate::read_row;
 use vidllm_models::{KvCache, Llama, Logits};
 
+use crate::progress::Progress;
 use crate::{ModelArgs, runtime};
 
 #[derive(Args)]
@@ -64,7 +65,7 @@ fn stats(xs: &[f64]) -> (f64, f64) {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let rt = runtime::load(&a.model)?;
+    let rt = runtime::load(&a.model, Progress::new(a.json))?;
     let m = rt.model.decoder();
     let prompt = synthetic_tokens(a.prompt_tokens, m.cfg.vocab_size);
     let reps = a.reps.max(1);

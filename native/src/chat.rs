@@ -10,6 +10,7 @@ use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::{Conversation, Finished, GenerateParams, Prompt};
 
+use crate::progress::Progress;
 use crate::{ModelArgs, runtime};
 
 #[derive(Args)]
@@ -78,7 +79,7 @@ pub fn drain(conv: &mut Conversation, out: &mut impl Write, echo: bool) -> Resul
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let rt = runtime::load(&a.model)?;
+    let rt = runtime::load(&a.model, Progress::new(a.json))?;
     let prompt = prompt_tokens(&rt.tok, &a.prompt, a.raw)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,

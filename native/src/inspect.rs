@@ -6,6 +6,7 @@ use serde_json::json;
 use vidllm_models::generate::read_row;
 use vidllm_models::{KvCache, Logits};
 
+use crate::progress::Progress;
 use crate::{ModelArgs, runtime};
 
 #[derive(Args)]
@@ -47,7 +48,7 @@ pub struct LogitsArgs {
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let rt = runtime::load(&a.model)?;
+    let rt = runtime::load(&a.model, Progress::new(false))?;
     let tokens = match (&a.prompt, &a.prompt_tokens) {
         (Some(p), _) => rt.tok.encode(p, rt.tok.add_bos)?,
         (None, Some(t)) => t.clone(),

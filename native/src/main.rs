@@ -9,6 +9,7 @@ mod bench;
 mod chat;
 mod frames;
 mod inspect;
+mod progress;
 mod runtime;
 mod video;
 

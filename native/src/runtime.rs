@@ -9,6 +9,7 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::{Model, config_from_gguf, load_llama};
 
 use crate::ModelArgs;
+use crate::progress::Progress;
 use vidllm_shaders::device;
 
 pub struct Loaded {
@@ -23,14 +24,18 @@ pub struct Loaded {
 /// Default context when the user gives none: the model's, capped to bound KV memory.
 const DEFAULT_CTX: usize = 4096;
 
-pub fn load(args: &ModelArgs) -> Result<Loaded> {
+pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     let t0 = Instant::now();
-    let g = Gguf::open(&args.model).with_context(|| format!("loading {}", args.model))?;
+    let mut g = Gguf::open(&args.model).with_context(|| format!("loading {}", args.model))?;
     // The architecture and shapes are checked before anything touches a device.
     config_from_gguf(&g).with_context(|| format!("loading {}", args.model))?;
     let tok = Tokenizer::from_gguf(&g).context("building the tokenizer")?;
     let picked = device::pick(args.device)?;
-    let model = load_llama(&g, &picked.device).with_context(|| format!("loading {}", args.model))?;
+    let (bar, on_read) = progress.load(&args.model);
+    g.on_read(on_read);
+    let model = load_llama(&g, &picked.placement());
+    bar.finish_and_clear();
+    let model = model.with_context(|| format!("loading {}", args.model))?;
     let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
     Ok(Loaded {
         model: Rc::new(Model::Text(model)),

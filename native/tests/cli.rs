@@ -62,6 +62,11 @@ fn bad_files_give_one_line_errors() {
         ),
         ("empty.gguf", Vec::new(), "truncated"),
         ("type.gguf", tiny_gguf(&[], 77, vec![16]), "unknown"),
+        // A type ggml has and vidllm does not read is named, with its tensor.
+        ("iq2.gguf", tiny_gguf(&[], 17, vec![256]), "token_embd.weight is of ggml type iq2_xs"),
+        // K-quant rows are whole 256-element super-blocks; a truncated super-block is out of the file.
+        ("k-row.gguf", tiny_gguf(&[], 12, vec![576, 1]), "row length 576 is not a multiple of the q4_k block"),
+        ("k-short.gguf", tiny_gguf(&[], 12, vec![512]), "beyond the end"),
         ("dims.gguf", tiny_gguf(&[], 0, vec![1 << 31, 1 << 31, 1 << 31]), "dimension"),
         ("keys.gguf", tiny_gguf(&[("general.architecture", Value::String("llama".into()))], 0, vec![16]), "missing"),
         ("arch.gguf", tiny_gguf(&[("general.architecture", Value::String("mamba".into()))], 0, vec![16]), "architecture"),

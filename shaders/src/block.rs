@@ -4,7 +4,7 @@ use vidllm_core::ggml::GgmlType;
 
 pub(crate) fn ty_from_id(id: u32) -> GgmlType {
     match GgmlType::from_id(id) {
-        Some(t) if t.is_quantized() => t,
-        _ => panic!("q_matmul: type id {id} is not a block-quantised type (QuantMatrix checks this)"),
+        Some(t) if t.stays_packed() => t,
+        _ => panic!("q_matmul: type id {id} is not a packed type (QuantMatrix checks this)"),
     }
 }

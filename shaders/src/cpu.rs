@@ -12,9 +12,8 @@
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{Shape, TensorData};
 use burn_flex::{Flex, FlexTensor};
-use half::f16;
 use rayon::prelude::*;
-use vidllm_core::ggml::{GgmlType, QK, dequant_block};
+use vidllm_core::ggml::{Block, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType, QK, blocks, dequant_block};
 
 use crate::QuantOps;
 use crate::block::ty_from_id;
@@ -34,7 +33,9 @@ impl QuantOps for Flex {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
-        if m >= GEMM_MIN_M {
+        // The row kernels below cover the 32-element legacy types; every other type (the K
+        // quants, Q5, IQ4) is decoded a tile of rows at a time into the GEMM.
+        if m >= GEMM_MIN_M || !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
             return gemm_by_row_tiles(ty, x, w, m, n, k);
         }
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
@@ -43,7 +44,8 @@ impl QuantOps for Flex {
     }
 }
 
-/// `y[m, n] = sum_k x[m, k] * deq(W)[n, k]` for GGML blocks `w` (`n` rows of `k / 32`).
+/// `y[m, n] = sum_k x[m, k] * deq(W)[n, k]` for Q4_0, Q4_1 or Q8_0 blocks `w` (`n` rows
+/// of `k / 32`).
 pub fn q_matmul_cpu(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<f32> {
     let nb = k / QK;
     // Block sums of x: the constant term of each block multiplies them.
@@ -77,7 +79,7 @@ const GEMM_TILE_ROWS: usize = 512;
 /// `x W^T` through the CPU backend's GEMM, `W` dequantised one tile of rows at a time.
 fn gemm_by_row_tiles(ty: GgmlType, x: FlexTensor, w: &[u8], m: usize, n: usize, k: usize) -> FlexTensor {
     let x = <Flex as FloatTensorOps<Flex>>::float_reshape(x, Shape::new([m, k]));
-    let row_bytes = k / QK * ty.block_bytes();
+    let row_bytes = k / ty.block_elems() * ty.block_bytes();
     let tiles: Vec<FlexTensor> = (0..n)
         .step_by(GEMM_TILE_ROWS)
         .map(|r0| {
@@ -97,12 +99,13 @@ fn gemm_by_row_tiles(ty: GgmlType, x: FlexTensor, w: &[u8], m: usize, n: usize, 
 
 /// `W` `[n, k]` in f32 from its blocks, rows decoded in parallel.
 fn dequantize_rows(ty: GgmlType, w: &[u8], n: usize, k: usize) -> Vec<f32> {
-    let row_bytes = k / QK * ty.block_bytes();
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let row_bytes = k / be * bb;
     let mut rows = vec![0f32; n * k];
     rows.par_chunks_mut(k).enumerate().for_each(|(r, out)| {
         let src = &w[r * row_bytes..(r + 1) * row_bytes];
-        for (b, blk) in src.chunks_exact(ty.block_bytes()).enumerate() {
-            dequant_block(ty, blk, &mut out[b * QK..(b + 1) * QK]);
+        for (blk, o) in src.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
+            dequant_block(ty, blk, o);
         }
     });
     rows
@@ -124,17 +127,46 @@ unsafe fn row_avx2(ty: GgmlType, wrow: &[u8], x: &[f32], xsum: &[f32], m: usize,
     row_generic::<true>(ty, wrow, x, xsum, m, k, out)
 }
 
-/// `W_row . x` for Q4_0 (`Q4_1 = false`) or Q4_1 blocks.
+/// The 4-bit types: a scale, 16 bytes of nibbles, and a constant term per block.
+trait Nibbles: Block {
+    fn scale(&self) -> f32;
+    /// What each element adds beyond `q * d` (given `d`): `-8 d` for Q4_0, `m` for Q4_1.
+    /// It multiplies the block's sum of `x`.
+    fn bias(&self, d: f32) -> f32;
+    fn nibbles(&self) -> &[u8; QK / 2];
+}
+
+impl Nibbles for BlockQ4_0 {
+    fn scale(&self) -> f32 {
+        self.d()
+    }
+    fn bias(&self, d: f32) -> f32 {
+        -8.0 * d
+    }
+    fn nibbles(&self) -> &[u8; QK / 2] {
+        &self.qs
+    }
+}
+
+impl Nibbles for BlockQ4_1 {
+    fn scale(&self) -> f32 {
+        self.d()
+    }
+    fn bias(&self, _d: f32) -> f32 {
+        self.m()
+    }
+    fn nibbles(&self) -> &[u8; QK / 2] {
+        &self.qs
+    }
+}
+
+/// `W_row . x` for a row of 4-bit blocks.
 #[inline(always)]
-fn dot_q4<const Q4_1: bool>(wrow: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    let bb = if Q4_1 { 20 } else { 18 };
-    let qoff = if Q4_1 { 4 } else { 2 };
+fn dot_q4<B: Nibbles>(wrow: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut constant = 0f32;
-    for ((blk, xb), xs) in wrow.chunks_exact(bb).zip(x.chunks_exact(QK)).zip(xsum) {
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        let bias = if Q4_1 { f16::from_le_bytes([blk[2], blk[3]]).to_f32() } else { -8.0 * d };
-        let qs: &[u8; 16] = blk[qoff..qoff + 16].try_into().expect("16 quant bytes");
+    for ((blk, xb), xs) in blocks::<B>(wrow).iter().zip(x.chunks_exact(QK)).zip(xsum) {
+        let (d, qs) = (blk.scale(), blk.nibbles());
         let (xl, xh) = xb.split_at(16);
         let mut p = [0f32; 16];
         for j in 0..16 {
@@ -143,7 +175,7 @@ fn dot_q4<const Q4_1: bool>(wrow: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         for j in 0..16 {
             acc[j] += d * p[j];
         }
-        constant += bias * xs;
+        constant += blk.bias(d) * xs;
     }
     acc.iter().sum::<f32>() + constant
 }
@@ -152,12 +184,11 @@ fn dot_q4<const Q4_1: bool>(wrow: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
 #[inline(always)]
 fn dot_q8(wrow: &[u8], x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
-    for (blk, xb) in wrow.chunks_exact(34).zip(x.chunks_exact(QK)) {
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        let qs: &[u8; 32] = blk[2..34].try_into().expect("32 quant bytes");
+    for (blk, xb) in blocks::<BlockQ8_0>(wrow).iter().zip(x.chunks_exact(QK)) {
+        let (d, qs) = (blk.d(), &blk.qs);
         let mut p = [0f32; 16];
         for j in 0..16 {
-            p[j] = qs[j] as i8 as f32 * xb[j] + qs[16 + j] as i8 as f32 * xb[16 + j];
+            p[j] = qs[j] as f32 * xb[j] + qs[16 + j] as f32 * xb[16 + j];
         }
         for j in 0..16 {
             acc[j] += d * p[j];
@@ -175,28 +206,31 @@ struct Decoded {
 }
 
 #[inline(always)]
-fn decode(ty: GgmlType, b: &[u8]) -> Decoded {
-    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+fn decode_nibbles<B: Nibbles>(b: &B) -> Decoded {
+    let (d, qs) = (b.scale(), b.nibbles());
     let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
+    for j in 0..16 {
+        lo[j] = (qs[j] & 15) as f32 * d;
+        hi[j] = (qs[j] >> 4) as f32 * d;
+    }
+    Decoded { lo, hi, bias: b.bias(d) }
+}
+
+#[inline(always)]
+fn decode(ty: GgmlType, b: &[u8]) -> Decoded {
     match ty {
         GgmlType::Q8_0 => {
+            let b: &BlockQ8_0 = bytemuck::from_bytes(b);
+            let d = b.d();
+            let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
             for j in 0..16 {
-                lo[j] = b[2 + j] as i8 as f32 * d;
-                hi[j] = b[18 + j] as i8 as f32 * d;
+                lo[j] = b.qs[j] as f32 * d;
+                hi[j] = b.qs[16 + j] as f32 * d;
             }
             Decoded { lo, hi, bias: 0.0 }
         }
-        _ => {
-            let q4_1 = ty == GgmlType::Q4_1;
-            let qs = if q4_1 { &b[4..20] } else { &b[2..18] };
-            for j in 0..16 {
-                lo[j] = (qs[j] & 15) as f32 * d;
-                hi[j] = (qs[j] >> 4) as f32 * d;
-            }
-            // Q4_0: (q - 8) d = q d - 8 d; Q4_1: q d + m.
-            let bias = if q4_1 { f16::from_le_bytes([b[2], b[3]]).to_f32() } else { -8.0 * d };
-            Decoded { lo, hi, bias }
-        }
+        GgmlType::Q4_1 => decode_nibbles(bytemuck::from_bytes::<BlockQ4_1>(b)),
+        _ => decode_nibbles(bytemuck::from_bytes::<BlockQ4_0>(b)),
     }
 }
 
@@ -207,8 +241,8 @@ fn row_generic<const FMA: bool>(ty: GgmlType, wrow: &[u8], x: &[f32], xsum: &[f3
     if m == 1 {
         // Decode: one row of x; a loop per type keeps the accumulators in registers.
         out[0] = match ty {
-            GgmlType::Q4_0 => dot_q4::<false>(wrow, x, xsum),
-            GgmlType::Q4_1 => dot_q4::<true>(wrow, x, xsum),
+            GgmlType::Q4_0 => dot_q4::<BlockQ4_0>(wrow, x, xsum),
+            GgmlType::Q4_1 => dot_q4::<BlockQ4_1>(wrow, x, xsum),
             _ => dot_q8(wrow, x),
         };
         return;

@@ -5,10 +5,15 @@
 //! (Q4_0 blocks are 18 bytes), so reads go through `byte_at` / `word_at`. f16 scales are
 //! decoded with integer arithmetic for the same reason.
 //!
+//! Both kernels walk a row in groups of 32 elements: a whole block of the 32-element types,
+//! one of the 8 sub-blocks of a 256-element K super-block (`sub`).
 //! - `gemv`: one cube computes `ROWS` outputs; its 32 lanes per output stride over the
-//!   row's blocks and meet in a shared-memory tree sum. Grid `(ceil(n/ROWS), m)`.
-//! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one quant
-//!   block (32 k) of `x` and of dequantised `W` staged in shared memory per step.
+//!   row's groups and meet in a shared-memory tree sum. Grid `(ceil(n/ROWS), m)`.
+//! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
+//!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
+//!
+//! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products; the other types decode element by
+//! element (`elem`), from the same field offsets as the CPU's typed blocks.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
@@ -17,12 +22,60 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
+use vidllm_core::ggml::{GgmlType, KVALUES_IQ4NL, Layout};
+
 use crate::block::ty_from_id;
 use crate::{GEMV_MAX_M, QuantOps};
 
-const TYPE_Q4_0: u32 = 2;
-const TYPE_Q4_1: u32 = 3;
-const TYPE_Q8_0: u32 = 8;
+const TYPE_Q4_0: u32 = GgmlType::Q4_0.id();
+const TYPE_Q4_1: u32 = GgmlType::Q4_1.id();
+const TYPE_Q8_0: u32 = GgmlType::Q8_0.id();
+const TYPE_Q5_0: u32 = GgmlType::Q5_0.id();
+const TYPE_Q5_1: u32 = GgmlType::Q5_1.id();
+const TYPE_IQ4_NL: u32 = GgmlType::Iq4Nl.id();
+const TYPE_Q2_K: u32 = GgmlType::Q2K.id();
+const TYPE_Q3_K: u32 = GgmlType::Q3K.id();
+const TYPE_Q4_K: u32 = GgmlType::Q4K.id();
+const TYPE_Q5_K: u32 = GgmlType::Q5K.id();
+const TYPE_Q6_K: u32 = GgmlType::Q6K.id();
+const TYPE_IQ4_XS: u32 = GgmlType::Iq4Xs.id();
+const TYPE_F16: u32 = GgmlType::F16.id();
+const TYPE_BF16: u32 = GgmlType::Bf16.id();
+
+/// The IQ4 grid, four signed bytes per word: the literals in `iq4_value` are
+/// `KVALUES_IQ4NL` packed so (checked here at compile time).
+const fn kvalue_word(i: usize) -> u32 {
+    let k = KVALUES_IQ4NL;
+    u32::from_le_bytes([k[4 * i] as u8, k[4 * i + 1] as u8, k[4 * i + 2] as u8, k[4 * i + 3] as u8])
+}
+const _: () = assert!(
+    kvalue_word(0) == 0xbfad_9881 && kvalue_word(1) == 0xf6ea_ddcf && kvalue_word(2) == 0x2619_0d01 && kvalue_word(3) == 0x7159_4535
+);
+
+/// Field offsets of type `ty`'s blocks (evaluated while a kernel is expanded).
+fn lay(ty: u32) -> Layout {
+    ty_from_id(ty).layout()
+}
+
+/// 32-element groups per block: 1, or 8 for the 256-element K types (F16 / BF16 are
+/// launched with 32 values as their "block").
+fn groups(ty: u32) -> u32 {
+    (ty_from_id(ty).block_elems() / 32).max(1) as u32
+}
+
+/// Whether the type has a hand-arranged dot product (else `elem` decodes it).
+fn legacy(ty: u32) -> bool {
+    ty == TYPE_Q4_0 || ty == TYPE_Q4_1 || ty == TYPE_Q8_0
+}
+
+/// Byte offsets in a block of type `ty` (a [`GgmlType::id`]): its scale `d`, its minimum
+/// `m` (Q4_1) and its first quant byte, from the typed layouts in `vidllm_core::ggml`.
+/// Evaluated while a kernel is expanded (`comptime!`), so they are constants in the WGSL.
+fn offsets(ty: u32) -> (u32, u32, u32) {
+    let t = ty_from_id(ty);
+    let (d, m) = t.scale_offsets();
+    (d as u32, m.unwrap_or(0) as u32, t.quant_offset() as u32)
+}
 
 /// Outputs per GEMV cube (one per `UNIT_POS_Y`).
 const ROWS: u32 = 4;
@@ -39,7 +92,9 @@ impl QuantOps for CubeBackend {
         let x = into_contiguous(x);
         let m = x.meta.shape().num_elements() / k;
         let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), DType::F32);
-        let (bb, nb) = (gt.block_bytes() as u32, (k / 32) as u32);
+        // Bytes per block, or per group of 32 for F16 / BF16 (blocks of one element).
+        let bb = (gt.block_bytes() * (crate::GROUP / gt.block_elems()).max(1)) as u32;
+        let nb = (k / crate::GROUP) as u32;
         let client = x.client.clone();
         if m <= GEMV_MAX_M {
             let count = CubeCount::Static((n as u32).div_ceil(ROWS), m as u32, 1);
@@ -114,19 +169,126 @@ fn f16_at(w: &[u32], off: u32) -> f32 {
 /// Scale, min (Q4_1; 0 otherwise) and first quant byte offset of the block at `base`.
 #[cube]
 fn block_header(w: &[u32], base: u32, #[comptime] ty: u32) -> (f32, f32, u32) {
-    let d = f16_at(w, base);
+    let d = f16_at(w, base + comptime![offsets(ty).0]);
     let mut mn = 0.0f32;
-    let mut qs = base + 2;
     if comptime![ty == TYPE_Q4_1] {
-        mn = f16_at(w, base + 2);
-        qs = base + 4;
+        mn = f16_at(w, base + comptime![offsets(ty).1]);
     }
-    (d, mn, qs)
+    (d, mn, base + comptime![offsets(ty).2])
 }
 
-/// Element `j` (0..32) of the block at `base`, dequantised.
+/// A byte (0..256) as a signed value.
 #[cube]
-fn dequant(w: &[u32], base: u32, j: u32, #[comptime] ty: u32) -> f32 {
+fn signed_byte(b: u32) -> i32 {
+    i32::cast_from(b) - i32::cast_from((b >> 7) * 256)
+}
+
+/// Little-endian u16 at an even byte offset.
+#[cube]
+fn u16_at(w: &[u32], off: u32) -> u32 {
+    (w[(off >> 2) as usize] >> ((off & 2) * 8)) & 0xffff
+}
+
+/// `KVALUES_IQ4NL[q]`.
+#[cube]
+fn iq4_value(q: u32) -> f32 {
+    let low = select(q < 4, 0xbfad_9881u32, 0xf6ea_ddcfu32);
+    let high = select(q < 12, 0x2619_0d01u32, 0x7159_4535u32);
+    let word = select(q < 8, low, high);
+    f32::cast_from(signed_byte((word >> ((q & 3) * 8)) & 0xff))
+}
+
+/// The 2-bit field of element `i` (0..256) in 64 bytes at `at`, stored as Q2_K, Q3_K and
+/// Q6_K store them: halves of 128, each 32 bytes of four 2-bit fields.
+#[cube]
+fn crumb(w: &[u32], at: u32, i: u32) -> u32 {
+    (byte_at(w, at + 32 * (i / 128) + i % 32) >> (2 * ((i % 128) / 32))) & 3
+}
+
+/// Element `i` of the block at `base`, dequantised, for the types without a hand-arranged
+/// dot product (`i` < 32, or < 256 for the K types). Mirrors `Block::dequantize` in
+/// `vidllm_core::ggml`, from the same field offsets.
+#[cube]
+fn elem(w: &[u32], base: u32, i: u32, #[comptime] ty: u32) -> f32 {
+    let d = f16_at(w, base + comptime![lay(ty).d as u32]);
+    let mn_at = base + comptime![lay(ty).m as u32];
+    let sc_at = base + comptime![lay(ty).scales as u32];
+    let qh_at = base + comptime![lay(ty).qh as u32];
+    let qs_at = base + comptime![lay(ty).qs as u32];
+    let mut v = 0.0f32;
+    if comptime![ty == TYPE_F16] {
+        v = f16_at(w, base + 2 * i);
+    } else if comptime![ty == TYPE_BF16] {
+        v = f32::reinterpret(u16_at(w, base + 2 * i) << 16);
+    } else if comptime![ty == TYPE_Q5_0 || ty == TYPE_Q5_1] {
+        let lo = (byte_at(w, qs_at + (i & 15)) >> (4 * (i >> 4))) & 15;
+        let q = f32::cast_from(lo | (((word_at(w, qh_at) >> i) & 1) << 4));
+        if comptime![ty == TYPE_Q5_0] {
+            v = (q - 16.0) * d;
+        } else {
+            v = q * d + f16_at(w, mn_at);
+        }
+    } else if comptime![ty == TYPE_IQ4_NL] {
+        v = iq4_value((byte_at(w, qs_at + (i & 15)) >> (4 * (i >> 4))) & 15) * d;
+    } else if comptime![ty == TYPE_Q2_K] {
+        let sc = byte_at(w, sc_at + i / 16);
+        let q = f32::cast_from(crumb(w, qs_at, i));
+        v = d * f32::cast_from(sc & 15) * q - f16_at(w, mn_at) * f32::cast_from(sc >> 4);
+    } else if comptime![ty == TYPE_Q3_K] {
+        let j = i / 16;
+        let low = (byte_at(w, sc_at + j % 8) >> (4 * (j / 8))) & 15;
+        let high = (byte_at(w, sc_at + 8 + j % 4) >> (2 * (j / 4))) & 3;
+        let sc = f32::cast_from(i32::cast_from(low | (high << 4)) - 32);
+        // The high bit is stored inverted: a clear bit subtracts 4.
+        let hbit = (byte_at(w, qh_at + i % 32) >> (i / 32)) & 1;
+        let q = f32::cast_from(i32::cast_from(crumb(w, qs_at, i)) - 4 * (1 - i32::cast_from(hbit)));
+        v = d * sc * q;
+    } else if comptime![ty == TYPE_Q4_K || ty == TYPE_Q5_K] {
+        // k_scale_min: sub-blocks 0-3 in the low 6 bits of bytes 0-7; 4-7 split between
+        // bytes 8-11 and the top bits of bytes 0-7. Both are read (in bounds) and selected.
+        let j = i / 32;
+        let first = j < 4;
+        let b_j = byte_at(w, sc_at + j);
+        let b_j4 = byte_at(w, sc_at + j + 4);
+        let b_jm4 = byte_at(w, sc_at + ((j + 4) & 7));
+        let sc = select(first, b_j & 63, (b_j4 & 15) | ((b_jm4 >> 6) << 4));
+        let m = select(first, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4));
+        let mut q = (byte_at(w, qs_at + 32 * (i / 64) + i % 32) >> (4 * ((i % 64) / 32))) & 15;
+        if comptime![ty == TYPE_Q5_K] {
+            q |= ((byte_at(w, qh_at + i % 32) >> (i / 32)) & 1) << 4;
+        }
+        v = d * f32::cast_from(sc) * f32::cast_from(q) - f16_at(w, mn_at) * f32::cast_from(m);
+    } else if comptime![ty == TYPE_Q6_K] {
+        let low = (byte_at(w, qs_at + 64 * (i / 128) + i % 64) >> (4 * ((i % 128) / 64))) & 15;
+        let q = i32::cast_from(low | (crumb(w, qh_at, i) << 4)) - 32;
+        let sc = signed_byte(byte_at(w, sc_at + i / 16));
+        v = d * f32::cast_from(sc) * f32::cast_from(q);
+    } else if comptime![ty == TYPE_IQ4_XS] {
+        let j = i / 32;
+        let k = i % 32;
+        let ls = ((byte_at(w, sc_at + j / 2) >> (4 * (j % 2))) & 15) | (((u16_at(w, mn_at) >> (2 * j)) & 3) << 4);
+        let q = (byte_at(w, qs_at + 16 * j + (k & 15)) >> (4 * (k >> 4))) & 15;
+        v = d * f32::cast_from(i32::cast_from(ls) - 32) * iq4_value(q);
+    }
+    v
+}
+
+/// Element `j` (0..32) of group `sub` of the block at `base`, dequantised.
+#[cube]
+fn dequant(w: &[u32], base: u32, sub: u32, j: u32, #[comptime] ty: u32) -> f32 {
+    let mut v = 0.0f32;
+    if comptime![!legacy(ty)] {
+        v = elem(w, base, sub * 32 + j, ty);
+    }
+    if comptime![legacy(ty)] {
+        v = dequant_legacy(w, base, j, ty);
+    }
+    v
+}
+
+/// Element `j` (0..32) of a Q4_0 / Q4_1 / Q8_0 block at `base`, dequantised.
+#[cube]
+fn dequant_legacy(w: &[u32], base: u32, j: u32, #[comptime] ty: u32) -> f32 {
     let (d, mn, qs) = block_header(w, base, ty);
     if comptime![ty == TYPE_Q8_0] {
         let b = byte_at(w, qs + j);
@@ -140,7 +302,21 @@ fn dequant(w: &[u32], base: u32, j: u32, #[comptime] ty: u32) -> f32 {
     }
 }
 
-/// Dot product of one weight block with 32 values of `x` starting at `xo`.
+/// Dot product of group `sub` of the weight block at `base` with 32 values of `x` from `xo`.
+#[cube]
+fn group_dot(w: &[u32], base: u32, sub: u32, x: &[f32], xo: u32, #[comptime] ty: u32) -> f32 {
+    let mut acc = 0.0f32;
+    if comptime![!legacy(ty)] {
+        for j in 0..32u32 {
+            acc += elem(w, base, sub * 32 + j, ty) * x[(xo + j) as usize];
+        }
+    } else {
+        acc = block_dot(w, base, x, xo, ty);
+    }
+    acc
+}
+
+/// Dot product of one Q4_0 / Q4_1 / Q8_0 block with 32 values of `x` starting at `xo`.
 #[cube]
 fn block_dot(w: &[u32], base: u32, x: &[f32], xo: u32, #[comptime] ty: u32) -> f32 {
     let (d, mn, qs) = block_header(w, base, ty);
@@ -193,12 +369,13 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
     let row = CUBE_POS_X * ROWS + UNIT_POS_Y;
     let mrow = CUBE_POS_Y;
     let k = nb * 32;
+    let per = comptime![groups(ty)];
     let mut partial = 0.0f32;
     if row < n {
-        let row_base = row * nb * bb;
+        let row_base = row * (nb / per) * bb;
         let mut b = lane;
         while b < nb {
-            partial += block_dot(w, row_base + b * bb, x, mrow * k + b * 32, ty);
+            partial += group_dot(w, row_base + (b / per) * bb, b % per, x, mrow * k + b * 32, ty);
             b += LANES;
         }
     }
@@ -225,6 +402,8 @@ fn tiled(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32
     let n0 = CUBE_POS_X * TILE;
     let m0 = CUBE_POS_Y * TILE;
     let k = nb * 32;
+    let per = comptime![groups(ty)];
+    let row_bytes = (nb / per) * bb;
     let mut xs = Shared::<[f32]>::new_slice(comptime![(TILE * TS) as usize]);
     let mut ws = Shared::<[f32]>::new_slice(comptime![(TILE * TS) as usize]);
     let mut a00 = 0.0f32;
@@ -244,7 +423,7 @@ fn tiled(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32
             xs[(rr * TS + cc) as usize] = xv;
             let mut wv = 0.0f32;
             if n0 + rr < n {
-                wv = dequant(w, (n0 + rr) * nb * bb + kb * bb, cc, ty);
+                wv = dequant(w, (n0 + rr) * row_bytes + (kb / per) * bb, kb % per, cc, ty);
             }
             ws[(rr * TS + cc) as usize] = wv;
         }

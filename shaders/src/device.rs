@@ -2,36 +2,61 @@
 //! lavapipe included), `cpu` the Flex CPU backend, `auto` a hardware GPU if there is one,
 //! else the CPU.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use burn::tensor::{Device, DeviceKind};
 
-static MAX_BINDING: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// The largest buffer one kernel may bind on a device (WebGPU's
+/// `maxStorageBufferBindingSize`, or less where a caller asks for less). Weights above it
+/// are stored as row bands; prefill chunks and vision batches are sized under it.
+///
+/// It is a property of the opened device, carried as a value in a [`Placement`] into
+/// every matrix, decoder and tower loaded there: two models in one process (two devices,
+/// or one device under two caps) never share a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindingCap(usize);
 
-/// The largest buffer one kernel may bind (WebGPU's `maxStorageBufferBindingSize`).
-/// Weights above it are stored as row bands; attention and vision batches are sized
-/// under it. Unlimited until a device that states a limit is opened.
-pub fn max_binding_bytes() -> usize {
-    MAX_BINDING.load(Ordering::Relaxed)
+impl BindingCap {
+    /// No limit worth splitting for (the CPU).
+    pub const NONE: Self = Self(usize::MAX);
+    /// Smallest cap taken: a band holds at least one 4 KiB page.
+    pub const FLOOR: usize = 4096;
+
+    pub fn bytes(bytes: u64) -> Self {
+        Self(usize::try_from(bytes).unwrap_or(usize::MAX).max(Self::FLOOR))
+    }
+
+    pub fn get(self) -> usize {
+        self.0
+    }
+
+    /// The tighter of this cap and `bytes` (never a looser one).
+    pub fn lower(self, bytes: u64) -> Self {
+        Self(self.0.min(Self::bytes(bytes).0))
+    }
+
+    /// How many items of `item_bytes` fit one binding beside `fixed_bytes` (at least one):
+    /// rows of a weight band, tokens of a prefill step, frames of a vision batch.
+    pub fn per_binding(self, item_bytes: usize, fixed_bytes: usize) -> usize {
+        (self.0.saturating_sub(fixed_bytes) / item_bytes.max(1)).max(1)
+    }
 }
 
-/// Set the binding limit outright (tests of the split paths).
-/// Call before loading a model: weights are split as they are uploaded.
-pub fn set_max_binding_bytes(bytes: usize) {
-    MAX_BINDING.store(bytes.max(4096), Ordering::Relaxed);
+/// Where a model is loaded: the device, and the binding cap it was opened under.
+#[derive(Clone)]
+pub struct Placement {
+    pub device: Device,
+    pub cap: BindingCap,
 }
 
-/// Lower the binding limit to `bytes` if it is higher; never raises it. Devices opened
-/// in one process (one page) share the limit, so it is the smallest of theirs: opening
-/// a roomier device, or the CPU, must not lift the cap a GPU model still runs under.
-pub fn lower_max_binding_bytes(bytes: usize) {
-    MAX_BINDING.fetch_min(bytes.max(4096), Ordering::Relaxed);
-}
+impl Placement {
+    /// `device` with no binding cap (the CPU, and tests of the unsplit paths).
+    pub fn new(device: Device) -> Self {
+        Self { device, cap: BindingCap::NONE }
+    }
 
-/// How many items of `item_bytes` fit one binding beside `fixed_bytes` (at least one):
-/// rows of a weight band, tokens of a prefill step, frames of a vision batch.
-pub fn per_binding(item_bytes: usize, fixed_bytes: usize) -> usize {
-    (max_binding_bytes().saturating_sub(fixed_bytes) / item_bytes.max(1)).max(1)
+    /// The same device under a tighter cap (tests of the split paths, small GPUs).
+    pub fn capped(&self, bytes: u64) -> Self {
+        Self { device: self.device.clone(), cap: self.cap.lower(bytes) }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +84,16 @@ pub struct Picked {
     pub device: Device,
     pub name: String,
     pub is_gpu: bool,
+    /// The adapter's storage-binding and buffer limits (burn opens the device with the
+    /// adapter's own limits); none on the CPU.
+    pub cap: BindingCap,
+}
+
+impl Picked {
+    /// Where models load on this device.
+    pub fn placement(&self) -> Placement {
+        Placement { device: self.device.clone(), cap: self.cap }
+    }
 }
 
 #[derive(Debug)]
@@ -73,19 +108,20 @@ impl std::fmt::Display for NoAdapter {
 impl std::error::Error for NoAdapter {}
 
 pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
-    let cpu = || Picked { device: Device::flex(), name: "cpu (flex)".into(), is_gpu: false };
+    let cpu = || Picked { device: Device::flex(), name: "cpu (flex)".into(), is_gpu: false, cap: BindingCap::NONE };
     if choice == DeviceChoice::Cpu {
         return Ok(cpu());
     }
-    let mut adapters = list_adapters();
+    let mut adapters = adapters_with_limits();
     // The compute APIs before OpenGL: burn's wgpu runtime settles on them too.
-    adapters.sort_by_key(|a| a.backend == wgpu::Backend::Gl);
-    let hardware = adapters.iter().find(|a| is_hardware(a.device_type));
-    let chosen = match (choice, hardware) {
+    adapters.sort_by_key(|(a, _)| a.backend == wgpu::Backend::Gl);
+    let hardware = adapters.iter().find(|(a, _)| is_hardware(a.device_type));
+    let (chosen, limits) = match (choice, hardware) {
         (_, Some(a)) => a,
         (DeviceChoice::Auto, None) => return Ok(cpu()),
         (_, None) => adapters.first().ok_or(NoAdapter)?,
     };
+    let cap = BindingCap::bytes(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size));
     let kind = match chosen.device_type {
         wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(0),
         wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(0),
@@ -94,7 +130,7 @@ pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
         wgpu::DeviceType::Other => DeviceKind::DefaultDevice,
     };
     let name = format!("gpu (wgpu {:?}: {})", chosen.backend, chosen.name);
-    Ok(Picked { device: Device::wgpu(kind), name, is_gpu: true })
+    Ok(Picked { device: Device::wgpu(kind), name, is_gpu: true, cap })
 }
 
 fn is_hardware(t: wgpu::DeviceType) -> bool {
@@ -103,6 +139,10 @@ fn is_hardware(t: wgpu::DeviceType) -> bool {
 
 /// Adapters wgpu can open here (natively).
 pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+    adapters_with_limits().into_iter().map(|(info, _)| info).collect()
+}
+
+fn adapters_with_limits() -> Vec<(wgpu::AdapterInfo, wgpu::Limits)> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY)).iter().map(|a| a.get_info()).collect()
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY)).iter().map(|a| (a.get_info(), a.limits())).collect()
 }

@@ -13,10 +13,13 @@ use burn::backend::{
     Backend, backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
-use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_core::ggml::GgmlType;
 
+use crate::device::Placement;
+
 mod block;
+pub mod check;
 pub mod cpu;
 pub mod cube;
 pub mod device;
@@ -25,10 +28,14 @@ pub mod preprocess;
 /// Largest number of rows of `x` that takes the GEMV path (decode, small batches).
 pub const GEMV_MAX_M: usize = 8;
 
+/// Elements the kernels take at a time along a row: a 32-element block, a K sub-block,
+/// or 32 F16 / BF16 values.
+pub const GROUP: usize = 32;
+
 #[backend_extension(Cube, Flex)]
 pub trait QuantOps: Backend {
-    /// `y[m, n] = sum_k x[m, k] * W[n, k]`, with `W` GGML blocks of type `ty` (a
-    /// [`GgmlType::id`]) packed little-endian into u32 `words`.
+    /// `y[m, n] = sum_k x[m, k] * W[n, k]`, with `W` GGML blocks (or F16 / BF16 values) of
+    /// type `ty` (a [`GgmlType::id`]) packed little-endian into u32 `words`.
     ///
     /// # Shapes
     /// - x: `[m, k]` (f32), words: `[ceil(n * row_bytes / 4) + 1]`
@@ -38,8 +45,8 @@ pub trait QuantOps: Backend {
 
 /// A weight matrix `[n, k]` resident on a device in GGML block layout.
 ///
-/// Stored as row bands, each small enough for one storage binding
-/// ([`device::max_binding_bytes`]); most matrices are one band.
+/// Stored as row bands, each small enough for one storage binding (the
+/// [`device::BindingCap`] of its placement); most matrices are one band.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     bands: Vec<Band>,
@@ -59,15 +66,15 @@ struct Band {
 #[derive(Debug, PartialEq)]
 pub enum QuantError {
     NotQuantized(GgmlType),
-    RowNotBlocks { k: usize },
+    RowNotBlocks { k: usize, block: usize },
     WrongSize { expected: usize, got: usize },
 }
 
 impl std::fmt::Display for QuantError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NotQuantized(t) => write!(f, "{} is not a block-quantised type", t.name()),
-            Self::RowNotBlocks { k } => write!(f, "row length {k} is not a multiple of 32"),
+            Self::NotQuantized(t) => write!(f, "{} is not a type the matmul kernels read in place", t.name()),
+            Self::RowNotBlocks { k, block } => write!(f, "row length {k} is not a multiple of the {block}-element block"),
             Self::WrongSize { expected, got } => write!(f, "expected {expected} bytes of blocks, got {got}"),
         }
     }
@@ -76,13 +83,16 @@ impl std::fmt::Display for QuantError {
 impl std::error::Error for QuantError {}
 
 impl QuantMatrix {
-    /// Upload `bytes` (exactly `n` rows of `k / 32` blocks) to `device`, unchanged.
-    pub fn upload(ty: GgmlType, bytes: &[u8], n: usize, k: usize, device: &Device) -> Result<Self, QuantError> {
-        if !ty.is_quantized() {
+    /// Upload `bytes` (exactly `n` rows of `k / block_elems` blocks) to the placement's device,
+    /// unchanged, in bands under its binding cap.
+    pub fn upload(ty: GgmlType, bytes: &[u8], n: usize, k: usize, at: &Placement) -> Result<Self, QuantError> {
+        if !ty.stays_packed() {
             return Err(QuantError::NotQuantized(ty));
         }
-        if !k.is_multiple_of(ty.block_elems()) {
-            return Err(QuantError::RowNotBlocks { k });
+        // The kernels walk rows in groups of 32 elements (F16 / BF16 included).
+        let group = ty.block_elems().max(GROUP);
+        if !k.is_multiple_of(group) {
+            return Err(QuantError::RowNotBlocks { k, block: group });
         }
         let expected = n * k / ty.block_elems() * ty.block_bytes();
         if bytes.len() != expected {
@@ -90,13 +100,13 @@ impl QuantMatrix {
         }
         let row_bytes = expected / n.max(1);
         // Room for the padding and the spare word of each band.
-        let rows_per_band = device::per_binding(row_bytes, 8);
+        let rows_per_band = at.cap.per_binding(row_bytes, 8);
         let bands = bytes
             .chunks(rows_per_band * row_bytes)
             .map(|chunk| {
                 let words = pack_words(chunk);
                 let len = words.len();
-                let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
+                let opts = TensorCreationOptions::new(at.device.clone()).with_dtype(DType::U32);
                 Band { words: Tensor::from_data(TensorData::new(words, [len]), opts), n: chunk.len() / row_bytes }
             })
             .collect();

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::Device;
-use vidllm_shaders::device::{DeviceChoice, pick};
+use vidllm_shaders::device::{DeviceChoice, Placement, pick};
 
 /// Repository root (fixtures and the default model cache live relative to it).
 pub fn repo_root() -> PathBuf {
@@ -30,15 +30,21 @@ pub fn smollm2_path() -> PathBuf {
 
 /// Every device the tests must cover: the CPU, and wgpu on whatever adapter exists
 /// (lavapipe in CI). `VIDLLM_TEST_NO_GPU=1` drops the GPU where no Vulkan driver is
-/// installed; otherwise a missing adapter fails the run.
-pub fn test_devices() -> Vec<(String, Device)> {
-    let mut out = vec![("cpu".to_string(), Device::flex())];
+/// installed; otherwise a missing adapter fails the run. Each comes as the front ends
+/// open it: a [`Placement`] with the adapter's binding cap.
+pub fn test_devices() -> Vec<(String, Placement)> {
+    let mut out = vec![("cpu".to_string(), cpu())];
     if std::env::var("VIDLLM_TEST_NO_GPU").is_ok_and(|v| v == "1") {
         return out;
     }
     let gpu = pick(DeviceChoice::Gpu).expect("no wgpu adapter: install mesa-vulkan-drivers or set VIDLLM_TEST_NO_GPU=1");
-    out.push((gpu.name, gpu.device));
+    out.push((gpu.name.clone(), gpu.placement()));
     out
+}
+
+/// The CPU, where a test needs one device only.
+pub fn cpu() -> Placement {
+    Placement::new(Device::flex())
 }
 
 /// Whether `device` runs every case of a whole-model test. A software GPU (lavapipe in CI)

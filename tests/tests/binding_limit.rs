@@ -2,7 +2,8 @@
 //! by default). Under a small artificial cap, weights are stored as row bands, prefill
 //! runs in shorter chunks and frames are encoded in batches, and the answers still equal
 //! the independent references: llama.cpp for SmolLM2, transformers for Video-LLaVA.
-//! One test, because the cap is process-wide and must be set before a model loads.
+//! The cap is a value of the placement a model is loaded at, so a capped and an uncapped
+//! model run side by side in one process (and these tests in parallel).
 
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::gguf::Gguf;
@@ -14,7 +15,6 @@ use vidllm_models::merge::{Visual, merge_embeddings};
 use vidllm_models::quant_linear::QuantLinear;
 use vidllm_models::video_llava::VideoLlava;
 use vidllm_models::{KvCache, Logits, load_llama};
-use vidllm_shaders::device::set_max_binding_bytes;
 use vidllm_tests::{check_stage, every_case_on, fixture, max_abs_diff, smollm2_path, test_devices};
 
 fn bands(l: &QuantLinear) -> usize {
@@ -36,14 +36,15 @@ struct LlamaFixture {
     cases: Vec<Case>,
 }
 
+#[test]
 fn smollm2_under_a_4_mib_cap() {
     let g = Gguf::open(smollm2_path()).unwrap();
     let f: LlamaFixture = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_llamacpp.json")).unwrap()).unwrap();
-    for (name, device) in test_devices() {
-        set_max_binding_bytes(usize::MAX);
-        let whole = load_llama(&g, &device).unwrap();
-        set_max_binding_bytes(4 << 20);
-        let split = load_llama(&g, &device).unwrap();
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let whole = load_llama(&g, &at).unwrap();
+        let split = load_llama(&g, &at.capped(4 << 20)).unwrap();
+        assert_eq!(bands(&whole.lm_head), 1, "{name}: the device's own cap holds the head whole");
         // The tied 49152 x 576 Q8_0 head is 30 MB: eight bands under 4 MiB.
         assert!(bands(&split.lm_head) >= 8, "{name}: head in {} bands", bands(&split.lm_head));
         // Bands cost one spare word each, nothing more: the weights stay 4-bit.
@@ -53,10 +54,8 @@ fn smollm2_under_a_4_mib_cap() {
             println!("{name} {}: {} tokens prefilled in chunks of {}", c.name, ctx, split.prefill_chunk(ctx));
             let mut cache = KvCache::new(&split.cfg, ctx, &device);
             let got = read_row(split.forward(&c.sequence, &mut cache, Logits::All)).unwrap();
-            set_max_binding_bytes(usize::MAX);
             let mut cache = KvCache::new(&whole.cfg, ctx, &device);
             let want = read_row(whole.forward(&c.sequence, &mut cache, Logits::All)).unwrap();
-            set_max_binding_bytes(4 << 20);
             let (diff, _) = max_abs_diff(&got, &want);
             let mut compared = 0;
             for (pos, row) in got.chunks(split.cfg.vocab_size).enumerate() {
@@ -71,14 +70,15 @@ fn smollm2_under_a_4_mib_cap() {
     }
 }
 
+#[test]
 fn video_llava_under_a_4_kib_cap() {
     let r = Checkpoint::open_files(&[fixture("tiny_video_llava_ref.safetensors")]).unwrap();
     let (pix, pshape) = r.f32("pixel_values_videos").unwrap();
     let (t, s) = (pshape[1], pshape[3]);
     let ids: Vec<u32> = r.i64("input_ids").unwrap().0.into_iter().map(|v| v as u32).collect();
-    set_max_binding_bytes(4096);
-    for (name, device) in test_devices() {
-        let model = VideoLlava::load(&fixture("tiny_video_llava"), QuantChoice::F32, &device).unwrap();
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let model = VideoLlava::load(&fixture("tiny_video_llava"), QuantChoice::F32, &at.capped(4096)).unwrap();
         assert!(bands(&model.decoder.lm_head) > 1, "{name}: the head is split");
         println!("{name}: head in {} bands, prefill chunk {}", bands(&model.decoder.lm_head), model.decoder.prefill_chunk(ids.len() + 1));
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
@@ -95,10 +95,4 @@ fn video_llava_under_a_4_kib_cap() {
         let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
         check_stage("logits (banded head, chunked prefill)", &name, &logits, &r.f32("logits").unwrap().0);
     }
-}
-
-#[test]
-fn models_run_under_a_small_binding_cap() {
-    smollm2_under_a_4_mib_cap();
-    video_llava_under_a_4_kib_cap();
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::safetensors::writer::{Entry, write};
 use vidllm_models::llama_hf::QuantChoice;
@@ -36,8 +36,9 @@ fn entries(rename: &dyn Fn(&str) -> Option<String>, bf16: bool) -> Vec<Entry> {
 }
 
 fn features(dir: &Path) -> Result<Vec<f32>, String> {
-    let device = Device::flex();
-    let model = VideoLlava::load(dir, QuantChoice::F32, &device).map_err(|e| e.to_string())?;
+    let at = vidllm_tests::cpu();
+    let device = at.device.clone();
+    let model = VideoLlava::load(dir, QuantChoice::F32, &at).map_err(|e| e.to_string())?;
     let s = model.video_tower.cfg.image_size;
     let px: Vec<f32> = (0..2 * 3 * s * s).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
     let pixels = Tensor::<4>::from_data(TensorData::new(px, [2, 3, s, s]), &device);
@@ -135,9 +136,10 @@ fn a_folder_read_into_memory_loads_the_same() {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let ck = Checkpoint::from_buffers(vec![("model.safetensors".into(), bytes)]).unwrap();
     let cfg: vidllm_models::video_llava::VideoLlavaConfigJson = serde_json::from_str(&read("config.json")).unwrap();
-    let device = Device::flex();
-    let from_memory = VideoLlava::from_checkpoint(&ck, &cfg, QuantChoice::F32, &device).unwrap();
-    let from_dir = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+    let at = vidllm_tests::cpu();
+    let device = at.device.clone();
+    let from_memory = VideoLlava::from_checkpoint(&ck, &cfg, QuantChoice::F32, &at).unwrap();
+    let from_dir = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
     let ids = [1u32, 5, 9, 11];
     let logits = |m: &VideoLlava| {
         let mut cache = vidllm_models::KvCache::new(&m.decoder.cfg, 8, &device);

@@ -12,8 +12,9 @@ fn chunked_prefill_equals_piecewise_prefill() {
     let g = Gguf::open(smollm2_path()).unwrap();
     let n = 2 * PREFILL_CHUNK + 88;
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % 49152).collect();
-    for (name, device) in test_devices().into_iter().take(1) {
-        let model = load_llama(&g, &device).unwrap();
+    for (name, at) in test_devices().into_iter().take(1) {
+        let device = at.device.clone();
+        let model = load_llama(&g, &at).unwrap();
         let mut cache = KvCache::new(&model.cfg, n + 1, &device);
         let all = read_row(model.forward(&ids, &mut cache, Logits::All)).unwrap();
         let last_all = all[all.len() - model.cfg.vocab_size..].to_vec();

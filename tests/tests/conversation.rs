@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use vidllm_core::GenerateError;
 use vidllm_core::gguf::Gguf;
 use vidllm_core::tokenizer::Tokenizer;
@@ -15,7 +15,7 @@ use vidllm_tests::smollm2_path;
 fn conversation(context: usize) -> Conversation {
     let g = Gguf::open(smollm2_path()).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
-    let model = load_llama(&g, &Device::flex()).unwrap();
+    let model = load_llama(&g, &vidllm_tests::cpu()).unwrap();
     Conversation::new(Rc::new(Model::Text(model)), Rc::new(tok), context)
 }
 

@@ -1,22 +1,14 @@
-//! Every quantised matmul kernel (Q4_0, Q4_1, Q8_0; GEMV and tiled paths) against an f64
-//! product with the dequantised weights, on every device.
+//! Every quantised matmul kernel (every block type; GEMV and tiled paths) against an f64
+//! product with the dequantised weights, on every device. Q4_0, Q4_1 and Q8_0 weights are
+//! quantised here; the types only llama.cpp's quantizer writes (K quants, Q5, IQ4) are
+//! random blocks with finite scales (their decoding is checked against gguf-py in
+//! `ggml_blocks.rs`).
 
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::ggml::{GgmlType, dequantize, quantize};
 use vidllm_shaders::QuantMatrix;
+use vidllm_shaders::check::{values, weight};
 use vidllm_tests::{max_abs_diff, test_devices};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
-}
 
 fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
@@ -30,13 +22,13 @@ fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 }
 
 fn check(ty: GgmlType, m: usize, n: usize, k: usize) {
-    let w = values(n * k, 7 + n as u64);
     let x = values(m * k, 3 + m as u64);
-    let blocks = quantize(ty, &w);
+    let blocks = weight(ty, n, k, 7 + n as u64);
     let wq = dequantize(ty, &blocks, n * k);
     let expected = reference(&x, &wq, m, n, k);
-    for (name, device) in test_devices() {
-        let qm = QuantMatrix::upload(ty, &blocks, n, k, &device).unwrap();
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let qm = QuantMatrix::upload(ty, &blocks, n, k, &at).unwrap();
         let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
         let got = qm.forward(xt).into_data().try_into_vec::<f32>().unwrap();
         let (diff, mag) = max_abs_diff(&got, &expected);
@@ -72,12 +64,38 @@ fn tiled_prefill_odd_shapes() {
     }
 }
 
+/// The types of llama.cpp's K-quant mixes (Q4_K_M and friends), their fallbacks for rows
+/// that are not whole 256-element blocks, and 16-bit float files.
+const FILE_TYPES: [GgmlType; 11] = [
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+    GgmlType::Iq4Xs,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Iq4Nl,
+    GgmlType::F16,
+    GgmlType::Bf16,
+];
+
+#[test]
+fn file_types_gemv_and_tiled() {
+    for ty in FILE_TYPES {
+        let k = ty.block_elems().max(32) * 3;
+        check(ty, 1, 67, k);
+        check(ty, 5, 33, k);
+        check(ty, 37, 70, 2 * k);
+    }
+}
+
 #[test]
 fn upload_keeps_blocks_as_they_are() {
-    let device = burn::tensor::Device::flex();
+    let at = vidllm_tests::cpu();
     let blocks = quantize(GgmlType::Q4_1, &values(64 * 32, 1));
-    let qm = QuantMatrix::upload(GgmlType::Q4_1, &blocks, 64, 32, &device).unwrap();
+    let qm = QuantMatrix::upload(GgmlType::Q4_1, &blocks, 64, 32, &at).unwrap();
     // One spare word for unaligned reads at the end, nothing else.
     assert_eq!(qm.device_bytes(), blocks.len() + 4);
-    assert!(QuantMatrix::upload(GgmlType::Q4_1, &blocks[1..], 64, 32, &device).is_err());
+    assert!(QuantMatrix::upload(GgmlType::Q4_1, &blocks[1..], 64, 32, &at).is_err());
 }

@@ -138,8 +138,8 @@ fn parity_with_llama_cpp_on_every_device() {
     let g = gguf();
     let tok = Rc::new(Tokenizer::from_gguf(&g).unwrap());
     let mut logits = Vec::new();
-    for (name, device) in test_devices() {
-        let model = Rc::new(Model::Text(load_llama(&g, &device).unwrap()));
+    for (name, at) in test_devices() {
+        let model = Rc::new(Model::Text(load_llama(&g, &at).unwrap()));
         let resident = model.decoder().weights_device_bytes();
         println!("{name}: weights on device {resident} B, file {} B ({:.3}x)", g.file_len(), resident as f64 / g.file_len() as f64);
         assert!(resident as f64 <= 1.1 * g.file_len() as f64, "{name}: 4-bit weights not resident");

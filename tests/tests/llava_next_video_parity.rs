@@ -19,8 +19,9 @@ fn llava_next_video_matches_transformers_on_every_device() {
     let ids: Vec<u32> = r.i64("input_ids").unwrap().0.into_iter().map(|v| v as u32).collect();
     let greedy: Vec<u32> = r.i64("greedy").unwrap().0.into_iter().map(|v| v as u32).collect();
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
-    for (name, device) in test_devices() {
-        let model = LlavaNextVideo::load(&dir, QuantChoice::F32, &device).unwrap();
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let model = LlavaNextVideo::load(&dir, QuantChoice::F32, &at).unwrap();
         let t = s[1];
         let prompt_ids = tok.encode(&r.metadata["prompt"], true).unwrap();
         assert_eq!(expand_placeholders(&prompt_ids, model.video_token, t * model.tokens_per_frame()), ids);

@@ -21,7 +21,8 @@ fn reference() -> Checkpoint {
 fn adaptive_avg_pool3d_matches_torch_on_non_divisible_shapes() {
     let r = reference();
     let outs: Vec<[usize; 3]> = serde_json::from_str(&r.metadata["pool_cases"]).unwrap();
-    for (name, device) in test_devices() {
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
         for (i, out) in outs.iter().enumerate() {
             let (x, s) = r.f32(&format!("pool{i}_in")).unwrap(); // [1, c, t, h, w]
             let (c, t, h, w) = (s[1], s[2], s[3], s[4]);
@@ -40,8 +41,9 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
     let (pix, s) = r.f32("pixel_values").unwrap();
     let ids: Vec<u32> = r.i64("input_ids").unwrap().0.into_iter().map(|v| v as u32).collect();
     let greedy: Vec<u32> = r.i64("greedy").unwrap().0.into_iter().map(|v| v as u32).collect();
-    for (name, device) in test_devices() {
-        let model = Pllava::load(&fixture("tiny_pllava"), QuantChoice::F32, Some(alpha), None, &device).unwrap();
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let model = Pllava::load(&fixture("tiny_pllava"), QuantChoice::F32, Some(alpha), None, &at).unwrap();
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [s[0], s[1], s[2], s[3]]), &device);
         let projected = model.projected(pixels.clone());
         check_stage(
@@ -65,11 +67,12 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
 
 #[test]
 fn lora_alpha_is_a_real_knob() {
-    let device = burn::tensor::Device::flex();
+    let at = vidllm_tests::cpu();
+    let device = at.device.clone();
     let r = reference();
     let ids: Vec<u32> = vec![1, 40, 41, 42];
     let logits = |alpha: f32| {
-        let m = Pllava::load(&fixture("tiny_pllava"), QuantChoice::F32, Some(alpha), None, &device).unwrap();
+        let m = Pllava::load(&fixture("tiny_pllava"), QuantChoice::F32, Some(alpha), None, &at).unwrap();
         let mut cache = KvCache::new(&m.decoder.cfg, 8, &device);
         read_row(m.decoder.forward(&ids, &mut cache, Logits::Last)).unwrap()
     };

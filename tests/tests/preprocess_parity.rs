@@ -29,7 +29,8 @@ fn device_preprocessing_matches_cpu_reference_and_transformers() {
     );
     assert_eq!(off_by_more, 0);
     let slices: Vec<&[u8]> = frames.chunks(per).collect();
-    for (name, device) in test_devices() {
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
         let got = preprocess(&slices, h, w, &cfg, &device).into_data().try_into_vec::<f32>().unwrap();
         let d = got.iter().zip(&cpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let flips = got.iter().zip(&cpu).filter(|(a, b)| (*a - *b).abs() > 1e-3).count();
@@ -57,7 +58,8 @@ fn packed_rgba_frames_preprocess_like_rgb_frames() {
         words[(f * h + y) * row_words + x] = u32::from_le_bytes([px[0], px[1], px[2], 255]);
     }
     let slices: Vec<&[u8]> = frames.chunks(h * w * 3).collect();
-    for (name, device) in test_devices() {
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
         let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
         let packed = Tensor::<3, Int>::from_data(TensorData::new(words.clone(), [t, h, row_words]), opts);
         let got = preprocess_planes(unpack_rgba_words(packed, w), &cfg).into_data().try_into_vec::<f32>().unwrap();

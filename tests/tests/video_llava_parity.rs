@@ -38,7 +38,7 @@ fn tokenizer_json_gives_the_fixture_ids() {
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
     let prompt = r.ck.metadata["prompt"].clone();
     let ids = tok.encode(&prompt, true).unwrap();
-    let model = VideoLlava::load(&dir, QuantChoice::F32, &burn::tensor::Device::flex()).unwrap();
+    let model = VideoLlava::load(&dir, QuantChoice::F32, &vidllm_tests::cpu()).unwrap();
     let expanded = expand_placeholders(&ids, model.visual.video_token, model.video_tokens(8));
     assert_eq!(expanded, r.ids("input_ids"));
 }
@@ -51,8 +51,9 @@ fn video_llava_stages_match_transformers_on_every_device() {
     let (t, s) = (pshape[1], pshape[3]);
     let ids = r.ids("input_ids");
     let greedy = r.ids("greedy");
-    for (name, device) in test_devices() {
-        let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let model = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
         let hidden = model.video_hidden(pixels.clone());
         check_stage("vision hidden state", &name, &hidden.into_data().try_into_vec::<f32>().unwrap(), &r.f32("vision_hidden").0);
@@ -75,8 +76,9 @@ fn video_llava_stages_match_transformers_on_every_device() {
 #[test]
 fn placeholder_count_mismatch_is_an_error_naming_both_counts() {
     let dir = fixture("tiny_video_llava");
-    let device = burn::tensor::Device::flex();
-    let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+    let at = vidllm_tests::cpu();
+    let device = at.device.clone();
+    let model = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
     let features = Tensor::<2>::zeros([10, model.decoder.cfg.d_model], &device);
     let ids = [1, 5, model.visual.video_token, model.visual.video_token, 7];
     let visual = [Visual { token: model.visual.video_token, features, per_placeholder: 10 }];
@@ -92,8 +94,9 @@ fn image_and_video_in_one_prompt_match_transformers() {
     let (ipix, is) = r.f32("pixel_values_images"); // [1, 3, s, s]
     let ids = r.ids("both_input_ids");
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
-    for (name, device) in test_devices() {
-        let model = VideoLlava::load(&dir, QuantChoice::F32, &device).unwrap();
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let model = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
         let image = Tensor::<4>::from_data(TensorData::new(ipix.clone(), [is[0], 3, is[2], is[3]]), &device);
         let image_features = model.image_features(image);
         check_stage(

@@ -9,7 +9,7 @@ use burn::backend::Wgpu;
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
 use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions};
 use cubecl_wgpu::{AutoCompiler, WgpuServer};
-use vidllm_shaders::device::lower_max_binding_bytes;
+use vidllm_shaders::device::{BindingCap, Placement};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen::JsCast;
 use wasm_bindgen::JsValue;
@@ -25,6 +25,15 @@ pub struct Opened {
     pub device: Device,
     /// The wgpu handles under the device (WebGPU only), for external-image copies.
     pub wgpu: Option<(wgpu::Device, wgpu::Queue)>,
+    /// The device's storage-binding limit, lowered to the cap this load asked for.
+    pub cap: BindingCap,
+}
+
+impl Opened {
+    /// Where this load's model goes: the device under this load's cap.
+    pub fn placement(&self) -> Placement {
+        Placement { device: self.device.clone(), cap: self.cap }
+    }
 }
 
 thread_local! {
@@ -34,17 +43,15 @@ thread_local! {
 
 /// WebGPU (initialised asynchronously, as browsers require) or the CPU backend.
 /// `cap`: treat storage bindings above this many bytes as unavailable (tests, small GPUs).
-/// The page's binding limit only ever goes down (`lower_max_binding_bytes`): the device's
-/// own limit when it opens, then any cap asked for.
+/// Each load carries its own cap: the device's limit, lowered to what that load asked
+/// for, so one model's cap never reaches another's.
 pub async fn open_device(gpu: bool, cap: Option<u64>) -> Result<Opened, JsError> {
-    if let Some(c) = cap {
-        lower_max_binding_bytes(usize::try_from(c).unwrap_or(usize::MAX));
-    }
+    let lowered = |o: Opened| Opened { cap: cap.map_or(o.cap, |c| o.cap.lower(c)), ..o };
     if !gpu {
-        return Ok(Opened { device: Device::flex(), wgpu: None });
+        return Ok(lowered(Opened { device: Device::flex(), wgpu: None, cap: BindingCap::NONE }));
     }
     if let Some(o) = GPU.with(|g| g.borrow().clone()) {
-        return Ok(o);
+        return Ok(lowered(o));
     }
     let (device, setup) = match cap {
         None => Device::wgpu_options().init_with_setup_async().await.map_err(|e| js_err(format!("WebGPU: {e}")))?,
@@ -59,11 +66,10 @@ pub async fn open_device(gpu: bool, cap: Option<u64>) -> Result<Opened, JsError>
         }
     });
     let limits = setup.device.limits();
-    let device_cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
-    lower_max_binding_bytes(usize::try_from(device_cap).unwrap_or(usize::MAX));
-    let opened = Opened { device, wgpu: Some((setup.device.clone(), setup.queue.clone())) };
+    let cap_of_device = BindingCap::bytes(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size));
+    let opened = Opened { device, wgpu: Some((setup.device.clone(), setup.queue.clone())), cap: cap_of_device };
     GPU.with(|g| *g.borrow_mut() = Some(opened.clone()));
-    Ok(opened)
+    Ok(lowered(opened))
 }
 
 /// A WebGPU device whose storage bindings and buffers are limited to `cap` bytes, the

@@ -116,6 +116,35 @@ pub fn folder_architecture(config_json: &str) -> Result<String, JsError> {
     Ok(vidllm_models::video_model::VideoModel::registration(config_json).map_err(js_err)?.model_type.to_string())
 }
 
+/// One kernel check: a `[n, k]` weight of GGML type `ty` (llama.cpp's name) against `[m, k]`
+/// activations, multiplied on WebGPU and on the CPU backend from the same inputs
+/// (`vidllm_shaders::check`). Returns `[max |webgpu - cpu|, max |cpu|]`.
+#[wasm_bindgen]
+pub async fn check_kernel(ty: String, m: usize, n: usize, k: usize) -> Result<Vec<f32>, JsError> {
+    use burn::tensor::{Tensor, TensorData};
+    use vidllm_core::ggml::GgmlType;
+    use vidllm_shaders::{QuantMatrix, check};
+    let Some(ty) = GgmlType::ALL.into_iter().find(|t| t.stays_packed() && t.name().eq_ignore_ascii_case(&ty)) else {
+        let names: Vec<_> = GgmlType::ALL.into_iter().filter(|t| t.stays_packed()).map(GgmlType::name).collect();
+        return Err(js_err(format!("no kernel reads type {ty:?} (they read {})", names.join(", "))));
+    };
+    if m == 0 || n == 0 || k == 0 || m * k > 1 << 24 || n * k > 1 << 24 {
+        return Err(js_err(format!("a check of {m}x{k} by {n}x{k} is not a size worth checking")));
+    }
+    let blocks = check::weight(ty, n, k, 7 + n as u64);
+    let x = check::values(m * k, 3 + m as u64);
+    let mut results = Vec::new();
+    for on_gpu in [true, false] {
+        let at = gpu::open_device(on_gpu, None).await?.placement();
+        let w = QuantMatrix::upload(ty, &blocks, n, k, &at).map_err(js_err)?;
+        let y = w.forward(Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &at.device));
+        results.push(vidllm_models::generate::read_row_async(y).await.map_err(js_err)?);
+    }
+    let diff = results[0].iter().zip(&results[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let mag = results[1].iter().map(|v| v.abs()).fold(0f32, f32::max);
+    Ok(vec![diff, mag])
+}
+
 /// A decoder on a WebGPU (or CPU) device, with its conversation.
 #[wasm_bindgen]
 pub struct Runtime {
@@ -130,10 +159,11 @@ impl Runtime {
     /// `binding_cap`: bytes one storage binding may hold, below the device's own limit.
     pub async fn load_gguf(bytes: Vec<u8>, gpu: bool, context: usize, binding_cap: Option<f64>) -> Result<Runtime, JsError> {
         let file_bytes = bytes.len();
-        let device = gpu::open_device(gpu, binding_cap.map(|c| c as u64)).await?.device;
+        let at = gpu::open_device(gpu, binding_cap.map(|c| c as u64)).await?.placement();
+        let device = at.device.clone();
         let g = Gguf::from_bytes(bytes).map_err(js_err)?;
         let tok = Tokenizer::from_gguf(&g).map_err(js_err)?;
-        let model = load_llama(&g, &device).map_err(js_err)?;
+        let model = load_llama(&g, &at).map_err(js_err)?;
         let conv = Conversation::new(Rc::new(Model::Text(model)), Rc::new(tok), context);
         Ok(Runtime { conv, device, file_bytes })
     }

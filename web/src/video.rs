@@ -64,7 +64,7 @@ impl VideoRuntime {
         }
         let opened = open_device(gpu, binding_cap.map(|c| c as u64)).await?;
         let opts = LoadOptions { quant: QuantChoice::Q4_1, lora_alpha, pool: None };
-        let folder = files.load(opts, &opened.device).map_err(js_err)?;
+        let folder = files.load(opts, &opened.placement()).map_err(js_err)?;
         let conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
         Ok(VideoRuntime { conv, pre: folder.pre, opened, gathering: None, frames: None })
     }

@@ -213,6 +213,17 @@ test("frame sampling picks the same moments in the page as vidllm-native", { tim
   });
 });
 
+// Every weight type the kernels read, WebGPU (SwiftShader) against the wasm CPU backend on
+// the same random weights; natively both are checked against an f64 product (kernels.rs).
+test("the WebGPU kernels equal the CPU backend's for every weight type", { timeout: 900_000 }, async () => {
+  await testPage("/web/tests/page.html", async (page) => {
+    const rows = await page.evaluate(() => window.runKernelCheck());
+    for (const r of rows) console.log(`kernel ${r.type} m=${r.m} n=${r.n} k=${r.k}: max |webgpu - cpu| ${r.maxDiff.toExponential(2)} (max |y| ${r.maxAbs.toFixed(2)})`);
+    assert.ok(rows.length >= 28, `${rows.length} checks`);
+    assert.deepEqual(rows.filter((r) => !r.ok), []);
+  });
+});
+
 test("bad input gives named errors and the runtime stays usable", { timeout: 900_000 }, async () => {
   makeClips();
   await testPage("/web/tests/page.html", async (page) => {

@@ -1,0 +1,47 @@
+//! Progress on stderr for the stages that are slow and otherwise silent: reading a model's
+//! weights (a byte bar; a 7B folder is quantised on load for minutes) and decoding and
+//! encoding frames (a spinner with the elapsed time). Drawn by `indicatif`, which draws
+//! nothing when stderr is not a terminal; `--json` hides it too.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use vidllm_core::progress::OnRead;
+
+#[derive(Clone, Copy)]
+pub struct Progress {
+    hidden: bool,
+}
+
+impl Progress {
+    pub fn new(hidden: bool) -> Self {
+        Self { hidden }
+    }
+
+    fn bar(&self, len: Option<u64>) -> ProgressBar {
+        if self.hidden { ProgressBar::hidden() } else { ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr()) }
+    }
+
+    /// A byte bar for loading `what`, and the hook a model file reports its reads to. The
+    /// caller clears the bar (`finish_and_clear`) when the load returns.
+    pub fn load(&self, what: &str) -> (ProgressBar, OnRead) {
+        let style = ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> ");
+        let bar = self.bar(Some(0)).with_style(style).with_message(format!("loading {what}"));
+        let hook = bar.clone();
+        let on_read: OnRead = Box::new(move |done, total| {
+            hook.set_length(total);
+            hook.set_position(done);
+        });
+        (bar, on_read)
+    }
+
+    /// A spinner naming a stage, ticking on its own while the stage blocks.
+    pub fn stage(&self, what: String) -> ProgressBar {
+        let style = ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template");
+        let bar = self.bar(None).with_style(style).with_message(what);
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    }
+}

@@ -1,0 +1,42 @@
+//! Inputs for checking the matmul kernels: deterministic activations and weights of any
+//! packed type. The kernel tests compare every device with an f64 product on them; the
+//! browser package compares WebGPU with its CPU backend on them (`VidLLM.checkKernels()`),
+//! since what a GPU driver computes is worth checking where the model will run.
+
+use half::f16;
+use vidllm_core::ggml::{GgmlType, quantize};
+
+/// `n` values in [-1, 1) from a xorshift stream (the same on every platform).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+/// An `[n, k]` weight of type `ty`: Q4_0, Q4_1, Q8_0, F16 and BF16 quantised from
+/// [`values`]; the types only llama.cpp's quantizer writes (K quants, Q5, IQ4) as random
+/// blocks whose f16 scales are finite and small (every bit pattern of the rest is valid).
+pub fn weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+    if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::F16 | GgmlType::Bf16 | GgmlType::F32) {
+        return quantize(ty, &values(n * k, seed));
+    }
+    let count = n * k / ty.block_elems();
+    let mut out: Vec<u8> = values(count * ty.block_bytes(), seed).iter().map(|v| ((v + 1.0) * 127.99) as u8).collect();
+    let scales = values(2 * count, seed ^ 0x5ca1e);
+    let l = ty.layout();
+    for (b, blk) in out.chunks_exact_mut(ty.block_bytes()).enumerate() {
+        let mut put = |at: usize, v: f32| blk[at..at + 2].copy_from_slice(&f16::from_f32(v * 0.02).to_le_bytes());
+        put(l.d, scales[2 * b]);
+        // The minimum (Q4_1, Q5_1) or dmin (Q2_K, Q4_K, Q5_K); IQ4_XS keeps scale bits there.
+        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q2K | GgmlType::Q4K | GgmlType::Q5K) {
+            put(l.m, scales[2 * b + 1]);
+        }
+    }
+    out
+}

@@ -316,6 +316,8 @@ pub struct Layout {
     /// `m` (Q4_1, Q5_1) or `dmin` (Q2_K, Q4_K, Q5_K).
     pub m: usize,
     pub scales: usize,
+    /// IQ4_XS's high 2 bits of its sub-block scales (`scales_h`).
+    pub scales_h: usize,
     pub qh: usize,
     /// `qs` (`ql` for Q6_K; `hmask` is `qh` for Q3_K).
     pub qs: usize,
@@ -435,7 +437,7 @@ impl GgmlType {
 
     /// Where a block's fields sit, from the structs above.
     pub const fn layout(self) -> Layout {
-        let z = Layout { d: 0, m: 0, scales: 0, qh: 0, qs: 0 };
+        let z = Layout { d: 0, m: 0, scales: 0, scales_h: 0, qh: 0, qs: 0 };
         match self {
             Self::F32 | Self::F16 | Self::Bf16 => z,
             Self::Q4_0 => Layout { d: offset_of!(BlockQ4_0, d), qs: offset_of!(BlockQ4_0, qs), ..z },
@@ -477,6 +479,7 @@ impl GgmlType {
                 scales: offset_of!(BlockQ5K, scales),
                 qh: offset_of!(BlockQ5K, qh),
                 qs: offset_of!(BlockQ5K, qs),
+                ..z
             },
             Self::Q6K => Layout {
                 d: offset_of!(BlockQ6K, d),
@@ -487,27 +490,12 @@ impl GgmlType {
             },
             Self::Iq4Xs => Layout {
                 d: offset_of!(BlockIq4Xs, d),
-                m: offset_of!(BlockIq4Xs, scales_h),
+                scales_h: offset_of!(BlockIq4Xs, scales_h),
                 scales: offset_of!(BlockIq4Xs, scales_l),
                 qs: offset_of!(BlockIq4Xs, qs),
                 ..z
             },
         }
-    }
-
-    /// Byte offsets in a block of its f16 scale `d` and, where the type has one, its f16
-    /// minimum `m` (the legacy GPU kernels).
-    pub const fn scale_offsets(self) -> (usize, Option<usize>) {
-        let l = self.layout();
-        match self {
-            Self::Q4_1 | Self::Q5_1 => (l.d, Some(l.m)),
-            _ => (l.d, None),
-        }
-    }
-
-    /// Byte offset in a block of its first quant byte.
-    pub const fn quant_offset(self) -> usize {
-        self.layout().qs
     }
 
     pub const fn is_quantized(self) -> bool {

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub type OnRead = Box<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Tensor bytes read out of a file's (or a folder's) total.
-#[derive(Default)]
 pub struct ReadProgress {
     done: AtomicU64,
     total: u64,
@@ -32,10 +31,5 @@ impl ReadProgress {
         if let Some(f) = &self.on_read {
             f(done, self.total);
         }
-    }
-
-    /// (bytes read, bytes in all).
-    pub fn get(&self) -> (u64, u64) {
-        (self.done.load(Ordering::Relaxed).min(self.total), self.total)
     }
 }

@@ -152,20 +152,16 @@ pub fn run(a: AskArgs) -> Result<()> {
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let t_load = Instant::now();
-    let (bar, on_read) = progress.load(&a.model);
-    let folder = ModelFiles::Dir(dir.to_path_buf()).load_reporting(opts, &picked.placement(), Some(on_read));
-    bar.finish_and_clear();
-    let folder = folder.with_context(|| format!("loading {}", a.model))?;
+    let folder = progress
+        .loading(&a.model, |on_read| ModelFiles::Dir(dir.to_path_buf()).load_reporting(opts, &picked.placement(), Some(on_read)))
+        .with_context(|| format!("loading {}", a.model))?;
     let load_s = t_load.elapsed().as_secs_f64();
     let pcfg = folder.pre;
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");
 
     let t0 = Instant::now();
-    let spinner = progress.stage("decoding frames".into());
-    let frames = source.frames(policy);
-    spinner.finish_and_clear();
-    let frames = frames?;
+    let frames = progress.during("decoding frames".into(), || source.frames(policy))?;
     let images: Vec<Frame> =
         a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -174,14 +170,14 @@ pub fn run(a: AskArgs) -> Result<()> {
     let image_px: Vec<_> = images.iter().map(|f| pixels(std::slice::from_ref(f), &pcfg, &device)).collect();
     let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
-    let spinner = progress.stage(format!("encoding {} frames", frames.len()));
     let mut conv = Conversation::new(model.clone(), Rc::new(folder.tok), a.ctx);
-    conv.set_video(vm.video(video_px));
-    let images = image_px.into_iter().try_for_each(|px| conv.add_image(px)).context("--image");
-    let synced = device.sync().map_err(|e| anyhow::anyhow!("device: {e:?}"));
-    spinner.finish_and_clear();
-    images?;
-    synced?;
+    progress.during(format!("encoding {} frames", frames.len()), || -> Result<()> {
+        conv.set_video(vm.video(video_px));
+        for px in image_px {
+            conv.add_image(px).context("--image")?;
+        }
+        device.sync().map_err(|e| anyhow::anyhow!("device: {e:?}"))
+    })?;
     let encode_ms = t2.elapsed().as_secs_f64() * 1e3;
     let visual_tokens = conv.visual_tokens();
     if !a.json {

@@ -22,26 +22,30 @@ impl Progress {
         if self.hidden { ProgressBar::hidden() } else { ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr()) }
     }
 
-    /// A byte bar for loading `what`, and the hook a model file reports its reads to. The
-    /// caller clears the bar (`finish_and_clear`) when the load returns.
-    pub fn load(&self, what: &str) -> (ProgressBar, OnRead) {
+    /// Run `load` with a byte bar for `what`, fed by the hook `load` gives the model file;
+    /// the bar is cleared when `load` returns, whatever it returns.
+    pub fn loading<R>(&self, what: &str, load: impl FnOnce(OnRead) -> R) -> R {
         let style = ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {elapsed}")
             .expect("a valid template")
             .progress_chars("=> ");
         let bar = self.bar(Some(0)).with_style(style).with_message(format!("loading {what}"));
         let hook = bar.clone();
-        let on_read: OnRead = Box::new(move |done, total| {
+        let out = load(Box::new(move |done, total| {
             hook.set_length(total);
             hook.set_position(done);
-        });
-        (bar, on_read)
+        }));
+        bar.finish_and_clear();
+        out
     }
 
-    /// A spinner naming a stage, ticking on its own while the stage blocks.
-    pub fn stage(&self, what: String) -> ProgressBar {
+    /// Run `stage` under a spinner naming it, ticking on its own while the stage blocks;
+    /// cleared when `stage` returns.
+    pub fn during<R>(&self, what: String, stage: impl FnOnce() -> R) -> R {
         let style = ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template");
         let bar = self.bar(None).with_style(style).with_message(what);
         bar.enable_steady_tick(Duration::from_millis(120));
-        bar
+        let out = stage();
+        bar.finish_and_clear();
+        out
     }
 }

@@ -31,10 +31,10 @@ pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     config_from_gguf(&g).with_context(|| format!("loading {}", args.model))?;
     let tok = Tokenizer::from_gguf(&g).context("building the tokenizer")?;
     let picked = device::pick(args.device)?;
-    let (bar, on_read) = progress.load(&args.model);
-    g.on_read(on_read);
-    let model = load_llama(&g, &picked.placement());
-    bar.finish_and_clear();
+    let model = progress.loading(&args.model, |on_read| {
+        g.on_read(on_read);
+        load_llama(&g, &picked.placement())
+    });
     let model = model.with_context(|| format!("loading {}", args.model))?;
     let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
     Ok(Loaded {

@@ -33,10 +33,21 @@ pub fn weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
     for (b, blk) in out.chunks_exact_mut(ty.block_bytes()).enumerate() {
         let mut put = |at: usize, v: f32| blk[at..at + 2].copy_from_slice(&f16::from_f32(v * 0.02).to_le_bytes());
         put(l.d, scales[2 * b]);
-        // The minimum (Q4_1, Q5_1) or dmin (Q2_K, Q4_K, Q5_K); IQ4_XS keeps scale bits there.
+        // The minimum (Q4_1, Q5_1) or dmin (Q2_K, Q4_K, Q5_K).
         if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q2K | GgmlType::Q4K | GgmlType::Q5K) {
             put(l.m, scales[2 * b + 1]);
         }
     }
     out
+}
+
+/// Whether a product over `k` terms differs from its reference (whose largest magnitude is
+/// `max_abs`) by no more than f32 rounding of a k-long sum: the bound every kernel check uses.
+pub fn within_rounding(max_diff: f32, max_abs: f32, k: usize) -> bool {
+    max_diff <= 2e-5 * (k as f32).sqrt() * max_abs.max(1.0)
+}
+
+/// The row length a kernel check of `ty` uses: three 32-element groups, or two K super-blocks.
+pub fn check_k(ty: GgmlType) -> usize {
+    if ty.block_elems() > crate::GROUP { 2 * ty.block_elems() } else { 3 * crate::GROUP }
 }

@@ -52,7 +52,8 @@ const _: () = assert!(
     kvalue_word(0) == 0xbfad_9881 && kvalue_word(1) == 0xf6ea_ddcf && kvalue_word(2) == 0x2619_0d01 && kvalue_word(3) == 0x7159_4535
 );
 
-/// Field offsets of type `ty`'s blocks (evaluated while a kernel is expanded).
+/// Field offsets of type `ty`'s blocks, from the typed layouts in `vidllm_core::ggml`.
+/// Evaluated while a kernel is expanded (`comptime!`), so they are constants in the WGSL.
 fn lay(ty: u32) -> Layout {
     ty_from_id(ty).layout()
 }
@@ -66,15 +67,6 @@ fn groups(ty: u32) -> u32 {
 /// Whether the type has a hand-arranged dot product (else `elem` decodes it).
 fn legacy(ty: u32) -> bool {
     ty == TYPE_Q4_0 || ty == TYPE_Q4_1 || ty == TYPE_Q8_0
-}
-
-/// Byte offsets in a block of type `ty` (a [`GgmlType::id`]): its scale `d`, its minimum
-/// `m` (Q4_1) and its first quant byte, from the typed layouts in `vidllm_core::ggml`.
-/// Evaluated while a kernel is expanded (`comptime!`), so they are constants in the WGSL.
-fn offsets(ty: u32) -> (u32, u32, u32) {
-    let t = ty_from_id(ty);
-    let (d, m) = t.scale_offsets();
-    (d as u32, m.unwrap_or(0) as u32, t.quant_offset() as u32)
 }
 
 /// Outputs per GEMV cube (one per `UNIT_POS_Y`).
@@ -169,12 +161,12 @@ fn f16_at(w: &[u32], off: u32) -> f32 {
 /// Scale, min (Q4_1; 0 otherwise) and first quant byte offset of the block at `base`.
 #[cube]
 fn block_header(w: &[u32], base: u32, #[comptime] ty: u32) -> (f32, f32, u32) {
-    let d = f16_at(w, base + comptime![offsets(ty).0]);
+    let d = f16_at(w, base + comptime![lay(ty).d as u32]);
     let mut mn = 0.0f32;
     if comptime![ty == TYPE_Q4_1] {
-        mn = f16_at(w, base + comptime![offsets(ty).1]);
+        mn = f16_at(w, base + comptime![lay(ty).m as u32]);
     }
-    (d, mn, base + comptime![offsets(ty).2])
+    (d, mn, base + comptime![lay(ty).qs as u32])
 }
 
 /// A byte (0..256) as a signed value.
@@ -266,7 +258,8 @@ fn elem(w: &[u32], base: u32, i: u32, #[comptime] ty: u32) -> f32 {
     } else if comptime![ty == TYPE_IQ4_XS] {
         let j = i / 32;
         let k = i % 32;
-        let ls = ((byte_at(w, sc_at + j / 2) >> (4 * (j % 2))) & 15) | (((u16_at(w, mn_at) >> (2 * j)) & 3) << 4);
+        let sh_at = base + comptime![lay(ty).scales_h as u32];
+        let ls = ((byte_at(w, sc_at + j / 2) >> (4 * (j % 2))) & 15) | (((u16_at(w, sh_at) >> (2 * j)) & 3) << 4);
         let q = (byte_at(w, qs_at + 16 * j + (k & 15)) >> (4 * (k >> 4))) & 15;
         v = d * f32::cast_from(i32::cast_from(ls) - 32) * iq4_value(q);
     }

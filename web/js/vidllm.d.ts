@@ -128,7 +128,7 @@ export class VidLLM {
 }
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */
-export const KERNEL_TYPES: string[];
+export function kernelTypes(): Promise<string[]>;
 /** One kernel check: WebGPU against the CPU backend on the same random weights. */
 export interface KernelCheck { type: string; m: number; n: number; k: number; maxDiff: number; maxAbs: number; ok: boolean }
 /** Check this browser's WebGPU kernels against the CPU backend, a decode-sized and a prefill-sized product per type. */

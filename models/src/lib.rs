@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod conversation;
+pub mod decoder_family;
 pub mod generate;
 pub mod layers;
 pub mod llama;
@@ -21,6 +22,7 @@ pub mod video_llava;
 pub mod video_model;
 
 pub use conversation::{Conversation, FinishReason, Finished, Model, Prompt, Step};
+pub use decoder_family::Family;
 pub use generate::{GenerateParams, Piece, Timings};
 pub use llama::{KvCache, Llama, LlamaConfig, Logits};
 pub use llama_gguf::{config_from_gguf, load_llama};

@@ -5,11 +5,16 @@
 //! Pre-norm residual blocks: `h = x + Attn(RMSNorm(x))`, `y = h + MLP(RMSNorm(h))`, with
 //! RoPE, grouped-query attention and a SwiGLU MLP `down(silu(gate(x)) * up(x))`.
 //! Weights are immutable; the KV cache is the run state, allocated once, passed `&mut`.
+//!
+//! The Qwen families are this graph with two optional parts (see `decoder_family.rs`):
+//! Qwen2 adds q/k/v projection biases, Qwen3 a per-head RMSNorm on queries and keys before
+//! RoPE ("QK-norm"), with a head size that need not be `d_model / n_heads`.
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use vidllm_shaders::device::BindingCap;
 
+use crate::decoder_family::Family;
 use crate::quant_linear::QuantLinear;
 use crate::rms_norm::RmsNorm;
 use crate::rope::{Rope, RopeStyle};
@@ -17,6 +22,8 @@ use crate::rope::{Rope, RopeStyle};
 /// Resolved decoder configuration (no options).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// Which of the graph's optional parts the checkpoint has.
+    pub family: Family,
     pub d_model: usize,
     pub n_layers: usize,
     pub n_heads: usize,
@@ -67,6 +74,9 @@ pub struct Attention {
     pub q_bias: Option<Tensor<1>>,
     pub k_bias: Option<Tensor<1>>,
     pub v_bias: Option<Tensor<1>>,
+    /// Qwen3's QK-norm: RMSNorm over each head's `d_head` values, shared by all heads.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
 }
 
 pub struct Mlp {
@@ -136,17 +146,22 @@ impl Attention {
         let [t, _] = x.dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let (start, end) = (cache.len, cache.len + t);
-        let proj = |w: &QuantLinear, b: &Option<Tensor<1>>, heads: usize| {
+        let proj = |w: &QuantLinear, b: &Option<Tensor<1>>, norm: &Option<RmsNorm>, heads: usize| {
             let y = w.forward(x.clone());
             let y = match b {
                 Some(b) => y + b.clone().unsqueeze::<2>(),
                 None => y,
             };
+            // QK-norm normalises each head's vector on its own: rows of d_head values.
+            let y = match norm {
+                Some(n) => n.forward(y.reshape([t * heads, dh])),
+                None => y,
+            };
             y.reshape([1, t, heads, dh]).swap_dims(1, 2) // [1, heads, t, d_head]
         };
-        let q = rope.forward(proj(&self.q, &self.q_bias, h), start);
-        let k = rope.forward(proj(&self.k, &self.k_bias, kvh), start);
-        let v = proj(&self.v, &self.v_bias, kvh);
+        let q = rope.forward(proj(&self.q, &self.q_bias, &self.q_norm, h), start);
+        let k = rope.forward(proj(&self.k, &self.k_bias, &self.k_norm, kvh), start);
+        let v = proj(&self.v, &self.v_bias, &None, kvh);
 
         // Append this step's keys and values, then attend over the whole prefix.
         let range = [0..1, 0..kvh, start..end, 0..dh];
@@ -291,6 +306,7 @@ impl Llama {
     pub fn weights_device_bytes(&self) -> usize {
         let lin = |l: &QuantLinear| l.device_bytes();
         let norm = |n: &RmsNorm| n.weight.shape().num_elements() * 4;
+        let head_norm = |n: &Option<RmsNorm>| n.as_ref().map(norm).unwrap_or(0);
         let bias = |b: &Option<Tensor<1>>| b.as_ref().map(|b| b.shape().num_elements() * 4).unwrap_or(0);
         let blocks: usize = self
             .blocks
@@ -304,6 +320,8 @@ impl Llama {
                     + bias(&a.q_bias)
                     + bias(&a.k_bias)
                     + bias(&a.v_bias)
+                    + head_norm(&a.q_norm)
+                    + head_norm(&a.k_norm)
                     + lin(&b.mlp.gate)
                     + lin(&b.mlp.up)
                     + lin(&b.mlp.down)
@@ -312,8 +330,12 @@ impl Llama {
             })
             .sum();
         // RoPE tables are derived state, counted with the weights since they live as long.
-        let rope = 2 * self.cfg.max_context.min(ROPE_TABLE_MAX) * self.cfg.d_head / 2 * 4;
-        blocks + norm(&self.norm) + lin(&self.lm_head) + rope
+        blocks + norm(&self.norm) + lin(&self.lm_head) + self.rope_table_bytes()
+    }
+
+    /// Bytes of the RoPE cos / sin tables (part of [`Llama::weights_device_bytes`]).
+    pub fn rope_table_bytes(&self) -> usize {
+        2 * self.rope_positions() * self.cfg.d_head / 2 * 4
     }
 }
 

@@ -1,4 +1,4 @@
-//! Loading a LLaMA-family decoder from GGUF: the `{arch}.*` metadata keys and the
+//! Loading a LLaMA-family decoder (`llama`, `qwen2`, `qwen3`) from GGUF: the `{arch}.*` metadata keys and the
 //! llama.cpp tensor names, in one place. Quantised matrices go to the device unchanged.
 
 use burn::tensor::{Tensor, TensorData};
@@ -7,10 +7,11 @@ use vidllm_core::ggml::dequantize;
 use vidllm_core::gguf::{Gguf, TensorInfo};
 use vidllm_shaders::device::Placement;
 
+use crate::decoder_family::Family;
 use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
 use crate::quant_linear::QuantLinear;
 use crate::rms_norm::RmsNorm;
-use crate::rope::{Rope, RopeStyle};
+use crate::rope::Rope;
 
 /// llama.cpp's tensor names (`gguf-py/gguf/constants.py`).
 mod names {
@@ -25,25 +26,18 @@ mod names {
     pub const ATTN_K: &str = "attn_k";
     pub const ATTN_V: &str = "attn_v";
     pub const ATTN_OUT: &str = "attn_output.weight";
+    pub const ATTN_Q_NORM: &str = "attn_q_norm.weight";
+    pub const ATTN_K_NORM: &str = "attn_k_norm.weight";
     pub const FFN_NORM: &str = "ffn_norm.weight";
     pub const FFN_GATE: &str = "ffn_gate.weight";
     pub const FFN_UP: &str = "ffn_up.weight";
     pub const FFN_DOWN: &str = "ffn_down.weight";
 }
 
-/// Architectures this loader reads, with the RoPE pairing llama.cpp uses for each.
-fn rope_style(arch: &str) -> Result<RopeStyle, LoadError> {
-    match arch {
-        "llama" => Ok(RopeStyle::Interleaved),
-        "qwen2" => Ok(RopeStyle::Halves),
-        other => Err(LoadError::Unsupported(format!("architecture {other:?} (supported: llama, qwen2)"))),
-    }
-}
-
 /// Read the decoder configuration from `{arch}.*` keys.
 pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, LoadError> {
     let arch = g.str("general.architecture")?;
-    let rope_style = rope_style(arch)?;
+    let family = Family::from_name(arch).map_err(|e| LoadError::Unsupported(format!("general.architecture: {e}")))?;
     let key = |k: &str| format!("{arch}.{k}");
     let usize_key = |k: &str| g.u64(&key(k)).map(|v| v as usize);
     let d_model = usize_key("embedding_length")?;
@@ -53,17 +47,21 @@ pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, LoadError> {
         Ok(v) => v,
         Err(_) => g.str_array("tokenizer.ggml.tokens")?.len(),
     };
+    // Qwen3 states its head size (`attention.key_length`); LLaMA files may state the rotated
+    // size instead, which is the whole head there.
+    let d_head = usize_key("attention.key_length").or_else(|_| usize_key("rope.dimension_count")).unwrap_or(d_model / n_heads.max(1));
     let cfg = LlamaConfig {
+        family,
         d_model,
         n_layers: usize_key("block_count")?,
         n_heads,
         n_kv_heads,
-        d_head: usize_key("rope.dimension_count").unwrap_or(d_model / n_heads.max(1)),
+        d_head,
         d_ff: usize_key("feed_forward_length")?,
         vocab_size,
         rms_eps: g.f64(&key("attention.layer_norm_rms_epsilon"))?,
         rope_theta: g.f64(&key("rope.freq_base")).unwrap_or(10_000.0),
-        rope_style,
+        rope_style: family.gguf_rope(),
         max_context: usize_key("context_length")?,
     };
     check_config(&cfg)?;
@@ -137,6 +135,22 @@ impl Loader<'_> {
         Ok(RmsNorm { weight: self.vector(name, cfg.d_model)?, eps: cfg.rms_eps })
     }
 
+    /// A per-head norm `[d_head]`, present exactly when the family has QK-norm.
+    fn head_norm(&self, name: &str, cfg: &LlamaConfig) -> Result<Option<RmsNorm>, LoadError> {
+        if !cfg.family.qk_norm() {
+            return Ok(None);
+        }
+        Ok(Some(RmsNorm { weight: self.vector(name, cfg.d_head)?, eps: cfg.rms_eps }))
+    }
+
+    /// A q/k/v bias: required where the family always has them, else used when present.
+    fn bias(&self, name: &str, n: usize, cfg: &LlamaConfig) -> Result<Option<Tensor<1>>, LoadError> {
+        if cfg.family.always_qkv_bias() {
+            return self.vector(name, n).map(Some);
+        }
+        self.optional_vector(name, n)
+    }
+
     fn block(&self, i: usize, c: &LlamaConfig) -> Result<Block, LoadError> {
         let n = |s: &str| names::blk(i, s);
         let (q_out, kv_out) = (c.n_heads * c.d_head, c.n_kv_heads * c.d_head);
@@ -145,9 +159,11 @@ impl Loader<'_> {
             k: self.linear(&n(&format!("{}.weight", names::ATTN_K)), kv_out, c.d_model)?,
             v: self.linear(&n(&format!("{}.weight", names::ATTN_V)), kv_out, c.d_model)?,
             o: self.linear(&n(names::ATTN_OUT), c.d_model, q_out)?,
-            q_bias: self.optional_vector(&n(&format!("{}.bias", names::ATTN_Q)), q_out)?,
-            k_bias: self.optional_vector(&n(&format!("{}.bias", names::ATTN_K)), kv_out)?,
-            v_bias: self.optional_vector(&n(&format!("{}.bias", names::ATTN_V)), kv_out)?,
+            q_bias: self.bias(&n(&format!("{}.bias", names::ATTN_Q)), q_out, c)?,
+            k_bias: self.bias(&n(&format!("{}.bias", names::ATTN_K)), kv_out, c)?,
+            v_bias: self.bias(&n(&format!("{}.bias", names::ATTN_V)), kv_out, c)?,
+            q_norm: self.head_norm(&n(names::ATTN_Q_NORM), c)?,
+            k_norm: self.head_norm(&n(names::ATTN_K_NORM), c)?,
         };
         let mlp = Mlp {
             gate: self.linear(&n(names::FFN_GATE), c.d_ff, c.d_model)?,

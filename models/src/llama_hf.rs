@@ -7,6 +7,7 @@ use vidllm_core::ggml::{GgmlType, quantize};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::Placement;
 
+use crate::decoder_family::Family;
 use crate::layers::vector;
 use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
 use crate::quant_linear::QuantLinear;
@@ -16,6 +17,8 @@ use crate::rope::{Rope, RopeStyle};
 /// `LlamaConfig` / `text_config` fields as in `config.json` (4.x and 5.x spellings).
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaConfigJson {
+    /// `llama`, `qwen2` or `qwen3` (absent in some LLaVA `text_config`s: LLaMA).
+    pub model_type: Option<String>,
     pub hidden_size: Option<usize>,
     pub intermediate_size: Option<usize>,
     pub num_hidden_layers: Option<usize>,
@@ -50,10 +53,12 @@ impl TryFrom<&LlamaConfigJson> for LlamaConfig {
         if scaled {
             return Err(LoadError::Unsupported("RoPE scaling is not supported yet".into()));
         }
+        let family = Family::from_name(j.model_type.as_deref().unwrap_or("llama"))?;
         let d_model = j.hidden_size.unwrap_or(4096);
         let n_heads = j.num_attention_heads.unwrap_or(32);
         let theta = j.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(j.rope_theta).unwrap_or(10_000.0);
         Ok(LlamaConfig {
+            family,
             d_model,
             n_layers: j.num_hidden_layers.unwrap_or(32),
             n_heads,
@@ -127,6 +132,8 @@ pub struct LlamaNames {
     pub lm_head: Option<String>,
 }
 
+/// Load the decoder. q/k/v biases are read where the checkpoint has them (transformers
+/// saves them exactly when `attention_bias` is set) and required for Qwen2.
 pub fn load_llama_hf(
     ck: &Checkpoint,
     names: &LlamaNames,
@@ -146,6 +153,18 @@ pub fn load_llama_hf(
     let norm =
         |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm { weight: vector(ck, name, cfg.d_model, device)?, eps: cfg.rms_eps }) };
     let (q_out, kv_out) = (cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head);
+    let bias_of = |name: &str, n: usize| -> Result<Option<burn::tensor::Tensor<1>>, LoadError> {
+        if !cfg.family.always_qkv_bias() && !ck.contains(name) {
+            return Ok(None);
+        }
+        vector(ck, name, n, device).map(Some)
+    };
+    let head_norm = |name: &str| -> Result<Option<RmsNorm>, LoadError> {
+        if !cfg.family.qk_norm() {
+            return Ok(None);
+        }
+        Ok(Some(RmsNorm { weight: vector(ck, name, cfg.d_head, device)?, eps: cfg.rms_eps }))
+    };
     let blocks = (0..cfg.n_layers)
         .map(|i| {
             let l = |s: &str| n(&format!("layers.{i}.{s}"));
@@ -156,9 +175,11 @@ pub fn load_llama_hf(
                     k: linear(&l("self_attn.k_proj.weight"), kv_out, cfg.d_model)?,
                     v: linear(&l("self_attn.v_proj.weight"), kv_out, cfg.d_model)?,
                     o: linear(&l("self_attn.o_proj.weight"), cfg.d_model, q_out)?,
-                    q_bias: None,
-                    k_bias: None,
-                    v_bias: None,
+                    q_bias: bias_of(&l("self_attn.q_proj.bias"), q_out)?,
+                    k_bias: bias_of(&l("self_attn.k_proj.bias"), kv_out)?,
+                    v_bias: bias_of(&l("self_attn.v_proj.bias"), kv_out)?,
+                    q_norm: head_norm(&l("self_attn.q_norm.weight"))?,
+                    k_norm: head_norm(&l("self_attn.k_norm.weight"))?,
                 },
                 mlp_norm: norm(&l("post_attention_layernorm.weight"))?,
                 mlp: Mlp {
@@ -177,4 +198,17 @@ pub fn load_llama_hf(
     let lm_head = linear(head, cfg.vocab_size, cfg.d_model)?;
     let rope = Rope::new(cfg.d_head, cfg.rope_theta, cfg.max_context.min(ROPE_TABLE_MAX), cfg.rope_style, device);
     Ok(Llama { norm: norm(&n("norm.weight"))?, cfg, embed, blocks, lm_head, rope, device: device.clone(), cap: at.cap })
+}
+
+/// The decoder configuration of a `*ForCausalLM` folder (`LlamaForCausalLM`,
+/// `Qwen2ForCausalLM`, `Qwen3ForCausalLM`): the `config.json` text.
+pub fn causal_lm_config(config_json: &str) -> Result<LlamaConfig, LoadError> {
+    let j: LlamaConfigJson = serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json: {e}")))?;
+    LlamaConfig::try_from(&j)
+}
+
+/// A `*ForCausalLM` checkpoint (`model.*`, `lm_head.weight` unless tied), quantised on load.
+pub fn load_causal_lm(ck: &Checkpoint, cfg: LlamaConfig, quant: QuantChoice, at: &Placement) -> Result<Llama, LoadError> {
+    let names = LlamaNames { model: "model.".into(), lm_head: Some("lm_head.weight".into()) };
+    load_llama_hf(ck, &names, cfg, quant, &Plain, at)
 }

@@ -17,6 +17,9 @@ use vidllm_core::safetensors::{Checkpoint, shard_names};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
+use crate::decoder_family::Family;
+use crate::llama::Llama;
+use crate::llama_hf::{QuantChoice, causal_lm_config, load_causal_lm};
 use crate::video_model::{LoadOptions, VideoModel};
 
 /// Where a folder's files are.
@@ -140,6 +143,28 @@ impl ModelFiles {
                 Checkpoint::from_buffers(buffers)
             }
         }
+    }
+
+    /// The decoder family when `config.json` names a text model (`llama`, `qwen2`,
+    /// `qwen3`); `None` for anything else (a video model, or an unknown type).
+    pub fn text_family(&self) -> Result<Option<Family>, LoadError> {
+        let config = self.required("config.json")?;
+        let v: serde_json::Value =
+            serde_json::from_str(&config).map_err(|e| LoadError::Unsupported(format!("config.json is not JSON: {e}")))?;
+        Ok(v["model_type"].as_str().and_then(|t| Family::from_name(t).ok()))
+    }
+
+    /// A text decoder folder (`*ForCausalLM`): the decoder, quantised on load to `quant`,
+    /// and the tokenizer with the folder's chat template.
+    pub fn load_text(self, quant: QuantChoice, at: &Placement, on_read: Option<OnRead>) -> Result<(Llama, Tokenizer), LoadError> {
+        let config = self.required("config.json")?;
+        let cfg = causal_lm_config(&config)?;
+        let tok = self.tokenizer()?;
+        let mut ck = self.checkpoint()?;
+        if let Some(f) = on_read {
+            ck.on_read(f);
+        }
+        Ok((load_causal_lm(&ck, cfg, quant, at)?, tok))
     }
 
     /// Model, tokenizer and preprocessing. An unsupported architecture is named before any

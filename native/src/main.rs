@@ -13,6 +13,7 @@ mod progress;
 mod runtime;
 mod video;
 
+use vidllm_models::llama_hf::QuantChoice;
 use vidllm_shaders::device::DeviceChoice;
 
 #[derive(Parser)]
@@ -41,9 +42,13 @@ enum Command {
 /// Options shared by every command that runs the model.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file.
+    /// GGUF model file, or a Hugging Face text-model folder (`llama`, `qwen2`, `qwen3`).
     #[arg(long)]
     pub model: String,
+    /// A folder's decoder storage on the device: q4_0 | q4_1 | q8_0 | f16 | f32 (default
+    /// q4_1). A GGUF file keeps its own types.
+    #[arg(long)]
+    pub quant: Option<QuantChoice>,
     /// Where to run: a hardware GPU if present (auto), wgpu on any adapter (gpu), or the CPU.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,

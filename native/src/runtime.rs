@@ -1,11 +1,14 @@
 //! Loading a model, its tokenizer and a device, with load timing.
 
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use vidllm_core::gguf::Gguf;
 use vidllm_core::tokenizer::Tokenizer;
+use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::model_files::ModelFiles;
 use vidllm_models::{Model, config_from_gguf, load_llama};
 
 use crate::ModelArgs;
@@ -25,6 +28,12 @@ pub struct Loaded {
 const DEFAULT_CTX: usize = 4096;
 
 pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
+    if Path::new(&args.model).is_dir() {
+        return load_folder(args, progress);
+    }
+    if args.quant.is_some() {
+        bail!("--quant applies to Hugging Face folders: {} is a GGUF file, which keeps its own types", args.model);
+    }
     let t0 = Instant::now();
     let mut g = Gguf::open(&args.model).with_context(|| format!("loading {}", args.model))?;
     // The architecture and shapes are checked before anything touches a device.
@@ -47,8 +56,36 @@ pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     })
 }
 
-/// Tokenizer only (no device, no weights).
+/// A Hugging Face `*ForCausalLM` folder, quantised on load.
+fn load_folder(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
+    let t0 = Instant::now();
+    let dir = Path::new(&args.model);
+    let files = ModelFiles::Dir(dir.to_path_buf());
+    let loading = || format!("loading {}", args.model);
+    if files.text_family().with_context(loading)?.is_none() {
+        bail!("{}: config.json does not name a text model (llama, qwen2, qwen3); video model folders are for `ask`", args.model);
+    }
+    let file_bytes = files.weight_files().with_context(loading)?.iter().filter_map(|f| dir.join(f).metadata().ok()).map(|m| m.len()).sum();
+    let picked = device::pick(args.device)?;
+    let quant = args.quant.unwrap_or(QuantChoice::Q4_1);
+    let (model, tok) =
+        progress.loading(&args.model, |on_read| files.load_text(quant, &picked.placement(), Some(on_read))).with_context(loading)?;
+    let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
+    Ok(Loaded {
+        model: Rc::new(Model::Text(model)),
+        tok: Rc::new(tok),
+        device_name: picked.name,
+        load_time: t0.elapsed(),
+        context,
+        file_bytes,
+    })
+}
+
+/// Tokenizer only (no device, no weights): a GGUF file's, or a folder's `tokenizer.json`.
 pub fn load_tokenizer(path: &str) -> Result<Tokenizer> {
+    if Path::new(path).is_dir() {
+        return ModelFiles::Dir(path.into()).tokenizer().with_context(|| format!("loading {path}"));
+    }
     let g = Gguf::open(path).with_context(|| format!("loading {path}"))?;
     Ok(Tokenizer::from_gguf(&g)?)
 }

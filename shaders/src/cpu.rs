@@ -58,14 +58,18 @@ pub fn q_matmul_cpu(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: us
     let nb = k / QK;
     // Block sums of x: the constant term of each block multiplies them.
     let xsum: Vec<f32> = x.chunks_exact(QK).map(|b| b.iter().sum()).collect();
-    let row_bytes = nb * ty.block_bytes();
+    by_weight_rows(w, nb * ty.block_bytes(), m, n, |wrow, out| row(ty, wrow, x, &xsum, m, k, out))
+}
+
+/// `y[m, n]` from one task per band of weight rows: `dot(wrow, out)` writes row `r` of `W`
+/// against every row of `x` into `out` (`m` values), and the `[n, m]` result is transposed.
+fn by_weight_rows(w: &[u8], row_bytes: usize, m: usize, n: usize, dot: impl Fn(&[u8], &mut [f32]) + Sync) -> Vec<f32> {
     let mut yt = vec![0f32; n * m]; // transposed: [n, m]
     let rows_per_task = MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
     yt.par_chunks_mut(m * rows_per_task).enumerate().for_each(|(task, out)| {
         let r0 = task * rows_per_task;
         for (i, orow) in out.chunks_mut(m).enumerate() {
-            let wrow = &w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes];
-            row(ty, wrow, x, &xsum, m, k, orow);
+            dot(&w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes], orow);
         }
     });
     if m == 1 {
@@ -85,24 +89,7 @@ pub fn q_matmul_cpu(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: us
 /// packed weights once; nothing the size of the matrix is allocated.
 fn q_matmul_decoded(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<f32> {
     let row_bytes = k / ty.block_elems() * ty.block_bytes();
-    let mut yt = vec![0f32; n * m]; // transposed: [n, m]
-    let rows_per_task = MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
-    yt.par_chunks_mut(m * rows_per_task).enumerate().for_each(|(task, out)| {
-        let r0 = task * rows_per_task;
-        for (i, orow) in out.chunks_mut(m).enumerate() {
-            decoded_row(ty, &w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes], x, m, k, orow);
-        }
-    });
-    if m == 1 {
-        return yt;
-    }
-    let mut y = vec![0f32; m * n];
-    for r in 0..n {
-        for i in 0..m {
-            y[i * n + r] = yt[r * m + i];
-        }
-    }
-    y
+    by_weight_rows(w, row_bytes, m, n, |wrow, out| decoded_row(ty, wrow, x, m, k, out))
 }
 
 /// One weight row against every row of `x`, on the best instruction set available.

@@ -1,9 +1,11 @@
 //! llama.cpp's references for a GGUF decoder (`tests/fixtures/gen_llama_fixtures.py`,
 //! `gen_quant_fixtures.py`) and the checks every decoder parity test makes against them.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use serde::Deserialize;
+use vidllm_core::gguf::Gguf;
 use vidllm_core::sampler::argmax;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
@@ -41,6 +43,32 @@ impl Case {
     /// the multi-byte one and one chat turn (see `every_case_on`).
     pub fn runs_on(&self, device: &str) -> bool {
         every_case_on(device) || ["plain", "unicode", "chat_question"].contains(&self.name.as_str())
+    }
+}
+
+/// One file llama.cpp's quantizer wrote, as its fixture script recorded it
+/// (`gen_quant_fixtures.py`, `gen_qwen_fixtures.py`).
+#[derive(Deserialize)]
+pub struct QuantFile {
+    pub name: String,
+    pub file: String,
+    pub size: u64,
+    /// gguf-py's type name -> number of tensors of that type.
+    pub types: BTreeMap<String, usize>,
+    pub cases: Vec<Case>,
+}
+
+impl QuantFile {
+    /// The file at hand is the one recorded (size), and vidllm reads its tensors as the
+    /// types gguf-py read. Returns the mix for printing (`Q4_K x16, ...`).
+    pub fn check_file(&self, g: &Gguf) -> String {
+        assert_eq!(g.file_len(), self.size, "{}: not the file llama.cpp wrote (its fixture script checks sha256)", self.file);
+        let mut types = BTreeMap::new();
+        for t in &g.tensors {
+            *types.entry(t.ty.name().to_uppercase()).or_insert(0) += 1;
+        }
+        assert_eq!(types, self.types, "{}: tensor types as vidllm reads them", self.file);
+        types.iter().map(|(t, n)| format!("{t} x{n}")).collect::<Vec<_>>().join(", ")
     }
 }
 

@@ -9,14 +9,13 @@
 //! (`ON_SOFTWARE_GPU`), with the chat turn (prefill and greedy decoding);
 //! `VIDLLM_TEST_GPU_ALL=1` runs every file and case on every device.
 
-use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use serde::Deserialize;
 use vidllm_core::gguf::Gguf;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::{Model, load_llama};
-use vidllm_tests::llamacpp::{Case, greedy_matches, teacher_forcing};
+use vidllm_tests::llamacpp::{Case, QuantFile, greedy_matches, teacher_forcing};
 use vidllm_tests::{every_case_on, fixture, smollm2_quant_path, test_devices};
 
 /// Q2_K: Q3_K, Q4_0, Q8_0. Q4_K_M: Q4_K, Q5_0, Q6_K. Q5_K_M: Q5_1, Q5_K. IQ4_XS: IQ4_NL,
@@ -25,31 +24,14 @@ const ON_SOFTWARE_GPU: [&str; 5] = ["Q2_K", "Q4_K_M", "Q5_K_M", "IQ4_XS", "BF16"
 
 #[derive(Deserialize)]
 struct Fixture {
-    files: Vec<File>,
-}
-
-#[derive(Deserialize)]
-struct File {
-    name: String,
-    file: String,
-    size: u64,
-    /// gguf-py's type name -> number of tensors of that type.
-    types: BTreeMap<String, usize>,
-    cases: Vec<Case>,
+    files: Vec<QuantFile>,
 }
 
 fn parity(name: &str) {
     let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_quants_llamacpp.json")).unwrap()).unwrap();
     let f = fixture.files.into_iter().find(|f| f.name == name).expect("file in the fixture");
     let g = Gguf::open(smollm2_quant_path(&f.file)).unwrap();
-    assert_eq!(g.file_len(), f.size, "{}: not the file llama.cpp wrote (tests/scripts/fetch_smollm2_quants.sh checks sha256)", f.file);
-
-    let mut types = BTreeMap::new();
-    for t in &g.tensors {
-        *types.entry(t.ty.name().to_uppercase()).or_insert(0) += 1;
-    }
-    assert_eq!(types, f.types, "{}: tensor types as vidllm reads them", f.file);
-    let mix = types.iter().map(|(t, n)| format!("{t} x{n}")).collect::<Vec<_>>().join(", ");
+    let mix = f.check_file(&g);
 
     let tok = Rc::new(Tokenizer::from_gguf(&g).unwrap());
     for (device, at) in test_devices() {

@@ -25,7 +25,7 @@ use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::model_files::ModelFiles;
 use vidllm_models::{Conversation, Family, GenerateParams, KvCache, Llama, Logits, Model, Prompt, load_llama};
-use vidllm_tests::llamacpp::{Case, MARGIN, greedy_matches_every_case, teacher_forcing_every_case};
+use vidllm_tests::llamacpp::{Case, MARGIN, QuantFile, greedy_matches_every_case, teacher_forcing_every_case};
 use vidllm_tests::{fixture, test_devices};
 
 #[derive(Deserialize)]
@@ -37,7 +37,7 @@ struct Refs {
 struct FamilyRefs {
     hf: HfRefs,
     templates: Vec<Render>,
-    files: Vec<File>,
+    files: Vec<QuantFile>,
 }
 
 #[derive(Deserialize)]
@@ -56,15 +56,6 @@ struct Render {
 struct MessageJson {
     role: String,
     content: String,
-}
-
-#[derive(Deserialize)]
-struct File {
-    name: String,
-    file: String,
-    size: u64,
-    types: BTreeMap<String, usize>,
-    cases: Vec<Case>,
 }
 
 fn refs(family: &str) -> FamilyRefs {
@@ -95,12 +86,7 @@ fn check_shape(m: &Llama, family: Family) {
 fn gguf_parity(family: Family, name: &str) {
     let f = refs(family.name()).files.into_iter().find(|f| f.name == name).expect("file in the fixture");
     let g = Gguf::open(fixture(&f.file)).unwrap();
-    assert_eq!(g.file_len(), f.size, "{}: not the file llama.cpp wrote", f.file);
-    let mut types = BTreeMap::new();
-    for t in &g.tensors {
-        *types.entry(t.ty.name().to_uppercase()).or_insert(0) += 1;
-    }
-    assert_eq!(types, f.types, "{}: tensor types as vidllm reads them", f.file);
+    f.check_file(&g);
 
     let tok = Rc::new(Tokenizer::from_gguf(&g).unwrap());
     assert!(!tok.add_bos, "Qwen files add no BOS");

@@ -18,8 +18,10 @@ impl Message {
     }
 }
 
-/// Render `messages` with `template`, ending with the assistant's turn opened.
-pub fn render(template: &str, messages: &[Message], bos: &str, eos: &str) -> Result<String, GenerateError> {
+/// Render `messages` with `template`, ending with the assistant's turn opened. Messages
+/// are [`Message`]s, or any serialisable shape a template reads (a multimodal template's
+/// `content` lists of `{"type": "video"}` / `{"type": "text", "text": ...}` parts).
+pub fn render<M: Serialize + ?Sized>(template: &str, messages: &M, bos: &str, eos: &str) -> Result<String, GenerateError> {
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
@@ -49,8 +51,18 @@ mod tests {
     }
 
     #[test]
+    fn multimodal_content_lists_render() {
+        // SmolVLM2's template (transformers' DEFAULT_CHAT_TEMPLATE for it).
+        let t = "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
+        let m = serde_json::json!([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Why?"}]}]);
+        assert_eq!(render(t, &m, "", "").unwrap(), "<|im_start|>User: <video>Why?<end_of_utterance>\nAssistant:");
+        let m = serde_json::json!([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Why?"}]}]);
+        assert_eq!(render(t, &m, "", "").unwrap(), "<|im_start|>User:<image>Why?<end_of_utterance>\nAssistant:");
+    }
+
+    #[test]
     fn raise_exception_is_an_error() {
         let t = "{{ raise_exception('no system role') }}";
-        assert!(render(t, &[], "", "").is_err());
+        assert!(render(t, &[] as &[Message], "", "").is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! Image preprocessing as Hugging Face's CLIP-style image processors do it: resize the
-//! shortest edge (PIL bicubic, antialiased), centre crop, rescale, normalise.
+//! Image preprocessing as Hugging Face's image and video processors do it: resize (the
+//! shortest edge, as CLIP's processors do; or SmolVLM2's longest edge and then a square),
+//! centre crop, rescale, normalise.
 //!
 //! A PIL resize is separable: each output pixel is a normalised, filter-weighted sum of
 //! input pixels along one axis, horizontal pass first, each pass rounded to 8 bits. So a
@@ -22,11 +23,25 @@ pub enum Resample {
     Bicubic,
 }
 
+/// How a frame is resized before the crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    None,
+    /// The shorter side to this length, the aspect ratio kept (CLIP's processors).
+    ShortestEdge(usize),
+    /// SmolVLM2's video processor: the longer side to `longest` (the shorter one scaled,
+    /// rounded down, then up to even), then that picture to a `square` x `square` one
+    /// (two resampling passes, as transformers does them).
+    LongestEdgeThenSquare {
+        longest: usize,
+        square: usize,
+    },
+}
+
 /// Resolved preprocessing parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessConfig {
-    /// Resize so the shorter side has this length (`None`: no resize).
-    pub shortest_edge: Option<usize>,
+    pub resize: Resize,
     /// `(height, width)` of the centre crop (`None`: no crop).
     pub crop: Option<(usize, usize)>,
     pub resample: Resample,
@@ -39,7 +54,7 @@ impl PreprocessConfig {
     /// CLIP's defaults at `size` pixels (Video-LLaVA: 224).
     pub fn clip(size: usize) -> Self {
         Self {
-            shortest_edge: Some(size),
+            resize: Resize::ShortestEdge(size),
             crop: Some((size, size)),
             resample: Resample::Bicubic,
             rescale: 1.0 / 255.0,
@@ -54,14 +69,33 @@ impl PreprocessConfig {
         self.crop.unwrap_or((rh, rw))
     }
 
-    /// Size after the shortest-edge resize (transformers' `get_resize_output_image_size`).
+    /// Size after the resize.
     pub fn resized(&self, h: usize, w: usize) -> (usize, usize) {
-        match self.shortest_edge {
-            None => (h, w),
-            Some(s) if h <= w => (s, (s as f64 * w as f64 / h as f64) as usize),
-            Some(s) => ((s as f64 * h as f64 / w as f64) as usize, s),
+        self.resize_steps(h, w).last().copied().unwrap_or((h, w))
+    }
+
+    /// The `(height, width)` of each resampling pass in turn (none: no resize).
+    pub fn resize_steps(&self, h: usize, w: usize) -> Vec<(usize, usize)> {
+        match self.resize {
+            Resize::None => vec![],
+            // transformers' `get_resize_output_image_size` (CLIP's processors).
+            Resize::ShortestEdge(s) if h <= w => vec![(s, (s as f64 * w as f64 / h as f64) as usize)],
+            Resize::ShortestEdge(s) => vec![((s as f64 * h as f64 / w as f64) as usize, s)],
+            Resize::LongestEdgeThenSquare { longest, square } => vec![longest_edge_size(h, w, longest), (square, square)],
         }
     }
+}
+
+/// SmolVLM2's video processor's first size (`get_resize_output_image_size` in
+/// `video_processing_smolvlm.py`): the longer side to `longest`, the other scaled by the
+/// aspect ratio, truncated, and made even by adding one.
+pub fn longest_edge_size(h: usize, w: usize, longest: usize) -> (usize, usize) {
+    let longest = longest.min(4096);
+    let aspect = w as f64 / h as f64;
+    let even = |v: usize| if v.is_multiple_of(2) { v } else { v + 1 };
+    let (oh, ow) =
+        if w >= h { (even((longest as f64 / aspect) as usize), longest) } else { (longest, even((longest as f64 * aspect) as usize)) };
+    (oh.max(1), ow.max(1))
 }
 
 /// `preprocessor_config.json` fields (all optional).
@@ -77,14 +111,21 @@ pub struct PreprocessorJson {
     pub do_center_crop: Option<bool>,
     pub do_rescale: Option<bool>,
     pub do_normalize: Option<bool>,
+    /// Idefics3 / SmolVLM: the tower's tile side, `{"longest_edge": n}`.
+    pub max_image_size: Option<serde_json::Value>,
+    /// SmolVLM2's video processor: `{"fps", "max_frames", "video_size"}` (older files).
+    pub video_sampling: Option<serde_json::Value>,
+    /// Video processors: frames a second and the most frames (newer files).
+    pub fps: Option<f64>,
+    pub num_frames: Option<usize>,
 }
 
 impl PreprocessorJson {
     /// Resolve against an architecture's defaults.
     pub fn resolve(&self, defaults: &PreprocessConfig) -> Result<PreprocessConfig, LoadError> {
         let mut c = defaults.clone();
-        if let Some(s) = &self.size {
-            c.shortest_edge = s["shortest_edge"].as_u64().or_else(|| s.as_u64()).map(|v| v as usize).or(c.shortest_edge);
+        if let Some(s) = self.size.as_ref().and_then(|s| s["shortest_edge"].as_u64().or_else(|| s.as_u64())) {
+            c.resize = Resize::ShortestEdge(s as usize);
         }
         if let Some(s) = &self.crop_size {
             let hw = (s["height"].as_u64(), s["width"].as_u64());
@@ -99,6 +140,18 @@ impl PreprocessorJson {
             Some(2) => Resample::Bilinear,
             Some(r) => return Err(LoadError::Unsupported(format!("resample {r} (supported: 2 bilinear, 3 bicubic)"))),
         };
+        self.normalisation(&mut c);
+        if self.do_resize == Some(false) {
+            c.resize = Resize::None;
+        }
+        if self.do_center_crop == Some(false) {
+            c.crop = None;
+        }
+        Ok(c)
+    }
+
+    /// Rescale factor, mean and std as the file sets them (the rest of `c` untouched).
+    pub fn normalisation(&self, c: &mut PreprocessConfig) {
         if let Some(r) = self.rescale_factor {
             c.rescale = r;
         }
@@ -115,13 +168,11 @@ impl PreprocessorJson {
             c.mean = [0.0; 3];
             c.std = [1.0; 3];
         }
-        if self.do_resize == Some(false) {
-            c.shortest_edge = None;
-        }
-        if self.do_center_crop == Some(false) {
-            c.crop = None;
-        }
-        Ok(c)
+    }
+
+    /// A `{"longest_edge": n}` size field's `n`.
+    pub fn longest_edge(v: &Option<serde_json::Value>) -> Option<usize> {
+        v.as_ref().and_then(|s| s["longest_edge"].as_u64()).map(|n| n as usize)
     }
 }
 
@@ -176,35 +227,61 @@ pub fn crop_origin(cfg: &PreprocessConfig, h: usize, w: usize) -> (usize, usize)
 
 /// CPU reference: RGB frames `[h, w, 3]` u8 -> `[3, oh, ow]` f32, the device path's math.
 pub fn reference(rgb: &[u8], h: usize, w: usize, cfg: &PreprocessConfig) -> Vec<f32> {
+    let steps = cfg.resize_steps(h, w);
     let (rh, rw) = cfg.resized(h, w);
     let (oh, ow) = cfg.output_size(h, w);
     let (top, left) = crop_origin(cfg, rh, rw);
-    let resize = cfg.shortest_edge.is_some();
-    let wx = resample_weights(w, rw, left..left + ow, cfg.resample);
-    let wy = resample_weights(h, rh, top..top + oh, cfg.resample);
-    let mut out = vec![0f32; 3 * oh * ow];
+    // Planes `[3][h][w]` as floats 0..=255.
+    let mut planes: Vec<f32> = (0..3).flat_map(|c| (0..h * w).map(move |i| rgb[i * 3 + c] as f32)).collect();
+    let (mut ph, mut pw) = (h, w);
+    for (k, &(sh, sw)) in steps.iter().enumerate() {
+        // The crop is folded into the last pass's weights, as on the device.
+        let last = k + 1 == steps.len();
+        let (ys, xs) = if last { (top..top + oh, left..left + ow) } else { (0..sh, 0..sw) };
+        planes = resample_reference(&planes, ph, pw, sh, sw, ys.clone(), xs.clone(), cfg.resample);
+        (ph, pw) = (ys.len(), xs.len());
+    }
+    if steps.is_empty() {
+        planes = (0..3)
+            .flat_map(|c| {
+                let p = &planes;
+                (0..oh).flat_map(move |y| (0..ow).map(move |x| p[(c * h + y + top) * w + x + left]))
+            })
+            .collect();
+    }
+    planes.iter().enumerate().map(|(i, v)| (v * cfg.rescale - cfg.mean[i / (oh * ow)]) / cfg.std[i / (oh * ow)]).collect()
+}
+
+/// One PIL resize of 3 planes `[3][h][w]` to `(oh, ow)`, keeping output rows `ys` and
+/// columns `xs`: horizontal pass, then vertical, each rounded to 8 bits.
+#[allow(clippy::too_many_arguments)]
+fn resample_reference(
+    planes: &[f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    ys: std::ops::Range<usize>,
+    xs: std::ops::Range<usize>,
+    resample: Resample,
+) -> Vec<f32> {
+    let (kh, kw) = (ys.len(), xs.len());
+    let wx = resample_weights(w, ow, xs, resample);
+    let wy = resample_weights(h, oh, ys, resample);
+    let mut out = vec![0f32; 3 * kh * kw];
     for c in 0..3 {
-        // Horizontal pass, rounded to 8 bits as PIL stores it.
-        let mut tmp = vec![0f32; h * ow];
+        let plane = &planes[c * h * w..(c + 1) * h * w];
+        let mut tmp = vec![0f32; h * kw];
         for y in 0..h {
-            for x in 0..ow {
-                tmp[y * ow + x] = if resize {
-                    let s: f32 = (0..w).map(|i| wx[x * w + i] * rgb[(y * w + i) * 3 + c] as f32).sum();
-                    s.round().clamp(0.0, 255.0)
-                } else {
-                    rgb[(y * w + x + left) * 3 + c] as f32
-                };
+            for x in 0..kw {
+                let s: f32 = (0..w).map(|i| wx[x * w + i] * plane[y * w + i]).sum();
+                tmp[y * kw + x] = s.round().clamp(0.0, 255.0);
             }
         }
-        for y in 0..oh {
-            for x in 0..ow {
-                let v = if resize {
-                    let s: f32 = (0..h).map(|j| wy[y * h + j] * tmp[j * ow + x]).sum();
-                    s.round().clamp(0.0, 255.0)
-                } else {
-                    tmp[(y + top) * ow + x]
-                };
-                out[(c * oh + y) * ow + x] = (v * cfg.rescale - cfg.mean[c]) / cfg.std[c];
+        for y in 0..kh {
+            for x in 0..kw {
+                let s: f32 = (0..h).map(|j| wy[y * h + j] * tmp[j * kw + x]).sum();
+                out[(c * kh + y) * kw + x] = s.round().clamp(0.0, 255.0);
             }
         }
     }
@@ -230,5 +307,21 @@ mod tests {
         assert_eq!(c.resized(720, 1280), (224, 398));
         assert_eq!(c.output_size(720, 1280), (224, 224));
         assert_eq!(crop_origin(&c, 224, 398), (0, 87));
+    }
+
+    #[test]
+    fn smolvlm_video_sizes() {
+        // video_processing_smolvlm.get_resize_output_image_size: 176x144 -> 384 x 314.2 -> 314.
+        assert_eq!(longest_edge_size(144, 176, 384), (314, 384));
+        assert_eq!(longest_edge_size(272, 640, 2048), (870, 2048));
+        assert_eq!(longest_edge_size(640, 272, 2048), (2048, 870));
+        assert_eq!(longest_edge_size(720, 1280, 512), (288, 512));
+        let c = PreprocessConfig {
+            resize: Resize::LongestEdgeThenSquare { longest: 384, square: 96 },
+            crop: None,
+            ..PreprocessConfig::clip(96)
+        };
+        assert_eq!(c.resize_steps(144, 176), vec![(314, 384), (96, 96)]);
+        assert_eq!(c.output_size(144, 176), (96, 96));
     }
 }

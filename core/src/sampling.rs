@@ -13,6 +13,28 @@ pub enum Sampling {
     /// One frame every `1 / fps` seconds from the start, at most `max_frames` (spread
     /// uniformly over the video when there would be more).
     Fps { fps: f64, max_frames: usize },
+    /// SmolVLM2's video processor (`SmolVLMVideoProcessor.sample_frames`): `round(fps *
+    /// duration)` frames, at most `max_frames`, spread with `np.linspace` from the first
+    /// to the last frame, or from 1 s in to 1 s before the end when the video is longer
+    /// than those frames need plus the 2 s.
+    SmolVlm { fps: f64, max_frames: usize },
+}
+
+/// When the sampled frames were taken, as a model's prompt may state them (SmolVLM2's
+/// "Frame from 00:03:" lines and the video's length): each frame's time, and the video's
+/// duration, in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameTimes {
+    pub times: Vec<f64>,
+    pub duration: f64,
+}
+
+impl FrameTimes {
+    /// Frames `indices` of a video of `total` frames at `fps` (what transformers derives
+    /// from a decoder's metadata: `index / fps`, `total / fps`).
+    pub fn of_indices(indices: &[usize], total: usize, fps: f64) -> Self {
+        Self { times: indices.iter().map(|&i| i as f64 / fps).collect(), duration: total as f64 / fps }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,17 +49,56 @@ impl std::fmt::Display for SamplingError {
 impl std::error::Error for SamplingError {}
 
 impl Sampling {
-    /// A policy by name (`hf`, `linspace`, `pllava`, `fps`), as the CLI and the browser
-    /// package take it: `n` frames, or with `fps`, `fps` frames a second and at most
-    /// `max_frames`.
+    /// A policy by name (`hf`, `linspace`, `pllava`, `fps`, `smolvlm`), as the CLI and the
+    /// browser package take it: `n` frames, or with `fps` and `smolvlm`, `fps` frames a
+    /// second and at most `max_frames`.
     pub fn from_name(name: &str, n: usize, fps: f64, max_frames: usize) -> Result<Self, SamplingError> {
         Ok(match name {
             "hf" => Sampling::Hf { n },
             "linspace" => Sampling::Linspace { n },
             "pllava" => Sampling::Pllava { n },
             "fps" => Sampling::Fps { fps, max_frames },
-            o => return Err(SamplingError(format!("unknown sampling {o:?} (hf, linspace, pllava, fps)"))),
+            "smolvlm" => Sampling::SmolVlm { fps, max_frames },
+            o => return Err(SamplingError(format!("unknown sampling {o:?} (hf, linspace, pllava, fps, smolvlm)"))),
         })
+    }
+
+    /// The policy's name, as [`Sampling::from_name`] takes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Sampling::Hf { .. } => "hf",
+            Sampling::Linspace { .. } => "linspace",
+            Sampling::Pllava { .. } => "pllava",
+            Sampling::Fps { .. } => "fps",
+            Sampling::SmolVlm { .. } => "smolvlm",
+        }
+    }
+
+    /// The same policy with `n` frames (a fixed count) or at most `n` (the rate-based ones).
+    pub fn with_frames(self, n: usize) -> Self {
+        match self {
+            Sampling::Hf { .. } => Sampling::Hf { n },
+            Sampling::Linspace { .. } => Sampling::Linspace { n },
+            Sampling::Pllava { .. } => Sampling::Pllava { n },
+            Sampling::Fps { fps, .. } => Sampling::Fps { fps, max_frames: n },
+            Sampling::SmolVlm { fps, .. } => Sampling::SmolVlm { fps, max_frames: n },
+        }
+    }
+
+    /// Frames a second a rate-based policy takes (`None` for a fixed count).
+    pub fn fps(&self) -> Option<f64> {
+        match *self {
+            Sampling::Fps { fps, .. } | Sampling::SmolVlm { fps, .. } => Some(fps),
+            _ => None,
+        }
+    }
+
+    /// Frames asked for: the fixed count, or the most a rate-based policy takes.
+    pub fn frames(&self) -> usize {
+        match *self {
+            Sampling::Hf { n } | Sampling::Linspace { n } | Sampling::Pllava { n } => n,
+            Sampling::Fps { max_frames, .. } | Sampling::SmolVlm { max_frames, .. } => max_frames,
+        }
     }
 
     /// Sampling times in seconds for a video of `duration` seconds whose frames come
@@ -56,16 +117,21 @@ impl Sampling {
 
     /// Frame indices for a video of `total` frames at `src_fps`.
     pub fn indices(&self, total: usize, src_fps: f64) -> Result<Vec<usize>, SamplingError> {
-        let asked = match *self {
-            Sampling::Hf { n } | Sampling::Linspace { n } | Sampling::Pllava { n } => n,
-            Sampling::Fps { max_frames, .. } => max_frames,
-        };
+        let asked = self.frames();
         if asked == 0 {
             return Err(SamplingError("asked for 0 frames".into()));
         }
         if total == 0 {
             return Err(SamplingError("the video has no frames".into()));
         }
+        // Positive and finite (an infinite rate would never leave the first frame).
+        let rate = |r: f64| r.is_finite() && r > 0.0;
+        let rates = |fps: f64| -> Result<(), SamplingError> {
+            if !(rate(fps) && rate(src_fps)) {
+                return Err(SamplingError(format!("bad frame rate (sampling {fps} fps from a {src_fps} fps video)")));
+            }
+            Ok(())
+        };
         let fixed = |n: usize| -> Result<(), SamplingError> {
             if total < n {
                 return Err(SamplingError(format!("the video has {total} frames, fewer than the {n} asked")));
@@ -88,13 +154,26 @@ impl Sampling {
                 (0..n).map(|i| (seg / 2.0) as usize + round_half_even(seg * i as f64) as usize).collect()
             }
             Sampling::Fps { fps, max_frames } => {
-                // Positive and finite (an infinite rate would never leave the first frame).
-                let rate = |r: f64| r.is_finite() && r > 0.0;
-                if !(rate(fps) && rate(src_fps)) {
-                    return Err(SamplingError(format!("bad frame rate (sampling {fps} fps from a {src_fps} fps video)")));
-                }
+                rates(fps)?;
                 let every: Vec<usize> = (0..).map(|k| (k as f64 * src_fps / fps).round() as usize).take_while(|&i| i < total).collect();
                 if every.len() <= max_frames { every } else { linspace(every.len(), max_frames).into_iter().map(|j| every[j]).collect() }
+            }
+            Sampling::SmolVlm { fps, max_frames } => {
+                rates(fps)?;
+                let duration = total as f64 / src_fps;
+                let desired = (round_half_even(fps * duration) as usize).min(max_frames).max(1);
+                let (mut start, mut end) = (0, total - 1);
+                const SKIP_SECS: f64 = 1.0;
+                if duration - 2.0 * SKIP_SECS > max_frames as f64 * fps {
+                    start = (SKIP_SECS * src_fps) as usize;
+                    end = ((total as f64 - SKIP_SECS * src_fps) as usize).min(total - 1);
+                }
+                if start >= end {
+                    (start, end) = (0, total - 1);
+                }
+                let mut picked = linspace_between(start, end, desired);
+                picked.dedup();
+                picked
             }
         })
     }
@@ -102,11 +181,16 @@ impl Sampling {
 
 /// `np.linspace(0, total - 1, n, dtype=int)` (truncation toward zero, as numpy's cast).
 fn linspace(total: usize, n: usize) -> Vec<usize> {
+    linspace_between(0, total - 1, n)
+}
+
+/// `np.linspace(start, end, n, dtype=int)`: `start + i * step`, the last exactly `end`.
+fn linspace_between(start: usize, end: usize, n: usize) -> Vec<usize> {
     if n == 1 {
-        return vec![0];
+        return vec![start];
     }
-    let step = (total - 1) as f64 / (n - 1) as f64;
-    (0..n).map(|i| (i as f64 * step) as usize).collect()
+    let step = (end - start) as f64 / (n - 1) as f64;
+    (0..n).map(|i| if i == n - 1 { end } else { (start as f64 + i as f64 * step) as usize }).collect()
 }
 
 /// Python's `round`: halves go to the even neighbour.
@@ -127,6 +211,21 @@ mod tests {
         assert_eq!(Sampling::Linspace { n: 8 }.indices(132, 25.0).unwrap(), vec![0, 18, 37, 56, 74, 93, 112, 131]);
         // PLLaVA: seg = 131 / 8 = 16.375 -> 8 + round(16.375 i)
         assert_eq!(Sampling::Pllava { n: 8 }.indices(132, 25.0).unwrap(), vec![8, 24, 41, 57, 74, 90, 106, 123]);
+    }
+
+    #[test]
+    fn smolvlm_policy_matches_transformers() {
+        // SmolVLMVideoProcessor.sample_frames (transformers 4.57.1) on the same metadata.
+        let p = |fps, max_frames| Sampling::SmolVlm { fps, max_frames };
+        assert_eq!(p(1.0, 64).indices(120, 30000.0 / 1001.0).unwrap(), vec![0, 39, 79, 119]);
+        assert_eq!(p(1.0, 64).indices(250, 25.0).unwrap(), vec![0, 27, 55, 83, 110, 138, 166, 193, 221, 249]);
+        assert_eq!(p(2.0, 8).indices(9000, 30.0).unwrap(), vec![30, 1307, 2584, 3861, 5138, 6415, 7692, 8970]);
+        let long = p(1.0, 64).indices(9000, 30.0).unwrap();
+        assert_eq!((long.len(), long[0], long[1], long[31], long[63]), (64, 30, 171, 4429, 8970));
+        assert_eq!(p(1.0, 64).indices(30, 30.0).unwrap(), vec![0]);
+        assert_eq!(p(1.0, 64).indices(1, 25.0).unwrap(), vec![0]);
+        assert_eq!(Sampling::from_name("smolvlm", 8, 1.0, 64).unwrap(), p(1.0, 64));
+        assert_eq!(p(1.0, 64).with_frames(16), p(1.0, 16));
     }
 
     #[test]

@@ -165,7 +165,7 @@ impl Tokenizer {
 
     /// `messages` through the model's own chat template, ending with the assistant's turn
     /// opened.
-    pub fn render_chat(&self, messages: &[crate::chat::Message]) -> Result<String, crate::GenerateError> {
+    pub fn render_chat<M: serde::Serialize + ?Sized>(&self, messages: &M) -> Result<String, crate::GenerateError> {
         let template =
             self.chat_template.as_deref().ok_or_else(|| crate::GenerateError::Template("the model has no chat template".into()))?;
         crate::chat::render(template, messages, &self.token_text(self.bos), &self.token_text(self.eos))

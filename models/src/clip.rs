@@ -35,6 +35,8 @@ pub enum Activation {
     QuickGelu,
     /// Exact (erf) GELU.
     Gelu,
+    /// GELU's tanh approximation (`gelu_pytorch_tanh`), SigLIP's.
+    GeluTanh,
 }
 
 impl Activation {
@@ -42,7 +44,8 @@ impl Activation {
         match s {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
-            other => Err(LoadError::Unsupported(format!("activation {other:?} (supported: quick_gelu, gelu)"))),
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Self::GeluTanh),
+            other => Err(LoadError::Unsupported(format!("activation {other:?} (supported: quick_gelu, gelu, gelu_pytorch_tanh)"))),
         }
     }
 
@@ -50,6 +53,11 @@ impl Activation {
         match self {
             Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
             Self::Gelu => gelu(x),
+            Self::GeluTanh => {
+                // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044_715) * (2.0 / std::f64::consts::PI).sqrt();
+                x * (inner.tanh() + 1.0) * 0.5
+            }
         }
     }
 }
@@ -103,7 +111,9 @@ impl ClipVisionConfig {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer block of a ViT (CLIP's and SigLIP's share names and shape):
+/// `x + attn(ln1(x))`, then `h + fc2(act(fc1(ln2(h))))`.
+pub(crate) struct EncoderLayer {
     ln1: LayerNorm,
     q: Linear,
     k: Linear,
@@ -140,19 +150,7 @@ impl ClipVisionTower {
         let positions = Tensor::from_data(TensorData::new(pos, [cfg.tokens(), d]), device);
         let pre_ln = LayerNorm::load(ck, &name("pre_layrnorm"), d, cfg.eps, device)?;
         let layers = (0..cfg.n_layers)
-            .map(|i| {
-                let l = |s: &str| name(&format!("encoder.layers.{i}.{s}"));
-                Ok(EncoderLayer {
-                    ln1: LayerNorm::load(ck, &l("layer_norm1"), d, cfg.eps, device)?,
-                    q: Linear::load(ck, &l("self_attn.q_proj"), d, d, device)?,
-                    k: Linear::load(ck, &l("self_attn.k_proj"), d, d, device)?,
-                    v: Linear::load(ck, &l("self_attn.v_proj"), d, d, device)?,
-                    o: Linear::load(ck, &l("self_attn.out_proj"), d, d, device)?,
-                    ln2: LayerNorm::load(ck, &l("layer_norm2"), d, cfg.eps, device)?,
-                    fc1: Linear::load(ck, &l("mlp.fc1"), cfg.d_ff, d, device)?,
-                    fc2: Linear::load(ck, &l("mlp.fc2"), d, cfg.d_ff, device)?,
-                })
-            })
+            .map(|i| EncoderLayer::load(ck, &name(&format!("encoder.layers.{i}.")), &cfg, device))
             .collect::<Result<Vec<_>, LoadError>>()?;
         Ok(Self { cfg, patch_t, class, positions, pre_ln, layers, cap: at.cap })
     }
@@ -189,7 +187,7 @@ impl ClipVisionTower {
         }
         let mut x = self.embed(pixels);
         for layer in &self.layers[..index] {
-            x = layer.forward(x, t, &self.cfg);
+            x = layer.forward(x, t, self.cfg.tokens(), &self.cfg);
         }
         x.reshape([t, self.cfg.tokens(), self.cfg.d_model])
     }
@@ -204,15 +202,30 @@ impl ClipVisionTower {
 }
 
 impl EncoderLayer {
+    /// Load `{prefix}layer_norm1`, `{prefix}self_attn.*`, `{prefix}layer_norm2`, `{prefix}mlp.*`.
+    pub(crate) fn load(ck: &Checkpoint, prefix: &str, cfg: &ClipVisionConfig, device: &burn::tensor::Device) -> Result<Self, LoadError> {
+        let (d, l) = (cfg.d_model, |s: &str| format!("{prefix}{s}"));
+        Ok(Self {
+            ln1: LayerNorm::load(ck, &l("layer_norm1"), d, cfg.eps, device)?,
+            q: Linear::load(ck, &l("self_attn.q_proj"), d, d, device)?,
+            k: Linear::load(ck, &l("self_attn.k_proj"), d, d, device)?,
+            v: Linear::load(ck, &l("self_attn.v_proj"), d, d, device)?,
+            o: Linear::load(ck, &l("self_attn.out_proj"), d, d, device)?,
+            ln2: LayerNorm::load(ck, &l("layer_norm2"), d, cfg.eps, device)?,
+            fc1: Linear::load(ck, &l("mlp.fc1"), cfg.d_ff, d, device)?,
+            fc2: Linear::load(ck, &l("mlp.fc2"), d, cfg.d_ff, device)?,
+        })
+    }
+
     /// # Shapes
     /// - x: `[t * n, d]` (t images of n tokens) -> same
-    fn forward(&self, x: Tensor<2>, t: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
-        let h = x.clone() + self.attention(self.ln1.forward(x), t, cfg);
+    pub(crate) fn forward(&self, x: Tensor<2>, t: usize, n: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
+        let h = x.clone() + self.attention(self.ln1.forward(x), t, n, cfg);
         h.clone() + self.fc2.forward(cfg.act.forward(self.fc1.forward(self.ln2.forward(h))))
     }
 
-    fn attention(&self, x: Tensor<2>, t: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
-        let (n, d, h) = (cfg.tokens(), cfg.d_model, cfg.n_heads);
+    fn attention(&self, x: Tensor<2>, t: usize, n: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
+        let (d, h) = (cfg.d_model, cfg.n_heads);
         let dh = d / h;
         let heads = |y: Tensor<2>| y.reshape([t, n, h, dh]).swap_dims(1, 2); // [t, h, n, dh]
         let q = heads(self.q.forward(x.clone()));

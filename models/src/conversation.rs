@@ -20,6 +20,7 @@ use burn::tensor::Tensor;
 use vidllm_core::GenerateError;
 use vidllm_core::chat::Message;
 use vidllm_core::sampler::Sampler;
+use vidllm_core::sampling::FrameTimes;
 use vidllm_core::stream::TextStream;
 use vidllm_core::tokenizer::Tokenizer;
 use web_time::Instant;
@@ -170,6 +171,8 @@ pub struct Conversation {
     /// Still images' visual tokens, one entry an image, asked about with the first question.
     images: Vec<Visual>,
     video: Option<Visual>,
+    /// When the video's frames were taken (some architectures' prompts state it).
+    video_times: Option<FrameTimes>,
     /// The turns so far, for models whose follow-ups go through a chat template.
     messages: Vec<Message>,
     answer: Option<Answer>,
@@ -181,7 +184,17 @@ impl Conversation {
         let decoder = model.decoder();
         let context = context.clamp(2, decoder.rope_positions().max(2));
         let cache = KvCache::new(&decoder.cfg, context, &decoder.device);
-        Self { model, tok, cache, history: Vec::new(), images: Vec::new(), video: None, messages: Vec::new(), answer: None }
+        Self {
+            model,
+            tok,
+            cache,
+            history: Vec::new(),
+            images: Vec::new(),
+            video: None,
+            video_times: None,
+            messages: Vec::new(),
+            answer: None,
+        }
     }
 
     pub fn model(&self) -> &Model {
@@ -202,9 +215,11 @@ impl Conversation {
         &self.history
     }
 
-    /// Talk about this video from now on (a new conversation starts).
-    pub fn set_video(&mut self, video: Visual) {
+    /// Talk about this video, whose frames were taken at `times`, from now on (a new
+    /// conversation starts).
+    pub fn set_video(&mut self, video: Visual, times: FrameTimes) {
         self.video = Some(video);
+        self.video_times = Some(times);
         self.reset();
     }
 
@@ -236,6 +251,7 @@ impl Conversation {
     /// Forget the video, the images and the conversation.
     pub fn clear_visuals(&mut self) {
         self.video = None;
+        self.video_times = None;
         self.images.clear();
         self.reset();
     }
@@ -318,8 +334,8 @@ impl Conversation {
             (Prompt::Raw(text), _) => (false, tok.encode(text, first && tok.add_bos).map_err(tokenizer)?, None),
             (Prompt::Question(q), Model::Video(m)) if first => {
                 let text = match (&self.video, self.images.len()) {
-                    (Some(_), n) => m.first_turn(q, n, true),
-                    (None, n) if n > 0 => m.first_turn(q, n, false),
+                    (Some(_), n) => m.first_turn(tok, q, n, self.video_times.as_ref())?,
+                    (None, n) if n > 0 => m.first_turn(tok, q, n, None)?,
                     (None, _) => return Err(GenerateError::NoVisual),
                 };
                 let (ids, embeds) = self.first_turn(m, &text)?;

@@ -12,12 +12,16 @@ pub mod llama_hf;
 pub mod llava;
 pub mod llava_next_video;
 pub mod merge;
+pub mod mmproj;
 pub mod model_files;
 pub mod pllava;
 pub mod pllava_pool;
 pub mod quant_linear;
 pub mod rms_norm;
 pub mod rope;
+pub mod siglip;
+pub mod smolvlm;
+pub mod smolvlm_connector;
 pub mod video_llava;
 pub mod video_model;
 

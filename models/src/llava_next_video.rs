@@ -11,8 +11,9 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
-use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
+use vidllm_core::sampling::FrameTimes;
+use vidllm_core::{GenerateError, LoadError};
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
 use crate::llama::{Llama, LlamaConfig};
@@ -152,8 +153,8 @@ impl Architecture for LlavaNextVideo {
         Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder }
     }
 
-    fn first_turn(&self, question: &str, n_images: usize, video: bool) -> String {
-        vicuna::first_turn(question, n_images, if video { "<video>\n" } else { "" })
+    fn first_turn(&self, _tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+        Ok(vicuna::first_turn(question, n_images, if video.is_some() { "<video>\n" } else { "" }))
     }
 
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {

@@ -14,13 +14,14 @@ use vidllm_core::LoadError;
 use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
 use vidllm_core::progress::OnRead;
 use vidllm_core::safetensors::{Checkpoint, shard_names};
+use vidllm_core::sampling::Sampling;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
 use crate::decoder_family::Family;
 use crate::llama::Llama;
 use crate::llama_hf::{QuantChoice, causal_lm_config, load_causal_lm};
-use crate::video_model::{LoadOptions, VideoModel};
+use crate::video_model::{LoadOptions, Preprocessing, VideoModel};
 
 /// Where a folder's files are.
 pub enum ModelFiles {
@@ -34,6 +35,8 @@ pub struct Folder {
     pub model: VideoModel,
     pub tok: Tokenizer,
     pub pre: PreprocessConfig,
+    /// The model's own frame sampling (its processor's), unless the user picks another.
+    pub sampling: Sampling,
 }
 
 /// The files of a folder besides its weights, each optional except `config.json` and
@@ -185,8 +188,8 @@ impl ModelFiles {
             ck.on_read(f);
         }
         let model = VideoModel::from_checkpoint(&config, &ck, opts, at)?;
-        // Defaults where the folder says nothing: CLIP's, at the tower's input size.
-        let pre = pre.resolve(&PreprocessConfig::clip(model.image_size()))?;
-        Ok(Folder { model, tok, pre })
+        // The folder's preprocessor config as the architecture's processor reads it.
+        let Preprocessing { pixels: pre, sampling } = model.preprocessing(&pre)?;
+        Ok(Folder { model, tok, pre, sampling })
     }
 }

@@ -22,8 +22,9 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use serde::Deserialize;
-use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
+use vidllm_core::sampling::FrameTimes;
+use vidllm_core::{GenerateError, LoadError};
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
 use crate::llama::{Llama, LlamaConfig};
@@ -215,8 +216,8 @@ impl Architecture for Pllava {
         Visual { token: self.image_token, features: self.video_features(pixels), per_placeholder: self.video_tokens() }
     }
 
-    fn first_turn(&self, question: &str, _n_images: usize, _video: bool) -> String {
-        vicuna::first_turn(question, 0, "<image>\n")
+    fn first_turn(&self, _tok: &Tokenizer, question: &str, _n_images: usize, _video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+        Ok(vicuna::first_turn(question, 0, "<image>\n"))
     }
 
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {

@@ -10,8 +10,9 @@
 
 use burn::tensor::Tensor;
 use serde::Deserialize;
-use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
+use vidllm_core::sampling::FrameTimes;
+use vidllm_core::{GenerateError, LoadError};
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
 use crate::llama::Llama;
@@ -187,8 +188,8 @@ impl Architecture for VideoLlava {
 
     /// `USER: <image>\n...<video>\n{question} ASSISTANT:` (images first, as their
     /// features fill the prompt first).
-    fn first_turn(&self, question: &str, n_images: usize, video: bool) -> String {
-        vicuna::first_turn(question, n_images, if video { "<video>\n" } else { "" })
+    fn first_turn(&self, _tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+        Ok(vicuna::first_turn(question, n_images, if video.is_some() { "<video>\n" } else { "" }))
     }
 
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {

@@ -9,8 +9,11 @@ use std::ops::Deref;
 
 use burn::tensor::Tensor;
 use serde::de::DeserializeOwned;
+use vidllm_core::GenerateError;
 use vidllm_core::error::LoadError;
+use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson};
 use vidllm_core::safetensors::Checkpoint;
+use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
@@ -19,6 +22,7 @@ use crate::llama_hf::QuantChoice;
 use crate::llava_next_video::LlavaNextVideo;
 use crate::merge::{Visual, expand_placeholders};
 use crate::pllava::Pllava;
+use crate::smolvlm::SmolVlm;
 use crate::video_llava::VideoLlava;
 
 /// Load-time choices a user may override.
@@ -38,6 +42,15 @@ impl Default for LoadOptions {
     }
 }
 
+/// How a model's frames are picked and prepared: the folder's (video) preprocessor config
+/// read the way the model's processor reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocessing {
+    pub pixels: PreprocessConfig,
+    /// The frames a video is sampled to unless the user says otherwise.
+    pub sampling: Sampling,
+}
+
 /// A video-language model: a vision side that turns frames into visual tokens for a
 /// LLaMA-family decoder, and the conversation format its checkpoints were tuned on.
 pub trait Architecture {
@@ -54,6 +67,15 @@ pub trait Architecture {
     /// Frames a video is sampled to unless the user says otherwise.
     fn default_frames(&self) -> usize {
         8
+    }
+
+    /// The folder's preprocessor config as this model's processor reads it. The LLaVA
+    /// family: CLIP's processor at the tower's size, transformers' uniform sampling.
+    fn preprocessing(&self, json: &PreprocessorJson) -> Result<Preprocessing, LoadError> {
+        Ok(Preprocessing {
+            pixels: json.resolve(&PreprocessConfig::clip(self.image_size()))?,
+            sampling: Sampling::Hf { n: self.default_frames() },
+        })
     }
 
     /// The video's visual tokens and the placeholder they fill.
@@ -75,8 +97,8 @@ pub trait Architecture {
     }
 
     /// The first turn's text, with placeholders for `n_images` images and, when `video`,
-    /// for the video.
-    fn first_turn(&self, question: &str, n_images: usize, video: bool) -> String;
+    /// for the video (whose frames were taken at those times).
+    fn first_turn(&self, tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError>;
 
     /// A later turn, after the last answer (whose final token may not have run yet).
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String;
@@ -104,8 +126,12 @@ const fn register<A: Architecture + 'static>(model_type: &'static str) -> Regist
 }
 
 /// Every architecture vidllm runs, by `config.json`'s `model_type`.
-pub static REGISTRY: [Registration; 3] =
-    [register::<VideoLlava>("video_llava"), register::<Pllava>("pllava"), register::<LlavaNextVideo>("llava_next_video")];
+pub static REGISTRY: [Registration; 4] = [
+    register::<VideoLlava>("video_llava"),
+    register::<Pllava>("pllava"),
+    register::<LlavaNextVideo>("llava_next_video"),
+    register::<SmolVlm>("smolvlm"),
+];
 
 /// The `model_type`s of [`REGISTRY`].
 pub fn supported() -> Vec<&'static str> {
@@ -132,6 +158,11 @@ impl Deref for VideoModel {
 }
 
 impl VideoModel {
+    /// A loaded architecture under its registry name.
+    pub(crate) fn new(model_type: &'static str, arch: Box<dyn Architecture>) -> Self {
+        Self { model_type, arch }
+    }
+
     /// The registry entry a `config.json` names; unsupported architectures are refused by
     /// name, before any weights are looked for.
     pub fn registration(config_json: &str) -> Result<&'static Registration, LoadError> {

@@ -11,11 +11,13 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
+use vidllm_core::gguf::Gguf;
 use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampler::SamplerConfig;
-use vidllm_core::sampling::Sampling;
+use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::model_files::ModelFiles;
+use vidllm_models::mmproj::load_pair;
+use vidllm_models::model_files::{Folder, ModelFiles};
 use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
 use vidllm_shaders::device::{DeviceChoice, pick};
@@ -27,7 +29,8 @@ use crate::video::{Frame, VideoReader};
 
 #[derive(Args)]
 pub struct AskArgs {
-    /// Hugging Face-format model folder (`config.json` `model_type`: video_llava, pllava, llava_next_video).
+    /// Hugging Face-format model folder (`config.json` `model_type`: video_llava, pllava,
+    /// llava_next_video, smolvlm), or a text GGUF with `--mmproj`.
     #[arg(long)]
     pub model: String,
     #[arg(long, required_unless_present = "rgb_frames")]
@@ -38,6 +41,14 @@ pub struct AskArgs {
     pub rgb_frames: Option<String>,
     #[arg(long, value_delimiter = ',')]
     pub frame_size: Option<Vec<usize>>,
+    /// With `--rgb-frames`: when each frame was taken, in seconds (models whose prompt
+    /// states it: SmolVLM2). Default: 24 frames a second.
+    #[arg(long, value_delimiter = ',', requires = "rgb_frames")]
+    pub frame_times: Option<Vec<f64>>,
+    /// With `--rgb-frames`: the video's length in seconds (default: frames / 24, or the
+    /// last of `--frame-times`).
+    #[arg(long, requires = "rgb_frames")]
+    pub video_duration: Option<f64>,
     /// Image files to add (each becomes an `<image>` placeholder, before the video).
     #[arg(long)]
     pub image: Vec<String>,
@@ -55,9 +66,14 @@ pub struct AskArgs {
     /// PLLaVA: LoRA alpha used when merging the adapters (default 4, the paper's serving value).
     #[arg(long)]
     pub lora_alpha: Option<f32>,
-    /// q4_0 | q4_1 | q8_0 | f16 | f32: how the decoder is stored on the device.
-    #[arg(long, default_value = "q4_1")]
-    pub quant: QuantChoice,
+    /// q4_0 | q4_1 | q8_0 | f16 | f32: how a folder's decoder is stored on the device
+    /// (default q4_1; a GGUF keeps its own types).
+    #[arg(long)]
+    pub quant: Option<QuantChoice>,
+    /// llama.cpp's vision file for a text GGUF given as `--model` (`mmproj-*.gguf`, as
+    /// `convert_hf_to_gguf.py --mmproj` writes it): the pair is one video-language model.
+    #[arg(long)]
+    pub mmproj: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
@@ -75,22 +91,32 @@ pub struct AskArgs {
 /// Which frames to sample.
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    #[arg(long, default_value_t = 8)]
-    pub frames: usize,
-    /// hf (transformers' uniform) | linspace (original repo) | pllava | fps
-    #[arg(long, default_value = "hf")]
-    pub sampling: String,
-    /// With `--sampling fps`: frames per second to take...
+    /// Frames to take (with a rate-based policy, the most). Default: the model's (8 for
+    /// the LLaVA family, the folder's max_frames for SmolVLM2).
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// hf (transformers' uniform) | linspace (original repo) | pllava | fps | smolvlm
+    /// (SmolVLM2's processor). Default: the model's own (hf; smolvlm for SmolVLM2).
+    #[arg(long)]
+    pub sampling: Option<String>,
+    /// With `--sampling fps` or `smolvlm`: frames per second to take...
     #[arg(long, default_value_t = 1.0)]
     pub fps: f64,
-    /// ...and at most this many.
-    #[arg(long, default_value_t = 32)]
-    pub max_frames: usize,
+    /// ...and at most this many (default: --frames, else 32).
+    #[arg(long)]
+    pub max_frames: Option<usize>,
 }
 
 impl SamplingArgs {
-    pub fn policy(&self) -> Result<Sampling> {
-        Ok(Sampling::from_name(&self.sampling, self.frames, self.fps, self.max_frames)?)
+    /// The policy named, else `default` (the model's own), with `--frames` applied.
+    pub fn policy_or(&self, default: Sampling) -> Result<Sampling> {
+        Ok(match &self.sampling {
+            Some(name) => {
+                let max_frames = self.max_frames.or(self.frames).unwrap_or(32);
+                Sampling::from_name(name, self.frames.unwrap_or(default.frames()), self.fps, max_frames)?
+            }
+            None => self.frames.map_or(default, |n| default.with_frames(n)),
+        })
     }
 }
 
@@ -99,36 +125,67 @@ fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Devic
     preprocess(&slices, frames[0].height, frames[0].width, cfg, device)
 }
 
+/// The rate raw frames (and a video without one) are taken to have, for prompts that state
+/// frame times: transformers' fallback when a video's metadata has no rate.
+const RAW_FPS: f64 = 24.0;
+
 /// Where the frames come from: a video file, or raw RGB frames.
 enum FrameSource {
     Video(VideoReader),
-    Raw { path: String, width: usize, height: usize },
+    Raw { path: String, width: usize, height: usize, times: Option<Vec<f64>>, duration: Option<f64> },
 }
 
 impl FrameSource {
     fn open(a: &AskArgs) -> Result<Self> {
         match (&a.video, &a.rgb_frames, &a.frame_size) {
-            (_, Some(path), Some(size)) if size.len() == 2 => Ok(Self::Raw { path: path.clone(), width: size[0], height: size[1] }),
+            (_, Some(path), Some(size)) if size.len() == 2 => Ok(Self::Raw {
+                path: path.clone(),
+                width: size[0],
+                height: size[1],
+                times: a.frame_times.clone(),
+                duration: a.video_duration,
+            }),
             (_, Some(_), _) => bail!("--frame-size takes W,H"),
             (Some(v), None, _) => Ok(Self::Video(VideoReader::open(v)?)),
             (None, None, _) => bail!("give --video or --rgb-frames"),
         }
     }
 
-    fn frames(&self, policy: Sampling) -> Result<Vec<Frame>> {
+    /// The frames `policy` picks, and when they were taken.
+    fn frames(&self, policy: Sampling) -> Result<(Vec<Frame>, FrameTimes)> {
         match self {
-            Self::Video(r) => r.sample(policy),
-            Self::Raw { path, width, height } => {
+            Self::Video(r) => {
+                let frames = r.sample(policy)?;
+                let indices: Vec<usize> = frames.iter().map(|f| f.index).collect();
+                let fps = if r.info.fps > 0.0 { r.info.fps } else { RAW_FPS };
+                Ok((frames, FrameTimes::of_indices(&indices, r.info.frames, fps)))
+            }
+            Self::Raw { path, width, height, times, duration } => {
                 let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
                 let per = width * height * 3;
                 if per == 0 || bytes.is_empty() || bytes.len() % per != 0 {
                     bail!("{path}: {} bytes is not a whole number of {width}x{height} RGB frames", bytes.len());
                 }
-                Ok(bytes
+                let frames: Vec<Frame> = bytes
                     .chunks(per)
                     .enumerate()
-                    .map(|(i, c)| Frame { index: i, pts: 0.0, width: *width, height: *height, rgb: c.to_vec() })
-                    .collect())
+                    .map(|(i, c)| Frame { index: i, pts: i as f64 / RAW_FPS, width: *width, height: *height, rgb: c.to_vec() })
+                    .collect();
+                let indices: Vec<usize> = (0..frames.len()).collect();
+                let mut at = FrameTimes::of_indices(&indices, frames.len(), RAW_FPS);
+                if let Some(t) = times {
+                    if t.len() != frames.len() || t.iter().any(|x| !x.is_finite() || *x < 0.0) {
+                        bail!("--frame-times: {} times for {} frames (each a finite number of seconds)", t.len(), frames.len());
+                    }
+                    at = FrameTimes { times: t.clone(), duration: t.iter().copied().fold(0.0, f64::max) };
+                }
+                if let Some(d) = duration {
+                    if !d.is_finite() || *d < 0.0 {
+                        bail!("--video-duration {d}: a finite number of seconds");
+                    }
+                    at.duration = *d;
+                }
+                Ok((frames, at))
             }
         }
     }
@@ -140,28 +197,39 @@ fn load_options(a: &AskArgs) -> Result<LoadOptions> {
         Some(p) if p.len() == 3 => Some([p[0], p[1], p[2]]),
         Some(p) => bail!("--pool takes T,H,W (got {p:?})"),
     };
-    Ok(LoadOptions { quant: a.quant, lora_alpha: a.lora_alpha, pool })
+    Ok(LoadOptions { quant: a.quant.unwrap_or(QuantChoice::Q4_1), lora_alpha: a.lora_alpha, pool })
 }
 
 pub fn run(a: AskArgs) -> Result<()> {
     let dir = Path::new(&a.model);
     let opts = load_options(&a)?;
-    let policy = a.sampling.policy()?;
     let source = FrameSource::open(&a)?;
     let picked = pick(a.device)?;
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let t_load = Instant::now();
     let folder = progress
-        .loading(&a.model, |on_read| ModelFiles::Dir(dir.to_path_buf()).load_reporting(opts, &picked.placement(), Some(on_read)))
+        .loading(&a.model, |on_read| -> Result<Folder> {
+            let Some(mmproj) = &a.mmproj else {
+                return Ok(ModelFiles::Dir(dir.to_path_buf()).load_reporting(opts, &picked.placement(), Some(on_read))?);
+            };
+            if a.quant.is_some() {
+                bail!("--quant applies to a model folder; a GGUF pair keeps the types it was written with");
+            }
+            let mut text = Gguf::open(dir)?;
+            text.on_read(on_read);
+            let mm = Gguf::open(mmproj).with_context(|| format!("--mmproj {mmproj}"))?;
+            Ok(load_pair(&text, &mm, &picked.placement())?)
+        })
         .with_context(|| format!("loading {}", a.model))?;
     let load_s = t_load.elapsed().as_secs_f64();
     let pcfg = folder.pre;
+    let policy = a.sampling.policy_or(folder.sampling)?;
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");
 
     let t0 = Instant::now();
-    let frames = progress.during("decoding frames".into(), || source.frames(policy))?;
+    let (frames, times) = progress.during("decoding frames".into(), || source.frames(policy))?;
     let images: Vec<Frame> =
         a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -172,7 +240,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let t2 = Instant::now();
     let mut conv = Conversation::new(model.clone(), Rc::new(folder.tok), a.ctx);
     progress.during(format!("encoding {} frames", frames.len()), || -> Result<()> {
-        conv.set_video(vm.video(video_px));
+        conv.set_video(vm.video(video_px), times);
         for px in image_px {
             conv.add_image(px).context("--image")?;
         }

@@ -5,6 +5,8 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 
+use vidllm_core::sampling::Sampling;
+
 use crate::ask::SamplingArgs;
 use crate::video::VideoReader;
 
@@ -21,7 +23,7 @@ pub struct FramesArgs {
 
 pub fn run(a: FramesArgs) -> Result<()> {
     let reader = VideoReader::open(&a.video)?;
-    let frames = reader.sample(a.sampling.policy()?)?;
+    let frames = reader.sample(a.sampling.policy_or(Sampling::Hf { n: 8 })?)?;
     if let Some(path) = &a.dump {
         let bytes: Vec<u8> = frames.iter().flat_map(|f| f.rgb.iter().copied()).collect();
         std::fs::write(path, bytes)?;

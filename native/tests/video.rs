@@ -269,3 +269,155 @@ fn follow_up_questions_reuse_the_encoded_video() {
     assert!(prefills[0] > 40, "first turn carries the 40 visual tokens: {prefills:?}");
     assert!(prefills[1] < 20, "the follow-up pays only for its own tokens: {prefills:?}");
 }
+
+/// SmolVLM2 as a user runs it: the clip decoded natively, sampled by the model's own
+/// policy (1 frame a second, from the folder), preprocessed on the device, the prompt
+/// stating each frame's time: the prompt ids and greedy tokens transformers gives for the
+/// same clip (`gen_smolvlm_fixtures.py`), on every device.
+#[test]
+fn ask_runs_smolvlm_folders_as_transformers_does() {
+    let clip = clips().join("carphone_pristine.mp4");
+    let model = fixture("tiny_smolvlm");
+    let r = vidllm_core::safetensors::Checkpoint::open_files(&[fixture("tiny_smolvlm_ref.safetensors")]).unwrap();
+    let want = |name: &str| -> Json { r.i64(name).unwrap().0.into() };
+    let mut devices = vec!["cpu"];
+    if !std::env::var("VIDLLM_TEST_NO_GPU").is_ok_and(|v| v == "1") {
+        devices.push("gpu");
+    }
+    for device in devices {
+        let (ok, out, err) = run(&[
+            "ask",
+            "--model",
+            model.to_str().unwrap(),
+            "--video",
+            clip.to_str().unwrap(),
+            "--prompt",
+            &r.metadata["question"],
+            "--quant",
+            "f32",
+            "--max-tokens",
+            "8",
+            "--device",
+            device,
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v: Json = serde_json::from_str(out.trim()).unwrap();
+        let indices: Vec<i64> = v["frames"].as_array().unwrap().iter().map(|f| f["index"].as_i64().unwrap()).collect();
+        assert_eq!(Json::from(indices), want("frame_indices"), "{device}");
+        assert_eq!(v["prompt_tokens"], want("input_ids"), "{device}");
+        assert_eq!(v["tokens"], want("greedy"), "{device}");
+    }
+    // --frames caps the model's policy: 2 frames, and the 4 s clip is now longer than
+    // they need plus 2 s, so a second is skipped at each end (transformers: [29, 90]).
+    let (ok, out, err) = run(&[
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--video",
+        clip.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--frames",
+        "2",
+        "--max-tokens",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["visual_tokens"], 18);
+    let indices: Vec<i64> = v["frames"].as_array().unwrap().iter().map(|f| f["index"].as_i64().unwrap()).collect();
+    assert_eq!(indices, [29, 90]);
+}
+
+/// A SmolVLM2 folder whose sizes do not fit together is refused in one line naming them.
+#[test]
+fn smolvlm_folders_with_sizes_that_do_not_fit_are_refused() {
+    let clip = clips().join("carphone_pristine.mp4");
+    let broken = |name: &str, file: &str, from: &str, to: &str| -> PathBuf {
+        let dir = tmp(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(fixture("tiny_smolvlm")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(text.contains(from), "{file} has no {from}");
+        std::fs::write(dir.join(file), text.replace(from, to)).unwrap();
+        dir
+    };
+    let ask_in = |dir: PathBuf| {
+        run(&["ask", "--model", dir.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "x", "--device", "cpu"])
+    };
+    let dir = broken("smolvlm-scale", "config.json", "\"scale_factor\": 4", "\"scale_factor\": 5");
+    assert_one_line_error(ask_in(dir), "scale_factor 5 does not divide the 12 x 12 patch grid");
+    let dir = broken("smolvlm-size", "video_preprocessor_config.json", "\"longest_edge\": 96", "\"longest_edge\": 512");
+    assert_one_line_error(ask_in(dir), "max_image_size.longest_edge 512 is not the vision tower's image_size 96");
+}
+
+/// llama.cpp's pair for the same model (`convert_hf_to_gguf.py`, and with `--mmproj`):
+/// `ask --model text.gguf --mmproj mmproj.gguf` gives the folder's prompt and tokens.
+#[test]
+fn ask_runs_llama_cpp_gguf_pairs_like_the_folder() {
+    let clip = clips().join("carphone_pristine.mp4");
+    let r = vidllm_core::safetensors::Checkpoint::open_files(&[fixture("tiny_smolvlm_ref.safetensors")]).unwrap();
+    let want = |name: &str| -> Json { r.i64(name).unwrap().0.into() };
+    for ty in ["F16", "Q8_0"] {
+        let (text, mm) = (fixture(&format!("tiny_smolvlm.{ty}.gguf")), fixture(&format!("mmproj-tiny_smolvlm-{ty}.gguf")));
+        let (ok, out, err) = run(&[
+            "ask",
+            "--model",
+            text.to_str().unwrap(),
+            "--mmproj",
+            mm.to_str().unwrap(),
+            "--video",
+            clip.to_str().unwrap(),
+            "--prompt",
+            &r.metadata["question"],
+            "--max-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v: Json = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["prompt_tokens"], want("input_ids"), "{ty}");
+        assert_eq!(v["tokens"], want("greedy"), "{ty}");
+    }
+}
+
+/// A pair that is not one model's, or a projector vidllm does not read: one line naming
+/// the fields.
+#[test]
+fn bad_gguf_pairs_give_one_line_errors() {
+    let clip = clips().join("carphone_pristine.mp4");
+    let ask_pair = |text: &str, mm: &str, extra: &[&str]| {
+        let mut args = vec!["ask", "--model", text, "--mmproj", mm, "--video", clip.to_str().unwrap(), "--prompt", "x", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let text = fixture("tiny_smolvlm.Q8_0.gguf");
+    let mm = fixture("mmproj-tiny_smolvlm-Q8_0.gguf");
+    let (text, mm) = (text.to_str().unwrap(), mm.to_str().unwrap());
+    // Another projector type: the same file with its `clip.projector_type` string changed.
+    let bytes = std::fs::read(mm).unwrap();
+    let at = bytes.windows(8).position(|w| w == b"idefics3").unwrap();
+    let mut other = bytes.clone();
+    other[at..at + 8].copy_from_slice(b"ldp_v2xx");
+    let other_path = tmp("mmproj-other.gguf");
+    std::fs::write(&other_path, other).unwrap();
+    assert_one_line_error(ask_pair(text, other_path.to_str().unwrap(), &[]), "clip.projector_type \"ldp_v2xx\" is not supported");
+    // A decoder of another width (a tiny Qwen2, 256 wide).
+    let qwen = fixture("tiny_qwen2.Q8_0.gguf");
+    assert_one_line_error(
+        ask_pair(qwen.to_str().unwrap(), mm, &[]),
+        "64-wide embeddings (clip.vision.projection_dim) but the text gguf's decoder is 256",
+    );
+    // The files swapped.
+    assert_one_line_error(ask_pair(mm, text, &[]), "general.architecture");
+    assert_one_line_error(ask_pair(text, mm, &["--quant", "q8_0"]), "--quant applies to a model folder");
+}

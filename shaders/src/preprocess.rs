@@ -1,9 +1,12 @@
-//! Frame preprocessing on the device for a whole batch of frames: two resampling matmuls
-//! (PIL's separable antialiased filter, crop folded into the weights), 8-bit rounding
-//! after each pass as PIL does, then rescale and normalise. Math: `vidllm_core::preprocess`.
+//! Frame preprocessing on the device for a whole batch of frames: per resize, two
+//! resampling matmuls (PIL's separable antialiased filter, crop folded into the last
+//! resize's weights), 8-bit rounding after each pass as PIL does, then rescale and
+//! normalise. Math: `vidllm_core::preprocess`.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use vidllm_core::preprocess::{PreprocessConfig, crop_origin, resample_weights};
+use std::ops::Range;
+
+use vidllm_core::preprocess::{PreprocessConfig, Resample, crop_origin, resample_weights};
 
 /// RGB u8 frames of one size, `[t, h, w, 3]` packed, -> pixel values `[t, 3, oh, ow]`.
 pub fn preprocess(frames: &[&[u8]], h: usize, w: usize, cfg: &PreprocessConfig, device: &Device) -> Tensor<4> {
@@ -34,31 +37,49 @@ pub fn unpack_rgba_words(words: Tensor<3, Int>, w: usize) -> Tensor<4> {
     Tensor::stack::<4>(vec![channel(0), channel(8), channel(16)], 1).reshape([t, 3, h, w])
 }
 
-/// RGB planes as floats 0..=255 -> pixel values: resize (PIL-exact), crop, normalise.
+/// RGB planes as floats 0..=255 -> pixel values: resize (PIL-exact, one or two passes),
+/// crop, normalise.
 ///
 /// # Shapes
 /// - x: `[t, 3, h, w]` -> `[t, 3, oh, ow]`
 pub fn preprocess_planes(x: Tensor<4>, cfg: &PreprocessConfig) -> Tensor<4> {
-    let [t, _, h, w] = x.dims();
+    let [_, _, h, w] = x.dims();
     let device = x.device();
     let device = &device;
+    let steps = cfg.resize_steps(h, w);
     let (rh, rw) = cfg.resized(h, w);
     let (oh, ow) = cfg.output_size(h, w);
     let (top, left) = crop_origin(cfg, rh, rw);
-    let x = if cfg.shortest_edge.is_some() {
-        let wx = resample_weights(w, rw, left..left + ow, cfg.resample);
-        let wy = resample_weights(h, rh, top..top + oh, cfg.resample);
-        let wx = Tensor::<2>::from_data(TensorData::new(wx, [ow, w]), device).transpose(); // [w, ow]
-        let wy = Tensor::<2>::from_data(TensorData::new(wy, [oh, h]), device); // [oh, h]
-        // Horizontal pass: [t*3*h, w] @ [w, ow].
-        let x = x.reshape([t * 3 * h, w]).matmul(wx).round().clamp(0.0, 255.0);
-        // Vertical pass: [oh, h] @ [h, ow] for each of the t*3 planes.
-        let x = wy.unsqueeze::<3>().matmul(x.reshape([t * 3, h, ow])).round().clamp(0.0, 255.0);
-        x.reshape([t, 3, oh, ow])
-    } else {
-        x.narrow(2, top, oh).narrow(3, left, ow)
-    };
+    let mut x = x;
+    for (k, &(sh, sw)) in steps.iter().enumerate() {
+        // The crop is folded into the last pass's weights.
+        let (ys, xs) = if k + 1 == steps.len() { (top..top + oh, left..left + ow) } else { (0..sh, 0..sw) };
+        x = resample(x, sh, sw, ys, xs, cfg.resample);
+    }
+    if steps.is_empty() {
+        x = x.narrow(2, top, oh).narrow(3, left, ow);
+    }
     let mean = Tensor::<1>::from_floats(cfg.mean, device).reshape([1, 3, 1, 1]);
     let std = Tensor::<1>::from_floats(cfg.std, device).reshape([1, 3, 1, 1]);
     (x * cfg.rescale - mean) / std
+}
+
+/// One PIL resize to `(sh, sw)`, output rows `ys` and columns `xs` kept: two matmuls,
+/// each pass rounded to 8 bits.
+///
+/// # Shapes
+/// - x: `[t, 3, h, w]` -> `[t, 3, ys.len(), xs.len()]`
+fn resample(x: Tensor<4>, sh: usize, sw: usize, ys: Range<usize>, xs: Range<usize>, filter: Resample) -> Tensor<4> {
+    let [t, _, h, w] = x.dims();
+    let device = x.device();
+    let (kh, kw) = (ys.len(), xs.len());
+    let wx = resample_weights(w, sw, xs, filter);
+    let wy = resample_weights(h, sh, ys, filter);
+    let wx = Tensor::<2>::from_data(TensorData::new(wx, [kw, w]), &device).transpose(); // [w, kw]
+    let wy = Tensor::<2>::from_data(TensorData::new(wy, [kh, h]), &device); // [kh, h]
+    // Horizontal pass: [t*3*h, w] @ [w, kw].
+    let x = x.reshape([t * 3 * h, w]).matmul(wx).round().clamp(0.0, 255.0);
+    // Vertical pass: [kh, h] @ [h, kw] for each of the t*3 planes.
+    let x = wy.unsqueeze::<3>().matmul(x.reshape([t * 3, h, kw])).round().clamp(0.0, 255.0);
+    x.reshape([t, 3, kh, kw])
 }

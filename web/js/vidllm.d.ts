@@ -34,11 +34,13 @@ export interface Piece {
 
 export type FrameSource = ImageBitmap | VideoFrame;
 export type ImageSource = HTMLImageElement | ImageBitmap | VideoFrame | HTMLCanvasElement | OffscreenCanvas | ImageData;
-export type Sampling = "hf" | "linspace" | "pllava" | "fps";
+export type Sampling = "hf" | "linspace" | "pllava" | "fps" | "smolvlm";
 
 export interface SampledFrames {
   sources: ImageBitmap[];
   times: number[];
+  /** The video's length in seconds. */
+  duration: number;
   width: number;
   height: number;
 }
@@ -58,6 +60,9 @@ export interface AskOptions {
   image?: ImageSource | ImageSource[];
   /** How many frames to sample (default: the model's), or frames already taken. */
   frames?: number | FrameSource[];
+  /** With frames already taken: when each was taken (seconds), and the video's length. */
+  frameTimes?: number[];
+  duration?: number;
   sampling?: Sampling;
   fps?: number;
   maxFrames?: number;
@@ -113,6 +118,8 @@ export class VidLLM {
   readonly architecture: "text" | "video_llava" | "pllava" | "llava_next_video";
   readonly weightsDeviceBytes: number;
   readonly defaultFrames: number;
+  /** The model's own frame sampling: "hf" for the LLaVA family, "smolvlm" (1 frame a second, at most `frames`) for SmolVLM2. */
+  readonly defaultSampling: { sampling: Sampling | null; fps: number; frames: number };
   readonly headBands: number;
   generate(opts: GenerateOptions): AsyncIterable<Piece>;
   ask(opts: AskOptions): AsyncIterable<Piece>;
@@ -137,6 +144,11 @@ export function checkKernels(opts?: { types?: string[] }): Promise<KernelCheck[]
 export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<number[]>;
 /** Seek and take frames as ImageBitmaps, at given times or by a policy. */
 export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<SampledFrames>;
+/** The sampling a question uses: what it names, else the model's own (`frames` caps a rate-based policy). */
+export function samplingOf(
+  info: { defaultSampling: Sampling | null; defaultFps: number; defaultFrames: number },
+  opts: { frames?: number | unknown[]; sampling?: Sampling; fps?: number; maxFrames?: number },
+): { sampling: Sampling; fps: number; maxFrames: number };
 
 export class WebGPUNotAvailableError extends Error {}
 export class ModelFetchError extends Error {}

@@ -196,6 +196,8 @@ export class VidLLM {
       architecture: video ? rt.architecture() : "text",
       weightsDeviceBytes: rt.weights_device_bytes(),
       defaultFrames: video ? rt.default_frames() : 0,
+      defaultSampling: video ? rt.default_sampling() : null,
+      defaultFps: video ? rt.default_fps() : 1,
       headBands: video ? 1 : rt.head_bands(),
     };
     this.chat = { completions: { create: (req) => this.#completion(req) } };
@@ -232,6 +234,8 @@ export class VidLLM {
   get weightsDeviceBytes() { return this.#info.weightsDeviceBytes; }
   /** Frames a video is sampled to unless `ask` says otherwise. */
   get defaultFrames() { return this.#info.defaultFrames; }
+  /** The model's own sampling policy ("hf"; "smolvlm" for SmolVLM2) and its rate. */
+  get defaultSampling() { return { sampling: this.#info.defaultSampling, fps: this.#info.defaultFps, frames: this.#info.defaultFrames }; }
   /** Row bands of the output head (1 unless it exceeds the storage-binding cap). */
   get headBands() { return this.#info.headBands; }
 
@@ -266,17 +270,20 @@ export class VidLLM {
   /**
    * Ask about a video (an `HTMLVideoElement`, or frames already taken: `ImageBitmap`s /
    * `VideoFrame`s) and/or images. `frames`: how many to sample (default: the model's);
-   * `sampling`: "hf" | "linspace" | "pllava" | "fps" (with `fps`, `maxFrames`), on a grid of
-   * `frameRate` frames a second (see `times`).
+   * `sampling`: "hf" | "linspace" | "pllava" | "fps" | "smolvlm" (with `fps`, `maxFrames`;
+   * default: the model's own, see `defaultSampling`), on a grid of `frameRate` frames a
+   * second (see `times`). Frames already taken may say when
+   * (`frameTimes`, seconds, and the video's `duration`).
    * Asking again without a new video continues the conversation about the same one;
    * `newConversation` starts over, still without encoding the video again.
    * `onFrames({sources, times, width, height})` sees the sampled frames (`ImageBitmap`s,
    * closed once encoded: draw them during the call).
    */
-  ask({ video, image, frames, sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30, prompt, maxTokens = 256, temperature = 0, seed = 0,
-        signal, onFrames, newConversation = false } = {}) {
+  ask({ video, image, frames, frameTimes, duration, sampling, fps, maxFrames, frameRate = 30, prompt, maxTokens = 256,
+        temperature = 0, seed = 0, signal, onFrames, newConversation = false } = {}) {
     const rt = this.#live();
     if (!this.#video) throw new Error("this is a text model (GGUF); load a video-language folder to ask about videos");
+    ({ sampling, fps, maxFrames } = samplingOf(this.#info, { frames, sampling, fps, maxFrames }));
     return this.#stream(async (push) => {
       const given = Array.isArray(frames) ? frames : null;
       const n = typeof frames === "number" ? frames : this.#info.defaultFrames;
@@ -286,7 +293,7 @@ export class VidLLM {
       if ((video || given) && !same) {
         rt.clear_visuals();
         this.#seen = null;
-        const f = given ? { sources: given, times: given.map((x) => (x.timestamp ?? 0) / 1e6) }
+        const f = given ? { sources: given, times: frameTimes ?? given.map((x) => (x.timestamp ?? 0) / 1e6), duration }
           : await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
         try {
           onFrames?.(f);
@@ -459,6 +466,21 @@ function assertReadable(source) {
 }
 
 /**
+ * The sampling a question uses: what it names, else the model's own (`info`:
+ * `defaultSampling`, `defaultFps`, `defaultFrames`); a number of `frames` caps a
+ * rate-based policy unless `maxFrames` is given.
+ */
+export function samplingOf(info, { frames, sampling, fps, maxFrames }) {
+  const own = sampling === undefined || sampling === info.defaultSampling;
+  const n = typeof frames === "number" ? frames : undefined;
+  return {
+    sampling: sampling ?? info.defaultSampling ?? "hf",
+    fps: fps ?? (own ? info.defaultFps : 1),
+    maxFrames: maxFrames ?? n ?? (own ? info.defaultFrames : 32),
+  };
+}
+
+/**
  * Frames of a <video> as `ImageBitmap`s (transferable to a worker), at `at` seconds or
  * by a policy `{n, sampling, fps, maxFrames, frameRate}` (see `times`).
  */
@@ -472,7 +494,7 @@ export async function sampleFrames(video, at) {
     if (!sources.length) assertReadable(bitmap);
     sources.push(bitmap);
   }
-  return { sources, times: ts, width: video.videoWidth, height: video.videoHeight };
+  return { sources, times: ts, duration: video.duration, width: video.videoWidth, height: video.videoHeight };
 }
 
 const sizeOf = (s) => [s.displayWidth ?? s.videoWidth ?? s.naturalWidth ?? s.width, s.displayHeight ?? s.videoHeight ?? s.naturalHeight ?? s.height];
@@ -490,17 +512,20 @@ function rgbaOf(sources, w, h) {
 }
 
 /** Frames to the device: straight into a GPU texture on WebGPU, through a canvas on the CPU. */
-async function encodeVideo(rt, { sources }) {
+async function encodeVideo(rt, { sources, times, duration }) {
   if (!sources.length) throw new VideoError("no frames to encode");
+  // When the frames were taken: some models' prompts state it (SmolVLM2).
+  const at = Float64Array.from(times ?? sources.map(() => 0));
+  const length = Number.isFinite(duration) ? duration : Math.max(0, ...at);
   const [w, h] = sizeOf(sources[0]);
   sources.forEach(assertSameSize(w, h));
   assertReadable(sources[0]);
   if (rt.gpu_frames()) {
     rt.begin_frames(sources.length, w, h);
     for (const s of sources) rt.add_frame(s);
-    return rt.encode_video();
+    return rt.encode_video(at, length);
   }
-  return rt.encode_video_rgba(rgbaOf(sources, w, h), sources.length, h, w);
+  return rt.encode_video_rgba(rgbaOf(sources, w, h), sources.length, h, w, at, length);
 }
 
 const assertSameSize = (w, h) => (s, i) => {

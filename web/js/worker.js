@@ -11,7 +11,7 @@
 // This file is both the worker's script (when loaded in a worker) and the page-side
 // client (`VidLLMWorker`), so one URL serves both.
 
-import { VidLLM, sampleFrames } from "./vidllm.js";
+import { VidLLM, sampleFrames, samplingOf } from "./vidllm.js";
 import { channel } from "./channel.js";
 
 const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
@@ -25,7 +25,8 @@ if (inWorker) {
       if (op === "load") {
         rt = await VidLLM.load({ ...data.opts, onProgress: (p) => self.postMessage({ id, progress: p }) });
         self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes, architecture: rt.architecture,
-          defaultFrames: rt.architecture === "text" ? 0 : rt.defaultFrames });
+          defaultFrames: rt.architecture === "text" ? 0 : rt.defaultFrames,
+          defaultSampling: rt.architecture === "text" ? null : rt.defaultSampling });
       } else if (op === "generate" || op === "ask") {
         const ctrl = new AbortController();
         aborts.set(id, ctrl);
@@ -78,19 +79,25 @@ export class VidLLMWorker {
     this.weightsDeviceBytes = m.weightsDeviceBytes;
     this.architecture = m.architecture;
     this.defaultFrames = m.defaultFrames;
+    this.defaultSampling = m.defaultSampling;
   }
 
   generate(opts) { return this.#pieces("generate", opts); }
 
   /** As `VidLLM.ask`; a `<video>` is sampled here and its frames transferred to the worker. */
-  async *ask({ video, frames, sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30, onFrames, ...opts }) {
+  async *ask({ video, frames, sampling, fps, maxFrames, frameRate = 30, onFrames, ...opts }) {
     let transfer = [];
     if (video) {
       const n = typeof frames === "number" ? frames : this.defaultFrames;
+      const own = this.defaultSampling ?? {};
+      const info = { defaultSampling: own.sampling, defaultFps: own.fps, defaultFrames: this.defaultFrames };
+      ({ sampling, fps, maxFrames } = samplingOf(info, { frames, sampling, fps, maxFrames }));
       const f = await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
       onFrames?.(f);
       frames = f.sources;
       transfer = f.sources;
+      // When they were taken travels with them (some models' prompts state it).
+      opts = { ...opts, frameTimes: f.times, duration: f.duration };
     }
     yield* this.#pieces("ask", { ...opts, frames }, transfer);
   }

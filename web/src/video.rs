@@ -10,6 +10,7 @@ use std::rc::Rc;
 
 use burn::tensor::{Int, Tensor};
 use vidllm_core::preprocess::PreprocessConfig;
+use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::model_files::ModelFiles;
 use vidllm_models::video_model::{LoadOptions, VideoModel};
@@ -32,6 +33,8 @@ enum Frames {
 pub struct VideoRuntime {
     conv: Conversation,
     pre: PreprocessConfig,
+    /// The model's own frame sampling (its processor's).
+    sampling: Sampling,
     opened: Opened,
     gathering: Option<FrameTexture>,
     frames: Option<Frames>,
@@ -66,7 +69,7 @@ impl VideoRuntime {
         let opts = LoadOptions { quant: QuantChoice::Q4_1, lora_alpha, pool: None };
         let folder = files.load(opts, &opened.placement()).map_err(js_err)?;
         let conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
-        Ok(VideoRuntime { conv, pre: folder.pre, opened, gathering: None, frames: None })
+        Ok(VideoRuntime { conv, pre: folder.pre, sampling: folder.sampling, opened, gathering: None, frames: None })
     }
 
     fn model(&self) -> &VideoModel {
@@ -77,9 +80,19 @@ impl VideoRuntime {
         self.model().model_type().into()
     }
 
-    /// Frames the model expects per video.
+    /// The model's own frame sampling: the policy's name (`hf`; `smolvlm` for SmolVLM2)...
+    pub fn default_sampling(&self) -> String {
+        self.sampling.name().into()
+    }
+
+    /// ...its rate, for a rate-based policy (else 1)...
+    pub fn default_fps(&self) -> f64 {
+        self.sampling.fps().unwrap_or(1.0)
+    }
+
+    /// ...and the frames it takes (the most, for a rate-based one).
     pub fn default_frames(&self) -> usize {
-        self.model().default_frames()
+        self.sampling.frames()
     }
 
     pub fn supports_images(&self) -> bool {
@@ -120,28 +133,41 @@ impl VideoRuntime {
         Ok((unpack_rgba_words(words.clone(), width), words, width))
     }
 
-    /// Encode the gathered frames as the video; a new conversation starts. Returns the
-    /// number of visual tokens.
-    pub fn encode_video(&mut self) -> Result<usize, JsError> {
+    /// Encode the gathered frames as the video, taken at `times` (seconds) of a video
+    /// `duration` seconds long; a new conversation starts. Returns the number of visual
+    /// tokens.
+    pub fn encode_video(&mut self, times: Vec<f64>, duration: f64) -> Result<usize, JsError> {
         let (planes, words, width) = self.gathered_planes()?;
         self.frames = Some(Frames::Words { words, width });
-        Ok(self.set_video(planes))
+        self.set_video(planes, times, duration)
     }
 
     /// Encode `t` RGBA frames of `h` x `w` (packed, frame after frame) as the video.
-    pub fn encode_video_rgba(&mut self, rgba: Vec<u8>, t: usize, h: usize, w: usize) -> Result<usize, JsError> {
+    pub fn encode_video_rgba(
+        &mut self,
+        rgba: Vec<u8>,
+        t: usize,
+        h: usize,
+        w: usize,
+        times: Vec<f64>,
+        duration: f64,
+    ) -> Result<usize, JsError> {
         let rgb = rgb_of(&rgba, t, h, w)?;
         let frames: Vec<&[u8]> = rgb.chunks_exact(h * w * 3).collect();
         let planes = rgb_planes(&frames, h, w, &self.opened.device);
         self.frames = Some(Frames::Rgb { rgb });
-        Ok(self.set_video(planes))
+        self.set_video(planes, times, duration)
     }
 
-    fn set_video(&mut self, planes: Tensor<4>) -> usize {
+    fn set_video(&mut self, planes: Tensor<4>, times: Vec<f64>, duration: f64) -> Result<usize, JsError> {
+        let t = planes.dims()[0];
+        if times.len() != t || !times.iter().chain([&duration]).all(|x| x.is_finite() && *x >= 0.0) {
+            return Err(js_err(format!("{t} frames need {t} finite frame times (got {}) and a finite duration", times.len())));
+        }
         let visual = self.model().video(preprocess_planes(planes, &self.pre));
         let n = visual.per_placeholder;
-        self.conv.set_video(visual);
-        n
+        self.conv.set_video(visual, FrameTimes { times, duration });
+        Ok(n)
     }
 
     /// Add the gathered frame (one) as a still image, asked about with the next first question.

@@ -177,8 +177,10 @@ function nativeAnswer(dir, folder, out, prompt, maxTokens) {
   const native = process.env.VIDLLM_NATIVE_BIN;
   assert.ok(native, "set VIDLLM_NATIVE_BIN");
   writeFileSync(join(dir, "frames.rgb"), Buffer.from(out.rgb, "base64"));
+  // When the frames were taken, as the page saw it (SmolVLM2's prompt states it).
+  const when = out.times ? ["--frame-times", out.times.join(","), "--video-duration", String(out.duration)] : [];
   return JSON.parse(execFileSync(native, ["ask", "--model", join(root, "tests/fixtures", folder), "--rgb-frames", join(dir, "frames.rgb"),
-    "--frame-size", `${out.width},${out.height}`, "--prompt", prompt, "--max-tokens", String(maxTokens), "--device", "cpu", "--json"]).toString());
+    "--frame-size", `${out.width},${out.height}`, ...when, "--prompt", prompt, "--max-tokens", String(maxTokens), "--device", "cpu", "--json"]).toString());
 }
 
 /** Mean |difference| per byte between the browser's frames and ffmpeg's at the same times. */
@@ -195,7 +197,9 @@ function meanDiffToFfmpeg(out) {
 
 // Frames go from the <video> straight into a WebGPU texture; the test reads back what the
 // device received and gives exactly those frames to vidllm-native.
-for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava", 8, 40], ["tiny_pllava", "pllava", 8, null], ["tiny_llava_next_video", "llava_next_video", 8, null]]) {
+// SmolVLM2 samples by its own policy (1 frame a second: 2 frames of the 2 s clip, 9 tokens each).
+for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava", 8, 40], ["tiny_pllava", "pllava", 8, null],
+  ["tiny_llava_next_video", "llava_next_video", 8, null], ["tiny_smolvlm", "smolvlm", undefined, 18]]) {
   test(`${arch} answers about a <video> on WebGPU with the native runtime's tokens for the same frames`, { timeout: 900_000 }, async () => {
     const dir = makeClips();
     await testPage("/web/tests/page.html", async (page) => {
@@ -236,12 +240,13 @@ test("frame sampling picks the same moments in the page as vidllm-native", { tim
   const native = (args) => JSON.parse(execFileSync(process.env.VIDLLM_NATIVE_BIN, ["frames", "--video", clip, ...args]).toString());
   const { fps: frameRate, total_frames: total } = native(["--frames", "1"]);
   const policies = [{ sampling: "hf", n: 8 }, { sampling: "linspace", n: 8 }, { sampling: "pllava", n: 8 },
-    { sampling: "fps", fps: 10, maxFrames: 6, n: 0 }, { sampling: "fps", fps: 2, maxFrames: 32, n: 0 }];
+    { sampling: "fps", fps: 10, maxFrames: 6, n: 0 }, { sampling: "fps", fps: 2, maxFrames: 32, n: 0 },
+    { sampling: "smolvlm", fps: 4, maxFrames: 5, n: 0 }];
   await testPage("/web/tests/page.html", async (page) => {
     const out = await page.evaluate((a) => window.runTimes(a), { clip: "/clip.webm", policies: policies.map((p) => ({ ...p, frameRate })) });
     console.log(`sampling: ${total} frames at ${frameRate.toFixed(3)} fps natively, duration ${out.duration} s in Chromium`);
     policies.forEach((p, i) => {
-      const args = p.sampling === "fps" ? ["--sampling", "fps", "--fps", String(p.fps), "--max-frames", String(p.maxFrames)] : ["--sampling", p.sampling, "--frames", String(p.n)];
+      const args = p.fps ? ["--sampling", p.sampling, "--fps", String(p.fps), "--max-frames", String(p.maxFrames)] : ["--sampling", p.sampling, "--frames", String(p.n)];
       const want = native(args).frames.map((f) => f.pts.toFixed(3));
       const got = out.times[i].map((t) => t.toFixed(3));
       console.log(`  ${JSON.stringify(p)}: page ${got.join(" ")} | native ${want.join(" ")}`);

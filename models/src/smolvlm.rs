@@ -1,0 +1,343 @@
+//! SmolVLM2 (Marafioti et al. 2025, "SmolVLM: Redefining small and efficient multimodal
+//! models"); reference: transformers `models/smolvlm/` (`modeling_smolvlm.py`,
+//! `processing_smolvlm.py`, `video_processing_smolvlm.py`), `model_type` `smolvlm`.
+//!
+//! Each frame is one square picture for the SigLIP tower (`siglip.rs`, Idefics3's bucketed
+//! positions), pixel-shuffled and projected by the connector (`smolvlm_connector.rs`) into
+//! `image_seq_len` tokens (64 for the 256M / 500M models). A video is not split into
+//! tiles: every frame is resized to the tower's side. The prompt states the video's length
+//! and, before each frame's tokens, the time it was taken:
+//!
+//! ```text
+//! <|im_start|>User: You are provided the following series of four frames from a 0:00:04 [H:MM:SS] video.
+//!
+//! Frame from 00:00:<fake_token_around_image><global-img><image>...<fake_token_around_image>
+//! Frame from 00:01:...
+//!
+//! What happens?<end_of_utterance>
+//! Assistant:
+//! ```
+
+use burn::tensor::Tensor;
+use serde::Deserialize;
+use serde_json::json;
+use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson, Resample, Resize};
+use vidllm_core::safetensors::Checkpoint;
+use vidllm_core::sampling::{FrameTimes, Sampling};
+use vidllm_core::tokenizer::Tokenizer;
+use vidllm_core::{GenerateError, LoadError};
+use vidllm_shaders::device::Placement;
+
+use crate::llama::{Llama, LlamaConfig};
+use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
+use crate::llava::find_prefix;
+use crate::merge::Visual;
+use crate::mmproj::Mmproj;
+use crate::siglip::{Positions, SiglipDefaults, SiglipVisionConfigJson, SiglipVisionTower};
+use crate::smolvlm_connector::SmolVlmConnector;
+use crate::video_model::{Architecture, LoadOptions, Preprocessing, parse_config};
+
+/// `SmolVLMConfig` as in `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SmolVlmConfigJson {
+    pub vision_config: SiglipVisionConfigJson,
+    pub text_config: LlamaConfigJson,
+    pub scale_factor: Option<usize>,
+    pub image_token_id: Option<u32>,
+}
+
+/// The chat template transformers' `SmolVLMProcessor.apply_chat_template` uses for any
+/// conversation with a video when the caller passes none (`DEFAULT_CHAT_TEMPLATE` in
+/// `processing_smolvlm.py`): the folder's own template is not consulted for videos.
+pub const VIDEO_CHAT_TEMPLATE: &str = "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
+
+/// Key prefixes: transformers <= 4.x (`model.vision_model.`), and the bare module names.
+mod names {
+    pub const VISION: [&str; 2] = ["model.vision_model.", "vision_model."];
+    pub const CONNECTOR: [&str; 2] = ["model.connector.", "connector."];
+    pub const TEXT: [&str; 2] = ["model.text_model.", "text_model."];
+    pub const LM_HEAD: &str = "lm_head.weight";
+}
+
+pub struct SmolVlm {
+    pub vision: SiglipVisionTower,
+    pub connector: SmolVlmConnector,
+    pub decoder: Llama,
+    /// `<image>`: each stands for one of a frame's `image_seq_len` tokens.
+    pub image_token: u32,
+}
+
+impl SmolVlm {
+    /// Build from a checkpoint already open (from files or from memory) and its config.
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &SmolVlmConfigJson, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
+        let text = LlamaConfig::try_from(&cfg.text_config)?;
+        let model = find_prefix(ck, &names::TEXT, "embed_tokens.weight")?;
+        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head: Some(names::LM_HEAD.into()) }, text, quant, &Plain, at)?;
+        let scale = cfg.scale_factor.unwrap_or(2);
+        Self::assemble(ck, &cfg.vision_config, scale, decoder, cfg.image_token_id.unwrap_or(128_257), "config.json: ", at)
+    }
+
+    /// Build from llama.cpp's pair: the mmproj's vision side, the text GGUF's decoder, whose
+    /// tokenizer names the `<image>` token.
+    pub fn from_mmproj(mm: &Mmproj, decoder: Llama, tok: &Tokenizer, at: &Placement) -> Result<Self, LoadError> {
+        let image_token =
+            tok.id_of("<image>").ok_or_else(|| LoadError::Tokenizer("the text GGUF's vocabulary has no <image> token".into()))?;
+        Self::assemble(&mm.ck, &mm.vision, mm.scale_factor, decoder, image_token, "mmproj: clip.vision.projector.", at)
+    }
+
+    /// The tower and connector from `ck` (Hugging Face names), around `decoder`. `field`
+    /// prefixes the name of the scale factor in errors.
+    fn assemble(
+        ck: &Checkpoint,
+        vision: &SiglipVisionConfigJson,
+        scale: usize,
+        decoder: Llama,
+        image_token: u32,
+        field: &str,
+        at: &Placement,
+    ) -> Result<Self, LoadError> {
+        let vcfg = vision.resolve(&SiglipDefaults::SMOLVLM)?;
+        let grid = vcfg.grid();
+        if scale == 0 || !grid.is_multiple_of(scale) {
+            return Err(LoadError::Unsupported(format!(
+                "{field}scale_factor {scale} does not divide the {grid} x {grid} patch grid (vision image_size {} / patch_size {})",
+                vcfg.image_size, vcfg.patch_size
+            )));
+        }
+        let vision =
+            SiglipVisionTower::load(ck, &find_prefix(ck, &names::VISION, "post_layernorm.weight")?, vcfg, Positions::Bucketed, at)?;
+        let connector_prefix = find_prefix(ck, &names::CONNECTOR, "modality_projection.proj.weight")?;
+        let connector = SmolVlmConnector::load(ck, &connector_prefix, scale, vision.cfg.d_model, decoder.cfg.d_model, &at.device)?;
+        Ok(Self { vision, connector, decoder, image_token })
+    }
+
+    /// `image_seq_len`: tokens per frame (or tile).
+    pub fn image_seq_len(&self) -> usize {
+        self.connector.tokens(self.vision.tokens())
+    }
+
+    /// The connector's tokens of each frame, frame-major.
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, s, s]` -> `[t * image_seq_len, d_text]`
+    pub fn image_features(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let y = self.connector.forward(self.vision.forward(pixels));
+        let [t, n, d] = y.dims();
+        y.reshape([t * n, d])
+    }
+}
+
+impl Architecture for SmolVlm {
+    fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, at)
+    }
+
+    fn decoder(&self) -> &Llama {
+        &self.decoder
+    }
+
+    fn image_size(&self) -> usize {
+        self.vision.cfg.image_size
+    }
+
+    fn default_frames(&self) -> usize {
+        64
+    }
+
+    /// The video processor's: frames resized so the longer side is the video size, then
+    /// to the tower's square (transformers uses bicubic where the file says LANCZOS, as
+    /// its video processor warns); SmolVLM2's sampling at the file's rate and count.
+    fn preprocessing(&self, json: &PreprocessorJson) -> Result<Preprocessing, LoadError> {
+        let side = PreprocessorJson::longest_edge(&json.max_image_size).unwrap_or(364);
+        if side != self.image_size() {
+            return Err(LoadError::Unsupported(format!(
+                "preprocessor config: max_image_size.longest_edge {side} is not the vision tower's image_size {} \
+                 (frames are resized to the tower's side)",
+                self.image_size()
+            )));
+        }
+        let sampling = json.video_sampling.as_ref();
+        // `size` wins over `video_sampling.video_size` (the video processor's __init__).
+        let longest = PreprocessorJson::longest_edge(&json.size)
+            .or_else(|| sampling.and_then(|s| s["video_size"]["longest_edge"].as_u64()).map(|n| n as usize))
+            .unwrap_or(4 * 364);
+        let mut pixels = PreprocessConfig {
+            resize: Resize::LongestEdgeThenSquare { longest, square: side },
+            crop: None,
+            resample: Resample::Bicubic,
+            rescale: 1.0 / 255.0,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        };
+        json.normalisation(&mut pixels);
+        if json.do_resize == Some(false) {
+            return Err(LoadError::Unsupported("preprocessor config: do_resize false (frames must be resized to the tower's side)".into()));
+        }
+        // `video_sampling` wins over the top-level fields; the hub's folders give 1 fps, 64 frames.
+        let fps = sampling.and_then(|s| s["fps"].as_f64()).or(json.fps).unwrap_or(1.0);
+        let max_frames = sampling.and_then(|s| s["max_frames"].as_u64()).map(|n| n as usize).or(json.num_frames).unwrap_or(64);
+        Ok(Preprocessing { pixels, sampling: Sampling::SmolVlm { fps, max_frames } })
+    }
+
+    fn video(&self, pixels: Tensor<4>) -> Visual {
+        Visual { token: self.image_token, features: self.image_features(pixels), per_placeholder: self.image_seq_len() }
+    }
+
+    fn first_turn(&self, tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+        let Some(times) = video else {
+            return Err(GenerateError::Unsupported("SmolVLM2 takes a video here; still images are not supported yet".into()));
+        };
+        if n_images > 0 {
+            return Err(GenerateError::Unsupported("SmolVLM2 takes a video or images, not both in one turn".into()));
+        }
+        let messages = json!([{ "role": "user", "content": [{ "type": "video" }, { "type": "text", "text": question }] }]);
+        let text = vidllm_core::chat::render(VIDEO_CHAT_TEMPLATE, &messages, &tok.token_text(tok.bos), &tok.token_text(tok.eos))?;
+        Ok(text.replacen("<video>", &video_prompt(times), 1))
+    }
+
+    /// The template's next turn after an answer: `<end_of_utterance>\nUser: {q}<end_of_utterance>\nAssistant:`.
+    fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {
+        let eou = tok.token_text(tok.eos);
+        format!("{eou}\nUser: {question}{eou}\nAssistant:")
+    }
+}
+
+/// What a video becomes in SmolVLM2's prompt (`expand_text_with_video_tokens`): the intro,
+/// then per frame its time and one `<image>` placeholder between the image markers (each
+/// placeholder later stands for the frame's `image_seq_len` tokens), then a blank line.
+pub fn video_prompt(t: &FrameTimes) -> String {
+    let mut s = format!(
+        "You are provided the following series of {} frames from a {} [H:MM:SS] video.\n",
+        number_words(t.times.len() as u64),
+        clock(t.duration as u64)
+    );
+    for &at in &t.times {
+        let (m, sec) = ((at / 60.0).floor() as u64, (at % 60.0) as u64);
+        s.push_str(&format!("\nFrame from {m:02}:{sec:02}:<fake_token_around_image><global-img><image><fake_token_around_image>"));
+    }
+    s.push_str("\n\n");
+    s
+}
+
+/// Python's `str(timedelta(seconds=s))`: `H:MM:SS`, with `N day(s), ` in front past a day.
+pub fn clock(s: u64) -> String {
+    let (days, rest) = (s / 86_400, s % 86_400);
+    let hms = format!("{}:{:02}:{:02}", rest / 3600, rest / 60 % 60, rest % 60);
+    match days {
+        0 => hms,
+        1 => format!("1 day, {hms}"),
+        d => format!("{d} days, {hms}"),
+    }
+}
+
+/// English cardinal words as `num2words` writes them: "four", "twenty-one",
+/// "one hundred and one", "one thousand, two hundred and thirty-four".
+pub fn number_words(n: u64) -> String {
+    const ONES: [&str; 20] = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+    ];
+    const TENS: [&str; 10] = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"];
+    fn below_hundred(n: u64) -> String {
+        match n {
+            0..20 => ONES[n as usize].into(),
+            _ if n.is_multiple_of(10) => TENS[(n / 10) as usize].into(),
+            _ => format!("{}-{}", TENS[(n / 10) as usize], ONES[(n % 10) as usize]),
+        }
+    }
+    fn below_thousand(n: u64) -> String {
+        match (n / 100, n % 100) {
+            (0, r) => below_hundred(r),
+            (h, 0) => format!("{} hundred", ONES[h as usize]),
+            (h, r) => format!("{} hundred and {}", ONES[h as usize], below_hundred(r)),
+        }
+    }
+    if n < 1000 {
+        return below_thousand(n);
+    }
+    // Groups of three digits, largest first; a last group under a hundred joins with "and".
+    let scales = ["", " thousand", " million", " billion", " trillion", " quadrillion", " quintillion"];
+    let mut groups = Vec::new();
+    let mut m = n;
+    while m > 0 {
+        groups.push(m % 1000);
+        m /= 1000;
+    }
+    let mut parts: Vec<String> = Vec::new();
+    for (i, &g) in groups.iter().enumerate().rev() {
+        if g == 0 {
+            continue;
+        }
+        let words = format!("{}{}", below_thousand(g), scales[i]);
+        if i == 0 && g < 100 {
+            let last = parts.pop().unwrap_or_default();
+            parts.push(format!("{last} and {words}"));
+        } else {
+            parts.push(words);
+        }
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_clock_match_python() {
+        // num2words 0.5.14 and datetime.timedelta.
+        let cases = [
+            (1, "one"),
+            (4, "four"),
+            (13, "thirteen"),
+            (20, "twenty"),
+            (21, "twenty-one"),
+            (64, "sixty-four"),
+            (99, "ninety-nine"),
+            (100, "one hundred"),
+            (101, "one hundred and one"),
+            (115, "one hundred and fifteen"),
+            (200, "two hundred"),
+            (999, "nine hundred and ninety-nine"),
+            (1000, "one thousand"),
+            (1001, "one thousand and one"),
+            (1234, "one thousand, two hundred and thirty-four"),
+            (21000, "twenty-one thousand"),
+        ];
+        for (n, w) in cases {
+            assert_eq!(number_words(n), w);
+        }
+        let clocks = [(0, "0:00:00"), (4, "0:00:04"), (59, "0:00:59"), (61, "0:01:01"), (3600, "1:00:00"), (3725, "1:02:05")];
+        for (s, c) in clocks {
+            assert_eq!(clock(s), c);
+        }
+        assert_eq!(clock(86_400), "1 day, 0:00:00");
+        assert_eq!(clock(90_061), "1 day, 1:01:01");
+    }
+
+    #[test]
+    fn video_prompt_reads_like_the_processor() {
+        let t = FrameTimes::of_indices(&[0, 39, 79, 119], 120, 30000.0 / 1001.0);
+        let p = video_prompt(&t);
+        assert!(p.starts_with("You are provided the following series of four frames from a 0:00:04 [H:MM:SS] video.\n\nFrame from 00:00:"));
+        assert!(p.contains("\nFrame from 00:03:<fake_token_around_image><global-img><image><fake_token_around_image>\n\n"));
+    }
+}

@@ -1,0 +1,217 @@
+//! Tiny random SmolVLM2 (transformers 4.57.1, `gen_smolvlm_fixtures.py`) against
+//! transformers, stage by stage, on every device: the processor's frame choice, pixels and
+//! prompt ids; the SigLIP tower's last hidden state; the connector (pixel shuffle and
+//! projection); the merged embeddings; logits and greedy tokens; and a follow-up turn
+//! through the conversation, reusing the KV cache.
+
+use std::rc::Rc;
+
+use burn::tensor::{Tensor, TensorData};
+use vidllm_core::preprocess::{PreprocessorJson, reference};
+use vidllm_core::safetensors::Checkpoint;
+use vidllm_core::sampler::SamplerConfig;
+use vidllm_core::sampling::FrameTimes;
+use vidllm_core::tokenizer::Tokenizer;
+use vidllm_models::generate::read_row;
+use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::merge::merge_embeddings;
+use vidllm_models::model_files::ModelFiles;
+use vidllm_models::smolvlm::{SmolVlm, SmolVlmConfigJson};
+use vidllm_models::video_model::{Architecture, LoadOptions, VideoModel};
+use vidllm_models::{Conversation, GenerateParams, KvCache, Logits, Model, Prompt};
+use vidllm_shaders::preprocess::preprocess;
+use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
+
+fn refs() -> Checkpoint {
+    Checkpoint::open_files(&[fixture("tiny_smolvlm_ref.safetensors")]).unwrap()
+}
+
+fn ids(r: &Checkpoint, name: &str) -> Vec<u32> {
+    r.i64(name).unwrap().0.into_iter().map(|v| v as u32).collect()
+}
+
+/// When the fixture's frames were taken: the clip's rate and length, as the processor saw them.
+fn frame_times(r: &Checkpoint) -> FrameTimes {
+    let fps: f64 = r.metadata["video_fps"].parse().unwrap();
+    let total: usize = r.metadata["video_frames"].parse().unwrap();
+    let indices: Vec<usize> = r.i64("frame_indices").unwrap().0.into_iter().map(|v| v as usize).collect();
+    FrameTimes::of_indices(&indices, total, fps)
+}
+
+fn model(at: &vidllm_shaders::device::Placement) -> SmolVlm {
+    let dir = fixture("tiny_smolvlm");
+    let cfg: SmolVlmConfigJson = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    SmolVlm::from_checkpoint(&Checkpoint::open_dir(&dir).unwrap(), &cfg, QuantChoice::F32, at).unwrap()
+}
+
+/// The video processor's choices: which frames, and their pixels (vidllm resamples in
+/// floating point where torchvision's uint8 path uses fixed point: one 8-bit level).
+#[test]
+fn frames_and_pixels_match_the_video_processor() {
+    let r = refs();
+    let json: PreprocessorJson =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_smolvlm/video_preprocessor_config.json")).unwrap()).unwrap();
+    let cpu = vidllm_tests::cpu();
+    let pre = model(&cpu).preprocessing(&json).unwrap();
+    let fps: f64 = r.metadata["video_fps"].parse().unwrap();
+    let total: usize = r.metadata["video_frames"].parse().unwrap();
+    let want_idx: Vec<usize> = r.i64("frame_indices").unwrap().0.into_iter().map(|v| v as usize).collect();
+    assert_eq!(pre.sampling.indices(total, fps).unwrap(), want_idx);
+
+    let (frames, shape) = r.raw("frames").map(|(b, _, s)| (b.to_vec(), s)).unwrap();
+    let (h, w) = (shape[1], shape[2]);
+    let per = h * w * 3;
+    let (want, _) = r.f32("pixel_values").unwrap();
+    let level = 1.0 / (255.0 * pre.pixels.std[0]);
+    let cpu_ref: Vec<f32> = frames.chunks(per).flat_map(|f| reference(f, h, w, &pre.pixels)).collect();
+    let off = |got: &[f32]| got.iter().zip(&want).filter(|(a, b)| (*a - *b).abs() > level * 1.01).count();
+    let flips = |got: &[f32]| got.iter().zip(&want).filter(|(a, b)| (*a - *b).abs() > 1e-3).count();
+    println!("cpu reference vs transformers: {} of {} values one level off", flips(&cpu_ref), want.len());
+    assert_eq!(off(&cpu_ref), 0);
+    let slices: Vec<&[u8]> = frames.chunks(per).collect();
+    for (name, at) in test_devices() {
+        let got = preprocess(&slices, h, w, &pre.pixels, &at.device).into_data().try_into_vec::<f32>().unwrap();
+        println!("{name} vs transformers: {} of {} values one level off", flips(&got), want.len());
+        assert_eq!(off(&got), 0, "{name}");
+        // Two resizes, each rounded: a value on .5 may round the other way, rarely.
+        assert!(flips(&got) * 50 <= want.len(), "{name}: {} values differ", flips(&got));
+    }
+}
+
+#[test]
+fn prompt_ids_match_the_processor() {
+    let r = refs();
+    let dir = fixture("tiny_smolvlm");
+    let tok = ModelFiles::Dir(dir.clone()).tokenizer().unwrap();
+    let m = model(&vidllm_tests::cpu());
+    let text = m.first_turn(&tok, &r.metadata["question"], 0, Some(&frame_times(&r))).unwrap();
+    let t = frame_times(&r).times.len();
+    let visual = m.video(Tensor::zeros([t, 3, 96, 96], &vidllm_tests::cpu().device));
+    assert_eq!(VideoModel::prompt_ids(&tok, &text, &[visual]).unwrap(), ids(&r, "input_ids"), "{text}");
+    assert_eq!(tok.decode(&ids(&r, "input_ids")), r.metadata["rendered"]);
+}
+
+#[test]
+fn smolvlm_matches_transformers_on_every_device() {
+    let r = refs();
+    let (pix, s) = r.f32("pixel_values").unwrap();
+    let input_ids = ids(&r, "input_ids");
+    let greedy = ids(&r, "greedy");
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let m = model(&at);
+        let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [s[0], s[1], s[2], s[3]]), &device);
+        let hidden = m.vision.forward(pixels.clone());
+        check_stage(
+            "SigLIP last hidden state",
+            &name,
+            &hidden.to_data().try_into_vec::<f32>().unwrap(),
+            &r.f32("vision_hidden").unwrap().0,
+        );
+        let features = m.image_features(pixels.clone());
+        check_stage("connector", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("connector").unwrap().0);
+        let visual = [m.video(pixels)];
+        let embeds = merge_embeddings(&m.decoder, &input_ids, &visual).unwrap();
+        check_stage("merged embeddings", &name, &embeds.to_data().try_into_vec::<f32>().unwrap(), &r.f32("inputs_embeds").unwrap().0);
+        let mut cache = KvCache::new(&m.decoder.cfg, input_ids.len() + greedy.len() + 1, &device);
+        let logits = read_row(m.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        check_stage("logits", &name, &logits, &r.f32("logits").unwrap().0);
+        assert_eq!(greedy_tokens(&m.decoder, &mut cache, &logits, greedy.len()), greedy, "{name}");
+    }
+}
+
+/// The whole turn as the front ends run it: the folder through the registry, the video
+/// set with its frame times, a question and a follow-up in one conversation (the follow-up
+/// reuses the KV cache): the same ids and greedy tokens as transformers.
+#[test]
+fn conversation_with_follow_up_matches_transformers() {
+    let r = refs();
+    let (pix, s) = r.f32("pixel_values").unwrap();
+    let (first, follow) = (ids(&r, "greedy"), ids(&r, "follow_greedy"));
+    let follow_ids = ids(&r, "follow_input_ids");
+    for (name, at) in test_devices() {
+        let folder =
+            ModelFiles::Dir(fixture("tiny_smolvlm")).load(LoadOptions { quant: QuantChoice::F32, ..Default::default() }, &at).unwrap();
+        assert_eq!(folder.model.model_type(), "smolvlm");
+        let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [s[0], s[1], s[2], s[3]]), &at.device);
+        let visual = folder.model.video(pixels);
+        let tok: Rc<Tokenizer> = Rc::new(folder.tok);
+        let mut conv = Conversation::new(Rc::new(Model::Video(folder.model)), tok, 512);
+        conv.set_video(visual, frame_times(&r));
+        let params =
+            GenerateParams { max_tokens: first.len(), sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, stop: vec![] };
+        conv.ask(Prompt::Question(&r.metadata["question"]), params.clone()).unwrap();
+        let f = conv.answer(|_| true).unwrap();
+        assert_eq!(f.tokens, first, "{name}: first answer");
+        conv.ask(Prompt::Question(&r.metadata["follow_up"]), params).unwrap();
+        let f = conv.answer(|_| true).unwrap();
+        assert_eq!(f.tokens, follow, "{name}: follow-up answer");
+        let history = conv.history();
+        assert_eq!(&history[..follow_ids.len()], &follow_ids[..], "{name}: the follow-up prompt");
+    }
+}
+
+/// A follow-up's logits from the cached conversation equal transformers' over the whole
+/// conversation run at once.
+#[test]
+fn follow_up_logits_match_transformers() {
+    let r = refs();
+    let (pix, s) = r.f32("pixel_values").unwrap();
+    let (input_ids, follow_ids) = (ids(&r, "input_ids"), ids(&r, "follow_input_ids"));
+    let at = vidllm_tests::cpu();
+    let m = model(&at);
+    let pixels = Tensor::<4>::from_data(TensorData::new(pix, [s[0], s[1], s[2], s[3]]), &at.device);
+    let embeds = merge_embeddings(&m.decoder, &input_ids, &[m.video(pixels)]).unwrap();
+    let mut cache = KvCache::new(&m.decoder.cfg, follow_ids.len() + 1, &at.device);
+    m.decoder.forward_embeds(embeds, &mut cache, Logits::Last);
+    let logits = read_row(m.decoder.forward(&follow_ids[input_ids.len()..], &mut cache, Logits::Last)).unwrap();
+    check_stage("follow-up logits", "cpu", &logits, &r.f32("follow_logits").unwrap().0);
+}
+
+/// The same model as llama.cpp's converter writes it (a text GGUF and an mmproj, F16 and
+/// Q8_0): the GGUF tokenizer's prompt ids, then the connector, logits and greedy tokens
+/// against transformers, on every device. F16 rounds the checkpoint's bf16 weights
+/// exactly, so its stages meet the folder's tolerance; Q8_0 is held to the greedy tokens
+/// and to llama.cpp's teacher-forcing rule (argmax wherever transformers leads by 0.5).
+#[test]
+fn llama_cpp_gguf_pair_matches_transformers() {
+    use vidllm_core::gguf::Gguf;
+    use vidllm_models::mmproj::load_pair;
+    let r = refs();
+    let (pix, s) = r.f32("pixel_values").unwrap();
+    let input_ids = ids(&r, "input_ids");
+    let greedy = ids(&r, "greedy");
+    let (want_logits, _) = r.f32("logits").unwrap();
+    for ty in ["F16", "Q8_0"] {
+        let text = Gguf::open(fixture(&format!("tiny_smolvlm.{ty}.gguf"))).unwrap();
+        let mm = Gguf::open(fixture(&format!("mmproj-tiny_smolvlm-{ty}.gguf"))).unwrap();
+        for (name, at) in test_devices() {
+            let name = format!("{name} {ty}");
+            let folder = load_pair(&text, &mm, &at).unwrap();
+            let m = &folder.model;
+            assert_eq!(m.model_type(), "smolvlm");
+            let turn = m.first_turn(&folder.tok, &r.metadata["question"], 0, Some(&frame_times(&r))).unwrap();
+            let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [s[0], s[1], s[2], s[3]]), &at.device);
+            let visual = m.video(pixels);
+            assert_eq!(VideoModel::prompt_ids(&folder.tok, &turn, std::slice::from_ref(&visual)).unwrap(), input_ids, "{name}");
+            let features = visual.features.to_data().try_into_vec::<f32>().unwrap();
+            let embeds = merge_embeddings(m.decoder(), &input_ids, &[visual]).unwrap();
+            let mut cache = KvCache::new(&m.decoder().cfg, input_ids.len() + greedy.len() + 1, &at.device);
+            let logits = read_row(m.decoder().forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+            if ty == "F16" {
+                check_stage("connector", &name, &features, &r.f32("connector").unwrap().0);
+                check_stage("logits", &name, &logits, &want_logits);
+            } else {
+                let vocab = m.decoder().cfg.vocab_size;
+                for (pos, (got, want)) in logits.chunks(vocab).zip(want_logits.chunks(vocab)).enumerate() {
+                    let mut order: Vec<usize> = (0..vocab).collect();
+                    order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+                    if want[order[0]] - want[order[1]] >= 0.5 {
+                        assert_eq!(vidllm_core::sampler::argmax(got) as usize, order[0], "{name}: position {pos}");
+                    }
+                }
+            }
+            assert_eq!(greedy_tokens(m.decoder(), &mut cache, &logits, greedy.len()), greedy, "{name}");
+        }
+    }
+}

@@ -21,6 +21,8 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 pub enum Resample {
     Bilinear,
     Bicubic,
+    /// PIL's LANCZOS: a 3-lobed windowed sinc (Idefics3 / SmolVLM images).
+    Lanczos,
 }
 
 /// How a frame is resized before the crop.
@@ -86,16 +88,64 @@ impl PreprocessConfig {
     }
 }
 
-/// SmolVLM2's video processor's first size (`get_resize_output_image_size` in
-/// `video_processing_smolvlm.py`): the longer side to `longest`, the other scaled by the
-/// aspect ratio, truncated, and made even by adding one.
-pub fn longest_edge_size(h: usize, w: usize, longest: usize) -> (usize, usize) {
-    let longest = longest.min(4096);
+/// Where the Idefics3 / SmolVLM image processor takes a picture (`image_processing_smolvlm.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TiledSizes {
+    /// After the longest-edge resize (`size.longest_edge`; made even; at most 4096).
+    pub resized: (usize, usize),
+    /// After `resize_for_vision_encoder` (each side a whole number of tiles) when split;
+    /// the single tile's square otherwise.
+    pub tiled: (usize, usize),
+    /// The tile grid; `(0, 0)` when the picture is one tile.
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl TiledSizes {
+    /// The sizes for an `h x w` picture, `longest` the processor's `size`, `tile` its
+    /// `max_image_size`, `split` its `do_image_splitting`.
+    pub fn new(h: usize, w: usize, longest: usize, tile: usize, split: bool) -> Self {
+        let (mut h1, mut w1) = longest_edge_size_uncapped(h, w, longest);
+        // `_resize_output_size_scale_below_upper_bound(.., 4096)`: no rounding to even.
+        const MAX: usize = 4096;
+        let aspect = w1 as f64 / h1 as f64;
+        if w1 >= h1 && w1 > MAX {
+            (h1, w1) = (((MAX as f64 / aspect) as usize).max(1), MAX);
+        } else if h1 > w1 && h1 > MAX {
+            (h1, w1) = (MAX, ((MAX as f64 * aspect) as usize).max(1));
+        }
+        if !split {
+            return Self { resized: (h1, w1), tiled: (tile, tile), rows: 0, cols: 0 };
+        }
+        let up = |v: usize| v.div_ceil(tile) * tile;
+        let aspect = w1 as f64 / h1 as f64;
+        let (h2, w2) = if w1 >= h1 {
+            let w2 = up(w1);
+            (up((w2 as f64 / aspect) as usize), w2)
+        } else {
+            let h2 = up(h1);
+            (h2, up((h2 as f64 * aspect) as usize))
+        };
+        let (rows, cols) = if h2 > tile || w2 > tile { (h2.div_ceil(tile), w2.div_ceil(tile)) } else { (0, 0) };
+        Self { resized: (h1, w1), tiled: (h2, w2), rows, cols }
+    }
+}
+
+/// `_resize_output_size_rescale_to_max_len`: the longer side to `longest`, the other
+/// scaled, truncated and made even.
+fn longest_edge_size_uncapped(h: usize, w: usize, longest: usize) -> (usize, usize) {
     let aspect = w as f64 / h as f64;
     let even = |v: usize| if v.is_multiple_of(2) { v } else { v + 1 };
     let (oh, ow) =
         if w >= h { (even((longest as f64 / aspect) as usize), longest) } else { (longest, even((longest as f64 * aspect) as usize)) };
     (oh.max(1), ow.max(1))
+}
+
+/// SmolVLM2's video processor's first size (`get_resize_output_image_size` in
+/// `video_processing_smolvlm.py`): the longer side to `longest`, the other scaled by the
+/// aspect ratio, truncated, and made even by adding one.
+pub fn longest_edge_size(h: usize, w: usize, longest: usize) -> (usize, usize) {
+    longest_edge_size_uncapped(h, w, longest.min(4096))
 }
 
 /// `preprocessor_config.json` fields (all optional).
@@ -113,6 +163,8 @@ pub struct PreprocessorJson {
     pub do_normalize: Option<bool>,
     /// Idefics3 / SmolVLM: the tower's tile side, `{"longest_edge": n}`.
     pub max_image_size: Option<serde_json::Value>,
+    /// Idefics3 / SmolVLM: cut images into tiles (default true).
+    pub do_image_splitting: Option<bool>,
     /// SmolVLM2's video processor: `{"fps", "max_frames", "video_size"}` (older files).
     pub video_sampling: Option<serde_json::Value>,
     /// Video processors: frames a second and the most frames (newer files).
@@ -136,9 +188,8 @@ impl PreprocessorJson {
             };
         }
         c.resample = match self.resample {
-            None | Some(3) => Resample::Bicubic,
-            Some(2) => Resample::Bilinear,
-            Some(r) => return Err(LoadError::Unsupported(format!("resample {r} (supported: 2 bilinear, 3 bicubic)"))),
+            None => c.resample,
+            Some(r) => Resample::from_pil(r)?,
         };
         self.normalisation(&mut c);
         if self.do_resize == Some(false) {
@@ -176,6 +227,24 @@ impl PreprocessorJson {
     }
 }
 
+impl Resample {
+    /// PIL's filter numbers, as preprocessor configs write them.
+    pub fn from_pil(r: u32) -> Result<Self, LoadError> {
+        match r {
+            1 => Ok(Resample::Lanczos),
+            2 => Ok(Resample::Bilinear),
+            3 => Ok(Resample::Bicubic),
+            r => Err(LoadError::Unsupported(format!("resample {r} (supported: 1 lanczos, 2 bilinear, 3 bicubic)"))),
+        }
+    }
+}
+
+/// PIL's `lanczos_filter`: `sinc(x) sinc(x / 3)` on `[-3, 3)`.
+fn lanczos(x: f64) -> f64 {
+    let sinc = |x: f64| if x == 0.0 { 1.0 } else { (x * std::f64::consts::PI).sin() / (x * std::f64::consts::PI) };
+    if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+}
+
 fn bicubic(x: f64) -> f64 {
     // Keys' cubic with a = -0.5, PIL's choice.
     let a = -0.5;
@@ -199,6 +268,7 @@ pub fn resample_weights(n_in: usize, n_out: usize, keep: std::ops::Range<usize>,
     let (filter, support): (fn(f64) -> f64, f64) = match resample {
         Resample::Bicubic => (bicubic, 2.0),
         Resample::Bilinear => (bilinear, 1.0),
+        Resample::Lanczos => (lanczos, 3.0),
     };
     let scale = n_in as f64 / n_out as f64;
     let fscale = scale.max(1.0);
@@ -307,6 +377,19 @@ mod tests {
         assert_eq!(c.resized(720, 1280), (224, 398));
         assert_eq!(c.output_size(720, 1280), (224, 224));
         assert_eq!(crop_origin(&c, 224, 398), (0, 87));
+    }
+
+    #[test]
+    fn idefics3_tile_sizes() {
+        // SmolVLMImageProcessor (transformers 4.57.1) on a 176x144 picture, size 384, tiles of 96.
+        let t = TiledSizes::new(144, 176, 384, 96, true);
+        assert_eq!((t.resized, t.tiled, t.rows, t.cols), ((314, 384), (384, 384), 4, 4));
+        // 1280x720 at SmolVLM2's 2048 / 512: 2048 x 1152 -> 2048 x 1536, 3 x 4 tiles.
+        let t = TiledSizes::new(720, 1280, 2048, 512, true);
+        assert_eq!((t.resized, t.tiled, t.rows, t.cols), ((1152, 2048), (1536, 2048), 3, 4));
+        let t = TiledSizes::new(100, 80, 96, 96, true);
+        assert_eq!((t.resized, t.tiled, t.rows, t.cols), ((96, 76), (96, 96), 0, 0));
+        assert_eq!(TiledSizes::new(144, 176, 384, 96, false).tiled, (96, 96));
     }
 
     #[test]

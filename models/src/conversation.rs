@@ -227,9 +227,9 @@ impl Conversation {
         self.video.as_ref()
     }
 
-    /// Encode a still image (preprocessed, `[1, 3, s, s]`), asked about with the next first
-    /// question; a new conversation starts.
-    pub fn add_image(&mut self, pixels: Tensor<4>) -> Result<(), GenerateError> {
+    /// Encode a still image (its RGB planes `[1, 3, h, w]`, 0..=255; the model's processor
+    /// prepares it), asked about with the next first question; a new conversation starts.
+    pub fn add_image(&mut self, planes: Tensor<4>) -> Result<(), GenerateError> {
         let m = self
             .model
             .video()
@@ -237,7 +237,7 @@ impl Conversation {
         if !m.supports_images() {
             return Err(GenerateError::Unsupported(format!("{} takes no still images (Video-LLaVA does)", m.model_type())));
         }
-        let image = m.images(vec![pixels]).map_err(|e| GenerateError::Visual(e.to_string()))?;
+        let image = m.encode_images(vec![planes]).map_err(|e| GenerateError::Visual(e.to_string()))?;
         self.images.push(image);
         self.reset();
         Ok(())
@@ -334,8 +334,8 @@ impl Conversation {
             (Prompt::Raw(text), _) => (false, tok.encode(text, first && tok.add_bos).map_err(tokenizer)?, None),
             (Prompt::Question(q), Model::Video(m)) if first => {
                 let text = match (&self.video, self.images.len()) {
-                    (Some(_), n) => m.first_turn(tok, q, n, self.video_times.as_ref())?,
-                    (None, n) if n > 0 => m.first_turn(tok, q, n, None)?,
+                    (Some(_), _) => m.first_turn(tok, q, &self.images, self.video_times.as_ref())?,
+                    (None, n) if n > 0 => m.first_turn(tok, q, &self.images, None)?,
                     (None, _) => return Err(GenerateError::NoVisual),
                 };
                 let (ids, embeds) = self.first_turn(m, &text)?;
@@ -356,6 +356,7 @@ impl Conversation {
                 token: first.token,
                 features: Tensor::cat(self.images.iter().map(|v| v.features.clone()).collect(), 0),
                 per_placeholder: first.per_placeholder,
+                tiles: None,
             }],
             None => Vec::new(),
         };

@@ -150,11 +150,11 @@ impl Architecture for LlavaNextVideo {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = pixels.dims()[0] * self.tokens_per_frame();
-        Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder }
+        Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder, tiles: None }
     }
 
-    fn first_turn(&self, _tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError> {
-        Ok(vicuna::first_turn(question, n_images, if video.is_some() { "<video>\n" } else { "" }))
+    fn first_turn(&self, _tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+        Ok(vicuna::first_turn(question, images.len(), if video.is_some() { "<video>\n" } else { "" }))
     }
 
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {

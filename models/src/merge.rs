@@ -15,6 +15,9 @@ pub struct Visual {
     pub features: Tensor<2>,
     /// Tokens each placeholder stands for.
     pub per_placeholder: usize,
+    /// An image cut into `rows x cols` tiles plus a global view (one placeholder each),
+    /// as Idefics3 / SmolVLM prompts lay them out; `None` for one placeholder.
+    pub tiles: Option<(usize, usize)>,
 }
 
 /// Replace every single placeholder id by `per_placeholder` copies.

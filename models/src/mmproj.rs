@@ -169,8 +169,9 @@ pub fn load_pair(text: &Gguf, mmproj: &Gguf, at: &Placement) -> Result<Folder, L
         "idefics3" => ("smolvlm", SmolVlm::from_mmproj(&mm, decoder, &tok, at)?),
         other => unreachable!("{other} passed the PROJECTORS check"),
     };
-    let Preprocessing { pixels, sampling } = crate::video_model::Architecture::preprocessing(&model, &mm.preprocessor)?;
-    Ok(Folder { model: VideoModel::new(model_type, Box::new(model)), tok, pre: pixels, sampling })
+    let model = VideoModel::new(model_type, Box::new(model), &mm.preprocessor, &mm.preprocessor)?;
+    let Preprocessing { pixels, sampling, .. } = model.preprocessing().clone();
+    Ok(Folder { model, tok, pre: pixels, sampling })
 }
 
 #[cfg(test)]

@@ -122,9 +122,19 @@ impl ModelFiles {
         Ok(tok)
     }
 
-    /// The preprocessing config the folder gives (none: every field from the defaults).
+    /// The preprocessing config the folder gives for videos (none: every field from the
+    /// defaults): `video_preprocessor_config.json`, else `preprocessor_config.json`.
     pub fn preprocessor(&self) -> Result<PreprocessorJson, LoadError> {
-        for name in ["video_preprocessor_config.json", "preprocessor_config.json"] {
+        self.first_config(&["video_preprocessor_config.json", "preprocessor_config.json"])
+    }
+
+    /// The image processor's config: `preprocessor_config.json`, else the video one.
+    pub fn image_preprocessor(&self) -> Result<PreprocessorJson, LoadError> {
+        self.first_config(&["preprocessor_config.json", "video_preprocessor_config.json"])
+    }
+
+    fn first_config(&self, names: &[&str]) -> Result<PreprocessorJson, LoadError> {
+        for &name in names {
             if let Some(text) = self.text(name)? {
                 return serde_json::from_str(&text).map_err(|e| LoadError::Unsupported(format!("{}: {e}", self.describe(name))));
             }
@@ -182,14 +192,14 @@ impl ModelFiles {
         let config = self.required("config.json")?;
         VideoModel::registration(&config)?;
         let tok = self.tokenizer()?;
-        let pre = self.preprocessor()?;
+        let (pre, image_pre) = (self.preprocessor()?, self.image_preprocessor()?);
         let mut ck = self.checkpoint()?;
         if let Some(f) = on_read {
             ck.on_read(f);
         }
-        let model = VideoModel::from_checkpoint(&config, &ck, opts, at)?;
-        // The folder's preprocessor config as the architecture's processor reads it.
-        let Preprocessing { pixels: pre, sampling } = model.preprocessing(&pre)?;
+        // The folder's preprocessor configs as the architecture's processors read them.
+        let model = VideoModel::from_checkpoint(&config, &ck, opts, &pre, &image_pre, at)?;
+        let Preprocessing { pixels: pre, sampling, .. } = model.preprocessing().clone();
         Ok(Folder { model, tok, pre, sampling })
     }
 }

@@ -213,10 +213,16 @@ impl Architecture for Pllava {
 
     /// The pooled video fills one `<image>` placeholder, as PLLaVA's prompts write it.
     fn video(&self, pixels: Tensor<4>) -> Visual {
-        Visual { token: self.image_token, features: self.video_features(pixels), per_placeholder: self.video_tokens() }
+        Visual { token: self.image_token, features: self.video_features(pixels), per_placeholder: self.video_tokens(), tiles: None }
     }
 
-    fn first_turn(&self, _tok: &Tokenizer, question: &str, _n_images: usize, _video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+    fn first_turn(
+        &self,
+        _tok: &Tokenizer,
+        question: &str,
+        _images: &[Visual],
+        _video: Option<&FrameTimes>,
+    ) -> Result<String, GenerateError> {
         Ok(vicuna::first_turn(question, 0, "<image>\n"))
     }
 

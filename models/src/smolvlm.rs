@@ -5,8 +5,10 @@
 //! Each frame is one square picture for the SigLIP tower (`siglip.rs`, Idefics3's bucketed
 //! positions), pixel-shuffled and projected by the connector (`smolvlm_connector.rs`) into
 //! `image_seq_len` tokens (64 for the 256M / 500M models). A video is not split into
-//! tiles: every frame is resized to the tower's side. The prompt states the video's length
-//! and, before each frame's tokens, the time it was taken:
+//! tiles: every frame is resized to the tower's side. A still image is cut into tiles of
+//! that side plus the whole picture as one more (`tile_image`), each tile's tokens after
+//! its `<row_i_col_j>` marker. The prompt states the video's length and, before each
+//! frame's tokens, the time it was taken:
 //!
 //! ```text
 //! <|im_start|>User: You are provided the following series of four frames from a 0:00:04 [H:MM:SS] video.
@@ -21,7 +23,7 @@
 use burn::tensor::Tensor;
 use serde::Deserialize;
 use serde_json::json;
-use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson, Resample, Resize};
+use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson, Resample, Resize, TiledSizes};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_core::tokenizer::Tokenizer;
@@ -35,7 +37,8 @@ use crate::merge::Visual;
 use crate::mmproj::Mmproj;
 use crate::siglip::{Positions, SiglipDefaults, SiglipVisionConfigJson, SiglipVisionTower};
 use crate::smolvlm_connector::SmolVlmConnector;
-use crate::video_model::{Architecture, LoadOptions, Preprocessing, parse_config};
+use crate::video_model::{Architecture, LoadOptions, Preprocessing, Tiling, parse_config};
+use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
 
 /// `SmolVLMConfig` as in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -146,53 +149,100 @@ impl Architecture for SmolVlm {
 
     /// The video processor's: frames resized so the longer side is the video size, then
     /// to the tower's square (transformers uses bicubic where the file says LANCZOS, as
-    /// its video processor warns); SmolVLM2's sampling at the file's rate and count.
-    fn preprocessing(&self, json: &PreprocessorJson) -> Result<Preprocessing, LoadError> {
-        let side = PreprocessorJson::longest_edge(&json.max_image_size).unwrap_or(364);
-        if side != self.image_size() {
-            return Err(LoadError::Unsupported(format!(
-                "preprocessor config: max_image_size.longest_edge {side} is not the vision tower's image_size {} \
-                 (frames are resized to the tower's side)",
-                self.image_size()
-            )));
+    /// its video processor warns); SmolVLM2's sampling at the file's rate and count. The
+    /// image processor's: PIL resizes (LANCZOS), tiles of the tower's side plus a global view.
+    fn read_preprocessor(&self, video: &PreprocessorJson, image: &PreprocessorJson) -> Result<Preprocessing, LoadError> {
+        for json in [video, image] {
+            let side = PreprocessorJson::longest_edge(&json.max_image_size).unwrap_or(364);
+            if side != self.image_size() {
+                return Err(LoadError::Unsupported(format!(
+                    "preprocessor config: max_image_size.longest_edge {side} is not the vision tower's image_size {} \
+                     (frames and tiles are resized to the tower's side)",
+                    self.image_size()
+                )));
+            }
+            if json.do_resize == Some(false) {
+                return Err(LoadError::Unsupported("preprocessor config: do_resize false (pictures must fit the tower)".into()));
+            }
         }
-        let sampling = json.video_sampling.as_ref();
+        let side = self.image_size();
+        let normalised = |json: &PreprocessorJson, resize: Resize, resample: Resample| {
+            let mut c = PreprocessConfig { resize, crop: None, resample, rescale: 1.0 / 255.0, mean: [0.5; 3], std: [0.5; 3] };
+            json.normalisation(&mut c);
+            c
+        };
+        let sampling = video.video_sampling.as_ref();
         // `size` wins over `video_sampling.video_size` (the video processor's __init__).
-        let longest = PreprocessorJson::longest_edge(&json.size)
+        let longest = PreprocessorJson::longest_edge(&video.size)
             .or_else(|| sampling.and_then(|s| s["video_size"]["longest_edge"].as_u64()).map(|n| n as usize))
             .unwrap_or(4 * 364);
-        let mut pixels = PreprocessConfig {
-            resize: Resize::LongestEdgeThenSquare { longest, square: side },
-            crop: None,
-            resample: Resample::Bicubic,
-            rescale: 1.0 / 255.0,
-            mean: [0.5; 3],
-            std: [0.5; 3],
-        };
-        json.normalisation(&mut pixels);
-        if json.do_resize == Some(false) {
-            return Err(LoadError::Unsupported("preprocessor config: do_resize false (frames must be resized to the tower's side)".into()));
-        }
+        let pixels = normalised(video, Resize::LongestEdgeThenSquare { longest, square: side }, Resample::Bicubic);
         // `video_sampling` wins over the top-level fields; the hub's folders give 1 fps, 64 frames.
-        let fps = sampling.and_then(|s| s["fps"].as_f64()).or(json.fps).unwrap_or(1.0);
-        let max_frames = sampling.and_then(|s| s["max_frames"].as_u64()).map(|n| n as usize).or(json.num_frames).unwrap_or(64);
-        Ok(Preprocessing { pixels, sampling: Sampling::SmolVlm { fps, max_frames } })
+        let fps = sampling.and_then(|s| s["fps"].as_f64()).or(video.fps).unwrap_or(1.0);
+        let max_frames = sampling.and_then(|s| s["max_frames"].as_u64()).map(|n| n as usize).or(video.num_frames).unwrap_or(64);
+        let resample = image.resample.map(Resample::from_pil).transpose()?.unwrap_or(Resample::Lanczos);
+        let tiles = Tiling {
+            longest: PreprocessorJson::longest_edge(&image.size).unwrap_or(4 * 364),
+            tile: side,
+            split: image.do_image_splitting.unwrap_or(true),
+        };
+        Ok(Preprocessing {
+            pixels,
+            sampling: Sampling::SmolVlm { fps, max_frames },
+            images: normalised(image, Resize::None, resample),
+            tiles: Some(tiles),
+        })
     }
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
-        Visual { token: self.image_token, features: self.image_features(pixels), per_placeholder: self.image_seq_len() }
+        Visual { token: self.image_token, features: self.image_features(pixels), per_placeholder: self.image_seq_len(), tiles: None }
     }
 
-    fn first_turn(&self, tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError> {
-        let Some(times) = video else {
-            return Err(GenerateError::Unsupported("SmolVLM2 takes a video here; still images are not supported yet".into()));
-        };
-        if n_images > 0 {
-            return Err(GenerateError::Unsupported("SmolVLM2 takes a video or images, not both in one turn".into()));
+    fn supports_images(&self) -> bool {
+        true
+    }
+
+    /// One image: cut into tiles plus a global view as the image processor does (PIL
+    /// resizes on the device), each encoded as a frame is.
+    fn images(&self, planes: Vec<Tensor<4>>, prep: &Preprocessing) -> Result<Visual, LoadError> {
+        let [planes] = <[Tensor<4>; 1]>::try_from(planes)
+            .map_err(|p| LoadError::Unsupported(format!("SmolVLM2 takes images one at a time ({} given)", p.len())))?;
+        let tiling = prep.tiles.ok_or_else(|| LoadError::Unsupported("no tiling for SmolVLM2 images".into()))?;
+        let (pictures, tiles) = tile_image(planes, &tiling, prep.images.resample);
+        let features = self.image_features(normalise_planes(pictures, &prep.images));
+        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles })
+    }
+
+    fn first_turn(&self, tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+        let (bos, eos) = (tok.token_text(tok.bos), tok.token_text(tok.eos));
+        match (video, images.len()) {
+            (Some(_), n) if n > 0 => Err(GenerateError::Unsupported("SmolVLM2 takes a video or images in one turn, not both".into())),
+            (Some(times), _) => {
+                let messages = json!([{ "role": "user", "content": [{ "type": "video" }, { "type": "text", "text": question }] }]);
+                let text = vidllm_core::chat::render(VIDEO_CHAT_TEMPLATE, &messages, &bos, &eos)?;
+                Ok(text.replacen("<video>", &video_prompt(times), 1))
+            }
+            (None, _) => {
+                // Images: the folder's own template (transformers' default where it has none),
+                // each `<image>` then replaced by its tiles' text, in order.
+                let mut content: Vec<serde_json::Value> = images.iter().map(|_| json!({ "type": "image" })).collect();
+                content.push(json!({ "type": "text", "text": question }));
+                let messages = json!([{ "role": "user", "content": content }]);
+                let template = tok.chat_template.as_deref().unwrap_or(VIDEO_CHAT_TEMPLATE);
+                let text = vidllm_core::chat::render(template, &messages, &bos, &eos)?;
+                let mut parts = text.split("<image>");
+                let mut out = parts.next().unwrap_or_default().to_string();
+                for (i, rest) in parts.enumerate() {
+                    let tiles = images
+                        .get(i)
+                        .ok_or_else(|| GenerateError::Template("the chat template wrote more <image>s than images".into()))?
+                        .tiles;
+                    out.push_str(&image_prompt(tiles));
+                    out.push_str(rest);
+                }
+                Ok(out)
+            }
         }
-        let messages = json!([{ "role": "user", "content": [{ "type": "video" }, { "type": "text", "text": question }] }]);
-        let text = vidllm_core::chat::render(VIDEO_CHAT_TEMPLATE, &messages, &tok.token_text(tok.bos), &tok.token_text(tok.eos))?;
-        Ok(text.replacen("<video>", &video_prompt(times), 1))
     }
 
     /// The template's next turn after an answer: `<end_of_utterance>\nUser: {q}<end_of_utterance>\nAssistant:`.
@@ -200,6 +250,52 @@ impl Architecture for SmolVlm {
         let eou = tok.token_text(tok.eos);
         format!("{eou}\nUser: {question}{eou}\nAssistant:")
     }
+}
+
+/// The pictures the image processor makes of one image (`SmolVLMImageProcessor`): the
+/// longest-edge resize, then either the resize to whole tiles and the tiles, row-major,
+/// followed by the whole picture resized to one tile, or (not split) one tile. Each resize
+/// is PIL's, 8-bit rounded, as the processor round-trips through PIL images.
+///
+/// # Shapes
+/// - planes: `[1, 3, h, w]` (0..=255) -> `[rows * cols + 1, 3, tile, tile]` (or `[1, ..]`), 0..=255
+pub fn tile_image(planes: Tensor<4>, t: &Tiling, filter: Resample) -> (Tensor<4>, Option<(usize, usize)>) {
+    let [_, _, h, w] = planes.dims();
+    let sizes = TiledSizes::new(h, w, t.longest, t.tile, t.split);
+    let x = resize_planes(planes, sizes.resized, filter);
+    if !t.split {
+        return (resize_planes(x, (t.tile, t.tile), filter), None);
+    }
+    let x = resize_planes(x, sizes.tiled, filter);
+    if sizes.rows == 0 {
+        return (x, None);
+    }
+    let mut pictures = Vec::with_capacity(sizes.rows * sizes.cols + 1);
+    for r in 0..sizes.rows {
+        for c in 0..sizes.cols {
+            pictures.push(x.clone().narrow(2, r * t.tile, t.tile).narrow(3, c * t.tile, t.tile));
+        }
+    }
+    pictures.push(resize_planes(x, (t.tile, t.tile), filter));
+    (Tensor::cat(pictures, 0), Some((sizes.rows, sizes.cols)))
+}
+
+/// What an image becomes in the prompt (`get_image_prompt_string`): per tile its
+/// position and one `<image>` placeholder, a line per row, then the global view; one
+/// placeholder stands for `image_seq_len` tokens.
+pub fn image_prompt(tiles: Option<(usize, usize)>) -> String {
+    const GLOBAL: &str = "<fake_token_around_image><global-img><image><fake_token_around_image>";
+    let Some((rows, cols)) = tiles else { return GLOBAL.into() };
+    let mut s = String::new();
+    for r in 1..=rows {
+        for c in 1..=cols {
+            s.push_str(&format!("<fake_token_around_image><row_{r}_col_{c}><image>"));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    s.push_str(GLOBAL);
+    s
 }
 
 /// What a video becomes in SmolVLM2's prompt (`expand_text_with_video_tokens`): the intro,

@@ -19,9 +19,10 @@ use crate::llama::Llama;
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
-use crate::video_model::{Architecture, LoadOptions, parse_config};
+use crate::video_model::{Architecture, LoadOptions, Preprocessing, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
+use vidllm_shaders::preprocess::preprocess_planes;
 
 /// `VideoLlavaConfig` as in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -169,27 +170,28 @@ impl Architecture for VideoLlava {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = self.video_tokens(pixels.dims()[0]);
-        Visual { token: self.visual.video_token, features: self.video_features(pixels), per_placeholder }
+        Visual { token: self.visual.video_token, features: self.video_features(pixels), per_placeholder, tiles: None }
     }
 
     fn supports_images(&self) -> bool {
         true
     }
 
-    fn images(&self, pixels: Vec<Tensor<4>>) -> Result<Visual, LoadError> {
+    fn images(&self, planes: Vec<Tensor<4>>, prep: &Preprocessing) -> Result<Visual, LoadError> {
+        let pixels: Vec<Tensor<4>> = planes.into_iter().map(|p| preprocess_planes(p, &prep.images)).collect();
         let n = pixels.len();
         if n == 0 {
             return Err(LoadError::Unsupported("no images were given".into()));
         }
         let features = Tensor::cat(pixels.into_iter().map(|p| self.image_features(p)).collect(), 0);
         let per_placeholder = features.dims()[0] / n;
-        Ok(Visual { token: self.visual.image_token, features, per_placeholder })
+        Ok(Visual { token: self.visual.image_token, features, per_placeholder, tiles: None })
     }
 
     /// `USER: <image>\n...<video>\n{question} ASSISTANT:` (images first, as their
     /// features fill the prompt first).
-    fn first_turn(&self, _tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError> {
-        Ok(vicuna::first_turn(question, n_images, if video.is_some() { "<video>\n" } else { "" }))
+    fn first_turn(&self, _tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {
+        Ok(vicuna::first_turn(question, images.len(), if video.is_some() { "<video>\n" } else { "" }))
     }
 
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {

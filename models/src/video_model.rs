@@ -42,13 +42,31 @@ impl Default for LoadOptions {
     }
 }
 
-/// How a model's frames are picked and prepared: the folder's (video) preprocessor config
-/// read the way the model's processor reads it.
+/// How a model's frames and images are picked and prepared: the folder's preprocessor
+/// configs read the way the model's processors read them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preprocessing {
+    /// A video's frames.
     pub pixels: PreprocessConfig,
     /// The frames a video is sampled to unless the user says otherwise.
     pub sampling: Sampling,
+    /// Still images (the image processor's config; with `tiles`, its filter and
+    /// normalisation, the sizes coming from the tiling).
+    pub images: PreprocessConfig,
+    /// Idefics3 / SmolVLM: images cut into tiles plus a global view.
+    pub tiles: Option<Tiling>,
+}
+
+/// An image processor that cuts pictures into tiles of the tower's side
+/// (`TiledSizes` says where).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiling {
+    /// `size.longest_edge`: the first resize.
+    pub longest: usize,
+    /// `max_image_size.longest_edge`: the tile side.
+    pub tile: usize,
+    /// `do_image_splitting`: cut into tiles (else one tile of the whole picture).
+    pub split: bool,
 }
 
 /// A video-language model: a vision side that turns frames into visual tokens for a
@@ -69,12 +87,16 @@ pub trait Architecture {
         8
     }
 
-    /// The folder's preprocessor config as this model's processor reads it. The LLaVA
-    /// family: CLIP's processor at the tower's size, transformers' uniform sampling.
-    fn preprocessing(&self, json: &PreprocessorJson) -> Result<Preprocessing, LoadError> {
+    /// The folder's preprocessor configs (the video processor's, the image processor's) as
+    /// this model's processors read them. The LLaVA family: CLIP's processor at the tower's
+    /// size, transformers' uniform sampling.
+    fn read_preprocessor(&self, video: &PreprocessorJson, image: &PreprocessorJson) -> Result<Preprocessing, LoadError> {
+        let clip = PreprocessConfig::clip(self.image_size());
         Ok(Preprocessing {
-            pixels: json.resolve(&PreprocessConfig::clip(self.image_size()))?,
+            pixels: video.resolve(&clip)?,
             sampling: Sampling::Hf { n: self.default_frames() },
+            images: image.resolve(&clip)?,
+            tiles: None,
         })
     }
 
@@ -88,17 +110,18 @@ pub trait Architecture {
         false
     }
 
-    /// Still images' visual tokens, each image its own placeholder.
+    /// Still images' visual tokens, from their RGB planes (0..=255) and the model's
+    /// preprocessing.
     ///
     /// # Shapes
-    /// - each pixels: `[1, 3, s, s]`
-    fn images(&self, _pixels: Vec<Tensor<4>>) -> Result<Visual, LoadError> {
+    /// - each planes: `[1, 3, h, w]`
+    fn images(&self, _planes: Vec<Tensor<4>>, _prep: &Preprocessing) -> Result<Visual, LoadError> {
         Err(LoadError::Unsupported("this architecture takes no still images".into()))
     }
 
-    /// The first turn's text, with placeholders for `n_images` images and, when `video`,
-    /// for the video (whose frames were taken at those times).
-    fn first_turn(&self, tok: &Tokenizer, question: &str, n_images: usize, video: Option<&FrameTimes>) -> Result<String, GenerateError>;
+    /// The first turn's text, with placeholders for the `images` (in order) and, when
+    /// `video`, for the video (whose frames were taken at those times).
+    fn first_turn(&self, tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError>;
 
     /// A later turn, after the last answer (whose final token may not have run yet).
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String;
@@ -143,10 +166,12 @@ pub fn parse_config<T: DeserializeOwned>(config_json: &str) -> Result<T, LoadErr
     serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json: {e}")))
 }
 
-/// A loaded video-language model: an [`Architecture`] and the `model_type` it was found by.
+/// A loaded video-language model: an [`Architecture`], the `model_type` it was found by,
+/// and how its processors prepare frames and images.
 pub struct VideoModel {
     model_type: &'static str,
     arch: Box<dyn Architecture>,
+    prep: Preprocessing,
 }
 
 impl Deref for VideoModel {
@@ -158,9 +183,26 @@ impl Deref for VideoModel {
 }
 
 impl VideoModel {
-    /// A loaded architecture under its registry name.
-    pub(crate) fn new(model_type: &'static str, arch: Box<dyn Architecture>) -> Self {
-        Self { model_type, arch }
+    /// A loaded architecture under its registry name, with its processors' configs.
+    pub(crate) fn new(
+        model_type: &'static str,
+        arch: Box<dyn Architecture>,
+        video: &PreprocessorJson,
+        image: &PreprocessorJson,
+    ) -> Result<Self, LoadError> {
+        let prep = arch.read_preprocessor(video, image)?;
+        Ok(Self { model_type, arch, prep })
+    }
+
+    /// How frames are sampled and prepared, and images.
+    pub fn preprocessing(&self) -> &Preprocessing {
+        &self.prep
+    }
+
+    /// Still images (RGB planes `[1, 3, h, w]`, 0..=255) as the model's processor prepares
+    /// and its tower encodes them.
+    pub fn encode_images(&self, planes: Vec<Tensor<4>>) -> Result<Visual, LoadError> {
+        self.arch.images(planes, &self.prep)
     }
 
     /// The registry entry a `config.json` names; unsupported architectures are refused by
@@ -178,10 +220,18 @@ impl VideoModel {
         })
     }
 
-    /// A model from its `config.json` text and an open checkpoint (files or memory).
-    pub fn from_checkpoint(config_json: &str, ck: &Checkpoint, opts: LoadOptions, at: &Placement) -> Result<Self, LoadError> {
+    /// A model from its `config.json` text, an open checkpoint (files or memory) and its
+    /// video and image preprocessor configs.
+    pub fn from_checkpoint(
+        config_json: &str,
+        ck: &Checkpoint,
+        opts: LoadOptions,
+        video: &PreprocessorJson,
+        image: &PreprocessorJson,
+        at: &Placement,
+    ) -> Result<Self, LoadError> {
         let r = Self::registration(config_json)?;
-        Ok(Self { model_type: r.model_type, arch: (r.load)(config_json, ck, &opts, at)? })
+        Self::new(r.model_type, (r.load)(config_json, ck, &opts, at)?, video, image)
     }
 
     /// The `config.json` `model_type` this model was loaded as.

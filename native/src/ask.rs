@@ -21,7 +21,7 @@ use vidllm_models::model_files::{Folder, ModelFiles};
 use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
 use vidllm_shaders::device::{DeviceChoice, pick};
-use vidllm_shaders::preprocess::preprocess;
+use vidllm_shaders::preprocess::{preprocess, rgb_planes};
 
 use crate::chat::drain;
 use crate::progress::Progress;
@@ -33,7 +33,8 @@ pub struct AskArgs {
     /// llava_next_video, smolvlm), or a text GGUF with `--mmproj`.
     #[arg(long)]
     pub model: String,
-    #[arg(long, required_unless_present = "rgb_frames")]
+    /// The video (or `--rgb-frames`; with neither, the question is about the `--image`s).
+    #[arg(long, required_unless_present_any = ["rgb_frames", "image"])]
     pub video: Option<String>,
     /// Frames given directly instead of a video: packed RGB bytes, frame after frame
     /// (what `frames --dump` writes), with `--frame-size W,H`.
@@ -203,7 +204,8 @@ fn load_options(a: &AskArgs) -> Result<LoadOptions> {
 pub fn run(a: AskArgs) -> Result<()> {
     let dir = Path::new(&a.model);
     let opts = load_options(&a)?;
-    let source = FrameSource::open(&a)?;
+    // No video: a question about the images alone.
+    let source = if a.video.is_none() && a.rgb_frames.is_none() { None } else { Some(FrameSource::open(&a)?) };
     let picked = pick(a.device)?;
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
@@ -229,18 +231,27 @@ pub fn run(a: AskArgs) -> Result<()> {
     let vm = model.video().expect("a video-language model was loaded");
 
     let t0 = Instant::now();
-    let (frames, times) = progress.during("decoding frames".into(), || source.frames(policy))?;
+    let (frames, times) = match &source {
+        Some(s) => {
+            let (f, t) = progress.during("decoding frames".into(), || s.frames(policy))?;
+            (f, Some(t))
+        }
+        None => (Vec::new(), None),
+    };
     let images: Vec<Frame> =
         a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    let video_px = pixels(&frames, &pcfg, &device);
-    let image_px: Vec<_> = images.iter().map(|f| pixels(std::slice::from_ref(f), &pcfg, &device)).collect();
+    let video_px = (!frames.is_empty()).then(|| pixels(&frames, &pcfg, &device));
+    // Images go to the model as RGB planes: its processor prepares them (resize and crop, or tiles).
+    let image_px: Vec<_> = images.iter().map(|f| rgb_planes(&[&f.rgb], f.height, f.width, &device)).collect();
     let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
     let mut conv = Conversation::new(model.clone(), Rc::new(folder.tok), a.ctx);
     progress.during(format!("encoding {} frames", frames.len()), || -> Result<()> {
-        conv.set_video(vm.video(video_px), times);
+        if let (Some(px), Some(times)) = (video_px, times) {
+            conv.set_video(vm.video(px), times);
+        }
         for px in image_px {
             conv.add_image(px).context("--image")?;
         }

@@ -421,3 +421,39 @@ fn bad_gguf_pairs_give_one_line_errors() {
     assert_one_line_error(ask_pair(mm, text, &[]), "general.architecture");
     assert_one_line_error(ask_pair(text, mm, &["--quant", "q8_0"]), "--quant applies to a model folder");
 }
+
+/// A still image to SmolVLM2 (`--image`, no video): cut into tiles as transformers' image
+/// processor cuts it, the prompt's tile rows, and transformers' greedy tokens.
+#[test]
+fn ask_about_an_image_with_smolvlm_splits_it_like_transformers() {
+    let r = vidllm_core::safetensors::Checkpoint::open_files(&[fixture("tiny_smolvlm_ref.safetensors")]).unwrap();
+    let (rgb, shape, _) = r.raw("image").map(|(b, t, s)| (b.to_vec(), s, t.to_string())).unwrap();
+    let raw = tmp("image.rgb");
+    std::fs::write(&raw, rgb).unwrap();
+    let png = tmp("image.png");
+    let size = format!("{}x{}", shape[1], shape[0]);
+    ffmpeg(&["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &size, "-i", raw.to_str().unwrap(), png.to_str().unwrap()]);
+    let model = fixture("tiny_smolvlm");
+    let want = |name: &str| -> Json { r.i64(name).unwrap().0.into() };
+    let (ok, out, err) = run(&[
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--prompt",
+        &r.metadata["image_question"],
+        "--quant",
+        "f32",
+        "--max-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["visual_tokens"], 17 * 9); // 4 x 4 tiles and the global view, 9 tokens each
+    assert_eq!(v["prompt_tokens"], want("image_input_ids"));
+    assert_eq!(v["tokens"], want("image_greedy"));
+}

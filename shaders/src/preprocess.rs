@@ -44,8 +44,6 @@ pub fn unpack_rgba_words(words: Tensor<3, Int>, w: usize) -> Tensor<4> {
 /// - x: `[t, 3, h, w]` -> `[t, 3, oh, ow]`
 pub fn preprocess_planes(x: Tensor<4>, cfg: &PreprocessConfig) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
-    let device = x.device();
-    let device = &device;
     let steps = cfg.resize_steps(h, w);
     let (rh, rw) = cfg.resized(h, w);
     let (oh, ow) = cfg.output_size(h, w);
@@ -59,9 +57,26 @@ pub fn preprocess_planes(x: Tensor<4>, cfg: &PreprocessConfig) -> Tensor<4> {
     if steps.is_empty() {
         x = x.narrow(2, top, oh).narrow(3, left, ow);
     }
-    let mean = Tensor::<1>::from_floats(cfg.mean, device).reshape([1, 3, 1, 1]);
-    let std = Tensor::<1>::from_floats(cfg.std, device).reshape([1, 3, 1, 1]);
+    normalise_planes(x, cfg)
+}
+
+/// Rescale and normalise 8-bit planes as `cfg` says (its resize and crop are not applied).
+///
+/// # Shapes
+/// - x: `[t, 3, h, w]` -> same
+pub fn normalise_planes(x: Tensor<4>, cfg: &PreprocessConfig) -> Tensor<4> {
+    let device = x.device();
+    let mean = Tensor::<1>::from_floats(cfg.mean, &device).reshape([1, 3, 1, 1]);
+    let std = Tensor::<1>::from_floats(cfg.std, &device).reshape([1, 3, 1, 1]);
     (x * cfg.rescale - mean) / std
+}
+
+/// One PIL resize of 8-bit planes to `(h, w)` (each pass rounded to 8 bits).
+///
+/// # Shapes
+/// - x: `[t, 3, h0, w0]` -> `[t, 3, h, w]`
+pub fn resize_planes(x: Tensor<4>, (h, w): (usize, usize), filter: Resample) -> Tensor<4> {
+    resample(x, h, w, 0..h, 0..w, filter)
 }
 
 /// One PIL resize to `(sh, sw)`, output rows `ys` and columns `xs` kept: two matmuls,

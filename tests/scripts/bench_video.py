@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Video file -> first token, split into decode / preprocess / encode / prefill, for
 vidllm-native and for transformers on the same bench-size model and the same frames, in
-one run. The model has random weights in the hub format (nothing is downloaded):
-Video-LLaVA with a CLIP ViT-B/16 (224 px) tower and a SmolLM2-135M-shaped LLaMA decoder.
+one run. The models have random weights in the hub format (nothing is downloaded):
+- `--arch video_llava`: Video-LLaVA with a CLIP ViT-B/16 (224 px) tower and a
+  SmolLM2-135M-shaped LLaMA decoder, 197 tokens a frame;
+- `--arch smolvlm`: SmolVLM2-500M-shaped, a SigLIP-B/16 tower at 512 px, pixel shuffle by
+  4 (64 tokens a frame) and a SmolLM2-360M-shaped decoder; frames sampled by SmolVLM2's
+  policy (8 a second, at most `--frames`), resized, squared, encoded, as each runtime does.
 
-    pip install torch transformers==4.57.1 av pillow
+    pip install torch torchvision transformers==4.57.1 av pillow num2words
     python3 tests/scripts/bench_video.py VIDEO.mp4 --bin target/release/vidllm-native \
-        [--frames 8] [--devices cpu,gpu] [--quant q4_1,f32] [--reps 3] [--threads 2]
+        [--arch video_llava|smolvlm] [--frames 8[,32]] [--devices cpu,gpu] [--quant q4_1,f32] [--reps 3] [--threads 2]
 """
 import argparse, json, os, statistics, subprocess, tempfile, time
 
@@ -32,17 +36,83 @@ def make_model(path):
     model.save_pretrained(path, safe_serialization=True)
     VideoLlavaImageProcessor().save_pretrained(path)
     # A byte-level tokenizer whose two last ids are the placeholders.
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    byte_tokenizer(path, 49152, ["<image>", "<video>"])
+    return model
+
+
+SMOL_FPS = 8  # frames a second SmolVLM2's policy takes here, so that a short clip yields --frames
+SMOL_SPECIALS = ["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
+
+
+def byte_tokenizer(path, n_vocab, specials):
+    """A byte-level tokenizer of `n_vocab` ids, the last ones `specials`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({f"<t{i}>": i for i in range(len(alphabet), 49150)})
+    vocab.update({f"<t{i}>": i for i in range(len(alphabet), n_vocab - len(specials))})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<image>", "<video>"])
-    from transformers import PreTrainedTokenizerFast
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
-    return model
+    tok.add_special_tokens(specials)
+    eos = "<end_of_utterance>" if "<end_of_utterance>" in specials else None
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_smolvlm(path, max_frames):
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor, \
+        SmolVLMVideoProcessor
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    tok = byte_tokenizer(path, 49280, SMOL_SPECIALS)
+    cfg = SmolVLMConfig(
+        vision_config=SmolVLMVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, image_size=512, patch_size=16),
+        text_config=LlamaConfig(architectures=["VLlama3ForCausalLM"], hidden_size=960, intermediate_size=2560,
+                                num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, vocab_size=49280,
+                                rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192),
+        scale_factor=4, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = SmolVLMForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    mean_std = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    videos = SmolVLMVideoProcessor(video_sampling={"fps": SMOL_FPS, "max_frames": max_frames,
+                                                   "video_size": {"longest_edge": 2048}},
+                                   size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, **mean_std)
+    images = SmolVLMImageProcessor(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, **mean_std)
+    proc = SmolVLMProcessor(image_processor=images, tokenizer=tok, video_processor=videos, image_seq_len=64,
+                            chat_template=DEFAULT_CHAT_TEMPLATE)
+    proc.save_pretrained(path)
+    return model, proc
+
+
+def smolvlm_time_to_first_token(model, proc, video, n):
+    """transformers' SmolVLM2 path: PyAV frames with their metadata, the processor's
+    sampling and two resizes, the tower and connector, then the prefill."""
+    from transformers.video_utils import VideoMetadata
+    t0 = time.perf_counter()
+    c = av.open(video)
+    s = c.streams.video[0]
+    fps = float(s.average_rate)
+    frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, duration=len(frames) / fps)
+    t1 = time.perf_counter()
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is happening in this video?"}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = proc(text=[prompt], videos=[[frames]], video_metadata=[meta], num_frames=n, return_tensors="pt")
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        m = model.model
+        feats = m.get_image_features(inputs["pixel_values"], inputs.get("pixel_attention_mask"))
+        t3 = time.perf_counter()
+        ids = inputs["input_ids"]
+        emb = m.inputs_merger(ids, m.get_input_embeddings()(ids), feats)
+        int(model(inputs_embeds=emb).logits[0, -1].argmax())
+    t4 = time.perf_counter()
+    return {"decode_ms": (t1 - t0) * 1e3, "preprocess_ms": (t2 - t1) * 1e3, "encode_ms": (t3 - t2) * 1e3,
+            "prefill_ms": (t4 - t3) * 1e3, "frames": feats.shape[0], "tokens": ids.shape[1]}
 
 
 def hf_frames(path, n):
@@ -81,8 +151,10 @@ def vidllm_time_to_first_token(binary, model_dir, video, n, device, quant):
     out = subprocess.run([binary, "ask", "--model", model_dir, "--video", video, "--prompt",
                           "What is happening in this video?", "--frames", str(n), "--device", device, "--quant", quant,
                           "--max-tokens", "1", "--json"], check=True, capture_output=True, text=True).stdout
-    t = json.loads(out)["timings"]
-    return {k: t[k] for k in ("decode_ms", "preprocess_ms", "encode_ms", "prefill_ms")} | {"load_s": t["load_s"]}
+    v = json.loads(out)
+    t = v["timings"]
+    return {k: t[k] for k in ("decode_ms", "preprocess_ms", "encode_ms", "prefill_ms")} | {
+        "load_s": t["load_s"], "frames": len(v["frames"]), "tokens": len(v["prompt_tokens"])}
 
 
 def median(runs):
@@ -93,35 +165,46 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("video")
     ap.add_argument("--bin", default="target/release/vidllm-native")
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--arch", default="video_llava", choices=["video_llava", "smolvlm"])
+    ap.add_argument("--frames", default="8", help="frame counts, comma-separated")
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--quant", default="q4_1,f32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    with tempfile.TemporaryDirectory() as d:
-        model = make_model(d)
-        proc = VideoLlavaImageProcessor()
-        n_tok = a.frames * 197
-        ids = torch.tensor([[1] + [49151] * n_tok + list(range(300, 320))])
-        hf_time_to_first_token(model, proc, a.video, a.frames, ids)  # warm-up
-        ref = median([hf_time_to_first_token(model, proc, a.video, a.frames, ids) for _ in range(a.reps)])
-        rows = [("transformers (torch CPU, f32)", ref)]
-        for dev in a.devices.split(","):
-            for q in a.quant.split(","):
-                vidllm_time_to_first_token(a.bin, d, a.video, a.frames, dev, q)  # warm-up
-                rows.append((f"vidllm {dev} {q}", median([vidllm_time_to_first_token(a.bin, d, a.video, a.frames, dev, q)
-                                                           for _ in range(a.reps)])))
+    counts = [int(n) for n in a.frames.split(",")]
     stages = ["decode_ms", "preprocess_ms", "encode_ms", "prefill_ms"]
-    print(f"{a.frames} frames of {os.path.basename(a.video)}, {n_tok} visual tokens; median of {a.reps}; "
-          f"ratio = transformers time / vidllm time (> 1: vidllm faster)")
-    print("| runtime | " + " | ".join(stages) + " | first token ms | ratio |")
-    print("|---" * (len(stages) + 3) + "|")
-    ref_total = sum(ref[s] for s in stages)
-    for name, r in rows:
-        total = sum(r[s] for s in stages)
-        print(f"| {name} | " + " | ".join(f"{r[s]:.0f}" for s in stages) + f" | {total:.0f} | {ref_total / total:.2f} |")
+    print(f"{a.arch}, {os.path.basename(a.video)}; median of {a.reps}; ratio = transformers time / vidllm time "
+          f"(> 1: vidllm faster)")
+    print("| frames | visual tokens | runtime | " + " | ".join(stages) + " | first token ms | ratio |")
+    print("|---" * (len(stages) + 5) + "|")
+    with tempfile.TemporaryDirectory() as d:
+        if a.arch == "smolvlm":
+            model, proc = make_smolvlm(d, max(counts))
+            hf = lambda n: smolvlm_time_to_first_token(model, proc, a.video, n)
+        else:
+            model = make_model(d)
+            proc = VideoLlavaImageProcessor()
+        for n in counts:
+            if a.arch == "video_llava":
+                ids = torch.tensor([[1] + [49151] * (n * 197) + list(range(300, 320))])
+                hf = lambda n, ids=ids: hf_time_to_first_token(model, proc, a.video, n, ids)
+            hf(n)  # warm-up
+            ref = median([hf(n) for _ in range(a.reps)])
+            rows = [("transformers (torch CPU, f32)", ref)]
+            for dev in a.devices.split(","):
+                for q in a.quant.split(","):
+                    vidllm_time_to_first_token(a.bin, d, a.video, n, dev, q)  # warm-up
+                    rows.append((f"vidllm {dev} {q}", median([vidllm_time_to_first_token(a.bin, d, a.video, n, dev, q)
+                                                               for _ in range(a.reps)])))
+            ref_total = sum(ref[s] for s in stages)
+            visual = n * (64 if a.arch == "smolvlm" else 197)
+            for name, r in rows:
+                total = sum(r[s] for s in stages)
+                frames = int(r.get("frames", n))
+                print(f"| {frames} | {visual} | {name} | " + " | ".join(f"{r[s]:.0f}" for s in stages)
+                      + f" | {total:.0f} | {ref_total / total:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ fn video_llava_under_a_4_kib_cap() {
             &features.to_data().try_into_vec::<f32>().unwrap(),
             &r.f32("projected").unwrap().0,
         );
-        let visual = [Visual { token: model.visual.video_token, features, per_placeholder: model.video_tokens(t) }];
+        let visual = [Visual { token: model.visual.video_token, features, per_placeholder: model.video_tokens(t), tiles: None }];
         let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
         let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + 1, &device);
         let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();

@@ -28,7 +28,7 @@ fn llava_next_video_matches_transformers_on_every_device() {
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, s[2], s[3], s[4]]), &device);
         let features = model.video_features(pixels);
         check_stage("pooled+projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("features").unwrap().0);
-        let visual = [Visual { token: model.video_token, features, per_placeholder: t * model.tokens_per_frame() }];
+        let visual = [Visual { token: model.video_token, features, per_placeholder: t * model.tokens_per_frame(), tiles: None }];
         let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
         let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
         let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();

@@ -54,7 +54,7 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
         );
         let features = model.video_features(pixels);
         check_stage("pooled tokens", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("pooled").unwrap().0);
-        let visual = [Visual { token: model.image_token, features, per_placeholder: model.video_tokens() }];
+        let visual = [Visual { token: model.image_token, features, per_placeholder: model.video_tokens(), tiles: None }];
         let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
         let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
         let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();

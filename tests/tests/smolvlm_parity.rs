@@ -7,19 +7,20 @@
 use std::rc::Rc;
 
 use burn::tensor::{Tensor, TensorData};
-use vidllm_core::preprocess::{PreprocessorJson, reference};
+use vidllm_core::preprocess::reference;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::FrameTimes;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::merge::Visual;
 use vidllm_models::merge::merge_embeddings;
 use vidllm_models::model_files::ModelFiles;
-use vidllm_models::smolvlm::{SmolVlm, SmolVlmConfigJson};
+use vidllm_models::smolvlm::{SmolVlm, SmolVlmConfigJson, tile_image};
 use vidllm_models::video_model::{Architecture, LoadOptions, VideoModel};
 use vidllm_models::{Conversation, GenerateParams, KvCache, Logits, Model, Prompt};
-use vidllm_shaders::preprocess::preprocess;
+use vidllm_shaders::preprocess::{normalise_planes, preprocess, rgb_planes};
 use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
 
 fn refs() -> Checkpoint {
@@ -49,10 +50,9 @@ fn model(at: &vidllm_shaders::device::Placement) -> SmolVlm {
 #[test]
 fn frames_and_pixels_match_the_video_processor() {
     let r = refs();
-    let json: PreprocessorJson =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_smolvlm/video_preprocessor_config.json")).unwrap()).unwrap();
+    let files = ModelFiles::Dir(fixture("tiny_smolvlm"));
     let cpu = vidllm_tests::cpu();
-    let pre = model(&cpu).preprocessing(&json).unwrap();
+    let pre = model(&cpu).read_preprocessor(&files.preprocessor().unwrap(), &files.image_preprocessor().unwrap()).unwrap();
     let fps: f64 = r.metadata["video_fps"].parse().unwrap();
     let total: usize = r.metadata["video_frames"].parse().unwrap();
     let want_idx: Vec<usize> = r.i64("frame_indices").unwrap().0.into_iter().map(|v| v as usize).collect();
@@ -84,7 +84,7 @@ fn prompt_ids_match_the_processor() {
     let dir = fixture("tiny_smolvlm");
     let tok = ModelFiles::Dir(dir.clone()).tokenizer().unwrap();
     let m = model(&vidllm_tests::cpu());
-    let text = m.first_turn(&tok, &r.metadata["question"], 0, Some(&frame_times(&r))).unwrap();
+    let text = m.first_turn(&tok, &r.metadata["question"], &[], Some(&frame_times(&r))).unwrap();
     let t = frame_times(&r).times.len();
     let visual = m.video(Tensor::zeros([t, 3, 96, 96], &vidllm_tests::cpu().device));
     assert_eq!(VideoModel::prompt_ids(&tok, &text, &[visual]).unwrap(), ids(&r, "input_ids"), "{text}");
@@ -190,7 +190,7 @@ fn llama_cpp_gguf_pair_matches_transformers() {
             let folder = load_pair(&text, &mm, &at).unwrap();
             let m = &folder.model;
             assert_eq!(m.model_type(), "smolvlm");
-            let turn = m.first_turn(&folder.tok, &r.metadata["question"], 0, Some(&frame_times(&r))).unwrap();
+            let turn = m.first_turn(&folder.tok, &r.metadata["question"], &[], Some(&frame_times(&r))).unwrap();
             let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [s[0], s[1], s[2], s[3]]), &at.device);
             let visual = m.video(pixels);
             assert_eq!(VideoModel::prompt_ids(&folder.tok, &turn, std::slice::from_ref(&visual)).unwrap(), input_ids, "{name}");
@@ -213,5 +213,57 @@ fn llama_cpp_gguf_pair_matches_transformers() {
             }
             assert_eq!(greedy_tokens(m.decoder(), &mut cache, &logits, greedy.len()), greedy, "{name}");
         }
+    }
+}
+
+/// A still image, split as the image processor splits it: 4 x 4 tiles of the 176x144
+/// frame at 384 px, plus the global view; pixels (PIL's LANCZOS in fixed point there,
+/// floating point here: one 8-bit level), the prompt's tile rows, the connector's tokens,
+/// logits and greedy tokens, on every device; and the image through the conversation.
+#[test]
+fn split_image_matches_transformers() {
+    let r = refs();
+    let (image, shape) = r.raw("image").map(|(b, _, s)| (b.to_vec(), s)).unwrap();
+    let (h, w) = (shape[0], shape[1]);
+    let (want_px, ps) = r.f32("image_pixel_values").unwrap();
+    let image_ids = ids(&r, "image_input_ids");
+    let greedy = ids(&r, "image_greedy");
+    for (name, at) in test_devices() {
+        let folder =
+            ModelFiles::Dir(fixture("tiny_smolvlm")).load(LoadOptions { quant: QuantChoice::F32, ..Default::default() }, &at).unwrap();
+        let prep = folder.model.preprocessing().clone();
+        let planes = rgb_planes(&[&image], h, w, &at.device);
+        let (pictures, tiles) = tile_image(planes.clone(), prep.tiles.as_ref().unwrap(), prep.images.resample);
+        assert_eq!(tiles, Some((4, 4)), "{name}");
+        let got = normalise_planes(pictures, &prep.images).into_data().try_into_vec::<f32>().unwrap();
+        let level = 1.0 / (255.0 * prep.images.std[0]);
+        let off = got.iter().zip(&want_px).filter(|(a, b)| (*a - *b).abs() > level * 1.01).count();
+        let flips = got.iter().zip(&want_px).filter(|(a, b)| (*a - *b).abs() > 1e-3).count();
+        println!("{name} tiles vs transformers: {flips} of {} values one level off", want_px.len());
+        assert_eq!(off, 0, "{name}");
+
+        // The model's stages on transformers' own pixels.
+        let m = &folder.model;
+        let pixels = Tensor::<4>::from_data(TensorData::new(want_px.clone(), [ps[0], ps[1], ps[2], ps[3]]), &at.device);
+        let features = m.video(pixels).features;
+        check_stage("image connector", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("image_connector").unwrap().0);
+        let visual = Visual { token: m.video(Tensor::zeros([1, 3, 96, 96], &at.device)).token, features, per_placeholder: 9, tiles };
+        let text = m.first_turn(&folder.tok, &r.metadata["image_question"], std::slice::from_ref(&visual), None).unwrap();
+        assert_eq!(VideoModel::prompt_ids(&folder.tok, &text, std::slice::from_ref(&visual)).unwrap(), image_ids, "{name}: {text}");
+        let embeds = merge_embeddings(m.decoder(), &image_ids, &[visual]).unwrap();
+        let mut cache = KvCache::new(&m.decoder().cfg, image_ids.len() + greedy.len() + 1, &at.device);
+        let logits = read_row(m.decoder().forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        check_stage("image logits", &name, &logits, &r.f32("image_logits").unwrap().0);
+        assert_eq!(greedy_tokens(m.decoder(), &mut cache, &logits, greedy.len()), greedy, "{name}");
+
+        // As a front end runs it: the image's RGB planes to the conversation.
+        let mut conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), 512);
+        conv.add_image(planes).unwrap();
+        let params =
+            GenerateParams { max_tokens: greedy.len(), sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, stop: vec![] };
+        conv.ask(Prompt::Question(&r.metadata["image_question"]), params).unwrap();
+        let f = conv.answer(|_| true).unwrap();
+        assert_eq!(&conv.history()[..image_ids.len()], &image_ids[..], "{name}: the prompt");
+        assert_eq!(f.tokens, greedy, "{name}: the answer from vidllm's own tiles");
     }
 }

@@ -11,10 +11,12 @@ export interface Progress {
 
 export interface LoadOptions {
   /**
-   * A Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a GGUF URL
-   * (text decoder), GGUF bytes or `File`, or the picked files of a folder.
+   * A Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video, SmolVLM2), a
+   * GGUF URL (text decoder), GGUF bytes or `File`, or the picked files of a folder.
    */
   model: string | Uint8Array | File | File[] | FileList;
+  /** With a GGUF `model`: llama.cpp's vision file for it (`mmproj-*.gguf`; SmolVLM2). */
+  mmproj?: string | Uint8Array | File;
   onProgress?: (p: Progress) => void;
   /** Default "webgpu". */
   device?: "webgpu" | "cpu";

@@ -204,10 +204,12 @@ export class VidLLM {
   }
 
   /**
-   * @param {{model: string|Uint8Array|File|File[]|FileList, onProgress?: Function,
+   * `model`: a GGUF (a text decoder), a model folder (URL ending in "/", or picked files),
+   * or, with `mmproj`, llama.cpp's pair: the text GGUF and its vision GGUF (SmolVLM2).
+   * @param {{model: string|Uint8Array|File|File[]|FileList, mmproj?: string|Uint8Array|File, onProgress?: Function,
    *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number}} opts
    */
-  static async load({ model, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha }) {
+  static async load({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha }) {
     await init();
     if (device === "webgpu") {
       if (!globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing); use device: \"cpu\"");
@@ -223,7 +225,10 @@ export class VidLLM {
     if (model instanceof Uint8Array) bytes = model;
     else if (typeof File !== "undefined" && model instanceof File) bytes = new Uint8Array(await model.arrayBuffer());
     else if (typeof model === "string" && isGgufName(model)) bytes = await fetchBytes(model, onProgress);
+    if (mmproj !== undefined && !bytes) throw new TypeError("mmproj goes with a GGUF model (a .gguf URL, File or bytes), not a folder");
+    const vision = mmproj === undefined ? null : await ggufBytes(mmproj, onProgress);
     try {
+      if (vision) return new VidLLM(await VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap), true);
       if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap), false);
       return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha), true);
     } catch (e) { throw failure(e); }
@@ -351,6 +356,14 @@ export class VidLLM {
     this.#rt?.free();
     this.#rt = null;
   }
+}
+
+/** A GGUF given as bytes, a File, or a URL. */
+async function ggufBytes(src, onProgress) {
+  if (src instanceof Uint8Array) return src;
+  if (typeof File !== "undefined" && src instanceof File) return new Uint8Array(await src.arrayBuffer());
+  if (typeof src === "string") return fetchBytes(src, onProgress);
+  throw new TypeError("a GGUF is a URL, a File or a Uint8Array");
 }
 
 async function fetchText(url, optional = false) {

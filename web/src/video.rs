@@ -9,10 +9,12 @@
 use std::rc::Rc;
 
 use burn::tensor::{Int, Tensor};
+use vidllm_core::gguf::Gguf;
 use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::model_files::ModelFiles;
+use vidllm_models::mmproj::{Mmproj, load_pair};
+use vidllm_models::model_files::{Folder, ModelFiles};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
 use vidllm_models::{Conversation, Model, Prompt};
 use vidllm_shaders::preprocess::{preprocess_planes, rgb_planes, unpack_rgba_words};
@@ -38,6 +40,13 @@ pub struct VideoRuntime {
     opened: Opened,
     gathering: Option<FrameTexture>,
     frames: Option<Frames>,
+}
+
+impl VideoRuntime {
+    fn of(folder: Folder, opened: Opened, context: usize) -> Self {
+        let conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
+        VideoRuntime { conv, pre: folder.pre, sampling: folder.sampling, opened, gathering: None, frames: None }
+    }
 }
 
 /// `t` RGBA frames of `h` x `w` (packed, frame after frame), alpha dropped.
@@ -68,8 +77,25 @@ impl VideoRuntime {
         let opened = open_device(gpu, binding_cap.map(|c| c as u64)).await?;
         let opts = LoadOptions { quant: QuantChoice::Q4_1, lora_alpha, pool: None };
         let folder = files.load(opts, &opened.placement()).map_err(js_err)?;
-        let conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
-        Ok(VideoRuntime { conv, pre: folder.pre, sampling: folder.sampling, opened, gathering: None, frames: None })
+        Ok(Self::of(folder, opened, context))
+    }
+
+    /// llama.cpp's pair, already fetched or picked: a text GGUF and its `mmproj` GGUF
+    /// (as `convert_hf_to_gguf.py` and `--mmproj` write them). Read by the same loader as
+    /// `vidllm-native ask --mmproj`.
+    pub async fn load_gguf_pair(
+        text: js_sys::Uint8Array,
+        mmproj: js_sys::Uint8Array,
+        gpu: bool,
+        context: usize,
+        binding_cap: Option<f64>,
+    ) -> Result<VideoRuntime, JsError> {
+        let mm = Gguf::from_bytes(mmproj.to_vec()).map_err(|e| js_err(format!("mmproj: {e}")))?;
+        Mmproj::read(&mm).map_err(js_err)?;
+        let text = Gguf::from_bytes(text.to_vec()).map_err(js_err)?;
+        let opened = open_device(gpu, binding_cap.map(|c| c as u64)).await?;
+        let folder = load_pair(&text, &mm, &opened.placement()).map_err(js_err)?;
+        Ok(Self::of(folder, opened, context))
     }
 
     fn model(&self) -> &VideoModel {
@@ -182,7 +208,8 @@ impl VideoRuntime {
     }
 
     fn add_image(&mut self, planes: Tensor<4>) -> Result<(), JsValue> {
-        self.conv.add_image(preprocess_planes(planes, &self.pre)).map_err(gen_err)
+        // The model's processor prepares it (resize and crop, or tiles).
+        self.conv.add_image(planes).map_err(gen_err)
     }
 
     /// Forget the video, the images and the conversation.

@@ -173,13 +173,14 @@ function makeClips() {
 }
 
 /** `vidllm-native ask` on exactly the frames the browser's device received. */
-function nativeAnswer(dir, folder, out, prompt, maxTokens) {
+function nativeAnswer(dir, folder, out, prompt, maxTokens, mmproj = null) {
   const native = process.env.VIDLLM_NATIVE_BIN;
   assert.ok(native, "set VIDLLM_NATIVE_BIN");
   writeFileSync(join(dir, "frames.rgb"), Buffer.from(out.rgb, "base64"));
   // When the frames were taken, as the page saw it (SmolVLM2's prompt states it).
   const when = out.times ? ["--frame-times", out.times.join(","), "--video-duration", String(out.duration)] : [];
-  return JSON.parse(execFileSync(native, ["ask", "--model", join(root, "tests/fixtures", folder), "--rgb-frames", join(dir, "frames.rgb"),
+  const pair = mmproj ? ["--mmproj", join(root, "tests/fixtures", mmproj)] : [];
+  return JSON.parse(execFileSync(native, ["ask", "--model", join(root, "tests/fixtures", folder), ...pair, "--rgb-frames", join(dir, "frames.rgb"),
     "--frame-size", `${out.width},${out.height}`, ...when, "--prompt", prompt, "--max-tokens", String(maxTokens), "--device", "cpu", "--json"]).toString());
 }
 
@@ -219,6 +220,25 @@ for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava"
     }, { consoleErrors: false });
   });
 }
+
+// llama.cpp's pair for the tiny SmolVLM2 (convert_hf_to_gguf.py, and --mmproj), loaded from
+// two URLs: on WebGPU and on the CPU backend it answers as vidllm-native does with the same
+// pair on the same frames (the pair's Q8_0 decoder, not the folder's Q4_1 on load).
+test("SmolVLM2 as llama.cpp's text GGUF + mmproj answers about a <video> with the native runtime's tokens", { timeout: 900_000 }, async () => {
+  const dir = makeClips();
+  await testPage("/web/tests/page.html", async (page) => {
+    const [text, mmproj] = ["tiny_smolvlm.Q8_0.gguf", "mmproj-tiny_smolvlm-Q8_0.gguf"];
+    const a = { clip: "/clip.webm", prompt: "What is happening in this video?", maxTokens: 6, base: `/tests/fixtures/${text}`, mmproj: `/tests/fixtures/${mmproj}` };
+    for (const device of ["webgpu", "cpu"]) {
+      const out = await page.evaluate((x) => window.runVideo(x), { ...a, device });
+      const res = nativeAnswer(dir, text, out, a.prompt, 6, mmproj);
+      console.log(`smolvlm pair on ${device}: ${out.ids} | native ${res.tokens}, frames at ${out.times.map((t) => t.toFixed(2))}`);
+      assert.equal(out.arch, "smolvlm");
+      assert.equal(res.visual_tokens, 18);
+      assert.deepEqual(out.ids, res.tokens);
+    }
+  }, { consoleErrors: false });
+});
 
 test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the page's tokens, and the CPU backend with native's", { timeout: 900_000 }, async () => {
   const dir = makeClips();

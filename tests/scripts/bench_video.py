@@ -97,7 +97,8 @@ def smolvlm_time_to_first_token(model, proc, video, n):
     s = c.streams.video[0]
     fps = float(s.average_rate)
     frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, duration=len(frames) / fps)
+    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, duration=len(frames) / fps,
+                         frames_indices=list(range(len(frames))))
     t1 = time.perf_counter()
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is happening in this video?"}]}]
     prompt = proc.apply_chat_template(messages, add_generation_prompt=True)

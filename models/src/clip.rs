@@ -15,7 +15,8 @@ use vidllm_shaders::device::{BindingCap, Placement};
 
 use crate::layers::{LayerNorm, Linear, vector};
 
-/// `CLIPVisionConfig` as written in `config.json` (`vision_config`).
+/// A ViT `vision_config` as written in `config.json` (CLIP's, SigLIP's and SmolVLM's
+/// share these fields; their defaults differ, see [`VisionDefaults`]).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipVisionConfigJson {
     pub hidden_size: Option<usize>,
@@ -75,28 +76,57 @@ pub struct ClipVisionConfig {
     pub eps: f64,
 }
 
-impl TryFrom<&ClipVisionConfigJson> for ClipVisionConfig {
-    type Error = LoadError;
-    fn try_from(j: &ClipVisionConfigJson) -> Result<Self, LoadError> {
-        let c = Self {
-            d_model: j.hidden_size.unwrap_or(768),
-            d_ff: j.intermediate_size.unwrap_or(3072),
-            n_layers: j.num_hidden_layers.unwrap_or(12),
-            n_heads: j.num_attention_heads.unwrap_or(12),
-            image_size: j.image_size.unwrap_or(224),
-            patch_size: j.patch_size.unwrap_or(32),
-            act: Activation::parse(j.hidden_act.as_deref().unwrap_or("quick_gelu"))?,
-            eps: j.layer_norm_eps.unwrap_or(1e-5),
+/// transformers' defaults for the fields a `vision_config` leaves out; they differ per
+/// config class (`CLIPVisionConfig`, `SiglipVisionConfig`, `SmolVLMVisionConfig`).
+pub struct VisionDefaults {
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: &'static str,
+    pub layer_norm_eps: f64,
+}
+
+impl VisionDefaults {
+    /// `CLIPVisionConfig()`.
+    pub const CLIP: Self =
+        Self { hidden_size: 768, num_attention_heads: 12, image_size: 224, patch_size: 32, hidden_act: "quick_gelu", layer_norm_eps: 1e-5 };
+}
+
+impl ClipVisionConfigJson {
+    /// The tower's shape, fields left out taken from `d`; refused (naming the fields) unless
+    /// the image is whole patches, the width whole heads, and there are 3 channels.
+    pub fn resolve(&self, d: &VisionDefaults) -> Result<ClipVisionConfig, LoadError> {
+        let c = ClipVisionConfig {
+            d_model: self.hidden_size.unwrap_or(d.hidden_size),
+            d_ff: self.intermediate_size.unwrap_or(3072),
+            n_layers: self.num_hidden_layers.unwrap_or(12),
+            n_heads: self.num_attention_heads.unwrap_or(d.num_attention_heads),
+            image_size: self.image_size.unwrap_or(d.image_size),
+            patch_size: self.patch_size.unwrap_or(d.patch_size),
+            act: Activation::parse(self.hidden_act.as_deref().unwrap_or(d.hidden_act))?,
+            eps: self.layer_norm_eps.unwrap_or(d.layer_norm_eps),
         };
-        if j.num_channels.unwrap_or(3) != 3
+        if self.num_channels.unwrap_or(3) != 3
             || c.patch_size == 0
             || !c.image_size.is_multiple_of(c.patch_size)
             || c.n_heads == 0
             || !c.d_model.is_multiple_of(c.n_heads)
         {
-            return Err(LoadError::Unsupported(format!("CLIP vision config {j:?}")));
+            return Err(LoadError::Unsupported(format!(
+                "vision_config: image_size {} / patch_size {}, hidden_size {} / num_attention_heads {}, num_channels {:?} \
+                 (the image must be whole patches, the width whole heads, 3 channels)",
+                c.image_size, c.patch_size, c.d_model, c.n_heads, self.num_channels
+            )));
         }
         Ok(c)
+    }
+}
+
+impl TryFrom<&ClipVisionConfigJson> for ClipVisionConfig {
+    type Error = LoadError;
+    fn try_from(j: &ClipVisionConfigJson) -> Result<Self, LoadError> {
+        j.resolve(&VisionDefaults::CLIP)
     }
 }
 

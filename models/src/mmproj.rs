@@ -17,8 +17,8 @@ use vidllm_core::safetensors::{Checkpoint, writer};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
+use crate::clip::ClipVisionConfigJson;
 use crate::model_files::Folder;
-use crate::siglip::SiglipVisionConfigJson;
 use crate::smolvlm::SmolVlm;
 use crate::video_model::{Preprocessing, VideoModel};
 use crate::{Llama, load_llama};
@@ -29,7 +29,7 @@ pub const PROJECTORS: [(&str, &str); 1] = [("idefics3", "smolvlm")];
 /// The vision side of a pair: hyper-parameters and the tensors under Hugging Face names.
 pub struct Mmproj {
     pub projector: String,
-    pub vision: SiglipVisionConfigJson,
+    pub vision: ClipVisionConfigJson,
     /// `clip.vision.projector.scale_factor`
     pub scale_factor: usize,
     /// `clip.vision.projection_dim`: the width the connector writes (the decoder's).
@@ -94,7 +94,7 @@ impl Mmproj {
         }
         let u = |k: &str| g.u64(k).map(|v| v as usize).map_err(|e| LoadError::Unsupported(format!("mmproj: {e}")));
         let image_size = u("clip.vision.image_size")?;
-        let vision = SiglipVisionConfigJson {
+        let vision = ClipVisionConfigJson {
             hidden_size: Some(u("clip.vision.embedding_length")?),
             intermediate_size: Some(u("clip.vision.feed_forward_length")?),
             num_hidden_layers: Some(u("clip.vision.block_count")?),

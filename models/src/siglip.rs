@@ -10,72 +10,35 @@
 //! full grid the buckets are not the identity (see [`Positions::Bucketed`]).
 
 use burn::tensor::{Int, Tensor, TensorData};
-use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
 
-use crate::clip::{Activation, ClipVisionConfig, EncoderLayer};
+use crate::clip::{ClipVisionConfig, EncoderLayer, VisionDefaults};
 use crate::layers::{LayerNorm, vector};
 
-/// `SiglipVisionConfig` / `SmolVLMVisionConfig` as written in `config.json`
-/// (`vision_config`); fields a file leaves out take the [`SiglipDefaults`] of the model.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SiglipVisionConfigJson {
-    pub hidden_size: Option<usize>,
-    pub intermediate_size: Option<usize>,
-    pub num_hidden_layers: Option<usize>,
-    pub num_attention_heads: Option<usize>,
-    pub image_size: Option<usize>,
-    pub patch_size: Option<usize>,
-    pub hidden_act: Option<String>,
-    pub layer_norm_eps: Option<f64>,
-    pub num_channels: Option<usize>,
-}
-
-/// transformers' defaults for fields a config leaves out, which differ per model class.
-pub struct SiglipDefaults {
-    pub hidden_size: usize,
-    pub num_attention_heads: usize,
-    pub image_size: usize,
-    pub patch_size: usize,
-}
+/// transformers' defaults for a SigLIP `vision_config`'s missing fields, per config class.
+pub struct SiglipDefaults;
 
 impl SiglipDefaults {
     /// `SiglipVisionConfig()`.
-    pub const SIGLIP: Self = Self { hidden_size: 768, num_attention_heads: 12, image_size: 224, patch_size: 16 };
+    pub const SIGLIP: VisionDefaults = VisionDefaults {
+        hidden_size: 768,
+        num_attention_heads: 12,
+        image_size: 224,
+        patch_size: 16,
+        hidden_act: "gelu_pytorch_tanh",
+        layer_norm_eps: 1e-6,
+    };
     /// `SmolVLMVisionConfig()` (and `Idefics3VisionConfig()`).
-    pub const SMOLVLM: Self = Self { hidden_size: 1152, num_attention_heads: 16, image_size: 224, patch_size: 32 };
-}
-
-impl SiglipVisionConfigJson {
-    /// The tower's shape (the same resolved struct as CLIP's; `tokens()` there counts a
-    /// class token, which SigLIP does not have: use [`SiglipVisionTower::tokens`]).
-    pub fn resolve(&self, d: &SiglipDefaults) -> Result<ClipVisionConfig, LoadError> {
-        let c = ClipVisionConfig {
-            d_model: self.hidden_size.unwrap_or(d.hidden_size),
-            d_ff: self.intermediate_size.unwrap_or(3072),
-            n_layers: self.num_hidden_layers.unwrap_or(12),
-            n_heads: self.num_attention_heads.unwrap_or(d.num_attention_heads),
-            image_size: self.image_size.unwrap_or(d.image_size),
-            patch_size: self.patch_size.unwrap_or(d.patch_size),
-            act: Activation::parse(self.hidden_act.as_deref().unwrap_or("gelu_pytorch_tanh"))?,
-            eps: self.layer_norm_eps.unwrap_or(1e-6),
-        };
-        if self.num_channels.unwrap_or(3) != 3
-            || c.patch_size == 0
-            || !c.image_size.is_multiple_of(c.patch_size)
-            || c.n_heads == 0
-            || !c.d_model.is_multiple_of(c.n_heads)
-        {
-            return Err(LoadError::Unsupported(format!(
-                "vision_config: image_size {} / patch_size {}, hidden_size {} / num_attention_heads {}, num_channels {:?} \
-                 (the image must be whole patches, the width whole heads, 3 channels)",
-                c.image_size, c.patch_size, c.d_model, c.n_heads, self.num_channels
-            )));
-        }
-        Ok(c)
-    }
+    pub const SMOLVLM: VisionDefaults = VisionDefaults {
+        hidden_size: 1152,
+        num_attention_heads: 16,
+        image_size: 224,
+        patch_size: 32,
+        hidden_act: "gelu_pytorch_tanh",
+        layer_norm_eps: 1e-6,
+    };
 }
 
 /// How patches find their position embedding.
@@ -146,7 +109,7 @@ impl SiglipVisionTower {
         Ok(Self { cfg, patch_t, patch_bias, positions, layers, post_ln, cap: at.cap })
     }
 
-    /// Patches per image (no class token).
+    /// Patches per image (no class token; `ClipVisionConfig::tokens` counts CLIP's).
     pub fn tokens(&self) -> usize {
         self.cfg.grid() * self.cfg.grid()
     }

@@ -30,12 +30,13 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_core::{GenerateError, LoadError};
 use vidllm_shaders::device::Placement;
 
+use crate::clip::ClipVisionConfigJson;
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
 use crate::llava::find_prefix;
 use crate::merge::Visual;
 use crate::mmproj::Mmproj;
-use crate::siglip::{Positions, SiglipDefaults, SiglipVisionConfigJson, SiglipVisionTower};
+use crate::siglip::{Positions, SiglipDefaults, SiglipVisionTower};
 use crate::smolvlm_connector::SmolVlmConnector;
 use crate::video_model::{Architecture, LoadOptions, Preprocessing, Tiling, parse_config};
 use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
@@ -43,7 +44,7 @@ use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
 /// `SmolVLMConfig` as in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SmolVlmConfigJson {
-    pub vision_config: SiglipVisionConfigJson,
+    pub vision_config: ClipVisionConfigJson,
     pub text_config: LlamaConfigJson,
     pub scale_factor: Option<usize>,
     pub image_token_id: Option<u32>,
@@ -92,7 +93,7 @@ impl SmolVlm {
     /// prefixes the name of the scale factor in errors.
     fn assemble(
         ck: &Checkpoint,
-        vision: &SiglipVisionConfigJson,
+        vision: &ClipVisionConfigJson,
         scale: usize,
         decoder: Llama,
         image_token: u32,

@@ -202,8 +202,19 @@ fn token_types(g: &Gguf, n: usize) -> Result<Vec<i64>, LoadError> {
 }
 
 fn end_of_generation_ids(tokens: &[&str], eos: Option<u32>, eot: Option<u32>) -> Vec<u32> {
-    // llama.cpp also treats these well-known end-of-turn tokens as end of generation.
-    const EOG_TEXT: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
+    // llama.cpp also treats these well-known end-of-turn tokens as end of generation
+    // (`llama_vocab::impl::load`; Idefics3 / SmolVLM end a turn with `<end_of_utterance>`).
+    const EOG_TEXT: [&str; 9] = [
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<EOT>",
+    ];
     let mut ids: Vec<u32> = tokens.iter().enumerate().filter(|(_, t)| EOG_TEXT.contains(t)).map(|(i, _)| i as u32).collect();
     ids.extend(eot);
     ids.extend(eos);

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod conversation;
 pub mod decoder_family;
 pub mod generate;
+pub mod idefics3;
 pub mod layers;
 pub mod llama;
 pub mod llama_gguf;

@@ -37,7 +37,18 @@ mod names {
 /// Read the decoder configuration from `{arch}.*` keys.
 pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, LoadError> {
     let arch = g.str("general.architecture")?;
-    let family = Family::from_name(arch).map_err(|e| LoadError::Unsupported(format!("general.architecture: {e}")))?;
+    if arch == "clip" {
+        // The usual mix-up with llama.cpp's pairs: the vision file given as the model.
+        return Err(LoadError::Unsupported(
+            "this GGUF is an mmproj (general.architecture \"clip\": a vision encoder, not a decoder); \
+             give it as the mmproj, beside its text GGUF"
+                .into(),
+        ));
+    }
+    let family = Family::from_name(arch).map_err(|_| {
+        let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+        LoadError::Unsupported(format!("general.architecture {arch:?} (supported: {})", known.join(", ")))
+    })?;
     let key = |k: &str| format!("{arch}.{k}");
     let usize_key = |k: &str| g.u64(&key(k)).map(|v| v as usize);
     let d_model = usize_key("embedding_length")?;

@@ -55,6 +55,9 @@ pub struct SmolVlmConfigJson {
 /// `processing_smolvlm.py`): the folder's own template is not consulted for videos.
 pub const VIDEO_CHAT_TEMPLATE: &str = "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
 
+/// What ends a turn in the template (Idefics3's processor's `end_of_utterance_token`).
+pub const END_OF_UTTERANCE: &str = "<end_of_utterance>";
+
 /// Key prefixes: transformers <= 4.x (`model.vision_model.`), and the bare module names.
 mod names {
     pub const VISION: [&str; 2] = ["model.vision_model.", "vision_model."];
@@ -246,10 +249,10 @@ impl Architecture for SmolVlm {
         }
     }
 
-    /// The template's next turn after an answer: `<end_of_utterance>\nUser: {q}<end_of_utterance>\nAssistant:`.
-    fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {
-        let eou = tok.token_text(tok.eos);
-        format!("{eou}\nUser: {question}{eou}\nAssistant:")
+    /// The template's next turn after an answer: `<end_of_utterance>\nUser: {q}<end_of_utterance>\nAssistant:`
+    /// (the processor's `end_of_utterance_token`, whatever the tokenizer's EOS is).
+    fn follow_up(&self, _tok: &Tokenizer, question: &str) -> String {
+        format!("{END_OF_UTTERANCE}\nUser: {question}{END_OF_UTTERANCE}\nAssistant:")
     }
 }
 

@@ -18,6 +18,7 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
 use crate::Llama;
+use crate::idefics3::Idefics3;
 use crate::llama_hf::QuantChoice;
 use crate::llava_next_video::LlavaNextVideo;
 use crate::merge::{Visual, expand_placeholders};
@@ -106,6 +107,12 @@ pub trait Architecture {
     /// - pixels: `[t, 3, s, s]`
     fn video(&self, pixels: Tensor<4>) -> Visual;
 
+    /// Whether the model takes a video at all (Idefics3 takes only still images); front
+    /// ends ask before decoding any frame.
+    fn supports_video(&self) -> bool {
+        true
+    }
+
     fn supports_images(&self) -> bool {
         false
     }
@@ -149,11 +156,12 @@ const fn register<A: Architecture + 'static>(model_type: &'static str) -> Regist
 }
 
 /// Every architecture vidllm runs, by `config.json`'s `model_type`.
-pub static REGISTRY: [Registration; 4] = [
+pub static REGISTRY: [Registration; 5] = [
     register::<VideoLlava>("video_llava"),
     register::<Pllava>("pllava"),
     register::<LlavaNextVideo>("llava_next_video"),
     register::<SmolVlm>("smolvlm"),
+    register::<Idefics3>("idefics3"),
 ];
 
 /// The `model_type`s of [`REGISTRY`].
@@ -241,7 +249,10 @@ impl VideoModel {
 
     /// Token ids of a first-turn `text`, each placeholder expanded to its visual tokens.
     pub fn prompt_ids(tok: &Tokenizer, text: &str, visuals: &[Visual]) -> Result<Vec<u32>, LoadError> {
-        let mut ids = tok.encode(text, tok.add_bos)?;
+        // A template that writes BOS itself (Idefics3's `<|begin_of_text|>...`) gets no second
+        // one, as transformers' `apply_chat_template(tokenize=True)` and llama.cpp do.
+        let bos_in_text = tok.bos.is_some() && text.starts_with(&tok.token_text(tok.bos));
+        let mut ids = tok.encode(text, tok.add_bos && !bos_in_text)?;
         for v in visuals {
             ids = expand_placeholders(&ids, v.token, v.per_placeholder);
         }

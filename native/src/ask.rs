@@ -30,7 +30,7 @@ use crate::video::{Frame, VideoReader};
 #[derive(Args)]
 pub struct AskArgs {
     /// Hugging Face-format model folder (`config.json` `model_type`: video_llava, pllava,
-    /// llava_next_video, smolvlm), or a text GGUF with `--mmproj`.
+    /// llava_next_video, smolvlm, idefics3), or a text GGUF with `--mmproj`.
     #[arg(long)]
     pub model: String,
     /// The video (or `--rgb-frames`; with neither, the question is about the `--image`s).
@@ -229,6 +229,9 @@ pub fn run(a: AskArgs) -> Result<()> {
     let policy = a.sampling.policy_or(folder.sampling)?;
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");
+    if source.is_some() && !vm.supports_video() {
+        bail!("{}: {} takes still images only, not a video (ask with --image)", a.model, vm.model_type());
+    }
 
     let t0 = Instant::now();
     let (frames, times) = match &source {

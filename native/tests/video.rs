@@ -457,3 +457,43 @@ fn ask_about_an_image_with_smolvlm_splits_it_like_transformers() {
     assert_eq!(v["prompt_tokens"], want("image_input_ids"));
     assert_eq!(v["tokens"], want("image_greedy"));
 }
+
+/// Idefics3 (`gen_idefics3_fixtures.py`): a still image gives transformers' prompt and
+/// greedy tokens; a video is refused in one line before any frame is decoded.
+#[test]
+fn ask_runs_idefics3_on_images_and_refuses_video() {
+    let r = vidllm_core::safetensors::Checkpoint::open_files(&[fixture("tiny_idefics3_ref.safetensors")]).unwrap();
+    let (rgb, shape) = r.raw("image").map(|(b, _, s)| (b.to_vec(), s)).unwrap();
+    let raw = tmp("idefics3.rgb");
+    std::fs::write(&raw, rgb).unwrap();
+    let png = tmp("idefics3.png");
+    let size = format!("{}x{}", shape[1], shape[0]);
+    ffmpeg(&["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &size, "-i", raw.to_str().unwrap(), png.to_str().unwrap()]);
+    let model = fixture("tiny_idefics3");
+    let want = |name: &str| -> Json { r.i64(name).unwrap().0.into() };
+    let (ok, out, err) = run(&[
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--prompt",
+        &r.metadata["question"],
+        "--quant",
+        "f32",
+        "--max-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["visual_tokens"], 17 * 16); // 4 x 4 tiles and the global view, 16 tokens each
+    assert_eq!(v["prompt_tokens"], want("input_ids"));
+    assert_eq!(v["tokens"], want("greedy"));
+
+    let clip = clips().join("carphone_pristine.mp4");
+    let refused = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "x", "--device", "cpu"]);
+    assert_one_line_error(refused, "idefics3 takes still images only, not a video");
+}

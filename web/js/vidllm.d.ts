@@ -54,7 +54,14 @@ export interface GenerateOptions {
   temperature?: number;
   seed?: number;
   signal?: AbortSignal;
+  /** Forget the conversation before this prompt (else it continues, from the KV cache). */
+  newConversation?: boolean;
+  /** Hears each stage begin ("prefill"; the first piece then starts the answer). */
+  onStage?: (stage: Stage) => void;
 }
+
+/** What the runtime is doing before the first piece of an answer. */
+export type Stage = "sampling" | "encoding" | "prefill";
 
 export interface AskOptions {
   /** The video to ask about; omit to continue the conversation about the last one. */
@@ -79,6 +86,8 @@ export interface AskOptions {
   onFrames?: (f: SampledFrames) => void;
   /** Start a new conversation about the same (already encoded) video. */
   newConversation?: boolean;
+  /** Hears each stage begin: "sampling" the video, "encoding" the frames or images, "prefill". */
+  onStage?: (stage: Stage) => void;
 }
 
 export type ContentPart =
@@ -117,12 +126,16 @@ export interface ChatCompletionChunk {
 export class VidLLM {
   static load(opts: LoadOptions): Promise<VidLLM>;
   /** "text" for a GGUF decoder, else the folder's model_type. */
-  readonly architecture: "text" | "video_llava" | "pllava" | "llava_next_video";
+  readonly architecture: "text" | "video_llava" | "pllava" | "llava_next_video" | "smolvlm" | "idefics3";
   readonly weightsDeviceBytes: number;
   readonly defaultFrames: number;
   /** The model's own frame sampling: "hf" for the LLaVA family, "smolvlm" (1 frame a second, at most `frames`) for SmolVLM2. */
   readonly defaultSampling: { sampling: Sampling | null; fps: number; frames: number };
   readonly headBands: number;
+  /** Whether the model takes a video (Idefics3 takes still images only). */
+  readonly supportsVideo: boolean;
+  /** Whether the model takes still images (Video-LLaVA, SmolVLM2, Idefics3). */
+  readonly supportsImages: boolean;
   generate(opts: GenerateOptions): AsyncIterable<Piece>;
   ask(opts: AskOptions): AsyncIterable<Piece>;
   /** RGB bytes of the frames the device received for the last video. */
@@ -154,6 +167,8 @@ export function samplingOf(
 
 export class WebGPUNotAvailableError extends Error {}
 export class ModelFetchError extends Error {}
+/** The files are not a model this runtime runs (unsupported architecture or type, an mmproj as the model, truncated). */
+export class ModelLoadError extends Error {}
 export class QuotaError extends Error {}
 export class VideoError extends Error {}
 export class IntegrityError extends Error {}

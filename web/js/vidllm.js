@@ -48,6 +48,11 @@ export class ContextFullError extends Error {
 export class InvalidRequestError extends Error {
   constructor(message) { super(message); this.name = "InvalidRequestError"; }
 }
+/** The model's files were fetched but are not a model this runtime runs (an unsupported
+ * architecture or weight type, an mmproj given as the model, a truncated or corrupt file). */
+export class ModelLoadError extends Error {
+  constructor(message) { super(message); this.name = "ModelLoadError"; }
+}
 /** The model's chat template failed to render. */
 export class TemplateError extends Error {
   constructor(message) { super(message); this.name = "TemplateError"; }
@@ -110,6 +115,7 @@ async function fetchBytes(url, onProgress) {
   }
   let res;
   try { res = await fetch(url); } catch (e) { throw new ModelFetchError(`cannot fetch ${url}: ${e.message}`); }
+  if (res.status === 404) throw new ModelFetchError(`model file not found: ${url} (HTTP 404)`);
   if (!res.ok) throw new ModelFetchError(`cannot fetch ${url}: HTTP ${res.status}`);
   const total = Number(res.headers.get("content-length")) || 0;
   const reader = res.body.getReader();
@@ -174,7 +180,56 @@ function folderSource(model, onProgress) {
   const base = String(model);
   const folder = new URL(base.endsWith("/") ? base : base + "/", globalThis.location?.href);
   const u = (f) => new URL(f, folder).href;
-  return { text: (name, optional) => fetchText(u(name), optional), bytes: (name) => fetchBytes(u(name), onProgress) };
+  // Which files the folder has, when its server says (see `listing`): optional files it
+  // lacks are then not requested, so no 404 shows in the console.
+  const names = listing(folder);
+  return {
+    text: async (name, optional) => {
+      const have = await names;
+      if (have && !have.has(name)) {
+        if (optional) return undefined;
+        throw new ModelFetchError(name === "config.json" ? `model folder not found: ${folder.href} has no config.json`
+          : `${name} is missing from the model folder ${folder.href}`);
+      }
+      return fetchText(u(name), optional, name === "config.json" ? folder.href : null);
+    },
+    bytes: (name) => fetchBytes(u(name), onProgress),
+  };
+}
+
+/**
+ * The names of the files in a folder, or null when its server does not list them: the
+ * Hugging Face hub's tree API for `.../resolve/<revision>/` URLs, else the folder URL's
+ * own index page as static servers write it (`python3 -m http.server`, nginx
+ * `autoindex`, `tests/scripts/serve_demo.sh`): the links of an HTML page that links to
+ * no other folder's files.
+ */
+async function listing(folder) {
+  const hub = folder.href.match(/^(https:\/\/huggingface\.co)\/([^/]+\/[^/]+)\/resolve\/([^/]+)\/(.*)$/);
+  try {
+    if (hub) {
+      const [, host, repo, rev, sub] = hub;
+      const res = await fetch(`${host}/api/models/${repo}/tree/${rev}/${sub}`);
+      if (!res.ok) return null;
+      const prefix = sub;
+      return new Set((await res.json()).filter((e) => e.type === "file").map((e) => e.path.slice(prefix.length)));
+    }
+    // Only same-origin index pages: another origin's HTML proves nothing about its files.
+    if (folder.origin !== globalThis.location?.origin) return null;
+    const res = await fetch(folder.href);
+    if (!res.ok || !(res.headers.get("content-type") ?? "").startsWith("text/html")) return null;
+    const page = await res.text();
+    const names = new Set();
+    for (const [, href] of page.matchAll(/href="([^"?#]+)"/g)) {
+      const url = new URL(href, folder);
+      if (url.origin !== folder.origin || !url.pathname.startsWith(folder.pathname)) continue;
+      const rest = decodeURIComponent(url.pathname.slice(folder.pathname.length));
+      if (rest && !rest.includes("/")) names.add(rest);
+    }
+    return names.size ? names : null;
+  } catch {
+    return null;
+  }
 }
 
 const isGgufName = (s) => /\.gguf(\?|#|$)/i.test(s);
@@ -199,6 +254,8 @@ export class VidLLM {
       defaultSampling: video ? rt.default_sampling() : null,
       defaultFps: video ? rt.default_fps() : 1,
       headBands: video ? 1 : rt.head_bands(),
+      supportsVideo: video ? rt.supports_video() : false,
+      supportsImages: video ? rt.supports_images() : false,
     };
     this.chat = { completions: { create: (req) => this.#completion(req) } };
   }
@@ -231,7 +288,11 @@ export class VidLLM {
       if (vision) return new VidLLM(await VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap), true);
       if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap), false);
       return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha), true);
-    } catch (e) { throw failure(e); }
+    } catch (e) {
+      const f = failure(e);
+      // The runtime's own refusals of the files arrive unnamed.
+      throw f.constructor === Error ? new ModelLoadError(f.message) : f;
+    }
   }
 
   /** "text" for a GGUF decoder, else the folder's architecture (e.g. "video_llava"). */
@@ -241,6 +302,10 @@ export class VidLLM {
   get defaultFrames() { return this.#info.defaultFrames; }
   /** The model's own sampling policy ("hf"; "smolvlm" for SmolVLM2) and its rate. */
   get defaultSampling() { return { sampling: this.#info.defaultSampling, fps: this.#info.defaultFps, frames: this.#info.defaultFrames }; }
+  /** Whether the model takes a video (Idefics3 takes still images only). */
+  get supportsVideo() { return this.#info.supportsVideo; }
+  /** Whether the model takes still images. */
+  get supportsImages() { return this.#info.supportsImages; }
   /** Row bands of the output head (1 unless it exceeds the storage-binding cap). */
   get headBands() { return this.#info.headBands; }
 
@@ -266,10 +331,14 @@ export class VidLLM {
    * Stream an answer to a text prompt: yields {text, id}. `raw` skips the chat template;
    * `signal` aborts. Follow-up calls continue the same conversation (its KV cache).
    */
-  generate({ prompt, raw = false, maxTokens = 256, temperature = 0, seed = 0, signal } = {}) {
-    if (this.#video) return this.ask({ prompt, maxTokens, temperature, seed, signal });
+  generate({ prompt, raw = false, maxTokens = 256, temperature = 0, seed = 0, signal, newConversation = false, onStage } = {}) {
+    if (this.#video) return this.ask({ prompt, maxTokens, temperature, seed, signal, newConversation, onStage });
     const rt = this.#live();
-    return this.#stream((push) => rt.generate(String(prompt ?? ""), raw, maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted)));
+    return this.#stream((push) => {
+      if (newConversation) rt.reset();
+      onStage?.("prefill");
+      return rt.generate(String(prompt ?? ""), raw, maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted));
+    });
   }
 
   /**
@@ -282,12 +351,16 @@ export class VidLLM {
    * Asking again without a new video continues the conversation about the same one;
    * `newConversation` starts over, still without encoding the video again.
    * `onFrames({sources, times, width, height})` sees the sampled frames (`ImageBitmap`s,
-   * closed once encoded: draw them during the call).
+   * closed once encoded: draw them during the call). `onStage(stage)` hears each stage
+   * begin: "sampling", "encoding", "prefill" (the first piece then starts the answer).
    */
   ask({ video, image, frames, frameTimes, duration, sampling, fps, maxFrames, frameRate = 30, prompt, maxTokens = 256,
-        temperature = 0, seed = 0, signal, onFrames, newConversation = false } = {}) {
+        temperature = 0, seed = 0, signal, onFrames, onStage, newConversation = false } = {}) {
     const rt = this.#live();
     if (!this.#video) throw new Error("this is a text model (GGUF); load a video-language folder to ask about videos");
+    if ((video || Array.isArray(frames)) && !this.#info.supportsVideo) {
+      throw new VideoError(`${this.#info.architecture} takes still images only, not a video (pass image)`);
+    }
     ({ sampling, fps, maxFrames } = samplingOf(this.#info, { frames, sampling, fps, maxFrames }));
     return this.#stream(async (push) => {
       const given = Array.isArray(frames) ? frames : null;
@@ -298,10 +371,12 @@ export class VidLLM {
       if ((video || given) && !same) {
         rt.clear_visuals();
         this.#seen = null;
+        if (!given) onStage?.("sampling");
         const f = given ? { sources: given, times: frameTimes ?? given.map((x) => (x.timestamp ?? 0) / 1e6), duration }
           : await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
         try {
           onFrames?.(f);
+          onStage?.("encoding");
           await encodeVideo(rt, f);
         } finally {
           if (!given) f.sources.forEach((b) => b.close());
@@ -310,8 +385,10 @@ export class VidLLM {
       } else if (newConversation) rt.reset_conversation();
       if (image) {
         if (!video && !given) { rt.clear_visuals(); this.#seen = null; }
+        onStage?.("encoding");
         for (const im of Array.isArray(image) ? image : [image]) await encodeImage(rt, im);
       }
+      onStage?.("prefill");
       await rt.ask(String(prompt ?? ""), maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted));
     });
   }
@@ -366,11 +443,14 @@ async function ggufBytes(src, onProgress) {
   throw new TypeError("a GGUF is a URL, a File or a Uint8Array");
 }
 
-async function fetchText(url, optional = false) {
+/** A file's text; `undefined` for an `optional` one that is absent. `folder`: the file
+ * says whether this folder exists (its 404 reads "model folder not found"). */
+async function fetchText(url, optional = false, folder = null) {
   let res;
   try { res = await fetch(url); } catch (e) { throw new ModelFetchError(`cannot fetch ${url}: ${e.message}`); }
   if (!res.ok) {
     if (optional) return undefined;
+    if (folder && res.status === 404) throw new ModelFetchError(`model folder not found: ${folder} (its config.json: HTTP 404)`);
     throw new ModelFetchError(`cannot fetch ${url}: HTTP ${res.status}`);
   }
   return res.text();

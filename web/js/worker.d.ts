@@ -10,6 +10,8 @@ export class VidLLMWorker {
   readonly defaultFrames: number;
   /** The model's own frame sampling: "hf" for the LLaVA family, "smolvlm" (1 frame a second, at most `frames`) for SmolVLM2. */
   readonly defaultSampling: { sampling: Sampling | null; fps: number; frames: number };
+  readonly supportsVideo: boolean;
+  readonly supportsImages: boolean;
   generate(opts: GenerateOptions): AsyncIterable<Piece>;
   /** A `<video>` is sampled in the page; its frames are transferred to the worker. */
   ask(opts: AskOptions): AsyncIterable<Piece>;

@@ -11,7 +11,7 @@
 // This file is both the worker's script (when loaded in a worker) and the page-side
 // client (`VidLLMWorker`), so one URL serves both.
 
-import { VidLLM, sampleFrames, samplingOf } from "./vidllm.js";
+import { VidLLM, VideoError, sampleFrames, samplingOf } from "./vidllm.js";
 import { channel } from "./channel.js";
 
 const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
@@ -26,11 +26,14 @@ if (inWorker) {
         rt = await VidLLM.load({ ...data.opts, onProgress: (p) => self.postMessage({ id, progress: p }) });
         self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes, architecture: rt.architecture,
           defaultFrames: rt.architecture === "text" ? 0 : rt.defaultFrames,
-          defaultSampling: rt.architecture === "text" ? null : rt.defaultSampling });
+          defaultSampling: rt.architecture === "text" ? null : rt.defaultSampling,
+          supportsVideo: rt.supportsVideo, supportsImages: rt.supportsImages });
       } else if (op === "generate" || op === "ask") {
         const ctrl = new AbortController();
         aborts.set(id, ctrl);
-        const pieces = op === "ask" ? rt.ask({ ...data.opts, signal: ctrl.signal }) : rt.generate({ ...data.opts, signal: ctrl.signal });
+        const onStage = (stage) => self.postMessage({ id, stage });
+        const opts = { ...data.opts, signal: ctrl.signal, onStage };
+        const pieces = op === "ask" ? rt.ask(opts) : rt.generate(opts);
         try {
           for await (const piece of pieces) self.postMessage({ id, piece });
         } finally {
@@ -75,11 +78,16 @@ export class VidLLMWorker {
   }
 
   async load({ onProgress, ...opts }) {
+    // URLs are the page's: resolved here, as the worker would resolve them against its script.
+    const page = (u) => (typeof u === "string" ? new URL(u, globalThis.document?.baseURI ?? globalThis.location?.href).href : u);
+    opts = { ...opts, model: page(opts.model), mmproj: page(opts.mmproj) };
     const m = await this.#call("load", opts, (x) => onProgress?.(x.progress));
     this.weightsDeviceBytes = m.weightsDeviceBytes;
     this.architecture = m.architecture;
     this.defaultFrames = m.defaultFrames;
     this.defaultSampling = m.defaultSampling;
+    this.supportsVideo = m.supportsVideo;
+    this.supportsImages = m.supportsImages;
   }
 
   generate(opts) { return this.#pieces("generate", opts); }
@@ -87,11 +95,13 @@ export class VidLLMWorker {
   /** As `VidLLM.ask`; a `<video>` is sampled here and its frames transferred to the worker. */
   async *ask({ video, frames, sampling, fps, maxFrames, frameRate = 30, onFrames, ...opts }) {
     let transfer = [];
+    if (video && !this.supportsVideo) throw new VideoError(`${this.architecture} takes still images only, not a video (pass image)`);
     if (video) {
       const n = typeof frames === "number" ? frames : this.defaultFrames;
       const own = this.defaultSampling ?? {};
       const info = { defaultSampling: own.sampling, defaultFps: own.fps, defaultFrames: this.defaultFrames };
       ({ sampling, fps, maxFrames } = samplingOf(info, { frames, sampling, fps, maxFrames }));
+      opts.onStage?.("sampling");
       const f = await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
       onFrames?.(f);
       frames = f.sources;
@@ -102,11 +112,11 @@ export class VidLLMWorker {
     yield* this.#pieces("ask", { ...opts, frames }, transfer);
   }
 
-  #pieces(op, { signal, ...opts }, transfer = []) {
+  #pieces(op, { signal, onStage, ...opts }, transfer = []) {
     const ch = channel();
     const id = this.#next;
     signal?.addEventListener("abort", () => this.#worker.postMessage({ op: "abort", target: id }));
-    this.#call(op, opts, (m) => ch.push(m.piece), transfer).then(() => ch.close(), (e) => ch.close(e));
+    this.#call(op, opts, (m) => (m.stage ? onStage?.(m.stage) : ch.push(m.piece)), transfer).then(() => ch.close(), (e) => ch.close(e));
     return ch;
   }
 

@@ -13,7 +13,8 @@ use vidllm_core::gguf::Gguf;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::Sampling;
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::{Conversation, GenerateParams, Model, Prompt, load_llama};
+use vidllm_models::generate::read_row_async;
+use vidllm_models::{Conversation, GenerateParams, Model, Prompt, config_from_gguf, load_llama};
 use wasm_bindgen::prelude::*;
 
 mod gpu;
@@ -66,19 +67,28 @@ pub(crate) async fn stream_to_js(
     should_stop: &js_sys::Function,
 ) -> Result<Vec<u32>, JsValue> {
     let mut failed = None;
+    // Each token's row is read after a yield to the event loop, so that on every backend
+    // (the CPU one never waits on its own) the piece just pushed reaches the page, input
+    // and a Stop are handled, and the page repaints, between tokens.
     let finished = conv
-        .answer_async(|p| {
-            let stop = on_piece
-                .call2(&JsValue::NULL, &JsValue::from_str(&p.text), &JsValue::from(p.id))
-                .and_then(|_| should_stop.call0(&JsValue::NULL));
-            match stop {
-                Ok(stop) => !stop.as_bool().unwrap_or(false),
-                Err(e) => {
-                    failed = Some(e);
-                    false
+        .answer_async_with(
+            |logits| async move {
+                next_task().await;
+                read_row_async(logits).await
+            },
+            |p| {
+                let stop = on_piece
+                    .call2(&JsValue::NULL, &JsValue::from_str(&p.text), &JsValue::from(p.id))
+                    .and_then(|_| should_stop.call0(&JsValue::NULL));
+                match stop {
+                    Ok(stop) => !stop.as_bool().unwrap_or(false),
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
         .map_err(gen_err)?;
     if let Some(e) = failed {
@@ -88,6 +98,23 @@ pub(crate) async fn stream_to_js(
         on_piece.call2(&JsValue::NULL, &JsValue::from_str(&finished.tail), &JsValue::NULL)?;
     }
     Ok(finished.tokens)
+}
+
+/// Resolves in a new task of the event loop (a `MessageChannel` message: not clamped to
+/// 4 ms as nested `setTimeout`s are), in a page and in a worker.
+async fn next_task() {
+    let promise = js_sys::Promise::new(&mut |resolve, _| match web_sys::MessageChannel::new() {
+        Ok(ch) => {
+            ch.port1().set_onmessage(Some(&resolve));
+            if ch.port2().post_message(&JsValue::NULL).is_err() {
+                let _ = resolve.call0(&JsValue::NULL);
+            }
+        }
+        Err(_) => {
+            let _ = resolve.call0(&JsValue::NULL);
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
 }
 
 /// Sampling parameters from the page.
@@ -180,6 +207,8 @@ impl Runtime {
         let at = gpu::open_device(gpu, binding_cap.map(|c| c as u64)).await?.placement();
         let device = at.device.clone();
         let g = Gguf::from_bytes(bytes).map_err(js_err)?;
+        // The architecture first: a file that is no decoder (an mmproj) is named as such.
+        config_from_gguf(&g).map_err(js_err)?;
         let tok = Tokenizer::from_gguf(&g).map_err(js_err)?;
         let model = load_llama(&g, &at).map_err(js_err)?;
         let conv = Conversation::new(Rc::new(Model::Text(model)), Rc::new(tok), context);

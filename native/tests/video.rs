@@ -422,19 +422,17 @@ fn bad_gguf_pairs_give_one_line_errors() {
     assert_one_line_error(ask_pair(text, mm, &["--quant", "q8_0"]), "--quant applies to a model folder");
 }
 
-/// A still image to SmolVLM2 (`--image`, no video): cut into tiles as transformers' image
-/// processor cuts it, the prompt's tile rows, and transformers' greedy tokens.
-#[test]
-fn ask_about_an_image_with_smolvlm_splits_it_like_transformers() {
-    let r = vidllm_core::safetensors::Checkpoint::open_files(&[fixture("tiny_smolvlm_ref.safetensors")]).unwrap();
-    let (rgb, shape, _) = r.raw("image").map(|(b, t, s)| (b.to_vec(), s, t.to_string())).unwrap();
-    let raw = tmp("image.rgb");
+/// `ask --image --json` (f32 decoder, 8 tokens, CPU) on the picture a reference file holds
+/// (`image`, written as a PNG), asked `question`: the JSON answer, and the reference.
+fn ask_about_reference_image(folder: &str, reference: &str, question: &str) -> (Json, vidllm_core::safetensors::Checkpoint) {
+    let r = vidllm_core::safetensors::Checkpoint::open_files(&[fixture(reference)]).unwrap();
+    let (rgb, shape) = r.raw("image").map(|(b, _, s)| (b.to_vec(), s)).unwrap();
+    let raw = tmp(&format!("{folder}.rgb"));
     std::fs::write(&raw, rgb).unwrap();
-    let png = tmp("image.png");
+    let png = tmp(&format!("{folder}.png"));
     let size = format!("{}x{}", shape[1], shape[0]);
     ffmpeg(&["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &size, "-i", raw.to_str().unwrap(), png.to_str().unwrap()]);
-    let model = fixture("tiny_smolvlm");
-    let want = |name: &str| -> Json { r.i64(name).unwrap().0.into() };
+    let model = fixture(folder);
     let (ok, out, err) = run(&[
         "ask",
         "--model",
@@ -442,7 +440,7 @@ fn ask_about_an_image_with_smolvlm_splits_it_like_transformers() {
         "--image",
         png.to_str().unwrap(),
         "--prompt",
-        &r.metadata["image_question"],
+        &r.metadata[question],
         "--quant",
         "f32",
         "--max-tokens",
@@ -452,7 +450,15 @@ fn ask_about_an_image_with_smolvlm_splits_it_like_transformers() {
         "--json",
     ]);
     assert!(ok, "{err}");
-    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    (serde_json::from_str(out.trim()).unwrap(), r)
+}
+
+/// A still image to SmolVLM2 (`--image`, no video): cut into tiles as transformers' image
+/// processor cuts it, the prompt's tile rows, and transformers' greedy tokens.
+#[test]
+fn ask_about_an_image_with_smolvlm_splits_it_like_transformers() {
+    let (v, r) = ask_about_reference_image("tiny_smolvlm", "tiny_smolvlm_ref.safetensors", "image_question");
+    let want = |name: &str| -> Json { r.i64(name).unwrap().0.into() };
     assert_eq!(v["visual_tokens"], 17 * 9); // 4 x 4 tiles and the global view, 9 tokens each
     assert_eq!(v["prompt_tokens"], want("image_input_ids"));
     assert_eq!(v["tokens"], want("image_greedy"));
@@ -462,37 +468,13 @@ fn ask_about_an_image_with_smolvlm_splits_it_like_transformers() {
 /// greedy tokens; a video is refused in one line before any frame is decoded.
 #[test]
 fn ask_runs_idefics3_on_images_and_refuses_video() {
-    let r = vidllm_core::safetensors::Checkpoint::open_files(&[fixture("tiny_idefics3_ref.safetensors")]).unwrap();
-    let (rgb, shape) = r.raw("image").map(|(b, _, s)| (b.to_vec(), s)).unwrap();
-    let raw = tmp("idefics3.rgb");
-    std::fs::write(&raw, rgb).unwrap();
-    let png = tmp("idefics3.png");
-    let size = format!("{}x{}", shape[1], shape[0]);
-    ffmpeg(&["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &size, "-i", raw.to_str().unwrap(), png.to_str().unwrap()]);
-    let model = fixture("tiny_idefics3");
+    let (v, r) = ask_about_reference_image("tiny_idefics3", "tiny_idefics3_ref.safetensors", "question");
     let want = |name: &str| -> Json { r.i64(name).unwrap().0.into() };
-    let (ok, out, err) = run(&[
-        "ask",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        png.to_str().unwrap(),
-        "--prompt",
-        &r.metadata["question"],
-        "--quant",
-        "f32",
-        "--max-tokens",
-        "8",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let v: Json = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["visual_tokens"], 17 * 16); // 4 x 4 tiles and the global view, 16 tokens each
     assert_eq!(v["prompt_tokens"], want("input_ids"));
     assert_eq!(v["tokens"], want("greedy"));
 
+    let model = fixture("tiny_idefics3");
     let clip = clips().join("carphone_pristine.mp4");
     let refused = run(&["ask", "--model", model.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "x", "--device", "cpu"]);
     assert_one_line_error(refused, "idefics3 takes still images only, not a video");

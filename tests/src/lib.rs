@@ -106,3 +106,25 @@ pub fn greedy(decoder: &vidllm_models::Llama, cache: &mut vidllm_models::KvCache
     }
     out
 }
+
+/// A picture (RGB planes `[1, 3, h, w]`) cut into tiles as the model's image processor cuts
+/// it (Idefics3 / SmolVLM2), against transformers' `pixel_values`: no value more than one
+/// 8-bit level off (PIL resamples in fixed point, vidllm in floating point). Returns the
+/// tile grid.
+pub fn check_tiles(
+    device: &str,
+    prep: &vidllm_models::video_model::Preprocessing,
+    planes: burn::tensor::Tensor<4>,
+    want: &[f32],
+) -> Option<(usize, usize)> {
+    let tiling = prep.tiles.as_ref().expect("a tiling image processor");
+    let (pictures, tiles) = vidllm_models::smolvlm::tile_image(planes, tiling, prep.images.resample);
+    let got = vidllm_shaders::preprocess::normalise_planes(pictures, &prep.images).into_data().try_into_vec::<f32>().unwrap();
+    assert_eq!(got.len(), want.len(), "{device}: tile pixels");
+    let level = 1.0 / (255.0 * prep.images.std[0]);
+    let off = got.iter().zip(want).filter(|(a, b)| (*a - *b).abs() > level * 1.01).count();
+    let flips = got.iter().zip(want).filter(|(a, b)| (*a - *b).abs() > 1e-3).count();
+    println!("{device} tiles vs transformers: {flips} of {} values one level off", want.len());
+    assert_eq!(off, 0, "{device}");
+    tiles
+}

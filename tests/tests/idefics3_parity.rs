@@ -15,12 +15,11 @@ use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, merge_embeddings};
 use vidllm_models::model_files::{Folder, ModelFiles};
-use vidllm_models::smolvlm::tile_image;
 use vidllm_models::video_model::{LoadOptions, VideoModel};
 use vidllm_models::{Conversation, GenerateParams, KvCache, Logits, Model, Prompt};
 use vidllm_shaders::device::Placement;
-use vidllm_shaders::preprocess::{normalise_planes, rgb_planes};
-use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
+use vidllm_shaders::preprocess::rgb_planes;
+use vidllm_tests::{check_stage, check_tiles, fixture, greedy as greedy_tokens, test_devices};
 
 fn refs() -> Checkpoint {
     Checkpoint::open_files(&[fixture("tiny_idefics3_ref.safetensors")]).unwrap()
@@ -58,6 +57,18 @@ fn greedy_params(n: usize) -> GenerateParams {
     GenerateParams { max_tokens: n, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, stop: vec![] }
 }
 
+/// As a front end runs it: the picture's RGB planes to a conversation, asked `question`;
+/// the prompt and greedy answer must be transformers'. Returns the conversation, for follow-ups.
+fn ask_about_image(name: &str, f: Folder, planes: Tensor<4>, question: &str, input_ids: &[u32], greedy: &[u32]) -> Conversation {
+    let mut conv = Conversation::new(Rc::new(Model::Video(f.model)), Rc::new(f.tok), 1024);
+    conv.add_image(planes).unwrap();
+    conv.ask(Prompt::Question(question), greedy_params(greedy.len())).unwrap();
+    let answer = conv.answer(|_| true).unwrap();
+    assert_eq!(&conv.history()[..input_ids.len()], input_ids, "{name}: the prompt");
+    assert_eq!(answer.tokens, greedy, "{name}: the answer from vidllm's own tiles");
+    conv
+}
+
 /// The image processor's tiles (4 x 4 of 64 px for the 176x144 frame at 256 px, then the
 /// global view; PIL's LANCZOS in fixed point there, floating point here: one 8-bit level),
 /// then the model's stages on transformers' own pixels: connector, prompt ids, logits,
@@ -76,14 +87,7 @@ fn split_image_and_follow_up_match_transformers() {
         assert!(!f.model.supports_video() && f.model.supports_images());
         let prep = f.model.preprocessing().clone();
         let planes = rgb_planes(&[&rgb], h, w, &at.device);
-        let (pictures, tiles) = tile_image(planes.clone(), prep.tiles.as_ref().unwrap(), prep.images.resample);
-        assert_eq!(tiles, Some((4, 4)), "{name}");
-        let got = normalise_planes(pictures, &prep.images).into_data().try_into_vec::<f32>().unwrap();
-        let level = 1.0 / (255.0 * prep.images.std[0]);
-        let off = got.iter().zip(&want_px).filter(|(a, b)| (*a - *b).abs() > level * 1.01).count();
-        let flips = got.iter().zip(&want_px).filter(|(a, b)| (*a - *b).abs() > 1e-3).count();
-        println!("{name} tiles vs transformers: {flips} of {} values one level off", want_px.len());
-        assert_eq!(off, 0, "{name}");
+        assert_eq!(check_tiles(&name, &prep, planes.clone(), &want_px), Some((4, 4)), "{name}");
 
         let m = &f.model;
         let pixels = Tensor::<4>::from_data(TensorData::new(want_px.clone(), [ps[0], ps[1], ps[2], ps[3]]), &at.device);
@@ -99,13 +103,8 @@ fn split_image_and_follow_up_match_transformers() {
         check_stage("logits", &name, &logits, &r.f32("logits").unwrap().0);
         assert_eq!(greedy_tokens(m.decoder(), &mut cache, &logits, greedy.len()), greedy, "{name}");
 
-        // As a front end runs it: the picture's RGB planes to the conversation, then a follow-up.
-        let mut conv = Conversation::new(Rc::new(Model::Video(f.model)), Rc::new(f.tok), 1024);
-        conv.add_image(planes).unwrap();
-        conv.ask(Prompt::Question(question), greedy_params(greedy.len())).unwrap();
-        let first = conv.answer(|_| true).unwrap();
-        assert_eq!(&conv.history()[..input_ids.len()], &input_ids[..], "{name}: the prompt");
-        assert_eq!(first.tokens, greedy, "{name}: the answer from vidllm's own tiles");
+        // As a front end runs it, then a follow-up.
+        let mut conv = ask_about_image(&name, f, planes, question, &input_ids, &greedy);
         let follow_ids = ids(&r, "follow_input_ids");
         let follow_greedy = ids(&r, "follow_greedy");
         conv.ask(Prompt::Question(&r.metadata["follow_up"]), greedy_params(follow_greedy.len())).unwrap();
@@ -128,18 +127,9 @@ fn unsplit_image_matches_transformers() {
         let prep = f.model.preprocessing().clone();
         assert!(!prep.tiles.unwrap().split);
         let planes = rgb_planes(&[&rgb], h, w, &at.device);
-        let (pictures, tiles) = tile_image(planes.clone(), prep.tiles.as_ref().unwrap(), prep.images.resample);
-        assert_eq!(tiles, None, "{name}");
-        let got = normalise_planes(pictures, &prep.images).into_data().try_into_vec::<f32>().unwrap();
-        let level = 1.0 / (255.0 * prep.images.std[0]);
-        assert_eq!(got.iter().zip(&want_px).filter(|(a, b)| (*a - *b).abs() > level * 1.01).count(), 0, "{name}");
+        assert_eq!(check_tiles(&name, &prep, planes.clone(), &want_px), None, "{name}");
 
-        let mut conv = Conversation::new(Rc::new(Model::Video(f.model)), Rc::new(f.tok), 256);
-        conv.add_image(planes).unwrap();
-        conv.ask(Prompt::Question(&r.metadata["question"]), greedy_params(greedy.len())).unwrap();
-        let a = conv.answer(|_| true).unwrap();
-        assert_eq!(&conv.history()[..input_ids.len()], &input_ids[..], "{name}: the prompt");
-        assert_eq!(a.tokens, greedy, "{name}");
+        ask_about_image(&name, f, planes, &r.metadata["question"], &input_ids, &greedy);
     }
 }
 

@@ -211,8 +211,7 @@ async function listing(folder) {
       const [, host, repo, rev, sub] = hub;
       const res = await fetch(`${host}/api/models/${repo}/tree/${rev}/${sub}`);
       if (!res.ok) return null;
-      const prefix = sub;
-      return new Set((await res.json()).filter((e) => e.type === "file").map((e) => e.path.slice(prefix.length)));
+      return new Set((await res.json()).filter((e) => e.type === "file").map((e) => e.path.slice(sub.length)));
     }
     // Only same-origin index pages: another origin's HTML proves nothing about its files.
     if (folder.origin !== globalThis.location?.origin) return null;
@@ -464,7 +463,13 @@ async function fetchText(url, optional = false, folder = null) {
 async function loadFolder(src, gpu, context, cap, loraAlpha) {
   const wanted = folder_files();
   const required = new Set(["config.json", "tokenizer.json"]);
-  const [texts, sums] = await Promise.all([Promise.all(wanted.map((n) => src.text(n, !required.has(n)))), src.text("SHA256SUMS", true)]);
+  // Fetched together; a failure is reported in the list's order, so a missing folder is
+  // named by its config.json, whichever answer arrives first.
+  const settled = await Promise.allSettled([...wanted.map((n) => src.text(n, !required.has(n))), src.text("SHA256SUMS", true)]);
+  const failed = settled.find((r) => r.status === "rejected");
+  if (failed) throw failed.reason;
+  const texts = settled.map((r) => r.value);
+  const sums = texts.pop();
   const text = (n) => texts[wanted.indexOf(n)];
   folder_architecture(text("config.json"));
   const index = text("model.safetensors.index.json");

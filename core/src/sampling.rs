@@ -115,6 +115,45 @@ impl Sampling {
         Ok(self.indices(total, frame_rate)?.into_iter().map(|i| i as f64 / frame_rate).collect())
     }
 
+    /// Frame indices by time, for a video whose displayed frames come at `frame_times`
+    /// (seconds, ascending; the rate may vary). `fps` takes the frame shown nearest each
+    /// `1 / fps` tick (on a constant rate, the same frames as [`Sampling::indices`]); the
+    /// fixed-count policies number frames, so they take `indices` on the frame count.
+    pub fn indices_by_time(&self, frame_times: &[f64]) -> Result<Vec<usize>, SamplingError> {
+        let total = frame_times.len();
+        let Sampling::Fps { fps, max_frames } = *self else {
+            let span = frame_times.last().copied().unwrap_or(0.0);
+            let rate = if total > 1 && span > 0.0 { (total - 1) as f64 / span } else { 1.0 };
+            return self.indices(total, rate);
+        };
+        if max_frames == 0 {
+            return Err(SamplingError("asked for 0 frames".into()));
+        }
+        if total == 0 {
+            return Err(SamplingError("the video has no frames".into()));
+        }
+        if !(fps.is_finite() && fps > 0.0) {
+            return Err(SamplingError(format!("bad frame rate (sampling {fps} fps)")));
+        }
+        // The last frame counts while a tick falls in the first half of its interval.
+        let last = frame_times[total - 1];
+        let tail = if total > 1 { (last - frame_times[total - 2]) / 2.0 } else { 0.5 / fps };
+        let mut every = Vec::new();
+        for k in 0.. {
+            let t = k as f64 / fps;
+            if t >= last + tail {
+                break;
+            }
+            // Nearest frame time; a tie goes to the later frame, as `round` does.
+            let after = frame_times.partition_point(|&x| x < t).min(total - 1);
+            let i = if after > 0 && t - frame_times[after - 1] < frame_times[after] - t { after - 1 } else { after };
+            if every.last() != Some(&i) {
+                every.push(i);
+            }
+        }
+        Ok(if every.len() <= max_frames { every } else { linspace(every.len(), max_frames).into_iter().map(|j| every[j]).collect() })
+    }
+
     /// Frame indices for a video of `total` frames at `src_fps`.
     pub fn indices(&self, total: usize, src_fps: f64) -> Result<Vec<usize>, SamplingError> {
         let asked = self.frames();
@@ -232,6 +271,24 @@ mod tests {
     fn fps_policy_caps_the_count() {
         assert_eq!(Sampling::Fps { fps: 1.0, max_frames: 10 }.indices(132, 25.0).unwrap(), vec![0, 25, 50, 75, 100, 125]);
         assert_eq!(Sampling::Fps { fps: 5.0, max_frames: 3 }.indices(132, 25.0).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn fps_by_time_follows_a_variable_rate() {
+        // On a constant rate, the same frames as by index.
+        let cfr: Vec<f64> = (0..132).map(|i| i as f64 / 25.0).collect();
+        let p = Sampling::Fps { fps: 1.0, max_frames: 10 };
+        assert_eq!(p.indices_by_time(&cfr).unwrap(), p.indices(132, 25.0).unwrap());
+        let ntsc: Vec<f64> = (0..300).map(|i| i as f64 * 1001.0 / 30000.0).collect();
+        let p = Sampling::Fps { fps: 3.0, max_frames: 100 };
+        assert_eq!(p.indices_by_time(&ntsc).unwrap(), p.indices(300, 30000.0 / 1001.0).unwrap());
+        // 1 s at 10 fps, then 1 s at 30 fps: 2 frames a second are 0.5 s apart in time,
+        // 5 frames apart in the first second and 15 in the second.
+        let vfr: Vec<f64> = (0..10).map(|i| i as f64 / 10.0).chain((0..30).map(|i| 1.0 + i as f64 / 30.0)).collect();
+        assert_eq!(Sampling::Fps { fps: 2.0, max_frames: 8 }.indices_by_time(&vfr).unwrap(), vec![0, 5, 10, 25]);
+        // Fixed counts number the displayed frames.
+        assert_eq!(Sampling::Hf { n: 4 }.indices_by_time(&vfr).unwrap(), vec![0, 10, 20, 30]);
+        assert!(Sampling::Fps { fps: 0.0, max_frames: 8 }.indices_by_time(&vfr).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde_json::json;
+use serde_json::{Value as Json, json};
 use vidllm_core::gguf::Gguf;
 use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampler::SamplerConfig;
@@ -283,13 +283,20 @@ pub fn run(a: AskArgs) -> Result<()> {
     let t = &f.timings;
     if a.json {
         let frames_json: Vec<_> = frames.iter().map(|f| json!({"index": f.index, "pts": f.pts})).collect();
+        // What the decoder found: the frame count and rate the policy sampled on, and a
+        // rotation applied to make the frames upright.
+        let video = match &source {
+            Some(FrameSource::Video(r)) => json!({"total_frames": r.info.frames, "fps": r.info.fps, "rotation": r.info.rotation,
+                                                  "variable_rate": r.info.variable_rate, "width": r.info.width, "height": r.info.height}),
+            _ => Json::Null,
+        };
         // The prompt as run: the conversation's tokens before the answer.
         let prompt_ids = &conv.history()[..conv.history().len() - f.tokens.len()];
         writeln!(
             out,
             "{}",
             json!({
-                "frames": frames_json, "visual_tokens": visual_tokens, "prompt_tokens": prompt_ids, "tokens": f.tokens,
+                "video": video, "frames": frames_json, "visual_tokens": visual_tokens, "prompt_tokens": prompt_ids, "tokens": f.tokens,
                 "text": f.text, "finish_reason": f.reason.openai(),
                 "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
                             "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},

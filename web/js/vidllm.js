@@ -554,6 +554,22 @@ function seek(video, t) {
   });
 }
 
+/**
+ * The media time of a <video>'s first frame: 0 for most files, later when the stream's
+ * first timestamp is (the browser keeps it). Read from `requestVideoFrameCallback` after
+ * a seek to 0; 0 where the browser lacks it or presents no frame within half a second.
+ */
+async function firstFrameTime(video) {
+  if (typeof video.requestVideoFrameCallback !== "function") return 0;
+  const shown = new Promise((ok) => {
+    const id = video.requestVideoFrameCallback((_, meta) => ok(meta.mediaTime));
+    setTimeout(() => { video.cancelVideoFrameCallback(id); ok(0); }, 500);
+  });
+  await seek(video, 0);
+  const t = await shown;
+  return Number.isFinite(t) && t > 0 && t < video.duration ? t : 0;
+}
+
 /** Refuse pixels the page may not read: a GPU copy of them would fail outright. */
 function assertReadable(source) {
   const c = new OffscreenCanvas(1, 1).getContext("2d");
@@ -593,10 +609,14 @@ export async function sampleFrames(video, at) {
   await metadata(video);
   const ts = Array.isArray(at) ? at : await times(video, at.n, at);
   const half = Array.isArray(at) ? 0 : 0.5 / (at.frameRate ?? 30);
+  // A stream whose first frame is not at 0 (an MP4 without an edit list, B-frame delay):
+  // the grid starts at the first frame, as natively.
+  const first = Array.isArray(at) ? 0 : await firstFrameTime(video);
   const sources = [];
   for (const t of ts) {
     // The last frame's middle may lie past the end the browser reports: halfway there.
-    await seek(video, t + half < video.duration ? t + half : (t + video.duration) / 2);
+    const mid = first + t + half;
+    await seek(video, mid < video.duration ? mid : (first + t + video.duration) / 2);
     const bitmap = await createImageBitmap(video);
     if (!sources.length) assertReadable(bitmap);
     sources.push(bitmap);

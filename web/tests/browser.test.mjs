@@ -30,8 +30,11 @@ function serve(ext = null) {
     const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
     const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip, "/image.png": imagePng, "/counter.webm": counter };
     const base = ext && path.startsWith("/ext/") ? ext : root;
-    const file = path in named ? named[path] : normalize(join(base, base === ext ? path.slice(5) : path));
-    if (!file || (!(path in named) && !file.startsWith(base))) { res.writeHead(404).end(); return; }
+    const corpus = process.env.VIDLLM_VIDEO_CORPUS;
+    const file = path in named ? named[path]
+      : corpus && path.startsWith("/corpus/") ? join(corpus, path.slice(8).replaceAll("/", ""))
+      : normalize(join(base, base === ext ? path.slice(5) : path));
+    if (!file || (!(path in named) && !file.startsWith(base) && !(corpus && file.startsWith(corpus)))) { res.writeHead(404).end(); return; }
     let size;
     try {
       const st = statSync(file);
@@ -310,7 +313,7 @@ test("frame sampling picks the same moments in the page as vidllm-native", { tim
 // of each frame's interval, not onto its edge. A clip whose every frame differs (a moving
 // pattern and a counter); each frame the page got must be nearer native's frame k than
 // frames k - 1 and k + 1, and close to it (the browser's YUV to RGB is not swscale's).
-test("the page's sampled frames are the native runtime's frames at the same indices", { timeout: 300_000 }, async () => {
+test("the page's sampled frames are the native runtime's frames at the same indices, on the video corpus Chromium plays", { timeout: 300_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
   counter = join(dir, "counter.webm");
   execFileSync("ffmpeg", ["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=176x144:rate=25:duration=3", "-c:v", "libvpx-vp9", "-b:v", "800k", counter]);
@@ -332,6 +335,36 @@ test("the page's sampled frames are the native runtime's frames at the same indi
         assert.equal(best[0], want[i], `${policy.sampling}: the page's frame ${i} is native's frame ${best[0]}, not ${want[i]}`);
         assert.ok(r.find(([m]) => m === want[i])[1] < 6, `${policy.sampling}: frame ${want[i]} differs by ${r.find(([m]) => m === want[i])[1]}`);
       });
+    }
+    // The corpus files of native/tests/video_corpus.rs that Chromium plays: B-frames in MP4
+    // and Matroska, an edit list, a rotation tag (Chromium turns the frames too), an odd
+    // size, 10-bit VP9. The page's frame at time t (a frame start on the grid) must be
+    // native's frame round(t x fps): a <video> has no frame count, so a policy's indices
+    // can differ by the count the page derives from the duration (the edit-list file: 63
+    // frames by duration, 62 shown), but never the frame shown for a time.
+    const corpus = process.env.VIDLLM_VIDEO_CORPUS;
+    assert.ok(corpus, "set VIDLLM_VIDEO_CORPUS (tests/scripts/video_corpus.sh)");
+    for (const file of ["h264_bframes.mp4", "h264_bframes.mkv", "editlist.mp4", "rotated.mp4", "odd_size.webm", "tenbit_vp9.webm"]) {
+      const path = join(corpus, file);
+      const info = JSON.parse(execFileSync(process.env.VIDLLM_NATIVE_BIN, ["frames", "--video", path, "--frames", "1"]).toString());
+      const every = JSON.parse(execFileSync(process.env.VIDLLM_NATIVE_BIN, ["frames", "--video", path, "--dump", join(dir, "every.rgb"),
+        "--at", Array.from({ length: info.total_frames }, (_, k) => k).join(",")]).toString());
+      const frames = readFileSync(join(dir, "every.rgb"));
+      const size = every.width * every.height * 3;
+      const out = await page.evaluate((a) => window.runSampledPixels(a), { clip: `/corpus/${file}`, policy: { sampling: "hf", n: 8, frameRate: info.fps } });
+      assert.deepEqual([out.width, out.height], [every.width, every.height], `${file}: frame size`);
+      const got = Buffer.from(out.rgb, "base64");
+      const mean = (i, m) => { let s = 0; for (let x = 0; x < size; x++) s += Math.abs(got[i * size + x] - frames[m * size + x]); return s / size; };
+      const rows = out.times.map((t, i) => {
+        const k = Math.round(t * info.fps);
+        return [k, [k - 1, k, k + 1].filter((m) => m >= 0 && m < info.total_frames).map((m) => [m, mean(i, m)])];
+      });
+      console.log(`${file} (${every.width}x${every.height}, rotation ${every.rotation}): frames ${rows.map(([k, r]) => `${k}:${r.map(([, d]) => d.toFixed(1)).join("/")}`).join(" ")}`);
+      for (const [k, r] of rows) {
+        const [best] = [...r].sort((a, b) => a[1] - b[1]);
+        assert.equal(best[0], k, `${file}: the page's frame at ${(k / info.fps).toFixed(2)} s is native's frame ${best[0]}, not ${k}`);
+        assert.ok(best[1] < 6, `${file}: frame ${k} differs by ${best[1]}`);
+      }
     }
   });
 });

@@ -559,15 +559,21 @@ function seek(video, t) {
  * first timestamp is (the browser keeps it). Read from `requestVideoFrameCallback` after
  * a seek to 0; 0 where the browser lacks it or presents no frame within half a second.
  */
+const firstFrameTimes = new WeakMap();
 async function firstFrameTime(video) {
   if (typeof video.requestVideoFrameCallback !== "function") return 0;
+  // Once per source: a frame already on screen would not be presented again.
+  const known = firstFrameTimes.get(video);
+  if (known && known.src === video.currentSrc) return known.t;
   const shown = new Promise((ok) => {
     const id = video.requestVideoFrameCallback((_, meta) => ok(meta.mediaTime));
     setTimeout(() => { video.cancelVideoFrameCallback(id); ok(0); }, 500);
   });
   await seek(video, 0);
-  const t = await shown;
-  return Number.isFinite(t) && t > 0 && t < video.duration ? t : 0;
+  const shownAt = await shown;
+  const t = Number.isFinite(shownAt) && shownAt > 0 && shownAt < video.duration ? shownAt : 0;
+  firstFrameTimes.set(video, { src: video.currentSrc, t });
+  return t;
 }
 
 /** Refuse pixels the page may not read: a GPU copy of them would fail outright. */

@@ -123,6 +123,8 @@ pub struct VideoReader {
     timeline: Option<Timeline>,
     /// Set when a decode found the timeline wrong; later reads count in decode order.
     distrust: Cell<bool>,
+    /// The video stream's time base (seconds per timestamp unit).
+    time_base: ffmpeg::Rational,
 }
 
 fn fail(path: &str, what: &str, e: impl std::fmt::Display) -> anyhow::Error {
@@ -233,6 +235,7 @@ impl VideoReader {
             },
             timeline: None,
             distrust: Cell::new(false),
+            time_base: tb,
         };
         if let (Some(mut packets), false) = (packets, is_gif) {
             packets.sort_unstable_by_key(|p| p.ts);
@@ -267,19 +270,12 @@ impl VideoReader {
 
     /// The timestamp of the first picture the decoder presents.
     fn first_timestamp(&self) -> Result<Option<i64>> {
-        let (mut ictx, idx, mut dec, _) = self.open_decoder()?;
-        let mut f = AvFrame::empty();
-        for (s, packet) in ictx.packets() {
-            if s.index() != idx {
-                continue;
-            }
-            dec.send_packet(&packet).map_err(|e| fail(&self.path, "corrupt video data", e))?;
-            if dec.receive_frame(&mut f).is_ok() {
-                return Ok(timestamp(&f));
-            }
-        }
-        let _ = dec.send_eof();
-        Ok(if dec.receive_frame(&mut f).is_ok() { timestamp(&f) } else { None })
+        let mut first = None;
+        self.each_picture(|f| {
+            first = timestamp(f);
+            Ok(true)
+        })?;
+        Ok(first)
     }
 
     /// Frames are numbered from the timeline and reached by seeking: the open-time
@@ -340,14 +336,39 @@ impl VideoReader {
         Ok((ictx, idx, dec, tb))
     }
 
+    /// Decode from the start, handing `visit` each picture as the decoder presents it,
+    /// until `visit` says it is done or the stream ends.
+    fn each_picture(&self, mut visit: impl FnMut(&AvFrame) -> Result<bool>) -> Result<()> {
+        let (mut ictx, idx, mut dec, _) = self.open_decoder()?;
+        let mut f = AvFrame::empty();
+        for (s, packet) in ictx.packets() {
+            if s.index() != idx {
+                continue;
+            }
+            dec.send_packet(&packet).map_err(|e| fail(&self.path, "corrupt video data", e))?;
+            while dec.receive_frame(&mut f).is_ok() {
+                if visit(&f)? {
+                    return Ok(());
+                }
+            }
+        }
+        let _ = dec.send_eof();
+        while dec.receive_frame(&mut f).is_ok() {
+            if visit(&f)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Every picture from the start, counted as the decoder presents them; keeps the targets.
     fn decode_in_order(&self, targets: &[usize]) -> Result<Vec<Frame>> {
-        let (mut ictx, idx, mut dec, tb) = self.open_decoder()?;
+        let tb = self.time_base;
         let mut conv = Converter::new(self.info.rotation);
         let mut out = Vec::new();
         let (mut next, mut first) = (0usize, None);
         let last = *targets.last().unwrap_or(&0);
-        let mut keep = |f: &AvFrame, conv: &mut Converter, out: &mut Vec<Frame>| -> Result<bool> {
+        self.each_picture(|f| {
             let i = next;
             next += 1;
             let ts = timestamp(f);
@@ -361,25 +382,7 @@ impl VideoReader {
                 out.push(conv.rgb(f, i, t)?);
             }
             Ok(i >= last)
-        };
-        let mut f = AvFrame::empty();
-        for (s, packet) in ictx.packets() {
-            if s.index() != idx {
-                continue;
-            }
-            dec.send_packet(&packet).map_err(|e| fail(&self.path, "corrupt video data", e))?;
-            while dec.receive_frame(&mut f).is_ok() {
-                if keep(&f, &mut conv, &mut out)? {
-                    return Ok(out);
-                }
-            }
-        }
-        let _ = dec.send_eof();
-        while dec.receive_frame(&mut f).is_ok() {
-            if keep(&f, &mut conv, &mut out)? {
-                break;
-            }
-        }
+        })?;
         Ok(out)
     }
 

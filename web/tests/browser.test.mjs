@@ -338,8 +338,8 @@ test("the page's sampled frames are the native runtime's frames at the same indi
     }
     // The corpus files of native/tests/video_corpus.rs that Chromium plays: B-frames in MP4
     // and Matroska, an edit list, a rotation tag (Chromium turns the frames too), an odd
-    // size, 10-bit VP9. The page's frame at time t (a frame start on the grid) must be
-    // native's frame round(t x fps): a <video> has no frame count, so a policy's indices
+    // size, 10-bit VP9. The page's frame at time t must be native's frame shown at t (the
+    // one whose timestamp is nearest): a <video> has no frame count, so a policy's indices
     // can differ by the count the page derives from the duration (the edit-list file: 63
     // frames by duration, 62 shown), but never the frame shown for a time. The MP4 whose
     // first frame is at 0.08 s: the grid starts there; where Chromium shows the next
@@ -357,8 +357,10 @@ test("the page's sampled frames are the native runtime's frames at the same indi
       assert.deepEqual([out.width, out.height], [every.width, every.height], `${file}: frame size`);
       const got = Buffer.from(out.rgb, "base64");
       const mean = (i, m) => { let s = 0; for (let x = 0; x < size; x++) s += Math.abs(got[i * size + x] - frames[m * size + x]); return s / size; };
+      // The frame native shows at time t: the one whose timestamp is nearest.
+      const starts = every.frames.map((f) => f.pts);
       const rows = out.times.map((t, i) => {
-        const k = Math.round(t * info.fps);
+        const k = starts.reduce((b, p, m) => (Math.abs(p - t) < Math.abs(starts[b] - t) ? m : b), 0);
         return [k, [k - 1, k, k + 1].filter((m) => m >= 0 && m < info.total_frames).map((m) => [m, mean(i, m)])];
       });
       console.log(`${file} (${every.width}x${every.height}, rotation ${every.rotation}): frames ${rows.map(([k, r]) => `${k}:${r.map(([, d]) => d.toFixed(1)).join("/")}`).join(" ")}`);

@@ -93,6 +93,21 @@ pub fn check_stage(stage: &str, device: &str, got: &[f32], want: &[f32]) {
     assert!(e < 1e-4, "{device} {stage}: relative error {e}");
 }
 
+/// The prompt `ids` with the `visuals` merged into its embeddings, prefilled as the front
+/// ends prefill it: every position's logits, and the cache, with room for `more` tokens.
+pub fn prefill_with_visuals(
+    decoder: &vidllm_models::Llama,
+    ids: &[u32],
+    visuals: &[vidllm_models::merge::Visual],
+    more: usize,
+    device: &Device,
+) -> (Vec<f32>, vidllm_models::KvCache) {
+    let embeds = vidllm_models::merge::merge_embeddings(decoder, ids, visuals).unwrap();
+    let mut cache = vidllm_models::KvCache::new(&decoder.cfg, ids.len() + more, device);
+    let logits = vidllm_models::generate::read_row(decoder.forward_embeds(embeds, &mut cache, vidllm_models::Logits::All)).unwrap();
+    (logits, cache)
+}
+
 /// Greedy tokens after a prefill whose logits (every position, or the last) are `logits`.
 pub fn greedy(decoder: &vidllm_models::Llama, cache: &mut vidllm_models::KvCache, logits: &[f32], n: usize) -> Vec<u32> {
     use vidllm_core::sampler::argmax;

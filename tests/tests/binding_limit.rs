@@ -11,12 +11,12 @@ use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::sampler::argmax;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::merge::{Visual, merge_embeddings};
+use vidllm_models::merge::Visual;
 use vidllm_models::quant_linear::QuantLinear;
 use vidllm_models::video_llava::VideoLlava;
 use vidllm_models::{KvCache, Logits, load_llama};
 use vidllm_tests::llamacpp::{Case, MARGIN};
-use vidllm_tests::{check_stage, every_case_on, fixture, max_abs_diff, smollm2_path, test_devices};
+use vidllm_tests::{check_stage, every_case_on, fixture, max_abs_diff, prefill_with_visuals, smollm2_path, test_devices};
 
 fn bands(l: &QuantLinear) -> usize {
     match l {
@@ -84,9 +84,7 @@ fn video_llava_under_a_4_kib_cap() {
             &r.f32("projected").unwrap().0,
         );
         let visual = [Visual { token: model.visual.video_token, features, per_placeholder: model.video_tokens(t), tiles: None }];
-        let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
-        let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + 1, &device);
-        let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        let (logits, _) = prefill_with_visuals(&model.decoder, &ids, &visual, 1, &device);
         check_stage("logits (banded head, chunked prefill)", &name, &logits, &r.f32("logits").unwrap().0);
     }
 }

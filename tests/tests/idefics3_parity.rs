@@ -11,15 +11,15 @@ use vidllm_core::GenerateError;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::FrameTimes;
-use vidllm_models::generate::read_row;
+
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::merge::{Visual, merge_embeddings};
+use vidllm_models::merge::Visual;
 use vidllm_models::model_files::{Folder, ModelFiles};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
-use vidllm_models::{Conversation, GenerateParams, KvCache, Logits, Model, Prompt};
+use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
 use vidllm_shaders::device::Placement;
 use vidllm_shaders::preprocess::rgb_planes;
-use vidllm_tests::{check_stage, check_tiles, fixture, greedy as greedy_tokens, test_devices};
+use vidllm_tests::{check_stage, check_tiles, fixture, greedy as greedy_tokens, prefill_with_visuals, test_devices};
 
 fn refs() -> Checkpoint {
     Checkpoint::open_files(&[fixture("tiny_idefics3_ref.safetensors")]).unwrap()
@@ -97,9 +97,7 @@ fn split_image_and_follow_up_match_transformers() {
         check_stage("connector", &name, &visual.features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("connector").unwrap().0);
         let text = m.first_turn(&f.tok, question, std::slice::from_ref(&visual), None).unwrap();
         assert_eq!(VideoModel::prompt_ids(&f.tok, &text, std::slice::from_ref(&visual)).unwrap(), input_ids, "{name}: {text}");
-        let embeds = merge_embeddings(m.decoder(), &input_ids, &[visual]).unwrap();
-        let mut cache = KvCache::new(&m.decoder().cfg, input_ids.len() + greedy.len() + 1, &at.device);
-        let logits = read_row(m.decoder().forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        let (logits, mut cache) = prefill_with_visuals(m.decoder(), &input_ids, &[visual], greedy.len() + 1, &at.device);
         check_stage("logits", &name, &logits, &r.f32("logits").unwrap().0);
         assert_eq!(greedy_tokens(m.decoder(), &mut cache, &logits, greedy.len()), greedy, "{name}");
 

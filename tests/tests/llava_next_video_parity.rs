@@ -4,12 +4,12 @@
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::generate::read_row;
+
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::llava_next_video::LlavaNextVideo;
-use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
-use vidllm_models::{KvCache, Logits};
-use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
+use vidllm_models::merge::{Visual, expand_placeholders};
+
+use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, prefill_with_visuals, test_devices};
 
 #[test]
 fn llava_next_video_matches_transformers_on_every_device() {
@@ -29,9 +29,7 @@ fn llava_next_video_matches_transformers_on_every_device() {
         let features = model.video_features(pixels);
         check_stage("pooled+projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("features").unwrap().0);
         let visual = [Visual { token: model.video_token, features, per_placeholder: t * model.tokens_per_frame(), tiles: None }];
-        let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
-        let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
-        let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits", &name, &logits, &r.f32("logits").unwrap().0);
         let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());
         assert_eq!(got, greedy, "{name}");

@@ -7,11 +7,11 @@ use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::merge::{Visual, merge_embeddings};
+use vidllm_models::merge::Visual;
 use vidllm_models::pllava::Pllava;
 use vidllm_models::pllava_pool::pool3d;
 use vidllm_models::{KvCache, Logits};
-use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, rel_err, test_devices};
+use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, prefill_with_visuals, rel_err, test_devices};
 
 fn reference() -> Checkpoint {
     Checkpoint::open_files(&[fixture("tiny_pllava_ref.safetensors")]).unwrap()
@@ -55,9 +55,7 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
         let features = model.video_features(pixels);
         check_stage("pooled tokens", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("pooled").unwrap().0);
         let visual = [Visual { token: model.image_token, features, per_placeholder: model.video_tokens(), tiles: None }];
-        let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
-        let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
-        let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits (LoRA merged)", &name, &logits, &r.f32("logits").unwrap().0);
         let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());
         assert_eq!(got, greedy, "{name}: greedy tokens");

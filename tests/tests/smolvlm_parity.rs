@@ -21,7 +21,7 @@ use vidllm_models::smolvlm::{SmolVlm, SmolVlmConfigJson};
 use vidllm_models::video_model::{Architecture, LoadOptions, VideoModel};
 use vidllm_models::{Conversation, GenerateParams, KvCache, Logits, Model, Prompt};
 use vidllm_shaders::preprocess::{preprocess, rgb_planes};
-use vidllm_tests::{check_stage, check_tiles, fixture, greedy as greedy_tokens, test_devices};
+use vidllm_tests::{check_stage, check_tiles, fixture, greedy as greedy_tokens, prefill_with_visuals, test_devices};
 
 fn refs() -> Checkpoint {
     Checkpoint::open_files(&[fixture("tiny_smolvlm_ref.safetensors")]).unwrap()
@@ -195,9 +195,7 @@ fn llama_cpp_gguf_pair_matches_transformers() {
             let visual = m.video(pixels);
             assert_eq!(VideoModel::prompt_ids(&folder.tok, &turn, std::slice::from_ref(&visual)).unwrap(), input_ids, "{name}");
             let features = visual.features.to_data().try_into_vec::<f32>().unwrap();
-            let embeds = merge_embeddings(m.decoder(), &input_ids, &[visual]).unwrap();
-            let mut cache = KvCache::new(&m.decoder().cfg, input_ids.len() + greedy.len() + 1, &at.device);
-            let logits = read_row(m.decoder().forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+            let (logits, mut cache) = prefill_with_visuals(m.decoder(), &input_ids, &[visual], greedy.len() + 1, &at.device);
             if ty == "F16" {
                 check_stage("connector", &name, &features, &r.f32("connector").unwrap().0);
                 check_stage("logits", &name, &logits, &want_logits);
@@ -244,9 +242,7 @@ fn split_image_matches_transformers() {
         let visual = Visual { token: m.video(Tensor::zeros([1, 3, 96, 96], &at.device)).token, features, per_placeholder: 9, tiles };
         let text = m.first_turn(&folder.tok, &r.metadata["image_question"], std::slice::from_ref(&visual), None).unwrap();
         assert_eq!(VideoModel::prompt_ids(&folder.tok, &text, std::slice::from_ref(&visual)).unwrap(), image_ids, "{name}: {text}");
-        let embeds = merge_embeddings(m.decoder(), &image_ids, &[visual]).unwrap();
-        let mut cache = KvCache::new(&m.decoder().cfg, image_ids.len() + greedy.len() + 1, &at.device);
-        let logits = read_row(m.decoder().forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        let (logits, mut cache) = prefill_with_visuals(m.decoder(), &image_ids, &[visual], greedy.len() + 1, &at.device);
         check_stage("image logits", &name, &logits, &r.f32("image_logits").unwrap().0);
         assert_eq!(greedy_tokens(m.decoder(), &mut cache, &logits, greedy.len()), greedy, "{name}");
 

@@ -6,12 +6,12 @@
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::generate::read_row;
+
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
 use vidllm_models::video_llava::VideoLlava;
-use vidllm_models::{KvCache, Logits};
-use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, test_devices};
+
+use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, prefill_with_visuals, test_devices};
 
 struct Reference {
     ck: Checkpoint,
@@ -61,9 +61,7 @@ fn video_llava_stages_match_transformers_on_every_device() {
         check_stage("projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").0);
 
         let visual = [Visual { token: model.visual.video_token, features, per_placeholder: model.video_tokens(t), tiles: None }];
-        let embeds = merge_embeddings(&model.decoder, &ids, &visual).unwrap();
-        let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + greedy.len() + 1, &device);
-        let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits", &name, &logits, &r.f32("logits").0);
 
         // Greedy continuation: the last prompt position, then one token at a time.
@@ -121,9 +119,7 @@ fn image_and_video_in_one_prompt_match_transformers() {
             prompt = expand_placeholders(&prompt, v.token, v.per_placeholder);
         }
         assert_eq!(prompt, ids, "placeholder expansion");
-        let embeds = merge_embeddings(&model.decoder, &ids, &visuals).unwrap();
-        let mut cache = KvCache::new(&model.decoder.cfg, ids.len() + 1, &device);
-        let logits = read_row(model.decoder.forward_embeds(embeds, &mut cache, Logits::All)).unwrap();
+        let (logits, _) = prefill_with_visuals(&model.decoder, &ids, &visuals, 1, &device);
         check_stage("image + video logits", &name, &logits, &r.f32("both_logits").0);
     }
 }

@@ -74,13 +74,8 @@ pub struct VideoInfo {
     /// Frame size as displayed (after rotation).
     pub width: usize,
     pub height: usize,
-    /// Frames are numbered from the timeline and reached by seeking; otherwise they are
-    /// counted in decode order from the start.
-    pub seekable: bool,
     /// Clockwise rotation applied to the decoded pictures (0, 90, 180 or 270 degrees).
     pub rotation: u32,
-    /// Each displayed frame's time in seconds from the first, when the timeline knows it.
-    pub times: Option<Vec<f64>>,
     /// The frame rate varies (frame intervals differ by more than 1%).
     pub variable_rate: bool,
 }
@@ -108,6 +103,11 @@ impl Timeline {
     /// The number of the decoded picture with timestamp `ts`, if the timeline lists it.
     fn index_of(&self, ts: i64) -> Option<usize> {
         self.pts.binary_search(&(ts - self.offset)).ok()
+    }
+
+    /// Frame `i`'s time in seconds from the first frame.
+    fn seconds(&self, i: usize, tb: ffmpeg::Rational) -> f64 {
+        (self.pts[i] - self.pts[0]) as f64 * f64::from(tb)
     }
 
     /// Position in `keys` of the last keyframe at or before display index `target`.
@@ -194,6 +194,16 @@ fn scan_packets(ictx: &mut ffmpeg::format::context::Input, idx: usize) -> (usize
     (count, out)
 }
 
+/// The file opened, its best video stream's index, and a decoder for that stream.
+fn open_decoder(path: &str) -> Result<(ffmpeg::format::context::Input, usize, ffmpeg::decoder::Video)> {
+    let ictx = ffmpeg::format::input(&path).map_err(|e| fail(path, "not a readable video", e))?;
+    let stream = ictx.streams().best(Type::Video).ok_or_else(|| anyhow!("{path}: no video stream"))?;
+    let idx = stream.index();
+    let dec = ffmpeg::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| fail(path, "codec", e))?;
+    let dec = dec.decoder().video().map_err(|e| fail(path, "no decoder for the video stream", e))?;
+    Ok((ictx, idx, dec))
+}
+
 impl VideoReader {
     pub fn open(path: &str) -> Result<Self> {
         ffmpeg::init().map_err(|e| anyhow!("ffmpeg init: {e}"))?;
@@ -204,14 +214,12 @@ impl VideoReader {
         if meta.len() == 0 {
             bail!("{path}: the video file is empty");
         }
-        let mut ictx = ffmpeg::format::input(&path).map_err(|e| fail(path, "not a readable video", e))?;
-        let stream = ictx.streams().best(Type::Video).ok_or_else(|| anyhow!("{path}: no video stream"))?;
-        let (idx, tb) = (stream.index(), stream.time_base());
+        let (mut ictx, idx, dec) = open_decoder(path)?;
+        let stream = ictx.stream(idx).expect("open_decoder found it");
+        let tb = stream.time_base();
         let rate = stream.avg_frame_rate();
         let fps = if rate.denominator() != 0 && rate.numerator() > 0 { f64::from(rate) } else { 0.0 };
         let rotation = rotation_of(&stream);
-        let dec = ffmpeg::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| fail(path, "codec", e))?;
-        let dec = dec.decoder().video().map_err(|e| fail(path, "no decoder for the video stream", e))?;
         let (width, height) = (dec.width() as usize, dec.height() as usize);
         if width == 0 || height == 0 {
             bail!("{path}: the video stream has no size");
@@ -228,9 +236,7 @@ impl VideoReader {
                 fps,
                 width: if rotation % 180 == 90 { height } else { width },
                 height: if rotation % 180 == 90 { width } else { height },
-                seekable: false,
                 rotation,
-                times: None,
                 variable_rate: false,
             },
             timeline: None,
@@ -251,17 +257,15 @@ impl VideoReader {
                     .collect();
                 // The first picture's timestamp anchors the timeline.
                 if let Some(first) = reader.first_timestamp()? {
-                    let secs = |t: i64| (t - pts[0]) as f64 * f64::from(tb);
-                    let times: Vec<f64> = pts.iter().map(|&t| secs(t)).collect();
                     let gaps: Vec<i64> = pts.windows(2).map(|w| w[1] - w[0]).collect();
                     let (lo, hi) = (gaps.iter().min().copied().unwrap_or(1), gaps.iter().max().copied().unwrap_or(1));
                     reader.info.variable_rate = hi as f64 > lo as f64 * 1.01;
-                    if reader.info.fps == 0.0 && times.len() > 1 {
-                        reader.info.fps = (times.len() - 1) as f64 / times[times.len() - 1];
+                    let tl = Timeline { offset: first - pts[0], pts, keys };
+                    let span = tl.seconds(tl.pts.len() - 1, tb);
+                    if reader.info.fps == 0.0 && span > 0.0 {
+                        reader.info.fps = (tl.pts.len() - 1) as f64 / span;
                     }
-                    reader.info.times = Some(times);
-                    reader.info.seekable = true;
-                    reader.timeline = Some(Timeline { offset: first - pts[0], pts, keys });
+                    reader.timeline = Some(tl);
                 }
             }
         }
@@ -278,12 +282,12 @@ impl VideoReader {
         Ok(first)
     }
 
-    /// Frames are numbered from the timeline and reached by seeking: the open-time
-    /// [`VideoInfo::seekable`], unless a decode since found the timeline disagreeing with
-    /// the decoder (then frames are counted in decode order, and their times are the
-    /// decoder's best-effort timestamps).
+    /// Frames are numbered from the timeline and reached by seeking; otherwise (no usable
+    /// timeline, or a decode found it disagreeing with the decoder) they are counted in
+    /// decode order from the start, and their times are the decoder's best-effort
+    /// timestamps.
     pub fn seekable(&self) -> bool {
-        self.info.seekable && !self.distrust.get()
+        self.timeline.is_some() && !self.distrust.get()
     }
 
     /// Decode the frames a sampling policy picks. Fixed-count policies pick by displayed
@@ -291,8 +295,11 @@ impl VideoReader {
     /// a variable frame rate).
     pub fn sample(&self, policy: Sampling) -> Result<Vec<Frame>> {
         let fps = if self.info.fps > 0.0 { self.info.fps } else { 10.0 };
-        let indices = match (&policy, &self.info.times) {
-            (Sampling::Fps { .. }, Some(times)) => policy.indices_by_time(times),
+        let indices = match (&policy, &self.timeline) {
+            (Sampling::Fps { .. }, Some(tl)) => {
+                let times: Vec<f64> = (0..tl.pts.len()).map(|i| tl.seconds(i, self.time_base)).collect();
+                policy.indices_by_time(&times)
+            }
             _ => policy.indices(self.info.frames, fps),
         }
         .map_err(|e| anyhow!("{}: {e}", self.path))?;
@@ -327,19 +334,10 @@ impl VideoReader {
             .collect()
     }
 
-    fn open_decoder(&self) -> Result<(ffmpeg::format::context::Input, usize, ffmpeg::decoder::Video, ffmpeg::Rational)> {
-        let ictx = ffmpeg::format::input(&self.path).map_err(|e| fail(&self.path, "open", e))?;
-        let stream = ictx.streams().best(Type::Video).ok_or_else(|| anyhow!("{}: no video stream", self.path))?;
-        let (idx, tb) = (stream.index(), stream.time_base());
-        let dec = ffmpeg::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| fail(&self.path, "codec", e))?;
-        let dec = dec.decoder().video().map_err(|e| fail(&self.path, "decoder", e))?;
-        Ok((ictx, idx, dec, tb))
-    }
-
     /// Decode from the start, handing `visit` each picture as the decoder presents it,
     /// until `visit` says it is done or the stream ends.
     fn each_picture(&self, mut visit: impl FnMut(&AvFrame) -> Result<bool>) -> Result<()> {
-        let (mut ictx, idx, mut dec, _) = self.open_decoder()?;
+        let (mut ictx, idx, mut dec) = open_decoder(&self.path)?;
         let mut f = AvFrame::empty();
         for (s, packet) in ictx.packets() {
             if s.index() != idx {
@@ -390,7 +388,7 @@ impl VideoReader {
     /// pictures disagree with the timeline (a timestamp not on it, or pictures that do not
     /// follow one another on it), so the timeline cannot number this stream.
     fn decode_seeking(&self, tl: &Timeline, targets: &[usize]) -> Result<Option<Vec<Frame>>> {
-        let (mut ictx, idx, mut dec, tb) = self.open_decoder()?;
+        let (mut ictx, idx, mut dec) = open_decoder(&self.path)?;
         let fps = if self.info.fps > 0.0 { self.info.fps } else { 10.0 };
         let mut conv = Converter::new(self.info.rotation);
         let mut out = Vec::new();
@@ -427,7 +425,7 @@ impl VideoReader {
                         (from, last) = (if key.shown { None } else { Some(key.index) }, None);
                     }
                     Some(None) => {
-                        (ictx, _, dec, _) = self.open_decoder()?;
+                        (ictx, _, dec) = open_decoder(&self.path)?;
                         (from, last) = (Some(0), None);
                     }
                 }
@@ -451,8 +449,7 @@ impl VideoReader {
                             break 'read;
                         }
                         if i == target {
-                            let secs = (tl.pts[i] - tl.pts[0]) as f64 * f64::from(tb);
-                            picture = Some(conv.rgb(&f, i, secs)?);
+                            picture = Some(conv.rgb(&f, i, tl.seconds(i, self.time_base))?);
                             break 'read;
                         }
                     }

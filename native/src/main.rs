@@ -87,6 +87,13 @@ fn quiet_headless_probe() {
 
 fn main() -> ExitCode {
     quiet_headless_probe();
+    // The main thread is one of the CPU backend's workers: a parallel product then starts
+    // on this thread at once while the others join, instead of handing every product to the
+    // pool and sleeping until it is done (two context switches per product, which cost
+    // more than the small products of a decode step).
+    if let Err(e) = rayon::ThreadPoolBuilder::new().use_current_thread().build_global() {
+        eprintln!("warning: the thread pool was already set up: {e}");
+    }
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Chat(a) => chat::run(a),

@@ -1,7 +1,7 @@
 //! Inputs for checking the matmul kernels: deterministic activations and weights of any
-//! packed type. The kernel tests compare every device with an f64 product on them; the
-//! browser package compares WebGPU with its CPU backend on them (`VidLLM.checkKernels()`),
-//! since what a GPU driver computes is worth checking where the model will run.
+//! packed type, and the f64 product every device is compared with: by the kernel tests,
+//! and in the browser package for WebGPU (`checkKernels()`), since what a GPU driver
+//! computes is worth checking where the model will run.
 
 use half::f16;
 use vidllm_core::ggml::{GgmlType, quantize};
@@ -39,6 +39,18 @@ pub fn weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `y[m, n] = sum_k x[m, k] w[n, k]`, summed in f64.
+pub fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+            y[i * n + j] = s as f32;
+        }
+    }
+    y
 }
 
 /// Whether a product over `k` terms differs from its reference (whose largest magnitude is

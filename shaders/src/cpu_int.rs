@@ -1,0 +1,775 @@
+//! The CPU's integer path for quantised weights.
+//!
+//! Each row of activations is quantised once per product to 16 bits in blocks of 32
+//! ([`IntActs`]: `x ≈ d q`, `d = max|x| / 32767`). Each weight block is read as small
+//! integer codes `c` with an affine map per group of 16 elements (`w = a c + b`,
+//! [`IntCodes`]). Then, per group,
+//!
+//! ```text
+//! sum_i w_i x_i = d (a sum_i c_i q_i + b sum_i q_i)
+//! ```
+//!
+//! where `sum c q` runs in integer SIMD (AVX2's `vpmaddwd` on x86-64, `i32x4.dot_i16x8`
+//! with WebAssembly's `simd128`, plain integer loops elsewhere) and `d sum q` is stored
+//! with the activations. The codes are widened from bytes to 16 bits in registers; the
+//! weights are read in their packed form once.
+//!
+//! Why 16 bits and not llama.cpp's 8: an 8-bit activation (error up to `max|x| / 254` per
+//! element) moved a tiny Qwen2 quantised to Q8_0 off transformers' greedy choice where
+//! its lead was 0.6 logits; at 16 bits the product is within f32 rounding of the f32 one
+//! (error up to `max|x| / 65534`), so the CPU answers as the GPU and the f32 reference
+//! do, and the result does not depend on how a prompt is cut into prefill chunks.
+//!
+//! What this computes is exact for the quantised activations: the result equals the f64
+//! product of the dequantised weights with [`IntActs::dequantize`] up to f32 rounding
+//! (`tests/tests/kernels.rs` checks that bound).
+//!
+//! Every packed type but F16 / BF16 / F32 takes this path. Codes are unsigned bytes, or
+//! signed ones for the types whose values are not an affine map of small codes (Q8_0,
+//! IQ4_NL, IQ4_XS).
+
+use vidllm_core::ggml::{
+    Block, BlockIq4Nl, BlockIq4Xs, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+    GgmlType, KVALUES_IQ4NL, QK, QK_K, blocks, k_scale_min, q3k_scale,
+};
+
+/// Elements per scale of the quantised activations.
+const QB: usize = QK;
+/// Elements per affine group of the weight codes (the smallest sub-block of any type).
+const G: usize = 16;
+/// Rows of activations sharing one decode of a weight block.
+const MC: usize = 8;
+/// The largest activation code.
+const Q_MAX: f32 = 32767.0;
+
+/// `m` rows of `k` activations quantised to 16 bits in blocks of [`QB`].
+///
+/// # Shapes
+/// - `qs`: `[m * k]`; `d`: `[m * k / 32]`; `dsums`: `[m * k / 16]` (`d` times the sum of
+///   `qs`, per 16: what an offset `b` multiplies)
+pub struct IntActs {
+    pub k: usize,
+    qs: Vec<i16>,
+    d: Vec<f32>,
+    dsums: Vec<f32>,
+}
+
+impl IntActs {
+    /// Quantise `x` (`[m, k]`, `k` a multiple of 32) by round-to-nearest, as ggml's
+    /// `quantize_row_q8_0` does, to 16 bits.
+    pub fn quantize(x: &[f32], k: usize) -> Self {
+        assert!(k.is_multiple_of(QB) && x.len().is_multiple_of(k), "IntActs: rows of a multiple of 32");
+        let mut qs = vec![0i16; x.len()];
+        let mut d = Vec::with_capacity(x.len() / QB);
+        let mut dsums = Vec::with_capacity(x.len() / G);
+        for (xb, qb) in x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)) {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / Q_MAX;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (q, v) in qb.iter_mut().zip(xb) {
+                *q = (v * inv).round().clamp(-Q_MAX, Q_MAX) as i16;
+            }
+            d.push(scale);
+            dsums.extend(qb.chunks_exact(G).map(|h| scale * h.iter().map(|&q| q as i32).sum::<i32>() as f32));
+        }
+        IntActs { k, qs, d, dsums }
+    }
+
+    /// The activations the integer kernels multiply: `d q`, as f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.qs.iter().enumerate().map(|(i, &q)| self.d[i / QB] * q as f32).collect()
+    }
+
+    fn rows(&self) -> usize {
+        self.qs.len() / self.k
+    }
+}
+
+/// A weight block as integer codes: `w[i] = a[i / 16] * c[i] + b[i / 16]`.
+pub trait IntCodes: Block {
+    /// Codes are i8 (any sign); otherwise u8.
+    const SIGNED: bool;
+    /// Whether `b` can be non-zero (else the sums of the activations are not needed).
+    const OFFSET: bool;
+    /// Write the block's `ELEMS` codes into `c` and its affine maps into `a`, `b`.
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]);
+}
+
+/// An f16 scale as f32, inlined (the `half` crate's conversion is a call that checks the
+/// processor's features each time: a tenth of the decode time for 32-element blocks).
+#[inline(always)]
+fn f16(b: [u8; 2]) -> f32 {
+    let h = u16::from_le_bytes(b);
+    let sign = ((h & 0x8000) as u32) << 16;
+    let rest = (h & 0x7fff) as u32;
+    if rest >= 0x7c00 {
+        // Infinity or NaN: the exponent field all ones.
+        return f32::from_bits(sign | 0x7f80_0000 | ((rest & 0x3ff) << 13));
+    }
+    // Exponent and mantissa moved into f32's fields, then rebiased (15 -> 127) by an exact
+    // multiplication by 2^112; f16 subnormals come out right the same way.
+    let magnitude = f32::from_bits(rest << 13) * f32::from_bits((127 + 112) << 23);
+    f32::from_bits(magnitude.to_bits() | sign)
+}
+
+/// The 32 codes of a 4-bit block (low nibbles are elements 0-15, high nibbles 16-31).
+#[inline(always)]
+fn nibbles(qs: &[u8], c: &mut [u8]) {
+    for j in 0..16 {
+        c[j] = qs[j] & 15;
+        c[j + 16] = qs[j] >> 4;
+    }
+}
+
+impl IntCodes for BlockQ4_0 {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        nibbles(&self.qs, c);
+        let d = f16(self.d);
+        a[..2].fill(d);
+        b[..2].fill(-8.0 * d);
+    }
+}
+
+impl IntCodes for BlockQ4_1 {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        nibbles(&self.qs, c);
+        a[..2].fill(f16(self.d));
+        b[..2].fill(f16(self.m));
+    }
+}
+
+/// The 32 five-bit codes of a Q5 block: its nibbles and the bits of `qh`.
+#[inline(always)]
+fn q5_codes(qs: &[u8; QK / 2], qh: [u8; 4], c: &mut [u8]) {
+    let qh = u32::from_le_bytes(qh);
+    for j in 0..16 {
+        c[j] = (qs[j] & 15) | ((((qh >> j) & 1) as u8) << 4);
+        c[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+}
+
+impl IntCodes for BlockQ5_0 {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        q5_codes(&self.qs, self.qh, c);
+        let d = f16(self.d);
+        a[..2].fill(d);
+        b[..2].fill(-16.0 * d);
+    }
+}
+
+impl IntCodes for BlockQ5_1 {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        q5_codes(&self.qs, self.qh, c);
+        a[..2].fill(f16(self.d));
+        b[..2].fill(f16(self.m));
+    }
+}
+
+impl IntCodes for BlockQ8_0 {
+    const SIGNED: bool = true;
+    const OFFSET: bool = false;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], _b: &mut [f32; QK_K / G]) {
+        c[..QK].copy_from_slice(bytemuck::cast_slice(&self.qs));
+        a[..2].fill(f16(self.d));
+    }
+}
+
+impl IntCodes for BlockIq4Nl {
+    const SIGNED: bool = true;
+    const OFFSET: bool = false;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], _b: &mut [f32; QK_K / G]) {
+        for j in 0..16 {
+            c[j] = KVALUES_IQ4NL[(self.qs[j] & 15) as usize] as u8;
+            c[j + 16] = KVALUES_IQ4NL[(self.qs[j] >> 4) as usize] as u8;
+        }
+        a[..2].fill(f16(self.d));
+    }
+}
+
+impl IntCodes for BlockQ2K {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        let (d, dmin) = (f16(self.d), f16(self.dmin));
+        // Element h * 128 + s * 32 + l is the 2-bit field s of byte l of half h.
+        for h in 0..2 {
+            for s in 0..4 {
+                for l in 0..32 {
+                    c[128 * h + 32 * s + l] = (self.qs[32 * h + l] >> (2 * s)) & 3;
+                }
+            }
+        }
+        for (g, sc) in self.scales.iter().enumerate() {
+            a[g] = d * (sc & 15) as f32;
+            b[g] = -dmin * (sc >> 4) as f32;
+        }
+    }
+}
+
+impl IntCodes for BlockQ3K {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        let d = f16(self.d);
+        // As Q2_K's fields, plus a high bit (stored inverted: clear means -4): code 0..7
+        // is the value plus 4.
+        for h in 0..2 {
+            for s in 0..4 {
+                for l in 0..32 {
+                    let i = 128 * h + 32 * s + l;
+                    let high = (self.hmask[l] >> (i / 32)) & 1;
+                    c[i] = ((self.qs[32 * h + l] >> (2 * s)) & 3) | (high << 2);
+                }
+            }
+        }
+        for g in 0..QK_K / G {
+            a[g] = d * (q3k_scale(&self.scales, g) as f32 - 32.0);
+            b[g] = -4.0 * a[g];
+        }
+    }
+}
+
+impl IntCodes for BlockQ4K {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        let (d, dmin) = (f16(self.d), f16(self.dmin));
+        // Chunk q of 64: sub-block 2q in the low nibbles of its 32 bytes, 2q + 1 in the high.
+        for (q, (cs, qs)) in c.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
+            for l in 0..32 {
+                cs[l] = qs[l] & 15;
+                cs[l + 32] = qs[l] >> 4;
+            }
+            for s in [2 * q, 2 * q + 1] {
+                let (sc, m) = k_scale_min(&self.scales, s);
+                a[2 * s..2 * s + 2].fill(d * sc as f32);
+                b[2 * s..2 * s + 2].fill(-dmin * m as f32);
+            }
+        }
+    }
+}
+
+impl IntCodes for BlockQ5K {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        let (d, dmin) = (f16(self.d), f16(self.dmin));
+        // As Q4_K, with sub-block s's fifth bits in bit s of `qh[l]`.
+        for (q, (cs, qs)) in c.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
+            for l in 0..32 {
+                cs[l] = (qs[l] & 15) | (((self.qh[l] >> (2 * q)) & 1) << 4);
+                cs[l + 32] = (qs[l] >> 4) | (((self.qh[l] >> (2 * q + 1)) & 1) << 4);
+            }
+            for s in [2 * q, 2 * q + 1] {
+                let (sc, m) = k_scale_min(&self.scales, s);
+                a[2 * s..2 * s + 2].fill(d * sc as f32);
+                b[2 * s..2 * s + 2].fill(-dmin * m as f32);
+            }
+        }
+    }
+}
+
+impl IntCodes for BlockQ6K {
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+        let d = f16(self.d);
+        // Each half of 128: byte l of its ql / qh feeds elements l, l + 32, l + 64, l + 96
+        // (low nibbles of ql[l], ql[l + 32], then their high nibbles; the 2-bit fields of
+        // qh[l] in order). Codes 0..63 are the value plus 32.
+        for h in 0..2 {
+            let (ql, qh) = (&self.ql[64 * h..64 * h + 64], &self.qh[32 * h..32 * h + 32]);
+            let cs = &mut c[128 * h..128 * h + 128];
+            for l in 0..32 {
+                cs[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+                cs[l + 32] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+                cs[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                cs[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        for (g, &sc) in self.scales.iter().enumerate() {
+            a[g] = d * sc as f32;
+            b[g] = -32.0 * a[g];
+        }
+    }
+}
+
+impl IntCodes for BlockIq4Xs {
+    const SIGNED: bool = true;
+    const OFFSET: bool = false;
+    #[inline(always)]
+    fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], _b: &mut [f32; QK_K / G]) {
+        let d = f16(self.d);
+        let high = u16::from_le_bytes(self.scales_h);
+        for (j, cs) in c.chunks_exact_mut(QK).enumerate() {
+            let ls = ((self.scales_l[j / 2] >> (4 * (j % 2))) & 15) | ((((high >> (2 * j)) & 3) as u8) << 4);
+            a[2 * j..2 * j + 2].fill(d * (ls as f32 - 32.0));
+            let qs = &self.qs[16 * j..16 * j + 16];
+            for l in 0..16 {
+                cs[l] = KVALUES_IQ4NL[(qs[l] & 15) as usize] as u8;
+                cs[l + 16] = KVALUES_IQ4NL[(qs[l] >> 4) as usize] as u8;
+            }
+        }
+    }
+}
+
+/// Whether `ty` takes the integer path (every block type; not the float ones).
+pub fn takes_integer_path(ty: GgmlType) -> bool {
+    ty.is_quantized()
+}
+
+/// `out[i] = W_row . x_i` for every row `i` of `acts`, with `W_row` one row of `ty` blocks.
+///
+/// # Panics
+/// If `wrow` is not one row of `acts.k` elements, or `out` is not one value per row.
+pub fn row_dot(ty: GgmlType, wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
+    // The SIMD loops read by pointer within these bounds.
+    assert!(acts.k.is_multiple_of(ty.block_elems()) && wrow.len() == acts.k / ty.block_elems() * ty.block_bytes(), "row_dot: not one row");
+    assert!(acts.qs.len() == out.len() * acts.k, "row_dot: one output per row of activations");
+    vidllm_core::with_block!(ty, B => row_dot_typed::<B>(wrow, acts, out), else unreachable!("float types take the f32 path"))
+}
+
+/// On the best instruction set available.
+#[inline(always)]
+fn row_dot_typed<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the features were just detected.
+        return unsafe { avx2::row_dot::<B>(wrow, acts, out) };
+    }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return simd128::row_dot::<B>(wrow, acts, out);
+    #[allow(unreachable_code)]
+    rows_dot_scalar::<B>(wrow, acts, out)
+}
+
+/// The integer dot products of one 32-element chunk, by halves of 16.
+#[inline(always)]
+fn scalar_chunk<B: IntCodes>(c: &[u8], q: &[i16]) -> [i32; 2] {
+    let mut s = [0i32; 2];
+    for (h, sh) in s.iter_mut().enumerate() {
+        for j in 16 * h..16 * h + 16 {
+            let w = if B::SIGNED { c[j] as i8 as i32 } else { c[j] as i32 };
+            *sh += w * q[j] as i32;
+        }
+    }
+    s
+}
+
+/// The portable loop: each weight block decoded once into codes, then dotted with up to
+/// [`MC`] rows of activations, 32 elements at a time, in integer loops.
+#[inline(always)]
+fn rows_dot_scalar<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
+    let k = acts.k;
+    let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
+    for r0 in (0..acts.rows()).step_by(MC) {
+        let mc = MC.min(acts.rows() - r0);
+        let mut acc = [0f32; MC];
+        for (bi, blk) in blocks::<B>(wrow).iter().enumerate() {
+            blk.codes(&mut c, &mut a, &mut b);
+            for (i, acc) in acc[..mc].iter_mut().enumerate() {
+                let e0 = (r0 + i) * k + bi * B::ELEMS;
+                for ch in 0..B::ELEMS / QB {
+                    let e = e0 + ch * QB;
+                    let [s0, s1] = scalar_chunk::<B>(&c[ch * QB..ch * QB + QB], &acts.qs[e..e + QB]);
+                    *acc += acts.d[e / QB] * (a[2 * ch] * s0 as f32 + a[2 * ch + 1] * s1 as f32);
+                    if B::OFFSET {
+                        *acc += b[2 * ch] * acts.dsums[e / G] + b[2 * ch + 1] * acts.dsums[e / G + 1];
+                    }
+                }
+            }
+        }
+        out[r0..r0 + mc].copy_from_slice(&acc[..mc]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// AVX2: per chunk of 32, the codes widened to i16 and `vpmaddwd` with the activations
+    /// ([`products`]); each half scaled and accumulated in f32 lanes; one horizontal sum
+    /// per row at the end. The 32-element types build their
+    /// codes in a register ([`codes32`]); the K types go through the code buffer.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_dot<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
+        if B::ELEMS == QB && acts.rows() == 1 {
+            out[0] = unsafe { row_dot_32::<B>(wrow, acts) };
+            return;
+        }
+        let k = acts.k;
+        let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
+        let (qs, d, dsums) = (acts.qs.as_ptr(), acts.d.as_ptr(), acts.dsums.as_ptr());
+        for r0 in (0..acts.rows()).step_by(MC) {
+            let mc = MC.min(acts.rows() - r0);
+            let mut acc = [_mm256_setzero_ps(); MC];
+            let mut off = [0f32; MC];
+            for (bi, blk) in blocks::<B>(wrow).iter().enumerate() {
+                blk.codes(&mut c, &mut a, &mut b);
+                for i in 0..mc {
+                    let e0 = (r0 + i) * k + bi * B::ELEMS;
+                    for ch in 0..B::ELEMS / QB {
+                        let e = e0 + ch * QB;
+                        // SAFETY: `e + 32 <= m * k` (whole blocks of whole rows), and the
+                        // code buffer holds a whole block.
+                        unsafe {
+                            let w = _mm256_loadu_si256(c.as_ptr().add(ch * QB) as *const __m256i);
+                            let (p0, p1) = products::<B>(w, qs.add(e));
+                            let dx = *d.add(e / QB);
+                            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dx * a[2 * ch]), acc[i]);
+                            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dx * a[2 * ch + 1]), acc[i]);
+                            if B::OFFSET {
+                                off[i] += b[2 * ch] * *dsums.add(e / G) + b[2 * ch + 1] * *dsums.add(e / G + 1);
+                            }
+                        }
+                    }
+                }
+            }
+            for i in 0..mc {
+                out[r0 + i] = hsum(acc[i]) + off[i];
+            }
+        }
+    }
+
+    /// One row of 32-element blocks against one row of activations (decode), codes built
+    /// in a register, one scale per block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_dot_32<B: IntCodes>(wrow: &[u8], acts: &IntActs) -> f32 {
+        let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
+        // Two accumulators (even and odd blocks): one would chain every block's FMA on
+        // the one before it.
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut off = [0f32; 2];
+        for (bi, blk) in blocks::<B>(wrow).iter().enumerate() {
+            let e = bi * QB;
+            // SAFETY: block `bi` of the row lies inside the activations' one row.
+            unsafe {
+                let (w, scale, offset) = match codes32(blk) {
+                    Some(fast) => fast,
+                    None => {
+                        blk.codes(&mut c, &mut a, &mut b);
+                        (_mm256_loadu_si256(c.as_ptr() as *const __m256i), a[0], b[0])
+                    }
+                };
+                let (p0, p1) = products::<B>(w, acts.qs.as_ptr().add(e));
+                let s = _mm256_set1_ps(*acts.d.get_unchecked(bi) * scale);
+                // One scale for the block: the halves summed in i32 (at most 2^25).
+                acc[bi % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), s, acc[bi % 2]);
+                if B::OFFSET {
+                    off[bi % 2] += offset * (*acts.dsums.get_unchecked(2 * bi) + *acts.dsums.get_unchecked(2 * bi + 1));
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc[0], acc[1])) + off[0] + off[1]
+    }
+
+    /// The 32 codes, scale and offset of a 32-element block straight into a register, for
+    /// the types where that is a few instructions; `None` for the others.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn codes32<B: IntCodes>(blk: &B) -> Option<(__m256i, f32, f32)> {
+        let bytes = bytemuck::bytes_of(blk);
+        // Low nibbles are elements 0-15, high nibbles 16-31.
+        let nibbles = |qs: &[u8; 16]| {
+            // SAFETY: 16 bytes.
+            let q = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(15))
+        };
+        match B::TYPE {
+            GgmlType::Q4_0 => {
+                let b: &BlockQ4_0 = bytemuck::from_bytes(bytes);
+                let d = f16c(b.d);
+                Some((nibbles(&b.qs), d, -8.0 * d))
+            }
+            GgmlType::Q4_1 => {
+                let b: &BlockQ4_1 = bytemuck::from_bytes(bytes);
+                Some((nibbles(&b.qs), f16c(b.d), f16c(b.m)))
+            }
+            GgmlType::Q8_0 => {
+                let b: &BlockQ8_0 = bytemuck::from_bytes(bytes);
+                // SAFETY: 32 bytes.
+                Some((unsafe { _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i) }, f16c(b.d), 0.0))
+            }
+            GgmlType::Iq4Nl => {
+                let b: &BlockIq4Nl = bytemuck::from_bytes(bytes);
+                // The 16 values looked up by nibble in one shuffle per half.
+                // SAFETY: 16 bytes.
+                let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+                let idx = nibbles(&b.qs);
+                let values = _mm256_shuffle_epi8(_mm256_set_m128i(table, table), idx);
+                Some((values, f16c(b.d), 0.0))
+            }
+            _ => None,
+        }
+    }
+
+    /// The products of 32 codes with 32 activations (at `x`), as two vectors of 8 i32 sums
+    /// of pairs: elements 0-15 and 16-31. The codes are widened to 16 bits, then
+    /// `vpmaddwd` (i16 x i16, pairs summed to i32).
+    ///
+    /// # Safety
+    /// `x` points at 32 readable i16.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn products<B: IntCodes>(w: __m256i, x: *const i16) -> (__m256i, __m256i) {
+        let (lo, hi) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+        let (wl, wh) = if B::SIGNED {
+            (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
+        } else {
+            (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+        };
+        // SAFETY: 32 i16 at `x`.
+        let (xl, xh) = unsafe { (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(16) as *const __m256i)) };
+        (_mm256_madd_epi16(wl, xl), _mm256_madd_epi16(wh, xh))
+    }
+
+    /// An f16 scale as f32 by the F16C instruction.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn f16c(b: [u8; 2]) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes(b) as i32)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128 {
+    use std::arch::wasm32::*;
+
+    use super::*;
+
+    /// WebAssembly SIMD: codes widened to i16, `i32x4.dot_i16x8` with the activations
+    /// (pairs multiplied and summed to i32); per half of 16, four i32 lanes, scaled in f32
+    /// lanes.
+    pub(super) fn row_dot<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
+        if B::ELEMS == QB && acts.rows() == 1 {
+            out[0] = row_dot_32::<B>(wrow, acts);
+            return;
+        }
+        let k = acts.k;
+        let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
+        for r0 in (0..acts.rows()).step_by(MC) {
+            let mc = MC.min(acts.rows() - r0);
+            let mut acc = [f32x4_splat(0.0); MC];
+            let mut off = [0f32; MC];
+            for (bi, blk) in blocks::<B>(wrow).iter().enumerate() {
+                blk.codes(&mut c, &mut a, &mut b);
+                for i in 0..mc {
+                    let e0 = (r0 + i) * k + bi * B::ELEMS;
+                    for ch in 0..B::ELEMS / QB {
+                        let e = e0 + ch * QB;
+                        let dx = acts.d[e / QB];
+                        for h in 0..2 {
+                            let at = ch * QB + 16 * h;
+                            // SAFETY: 16 codes inside the buffer, 16 activations inside the row.
+                            let (w, xl, xh) = unsafe {
+                                let x = acts.qs.as_ptr().add(e + 16 * h);
+                                (
+                                    v128_load(c.as_ptr().add(at) as *const v128),
+                                    v128_load(x as *const v128),
+                                    v128_load(x.add(8) as *const v128),
+                                )
+                            };
+                            let (wl, wh) = if B::SIGNED {
+                                (i16x8_extend_low_i8x16(w), i16x8_extend_high_i8x16(w))
+                            } else {
+                                (u16x8_extend_low_u8x16(w), u16x8_extend_high_u8x16(w))
+                            };
+                            let p = i32x4_add(i32x4_dot_i16x8(wl, xl), i32x4_dot_i16x8(wh, xh));
+                            acc[i] = f32x4_add(acc[i], f32x4_mul(f32x4_convert_i32x4(p), f32x4_splat(dx * a[2 * ch + h])));
+                        }
+                        if B::OFFSET {
+                            off[i] += b[2 * ch] * acts.dsums[e / G] + b[2 * ch + 1] * acts.dsums[e / G + 1];
+                        }
+                    }
+                }
+            }
+            for i in 0..mc {
+                let v = acc[i];
+                out[r0 + i] = f32x4_extract_lane::<0>(v)
+                    + f32x4_extract_lane::<1>(v)
+                    + f32x4_extract_lane::<2>(v)
+                    + f32x4_extract_lane::<3>(v)
+                    + off[i];
+            }
+        }
+    }
+
+    /// One row of 32-element blocks against one row of activations (decode): the codes
+    /// built in registers ([`codes32`]), one scale per block, two accumulators.
+    fn row_dot_32<B: IntCodes>(wrow: &[u8], acts: &IntActs) -> f32 {
+        let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
+        let mut acc = [f32x4_splat(0.0); 2];
+        let mut off = [0f32; 2];
+        let (qs, d, dsums) = (&acts.qs[..acts.k], &acts.d[..acts.k / QB], &acts.dsums[..acts.k / G]);
+        for (bi, ((blk, x), (dx, ds))) in
+            blocks::<B>(wrow).iter().zip(qs.chunks_exact(QB)).zip(d.iter().zip(dsums.chunks_exact(2))).enumerate()
+        {
+            let (lo, hi, scale, offset) = match codes32(blk) {
+                Some(fast) => fast,
+                None => {
+                    blk.codes(&mut c, &mut a, &mut b);
+                    // SAFETY: 32 bytes in the code buffer.
+                    unsafe { (v128_load(c.as_ptr() as *const v128), v128_load(c.as_ptr().add(16) as *const v128), a[0], b[0]) }
+                }
+            };
+            let widen = |v: v128| {
+                if B::SIGNED {
+                    (i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v))
+                } else {
+                    (u16x8_extend_low_u8x16(v), u16x8_extend_high_u8x16(v))
+                }
+            };
+            let ((w0, w1), (w2, w3)) = (widen(lo), widen(hi));
+            // SAFETY: the chunk holds 32 i16.
+            let p = unsafe {
+                let x = x.as_ptr() as *const v128;
+                i32x4_add(
+                    i32x4_add(i32x4_dot_i16x8(w0, v128_load(x)), i32x4_dot_i16x8(w1, v128_load(x.add(1)))),
+                    i32x4_add(i32x4_dot_i16x8(w2, v128_load(x.add(2))), i32x4_dot_i16x8(w3, v128_load(x.add(3)))),
+                )
+            };
+            // Even and odd blocks in two accumulators.
+            let n = bi % 2;
+            acc[n] = f32x4_add(acc[n], f32x4_mul(f32x4_convert_i32x4(p), f32x4_splat(dx * scale)));
+            if B::OFFSET {
+                off[n] += offset * (ds[0] + ds[1]);
+            }
+        }
+        let v = f32x4_add(acc[0], acc[1]);
+        f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v) + f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v) + off[0] + off[1]
+    }
+
+    /// The 32 codes (elements 0-15, 16-31), scale and offset of a 32-element block in
+    /// registers, for the types where that is a few instructions; `None` for the others.
+    #[inline(always)]
+    fn codes32<B: IntCodes>(blk: &B) -> Option<(v128, v128, f32, f32)> {
+        let bytes = bytemuck::bytes_of(blk);
+        // Low nibbles are elements 0-15, high nibbles 16-31.
+        let nibbles = |qs: &[u8; 16]| {
+            // SAFETY: 16 bytes.
+            let q = unsafe { v128_load(qs.as_ptr() as *const v128) };
+            (v128_and(q, u8x16_splat(15)), u8x16_shr(q, 4))
+        };
+        match B::TYPE {
+            GgmlType::Q4_0 => {
+                let b: &BlockQ4_0 = bytemuck::from_bytes(bytes);
+                let ((lo, hi), d) = (nibbles(&b.qs), f16(b.d));
+                Some((lo, hi, d, -8.0 * d))
+            }
+            GgmlType::Q4_1 => {
+                let b: &BlockQ4_1 = bytemuck::from_bytes(bytes);
+                let (lo, hi) = nibbles(&b.qs);
+                Some((lo, hi, f16(b.d), f16(b.m)))
+            }
+            GgmlType::Q8_0 => {
+                let b: &BlockQ8_0 = bytemuck::from_bytes(bytes);
+                // SAFETY: 32 bytes.
+                let (lo, hi) = unsafe { (v128_load(b.qs.as_ptr() as *const v128), v128_load(b.qs.as_ptr().add(16) as *const v128)) };
+                Some((lo, hi, f16(b.d), 0.0))
+            }
+            GgmlType::Iq4Nl => {
+                let b: &BlockIq4Nl = bytemuck::from_bytes(bytes);
+                // SAFETY: 16 bytes.
+                let table = unsafe { v128_load(KVALUES_IQ4NL.as_ptr() as *const v128) };
+                let (lo, hi) = nibbles(&b.qs);
+                Some((i8x16_swizzle(table, lo), i8x16_swizzle(table, hi), f16(b.d), 0.0))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vidllm_core::ggml::dequant_block;
+
+    #[test]
+    fn f16_conversion_is_exact() {
+        for h in 0..=u16::MAX {
+            let (want, got) = (half::f16::from_bits(h).to_f32(), f16(h.to_le_bytes()));
+            assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{h:#06x}: {got} vs {want}");
+        }
+    }
+
+    /// Codes and affine maps give back exactly what `Block::dequantize` gives, for every
+    /// type, on random bytes (every bit pattern but the f16 scales is valid).
+    #[test]
+    fn codes_reproduce_dequantize() {
+        for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)) {
+            let blocks = crate::check::weight(ty, 4, ty.block_elems(), 11);
+            for blk in blocks.chunks_exact(ty.block_bytes()) {
+                let mut want = vec![0f32; ty.block_elems()];
+                dequant_block(ty, blk, &mut want);
+                let got = vidllm_core::with_block!(ty, B => {
+                    let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
+                    bytemuck::from_bytes::<B>(blk).codes(&mut c, &mut a, &mut b);
+                    (0..B::ELEMS).map(|i| {
+                        let code = if B::SIGNED { c[i] as i8 as f32 } else { c[i] as f32 };
+                        a[i / G] * code + if B::OFFSET { b[i / G] } else { 0.0 }
+                    }).collect::<Vec<f32>>()
+                }, else unreachable!());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "{ty:?} element {i}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// The scalar loop and the SIMD one agree with the f64 product on the quantised
+    /// activations.
+    #[test]
+    fn integer_rows_match_f64_on_quantised_activations() {
+        // One row takes the decode loop, eleven the batched one (a group of 8, then 3).
+        for (ty, m) in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)).flat_map(|t| [(t, 1), (t, 11)]) {
+            let k = 2 * QK_K;
+            let w = crate::check::weight(ty, 1, k, 5);
+            let x = crate::check::values(m * k, 9);
+            let acts = IntActs::quantize(&x, k);
+            let (xq, wf) = (acts.dequantize(), vidllm_core::ggml::dequantize(ty, &w, k));
+            let mut got = vec![0f32; m];
+            row_dot(ty, &w, &acts, &mut got);
+            let mut scalar = vec![0f32; m];
+            vidllm_core::with_block!(ty, B => rows_dot_scalar::<B>(&w, &acts, &mut scalar), else unreachable!());
+            for i in 0..m {
+                let want: f64 = (0..k).map(|t| xq[i * k + t] as f64 * wf[t] as f64).sum();
+                let mag = want.abs().max(1.0) as f32;
+                for (name, v) in [("simd", got[i]), ("scalar", scalar[i])] {
+                    assert!(crate::check::within_rounding((v - want as f32).abs(), mag, k), "{ty:?} m={m} row {i} ({name}): {v} vs {want}");
+                }
+            }
+        }
+    }
+}

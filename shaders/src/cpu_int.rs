@@ -91,6 +91,9 @@ pub trait IntCodes: Block {
     const SIGNED: bool;
     /// Whether `b` can be non-zero (else the sums of the activations are not needed).
     const OFFSET: bool;
+    /// Whether both halves of every 32 share one affine map (all but Q2_K, Q3_K, Q6_K,
+    /// whose sub-blocks are 16): their products are then summed before scaling.
+    const SHARED32: bool = true;
     /// Write the block's `ELEMS` codes into `c` and its affine maps into `a`, `b`.
     fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]);
 }
@@ -203,6 +206,7 @@ impl IntCodes for BlockIq4Nl {
 impl IntCodes for BlockQ2K {
     const SIGNED: bool = false;
     const OFFSET: bool = true;
+    const SHARED32: bool = false;
     #[inline(always)]
     fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
         let (d, dmin) = (f16(self.d), f16(self.dmin));
@@ -224,6 +228,7 @@ impl IntCodes for BlockQ2K {
 impl IntCodes for BlockQ3K {
     const SIGNED: bool = false;
     const OFFSET: bool = true;
+    const SHARED32: bool = false;
     #[inline(always)]
     fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
         let d = f16(self.d);
@@ -290,6 +295,7 @@ impl IntCodes for BlockQ5K {
 impl IntCodes for BlockQ6K {
     const SIGNED: bool = false;
     const OFFSET: bool = true;
+    const SHARED32: bool = false;
     #[inline(always)]
     fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
         let d = f16(self.d);
@@ -516,8 +522,13 @@ mod avx2 {
                     let p0 = _mm256_madd_epi16(wl, _mm256_loadu_si256(x as *const __m256i));
                     let p1 = _mm256_madd_epi16(wh, _mm256_loadu_si256(x.add(16) as *const __m256i));
                     let dx = *acts.d.get_unchecked(e / QB);
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dx * a0), *acc);
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dx * a1), *acc);
+                    if B::SHARED32 {
+                        // One scale for the chunk: the halves summed in i32 (at most 2^25).
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(dx * a0), *acc);
+                    } else {
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dx * a0), *acc);
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dx * a1), *acc);
+                    }
                 }
             }
         }

@@ -16,7 +16,7 @@
 //!
 //! Why 16 bits and not llama.cpp's 8: an 8-bit activation (error up to `max|x| / 254` per
 //! element) moved a tiny Qwen2 quantised to Q8_0 off transformers' greedy choice where
-//! its lead was 0.6 logits; at 16 bits the product is within f32 rounding of the f32 one
+//! its lead was 0.6 logits; at 16 bits the product stays close to the f32 one
 //! (error up to `max|x| / 65534`), so the CPU answers as the GPU and the f32 reference
 //! do, and the result does not depend on how a prompt is cut into prefill chunks.
 //!

@@ -124,6 +124,27 @@ fn nibbles(qs: &[u8], c: &mut [u8]) {
     }
 }
 
+/// The 32 IQ4 values of a block of nibbles (signed codes): each nibble looked up in the
+/// non-linear table.
+#[inline(always)]
+fn iq4_values(qs: &[u8], c: &mut [u8]) {
+    nibbles(qs, c);
+    for v in &mut c[..QK] {
+        *v = KVALUES_IQ4NL[*v as usize] as u8;
+    }
+}
+
+/// The affine maps of Q4_K / Q5_K: eight sub-blocks of 32 (two groups of 16 each), with
+/// 6-bit scales and minimums.
+#[inline(always)]
+fn k_scale_min_maps(scales: &[u8; 12], d: f32, dmin: f32, a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
+    for s in 0..QK_K / QK {
+        let (sc, m) = k_scale_min(scales, s);
+        a[2 * s..2 * s + 2].fill(d * sc as f32);
+        b[2 * s..2 * s + 2].fill(-dmin * m as f32);
+    }
+}
+
 impl IntCodes for BlockQ4_0 {
     const SIGNED: bool = false;
     const OFFSET: bool = true;
@@ -195,10 +216,7 @@ impl IntCodes for BlockIq4Nl {
     const OFFSET: bool = false;
     #[inline(always)]
     fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], _b: &mut [f32; QK_K / G]) {
-        for j in 0..16 {
-            c[j] = KVALUES_IQ4NL[(self.qs[j] & 15) as usize] as u8;
-            c[j + 16] = KVALUES_IQ4NL[(self.qs[j] >> 4) as usize] as u8;
-        }
+        iq4_values(&self.qs, c);
         a[..2].fill(f16(self.d));
     }
 }
@@ -255,19 +273,14 @@ impl IntCodes for BlockQ4K {
     const OFFSET: bool = true;
     #[inline(always)]
     fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
-        let (d, dmin) = (f16(self.d), f16(self.dmin));
         // Chunk q of 64: sub-block 2q in the low nibbles of its 32 bytes, 2q + 1 in the high.
-        for (q, (cs, qs)) in c.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
+        for (cs, qs) in c.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)) {
             for l in 0..32 {
                 cs[l] = qs[l] & 15;
                 cs[l + 32] = qs[l] >> 4;
             }
-            for s in [2 * q, 2 * q + 1] {
-                let (sc, m) = k_scale_min(&self.scales, s);
-                a[2 * s..2 * s + 2].fill(d * sc as f32);
-                b[2 * s..2 * s + 2].fill(-dmin * m as f32);
-            }
         }
+        k_scale_min_maps(&self.scales, f16(self.d), f16(self.dmin), a, b);
     }
 }
 
@@ -276,19 +289,14 @@ impl IntCodes for BlockQ5K {
     const OFFSET: bool = true;
     #[inline(always)]
     fn codes(&self, c: &mut [u8; QK_K], a: &mut [f32; QK_K / G], b: &mut [f32; QK_K / G]) {
-        let (d, dmin) = (f16(self.d), f16(self.dmin));
         // As Q4_K, with sub-block s's fifth bits in bit s of `qh[l]`.
         for (q, (cs, qs)) in c.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
             for l in 0..32 {
                 cs[l] = (qs[l] & 15) | (((self.qh[l] >> (2 * q)) & 1) << 4);
                 cs[l + 32] = (qs[l] >> 4) | (((self.qh[l] >> (2 * q + 1)) & 1) << 4);
             }
-            for s in [2 * q, 2 * q + 1] {
-                let (sc, m) = k_scale_min(&self.scales, s);
-                a[2 * s..2 * s + 2].fill(d * sc as f32);
-                b[2 * s..2 * s + 2].fill(-dmin * m as f32);
-            }
         }
+        k_scale_min_maps(&self.scales, f16(self.d), f16(self.dmin), a, b);
     }
 }
 
@@ -329,11 +337,7 @@ impl IntCodes for BlockIq4Xs {
         for (j, cs) in c.chunks_exact_mut(QK).enumerate() {
             let ls = ((self.scales_l[j / 2] >> (4 * (j % 2))) & 15) | ((((high >> (2 * j)) & 3) as u8) << 4);
             a[2 * j..2 * j + 2].fill(d * (ls as f32 - 32.0));
-            let qs = &self.qs[16 * j..16 * j + 16];
-            for l in 0..16 {
-                cs[l] = KVALUES_IQ4NL[(qs[l] & 15) as usize] as u8;
-                cs[l + 16] = KVALUES_IQ4NL[(qs[l] >> 4) as usize] as u8;
-            }
+            iq4_values(&self.qs[16 * j..16 * j + 16], cs);
         }
     }
 }

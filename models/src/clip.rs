@@ -6,12 +6,13 @@
 //! class token, learned positions, `pre_layrnorm`, then pre-norm encoder blocks.
 //! `hidden_states[0]` is the pre-norm embedding, `hidden_states[k]` the output of block k.
 
-use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Tensor, TensorData};
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
+use vidllm_shaders::{Mask, attention};
 
 use crate::layers::{LayerNorm, Linear, vector};
 
@@ -261,8 +262,9 @@ impl EncoderLayer {
         let q = heads(self.q.forward(x.clone()));
         let k = heads(self.k.forward(x.clone()));
         let v = heads(self.v.forward(x));
-        let att = softmax(q.matmul(k.swap_dims(2, 3)) * (dh as f64).powf(-0.5), 3);
-        let ctx = att.matmul(v).swap_dims(1, 2).reshape([t * n, d]);
+        // Every patch sees every patch: no mask, and the bias is not read.
+        let unused = Tensor::zeros([1, 1, 1, 1], &q.device());
+        let ctx = attention(q, k, v, unused, (dh as f64).powf(-0.5), Mask::None).swap_dims(1, 2).reshape([t * n, d]);
         self.o.forward(ctx)
     }
 }

@@ -10,9 +10,10 @@
 //! Qwen2 adds q/k/v projection biases, Qwen3 a per-head RMSNorm on queries and keys before
 //! RoPE ("QK-norm"), with a head size that need not be `d_model / n_heads`.
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 use vidllm_shaders::device::BindingCap;
+use vidllm_shaders::{Mask, attention};
 
 use crate::decoder_family::Family;
 use crate::quant_linear::QuantLinear;
@@ -134,15 +135,7 @@ impl KvCache {
 impl Attention {
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`
-    fn forward(
-        &self,
-        x: Tensor<2>,
-        cfg: &LlamaConfig,
-        rope: &Rope,
-        cache: &mut KvCache,
-        layer: usize,
-        mask: &Option<Tensor<4>>,
-    ) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &CausalMask) -> Tensor<2> {
         let [t, _] = x.dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let (start, end) = (cache.len, cache.len + t);
@@ -180,34 +173,28 @@ impl Attention {
         // head j, so fold the group into the row axis.
         let r = h / kvh;
         let q = q.reshape([1, kvh, r * t, dh]);
-        let scores = q.matmul(keys.swap_dims(2, 3)) * (dh as f64).powf(-0.5); // [1, kvh, r*t, s]
-        let scores = match mask {
-            Some(mask) => scores + mask.clone(),
-            None => scores,
-        };
-        let ctx = softmax(scores, 3).matmul(values); // [1, kvh, r*t, dh]
+        let ctx = attention(q, keys, values, mask.bias.clone(), (dh as f64).powf(-0.5), mask.rule); // [1, kvh, r*t, dh]
         let ctx = ctx.reshape([1, h, t, dh]).swap_dims(1, 2).reshape([t, h * dh]);
         self.o.forward(ctx)
     }
 }
 
-/// Additive mask: row `(g, i)` may see key `j` iff `j <= start + i`. `None` for one token.
-///
-/// # Shapes
-/// - returns `[1, 1, r * t, start + t]`
-fn causal_mask(r: usize, t: usize, start: usize, device: &Device) -> Option<Tensor<4>> {
-    if t == 1 {
-        return None;
+/// Which keys each query row sees: row `(g, i)` (query head `g` of a group, position
+/// `start + i`) sees key `j` iff `j <= start + i`. The rule, and its additive form
+/// `[1, 1, r * t, start + t]` for the backends that compose attention.
+struct CausalMask {
+    rule: Mask,
+    bias: Tensor<4>,
+}
+
+fn causal_mask(r: usize, t: usize, start: usize, device: &Device) -> CausalMask {
+    let rule = Mask::Causal { t, start };
+    let (rows, keys) = (r * t, start + t);
+    match rule.bias(rows, keys) {
+        Some(bias) => CausalMask { rule, bias: Tensor::from_data(TensorData::new(bias, [1, 1, rows, keys]), device) },
+        // One token sees every key.
+        None => CausalMask { rule: Mask::None, bias: Tensor::zeros([1, 1, 1, 1], device) },
     }
-    let s = start + t;
-    let mut m = vec![0f32; r * t * s];
-    for g in 0..r {
-        for i in 0..t {
-            let row = (g * t + i) * s;
-            m[row + start + i + 1..row + s].fill(f32::NEG_INFINITY);
-        }
-    }
-    Some(Tensor::from_data(TensorData::new(m, [1, 1, r * t, s]), device))
 }
 
 impl Mlp {
@@ -218,15 +205,7 @@ impl Mlp {
 }
 
 impl Block {
-    fn forward(
-        &self,
-        x: Tensor<2>,
-        cfg: &LlamaConfig,
-        rope: &Rope,
-        cache: &mut KvCache,
-        layer: usize,
-        mask: &Option<Tensor<4>>,
-    ) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &CausalMask) -> Tensor<2> {
         let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, cache, layer, mask);
         h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
     }

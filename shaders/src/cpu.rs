@@ -1,8 +1,11 @@
 //! CPU implementation of [`QuantOps`] for the Flex backend.
 //!
 //! - Block types, any number of rows of `x`: the integer path (`cpu_int.rs`): `x`
-//!   quantised to 16 bits once per product, weight blocks read as
-//!   integer codes, integer SIMD dot products; each decoded block reused for up to 8 rows.
+//!   quantised to 16 bits once per product, weight blocks read as integer codes, integer
+//!   SIMD dot products. From 4 rows on, on x86-64, as a register-tiled GEMM
+//!   (`cpu_gemm.rs`); one row on AVX-512 by `cpu_gemv.rs`; otherwise row by row, each
+//!   decoded block reused for up to 8 rows.
+//! - Attention: fused (`cpu_attention.rs`).
 //! - F16 / BF16 / F32, few rows: each unit of 32 values decoded into a small buffer and
 //!   dotted with the rows of `x` in 16 f32 lanes (reads the packed row once; allocates
 //!   nothing the size of the matrix).
@@ -19,6 +22,7 @@ use vidllm_core::ggml::{GgmlType, QK, dequant_block};
 
 use crate::QuantOps;
 use crate::block::ty_from_id;
+use crate::cpu_gemm;
 use crate::cpu_int::{self, IntActs};
 
 /// Rows of `x` sharing one decode of a weight block.
@@ -32,6 +36,19 @@ const GEMM_MIN_M: usize = 32;
 const MIN_ROWS_PER_TASK: usize = 16;
 
 impl QuantOps for Flex {
+    /// Fused (`cpu_attention.rs`); the mask is read from `mask`, the bias not used.
+    fn attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, _bias: FlexTensor, scale: f64, mask: crate::Mask) -> FlexTensor {
+        let dims = |t: &FlexTensor| -> [usize; 4] { t.layout().shape().dims::<4>() };
+        let ([b, h, rows, d], [_, _, keys, _]) = (dims(&q), dims(&k));
+        let data = |t: FlexTensor| t.into_data().try_into_vec::<f32>().expect("attention: f32 tensors");
+        // Keys and values are views of the KV cache: read in place where each head's rows
+        // are contiguous (always, for the cache), copied otherwise.
+        let (k, v) = (contiguous_heads(k), contiguous_heads(v));
+        let out =
+            crate::cpu_attention::attention(&data(q), &head_slices(&k, b * h), &head_slices(&v, b * h), rows, keys, d, scale as f32, mask);
+        FlexTensor::from_data(TensorData::new(out, [b, h, rows, d]))
+    }
+
     fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;
@@ -43,12 +60,37 @@ impl QuantOps for Flex {
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let y = if integer {
             let acts = IntActs::quantize(&x, k);
+            if m >= cpu_gemm::RA && cpu_gemm::available() {
+                return FlexTensor::from_data(TensorData::new(cpu_gemm::matmul(ty, w, n, &acts), [m, n]));
+            }
             by_weight_rows(w, k / ty.block_elems() * ty.block_bytes(), m, n, |wrow, out| cpu_int::row_dot(ty, wrow, &acts, out))
         } else {
             q_matmul_decoded(ty, &x, w, m, n, k)
         };
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
+}
+
+/// `t` (`[b, h, n, d]`, f32) itself where each head's `n x d` values are contiguous and
+/// the strides of the outer axes non-negative, else a contiguous copy.
+fn contiguous_heads(t: FlexTensor) -> FlexTensor {
+    let l = t.layout();
+    let [_, _, _, d] = l.shape().dims::<4>();
+    let st = l.strides();
+    if st[3] == 1 && st[2] == d as isize && st[0] >= 0 && st[1] >= 0 {
+        return t;
+    }
+    let shape = l.shape().clone();
+    FlexTensor::from_data(TensorData::new(t.into_data().try_into_vec::<f32>().expect("attention: f32 tensors"), shape))
+}
+
+/// The `n x d` values of each of the `heads` heads of `t` (`[b, h, n, d]`, laid out as
+/// [`contiguous_heads`] leaves it), in place.
+fn head_slices(t: &FlexTensor, heads: usize) -> Vec<&[f32]> {
+    let (l, data) = (t.layout(), t.storage::<f32>());
+    let [_, h, n, d] = l.shape().dims::<4>();
+    let st = l.strides();
+    (0..heads).map(|i| &data[l.start_offset() + (i / h) * st[0] as usize + (i % h) * st[1] as usize..][..n * d]).collect()
 }
 
 /// The activations the CPU backend multiplies `W` (of type `ty`) by, for `x` in rows of

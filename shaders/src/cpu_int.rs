@@ -34,9 +34,9 @@ use vidllm_core::ggml::{
 };
 
 /// Elements per scale of the quantised activations.
-const QB: usize = QK;
+pub(crate) const QB: usize = QK;
 /// Elements per affine group of the weight codes (the smallest sub-block of any type).
-const G: usize = 16;
+pub(crate) const G: usize = 16;
 /// Rows of activations sharing one decode of a weight block.
 const MC: usize = 8;
 /// The largest activation code.
@@ -49,28 +49,31 @@ const Q_MAX: f32 = 32767.0;
 ///   `qs`, per 16: what an offset `b` multiplies)
 pub struct IntActs {
     pub k: usize,
-    qs: Vec<i16>,
-    d: Vec<f32>,
-    dsums: Vec<f32>,
+    pub(crate) qs: Vec<i16>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) dsums: Vec<f32>,
 }
 
 impl IntActs {
-    /// Quantise `x` (`[m, k]`, `k` a multiple of 32) by round-to-nearest, as ggml's
-    /// `quantize_row_q8_0` does, to 16 bits.
+    /// Quantise `x` (`[m, k]`, `k` a multiple of 32) to 16 bits per block of 32, as ggml's
+    /// `quantize_row_q8_0` does to 8 (but ties round to even, not away from zero). Long inputs (prefill) are split
+    /// over the thread pool.
     pub fn quantize(x: &[f32], k: usize) -> Self {
         assert!(k.is_multiple_of(QB) && x.len().is_multiple_of(k), "IntActs: rows of a multiple of 32");
         let mut qs = vec![0i16; x.len()];
-        let mut d = Vec::with_capacity(x.len() / QB);
-        let mut dsums = Vec::with_capacity(x.len() / G);
-        for (xb, qb) in x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)) {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / Q_MAX;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * inv).round().clamp(-Q_MAX, Q_MAX) as i16;
-            }
-            d.push(scale);
-            dsums.extend(qb.chunks_exact(G).map(|h| scale * h.iter().map(|&q| q as i32).sum::<i32>() as f32));
+        let mut d = vec![0f32; x.len() / QB];
+        let mut dsums = vec![0f32; x.len() / G];
+        // Blocks per task: a decode row is not worth waking the pool for.
+        const TASK: usize = 256;
+        if x.len() >= 4 * TASK * QB {
+            use rayon::prelude::*;
+            x.par_chunks(TASK * QB)
+                .zip(qs.par_chunks_mut(TASK * QB))
+                .zip(d.par_chunks_mut(TASK))
+                .zip(dsums.par_chunks_mut(TASK * QB / G))
+                .for_each(|(((x, qs), d), dsums)| quantize_blocks(x, qs, d, dsums));
+        } else {
+            quantize_blocks(x, &mut qs, &mut d, &mut dsums);
         }
         IntActs { k, qs, d, dsums }
     }
@@ -80,8 +83,46 @@ impl IntActs {
         self.qs.iter().enumerate().map(|(i, &q)| self.d[i / QB] * q as f32).collect()
     }
 
-    fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.qs.len() / self.k
+    }
+}
+
+/// [`IntActs::quantize`] on whole blocks of 32, on the best instruction set available.
+fn quantize_blocks(x: &[f32], qs: &mut [i16], d: &mut [f32], dsums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2(x: &[f32], qs: &mut [i16], d: &mut [f32], dsums: &mut [f32]) {
+            quantize_blocks_generic(x, qs, d, dsums)
+        }
+        // SAFETY: the feature was just detected.
+        return unsafe { avx2(x, qs, d, dsums) };
+    }
+    quantize_blocks_generic(x, qs, d, dsums)
+}
+
+/// Written to vectorise: the maximum in lanes, rounding ties to even (one instruction
+/// where `round` is a call).
+#[inline(always)]
+fn quantize_blocks_generic(x: &[f32], qs: &mut [i16], d: &mut [f32], dsums: &mut [f32]) {
+    for (((xb, qb), d), ds) in x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)).zip(d.iter_mut()).zip(dsums.chunks_exact_mut(QB / G)) {
+        let mut lanes = [0f32; 8];
+        for c in xb.chunks_exact(8) {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l = if v.abs() > *l { v.abs() } else { *l };
+            }
+        }
+        let amax = lanes.iter().fold(0f32, |a, &l| if l > a { l } else { a });
+        let scale = amax / Q_MAX;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (q, v) in qb.iter_mut().zip(xb) {
+            *q = (v * inv).round_ties_even().clamp(-Q_MAX, Q_MAX) as i16;
+        }
+        *d = scale;
+        for (s, h) in ds.iter_mut().zip(qb.chunks_exact(G)) {
+            *s = scale * h.iter().map(|&q| q as i32).sum::<i32>() as f32;
+        }
     }
 }
 
@@ -361,6 +402,12 @@ pub fn row_dot(ty: GgmlType, wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
 /// On the best instruction set available.
 #[inline(always)]
 fn row_dot_typed<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if acts.rows() == 1 && crate::cpu_gemv::available() {
+        // SAFETY: the features were just detected; one row each, checked by `row_dot`.
+        out[0] = unsafe { crate::cpu_gemv::row_dot::<B>(wrow, acts) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
@@ -848,13 +895,14 @@ mod tests {
         }
     }
 
-    /// The scalar loop and the SIMD one agree with the f64 product on the quantised
-    /// activations.
+    /// The scalar loop and every SIMD one the processor runs agree with the f64 product
+    /// on the quantised activations.
     #[test]
     fn integer_rows_match_f64_on_quantised_activations() {
         // One row takes the decode loop, eleven the batched one (a group of 8, then 3).
         for (ty, m) in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)).flat_map(|t| [(t, 1), (t, 11)]) {
-            let k = 2 * QK_K;
+            // 32-element types: 18 blocks, a group of 16 and a ragged one for AVX-512.
+            let k = if ty.block_elems() == QK { 18 * QK } else { 2 * QK_K };
             let w = crate::check::weight(ty, 1, k, 5);
             let x = crate::check::values(m * k, 9);
             let acts = IntActs::quantize(&x, k);
@@ -863,13 +911,64 @@ mod tests {
             row_dot(ty, &w, &acts, &mut got);
             let mut scalar = vec![0f32; m];
             vidllm_core::with_block!(ty, B => rows_dot_scalar::<B>(&w, &acts, &mut scalar), else unreachable!());
+            #[allow(unused_mut)]
+            let mut avx2 = scalar.clone();
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                // SAFETY: the features were just detected.
+                vidllm_core::with_block!(ty, B => unsafe { avx2::row_dot::<B>(&w, &acts, &mut avx2) }, else unreachable!());
+            }
             for i in 0..m {
                 let want: f64 = (0..k).map(|t| xq[i * k + t] as f64 * wf[t] as f64).sum();
                 let mag = want.abs().max(1.0) as f32;
-                for (name, v) in [("simd", got[i]), ("scalar", scalar[i])] {
+                for (name, v) in [("best", got[i]), ("avx2", avx2[i]), ("scalar", scalar[i])] {
                     assert!(crate::check::within_rounding((v - want as f32).abs(), mag, k), "{ty:?} m={m} row {i} ({name}): {v} vs {want}");
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Time of one product of a decode step (one row of activations) per type and
+    /// instruction set; run by hand: `cargo test --release --workspace --lib speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn decode_row_dot_speed() {
+        let n = std::env::var("ROWS").map_or(4096, |v| v.parse().unwrap());
+        let k = 1536;
+        for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)) {
+            let w = crate::check::weight(ty, n, k, 5);
+            let acts = IntActs::quantize(&crate::check::values(k, 9), k);
+            let rb = k / ty.block_elems() * ty.block_bytes();
+            let mut out = [0f32];
+            // The quickest of 20 passes: this machine's neighbours make the mean noisy.
+            let time = |f: &mut dyn FnMut()| {
+                (0..20)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min)
+                    * 1e9
+                    / (n * k) as f64
+                    * 32.0
+            };
+            let best = time(&mut || (0..n).for_each(|r| row_dot(ty, &w[r * rb..(r + 1) * rb], &acts, &mut out)));
+            #[cfg(target_arch = "x86_64")]
+            let avx2 = time(&mut || {
+                (0..n).for_each(|r| vidllm_core::with_block!(ty, B => unsafe { avx2::row_dot::<B>(&w[r * rb..(r + 1) * rb], &acts, &mut out) }, else unreachable!()))
+            });
+            #[cfg(not(target_arch = "x86_64"))]
+            let avx2 = f64::NAN;
+            eprintln!("{:>7}: best {best:.2} ns / 32 elements, avx2 {avx2:.2}", ty.name());
         }
     }
 }

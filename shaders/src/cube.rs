@@ -79,6 +79,14 @@ const TILE: u32 = 32;
 const TS: u32 = TILE + 1;
 
 impl QuantOps for CubeBackend {
+    /// Composed: the scores by a matmul, scaled, the bias added, a softmax, a matmul with
+    /// `v` (burn's own fallback); the bias carries the mask.
+    fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, bias: CubeTensor, scale: f64, mask: crate::Mask) -> CubeTensor {
+        let options = burn::backend::ops::AttentionModuleOptions { scale: Some(scale), ..Default::default() };
+        let bias = (mask != crate::Mask::None).then_some(bias);
+        burn::backend::ops::attention::attention_fallback::<CubeBackend>(q, k, v, None, bias, options)
+    }
+
     fn q_matmul(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize) -> CubeTensor {
         let gt = ty_from_id(ty);
         let x = into_contiguous(x);

@@ -17,11 +17,15 @@ use burn::backend::{
 use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_core::ggml::GgmlType;
 
+pub use crate::cpu_attention::Mask;
 use crate::device::Placement;
 
 mod block;
 pub mod check;
 pub mod cpu;
+pub mod cpu_attention;
+pub mod cpu_gemm;
+pub mod cpu_gemv;
 pub mod cpu_int;
 pub mod cube;
 pub mod device;
@@ -43,6 +47,41 @@ pub trait QuantOps: Backend {
     /// - x: `[m, k]` (f32), words: `[ceil(n * row_bytes / 4) + 1]`
     /// - returns `[m, n]` (f32)
     fn q_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> FloatTensor<Self>;
+
+    /// Scaled dot-product attention: `softmax(q k^T scale + bias) v`.
+    ///
+    /// `mask` says which keys each query row sees and `bias` is its additive form
+    /// ([`Mask::bias`]; with [`Mask::None`], any tensor, unused), built once per forward
+    /// pass by the caller: wgpu composes the op from matmuls, a softmax and the bias; the
+    /// CPU backend fuses it (`cpu_attention.rs`) and skips the hidden keys.
+    ///
+    /// # Shapes
+    /// - q: `[b, h, rows, d]`; k, v: `[b, h, keys, d]`; bias: `[1, 1, rows, keys]`
+    /// - returns `[b, h, rows, d]`
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+        mask: Mask,
+    ) -> FloatTensor<Self>;
+}
+
+/// `softmax(q k^T scale + bias) v` on any device ([`QuantOps::attention`]).
+///
+/// # Shapes
+/// - q: `[b, h, rows, d]`; k, v: `[b, h, keys, d]`; bias: `[1, 1, rows, keys]` -> `[b, h, rows, d]`
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>, scale: f64, mask: Mask) -> Tensor<4> {
+    let out = <burn::backend::Dispatch as QuantOps>::attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias.into_dispatch(),
+        scale,
+        mask,
+    );
+    Tensor::<4>::from_dispatch(out)
 }
 
 /// A weight matrix `[n, k]` resident on a device in GGML block layout.

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Every speed comparison of issue 11 in one run, as one table of ratios (> 1: vidllm is
+# faster), plus the browser package's size.
+#
+# - CPU: `vidllm-native bench` next to llama.cpp's own `llama-bench` on the same GGUF
+#   files and thread count (pp512 and tg128), the two interleaved file by file so that a
+#   neighbour's load falls on both. llama-bench is built once from the llama.cpp that
+#   llama-cpp-python==0.3.36 vendors (the source fetch_smollm2_quants.sh already unpacked),
+#   for this machine (GGML_NATIVE: AVX-512 VNNI where the processor has it), into
+#   $VIDLLM_CACHE/llama-bench.
+# - Video time to first token against transformers: tests/scripts/bench_video.py, when
+#   torch and transformers are importable (skipped, and said so, otherwise).
+# - The wasm package: gzipped size of web/pkg/vidllm_web_bg.wasm, when built.
+#
+#   tests/scripts/bench_all.sh [--threads N] [--reps N] [FILE.gguf ...]
+# Default files: the wheel's Q4_1 and llama.cpp's Q4_K_M and Q8_0 of it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+CACHE="${VIDLLM_CACHE:-$HOME/.cache/vidllm}"
+THREADS=2
+REPS=3
+FILES=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --threads) THREADS="$2"; shift 2 ;;
+    --reps) REPS="$2"; shift 2 ;;
+    *) FILES+=("$1"); shift ;;
+  esac
+done
+BIN="${VIDLLM_NATIVE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/vidllm-native}"
+[ -x "$BIN" ] || { echo "bench_all: build vidllm-native first (cargo build --release --workspace --bins)" >&2; exit 1; }
+if [ ${#FILES[@]} = 0 ]; then
+  QUANTS="$(bash "$ROOT/tests/scripts/fetch_smollm2_quants.sh")"
+  FILES=("$(bash "$ROOT/tests/scripts/fetch_smollm2.sh")" "$QUANTS/SmolLM2-135M-Instruct.Q4_K_M.gguf" "$QUANTS/SmolLM2-135M-Instruct.Q8_0.gguf")
+fi
+
+# llama-bench, native to this machine.
+LLAMA="$CACHE/llama.cpp-0.3.36"
+LB="$CACHE/llama-bench"
+if [ ! -x "$LB/bin/llama-bench" ]; then
+  [ -d "$LLAMA" ] || bash "$ROOT/tests/scripts/fetch_smollm2_quants.sh" >/dev/null
+  PATH="$CACHE/quant-venv/bin:$PATH" cmake -S "$LLAMA" -B "$LB" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF >&2
+  PATH="$CACHE/quant-venv/bin:$PATH" cmake --build "$LB" --target llama-bench >&2
+fi
+export LD_LIBRARY_PATH="$LB/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# tok/s of llama-bench's one test line (pp or tg) for a file.
+llama_rate() { # file test(pp|tg)
+  local args=(-p 512 -n 0)
+  [ "$2" = tg ] && args=(-p 0 -n 128)
+  "$LB/bin/llama-bench" -m "$1" -t "$THREADS" -r "$REPS" "${args[@]}" -o json 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])'
+}
+vidllm_rates() { # file -> "pp tg"
+  RAYON_NUM_THREADS="$THREADS" "$BIN" bench --model "$1" --device cpu --prompt-tokens 512 --gen-tokens 128 --reps "$REPS" --json |
+    python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["prefill_tok_s"], v["decode_tok_s"])'
+}
+
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $THREADS threads, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| file | test | vidllm tok/s | llama.cpp tok/s | ratio |"
+echo "|---|---|---|---|---|"
+for f in "${FILES[@]}"; do
+  read -r vpp vtg < <(vidllm_rates "$f")
+  lpp=$(llama_rate "$f" pp)
+  ltg=$(llama_rate "$f" tg)
+  python3 - "$(basename "$f")" "$vpp" "$lpp" "$vtg" "$ltg" <<'PY'
+import sys
+name, vpp, lpp, vtg, ltg = sys.argv[1], *map(float, sys.argv[2:])
+print(f"| {name} | pp512 | {vpp:.1f} | {lpp:.1f} | {vpp / lpp:.2f}x |")
+print(f"| {name} | tg128 | {vtg:.1f} | {ltg:.1f} | {vtg / ltg:.2f}x |")
+PY
+done
+
+echo
+if python3 -c 'import torch, transformers' 2>/dev/null; then
+  CLIPS="$(bash "$ROOT/tests/scripts/fetch_clips.sh")"
+  python3 "$ROOT/tests/scripts/bench_video.py" "$CLIPS/bigbuckbunny.mp4" --bin "$BIN" --devices cpu --threads "$THREADS" --reps "$REPS"
+else
+  echo "video time to first token: skipped (torch and transformers are not importable here)"
+fi
+
+echo
+WASM="$ROOT/web/pkg/vidllm_web_bg.wasm"
+if [ -f "$WASM" ]; then
+  gzip -9 -c "$WASM" | wc -c | awk '{printf "wasm package: %.1f MiB gzipped (target <= 2.5)\n", $1 / 1048576}'
+else
+  echo "wasm package: not built (web/build.sh)"
+fi

@@ -943,7 +943,8 @@ mod speed {
     fn decode_row_dot_speed() {
         let n = std::env::var("ROWS").map_or(4096, |v| v.parse().unwrap());
         let k = 1536;
-        for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)) {
+        let only = std::env::var("TYPE").ok();
+        for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t) && only.as_deref().is_none_or(|o| o == t.name())) {
             let w = crate::check::weight(ty, n, k, 5);
             let acts = IntActs::quantize(&crate::check::values(k, 9), k);
             let rb = k / ty.block_elems() * ty.block_bytes();

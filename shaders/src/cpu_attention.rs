@@ -105,7 +105,7 @@ fn block(q: &[f32], kt: &[f32], v: &[f32], d: usize, kp: usize, scale: f32, mask
                 keys: usize,
                 out: &mut [f32],
             ) {
-                block_generic(q, kt, v, d, kp, scale, mask, r0, keys, out)
+                block_generic::<true>(q, kt, v, d, kp, scale, mask, r0, keys, out)
             }
             // SAFETY: the feature was just detected.
             return unsafe { avx512(q, kt, v, d, kp, scale, mask, r0, keys, out) };
@@ -125,19 +125,38 @@ fn block(q: &[f32], kt: &[f32], v: &[f32], d: usize, kp: usize, scale: f32, mask
                 keys: usize,
                 out: &mut [f32],
             ) {
-                block_generic(q, kt, v, d, kp, scale, mask, r0, keys, out)
+                block_generic::<true>(q, kt, v, d, kp, scale, mask, r0, keys, out)
             }
             // SAFETY: the features were just detected.
             return unsafe { avx2(q, kt, v, d, kp, scale, mask, r0, keys, out) };
         }
     }
-    block_generic(q, kt, v, d, kp, scale, mask, r0, keys, out)
+    block_generic::<false>(q, kt, v, d, kp, scale, mask, r0, keys, out)
+}
+
+/// `a b + c`: one fused instruction where the caller's target has FMA (`FMA`), a multiply
+/// and an add elsewhere (WebAssembly's `simd128` has no fused form; `mul_add` would be a
+/// libm call there).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// Written on arrays of [`L`] lanes so that it vectorises on every target.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block_generic(q: &[f32], kt: &[f32], v: &[f32], d: usize, kp: usize, scale: f32, mask: Mask, r0: usize, keys: usize, out: &mut [f32]) {
+fn block_generic<const FMA: bool>(
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    d: usize,
+    kp: usize,
+    scale: f32,
+    mask: Mask,
+    r0: usize,
+    keys: usize,
+    out: &mut [f32],
+) {
     let n = out.len() / d;
     let seen: [usize; R] = std::array::from_fn(|r| if r < n { mask.visible(r0 + r, keys) } else { 0 });
     let most = seen.iter().copied().max().unwrap_or(0);
@@ -151,8 +170,8 @@ fn block_generic(q: &[f32], kt: &[f32], v: &[f32], d: usize, kp: usize, scale: f
             let kv: &[f32; L] = kt[c * kp + j0..][..L].try_into().expect("L keys");
             for (acc, q) in acc.iter_mut().zip(&qs) {
                 let x = q[c];
-                for (a, k) in acc.iter_mut().zip(kv) {
-                    *a += x * k;
+                for (a, &k) in acc.iter_mut().zip(kv) {
+                    *a = madd::<FMA>(x, k, *a);
                 }
             }
         }
@@ -178,14 +197,31 @@ fn block_generic(q: &[f32], kt: &[f32], v: &[f32], d: usize, kp: usize, scale: f
             }
         }
         let inv = 1.0 / sum.iter().sum::<f32>();
-        let o = &mut out[r * d..(r + 1) * d];
-        o.fill(0.0);
-        for (j, &p) in row.iter().enumerate() {
-            for (o, &x) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                *o += p * x;
+        // Normalised here; the keys past this row's last (computed for a longer row of the
+        // block) weigh nothing.
+        row.iter_mut().for_each(|p| *p *= inv);
+        scores[r * span + seen[r]..(r + 1) * span].fill(0.0);
+    }
+    // Rows past the block's end (scored as a copy of its first) weigh nothing either.
+    scores[n * span..].fill(0.0);
+    // The weighted sum of the values, L columns at a time with the block's rows in
+    // registers: each load of a value row serves every row of the block.
+    for c0 in (0..d).step_by(L) {
+        let w = L.min(d - c0);
+        let mut acc = [[0f32; L]; R];
+        for j in 0..most {
+            let mut x = [0f32; L];
+            x[..w].copy_from_slice(&v[j * d + c0..][..w]);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let p = scores[r * span + j];
+                for (a, &x) in acc.iter_mut().zip(&x) {
+                    *a = madd::<FMA>(p, x, *a);
+                }
             }
         }
-        o.iter_mut().for_each(|o| *o *= inv);
+        for (r, acc) in acc.iter().enumerate().take(n) {
+            out[r * d + c0..][..w].copy_from_slice(&acc[..w]);
+        }
     }
 }
 

@@ -471,15 +471,12 @@ mod avx2 {
     /// AVX2: per chunk of 32, the codes widened to i16 and `vpmaddwd` with the activations
     /// ([`products`]); each half scaled and accumulated in f32 lanes; one horizontal sum
     /// per row at the end. The 32-element types build their
-    /// codes in a register ([`codes32`]); the K types go through the code buffer.
+    /// codes in a register ([`codes32`]); the K types go through the code buffer. (From 4
+    /// rows on, x86-64 takes the tiled GEMM of `cpu_gemm.rs` instead.)
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn row_dot<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
         if B::ELEMS == QB && acts.rows() == 1 {
             out[0] = unsafe { row_dot_32::<B>(wrow, acts) };
-            return;
-        }
-        if acts.rows() >= TILE {
-            unsafe { rows_tiled::<B>(wrow, acts, out) };
             return;
         }
         let k = acts.k;
@@ -512,89 +509,6 @@ mod avx2 {
             }
             for i in 0..mc {
                 out[r0 + i] = hsum(acc[i]) + off[i];
-            }
-        }
-    }
-
-    /// Rows of activations per register tile of the batched loop.
-    const TILE: usize = 4;
-
-    thread_local! {
-        /// One weight row decoded into codes and affine maps, reused by every call on
-        /// this thread.
-        static ROW: std::cell::RefCell<(Vec<u8>, Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-    }
-
-    /// Many rows of activations (prefill): the weight row is decoded into codes once, then
-    /// taken [`TILE`] activation rows at a time, each chunk's codes widened once for the
-    /// tile and the tile's accumulators kept in registers; the offsets are one dot product
-    /// per row at the end.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_tiled<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
-        let k = acts.k;
-        ROW.with_borrow_mut(|(c, a, b)| {
-            c.resize(k, 0);
-            a.resize(k / G, 0.0);
-            b.resize(k / G, 0.0);
-            let (mut cb, mut ab, mut bb) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
-            for (bi, blk) in blocks::<B>(wrow).iter().enumerate() {
-                blk.codes(&mut cb, &mut ab, &mut bb);
-                c[bi * B::ELEMS..(bi + 1) * B::ELEMS].copy_from_slice(&cb[..B::ELEMS]);
-                a[bi * B::ELEMS / G..(bi + 1) * B::ELEMS / G].copy_from_slice(&ab[..B::ELEMS / G]);
-                b[bi * B::ELEMS / G..(bi + 1) * B::ELEMS / G].copy_from_slice(&bb[..B::ELEMS / G]);
-            }
-            let rows = acts.rows();
-            let mut r = 0;
-            while r + TILE <= rows {
-                // SAFETY: rows r..r + TILE exist; the code row holds k codes.
-                unsafe { tile::<B, TILE>(c, a, b, acts, r, &mut out[r..r + TILE]) };
-                r += TILE;
-            }
-            for r in r..rows {
-                // SAFETY: as above, one row.
-                unsafe { tile::<B, 1>(c, a, b, acts, r, &mut out[r..r + 1]) };
-            }
-        })
-    }
-
-    /// `R` rows of activations from `r0` against one decoded weight row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<B: IntCodes, const R: usize>(c: &[u8], a: &[f32], b: &[f32], acts: &IntActs, r0: usize, out: &mut [f32]) {
-        let k = acts.k;
-        let mut acc = [_mm256_setzero_ps(); R];
-        for ch in 0..k / QB {
-            // SAFETY: chunk `ch` lies inside the code row and inside each activation row.
-            unsafe {
-                let (wl, wh) = widen::<B>(_mm256_loadu_si256(c.as_ptr().add(ch * QB) as *const __m256i));
-                let (a0, a1) = (*a.get_unchecked(2 * ch), *a.get_unchecked(2 * ch + 1));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let e = (r0 + i) * k + ch * QB;
-                    let x = acts.qs.as_ptr().add(e);
-                    let p0 = _mm256_madd_epi16(wl, _mm256_loadu_si256(x as *const __m256i));
-                    let p1 = _mm256_madd_epi16(wh, _mm256_loadu_si256(x.add(16) as *const __m256i));
-                    let dx = *acts.d.get_unchecked(e / QB);
-                    if B::SHARED32 {
-                        // One scale for the chunk: the halves summed in i32 (at most 2^25).
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(dx * a0), *acc);
-                    } else {
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dx * a0), *acc);
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dx * a1), *acc);
-                    }
-                }
-            }
-        }
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = hsum(acc[i]);
-            if B::OFFSET {
-                // sum_g b_g d sum(q)_g, in 8 lanes.
-                let ds = &acts.dsums[(r0 + i) * k / G..(r0 + i + 1) * k / G];
-                let mut lanes = [0f32; 8];
-                for (bc, dc) in b.chunks(8).zip(ds.chunks(8)) {
-                    for j in 0..bc.len() {
-                        lanes[j] += bc[j] * dc[j];
-                    }
-                }
-                *o += lanes.iter().sum::<f32>();
             }
         }
     }

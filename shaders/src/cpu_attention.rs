@@ -75,63 +75,51 @@ pub fn attention(q: &[f32], k: &[&[f32]], v: &[&[f32]], rows: usize, keys: usize
     let mut out = vec![0f32; heads * rows * d];
     // Tasks: blocks of rows of one head.
     out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
-        let (kt, v) = (&kt[h * d * kp..][..d * kp], v[h]);
+        let head = Head { kt: &kt[h * d * kp..][..d * kp], v: v[h], d, kp, keys, scale, mask };
         out.par_chunks_mut(R * d).enumerate().for_each(|(b, out)| {
-            let q = &q[(h * rows + b * R) * d..][..out.len()];
-            block(q, kt, v, d, kp, scale, mask, b * R, keys, out);
+            block(&head, &q[(h * rows + b * R) * d..][..out.len()], b * R, out);
         });
     });
     out
 }
 
-/// `n <= R` query rows from row `r0` of one head.
-#[allow(clippy::too_many_arguments)]
-fn block(q: &[f32], kt: &[f32], v: &[f32], d: usize, kp: usize, scale: f32, mask: Mask, r0: usize, keys: usize, out: &mut [f32]) {
+/// What every block of query rows of one head reads.
+struct Head<'a> {
+    /// The keys transposed, `[d, kp]`, zero past the last key.
+    kt: &'a [f32],
+    /// The values, `[keys, d]`.
+    v: &'a [f32],
+    d: usize,
+    /// Keys rounded up to whole vectors of [`L`].
+    kp: usize,
+    keys: usize,
+    scale: f32,
+    mask: Mask,
+}
+
+/// `n <= R` query rows (`q`, `[n, d]`) from row `r0` of one head, into `out`.
+fn block(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") {
             #[target_feature(enable = "avx512f")]
-            #[allow(clippy::too_many_arguments)]
-            fn avx512(
-                q: &[f32],
-                kt: &[f32],
-                v: &[f32],
-                d: usize,
-                kp: usize,
-                scale: f32,
-                mask: Mask,
-                r0: usize,
-                keys: usize,
-                out: &mut [f32],
-            ) {
-                block_generic::<true>(q, kt, v, d, kp, scale, mask, r0, keys, out)
+            fn avx512(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
+                block_generic::<true>(head, q, r0, out)
             }
             // SAFETY: the feature was just detected.
-            return unsafe { avx512(q, kt, v, d, kp, scale, mask, r0, keys, out) };
+            return unsafe { avx512(head, q, r0, out) };
         }
         if has!("avx2") && has!("fma") {
             #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            fn avx2(
-                q: &[f32],
-                kt: &[f32],
-                v: &[f32],
-                d: usize,
-                kp: usize,
-                scale: f32,
-                mask: Mask,
-                r0: usize,
-                keys: usize,
-                out: &mut [f32],
-            ) {
-                block_generic::<true>(q, kt, v, d, kp, scale, mask, r0, keys, out)
+            fn avx2(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
+                block_generic::<true>(head, q, r0, out)
             }
             // SAFETY: the features were just detected.
-            return unsafe { avx2(q, kt, v, d, kp, scale, mask, r0, keys, out) };
+            return unsafe { avx2(head, q, r0, out) };
         }
     }
-    block_generic::<false>(q, kt, v, d, kp, scale, mask, r0, keys, out)
+    block_generic::<false>(head, q, r0, out)
 }
 
 /// `a b + c`: one fused instruction where the caller's target has FMA (`FMA`), a multiply
@@ -144,19 +132,8 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// Written on arrays of [`L`] lanes so that it vectorises on every target.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block_generic<const FMA: bool>(
-    q: &[f32],
-    kt: &[f32],
-    v: &[f32],
-    d: usize,
-    kp: usize,
-    scale: f32,
-    mask: Mask,
-    r0: usize,
-    keys: usize,
-    out: &mut [f32],
-) {
+fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
+    let &Head { kt, v, d, kp, keys, scale, mask } = head;
     let n = out.len() / d;
     let seen: [usize; R] = std::array::from_fn(|r| if r < n { mask.visible(r0 + r, keys) } else { 0 });
     let most = seen.iter().copied().max().unwrap_or(0);

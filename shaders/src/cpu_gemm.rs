@@ -56,26 +56,34 @@ enum Isa {
     Avx2,
 }
 
+impl Isa {
+    /// Whether this processor runs the kernel.
+    fn runs(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Avx512 => has!("avx512f") && has!("avx512bw"),
+                Isa::Avx2 => has!("avx2") && has!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        match self {}
+    }
+}
+
 /// The best kernel this processor runs.
 fn kernel_isa() -> Option<Isa> {
-    isas().first().copied()
+    isas().next()
 }
 
 /// Every kernel this processor runs, best first.
-fn isas() -> Vec<Isa> {
-    #[allow(unused_mut)]
-    let mut found = Vec::new();
+fn isas() -> impl Iterator<Item = Isa> {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") {
-            found.push(Isa::Avx512);
-        }
-        if has!("avx2") && has!("fma") {
-            found.push(Isa::Avx2);
-        }
-    }
-    found
+    let all = [Isa::Avx512, Isa::Avx2];
+    #[cfg(not(target_arch = "x86_64"))]
+    let all: [Isa; 0] = [];
+    all.into_iter().filter(|isa| isa.runs())
 }
 
 /// `y = x W^T` for `W` (`n` rows of type `ty`, packed) and the quantised rows of `x`,
@@ -293,25 +301,18 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: &mut [f32]) {
         // SAFETY: the tile's pointers cover its rows (`task_body`); features as ours.
-        task_body::<B>(wband, nw, acts, rows, out, |t| unsafe {
-            match (B::SHARED32, B::OFFSET) {
-                (true, true) => kernel::<true, true>(t),
-                (true, false) => kernel::<true, false>(t),
-                (false, true) => kernel::<false, true>(t),
-                (false, false) => kernel::<false, false>(t),
-            }
-        })
+        task_body::<B>(wband, nw, acts, rows, out, |t| unsafe { kernel::<B>(t) })
     }
 
     /// `RW x RA` dot products over `k` (a multiple of 32), one 512-bit register per chunk
-    /// of 32 i16. `SHARED`: one scale per chunk and pair; otherwise one per half, the
+    /// of 32 i16. `B::SHARED32`: one scale per chunk and pair; otherwise one per half, the
     /// halves being lanes 0-7 and 8-15 of `vpmaddwd`'s result. The offsets' products go
     /// into the same accumulators (every lane is summed in the end).
     ///
     /// # Safety
     /// AVX-512 F and BW; the tile's pointers cover their rows.
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn kernel<const SHARED: bool, const OFFSET: bool>(t: &Tile) -> [f32; PAIRS] {
+    unsafe fn kernel<B: IntCodes>(t: &Tile) -> [f32; PAIRS] {
         let (nch, ng) = (t.k / 32, t.k / 16);
         let mut acc = [_mm512_setzero_ps(); PAIRS];
         for ch in 0..nch {
@@ -324,7 +325,7 @@ mod avx512 {
                         let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(wv, xs[i]));
                         let sp = t.scales.add(r * RA + i);
                         let a = &mut acc[r * RA + i];
-                        if SHARED {
+                        if B::SHARED32 {
                             *a = _mm512_fmadd_ps(p, _mm512_set1_ps(*sp.add(ch * PAIRS)), *a);
                         } else {
                             // Each half its scale, by masked FMAs (building one vector of
@@ -336,7 +337,7 @@ mod avx512 {
                 }
             }
         }
-        if OFFSET {
+        if B::OFFSET {
             for g in (0..ng).step_by(16) {
                 let mask: __mmask16 = if ng - g >= 16 { !0 } else { (1 << (ng - g)) - 1 };
                 // SAFETY: the mask keeps the loads inside the rows of ng values.
@@ -381,18 +382,12 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
+    use crate::cpu_int::avx2::hsum;
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: &mut [f32]) {
         // SAFETY: the tile's pointers cover its rows (`task_body`); features as ours.
-        task_body::<B>(wband, nw, acts, rows, out, |t| unsafe {
-            match (B::SHARED32, B::OFFSET) {
-                (true, true) => kernel::<true, true>(t),
-                (true, false) => kernel::<true, false>(t),
-                (false, true) => kernel::<false, true>(t),
-                (false, false) => kernel::<false, false>(t),
-            }
-        })
+        task_body::<B>(wband, nw, acts, rows, out, |t| unsafe { kernel::<B>(t) })
     }
 
     /// As the AVX-512 kernel, in 256-bit registers: a chunk is two (elements 0-15 and
@@ -402,7 +397,7 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA; the tile's pointers cover their rows.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn kernel<const SHARED: bool, const OFFSET: bool>(t: &Tile) -> [f32; PAIRS] {
+    unsafe fn kernel<B: IntCodes>(t: &Tile) -> [f32; PAIRS] {
         let (nch, ng) = (t.k / 32, t.k / 16);
         let mut sums = [0f32; PAIRS];
         for r0 in (0..RW).step_by(2) {
@@ -418,7 +413,7 @@ mod avx2 {
                             let pl = _mm256_madd_epi16(wl, _mm256_loadu_si256(t.x[i].add(32 * ch) as *const __m256i));
                             let ph = _mm256_madd_epi16(wh, _mm256_loadu_si256(t.x[i].add(32 * ch + 16) as *const __m256i));
                             let sp = t.scales.add(r * RA + i);
-                            if SHARED {
+                            if B::SHARED32 {
                                 // One scale: the halves summed in i32 (at most 2^25).
                                 *acc = _mm256_fmadd_ps(
                                     _mm256_cvtepi32_ps(_mm256_add_epi32(pl, ph)),
@@ -433,7 +428,7 @@ mod avx2 {
                     }
                 }
             }
-            if OFFSET {
+            if B::OFFSET {
                 for g in (0..ng).step_by(8) {
                     let n = (ng - g).min(8) as i32;
                     let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -456,14 +451,6 @@ mod avx2 {
         }
         sums
     }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 }
 
 #[cfg(test)]
@@ -476,9 +463,7 @@ mod tests {
     /// the quantised activations, to f32 rounding.
     #[test]
     fn batched_product_matches_f64() {
-        for (isa, ty) in
-            isas().into_iter().flat_map(|isa| GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)).map(move |t| (isa, t)))
-        {
+        for (isa, ty) in isas().flat_map(|isa| GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)).map(move |t| (isa, t))) {
             let (m, n, k) = (133, 38, 2 * vidllm_core::ggml::QK_K);
             let w = crate::check::weight(ty, n, k, 3);
             let x = crate::check::values(m * k, 4);

@@ -56,8 +56,8 @@ pub struct IntActs {
 
 impl IntActs {
     /// Quantise `x` (`[m, k]`, `k` a multiple of 32) to 16 bits per block of 32, as ggml's
-    /// `quantize_row_q8_0` does to 8 (but ties round to even, not away from zero). Long inputs (prefill) are split
-    /// over the thread pool.
+    /// `quantize_row_q8_0` does to 8 (but ties round to even, not away from zero). Long
+    /// inputs (prefill) are split over the thread pool.
     pub fn quantize(x: &[f32], k: usize) -> Self {
         assert!(k.is_multiple_of(QB) && x.len().is_multiple_of(k), "IntActs: rows of a multiple of 32");
         let mut qs = vec![0i16; x.len()];
@@ -463,7 +463,7 @@ fn rows_dot_scalar<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -615,8 +615,10 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes(b) as i32)))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
+    /// The sum of the 8 lanes (AVX alone: every caller's features include it).
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));

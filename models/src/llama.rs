@@ -16,7 +16,7 @@ use vidllm_shaders::device::BindingCap;
 use vidllm_shaders::{Mask, attention};
 
 use crate::decoder_family::Family;
-use crate::quant_linear::QuantLinear;
+use crate::quant_linear::{QuantLinear, StackedLinear};
 use crate::rms_norm::RmsNorm;
 use crate::rope::{Rope, RopeStyle};
 
@@ -67,9 +67,8 @@ impl HostEmbedding {
 }
 
 pub struct Attention {
-    pub q: QuantLinear,
-    pub k: QuantLinear,
-    pub v: QuantLinear,
+    /// The query, key and value projections, in that order, as one product.
+    pub qkv: StackedLinear,
     pub o: QuantLinear,
     /// Qwen2-style projection biases (absent for LLaMA).
     pub q_bias: Option<Tensor<1>>,
@@ -81,8 +80,8 @@ pub struct Attention {
 }
 
 pub struct Mlp {
-    pub gate: QuantLinear,
-    pub up: QuantLinear,
+    /// The gate and up projections, in that order, as one product.
+    pub gate_up: StackedLinear,
     pub down: QuantLinear,
 }
 
@@ -139,8 +138,7 @@ impl Attention {
         let [t, _] = x.dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let (start, end) = (cache.len, cache.len + t);
-        let proj = |w: &QuantLinear, b: &Option<Tensor<1>>, norm: &Option<RmsNorm>, heads: usize| {
-            let y = w.forward(x.clone());
+        let proj = |y: Tensor<2>, b: &Option<Tensor<1>>, norm: &Option<RmsNorm>, heads: usize| {
             let y = match b {
                 Some(b) => y + b.clone().unsqueeze::<2>(),
                 None => y,
@@ -152,9 +150,10 @@ impl Attention {
             };
             y.reshape([1, t, heads, dh]).swap_dims(1, 2) // [1, heads, t, d_head]
         };
-        let q = rope.forward(proj(&self.q, &self.q_bias, &self.q_norm, h), start);
-        let k = rope.forward(proj(&self.k, &self.k_bias, &self.k_norm, kvh), start);
-        let v = proj(&self.v, &self.v_bias, &None, kvh);
+        let [q, k, v]: [Tensor<2>; 3] = self.qkv.forward(x).try_into().expect("q, k and v");
+        let q = rope.forward(proj(q, &self.q_bias, &self.q_norm, h), start);
+        let k = rope.forward(proj(k, &self.k_bias, &self.k_norm, kvh), start);
+        let v = proj(v, &self.v_bias, &None, kvh);
 
         // Append this step's keys and values, then attend over the whole prefix. The cache
         // tensors are moved out (a small placeholder left behind) rather than cloned: a
@@ -199,8 +198,8 @@ fn causal_mask(r: usize, t: usize, start: usize, device: &Device) -> CausalMask 
 
 impl Mlp {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gate = silu(self.gate.forward(x.clone()));
-        self.down.forward(gate * self.up.forward(x))
+        let [gate, up]: [Tensor<2>; 2] = self.gate_up.forward(x).try_into().expect("gate and up");
+        self.down.forward(silu(gate) * up)
     }
 }
 
@@ -298,17 +297,14 @@ impl Llama {
             .iter()
             .map(|b| {
                 let a = &b.attn;
-                lin(&a.q)
-                    + lin(&a.k)
-                    + lin(&a.v)
+                a.qkv.device_bytes()
                     + lin(&a.o)
                     + bias(&a.q_bias)
                     + bias(&a.k_bias)
                     + bias(&a.v_bias)
                     + head_norm(&a.q_norm)
                     + head_norm(&a.k_norm)
-                    + lin(&b.mlp.gate)
-                    + lin(&b.mlp.up)
+                    + b.mlp.gate_up.device_bytes()
                     + lin(&b.mlp.down)
                     + norm(&b.attn_norm)
                     + norm(&b.mlp_norm)

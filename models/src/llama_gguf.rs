@@ -9,7 +9,7 @@ use vidllm_shaders::device::Placement;
 
 use crate::decoder_family::Family;
 use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
-use crate::quant_linear::QuantLinear;
+use crate::quant_linear::{QuantLinear, RawWeight, StackedLinear};
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
 
@@ -127,6 +127,18 @@ impl Loader<'_> {
         QuantLinear::from_raw(name, t.ty, self.g.tensor_bytes(t), out, inp, self.at)
     }
 
+    /// Weights `[out_i, inp]` of one input, stacked into one product where their types agree.
+    fn stacked(&self, parts: &[(&str, usize)], inp: usize) -> Result<StackedLinear, LoadError> {
+        let infos = parts.iter().map(|&(name, out)| {
+            let t = self.info(name)?;
+            self.check_shape(t, &[out, inp])?;
+            Ok((name, t))
+        });
+        let infos = infos.collect::<Result<Vec<_>, LoadError>>()?;
+        let raw: Vec<RawWeight> = infos.iter().zip(parts).map(|((name, t), p)| (*name, t.ty, self.g.tensor_bytes(t), p.1)).collect();
+        StackedLinear::from_raw(&raw, inp, self.at)
+    }
+
     /// A float vector `[n]` (norm weights, biases), any float or block type.
     fn vector(&self, name: &str, n: usize) -> Result<Tensor<1>, LoadError> {
         let t = self.info(name)?;
@@ -166,9 +178,14 @@ impl Loader<'_> {
         let n = |s: &str| names::blk(i, s);
         let (q_out, kv_out) = (c.n_heads * c.d_head, c.n_kv_heads * c.d_head);
         let attn = Attention {
-            q: self.linear(&n(&format!("{}.weight", names::ATTN_Q)), q_out, c.d_model)?,
-            k: self.linear(&n(&format!("{}.weight", names::ATTN_K)), kv_out, c.d_model)?,
-            v: self.linear(&n(&format!("{}.weight", names::ATTN_V)), kv_out, c.d_model)?,
+            qkv: self.stacked(
+                &[
+                    (&n(&format!("{}.weight", names::ATTN_Q)), q_out),
+                    (&n(&format!("{}.weight", names::ATTN_K)), kv_out),
+                    (&n(&format!("{}.weight", names::ATTN_V)), kv_out),
+                ],
+                c.d_model,
+            )?,
             o: self.linear(&n(names::ATTN_OUT), c.d_model, q_out)?,
             q_bias: self.bias(&n(&format!("{}.bias", names::ATTN_Q)), q_out, c)?,
             k_bias: self.bias(&n(&format!("{}.bias", names::ATTN_K)), kv_out, c)?,
@@ -177,8 +194,7 @@ impl Loader<'_> {
             k_norm: self.head_norm(&n(names::ATTN_K_NORM), c)?,
         };
         let mlp = Mlp {
-            gate: self.linear(&n(names::FFN_GATE), c.d_ff, c.d_model)?,
-            up: self.linear(&n(names::FFN_UP), c.d_ff, c.d_model)?,
+            gate_up: self.stacked(&[(&n(names::FFN_GATE), c.d_ff), (&n(names::FFN_UP), c.d_ff)], c.d_model)?,
             down: self.linear(&n(names::FFN_DOWN), c.d_model, c.d_ff)?,
         };
         Ok(Block { attn_norm: self.norm(&n(names::ATTN_NORM), c)?, attn, mlp_norm: self.norm(&n(names::FFN_NORM), c)?, mlp })

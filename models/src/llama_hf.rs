@@ -10,7 +10,7 @@ use vidllm_shaders::device::Placement;
 use crate::decoder_family::Family;
 use crate::layers::vector;
 use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
-use crate::quant_linear::QuantLinear;
+use crate::quant_linear::{QuantLinear, RawWeight, StackedLinear};
 use crate::rms_norm::RmsNorm;
 use crate::rope::{Rope, RopeStyle};
 
@@ -150,6 +150,15 @@ pub fn load_llama_hf(
         let ty = if inp.is_multiple_of(32) { quant.ggml() } else { GgmlType::F32 };
         QuantLinear::from_raw(name, ty, &quantize(ty, &w), out, inp, at)
     };
+    let stacked = |parts: &[(&str, usize)], inp: usize| -> Result<StackedLinear, LoadError> {
+        let ty = if inp.is_multiple_of(32) { quant.ggml() } else { GgmlType::F32 };
+        let bytes = parts
+            .iter()
+            .map(|&(name, out)| Ok(quantize(ty, &source.matrix(ck, name, out, inp)?)))
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        let raw: Vec<RawWeight> = parts.iter().zip(&bytes).map(|(&(name, out), b)| (name, ty, b.as_slice(), out)).collect();
+        StackedLinear::from_raw(&raw, inp, at)
+    };
     let norm =
         |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm { weight: vector(ck, name, cfg.d_model, device)?, eps: cfg.rms_eps }) };
     let (q_out, kv_out) = (cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head);
@@ -171,9 +180,14 @@ pub fn load_llama_hf(
             Ok(Block {
                 attn_norm: norm(&l("input_layernorm.weight"))?,
                 attn: Attention {
-                    q: linear(&l("self_attn.q_proj.weight"), q_out, cfg.d_model)?,
-                    k: linear(&l("self_attn.k_proj.weight"), kv_out, cfg.d_model)?,
-                    v: linear(&l("self_attn.v_proj.weight"), kv_out, cfg.d_model)?,
+                    qkv: stacked(
+                        &[
+                            (&l("self_attn.q_proj.weight"), q_out),
+                            (&l("self_attn.k_proj.weight"), kv_out),
+                            (&l("self_attn.v_proj.weight"), kv_out),
+                        ],
+                        cfg.d_model,
+                    )?,
                     o: linear(&l("self_attn.o_proj.weight"), cfg.d_model, q_out)?,
                     q_bias: bias_of(&l("self_attn.q_proj.bias"), q_out)?,
                     k_bias: bias_of(&l("self_attn.k_proj.bias"), kv_out)?,
@@ -183,8 +197,7 @@ pub fn load_llama_hf(
                 },
                 mlp_norm: norm(&l("post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate: linear(&l("mlp.gate_proj.weight"), cfg.d_ff, cfg.d_model)?,
-                    up: linear(&l("mlp.up_proj.weight"), cfg.d_ff, cfg.d_model)?,
+                    gate_up: stacked(&[(&l("mlp.gate_proj.weight"), cfg.d_ff), (&l("mlp.up_proj.weight"), cfg.d_ff)], cfg.d_model)?,
                     down: linear(&l("mlp.down_proj.weight"), cfg.d_model, cfg.d_ff)?,
                 },
             })

@@ -55,3 +55,58 @@ impl QuantLinear {
         }
     }
 }
+
+/// Linear layers applied to one input (a block's q, k and v; its gate and up), run as one
+/// product where their weights share a type: the rows are stacked at load, so the input
+/// is read (and on the CPU quantised) once, and a decode step runs one kernel, one
+/// parallel region, where it ran two or three. Per output row the arithmetic is the
+/// separate layers' own, so results are unchanged.
+#[derive(Debug, Clone)]
+pub struct StackedLinear {
+    /// Output width of each layer, in order.
+    outs: Vec<usize>,
+    /// One stacked layer, or the layers one by one where their types differ (llama.cpp's
+    /// mixes such as Q4_K_M give some `attn_v` more bits than `attn_q`).
+    layers: Vec<QuantLinear>,
+}
+
+/// One layer's weight for [`StackedLinear::from_raw`]: name, type, raw `[out, in]` bytes, `out`.
+pub type RawWeight<'a> = (&'a str, GgmlType, &'a [u8], usize);
+
+impl StackedLinear {
+    /// Build from the raw bytes of `[out_i, inp]` weights.
+    pub fn from_raw(parts: &[RawWeight], inp: usize, at: &Placement) -> Result<Self, LoadError> {
+        let outs: Vec<usize> = parts.iter().map(|p| p.3).collect();
+        let ty = parts[0].1;
+        if parts.len() == 1 || parts.iter().any(|p| p.1 != ty) {
+            let layers = parts
+                .iter()
+                .map(|&(name, ty, bytes, out)| QuantLinear::from_raw(name, ty, bytes, out, inp, at))
+                .collect::<Result<_, _>>()?;
+            return Ok(Self { outs, layers });
+        }
+        // Rows are whole blocks, so stacking `[out_i, in]` matrices is concatenating bytes.
+        let bytes = parts.iter().flat_map(|p| p.2.iter().copied()).collect::<Vec<u8>>();
+        let name = parts.iter().map(|p| p.0).collect::<Vec<_>>().join(" + ");
+        Ok(Self { layers: vec![QuantLinear::from_raw(&name, ty, &bytes, outs.iter().sum(), inp, at)?], outs })
+    }
+
+    /// # Shapes
+    /// - x: `[m, in]` -> one `[m, out_i]` per layer
+    pub fn forward(&self, x: Tensor<2>) -> Vec<Tensor<2>> {
+        match self.layers.as_slice() {
+            [stacked] => stacked.forward(x).split_with_sizes(self.outs.clone(), 1),
+            layers => layers.iter().map(|l| l.forward(x.clone())).collect(),
+        }
+    }
+
+    /// Whether the layers run as one product.
+    pub fn is_stacked(&self) -> bool {
+        self.layers.len() == 1 && self.outs.len() > 1
+    }
+
+    /// Bytes of device memory held by the weights.
+    pub fn device_bytes(&self) -> usize {
+        self.layers.iter().map(QuantLinear::device_bytes).sum()
+    }
+}

@@ -22,8 +22,8 @@ use vidllm_core::ggml::{GgmlType, QK, dequant_block};
 
 use crate::QuantOps;
 use crate::block::ty_from_id;
-use crate::cpu_gemm;
 use crate::cpu_int::{self, IntActs};
+use crate::{cpu_gemm, cpu_gemv};
 
 /// Rows of `x` sharing one decode of a weight block.
 const MC: usize = 8;
@@ -62,6 +62,9 @@ impl QuantOps for Flex {
             let acts = IntActs::quantize(&x, k);
             if m >= cpu_gemm::RA && cpu_gemm::available() {
                 return FlexTensor::from_data(TensorData::new(cpu_gemm::matmul(ty, w, n, &acts), [m, n]));
+            }
+            if m == 1 && cpu_gemv::available() {
+                return FlexTensor::from_data(TensorData::new(cpu_gemv::matvec(ty, w, n, &acts), [m, n]));
             }
             by_weight_rows(w, k / ty.block_elems() * ty.block_bytes(), m, n, |wrow, out| cpu_int::row_dot(ty, wrow, &acts, out))
         } else {

@@ -65,13 +65,7 @@ pub fn attention(q: &[f32], k: &[&[f32]], v: &[&[f32]], rows: usize, keys: usize
     // Keys transposed per head, `[heads, d, padded keys]`, zero past the last key.
     let kp = keys.next_multiple_of(L);
     let mut kt = vec![0f32; heads * d * kp];
-    kt.par_chunks_mut(d * kp).zip(k.par_iter()).for_each(|(kt, k)| {
-        for (j, key) in k.chunks_exact(d).enumerate() {
-            for (c, &x) in key.iter().enumerate() {
-                kt[c * kp + j] = x;
-            }
-        }
-    });
+    kt.par_chunks_mut(d * kp).zip(k.par_iter()).for_each(|(kt, k)| transpose_keys(k, d, kp, kt));
     let mut out = vec![0f32; heads * rows * d];
     // Tasks: blocks of rows of one head.
     out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
@@ -81,6 +75,94 @@ pub fn attention(q: &[f32], k: &[&[f32]], v: &[&[f32]], rows: usize, keys: usize
         });
     });
     out
+}
+
+/// One head's keys `k` (`[keys, d]`) into `kt` (`[d, kp]`), whose padding is left as it is.
+///
+/// A decode step transposes every key of the context, per layer, for three query rows:
+/// one element at a time this was a twelfth of a decode step's time at 500 tokens of
+/// context. AVX-512 moves tiles of 16 keys by 16 channels through registers.
+fn transpose_keys(k: &[f32], d: usize, kp: usize, kt: &mut [f32]) {
+    let done = {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            unsafe { x86::transpose_tiles(k, d, kp, kt) }
+        } else {
+            0
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        0
+    };
+    // What no tile covered: the keys past the last whole tile, and the channels past the
+    // last whole tile of the tiled keys.
+    let tiled_channels = if done > 0 { d / L * L } else { 0 };
+    for (j, key) in k.chunks_exact(d).enumerate() {
+        let from = if j < done { tiled_channels } else { 0 };
+        for (c, &x) in key.iter().enumerate().skip(from) {
+            kt[c * kp + j] = x;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::L;
+
+    /// The whole 16 x 16 tiles of [`super::transpose_keys`]; returns how many keys they
+    /// covered (their channels past the last whole tile are left to the caller).
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_tiles(k: &[f32], d: usize, kp: usize, kt: &mut [f32]) -> usize {
+        let keys = k.len() / d;
+        let (key_tiles, channel_tiles) = (keys / L, d / L);
+        assert!(kt.len() >= d * kp && kp >= keys, "transpose_tiles: room for the keys");
+        for j0 in (0..key_tiles * L).step_by(L) {
+            for c0 in (0..channel_tiles * L).step_by(L) {
+                // SAFETY: rows j0..j0 + 16 of k hold channels c0..c0 + 16; rows c0..c0 + 16
+                // of kt hold keys j0..j0 + 16 (asserted above).
+                unsafe {
+                    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(k.as_ptr().add((j0 + i) * d + c0)));
+                    for (c, col) in transpose16(r).into_iter().enumerate() {
+                        _mm512_storeu_ps(kt.as_mut_ptr().add((c0 + c) * kp + j0), col);
+                    }
+                }
+            }
+        }
+        if channel_tiles == 0 { 0 } else { key_tiles * L }
+    }
+
+    /// Vector `c` of the result is lane `c` of the sixteen inputs: pairs of 32-bit lanes
+    /// interleaved, then 64-bit pairs (within each 128-bit quarter, one column of four
+    /// rows), then the quarters gathered.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let t: [__m512; 16] =
+            std::array::from_fn(|i| if i % 2 == 0 { _mm512_unpacklo_ps(r[i], r[i + 1]) } else { _mm512_unpackhi_ps(r[i - 1], r[i]) });
+        // u[4 g + m]: column 4 q + m of rows 4 g..4 g + 4, in quarter q.
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, m) = (i / 4, i % 4);
+            let (a, b) = (_mm512_castps_pd(t[4 * g + m / 2]), _mm512_castps_pd(t[4 * g + 2 + m / 2]));
+            _mm512_castpd_ps(if m % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+        });
+        let mut out = [_mm512_setzero_ps(); 16];
+        for m in 0..4 {
+            let v_lo = _mm512_shuffle_f32x4::<0x44>(u[m], u[4 + m]);
+            let v_hi = _mm512_shuffle_f32x4::<0xEE>(u[m], u[4 + m]);
+            let w_lo = _mm512_shuffle_f32x4::<0x44>(u[8 + m], u[12 + m]);
+            let w_hi = _mm512_shuffle_f32x4::<0xEE>(u[8 + m], u[12 + m]);
+            out[m] = _mm512_shuffle_f32x4::<0x88>(v_lo, w_lo);
+            out[4 + m] = _mm512_shuffle_f32x4::<0xDD>(v_lo, w_lo);
+            out[8 + m] = _mm512_shuffle_f32x4::<0x88>(v_hi, w_hi);
+            out[12 + m] = _mm512_shuffle_f32x4::<0xDD>(v_hi, w_hi);
+        }
+        out
+    }
 }
 
 /// What every block of query rows of one head reads.
@@ -187,8 +269,15 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
         let w = L.min(d - c0);
         let mut acc = [[0f32; L]; R];
         for j in 0..most {
-            let mut x = [0f32; L];
-            x[..w].copy_from_slice(&v[j * d + c0..][..w]);
+            // Whole vectors read in place: a copy of a run-time length is a call to memcpy.
+            let x: [f32; L] = match v[j * d + c0..].first_chunk::<L>() {
+                Some(x) if w == L => *x,
+                _ => {
+                    let mut x = [0f32; L];
+                    x[..w].copy_from_slice(&v[j * d + c0..][..w]);
+                    x
+                }
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let p = scores[r * span + j];
                 for (a, &x) in acc.iter_mut().zip(&x) {
@@ -222,6 +311,23 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tiled transpose is the element-by-element one, for key and channel counts on
+    /// and off the tile size.
+    #[test]
+    fn keys_transpose_exactly() {
+        for (keys, d) in [(16, 16), (37, 64), (40, 20), (5, 64), (33, 8)] {
+            let k = crate::check::values(keys * d, 4);
+            let kp = keys.next_multiple_of(L);
+            let mut got = vec![0f32; d * kp];
+            transpose_keys(&k, d, kp, &mut got);
+            for j in 0..keys {
+                for c in 0..d {
+                    assert_eq!(got[c * kp + j], k[j * d + c], "keys {keys}, d {d}: key {j} channel {c}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulps() {

@@ -9,17 +9,26 @@
 //! per chunk in one register, then converted and scaled by a vector of sixteen scales at
 //! once:
 //!
-//! - 32-element types: the codes are built in the register from the block (nibbles, the
-//!   fifth bit by mask, the IQ4_NL table by shuffle); Q4_0 and Q5_0 codes are centred
-//!   (`c - 8`, `c - 16`) so that their offset vanishes; the sixteen blocks' f16 scales
-//!   (and Q4_1 / Q5_1 minima) are gathered and converted as one vector.
+//! - 32-element types: a band of weight rows is walked as one sequence of blocks, sixteen
+//!   at a time whatever row they belong to, so that a row whose length is not a multiple
+//!   of 512 (SmolLM2's 576) leaves no ragged group per row: per row, a ragged group cost
+//!   a whole tree, gather and reduction, and made such rows slower than on AVX2. Each
+//!   block's scaled product is stored, and each row sums its own. The codes are built in
+//!   the register from the block (nibbles, the fifth bit by mask, the IQ4_NL table by
+//!   shuffle); Q4_0 and Q5_0 codes are centred (`c - 8`, `c - 16`) so that their offset
+//!   vanishes; the sixteen blocks' f16 scales (and Q4_1 / Q5_1 minima) are gathered and
+//!   converted as one vector.
 //! - K super-blocks: codes and maps from [`IntCodes::codes`], a super-block per step; the
 //!   types with a map per 16 split each product into its halves before the tree.
 //!
 //! `cpu_int::tests` checks every type against the f64 product.
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use x86::row_dot;
+use vidllm_core::ggml::GgmlType;
+
+use crate::cpu_int::{IntActs, QB};
+
+/// Fewest weight rows per parallel task: waking the pool costs as much as a small band.
+const MIN_ROWS_PER_TASK: usize = 16;
 
 /// Whether this processor runs these kernels.
 pub fn available() -> bool {
@@ -32,49 +41,112 @@ pub fn available() -> bool {
     false
 }
 
+/// `y = W x` for one row of activations `acts` and `W` (`[n, acts.k]`, blocks of `ty`),
+/// bands of rows split over the thread pool.
+///
+/// # Panics
+/// Where the processor lacks the kernels ([`available`]), `acts` is not one row, or `w`
+/// is not `n` rows of `acts.k`.
+pub fn matvec(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(available(), "cpu_gemv::matvec: no AVX-512 on this processor");
+    let row_bytes = acts.k / ty.block_elems() * ty.block_bytes();
+    // The words holding W may end in padding.
+    assert!(acts.rows() == 1 && acts.k.is_multiple_of(ty.block_elems()) && w.len() >= n * row_bytes, "cpu_gemv::matvec: not n rows of k");
+    let wrapped = (ty.block_elems() == QB).then(|| Wrapped::new(acts));
+    let mut y = vec![0f32; n];
+    let rows_per_task = MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
+    y.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, out)| {
+        let band = &w[task * rows_per_task * row_bytes..][..out.len() * row_bytes];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the features were checked; the band is `out.len()` rows of `acts.k`.
+        vidllm_core::with_block!(ty, B => unsafe { x86::rows_dot::<B>(band, acts, wrapped.as_ref(), out) },
+            else unreachable!("float types take the f32 path"));
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (band, &wrapped);
+    });
+    y
+}
+
+/// One row of activations laid out for the walk over a band's blocks as one sequence:
+/// weight block `f` of the band (row `f / nb`, block `f % nb`) meets activation block
+/// `f % nb`. Each array runs on past the row by sixteen blocks, wrapping around it, so a
+/// step starting at block `f` reads its sixteen blocks' operands from `f % nb` on in one go.
+struct Wrapped {
+    /// The 16-bit activations, `(nb + 16) * 32`.
+    qs: Vec<i16>,
+    /// The blocks' scales, `nb + 16`.
+    d: Vec<f32>,
+    /// Per block, its scale times the sum of its codes (for the types with a minimum).
+    dsum: Vec<f32>,
+}
+
+impl Wrapped {
+    fn new(acts: &IntActs) -> Self {
+        let nb = acts.k / QB;
+        let block = |f: usize| f % nb;
+        Self {
+            qs: (0..nb + 16).flat_map(|f| acts.qs[block(f) * QB..][..QB].iter().copied()).collect(),
+            d: (0..nb + 16).map(|f| acts.d[block(f)]).collect(),
+            dsum: (0..nb + 16).map(|f| acts.dsums[2 * block(f)] + acts.dsums[2 * block(f) + 1]).collect(),
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::Wrapped;
     use crate::cpu_int::{G, IntActs, IntCodes, QB};
     use vidllm_core::ggml::{BlockIq4Nl, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlType, KVALUES_IQ4NL, QK_K, blocks};
 
-    /// `W_row . x` for one row of activations.
+    /// `out[r] = W_r . x` for the rows of a band and one row of activations.
     ///
     /// # Safety
-    /// AVX-512 F, BW and VL ([`super::available`]); `wrow` is one row of `acts.k` elements
-    /// and `acts` holds one row.
+    /// AVX-512 F, BW and VL ([`super::available`]); `band` is `out.len()` rows of `acts.k`
+    /// elements, `acts` holds one row, and `wrapped` is its layout when `B` has 32 elements.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(crate) unsafe fn row_dot<B: IntCodes>(wrow: &[u8], acts: &IntActs) -> f32 {
-        // SAFETY: as ours.
-        unsafe { if B::ELEMS == QB { row_dot_32::<B>(wrow, acts) } else { row_dot_k::<B>(wrow, acts) } }
+    pub(super) unsafe fn rows_dot<B: IntCodes>(band: &[u8], acts: &IntActs, wrapped: Option<&Wrapped>, out: &mut [f32]) {
+        if B::ELEMS == QB {
+            // SAFETY: as ours.
+            return unsafe { rows_dot_32::<B>(band, acts.k / QB, wrapped.expect("32-element blocks walk the wrapped row"), out) };
+        }
+        let row_bytes = band.len() / out.len().max(1);
+        for (wrow, o) in band.chunks_exact(row_bytes).zip(out.iter_mut()) {
+            // SAFETY: as ours.
+            *o = unsafe { row_dot_k::<B>(wrow, acts) };
+        }
     }
 
     /// How far ahead of the block being read to fetch weights (bytes).
     const PREFETCH: usize = 2048;
 
-    /// 32-element blocks, sixteen at a time.
+    /// 32-element blocks of a band, sixteen at a time across row boundaries: each block's
+    /// `d_w d_x sum(c q)` (plus `m_w d_x sum(q)`) is stored, then summed per row.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn row_dot_32<B: IntCodes>(wrow: &[u8], acts: &IntActs) -> f32 {
-        let blks = blocks::<B>(wrow);
-        let mut acc = _mm512_setzero_ps();
+    unsafe fn rows_dot_32<B: IntCodes>(band: &[u8], nb: usize, wr: &Wrapped, out: &mut [f32]) {
+        let blks = blocks::<B>(band);
+        let mut vals = vec![0f32; blks.len()];
         // Byte offsets of sixteen consecutive blocks.
         let offsets = _mm512_mullo_epi32(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             _mm512_set1_epi32(std::mem::size_of::<B>() as i32),
         );
-        for b0 in (0..blks.len()).step_by(16) {
-            let n = (blks.len() - b0).min(16);
+        for f0 in (0..blks.len()).step_by(16) {
+            let n = (blks.len() - f0).min(16);
             let mask: __mmask16 = if n == 16 { !0 } else { (1 << n) - 1 };
+            // Where this step's blocks start in the wrapped row.
+            let a0 = f0 % nb;
             let mut p = [_mm512_setzero_si512(); 16];
             let mut product = |j: usize| {
-                let blk = &blks[b0 + j];
+                let blk = &blks[f0 + j];
                 if j.is_multiple_of(4) {
                     // A prefetch does not fault, wherever it points.
                     _mm_prefetch::<_MM_HINT_T0>((blk as *const B as *const i8).wrapping_add(PREFETCH));
                 }
-                // SAFETY: block b0 + j's 32 activations lie in the row.
-                let x = unsafe { _mm512_loadu_si512(acts.qs.as_ptr().add((b0 + j) * QB) as *const __m512i) };
+                // SAFETY: the wrapped row holds 16 blocks past any block of the row.
+                let x = unsafe { _mm512_loadu_si512(wr.qs.as_ptr().add((a0 + j) * QB) as *const __m512i) };
                 p[j] = _mm512_madd_epi16(codes32::<B>(blk), x);
             };
             if n == 16 {
@@ -86,41 +158,28 @@ mod x86 {
             let sums = _mm512_cvtepi32_ps(reduce16(p));
             // Every type's block starts with its f16 scale; Q4_1 and Q5_1 follow it with the
             // f16 minimum: 4 bytes of each block gathered.
-            // SAFETY: the mask keeps the gather to the row's blocks.
-            let dm = unsafe { _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, offsets, blks[b0..].as_ptr() as *const i32) };
-            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-            // SAFETY: the mask keeps the load to the row's blocks.
-            let dx = unsafe { _mm512_maskz_loadu_ps(mask, acts.d.as_ptr().add(b0)) };
-            acc = _mm512_fmadd_ps(sums, _mm512_mul_ps(d, dx), acc);
-            if matches!(B::TYPE, GgmlType::Q4_1 | GgmlType::Q5_1) {
-                let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
-                // d sum(q) per block: the two halves' sums, added.
-                let ds = block_sums(acts, b0, n);
-                acc = _mm512_fmadd_ps(m, ds, acc);
+            // SAFETY: the mask keeps the gather to the band's blocks; the wrapped arrays hold
+            // 16 past any block of the row.
+            unsafe {
+                let dm = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, offsets, blks[f0..].as_ptr() as *const i32);
+                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+                let mut v = _mm512_mul_ps(sums, _mm512_mul_ps(d, _mm512_loadu_ps(wr.d.as_ptr().add(a0))));
+                if matches!(B::TYPE, GgmlType::Q4_1 | GgmlType::Q5_1) {
+                    let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
+                    v = _mm512_fmadd_ps(m, _mm512_loadu_ps(wr.dsum.as_ptr().add(a0)), v);
+                }
+                _mm512_mask_storeu_ps(vals.as_mut_ptr().add(f0), mask, v);
             }
         }
-        _mm512_reduce_add_ps(acc)
-    }
-
-    /// `d sum(q)` of blocks `b0..b0 + n` (up to 16), one per lane: the sums per 16, paired.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn block_sums(acts: &IntActs, b0: usize, n: usize) -> __m512 {
-        let lanes = 2 * n;
-        let m0: __mmask16 = if lanes >= 16 { !0 } else { (1 << lanes) - 1 };
-        let m1: __mmask16 = if lanes <= 16 {
-            0
-        } else if lanes >= 32 {
-            !0
-        } else {
-            (1 << (lanes - 16)) - 1
-        };
-        // SAFETY: the masks keep the loads to the 2 n sums of the blocks.
-        let (a, b) = unsafe {
-            (_mm512_maskz_loadu_ps(m0, acts.dsums.as_ptr().add(2 * b0)), _mm512_maskz_loadu_ps(m1, acts.dsums.as_ptr().add(2 * b0 + 16)))
-        };
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b))
+        for (row, o) in vals.chunks_exact(nb).zip(out.iter_mut()) {
+            let mut acc = _mm512_setzero_ps();
+            for c in row.chunks(16) {
+                let mask: __mmask16 = if c.len() == 16 { !0 } else { (1 << c.len()) - 1 };
+                // SAFETY: the mask keeps the load to the chunk.
+                acc = _mm512_add_ps(acc, unsafe { _mm512_maskz_loadu_ps(mask, c.as_ptr()) });
+            }
+            *o = _mm512_reduce_add_ps(acc);
+        }
     }
 
     /// A 32-element block's codes as 32 i16. Q4_0 and Q5_0 come out centred (their
@@ -238,5 +297,37 @@ mod x86 {
         let c01 = _mm512_add_epi32(_mm512_shuffle_i32x4::<0b10_00_10_00>(b[0], b[1]), _mm512_shuffle_i32x4::<0b11_01_11_01>(b[0], b[1]));
         let c23 = _mm512_add_epi32(_mm512_shuffle_i32x4::<0b10_00_10_00>(b[2], b[3]), _mm512_shuffle_i32x4::<0b11_01_11_01>(b[2], b[3]));
         _mm512_add_epi32(_mm512_shuffle_i32x4::<0b10_00_10_00>(c01, c23), _mm512_shuffle_i32x4::<0b11_01_11_01>(c01, c23))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check;
+    use crate::cpu_int::takes_integer_path;
+    use vidllm_core::ggml::QK_K;
+
+    /// [`matvec`] agrees with the f64 product on the quantised activations: for 32-element
+    /// types, rows of 2 blocks (several rows per step), 18 (a step across two rows) and 48
+    /// (whole steps); 37 rows, so that bands end mid-step.
+    #[test]
+    fn matvec_matches_f64() {
+        if !available() {
+            eprintln!("cpu_gemv: no AVX-512 here, nothing to check");
+            return;
+        }
+        for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)) {
+            let ks: &[usize] = if ty.block_elems() == QB { &[2 * QB, 18 * QB, 48 * QB] } else { &[QK_K, 3 * QK_K] };
+            for &k in ks {
+                let n = 37;
+                let w = check::weight(ty, n, k, 5);
+                let acts = IntActs::quantize(&check::values(k, 9), k);
+                let want = check::reference(&acts.dequantize(), &vidllm_core::ggml::dequantize(ty, &w, n * k), 1, n, k);
+                let got = matvec(ty, &w, n, &acts);
+                let max_abs = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let max_diff = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                assert!(check::within_rounding(max_diff, max_abs, k), "{} k={k}: max diff {max_diff:e} (max |y| {max_abs})", ty.name());
+            }
+        }
     }
 }

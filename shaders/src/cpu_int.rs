@@ -403,12 +403,6 @@ pub fn row_dot(ty: GgmlType, wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
 #[inline(always)]
 fn row_dot_typed<B: IntCodes>(wrow: &[u8], acts: &IntActs, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if acts.rows() == 1 && crate::cpu_gemv::available() {
-        // SAFETY: the features were just detected; one row each, checked by `row_dot`.
-        out[0] = unsafe { crate::cpu_gemv::row_dot::<B>(wrow, acts) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
@@ -853,39 +847,59 @@ mod speed {
     use super::*;
 
     /// Time of one product of a decode step (one row of activations) per type and
-    /// instruction set; run by hand: `cargo test --release --workspace --lib speed -- --ignored --nocapture`.
+    /// instruction set; run by hand, on one thread (`matvec` uses the pool):
+    /// `RAYON_NUM_THREADS=1 [K=576] [ROWS=2048] [TYPE=q4_1] cargo test --release --workspace --lib decode_row_dot_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn decode_row_dot_speed() {
+        type Pass<'a> = Box<dyn FnMut() + Send + 'a>;
         let n = std::env::var("ROWS").map_or(4096, |v| v.parse().unwrap());
-        let k = 1536;
+        let k = std::env::var("K").map_or(1536, |v| v.parse().unwrap());
         let only = std::env::var("TYPE").ok();
         for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t) && only.as_deref().is_none_or(|o| o == t.name())) {
             let w = crate::check::weight(ty, n, k, 5);
             let acts = IntActs::quantize(&crate::check::values(k, 9), k);
             let rb = k / ty.block_elems() * ty.block_bytes();
             let mut out = [0f32];
-            // The quickest of 20 passes: this machine's neighbours make the mean noisy.
-            let time = |f: &mut dyn FnMut()| {
-                (0..20)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        f();
-                        t.elapsed().as_secs_f64()
-                    })
-                    .fold(f64::INFINITY, f64::min)
-                    * 1e9
-                    / (n * k) as f64
-                    * 32.0
-            };
-            let best = time(&mut || (0..n).for_each(|r| row_dot(ty, &w[r * rb..(r + 1) * rb], &acts, &mut out)));
+            let mut out2 = [0f32];
+            // Variants interleaved pass by pass, so that a neighbour's load falls on all of
+            // them; the median and the quickest pass of each.
+            let mut variants: Vec<(&str, Pass)> =
+                vec![("row by row", Box::new(|| (0..n).for_each(|r| row_dot(ty, &w[r * rb..(r + 1) * rb], &acts, &mut out))))];
             #[cfg(target_arch = "x86_64")]
-            let avx2 = time(&mut || {
-                (0..n).for_each(|r| vidllm_core::with_block!(ty, B => unsafe { avx2::row_dot::<B>(&w[r * rb..(r + 1) * rb], &acts, &mut out) }, else unreachable!()))
+            variants.push((
+                "avx2",
+                Box::new(|| {
+                    (0..n).for_each(|r| {
+                        vidllm_core::with_block!(ty, B => unsafe { avx2::row_dot::<B>(&w[r * rb..(r + 1) * rb], &acts, &mut out2) }, else unreachable!())
+                    })
+                }),
+            ));
+            if crate::cpu_gemv::available() {
+                variants.push(("AVX-512 matvec", Box::new(|| drop(crate::cpu_gemv::matvec(ty, &w, n, &acts)))));
+            }
+            let passes = std::env::var("PASSES").map_or(101, |v| v.parse().unwrap());
+            let mut times = vec![Vec::with_capacity(passes); variants.len()];
+            // This thread one of the pool's, as in vidllm-native: a product is not a handoff.
+            let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().unwrap();
+            pool.install(|| {
+                for _ in 0..passes {
+                    for ((_, f), t) in variants.iter_mut().zip(&mut times) {
+                        let t0 = std::time::Instant::now();
+                        f();
+                        t.push(t0.elapsed().as_secs_f64() * 1e9 / (n * k) as f64 * 32.0);
+                    }
+                }
             });
-            #[cfg(not(target_arch = "x86_64"))]
-            let avx2 = f64::NAN;
-            eprintln!("{:>7}: best {best:.2} ns / 32 elements, avx2 {avx2:.2}", ty.name());
+            let report: Vec<String> = variants
+                .iter()
+                .zip(&mut times)
+                .map(|((name, _), t)| {
+                    t.sort_by(f64::total_cmp);
+                    format!("{name} {:.2} (quickest {:.2})", t[t.len() / 2], t[0])
+                })
+                .collect();
+            eprintln!("{:>7}: ns / 32 elements, median of {passes}: {}", ty.name(), report.join(", "));
         }
     }
 }

@@ -9,7 +9,8 @@
 #   for this machine (GGML_NATIVE: AVX-512 VNNI where the processor has it), into
 #   $VIDLLM_CACHE/llama-bench.
 # - Video time to first token against transformers: tests/scripts/bench_video.py, when
-#   torch and transformers are importable (skipped, and said so, otherwise).
+#   torch and transformers are importable (skipped, and said so, otherwise): Video-LLaVA
+#   at 8 frames, and SmolVLM2-500M-shaped at 8 and 32.
 # - The wasm package: gzipped size of web/pkg/vidllm_web_bg.wasm, when built.
 #
 #   tests/scripts/bench_all.sh [--threads N] [--reps N] [FILE.gguf ...]
@@ -78,6 +79,9 @@ echo
 if python3 -c 'import torch, transformers' 2>/dev/null; then
   CLIPS="$(bash "$ROOT/tests/scripts/fetch_clips.sh")"
   python3 "$ROOT/tests/scripts/bench_video.py" "$CLIPS/bigbuckbunny.mp4" --bin "$BIN" --devices cpu --threads "$THREADS" --reps "$REPS"
+  echo
+  python3 "$ROOT/tests/scripts/bench_video.py" "$CLIPS/bigbuckbunny.mp4" --bin "$BIN" --arch smolvlm --frames 8,32 --quant q4_1 \
+    --devices cpu --threads "$THREADS" --reps "$REPS"
 else
   echo "video time to first token: skipped (torch and transformers are not importable here)"
 fi

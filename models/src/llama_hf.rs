@@ -144,14 +144,15 @@ pub fn load_llama_hf(
 ) -> Result<Llama, LoadError> {
     let device = &at.device;
     let n = |s: &str| format!("{}{s}", names.model);
+    // Rows that are not whole blocks stay in f32.
+    let ty_for = |inp: usize| if inp.is_multiple_of(32) { quant.ggml() } else { GgmlType::F32 };
     let linear = |name: &str, out: usize, inp: usize| -> Result<QuantLinear, LoadError> {
         let w = source.matrix(ck, name, out, inp)?;
-        // Rows that are not whole blocks stay in f16/f32.
-        let ty = if inp.is_multiple_of(32) { quant.ggml() } else { GgmlType::F32 };
+        let ty = ty_for(inp);
         QuantLinear::from_raw(name, ty, &quantize(ty, &w), out, inp, at)
     };
     let stacked = |parts: &[(&str, usize)], inp: usize| -> Result<StackedLinear, LoadError> {
-        let ty = if inp.is_multiple_of(32) { quant.ggml() } else { GgmlType::F32 };
+        let ty = ty_for(inp);
         let bytes = parts
             .iter()
             .map(|&(name, out)| Ok(quantize(ty, &source.matrix(ck, name, out, inp)?)))

@@ -100,11 +100,6 @@ impl StackedLinear {
         }
     }
 
-    /// Whether the layers run as one product.
-    pub fn is_stacked(&self) -> bool {
-        self.layers.len() == 1 && self.outs.len() > 1
-    }
-
     /// Bytes of device memory held by the weights.
     pub fn device_bytes(&self) -> usize {
         self.layers.iter().map(QuantLinear::device_bytes).sum()

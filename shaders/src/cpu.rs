@@ -35,6 +35,11 @@ const GEMM_MIN_M: usize = 32;
 /// thread, since waking the pool costs as much as a small row block.
 const MIN_ROWS_PER_TASK: usize = 16;
 
+/// Weight rows per parallel task for a product with `n` output rows ([`MIN_ROWS_PER_TASK`]).
+pub(crate) fn rows_per_task(n: usize) -> usize {
+    MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()))
+}
+
 impl QuantOps for Flex {
     /// Fused (`cpu_attention.rs`); the mask is read from `mask`, the bias not used.
     fn attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, _bias: FlexTensor, scale: f64, mask: crate::Mask) -> FlexTensor {
@@ -108,7 +113,7 @@ pub fn multiplied_activations(ty: GgmlType, x: &[f32], k: usize) -> Vec<f32> {
 /// against every row of `x` into `out` (`m` values), and the `[n, m]` result is transposed.
 fn by_weight_rows(w: &[u8], row_bytes: usize, m: usize, n: usize, dot: impl Fn(&[u8], &mut [f32]) + Sync) -> Vec<f32> {
     let mut yt = vec![0f32; n * m]; // transposed: [n, m]
-    let rows_per_task = MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
+    let rows_per_task = rows_per_task(n);
     yt.par_chunks_mut(m * rows_per_task).enumerate().for_each(|(task, out)| {
         let r0 = task * rows_per_task;
         for (i, orow) in out.chunks_mut(m).enumerate() {

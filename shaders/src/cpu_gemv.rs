@@ -21,14 +21,11 @@
 //! - K super-blocks: codes and maps from [`IntCodes::codes`], a super-block per step; the
 //!   types with a map per 16 split each product into its halves before the tree.
 //!
-//! `cpu_int::tests` checks every type against the f64 product.
+//! `tests::matvec_matches_f64` checks every type against the f64 product.
 
 use vidllm_core::ggml::GgmlType;
 
 use crate::cpu_int::{IntActs, QB};
-
-/// Fewest weight rows per parallel task: waking the pool costs as much as a small band.
-const MIN_ROWS_PER_TASK: usize = 16;
 
 /// Whether this processor runs these kernels.
 pub fn available() -> bool {
@@ -55,7 +52,7 @@ pub fn matvec(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
     assert!(acts.rows() == 1 && acts.k.is_multiple_of(ty.block_elems()) && w.len() >= n * row_bytes, "cpu_gemv::matvec: not n rows of k");
     let wrapped = (ty.block_elems() == QB).then(|| Wrapped::new(acts));
     let mut y = vec![0f32; n];
-    let rows_per_task = MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
+    let rows_per_task = crate::cpu::rows_per_task(n);
     y.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, out)| {
         let band = &w[task * rows_per_task * row_bytes..][..out.len() * row_bytes];
         #[cfg(target_arch = "x86_64")]

@@ -811,7 +811,7 @@ mod tests {
     fn integer_rows_match_f64_on_quantised_activations() {
         // One row takes the decode loop, eleven the batched one (a group of 8, then 3).
         for (ty, m) in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)).flat_map(|t| [(t, 1), (t, 11)]) {
-            // 32-element types: 18 blocks, a group of 16 and a ragged one for AVX-512.
+            // 32-element types: 18 blocks, SmolLM2's row length.
             let k = if ty.block_elems() == QK { 18 * QK } else { 2 * QK_K };
             let w = crate::check::weight(ty, 1, k, 5);
             let x = crate::check::values(m * k, 9);

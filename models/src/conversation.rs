@@ -101,6 +101,18 @@ pub enum Step {
     Finished(Finished),
 }
 
+/// The device work an answer needs next (see [`Conversation::plan`]).
+// One value a step, moved once: boxing the tensor would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Work {
+    /// The turn's input embeddings, run after what the cache holds.
+    Prefill(Tensor<2>),
+    /// The last sampled token, run at the cache's next position.
+    Decode(u32),
+    /// Nothing: the answer ended.
+    Done,
+}
+
 /// The input of a turn.
 #[derive(Debug, Clone, Copy)]
 pub enum Prompt<'a> {
@@ -238,9 +250,15 @@ impl Conversation {
             return Err(GenerateError::Unsupported(format!("{} takes no still images (Video-LLaVA does)", m.model_type())));
         }
         let image = m.encode_images(vec![planes]).map_err(|e| GenerateError::Visual(e.to_string()))?;
+        self.add_encoded_image(image);
+        Ok(())
+    }
+
+    /// An image already encoded (by [`VideoModel::encode_images`]; a server keeps them by
+    /// content), asked about with the next first question; a new conversation starts.
+    pub fn add_encoded_image(&mut self, image: Visual) {
         self.images.push(image);
         self.reset();
-        Ok(())
     }
 
     /// Visual tokens of the images and the video being talked about.
@@ -388,16 +406,68 @@ impl Conversation {
 
     /// What the driver must do next: read a logits row, or take the finished answer.
     pub fn step(&mut self) -> Result<Step, GenerateError> {
-        let a = self.answer.as_mut().ok_or_else(|| GenerateError::Unsupported("no answer is in progress (ask first)".into()))?;
+        let work = self.plan()?;
         let decoder = self.model.decoder();
+        Ok(match work {
+            Work::Prefill(x) => Step::Read(decoder.forward_embeds(x, &mut self.cache, Logits::Last)),
+            Work::Decode(last) => Step::Read(decoder.forward(&[last], &mut self.cache, Logits::Last)),
+            Work::Done => Step::Finished(self.finish()),
+        })
+    }
+
+    /// [`Conversation::step`] for several conversations with one model, as a server runs
+    /// them: a turn's input (a prefill) runs on its own, and every conversation that needs
+    /// one token run (a decode step) joins one batched forward pass, so the weights are
+    /// read once for all of them. Conversations may join and leave between calls
+    /// (continuous batching). Each result is what [`Conversation::step`] would have given
+    /// that conversation, its logits row taken from the batched pass (the same arithmetic
+    /// per row, up to the summation order of the products' kernels).
+    pub fn step_many(convs: &mut [&mut Conversation]) -> Vec<Result<Step, GenerateError>> {
+        let mut out: Vec<Option<Result<Step, GenerateError>>> = convs.iter().map(|_| None).collect();
+        let mut decoding = Vec::new();
+        for (i, c) in convs.iter_mut().enumerate() {
+            match c.plan() {
+                Ok(Work::Decode(last)) => decoding.push((i, last)),
+                Ok(Work::Prefill(x)) => {
+                    let decoder = c.model.decoder();
+                    out[i] = Some(Ok(Step::Read(decoder.forward_embeds(x, &mut c.cache, Logits::Last))));
+                }
+                Ok(Work::Done) => out[i] = Some(Ok(Step::Finished(c.finish()))),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        if let Some(&(first, _)) = decoding.first() {
+            let model = convs[first].model.clone();
+            let tokens: Vec<u32> = decoding.iter().map(|&(_, t)| t).collect();
+            let mut batch: Vec<(usize, &mut Conversation)> =
+                convs.iter_mut().enumerate().filter(|(i, _)| decoding.iter().any(|d| d.0 == *i)).map(|(i, c)| (i, &mut **c)).collect();
+            if batch.iter().any(|(_, c)| !Rc::ptr_eq(&c.model, &model)) {
+                for (i, c) in batch {
+                    c.answer = None;
+                    out[i] = Some(Err(GenerateError::Unsupported("conversations stepped together must share one model".into())));
+                }
+            } else {
+                let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|(_, c)| &mut c.cache).collect();
+                let logits = model.decoder().forward_batch(&tokens, &mut caches);
+                for (row, (i, _)) in batch.iter().enumerate() {
+                    out[*i] = Some(Ok(Step::Read(logits.clone().narrow(0, row, 1))));
+                }
+            }
+        }
+        out.into_iter().map(|s| s.expect("every conversation was stepped")).collect()
+    }
+
+    /// The device work the answer needs next, with its bookkeeping done: a turn's input to
+    /// prefill (its ids now in the history), one token to run, or nothing (it ended).
+    fn plan(&mut self) -> Result<Work, GenerateError> {
+        let a = self.answer.as_mut().ok_or_else(|| GenerateError::Unsupported("no answer is in progress (ask first)".into()))?;
         if let Some((ids, x)) = a.input.take() {
             a.asked = Some(Instant::now());
             a.timings.prompt_tokens = x.dims()[0];
-            let logits = decoder.forward_embeds(x, &mut self.cache, Logits::Last);
-            // The cache now holds what it held, the pending token and the turn's input.
+            // The cache will hold what it held, the pending token and the turn's input.
             self.history.extend_from_slice(&ids);
             a.prefilling = true;
-            return Ok(Step::Read(logits));
+            return Ok(Work::Prefill(x));
         }
         if a.finish.is_none() {
             if a.tokens.len() >= a.params.max_tokens {
@@ -405,13 +475,17 @@ impl Conversation {
             } else if self.cache.len + 1 > self.cache.capacity {
                 a.finish = Some(FinishReason::ContextFull);
             } else {
-                let last = *self.history.last().expect("an answer token was sampled");
                 a.asked = Some(Instant::now());
-                return Ok(Step::Read(decoder.forward(&[last], &mut self.cache, Logits::Last)));
+                return Ok(Work::Decode(*self.history.last().expect("an answer token was sampled")));
             }
         }
-        let mut a = self.answer.take().expect("checked above");
-        let reason = a.finish.expect("set above");
+        Ok(Work::Done)
+    }
+
+    /// Close the ended answer: flush the detokeniser, record the turn.
+    fn finish(&mut self) -> Finished {
+        let mut a = self.answer.take().expect("an answer ended");
+        let reason = a.finish.expect("it has a reason");
         if reason != FinishReason::StopString {
             let rest = a.detok.finish();
             a.text.push_str(&rest);
@@ -421,7 +495,7 @@ impl Conversation {
             self.messages.push(Message::new("user", &q));
             self.messages.push(Message::new("assistant", &a.text));
         }
-        Ok(Step::Finished(Finished { reason, tail, text: a.text, tokens: a.tokens, timings: a.timings }))
+        Finished { reason, tail, text: a.text, tokens: a.tokens, timings: a.timings }
     }
 
     /// Take the logits row the last [`Step::Read`] asked for: sample the next token. Returns

@@ -135,9 +135,43 @@ impl Attention {
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`
     fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &CausalMask) -> Tensor<2> {
-        let [t, _] = x.dims();
+        let [q, k, v] = self.heads(self.qkv.forward(x), cfg);
+        let start = cache.len;
+        self.o.forward(self.attend(rope.forward(q, start), rope.forward(k, start), v, cfg, cache, layer, mask))
+    }
+
+    /// One token of each of several sequences, each at its own position in its own cache:
+    /// the projections run as one product over the rows, the attention per sequence.
+    ///
+    /// # Shapes
+    /// - x: `[caches.len(), d_model]` -> same
+    fn forward_batch(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        mask: &CausalMask,
+    ) -> Tensor<2> {
+        let [q, k, v] = self.heads(self.qkv.forward_rows(x), cfg);
+        let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let (q, k) = (rope.forward_at(q, &positions), rope.forward_at(k, &positions));
+        let row = |t: &Tensor<4>, i: usize| t.clone().narrow(2, i, 1);
+        let ctx =
+            caches.iter_mut().enumerate().map(|(i, c)| self.attend(row(&q, i), row(&k, i), row(&v, i), cfg, c, layer, mask)).collect();
+        self.o.forward_rows(Tensor::cat(ctx, 0))
+    }
+
+    /// Queries, keys and values of `t` rows (the stacked projection's outputs), biases and
+    /// QK-norm applied, heads split out, not yet rotated.
+    ///
+    /// # Shapes
+    /// - qkv: `[t, n_heads * d_head]`, `[t, n_kv_heads * d_head]` twice -> `[1, n_heads, t, d_head]`,
+    ///   and `[1, n_kv_heads, t, d_head]` twice
+    fn heads(&self, qkv: Vec<Tensor<2>>, cfg: &LlamaConfig) -> [Tensor<4>; 3] {
+        let [t, _] = qkv[0].dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
-        let (start, end) = (cache.len, cache.len + t);
         let proj = |y: Tensor<2>, b: &Option<Tensor<1>>, norm: &Option<RmsNorm>, heads: usize| {
             let y = match b {
                 Some(b) => y + b.clone().unsqueeze::<2>(),
@@ -150,11 +184,29 @@ impl Attention {
             };
             y.reshape([1, t, heads, dh]).swap_dims(1, 2) // [1, heads, t, d_head]
         };
-        let [q, k, v]: [Tensor<2>; 3] = self.qkv.forward(x).try_into().expect("q, k and v");
-        let q = rope.forward(proj(q, &self.q_bias, &self.q_norm, h), start);
-        let k = rope.forward(proj(k, &self.k_bias, &self.k_norm, kvh), start);
-        let v = proj(v, &self.v_bias, &None, kvh);
+        let [q, k, v]: [Tensor<2>; 3] = qkv.try_into().expect("q, k and v");
+        [proj(q, &self.q_bias, &self.q_norm, h), proj(k, &self.k_bias, &self.k_norm, kvh), proj(v, &self.v_bias, &None, kvh)]
+    }
 
+    /// Append rotated keys and values at `cache.len..`, then attend the queries over the
+    /// whole prefix (the caller advances `cache.len` once every layer has run).
+    ///
+    /// # Shapes
+    /// - q: `[1, n_heads, t, d_head]`, k and v: `[1, n_kv_heads, t, d_head]` -> `[t, n_heads * d_head]`
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        cfg: &LlamaConfig,
+        cache: &mut KvCache,
+        layer: usize,
+        mask: &CausalMask,
+    ) -> Tensor<2> {
+        let t = q.dims()[2];
+        let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
+        let (start, end) = (cache.len, cache.len + t);
         // Append this step's keys and values, then attend over the whole prefix. The cache
         // tensors are moved out (a small placeholder left behind) rather than cloned: a
         // clone shares the storage, and writing into shared storage copies all of it, the
@@ -173,8 +225,7 @@ impl Attention {
         let r = h / kvh;
         let q = q.reshape([1, kvh, r * t, dh]);
         let ctx = attention(q, keys, values, mask.bias.clone(), (dh as f64).powf(-0.5), mask.rule); // [1, kvh, r*t, dh]
-        let ctx = ctx.reshape([1, h, t, dh]).swap_dims(1, 2).reshape([t, h * dh]);
-        self.o.forward(ctx)
+        ctx.reshape([1, h, t, dh]).swap_dims(1, 2).reshape([t, h * dh])
     }
 }
 
@@ -201,12 +252,32 @@ impl Mlp {
         let [gate, up]: [Tensor<2>; 2] = self.gate_up.forward(x).try_into().expect("gate and up");
         self.down.forward(silu(gate) * up)
     }
+
+    /// [`Mlp::forward`] for rows of different sequences.
+    fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        let [gate, up]: [Tensor<2>; 2] = self.gate_up.forward_rows(x).try_into().expect("gate and up");
+        self.down.forward_rows(silu(gate) * up)
+    }
 }
 
 impl Block {
     fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &CausalMask) -> Tensor<2> {
         let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, cache, layer, mask);
         h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
+    }
+
+    /// [`Block::forward`] for one token of each of several sequences.
+    fn forward_batch(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        mask: &CausalMask,
+    ) -> Tensor<2> {
+        let h = x.clone() + self.attn.forward_batch(self.attn_norm.forward(x), cfg, rope, caches, layer, mask);
+        h.clone() + self.mlp.forward_rows(self.mlp_norm.forward(h))
     }
 }
 
@@ -261,6 +332,33 @@ impl Llama {
             return Tensor::cat(outs, 0);
         }
         self.forward_chunk(x, cache, which).expect("logits were asked for")
+    }
+
+    /// One decode step of several sequences: `tokens[i]` runs at position `caches[i].len`
+    /// of its own cache, and the products of every layer run once over all the rows (what
+    /// a server decoding `--parallel` requests together needs: the weights are read once
+    /// per step, not once per sequence). The products keep each row's arithmetic its
+    /// own ([`QuantLinear::forward_rows`]), so a sequence's logits do not depend on the
+    /// batch. Each cache must have a free position.
+    ///
+    /// # Shapes
+    /// - returns `[tokens.len(), vocab_size]`: row `i` is sequence `i`'s next-token logits
+    pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Tensor<2> {
+        assert_eq!(tokens.len(), caches.len(), "one token per sequence");
+        assert!(caches.iter().all(|c| c.len < c.capacity), "a cache is full");
+        if let [cache] = caches {
+            return self.forward(tokens, cache, Logits::Last);
+        }
+        // One query row per sequence sees every key of its own cache.
+        let mask = causal_mask(self.cfg.n_heads / self.cfg.n_kv_heads, 1, 0, &self.device);
+        let mut x = self.embed.lookup(tokens, &self.device);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward_batch(x, &self.cfg, &self.rope, caches, layer, &mask);
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        self.lm_head.forward_rows(self.norm.forward(x))
     }
 
     /// Tokens per prefill step: [`PREFILL_CHUNK`], fewer where the step's attention scores

@@ -35,6 +35,19 @@ impl QuantLinear {
         Ok(Self::Dense(bands))
     }
 
+    /// [`QuantLinear::forward`] for rows of different sequences (a batched decode step):
+    /// each row's result is its own product's for block and 16-bit weights (float
+    /// weights go through the float matmul, whose sums may run in another order).
+    ///
+    /// # Shapes
+    /// - x: `[m, in]` -> `[m, out]`
+    pub fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::Blocks(w) => w.forward_rows(x),
+            Self::Dense(_) => self.forward(x),
+        }
+    }
+
     /// # Shapes
     /// - x: `[m, in]` -> `[m, out]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
@@ -94,9 +107,18 @@ impl StackedLinear {
     /// # Shapes
     /// - x: `[m, in]` -> one `[m, out_i]` per layer
     pub fn forward(&self, x: Tensor<2>) -> Vec<Tensor<2>> {
+        self.each(x, QuantLinear::forward)
+    }
+
+    /// [`StackedLinear::forward`] for rows of different sequences ([`QuantLinear::forward_rows`]).
+    pub fn forward_rows(&self, x: Tensor<2>) -> Vec<Tensor<2>> {
+        self.each(x, QuantLinear::forward_rows)
+    }
+
+    fn each(&self, x: Tensor<2>, product: impl Fn(&QuantLinear, Tensor<2>) -> Tensor<2>) -> Vec<Tensor<2>> {
         match self.layers.as_slice() {
-            [stacked] => stacked.forward(x).split_with_sizes(self.outs.clone(), 1),
-            layers => layers.iter().map(|l| l.forward(x.clone())).collect(),
+            [stacked] => product(stacked, x).split_with_sizes(self.outs.clone(), 1),
+            layers => layers.iter().map(|l| product(l, x.clone())).collect(),
         }
     }
 

@@ -54,6 +54,34 @@ impl QuantOps for Flex {
         FlexTensor::from_data(TensorData::new(out, [b, h, rows, d]))
     }
 
+    /// In groups of at most [`cpu_gemv::MAX_ROWS`] rows, each on a path whose per-row
+    /// arithmetic is the one-row product's: block types through the AVX-512 decode kernel
+    /// (which meets each weight block with every row of the group) or the row-by-row loop,
+    /// float types through the decoding loop (never the tiled GEMM of long inputs).
+    fn q_matmul_rows(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
+        let m = x.layout().shape().num_elements() / k;
+        if m <= 1 {
+            return Self::q_matmul(x, words, ty, n, k);
+        }
+        let ty = ty_from_id(ty);
+        let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
+        let x = x.into_data().try_into_vec::<f32>().expect("q_matmul_rows: x must be f32");
+        let row_bytes = k / ty.block_elems() * ty.block_bytes();
+        let group = |rows: &[f32]| -> Vec<f32> {
+            let g = rows.len() / k;
+            if !cpu_int::takes_integer_path(ty) {
+                return q_matmul_decoded(ty, rows, w, g, n, k);
+            }
+            let acts = IntActs::quantize(rows, k);
+            if cpu_gemv::available() {
+                return cpu_gemv::matvec(ty, w, n, &acts);
+            }
+            by_weight_rows(w, row_bytes, g, n, |wrow, out| cpu_int::row_dot(ty, wrow, &acts, out))
+        };
+        let y: Vec<f32> = x.chunks(cpu_gemv::MAX_ROWS * k).flat_map(group).collect();
+        FlexTensor::from_data(TensorData::new(y, [m, n]))
+    }
+
     fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;

@@ -1,5 +1,11 @@
-//! The CPU's decode product on AVX-512: one row of quantised weights against one row of
-//! activations (`cpu_int.rs` has the arithmetic and the other instruction sets).
+//! The CPU's decode product on AVX-512: rows of quantised weights against one row of
+//! activations, or a few (`cpu_int.rs` has the arithmetic and the other instruction sets).
+//!
+//! A few rows is a batched decode step (a server decoding several sequences): each weight
+//! block is read from memory and turned into codes once, then met by every activation
+//! row, so the step costs about one pass over the weights, not one per sequence. Each
+//! row's arithmetic is exactly the one-row product's, so a sequence's logits do not
+//! depend on what it was batched with.
 //!
 //! A chunk of 32 weights is one 512-bit register of i16 codes and `vpmaddwd` with the
 //! chunk's 32 activations gives 16 i32 lanes. What costs is the scaling: a scale per
@@ -38,30 +44,46 @@ pub fn available() -> bool {
     false
 }
 
-/// `y = W x` for one row of activations `acts` and `W` (`[n, acts.k]`, blocks of `ty`),
-/// bands of rows split over the thread pool.
+/// Most activation rows one product takes (a batched decode step; longer inputs are
+/// prefills, for `cpu_gemm`).
+pub const MAX_ROWS: usize = 16;
+
+/// `y = W x` for `m` rows of activations `acts` (1 to [`MAX_ROWS`]) and `W` (`[n, acts.k]`,
+/// blocks of `ty`), bands of weight rows split over the thread pool. `y` is `[m, n]`.
 ///
 /// # Panics
-/// Where the processor lacks the kernels ([`available`]), `acts` is not one row, or `w`
-/// is not `n` rows of `acts.k`.
+/// Where the processor lacks the kernels ([`available`]), `acts` has no row or more than
+/// [`MAX_ROWS`], or `w` is not `n` rows of `acts.k`.
 pub fn matvec(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
     use rayon::prelude::*;
     assert!(available(), "cpu_gemv::matvec: no AVX-512 on this processor");
+    let m = acts.rows();
     let row_bytes = acts.k / ty.block_elems() * ty.block_bytes();
     // The words holding W may end in padding.
-    assert!(acts.rows() == 1 && acts.k.is_multiple_of(ty.block_elems()) && w.len() >= n * row_bytes, "cpu_gemv::matvec: not n rows of k");
-    let wrapped = (ty.block_elems() == QB).then(|| Wrapped::new(acts));
-    let mut y = vec![0f32; n];
+    assert!((1..=MAX_ROWS).contains(&m), "cpu_gemv::matvec: 1 to {MAX_ROWS} rows of activations (got {m})");
+    assert!(acts.k.is_multiple_of(ty.block_elems()) && w.len() >= n * row_bytes, "cpu_gemv::matvec: not n rows of k");
+    let wrapped: Vec<Wrapped> = if ty.block_elems() == QB { (0..m).map(|i| Wrapped::new(acts, i)).collect() } else { Vec::new() };
+    // Weight-row major, `[n, m]`: each task's rows are one contiguous run.
+    let mut yt = vec![0f32; n * m];
     let rows_per_task = crate::cpu::rows_per_task(n);
-    y.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, out)| {
-        let band = &w[task * rows_per_task * row_bytes..][..out.len() * row_bytes];
+    yt.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, out)| {
+        let band = &w[task * rows_per_task * row_bytes..][..out.len() / m * row_bytes];
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the features were checked; the band is `out.len()` rows of `acts.k`.
-        vidllm_core::with_block!(ty, B => unsafe { x86::rows_dot::<B>(band, acts, wrapped.as_ref(), out) },
+        // SAFETY: the features were checked; the band is `out.len() / m` rows of `acts.k`.
+        vidllm_core::with_block!(ty, B => unsafe { x86::rows_dot::<B>(band, acts, &wrapped, out) },
             else unreachable!("float types take the f32 path"));
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (band, &wrapped);
     });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (r, ys) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in ys.iter().enumerate() {
+            y[i * n + r] = *v;
+        }
+    }
     y
 }
 
@@ -79,9 +101,10 @@ struct Wrapped {
 }
 
 impl Wrapped {
-    fn new(acts: &IntActs) -> Self {
+    /// Row `row` of `acts`.
+    fn new(acts: &IntActs, row: usize) -> Self {
         let nb = acts.k / QB;
-        let block = |f: usize| f % nb;
+        let block = |f: usize| row * nb + f % nb;
         Self {
             qs: (0..nb + 16).flat_map(|f| acts.qs[block(f) * QB..][..QB].iter().copied()).collect(),
             d: (0..nb + 16).map(|f| acts.d[block(f)]).collect(),
@@ -98,21 +121,24 @@ mod x86 {
     use crate::cpu_int::{G, IntActs, IntCodes, QB};
     use vidllm_core::ggml::{BlockIq4Nl, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlType, KVALUES_IQ4NL, QK_K, blocks};
 
-    /// `out[r] = W_r . x` for the rows of a band and one row of activations.
+    /// `out[r * m + i] = W_r . x_i` for the rows of a band and the `m` rows of `acts`.
     ///
     /// # Safety
-    /// AVX-512 F, BW and VL ([`super::available`]); `band` is `out.len()` rows of `acts.k`
-    /// elements, `acts` holds one row, and `wrapped` is its layout when `B` has 32 elements.
+    /// AVX-512 F, BW and VL ([`super::available`]); `band` is `out.len() / m` rows of
+    /// `acts.k` elements, and `wrapped` holds each row's layout when `B` has 32 elements.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn rows_dot<B: IntCodes>(band: &[u8], acts: &IntActs, wrapped: Option<&Wrapped>, out: &mut [f32]) {
+    pub(super) unsafe fn rows_dot<B: IntCodes>(band: &[u8], acts: &IntActs, wrapped: &[Wrapped], out: &mut [f32]) {
+        let m = acts.rows();
         if B::ELEMS == QB {
             // SAFETY: as ours.
-            return unsafe { rows_dot_32::<B>(band, acts.k / QB, wrapped.expect("32-element blocks walk the wrapped row"), out) };
+            return unsafe { rows_dot_32::<B>(band, acts.k / QB, wrapped, out) };
         }
-        let row_bytes = band.len() / out.len().max(1);
-        for (wrow, o) in band.chunks_exact(row_bytes).zip(out.iter_mut()) {
-            // SAFETY: as ours.
-            *o = unsafe { row_dot_k::<B>(wrow, acts) };
+        let row_bytes = band.len() / (out.len() / m).max(1);
+        for (wrow, o) in band.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
+            for (i, o) in o.iter_mut().enumerate() {
+                // SAFETY: as ours.
+                *o = unsafe { row_dot_k::<B>(wrow, acts, i) };
+            }
         }
     }
 
@@ -120,11 +146,14 @@ mod x86 {
     const PREFETCH: usize = 2048;
 
     /// 32-element blocks of a band, sixteen at a time across row boundaries: each block's
-    /// `d_w d_x sum(c q)` (plus `m_w d_x sum(q)`) is stored, then summed per row.
+    /// codes are built once, then for each activation row its `d_w d_x sum(c q)` (plus
+    /// `m_w d_x sum(q)`) is stored, and summed per weight row.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn rows_dot_32<B: IntCodes>(band: &[u8], nb: usize, wr: &Wrapped, out: &mut [f32]) {
+    unsafe fn rows_dot_32<B: IntCodes>(band: &[u8], nb: usize, wrapped: &[Wrapped], out: &mut [f32]) {
+        let m = wrapped.len();
         let blks = blocks::<B>(band);
-        let mut vals = vec![0f32; blks.len()];
+        // `[m, blocks]`: activation row i's scaled product with each block.
+        let mut vals = vec![0f32; m * blks.len()];
         // Byte offsets of sixteen consecutive blocks.
         let offsets = _mm512_mullo_epi32(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -133,49 +162,63 @@ mod x86 {
         for f0 in (0..blks.len()).step_by(16) {
             let n = (blks.len() - f0).min(16);
             let mask: __mmask16 = if n == 16 { !0 } else { (1 << n) - 1 };
-            // Where this step's blocks start in the wrapped row.
+            // Where this step's blocks start in the wrapped rows.
             let a0 = f0 % nb;
-            let mut p = [_mm512_setzero_si512(); 16];
-            let mut product = |j: usize| {
+            let mut codes = [_mm512_setzero_si512(); 16];
+            let mut decode = |j: usize| {
                 let blk = &blks[f0 + j];
                 if j.is_multiple_of(4) {
                     // A prefetch does not fault, wherever it points.
                     _mm_prefetch::<_MM_HINT_T0>((blk as *const B as *const i8).wrapping_add(PREFETCH));
                 }
-                // SAFETY: the wrapped row holds 16 blocks past any block of the row.
-                let x = unsafe { _mm512_loadu_si512(wr.qs.as_ptr().add((a0 + j) * QB) as *const __m512i) };
-                p[j] = _mm512_madd_epi16(codes32::<B>(blk), x);
+                codes[j] = codes32::<B>(blk);
             };
             if n == 16 {
-                // A constant count: unrolled, the products stay in registers.
-                (0..16).for_each(&mut product);
+                // A constant count: unrolled, the codes stay in registers.
+                (0..16).for_each(&mut decode);
             } else {
-                (0..n).for_each(&mut product);
+                (0..n).for_each(&mut decode);
             }
-            let sums = _mm512_cvtepi32_ps(reduce16(p));
             // Every type's block starts with its f16 scale; Q4_1 and Q5_1 follow it with the
             // f16 minimum: 4 bytes of each block gathered.
-            // SAFETY: the mask keeps the gather to the band's blocks; the wrapped arrays hold
-            // 16 past any block of the row.
-            unsafe {
-                let dm = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, offsets, blks[f0..].as_ptr() as *const i32);
-                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-                let mut v = _mm512_mul_ps(sums, _mm512_mul_ps(d, _mm512_loadu_ps(wr.d.as_ptr().add(a0))));
-                if matches!(B::TYPE, GgmlType::Q4_1 | GgmlType::Q5_1) {
-                    let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
-                    v = _mm512_fmadd_ps(m, _mm512_loadu_ps(wr.dsum.as_ptr().add(a0)), v);
+            // SAFETY: the mask keeps the gather to the band's blocks.
+            let dm = unsafe { _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, offsets, blks[f0..].as_ptr() as *const i32) };
+            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+            let min = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
+            for (i, wr) in wrapped.iter().enumerate() {
+                let mut p = [_mm512_setzero_si512(); 16];
+                let mut product = |j: usize| {
+                    // SAFETY: the wrapped row holds 16 blocks past any block of the row.
+                    let x = unsafe { _mm512_loadu_si512(wr.qs.as_ptr().add((a0 + j) * QB) as *const __m512i) };
+                    p[j] = _mm512_madd_epi16(codes[j], x);
+                };
+                if n == 16 {
+                    (0..16).for_each(&mut product);
+                } else {
+                    (0..n).for_each(&mut product);
                 }
-                _mm512_mask_storeu_ps(vals.as_mut_ptr().add(f0), mask, v);
+                let sums = _mm512_cvtepi32_ps(reduce16(p));
+                // SAFETY: the wrapped arrays hold 16 past any block of the row; the mask
+                // keeps the store to this step's blocks.
+                unsafe {
+                    let mut v = _mm512_mul_ps(sums, _mm512_mul_ps(d, _mm512_loadu_ps(wr.d.as_ptr().add(a0))));
+                    if matches!(B::TYPE, GgmlType::Q4_1 | GgmlType::Q5_1) {
+                        v = _mm512_fmadd_ps(min, _mm512_loadu_ps(wr.dsum.as_ptr().add(a0)), v);
+                    }
+                    _mm512_mask_storeu_ps(vals.as_mut_ptr().add(i * blks.len() + f0), mask, v);
+                }
             }
         }
-        for (row, o) in vals.chunks_exact(nb).zip(out.iter_mut()) {
-            let mut acc = _mm512_setzero_ps();
-            for c in row.chunks(16) {
-                let mask: __mmask16 = if c.len() == 16 { !0 } else { (1 << c.len()) - 1 };
-                // SAFETY: the mask keeps the load to the chunk.
-                acc = _mm512_add_ps(acc, unsafe { _mm512_maskz_loadu_ps(mask, c.as_ptr()) });
+        for (i, vals) in vals.chunks_exact(blks.len()).enumerate() {
+            for (row, o) in vals.chunks_exact(nb).zip(out.iter_mut().skip(i).step_by(m)) {
+                let mut acc = _mm512_setzero_ps();
+                for c in row.chunks(16) {
+                    let mask: __mmask16 = if c.len() == 16 { !0 } else { (1 << c.len()) - 1 };
+                    // SAFETY: the mask keeps the load to the chunk.
+                    acc = _mm512_add_ps(acc, unsafe { _mm512_maskz_loadu_ps(mask, c.as_ptr()) });
+                }
+                *o = _mm512_reduce_add_ps(acc);
             }
-            *o = _mm512_reduce_add_ps(acc);
         }
     }
 
@@ -228,7 +271,7 @@ mod x86 {
     /// K super-blocks, one per step: codes and maps from [`IntCodes::codes`], the chunks'
     /// products reduced to one i32 per affine group, scaled as a vector.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn row_dot_k<B: IntCodes>(wrow: &[u8], acts: &IntActs) -> f32 {
+    unsafe fn row_dot_k<B: IntCodes>(wrow: &[u8], acts: &IntActs, row: usize) -> f32 {
         let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
         let mut acc = _mm512_setzero_ps();
         // Lane l of a group vector is group l; its chunk is l / 2.
@@ -240,7 +283,8 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_T0>((blk as *const B as *const i8).wrapping_add(PREFETCH + line));
             }
             blk.codes(&mut c, &mut a, &mut b);
-            let e0 = bi * QK_K;
+            // The super-block's first element in the activations.
+            let e0 = row * acts.k + bi * QK_K;
             let mut p = [_mm512_setzero_si512(); 16];
             for ch in 0..QK_K / QB {
                 // SAFETY: the code buffer holds 256 codes; the chunk's activations lie in the row.
@@ -324,6 +368,29 @@ mod tests {
                 let max_abs = want.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let max_diff = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
                 assert!(check::within_rounding(max_diff, max_abs, k), "{} k={k}: max diff {max_diff:e} (max |y| {max_abs})", ty.name());
+            }
+        }
+    }
+
+    /// Several rows of activations at once (a batched decode step) give each row exactly
+    /// its one-row product, for every type, 1 to [`MAX_ROWS`] rows.
+    #[test]
+    fn rows_together_equal_rows_alone() {
+        if !available() {
+            eprintln!("cpu_gemv: no AVX-512 here, nothing to check");
+            return;
+        }
+        for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)) {
+            let k = if ty.block_elems() == QB { 18 * QB } else { 3 * QK_K };
+            let n = 37;
+            let w = check::weight(ty, n, k, 5);
+            for m in [2, 3, 8, MAX_ROWS] {
+                let x = check::values(m * k, 11);
+                let together = matvec(ty, &w, n, &IntActs::quantize(&x, k));
+                for (i, row) in x.chunks_exact(k).enumerate() {
+                    let alone = matvec(ty, &w, n, &IntActs::quantize(row, k));
+                    assert_eq!(&together[i * n..(i + 1) * n], &alone[..], "{} m={m} row {i}", ty.name());
+                }
             }
         }
     }

@@ -87,6 +87,12 @@ impl QuantOps for CubeBackend {
         burn::backend::ops::attention::attention_fallback::<CubeBackend>(q, k, v, None, bias, options)
     }
 
+    /// The GEMV computes each row on its own already; past its rows, the tiled matmul's
+    /// per-row sums run in the same order whatever the other rows are.
+    fn q_matmul_rows(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize) -> CubeTensor {
+        Self::q_matmul(x, words, ty, n, k)
+    }
+
     fn q_matmul(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize) -> CubeTensor {
         let gt = ty_from_id(ty);
         let x = into_contiguous(x);

@@ -48,6 +48,15 @@ pub trait QuantOps: Backend {
     /// - returns `[m, n]` (f32)
     fn q_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> FloatTensor<Self>;
 
+    /// [`QuantOps::q_matmul`] for rows that belong to different sequences (a batched
+    /// decode step): each row's result is exactly what `q_matmul` gives that row alone,
+    /// so a sequence's output does not depend on what it is batched with, while the
+    /// weights are still read once for all the rows.
+    ///
+    /// # Shapes
+    /// - as [`QuantOps::q_matmul`]
+    fn q_matmul_rows(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> FloatTensor<Self>;
+
     /// Scaled dot-product attention: `softmax(q k^T scale + bias) v`.
     ///
     /// `mask` says which keys each query row sees and `bias` is its additive form
@@ -159,15 +168,21 @@ impl QuantMatrix {
     /// # Shapes
     /// - x: `[m, k]` -> `[m, n]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.product(x, <burn::backend::Dispatch as QuantOps>::q_matmul)
+    }
+
+    /// `x W^T` for rows of different sequences, each row's result its own product's
+    /// ([`QuantOps::q_matmul_rows`]).
+    ///
+    /// # Shapes
+    /// - x: `[m, k]` -> `[m, n]`
+    pub fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        self.product(x, <burn::backend::Dispatch as QuantOps>::q_matmul_rows)
+    }
+
+    fn product(&self, x: Tensor<2>, op: DispatchProduct) -> Tensor<2> {
         let band = |b: &Band, x: Tensor<2>| {
-            let y = <burn::backend::Dispatch as QuantOps>::q_matmul(
-                x.into_dispatch(),
-                b.words.clone().into_dispatch(),
-                self.ty.id(),
-                b.n,
-                self.k,
-            );
-            Tensor::<2>::from_dispatch(y)
+            Tensor::<2>::from_dispatch(op(x.into_dispatch(), b.words.clone().into_dispatch(), self.ty.id(), b.n, self.k))
         };
         match self.bands.as_slice() {
             [one] => band(one, x),
@@ -193,6 +208,10 @@ impl QuantMatrix {
         self.bands.iter().map(|b| b.words.shape().num_elements() * 4).sum()
     }
 }
+
+/// One of [`QuantOps`]' products on the dispatching backend.
+type DispatchProduct =
+    fn(FloatTensor<burn::backend::Dispatch>, IntTensor<burn::backend::Dispatch>, u32, usize, usize) -> FloatTensor<burn::backend::Dispatch>;
 
 /// Little-endian u32 words of `bytes`, zero-padded, plus one spare word so that kernels
 /// may read an unaligned u32 at the very end without leaving the buffer.

@@ -4,20 +4,16 @@
 //! questions reuse the video already in the KV cache.
 
 use std::io::{BufRead, Write};
-use std::path::Path;
 use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value as Json, json};
-use vidllm_core::gguf::Gguf;
 use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::mmproj::load_pair;
-use vidllm_models::model_files::{Folder, ModelFiles};
 use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
 use vidllm_shaders::device::{DeviceChoice, pick};
@@ -25,6 +21,7 @@ use vidllm_shaders::preprocess::{preprocess, rgb_planes};
 
 use crate::chat::drain;
 use crate::progress::Progress;
+use crate::runtime;
 use crate::video::{Frame, VideoReader};
 
 #[derive(Args)]
@@ -121,7 +118,7 @@ impl SamplingArgs {
     }
 }
 
-fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Device) -> burn::tensor::Tensor<4> {
+pub fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Device) -> burn::tensor::Tensor<4> {
     let slices: Vec<&[u8]> = frames.iter().map(|f| f.rgb.as_slice()).collect();
     preprocess(&slices, frames[0].height, frames[0].width, cfg, device)
 }
@@ -129,6 +126,14 @@ fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::Devic
 /// The rate raw frames (and a video without one) are taken to have, for prompts that state
 /// frame times: transformers' fallback when a video's metadata has no rate.
 const RAW_FPS: f64 = 24.0;
+
+/// The frames `policy` picks from a video, and when they were taken.
+pub fn sample_video(r: &VideoReader, policy: Sampling) -> Result<(Vec<Frame>, FrameTimes)> {
+    let frames = r.sample(policy)?;
+    let indices: Vec<usize> = frames.iter().map(|f| f.index).collect();
+    let fps = if r.info.fps > 0.0 { r.info.fps } else { RAW_FPS };
+    Ok((frames, FrameTimes::of_indices(&indices, r.info.frames, fps)))
+}
 
 /// Where the frames come from: a video file, or raw RGB frames.
 enum FrameSource {
@@ -155,12 +160,7 @@ impl FrameSource {
     /// The frames `policy` picks, and when they were taken.
     fn frames(&self, policy: Sampling) -> Result<(Vec<Frame>, FrameTimes)> {
         match self {
-            Self::Video(r) => {
-                let frames = r.sample(policy)?;
-                let indices: Vec<usize> = frames.iter().map(|f| f.index).collect();
-                let fps = if r.info.fps > 0.0 { r.info.fps } else { RAW_FPS };
-                Ok((frames, FrameTimes::of_indices(&indices, r.info.frames, fps)))
-            }
+            Self::Video(r) => sample_video(r, policy),
             Self::Raw { path, width, height, times, duration } => {
                 let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
                 let per = width * height * 3;
@@ -202,7 +202,6 @@ fn load_options(a: &AskArgs) -> Result<LoadOptions> {
 }
 
 pub fn run(a: AskArgs) -> Result<()> {
-    let dir = Path::new(&a.model);
     let opts = load_options(&a)?;
     // No video: a question about the images alone.
     let source = if a.video.is_none() && a.rgb_frames.is_none() { None } else { Some(FrameSource::open(&a)?) };
@@ -210,20 +209,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let t_load = Instant::now();
-    let folder = progress
-        .loading(&a.model, |on_read| -> Result<Folder> {
-            let Some(mmproj) = &a.mmproj else {
-                return Ok(ModelFiles::Dir(dir.to_path_buf()).load_reporting(opts, &picked.placement(), Some(on_read))?);
-            };
-            if a.quant.is_some() {
-                bail!("--quant applies to a model folder; a GGUF pair keeps the types it was written with");
-            }
-            let mut text = Gguf::open(dir)?;
-            text.on_read(on_read);
-            let mm = Gguf::open(mmproj).with_context(|| format!("--mmproj {mmproj}"))?;
-            Ok(load_pair(&text, &mm, &picked.placement())?)
-        })
-        .with_context(|| format!("loading {}", a.model))?;
+    let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), opts, a.quant.is_some(), &picked.placement(), progress)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let pcfg = folder.pre;
     let policy = a.sampling.policy_or(folder.sampling)?;

@@ -5,12 +5,17 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod ask;
+mod batch;
 mod bench;
 mod chat;
+mod engine;
 mod frames;
 mod inspect;
+mod metrics;
+mod openai;
 mod progress;
 mod runtime;
+mod serve;
 mod video;
 
 use vidllm_models::llama_hf::QuantChoice;
@@ -46,12 +51,20 @@ enum Command {
     Logits(inspect::LogitsArgs),
     /// Measure prefill and decode speed, like llama-bench.
     Bench(bench::BenchArgs),
+    /// Serve an OpenAI-compatible HTTP API (chat completions, streamed or whole, with
+    /// `image_url` and `video_url` parts), decoding `--parallel` requests together.
+    Serve(serve::ServeArgs),
+    /// Answer a JSONL file of jobs (video, question, options), appending one result line
+    /// per job; a rerun skips the jobs already answered.
+    Batch(batch::BatchArgs),
 }
 
 /// Options shared by every command that runs the model.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file, or a Hugging Face text-model folder (`llama`, `qwen2`, `qwen3`).
+    /// GGUF model file, or a Hugging Face text-model folder (`llama`, `qwen2`, `qwen3`);
+    /// `serve` and `batch` also take what `ask` takes (a video-language folder, or a GGUF
+    /// with `--mmproj`).
     #[arg(long)]
     pub model: String,
     /// A folder's decoder storage on the device: q4_0 | q4_1 | q8_0 | f16 | f32 (default
@@ -102,6 +115,8 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => inspect::tokenize(a),
         Command::Logits(a) => inspect::logits(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Batch(a) => batch::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

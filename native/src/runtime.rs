@@ -8,8 +8,11 @@ use anyhow::{Context, Result, bail};
 use vidllm_core::gguf::Gguf;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_models::model_files::ModelFiles;
+use vidllm_models::mmproj::load_pair;
+use vidllm_models::model_files::{Folder, ModelFiles};
+use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Llama, Model, config_from_gguf, load_llama};
+use vidllm_shaders::device::Placement;
 
 use crate::ModelArgs;
 use crate::progress::Progress;
@@ -25,7 +28,7 @@ pub struct Loaded {
 }
 
 /// Default context when the user gives none: the model's, capped to bound KV memory.
-const DEFAULT_CTX: usize = 4096;
+pub const DEFAULT_CTX: usize = 4096;
 
 pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     if Path::new(&args.model).is_dir() {
@@ -80,4 +83,43 @@ pub fn load_tokenizer(path: &str) -> Result<Tokenizer> {
     }
     let g = Gguf::open(path).with_context(|| format!("loading {path}"))?;
     Ok(Tokenizer::from_gguf(&g)?)
+}
+
+/// A video-language model: a folder (`config.json` naming a registered architecture), or a
+/// text GGUF with llama.cpp's `--mmproj` vision file.
+pub fn load_video(
+    model: &str,
+    mmproj: Option<&str>,
+    opts: LoadOptions,
+    quant_given: bool,
+    at: &Placement,
+    progress: Progress,
+) -> Result<Folder> {
+    progress
+        .loading(model, |on_read| -> Result<Folder> {
+            let Some(mmproj) = mmproj else {
+                return Ok(ModelFiles::Dir(Path::new(model).to_path_buf()).load_reporting(opts, at, Some(on_read))?);
+            };
+            if quant_given {
+                bail!("--quant applies to a model folder; a GGUF pair keeps the types it was written with");
+            }
+            let mut text = Gguf::open(model)?;
+            text.on_read(on_read);
+            let mm = Gguf::open(mmproj).with_context(|| format!("--mmproj {mmproj}"))?;
+            Ok(load_pair(&text, &mm, at)?)
+        })
+        .with_context(|| format!("loading {model}"))
+}
+
+/// Whether `model` (with `mmproj`) is a video-language model rather than a text decoder:
+/// a GGUF with an `--mmproj`, or a folder whose `config.json` names no text family.
+pub fn is_video_model(model: &str, mmproj: Option<&str>) -> Result<bool> {
+    if mmproj.is_some() {
+        return Ok(true);
+    }
+    if !Path::new(model).is_dir() {
+        return Ok(false);
+    }
+    let family = ModelFiles::Dir(model.into()).text_family().with_context(|| format!("loading {model}"))?;
+    Ok(family.is_none())
 }

@@ -11,6 +11,8 @@
 # - Video time to first token against transformers: tests/scripts/bench_video.py, when
 #   torch and transformers are importable (skipped, and said so, otherwise): Video-LLaVA
 #   at 8 frames, and SmolVLM2-500M-shaped at 8 and 32.
+# - `vidllm-native serve`'s continuous batching: tests/scripts/bench_serve.py, total
+#   tokens a second at --parallel 1, 4 and 8 on the first file.
 # - The wasm package: gzipped size of web/pkg/vidllm_web_bg.wasm, when built.
 #
 #   tests/scripts/bench_all.sh [--threads N] [--reps N] [FILE.gguf ...]
@@ -85,6 +87,10 @@ if python3 -c 'import torch, transformers' 2>/dev/null; then
 else
   echo "video time to first token: skipped (torch and transformers are not importable here)"
 fi
+
+echo
+# The server's continuous batching: total tokens a second at --parallel 1, 4 and 8.
+python3 "$ROOT/tests/scripts/bench_serve.py" --bin "$BIN" --model "${FILES[0]}" --parallel 1,4,8
 
 echo
 WASM="$ROOT/web/pkg/vidllm_web_bg.wasm"

@@ -410,7 +410,7 @@ impl Engine {
         } else if has_media {
             return Err(ApiError::bad_request(format!("{} is a text model: images and videos need a video-language model", self.info.id)));
         }
-        let prompt = self.prompt(turns, &images, video.as_ref().map(|(_, t)| t))?;
+        let prompt = self.prompt(turns, &images, video.as_ref())?;
         let conv = &mut self.slots[i].0;
         conv.clear_visuals();
         for image in images {
@@ -437,13 +437,23 @@ impl Engine {
 
     /// The request's turns as the model's prompt: a text model's chat template over all of
     /// them; a video model's own turn format (first turn with the media, then follow-ups).
-    fn prompt(&self, turns: &[(Role, String)], images: &[Visual], video: Option<&FrameTimes>) -> Result<PromptText, ApiError> {
+    fn prompt(&self, turns: &[(Role, String)], images: &[Visual], video: Option<&(Visual, FrameTimes)>) -> Result<PromptText, ApiError> {
         let Some(vm) = self.model.video() else {
             let messages: Vec<Message> = turns.iter().map(|(r, t)| Message::new(r.name(), t)).collect();
             return Ok(PromptText::Tokens(self.tok.chat_tokens(&messages).map_err(ApiError::from_generate)?));
         };
         if images.is_empty() && video.is_none() {
             return Err(ApiError::from_generate(GenerateError::NoVisual));
+        }
+        // A placeholder written in a message would take the media's place (or add one
+        // with no features): media come only as parts.
+        let placeholders: Vec<String> = images.iter().chain(video.map(|(v, _)| v)).map(|v| self.tok.token_text(Some(v.token))).collect();
+        for (n, (_, t)) in turns.iter().enumerate() {
+            if let Some(p) = placeholders.iter().find(|p| !p.is_empty() && t.contains(p.as_str())) {
+                return Err(ApiError::bad_request(format!(
+                    "messages[{n}]: the text contains {p:?}, the model's media placeholder: send media as image_url / video_url parts"
+                )));
+            }
         }
         if turns.iter().any(|(r, _)| *r == Role::System) {
             return Err(ApiError::bad_request(format!(
@@ -462,7 +472,7 @@ impl Engine {
                 )));
             }
             match (n, role) {
-                (0, _) => text = vm.first_turn(&self.tok, t, images, video).map_err(ApiError::from_generate)?,
+                (0, _) => text = vm.first_turn(&self.tok, t, images, video.map(|(_, times)| times)).map_err(ApiError::from_generate)?,
                 (_, Role::User) => text.push_str(&vm.follow_up(&self.tok, t)),
                 _ => text.push_str(t),
             }

@@ -375,6 +375,12 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     let (s, v) = post(&url, &capped, None);
     assert_eq!(s, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("max_visual_tokens"));
+    // The model's placeholder written in the text is refused: media come only as parts.
+    let mut injected = body("bikes.mp4");
+    injected["messages"][0]["content"][1]["text"] = json!("What happens in <video>?");
+    let (s, v) = post(&url, &injected, None);
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("placeholder"), "{v}");
     let mut corrupt = body(&format!("data:video/mp4;base64,{}", base64::engine::general_purpose::STANDARD.encode(b"not a video at all")));
     corrupt["max_tokens"] = json!(2);
     let (s, v) = post(&url, &corrupt, None);

@@ -2,11 +2,12 @@
 """A soak of `vidllm-native serve`: N consecutive question-and-answer turns, alternating
 between a text model (SmolLM2, chat follow-ups carrying the conversation so far) and a
 video model (the tiny Video-LLaVA fixture, follow-ups about one of a few clips sent as
-data: URLs, so the encoded-video cache is hit, missed and evicted). Each conversation runs
+data: URLs, so the encoded-video cache is hit, missed and evicted; the tiny model's random
+answers are replaced by a fixed sentence in the history). Each conversation runs
 5 turns, then a new one starts. Both servers' resident memory is sampled every 50 turns.
 
-Fails (exit 1) if a turn is not answered, or if either server's memory at the end is more
-than 5% above its first sample (taken after 50 turns, once every cache is warm).
+Fails (exit 1) if a turn is not answered, or if either server's peak memory over the second
+half of the run is more than 5% above its peak over the first half.
 
     python3 tests/scripts/soak_serve.py [--turns 1000]
 """
@@ -83,17 +84,25 @@ def main():
                 else:
                     vchat.append({"role": "user", "content": f"And then ({turn})?"})
                 r = ask(vh, vp, {"messages": vchat, "max_tokens": 8, "temperature": 0.8, "seed": turn})
-                vchat.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+                assert r["choices"][0]["message"]["content"] is not None
+                # The tiny model's answers are random tokens, its own <video> placeholder among
+                # them, which the server refuses inside a message: the client's record of the
+                # answer is a fixed sentence.
+                vchat.append({"role": "assistant", "content": "It shows a scene."})
             if turn % 50 == 0:
                 samples.append((turn, rss_mib(text.pid), rss_mib(video.pid)))
                 print(f"turn {turn}: text server {samples[-1][1]:.1f} MiB, video server {samples[-1][2]:.1f} MiB", flush=True)
     finally:
         text.terminate()
         video.terminate()
-    first, last = samples[0], samples[-1]
-    growth = [(last[i] / first[i] - 1) * 100 for i in (1, 2)]
-    print(f"{a.turns} turns: text server {first[1]:.1f} -> {last[1]:.1f} MiB ({growth[0]:+.1f}%), "
-          f"video server {first[2]:.1f} -> {last[2]:.1f} MiB ({growth[1]:+.1f}%)")
+    # Encoded clips come and go in the media cache, so the samples saw-tooth by a few MiB:
+    # a leak shows as later peaks above earlier ones.
+    half = len(samples) // 2
+    growth = [(max(s[i] for s in samples[half:]) / max(s[i] for s in samples[:half]) - 1) * 100 for i in (1, 2)]
+    lo = [min(s[i] for s in samples) for i in (1, 2)]
+    hi = [max(s[i] for s in samples) for i in (1, 2)]
+    print(f"{a.turns} turns: text server {lo[0]:.1f} to {hi[0]:.1f} MiB, second half's peak vs first half's {growth[0]:+.1f}%; "
+          f"video server {lo[1]:.1f} to {hi[1]:.1f} MiB, {growth[1]:+.1f}%")
     if max(growth) > 5:
         sys.exit("FAIL: memory grew by more than 5%")
     print("ok")

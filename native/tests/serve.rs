@@ -375,6 +375,26 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     let (s, v) = post(&url, &capped, None);
     assert_eq!(s, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("max_visual_tokens"));
+    // A still image (a frame of the clip as a PNG data: URL) answers as `ask --image` does.
+    let png = std::env::temp_dir().join(format!("vidllm-serve-frame-{}.png", std::process::id()));
+    let st = Command::new("ffmpeg").args(["-v", "error", "-y", "-i"]).arg(&clip).args(["-frames:v", "1"]).arg(&png).status().unwrap();
+    assert!(st.success(), "ffmpeg wrote a frame");
+    let out = bin()
+        .args(["ask", "--device", "cpu", "--quant", "f32", "--json", "--max-tokens", "6", "--prompt", "What is this?", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let asked_image: Json = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).unwrap()).unwrap();
+    let data = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(std::fs::read(&png).unwrap()));
+    let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}, {"type": "text", "text": "What is this?"}]}],
+                       "max_tokens": 6, "temperature": 0});
+    let (s, v) = post(&url, &image, None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], asked_image["text"], "the server's answer about an image is ask's");
+    assert_eq!(v["usage"]["visual_tokens"], asked_image["visual_tokens"]);
     // The model's placeholder written in the text is refused: media come only as parts.
     let mut injected = body("bikes.mp4");
     injected["messages"][0]["content"][1]["text"] = json!("What happens in <video>?");

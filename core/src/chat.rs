@@ -8,6 +8,9 @@
 //! exhausted memory.
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
+use serde::Serialize;
+
+use crate::error::GenerateError;
 
 /// Instructions one render may run. Real chat templates take about a hundred per message.
 pub const FUEL: u64 = 5_000_000;
@@ -32,9 +35,6 @@ impl std::io::Write for Capped {
         Ok(())
     }
 }
-use serde::Serialize;
-
-use crate::error::GenerateError;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Message {

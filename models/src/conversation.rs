@@ -420,8 +420,8 @@ impl Conversation {
     /// one token run (a decode step) joins one batched forward pass, so the weights are
     /// read once for all of them. Conversations may join and leave between calls
     /// (continuous batching). Each result is what [`Conversation::step`] would have given
-    /// that conversation, its logits row taken from the batched pass (the same arithmetic
-    /// per row, up to the summation order of the products' kernels).
+    /// that conversation: its row of the batched pass, whose products keep each row's
+    /// arithmetic its own ([`Llama::forward_batch`]).
     pub fn step_many(convs: &mut [&mut Conversation]) -> Vec<Result<Step, GenerateError>> {
         let mut out: Vec<Option<Result<Step, GenerateError>>> = convs.iter().map(|_| None).collect();
         let mut decoding = Vec::new();

@@ -127,6 +127,11 @@ pub fn pixels(frames: &[Frame], cfg: &PreprocessConfig, device: &burn::tensor::D
 /// frame times: transformers' fallback when a video's metadata has no rate.
 const RAW_FPS: f64 = 24.0;
 
+/// A still image file (any format the ffmpeg libraries read) as one RGB frame.
+pub fn read_image(path: &str) -> Result<Frame> {
+    Ok(VideoReader::open(path)?.frames_at(&[0])?.remove(0))
+}
+
 /// The frames `policy` picks from a video, and when they were taken.
 pub fn sample_video(r: &VideoReader, policy: Sampling) -> Result<(Vec<Frame>, FrameTimes)> {
     let frames = r.sample(policy)?;
@@ -227,8 +232,7 @@ pub fn run(a: AskArgs) -> Result<()> {
         }
         None => (Vec::new(), None),
     };
-    let images: Vec<Frame> =
-        a.image.iter().map(|p| VideoReader::open(p)?.frames_at(&[0]).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
+    let images: Vec<Frame> = a.image.iter().map(|p| read_image(p)).collect::<Result<_>>()?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let video_px = (!frames.is_empty()).then(|| pixels(&frames, &pcfg, &device));

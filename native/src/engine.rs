@@ -11,6 +11,7 @@
 //! Encoded videos and images are kept by the SHA-256 of their bytes (and the frame
 //! policy), so a follow-up about the same video skips decoding and the vision tower.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
+use sha2::{Digest, Sha256};
 use vidllm_core::GenerateError;
 use vidllm_core::chat::Message;
 use vidllm_core::preprocess::PreprocessConfig;
@@ -33,7 +35,7 @@ use vidllm_shaders::device::pick;
 use vidllm_shaders::preprocess::rgb_planes;
 
 use crate::ModelArgs;
-use crate::ask::{SamplingArgs, pixels, sample_video};
+use crate::ask::{SamplingArgs, pixels, read_image, sample_video};
 use crate::metrics::Metrics;
 use crate::progress::Progress;
 use crate::runtime;
@@ -81,14 +83,27 @@ pub struct Media {
 impl Media {
     /// A file named by the SHA-256 of its bytes.
     pub fn from_file(path: PathBuf) -> std::io::Result<Self> {
-        use sha2::Digest;
         if !path.is_file() {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file"));
         }
-        let mut hasher = sha2::Sha256::new();
+        let mut hasher = Sha256::new();
         std::io::copy(&mut std::fs::File::open(&path)?, &mut hasher)?;
-        Ok(Self { path, hash: crate::openai::hex(&hasher.finalize()), _temp: None })
+        Ok(Self { path, hash: hex(&hasher.finalize()), _temp: None })
     }
+
+    /// Bytes sent with a request (a data: URL's), written to a temporary file that goes
+    /// when the request is done with it.
+    pub fn from_bytes(bytes: &[u8]) -> std::io::Result<Self> {
+        let mut f = tempfile::Builder::new().prefix("vidllm-media-").tempfile()?;
+        f.write_all(bytes)?;
+        f.flush()?;
+        let temp = f.into_temp_path();
+        Ok(Self { path: temp.to_path_buf(), hash: hex(&Sha256::digest(bytes)), _temp: Some(temp) })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Who speaks a turn.
@@ -194,7 +209,8 @@ pub struct Usage {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StageTimes {
     pub queued_ms: f64,
-    /// Decoding, preprocessing and encoding the media (0 when all were cached).
+    /// Setting the request up: decoding, preprocessing and encoding its media (unless
+    /// cached), rendering and tokenising its prompt.
     pub media_ms: f64,
     pub prefill_ms: f64,
     pub decode_ms: f64,
@@ -233,12 +249,16 @@ impl ApiError {
         Self { status: 400, kind: "invalid_request_error", code: None, message: message.into() }
     }
 
+    pub fn server(message: impl Into<String>) -> Self {
+        Self { status: 500, kind: "server_error", code: None, message: message.into() }
+    }
+
     fn from_generate(e: GenerateError) -> Self {
         match e {
             GenerateError::PromptTooLong { .. } => {
                 Self { status: 400, kind: "invalid_request_error", code: Some("context_length_exceeded"), message: e.to_string() }
             }
-            GenerateError::Device(_) => Self { status: 500, kind: "server_error", code: None, message: e.to_string() },
+            GenerateError::Device(_) => Self::server(e.to_string()),
             _ => Self::bad_request(e.to_string()),
         }
     }
@@ -275,12 +295,20 @@ struct Running {
     frames: usize,
 }
 
+/// How a video model's frames are prepared: its preprocessing, its own frame policy, and
+/// the device the pixels go to.
+#[derive(Clone)]
+struct FramePrep {
+    pre: PreprocessConfig,
+    default: Sampling,
+    device: burn::tensor::Device,
+}
+
 pub struct Engine {
     model: Rc<Model>,
     tok: Rc<Tokenizer>,
-    /// A video model's frame preparation and default policy.
-    pixels: Option<(PreprocessConfig, Sampling)>,
-    device: burn::tensor::Device,
+    /// A video model's frame preparation (`None` for a text model).
+    frames: Option<FramePrep>,
     slots: Vec<(Conversation, Option<Running>)>,
     cache: Vec<Encoded>,
     cache_size: usize,
@@ -296,24 +324,24 @@ impl Engine {
         }
         let parallel = cfg.parallel;
         let m = &cfg.model;
-        let picked = pick(m.device)?;
         let t0 = Instant::now();
-        let (model, tok, pixels) = if runtime::is_video_model(&m.model, cfg.mmproj.as_deref())? {
+        let (model, tok, frames, device_name) = if runtime::is_video_model(&m.model, cfg.mmproj.as_deref())? {
+            let picked = pick(m.device)?;
             let opts = LoadOptions { quant: m.quant.unwrap_or(QuantChoice::Q4_1), ..Default::default() };
             let folder = runtime::load_video(&m.model, cfg.mmproj.as_deref(), opts, m.quant.is_some(), &picked.placement(), progress)?;
-            (Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), Some((folder.pre, folder.sampling)))
+            let prep = FramePrep { pre: folder.pre, default: folder.sampling, device: picked.device };
+            (Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), Some(prep), picked.name)
         } else {
             let rt = runtime::load(m, progress)?;
-            (rt.model, rt.tok, None)
+            (rt.model, rt.tok, None, rt.device_name)
         };
-        let decoder = model.decoder();
-        let context = m.ctx.unwrap_or(runtime::DEFAULT_CTX).min(decoder.rope_positions()).max(2);
+        let context = runtime::context(m.ctx, model.decoder());
         let slots: Vec<_> = (0..parallel).map(|_| (Conversation::new(model.clone(), tok.clone(), context), None)).collect();
         let id = std::path::Path::new(&m.model).file_name().map_or(m.model.clone(), |n| n.to_string_lossy().into_owned());
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let info = ModelInfo { id, video: pixels.is_some(), device: picked.name.clone(), context, parallel, created };
+        let info = ModelInfo { id, video: frames.is_some(), device: device_name, context, parallel, created };
         eprintln!("loaded {} on {} in {:.1}s: {parallel} slot(s) of {context} tokens", info.id, info.device, t0.elapsed().as_secs_f64());
-        Ok(Self { model, tok, pixels, device: picked.device, slots, cache: Vec::new(), cache_size: cfg.media_cache, info, metrics })
+        Ok(Self { model, tok, frames, slots, cache: Vec::new(), cache_size: cfg.media_cache, info, metrics })
     }
 
     /// Answer requests from `jobs` until every sender is gone and nothing is running.
@@ -388,7 +416,7 @@ impl Engine {
         let (mut video_cached, mut frames) = (false, 0);
         let mut images = Vec::new();
         let mut video = None;
-        if let Some((pre, default)) = self.pixels.clone() {
+        if let Some(prep) = self.frames.clone() {
             let vm = self.model.video().expect("a video model");
             if job.video.is_some() && !vm.supports_video() {
                 return Err(ApiError::bad_request(format!("{} takes still images only, not a video", vm.model_type())));
@@ -397,14 +425,13 @@ impl Engine {
                 return Err(ApiError::bad_request(format!("{} takes no still images (send a video_url)", vm.model_type())));
             }
             for m in &job.images {
-                images.push(self.encoded(&format!("image:{}", m.hash), |me| me.encode_image(&m.path))?.visual.clone());
+                images.push(self.encoded(&format!("image:{}", m.hash), |me| me.encode_image(&m.path, &prep))?.0.visual.clone());
             }
             if let Some(m) = &job.video {
-                let policy = job.frames.policy(default).map_err(ApiError::bad_request)?;
+                let policy = job.frames.policy(prep.default).map_err(ApiError::bad_request)?;
                 let key = format!("video:{}:{policy:?}", m.hash);
-                video_cached = self.cache.iter().any(|e| e.key == key);
-                let e = self.encoded(&key, |me| me.encode_video(&m.path, policy, &pre))?;
-                frames = e.frames;
+                let (e, cached) = self.encoded(&key, |me| me.encode_video(&m.path, policy, &prep))?;
+                (video_cached, frames) = (cached, e.frames);
                 video = Some((e.visual.clone(), e.times.clone().expect("a video has frame times")));
             }
         } else if has_media {
@@ -480,9 +507,11 @@ impl Engine {
         Ok(PromptText::Raw(text))
     }
 
-    /// The cache entry `key`, made by `make` when missing (the oldest entry evicted).
-    fn encoded(&mut self, key: &str, make: impl FnOnce(&Self) -> Result<Encoded, ApiError>) -> Result<&Encoded, ApiError> {
-        match self.cache.iter().position(|e| e.key == key) {
+    /// The cache entry `key`, made by `make` when missing (the oldest entry evicted), and
+    /// whether it was found.
+    fn encoded(&mut self, key: &str, make: impl FnOnce(&Self) -> Result<Encoded, ApiError>) -> Result<(&Encoded, bool), ApiError> {
+        let found = self.cache.iter().position(|e| e.key == key);
+        match found {
             Some(at) => {
                 self.metrics.media_cache("hit");
                 let e = self.cache.remove(at);
@@ -498,22 +527,22 @@ impl Engine {
                 self.cache.push(e);
             }
         }
-        Ok(self.cache.last().expect("just pushed"))
+        Ok((self.cache.last().expect("just pushed"), found.is_some()))
     }
 
-    fn encode_video(&self, path: &std::path::Path, policy: Sampling, pre: &PreprocessConfig) -> Result<Encoded, ApiError> {
+    fn encode_video(&self, path: &std::path::Path, policy: Sampling, prep: &FramePrep) -> Result<Encoded, ApiError> {
         let media = |e: anyhow::Error| ApiError::bad_request(format!("video: {e:#}"));
         let reader = VideoReader::open(&path.to_string_lossy()).map_err(media)?;
         let (frames, times) = sample_video(&reader, policy).map_err(media)?;
         let vm = self.model.video().expect("a video model");
-        let visual = vm.video(pixels(&frames, pre, &self.device));
+        let visual = vm.video(pixels(&frames, &prep.pre, &prep.device));
         Ok(Encoded { key: String::new(), visual, times: Some(times), frames: frames.len() })
     }
 
-    fn encode_image(&self, path: &std::path::Path) -> Result<Encoded, ApiError> {
+    fn encode_image(&self, path: &std::path::Path, prep: &FramePrep) -> Result<Encoded, ApiError> {
         let media = |e: anyhow::Error| ApiError::bad_request(format!("image: {e:#}"));
-        let frame = VideoReader::open(&path.to_string_lossy()).and_then(|r| r.frames_at(&[0])).map_err(media)?.remove(0);
-        let planes = rgb_planes(&[&frame.rgb], frame.height, frame.width, &self.device);
+        let frame = read_image(&path.to_string_lossy()).map_err(media)?;
+        let planes = rgb_planes(&[&frame.rgb], frame.height, frame.width, &prep.device);
         let vm = self.model.video().expect("a video model");
         let visual = vm.encode_images(vec![planes]).map_err(|e| ApiError::bad_request(format!("image: {e}")))?;
         Ok(Encoded { key: String::new(), visual, times: None, frames: 1 })
@@ -522,16 +551,11 @@ impl Engine {
     /// One step of every running request: the decodes batched, a new prompt prefilled.
     fn step(&mut self) {
         let t0 = Instant::now();
-        let mut live: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].1.is_some()).collect();
-        let mut convs: Vec<&mut Conversation> = Vec::new();
-        for (i, (conv, _)) in self.slots.iter_mut().enumerate() {
-            if live.contains(&i) {
-                convs.push(conv);
-            }
-        }
+        let live: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].1.is_some()).collect();
+        let mut convs: Vec<&mut Conversation> = self.slots.iter_mut().filter(|(_, r)| r.is_some()).map(|(c, _)| c).collect();
         let steps = Conversation::step_many(&mut convs);
         let mut generated = 0;
-        for (i, step) in live.drain(..).zip(steps) {
+        for (i, step) in live.into_iter().zip(steps) {
             let (conv, running) = &mut self.slots[i];
             let run = running.as_mut().expect("live");
             let outcome = step.and_then(|s| match s {

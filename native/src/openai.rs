@@ -5,7 +5,6 @@
 //! Media come as `data:` URLs (base64), or as file paths (`file://` or plain) only under
 //! the server's `--media-root`; remote URLs are refused (the server fetches nothing).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,7 +12,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
-use sha2::{Digest, Sha256};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_models::GenerateParams;
 
@@ -222,17 +220,7 @@ fn resolve(url: &str, media_root: Option<&Path>) -> Result<Media, ApiError> {
         if bytes.is_empty() {
             return Err(bad("data: URL: no bytes"));
         }
-        let hash = hex(&Sha256::digest(&bytes));
-        let server = |e: std::io::Error| ApiError {
-            status: 500,
-            kind: "server_error",
-            code: None,
-            message: format!("writing the media to a temporary file: {e}"),
-        };
-        let mut f = tempfile::Builder::new().prefix("vidllm-media-").tempfile().map_err(server)?;
-        f.write_all(&bytes).and_then(|()| f.flush()).map_err(server)?;
-        let temp = f.into_temp_path();
-        return Ok(Media { path: temp.to_path_buf(), hash, _temp: Some(temp) });
+        return Media::from_bytes(&bytes).map_err(|e| ApiError::server(format!("writing the media to a temporary file: {e}")));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         return Err(bad("remote URLs are not fetched: send a data: URL, or a path under the server's --media-root"));
@@ -247,10 +235,6 @@ fn resolve(url: &str, media_root: Option<&Path>) -> Result<Media, ApiError> {
         return Err(ApiError { status: 403, kind: "invalid_request_error", code: None, message: format!("{url}: not under --media-root") });
     }
     Media::from_file(path).map_err(|e| bad(format!("{url}: {e}")))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// OpenAI's error body.

@@ -54,9 +54,14 @@ pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
 impl Loaded {
     /// A loaded text decoder, its context the user's (or [`DEFAULT_CTX`]) within its RoPE table.
     fn text(model: Llama, tok: Tokenizer, device_name: String, args: &ModelArgs, t0: Instant, file_bytes: u64) -> Self {
-        let context = args.ctx.unwrap_or(DEFAULT_CTX).min(model.rope_positions()).max(2);
+        let context = context(args.ctx, &model);
         Self { model: Rc::new(Model::Text(model)), tok: Rc::new(tok), device_name, load_time: t0.elapsed(), context, file_bytes }
     }
+}
+
+/// The context to allocate: the user's (or [`DEFAULT_CTX`]) within the decoder's RoPE table.
+pub fn context(ctx: Option<usize>, decoder: &Llama) -> usize {
+    ctx.unwrap_or(DEFAULT_CTX).min(decoder.rope_positions()).max(2)
 }
 
 /// A Hugging Face `*ForCausalLM` folder, quantised on load.

@@ -235,12 +235,7 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
         Ok(Ok(j)) => j,
         Ok(Err(e)) => return invalid(e),
         Err(e) => {
-            return error_response(&ApiError {
-                status: 500,
-                kind: "server_error",
-                code: None,
-                message: format!("reading the request: {e}"),
-            });
+            return error_response(&ApiError::server(format!("reading the request: {e}")));
         }
     };
     st.metrics.queue_depth.inc();
@@ -260,7 +255,7 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
     let first = match rx.recv().await {
         Some(Event::Error(e)) => return error_response(&e),
         Some(ev) => ev,
-        None => return error_response(&ApiError { status: 500, kind: "server_error", code: None, message: "the engine stopped".into() }),
+        None => return error_response(&ApiError::server("the engine stopped")),
     };
     let id = format!("chatcmpl-{}", st.next_id.fetch_add(1, Ordering::Relaxed));
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -280,7 +275,7 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
             Some(Event::Error(e)) => return error_response(&e),
             Some(Event::Started | Event::Piece(_)) => {}
             None => {
-                return error_response(&ApiError { status: 500, kind: "server_error", code: None, message: "the engine stopped".into() });
+                return error_response(&ApiError::server("the engine stopped"));
             }
         }
     }
@@ -346,7 +341,7 @@ fn sse_chunks(rx: UnboundedReceiver<Event>, first: Event, c: Chunking) -> impl S
                         ended = end;
                     }
                     None => {
-                        let e = ApiError { status: 500, kind: "server_error", code: None, message: "the engine stopped".into() };
+                        let e = ApiError::server("the engine stopped");
                         ready.push_back(SseEvent::default().data(openai::error_body(&e).to_string()));
                         ended = true;
                     }

@@ -148,13 +148,19 @@ fn by_weight_rows(w: &[u8], row_bytes: usize, m: usize, n: usize, dot: impl Fn(&
             dot(&w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes], orow);
         }
     });
+    weight_row_major_to_y(yt, m, n)
+}
+
+/// `y[m, n]` from the weight-row-major `[n, m]` layout the row-band tasks write (each
+/// task's rows one contiguous run); no copy for one row.
+pub(crate) fn weight_row_major_to_y(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return yt;
     }
     let mut y = vec![0f32; m * n];
-    for r in 0..n {
-        for i in 0..m {
-            y[i * n + r] = yt[r * m + i];
+    for (r, ys) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in ys.iter().enumerate() {
+            y[i * n + r] = *v;
         }
     }
     y

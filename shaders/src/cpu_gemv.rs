@@ -75,16 +75,7 @@ pub fn matvec(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (band, &wrapped);
     });
-    if m == 1 {
-        return yt;
-    }
-    let mut y = vec![0f32; m * n];
-    for (r, ys) in yt.chunks_exact(m).enumerate() {
-        for (i, v) in ys.iter().enumerate() {
-            y[i * n + r] = *v;
-        }
-    }
-    y
+    crate::cpu::weight_row_major_to_y(yt, m, n)
 }
 
 /// One row of activations laid out for the walk over a band's blocks as one sequence:

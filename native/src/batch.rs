@@ -165,6 +165,31 @@ fn job(line: JobLine, base: &Path, default_max: usize, sink: Box<dyn Sink>) -> R
     })
 }
 
+/// A job for `turns` (the last the user's question) with a job line's other fields as
+/// options (`video`, `images`, `max_tokens`, `frames`, ...), media paths taken from
+/// `base`: how the Python bindings' `ask` and `chat` build theirs, so that they read
+/// options exactly as `batch` reads a line.
+pub fn job_with_options(
+    turns: Vec<(Role, String)>,
+    options: Json,
+    base: &Path,
+    default_max: usize,
+    sink: Box<dyn Sink>,
+) -> Result<Job, String> {
+    let Json::Object(mut fields) = options else { return Err("options must be a JSON object".into()) };
+    for taken in ["id", "prompt", "system"] {
+        if fields.contains_key(taken) {
+            return Err(format!("unknown option {taken:?}"));
+        }
+    }
+    fields.insert("id".into(), json!(0));
+    fields.insert("prompt".into(), json!(""));
+    let line: JobLine = serde_json::from_value(Json::Object(fields)).map_err(|e| e.to_string())?;
+    let mut j = job(line, base, default_max, sink)?;
+    j.turns = turns;
+    Ok(j)
+}
+
 pub fn run(a: BatchArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let base = a.input.parent().map(Path::to_path_buf).unwrap_or_default();

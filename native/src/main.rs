@@ -2,24 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
-mod ask;
-mod batch;
-mod bench;
-mod chat;
-mod engine;
-mod frames;
-mod inspect;
-mod metrics;
-mod openai;
-mod progress;
-mod runtime;
-mod serve;
-mod video;
-
-use vidllm_models::llama_hf::QuantChoice;
-use vidllm_shaders::device::DeviceChoice;
+use vidllm_native::{ask, batch, bench, chat, frames, inspect, quiet_headless_probe, serve};
 
 #[derive(Parser)]
 #[command(name = "vidllm-native", version, about = "Portable video-LLM runtime (native)")]
@@ -57,45 +42,6 @@ enum Command {
     /// Answer a JSONL file of jobs (video, question, options), appending one result line
     /// per job; a rerun skips the jobs already answered.
     Batch(batch::BatchArgs),
-}
-
-/// Options shared by every command that runs the model.
-#[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// GGUF model file, or a Hugging Face text-model folder (`llama`, `qwen2`, `qwen3`);
-    /// `serve` and `batch` also take what `ask` takes (a video-language folder, or a GGUF
-    /// with `--mmproj`).
-    #[arg(long)]
-    pub model: String,
-    /// A folder's decoder storage on the device: q4_0 | q4_1 | q8_0 | f16 | f32 (default
-    /// q4_1). A GGUF file keeps its own types.
-    #[arg(long)]
-    pub quant: Option<QuantChoice>,
-    /// Where to run: a hardware GPU if present (auto), wgpu on any adapter (gpu), or the CPU.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
-    /// Context length (tokens) to allocate; defaults to the model's, at most 4096.
-    #[arg(long)]
-    pub ctx: Option<usize>,
-}
-
-/// On a headless machine the window-system probe inside the GPU stack prints
-/// "error: XDG_RUNTIME_DIR is invalid" when that variable is unset; give it a private
-/// empty directory so only vidllm's own errors start with `error:`.
-fn quiet_headless_probe() {
-    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
-        return;
-    }
-    let dir = std::env::temp_dir().join("vidllm-runtime");
-    if std::fs::create_dir_all(&dir).is_ok() {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        }
-        // SAFETY: called first thing in `main`, before any other thread exists.
-        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
-    }
 }
 
 fn main() -> ExitCode {

@@ -31,6 +31,12 @@ pub struct Metrics {
     media_cache: Family<Labels, Counter>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("vidllm");

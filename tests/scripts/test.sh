@@ -46,6 +46,9 @@ phase build "${lint[@]}" cargo test --release --workspace --lib --bins --tests -
 phase rust-tests "${lint[@]}" python3 tests/scripts/cargo_tests.py
 # `vidllm-native serve` against the official OpenAI clients (PyPI and npm packages).
 phase clients bash tests/scripts/test_openai_clients.sh
+# The Python wheel (PyO3, maturin) against the command line, and the Ray Data recipe
+# against `vidllm-native batch` (built with the lint setting, so nothing else rebuilds).
+phase python "${lint[@]}" bash tests/scripts/test_python.sh
 # The browser package, built on its own so its time shows (test_browser.sh then finds it
 # built). Phases run one after another: on 2 cores, a wasm build niced alongside the host
 # build slowed the host build about as much as it gained (one cold run: build 41 min

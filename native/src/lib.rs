@@ -1,0 +1,60 @@
+//! `vidllm-native` as a library: the command-line front ends (`vidllm-native`'s
+//! subcommands) and the serving engine, which the Python bindings (`python/`) drive too.
+
+use clap::Args;
+use vidllm_models::llama_hf::QuantChoice;
+use vidllm_shaders::device::DeviceChoice;
+
+pub mod ask;
+pub mod batch;
+pub mod bench;
+pub mod chat;
+pub mod engine;
+pub mod frames;
+pub mod inspect;
+pub mod metrics;
+pub mod openai;
+pub mod progress;
+pub mod runtime;
+pub mod serve;
+pub mod video;
+
+/// Options shared by every command that runs the model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file, or a Hugging Face text-model folder (`llama`, `qwen2`, `qwen3`);
+    /// `serve` and `batch` also take what `ask` takes (a video-language folder, or a GGUF
+    /// with `--mmproj`).
+    #[arg(long)]
+    pub model: String,
+    /// A folder's decoder storage on the device: q4_0 | q4_1 | q8_0 | f16 | f32 (default
+    /// q4_1). A GGUF file keeps its own types.
+    #[arg(long)]
+    pub quant: Option<QuantChoice>,
+    /// Where to run: a hardware GPU if present (auto), wgpu on any adapter (gpu), or the CPU.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Context length (tokens) to allocate; defaults to the model's, at most 4096.
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+/// On a headless machine the window-system probe inside the GPU stack prints
+/// "error: XDG_RUNTIME_DIR is invalid" when that variable is unset; give it a private
+/// empty directory so only vidllm's own errors start with `error:`.
+pub fn quiet_headless_probe() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join("vidllm-runtime");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        // SAFETY: called first thing (in `main`, or when the Python module loads), before
+        // this process starts a thread of its own.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}

@@ -97,10 +97,12 @@ impl Tokenizer {
 
     /// The text of `tokenizer.json` and, if present, `tokenizer_config.json`.
     pub fn from_hf_json(tokenizer_json: &str, tokenizer_config: Option<&str>) -> Result<Self, LoadError> {
-        let inner: tokenizers::Tokenizer = tokenizer_json.parse().map_err(|e| LoadError::Tokenizer(format!("tokenizer.json: {e}")))?;
+        let bad = |e: &dyn std::fmt::Display| LoadError::Tokenizer(format!("tokenizer.json: {e}"));
+        let json: serde_json::Value = serde_json::from_str(tokenizer_json).map_err(|e| bad(&e))?;
+        check_before_tokenizers(&json["normalizer"]).map_err(|e| bad(&e))?;
+        let inner: tokenizers::Tokenizer = tokenizer_json.parse().map_err(|e| bad(&e))?;
         let cfg: serde_json::Value = tokenizer_config.and_then(|t| serde_json::from_str(t).ok()).unwrap_or(serde_json::Value::Null);
         // Byte-level decoders mark GPT-2 style vocabularies; the rest are SentencePiece-like.
-        let json: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap_or_default();
         let byte_level = json["decoder"]["type"] == "ByteLevel" || json["pre_tokenizer"]["type"] == "ByteLevel";
         let kind = if byte_level { TokenizerKind::ByteLevelBpe } else { TokenizerKind::SentencePiece };
         let n = inner.get_vocab_size(true);
@@ -332,6 +334,24 @@ fn unicode_to_byte(c: char) -> Option<u8> {
     }
     let k = cp.checked_sub(256)?;
     (0u32..256).filter(|&b| !printable(b)).nth(k as usize).map(|b| b as u8)
+}
+
+/// What the `tokenizers` crate would panic on instead of failing (0.21 and 0.22 `expect`
+/// inside their deserialisers), checked first so that a hostile `tokenizer.json` is an
+/// error: JSON that does not parse (their decoder reader panics on it; the caller parses
+/// the text first), and a `Precompiled` normalizer, anywhere in the normalizer tree,
+/// whose fields are not a valid character map (found by the `tokenizer` fuzz target).
+fn check_before_tokenizers(normalizer: &serde_json::Value) -> Result<(), serde_json::Error> {
+    match normalizer {
+        serde_json::Value::Object(fields) => {
+            if fields.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+                serde_json::from_value::<tokenizers::normalizers::precompiled::Precompiled>(normalizer.clone())?;
+            }
+            fields.values().try_for_each(check_before_tokenizers)
+        }
+        serde_json::Value::Array(items) => items.iter().try_for_each(check_before_tokenizers),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

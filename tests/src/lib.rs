@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use burn::tensor::Device;
 use vidllm_shaders::device::{DeviceChoice, Placement, pick};
 
+pub mod fuzz;
 pub mod llamacpp;
 
 /// Repository root (fixtures and the default model cache live relative to it).

@@ -106,17 +106,38 @@ pub struct Llama {
 }
 
 /// Keys and values of every layer; `len` is the next position.
+///
+/// Storage grows as positions are written, doubling from [`KvCache::FIRST_ROWS`] up to
+/// `capacity`, so a conversation pays for the context it uses rather than the context it
+/// may use: SmolLM2's full 4096-token cache is 189 MB, and `serve --parallel 8` holds
+/// eight. Growing copies the rows written so far (amortised once per position); what
+/// attention reads is the same either way.
 pub struct KvCache {
-    /// Per layer `[1, n_kv_heads, capacity, d_head]`.
+    /// Per layer `[1, n_kv_heads, rows, d_head]`, `len <= rows <= capacity`.
     k: Vec<Tensor<4>>,
     v: Vec<Tensor<4>>,
     pub len: usize,
+    /// Most positions the cache holds (the context).
     pub capacity: usize,
 }
 
 impl KvCache {
+    /// Rows allocated before any grows.
+    pub const FIRST_ROWS: usize = 256;
+
+    /// A cache for up to `capacity` positions, its storage allocated as they are used.
     pub fn new(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
-        let shape = [1, cfg.n_kv_heads, capacity, cfg.d_head];
+        Self::with_rows(cfg, capacity, capacity.min(Self::FIRST_ROWS), device)
+    }
+
+    /// A cache whose storage for all `capacity` positions is allocated now.
+    pub fn full(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
+        Self::with_rows(cfg, capacity, capacity, device)
+    }
+
+    /// A cache for up to `capacity` positions whose storage starts at `rows` positions.
+    pub fn with_rows(cfg: &LlamaConfig, capacity: usize, rows: usize, device: &Device) -> Self {
+        let shape = [1, cfg.n_kv_heads, rows, cfg.d_head];
         let zeros = || Tensor::<4>::zeros(shape, device);
         Self { k: (0..cfg.n_layers).map(|_| zeros()).collect(), v: (0..cfg.n_layers).map(|_| zeros()).collect(), len: 0, capacity }
     }
@@ -126,8 +147,30 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// Positions the storage holds now.
+    pub fn rows(&self) -> usize {
+        self.k.first().map_or(0, |t| t.dims()[2])
+    }
+
     pub fn device_bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|t| t.shape().num_elements() * 4).sum()
+    }
+
+    /// Make layer `layer`'s storage hold positions `..end`: double it (at least to `end`,
+    /// at most to `capacity`), keeping the rows written.
+    fn reserve(&mut self, layer: usize, end: usize) {
+        let rows = self.k[layer].dims()[2];
+        if end <= rows {
+            return;
+        }
+        assert!(end <= self.capacity, "KV cache overflow: position {end} of {}", self.capacity);
+        let grown = end.max(rows * 2).min(self.capacity);
+        for t in [&mut self.k[layer], &mut self.v[layer]] {
+            let [b, heads, _, dh] = t.dims();
+            let extra = Tensor::<4>::zeros([b, heads, grown - rows, dh], &t.device());
+            let old = std::mem::replace(t, extra.clone());
+            *t = Tensor::cat(vec![old, extra], 2);
+        }
     }
 }
 
@@ -212,6 +255,7 @@ impl Attention {
         // clone shares the storage, and writing into shared storage copies all of it, the
         // whole context's keys and values per layer and token (190 MB a token for SmolLM2
         // at a 4096-token context).
+        cache.reserve(layer, end);
         let range = [0..1, 0..kvh, start..end, 0..dh];
         let old_k = std::mem::replace(&mut cache.k[layer], k.clone());
         cache.k[layer] = old_k.slice_assign(range.clone(), k);

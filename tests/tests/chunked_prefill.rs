@@ -32,3 +32,38 @@ fn chunked_prefill_equals_piecewise_prefill() {
         assert_eq!(all.len(), n * model.cfg.vocab_size);
     }
 }
+
+/// A cache that grows as positions are written gives exactly the logits of one allocated
+/// whole up front (`KvCache::full`), through grows in a prefill and in the decode, on every
+/// device. (It starts small here so that a short run grows it several times; `KvCache::new`
+/// starts at `FIRST_ROWS`.)
+#[test]
+fn growing_cache_equals_full_cache() {
+    let g = Gguf::open(smollm2_path()).unwrap();
+    let prompt: Vec<u32> = (0..10u32).map(|i| (i * 7919 + 13) % 49152).collect();
+    let capacity = 40;
+    for (name, at) in test_devices() {
+        let model = load_llama(&g, &at).unwrap();
+        let mut growing = KvCache::with_rows(&model.cfg, capacity, 4, &at.device);
+        let mut full = KvCache::full(&model.cfg, capacity, &at.device);
+        let mut a = read_row(model.forward(&prompt, &mut growing, Logits::Last)).unwrap();
+        let mut b = read_row(model.forward(&prompt, &mut full, Logits::Last)).unwrap();
+        let mut rows = vec![growing.rows()];
+        let mut worst = max_abs_diff(&a, &b).0;
+        for step in 0..capacity - prompt.len() {
+            let next = vidllm_core::sampler::argmax(&b);
+            assert_eq!(vidllm_core::sampler::argmax(&a), next, "{name}: step {step}");
+            a = read_row(model.forward(&[next], &mut growing, Logits::Last)).unwrap();
+            b = read_row(model.forward(&[next], &mut full, Logits::Last)).unwrap();
+            worst = worst.max(max_abs_diff(&a, &b).0);
+            rows.push(growing.rows());
+        }
+        rows.dedup();
+        println!("{name}: storage grew through {rows:?} rows; max |diff| against the full cache {worst:.2e}");
+        assert_eq!(rows, [10, 20, 40]);
+        assert_eq!(growing.device_bytes(), full.device_bytes());
+        assert_eq!(worst, 0.0, "{name}: a grown cache changed the logits");
+    }
+    let cfg = load_llama(&g, &vidllm_tests::cpu()).unwrap().cfg;
+    assert_eq!(KvCache::new(&cfg, 4096, &vidllm_tests::cpu().device).rows(), KvCache::FIRST_ROWS);
+}

@@ -10,7 +10,7 @@ CACHE="${VIDLLM_CACHE:-$HOME/.cache/vidllm}"
 VENV="$CACHE/py-venv"
 # Pinned: Ray 2.52's pandas code predates pandas 3.
 PACKAGES=(maturin==1.16.0 "ray[data]==2.52.0" pandas==2.2.3 pytest==8.3.4)
-if ! "$VENV/bin/python" -c "import ray, pandas, pytest, sys; sys.exit(ray.__version__ != '2.52.0' or pandas.__version__ != '2.2.3')" 2>/dev/null; then
+if ! [ -x "$VENV/bin/maturin" ] || ! "$VENV/bin/python" -c "import ray, pandas, pytest, sys; sys.exit(ray.__version__ != '2.52.0' or pandas.__version__ != '2.2.3')" 2>/dev/null; then
   python3 -m venv "$VENV" >&2
   "$VENV/bin/pip" install --quiet "${PACKAGES[@]}" >&2
 fi

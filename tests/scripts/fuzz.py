@@ -15,7 +15,8 @@ tests/tests/fuzz_replay.rs replays it on stable in every test run.
 (cargo fuzz cmin) and copies a sample of --keep-files inputs it found (not the seeds)
 into tests/fixtures/fuzz/<target>/ as corpus-*; a fixed crasher goes there as crash-*.
 
-Needs: rustup's nightly toolchain and `cargo install cargo-fuzz`.
+Needs: rustup's nightly toolchain and `cargo install cargo-fuzz`; `pip install gguf` for
+the SmolLM2 chat-template seed.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -44,37 +44,15 @@ CONFIG_FILES = ["config.json", "preprocessor_config.json", "video_preprocessor_c
 
 
 def gguf_chat_template(path):
-    """`tokenizer.chat_template` of a GGUF file, or None (a minimal GGUF metadata walk)."""
-    data = path.read_bytes()
-    if data[:4] != b"GGUF":
+    """`tokenizer.chat_template` of a GGUF file, as gguf-py reads it; None without one
+    (or without the `gguf` package: that seed is then left out)."""
+    try:
+        import gguf
+    except ImportError:
+        print("fuzz.py: no `gguf` package (pip install gguf): the SmolLM2 template seed is left out", file=sys.stderr)
         return None
-    n_kv = struct.unpack_from("<Q", data, 16)[0]
-    off = 24
-
-    def string(off):
-        n = struct.unpack_from("<Q", data, off)[0]
-        return data[off + 8 : off + 8 + n].decode("utf-8", "replace"), off + 8 + n
-
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-    def value(ty, off):
-        if ty == 8:
-            return string(off)
-        if ty == 9:
-            ety, n = struct.unpack_from("<IQ", data, off)
-            off += 12
-            for _ in range(n):
-                _, off = value(ety, off)
-            return None, off
-        return None, off + sizes[ty]
-
-    for _ in range(n_kv):
-        key, off = string(off)
-        ty = struct.unpack_from("<I", data, off)[0]
-        v, off = value(ty, off + 4)
-        if key == "tokenizer.chat_template":
-            return v
-    return None
+    field = gguf.GGUFReader(path).fields.get("tokenizer.chat_template")
+    return field.contents() if field else None
 
 
 def seeds(target):

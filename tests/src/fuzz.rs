@@ -20,7 +20,7 @@ use vidllm_models::llama_hf::{QuantChoice, causal_lm_config, load_causal_lm};
 use vidllm_models::mmproj::{Mmproj, load_pair};
 use vidllm_models::model_files::ModelFiles;
 use vidllm_models::video_model::LoadOptions;
-use vidllm_models::{KvCache, Logits, config_from_gguf, load_llama};
+use vidllm_models::{KvCache, LlamaConfig, Logits, config_from_gguf, load_llama};
 
 use crate::{cpu, fixture};
 
@@ -72,9 +72,13 @@ pub fn safetensors(data: &[u8]) {
         let _ = ck.f32(name);
         let _ = ck.i64(name);
     }
-    let config = std::fs::read_to_string(fixture("tiny_qwen2/config.json")).expect("fixture");
-    let cfg = causal_lm_config(&config).expect("fixture config");
-    if let Ok(llama) = load_causal_lm(&ck, cfg, QuantChoice::Q4_1, &cpu()) {
+    // The checkpoint is the input; the config it is read against is fixed, read once.
+    static CONFIG: OnceLock<LlamaConfig> = OnceLock::new();
+    let cfg = CONFIG.get_or_init(|| {
+        let config = std::fs::read_to_string(fixture("tiny_qwen2/config.json")).expect("fixture");
+        causal_lm_config(&config).expect("fixture config")
+    });
+    if let Ok(llama) = load_causal_lm(&ck, cfg.clone(), QuantChoice::Q4_1, &cpu()) {
         one_step(&llama);
     }
 }

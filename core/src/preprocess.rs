@@ -5,8 +5,9 @@
 //! A PIL resize is separable: each output pixel is a normalised, filter-weighted sum of
 //! input pixels along one axis, horizontal pass first, each pass rounded to 8 bits. So a
 //! resize is two matrix products with weight matrices that depend only on the sizes; the
-//! device path (`vidllm_shaders::preprocess`) runs them on the GPU, and `reference` here
-//! runs the same arithmetic on the CPU for tests.
+//! device path (`vidllm_shaders::preprocess`) runs them as matmuls on a GPU and walks the
+//! nonzero taps ([`resample_taps`]) on the CPU, and `reference` here is the plain dense
+//! arithmetic for tests.
 
 use serde::Deserialize;
 
@@ -262,9 +263,17 @@ fn bilinear(x: f64) -> f64 {
     (1.0 - x.abs()).max(0.0)
 }
 
-/// PIL's resampling weights from `n_in` to `n_out` samples, rows `keep` of the output only
-/// (the crop): a dense `[keep.len(), n_in]` matrix, row-major.
-pub fn resample_weights(n_in: usize, n_out: usize, keep: std::ops::Range<usize>, resample: Resample) -> Vec<f32> {
+/// One output sample's filter taps: the input samples `first..first + weights.len()` and
+/// their normalised weights (PIL's `precompute_coeffs`, in f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Taps {
+    pub first: usize,
+    pub weights: Vec<f32>,
+}
+
+/// PIL's resampling taps from `n_in` to `n_out` samples, for output samples `keep` only
+/// (the crop).
+pub fn resample_taps(n_in: usize, n_out: usize, keep: std::ops::Range<usize>, resample: Resample) -> Vec<Taps> {
     let (filter, support): (fn(f64) -> f64, f64) = match resample {
         Resample::Bicubic => (bicubic, 2.0),
         Resample::Bilinear => (bilinear, 1.0),
@@ -273,16 +282,25 @@ pub fn resample_weights(n_in: usize, n_out: usize, keep: std::ops::Range<usize>,
     let scale = n_in as f64 / n_out as f64;
     let fscale = scale.max(1.0);
     let support = support * fscale;
-    let mut w = vec![0f32; keep.len() * n_in];
-    for (row, o) in keep.enumerate() {
+    keep.map(|o| {
         let center = (o as f64 + 0.5) * scale;
         let lo = ((center - support + 0.5) as isize).max(0) as usize;
-        let hi = ((center + support + 0.5) as usize).min(n_in);
+        let hi = ((center + support + 0.5) as usize).min(n_in).max(lo);
         let ks: Vec<f64> = (lo..hi).map(|x| filter((x as f64 - center + 0.5) / fscale)).collect();
         let total: f64 = ks.iter().sum();
-        for (x, k) in (lo..hi).zip(ks) {
-            w[row * n_in + x] = if total != 0.0 { (k / total) as f32 } else { 0.0 };
-        }
+        let weights = ks.iter().map(|k| if total != 0.0 { (k / total) as f32 } else { 0.0 }).collect();
+        Taps { first: lo, weights }
+    })
+    .collect()
+}
+
+/// [`resample_taps`] as a dense `[keep.len(), n_in]` matrix, row-major (the device path's
+/// resampling matmul).
+pub fn resample_weights(n_in: usize, n_out: usize, keep: std::ops::Range<usize>, resample: Resample) -> Vec<f32> {
+    let taps = resample_taps(n_in, n_out, keep, resample);
+    let mut w = vec![0f32; taps.len() * n_in];
+    for (row, t) in taps.iter().enumerate() {
+        w[row * n_in + t.first..][..t.weights.len()].copy_from_slice(&t.weights);
     }
     w
 }

@@ -85,6 +85,16 @@ impl Sampling {
         }
     }
 
+    /// `k` times the frames: a fixed count times `k`, a rate and its cap times `k` (the
+    /// candidates of a key-frame method).
+    pub fn oversampled(self, k: usize) -> Self {
+        match self {
+            Sampling::Fps { fps, max_frames } => Sampling::Fps { fps: fps * k as f64, max_frames: max_frames * k },
+            Sampling::SmolVlm { fps, max_frames } => Sampling::SmolVlm { fps: fps * k as f64, max_frames: max_frames * k },
+            other => other.with_frames(other.frames() * k),
+        }
+    }
+
     /// Frames a second a rate-based policy takes (`None` for a fixed count).
     pub fn fps(&self) -> Option<f64> {
         match *self {

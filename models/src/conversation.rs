@@ -375,6 +375,7 @@ impl Conversation {
                 features: Tensor::cat(self.images.iter().map(|v| v.features.clone()).collect(), 0),
                 per_placeholder: first.per_placeholder,
                 tiles: None,
+                counts: None,
             }],
             None => Vec::new(),
         };

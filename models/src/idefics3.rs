@@ -20,6 +20,7 @@ use vidllm_shaders::device::Placement;
 use crate::llama::Llama;
 use crate::merge::Visual;
 use crate::smolvlm::SmolVlm;
+use crate::token_budget::FrameGrid;
 use crate::video_model::{Architecture, LoadOptions, Preprocessing, parse_config};
 
 /// Why a video is refused (one text for every front end).
@@ -55,6 +56,10 @@ impl Architecture for Idefics3 {
 
     /// Never reached through a front end (they ask [`Architecture::supports_video`] first);
     /// a caller that does gets frames encoded as global images, and `first_turn` refuses.
+    fn video_grid(&self, frames: usize) -> FrameGrid {
+        self.0.video_grid(frames)
+    }
+
     fn video(&self, pixels: Tensor<4>) -> Visual {
         self.0.video(pixels)
     }

@@ -12,6 +12,7 @@ pub mod llama_gguf;
 pub mod llama_hf;
 pub mod llava;
 pub mod llava_next_video;
+pub mod maxinfo;
 pub mod merge;
 pub mod mmproj;
 pub mod model_files;
@@ -21,8 +22,10 @@ pub mod quant_linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod siglip;
+pub mod slowfast;
 pub mod smolvlm;
 pub mod smolvlm_connector;
+pub mod token_budget;
 pub mod video_llava;
 pub mod video_model;
 

@@ -20,6 +20,7 @@ use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
+use crate::token_budget::FrameGrid;
 use crate::video_model::{Architecture, LoadOptions, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
@@ -150,7 +151,13 @@ impl Architecture for LlavaNextVideo {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = pixels.dims()[0] * self.tokens_per_frame();
-        Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder, tiles: None }
+        Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder, tiles: None, counts: None }
+    }
+
+    /// Each frame's pooled grid.
+    fn video_grid(&self, frames: usize) -> FrameGrid {
+        let g = self.vision_tower.cfg.grid() / self.pool_stride;
+        FrameGrid { frames, prefix: 0, rows: g, cols: g, placeholder_per_frame: false }
     }
 
     fn first_turn(&self, _tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {

@@ -15,6 +15,9 @@ pub struct Visual {
     pub features: Tensor<2>,
     /// Tokens each placeholder stands for.
     pub per_placeholder: usize,
+    /// Per-placeholder counts, where they differ (a reduced video with one placeholder a
+    /// frame: each frame keeps its own number of tokens); overrides `per_placeholder`.
+    pub counts: Option<Vec<usize>>,
     /// An image cut into `rows x cols` tiles plus a global view (one placeholder each),
     /// as Idefics3 / SmolVLM prompts lay them out; `None` for one placeholder.
     pub tiles: Option<(usize, usize)>,
@@ -31,6 +34,28 @@ pub fn expand_placeholders(ids: &[u32], token: u32, per_placeholder: usize) -> V
         }
     }
     out
+}
+
+/// Replace the i-th placeholder id by `counts[i]` copies; the number of placeholders must
+/// be `counts.len()`.
+pub fn expand_placeholders_counted(ids: &[u32], token: u32, counts: &[usize]) -> Result<Vec<u32>, LoadError> {
+    let found = ids.iter().filter(|&&id| id == token).count();
+    if found != counts.len() {
+        return Err(LoadError::Unsupported(format!(
+            "{found} placeholders (id {token}) in the prompt for {} runs of visual tokens",
+            counts.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
+    let mut next = counts.iter();
+    for &id in ids {
+        if id == token {
+            out.extend(std::iter::repeat_n(token, *next.next().expect("counted")));
+        } else {
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 /// Input embeddings for an expanded prompt: text rows from the embedding table, visual

@@ -32,6 +32,7 @@ use crate::llama_hf::{LlamaConfigJson, LlamaNames, QuantChoice, WeightSource, lo
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
 use crate::pllava_pool::pool3d;
+use crate::token_budget::FrameGrid;
 use crate::video_model::{Architecture, LoadOptions, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
@@ -213,7 +214,19 @@ impl Architecture for Pllava {
 
     /// The pooled video fills one `<image>` placeholder, as PLLaVA's prompts write it.
     fn video(&self, pixels: Tensor<4>) -> Visual {
-        Visual { token: self.image_token, features: self.video_features(pixels), per_placeholder: self.video_tokens(), tiles: None }
+        Visual {
+            token: self.image_token,
+            features: self.video_features(pixels),
+            per_placeholder: self.video_tokens(),
+            tiles: None,
+            counts: None,
+        }
+    }
+
+    /// The pooled time steps, each a pooled grid.
+    fn video_grid(&self, _frames: usize) -> FrameGrid {
+        let [frames, rows, cols] = self.pooling_shape;
+        FrameGrid { frames, prefix: 0, rows, cols, placeholder_per_frame: false }
     }
 
     fn first_turn(

@@ -38,6 +38,7 @@ use crate::merge::Visual;
 use crate::mmproj::Mmproj;
 use crate::siglip::{Positions, SiglipDefaults, SiglipVisionTower};
 use crate::smolvlm_connector::SmolVlmConnector;
+use crate::token_budget::FrameGrid;
 use crate::video_model::{Architecture, LoadOptions, Preprocessing, Tiling, parse_config};
 use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
 
@@ -199,7 +200,19 @@ impl Architecture for SmolVlm {
     }
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
-        Visual { token: self.image_token, features: self.image_features(pixels), per_placeholder: self.image_seq_len(), tiles: None }
+        Visual {
+            token: self.image_token,
+            features: self.image_features(pixels),
+            per_placeholder: self.image_seq_len(),
+            tiles: None,
+            counts: None,
+        }
+    }
+
+    /// Each frame's pixel-shuffled grid, one timestamped placeholder a frame.
+    fn video_grid(&self, frames: usize) -> FrameGrid {
+        let side = self.image_seq_len().isqrt();
+        FrameGrid { frames, prefix: 0, rows: side, cols: side, placeholder_per_frame: true }
     }
 
     fn supports_images(&self) -> bool {
@@ -214,7 +227,7 @@ impl Architecture for SmolVlm {
         let tiling = prep.tiles.ok_or_else(|| LoadError::Unsupported("no tiling for SmolVLM2 images".into()))?;
         let (pictures, tiles) = tile_image(planes, &tiling, prep.images.resample);
         let features = self.image_features(normalise_planes(pictures, &prep.images));
-        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles })
+        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles, counts: None })
     }
 
     fn first_turn(&self, tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {

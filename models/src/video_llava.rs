@@ -19,6 +19,7 @@ use crate::llama::Llama;
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
+use crate::token_budget::FrameGrid;
 use crate::video_model::{Architecture, LoadOptions, Preprocessing, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
@@ -170,7 +171,13 @@ impl Architecture for VideoLlava {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = self.video_tokens(pixels.dims()[0]);
-        Visual { token: self.visual.video_token, features: self.video_features(pixels), per_placeholder, tiles: None }
+        Visual { token: self.visual.video_token, features: self.video_features(pixels), per_placeholder, tiles: None, counts: None }
+    }
+
+    /// Each frame: CLIP's class token, then its patch grid.
+    fn video_grid(&self, frames: usize) -> FrameGrid {
+        let g = self.video_tower.cfg.grid();
+        FrameGrid { frames, prefix: 1, rows: g, cols: g, placeholder_per_frame: false }
     }
 
     fn supports_images(&self) -> bool {
@@ -185,7 +192,7 @@ impl Architecture for VideoLlava {
         }
         let features = Tensor::cat(pixels.into_iter().map(|p| self.image_features(p)).collect(), 0);
         let per_placeholder = features.dims()[0] / n;
-        Ok(Visual { token: self.visual.image_token, features, per_placeholder, tiles: None })
+        Ok(Visual { token: self.visual.image_token, features, per_placeholder, tiles: None, counts: None })
     }
 
     /// `USER: <image>\n...<video>\n{question} ASSISTANT:` (images first, as their

@@ -21,9 +21,10 @@ use crate::Llama;
 use crate::idefics3::Idefics3;
 use crate::llama_hf::QuantChoice;
 use crate::llava_next_video::LlavaNextVideo;
-use crate::merge::{Visual, expand_placeholders};
+use crate::merge::{Visual, expand_placeholders, expand_placeholders_counted};
 use crate::pllava::Pllava;
 use crate::smolvlm::SmolVlm;
+use crate::token_budget::{Budget, FrameGrid, ReductionReport, reduce};
 use crate::video_llava::VideoLlava;
 
 /// Load-time choices a user may override.
@@ -107,6 +108,10 @@ pub trait Architecture {
     /// - pixels: `[t, 3, s, s]`
     fn video(&self, pixels: Tensor<4>) -> Visual;
 
+    /// How [`Architecture::video`]'s tokens for `frames` frames are laid out (what a
+    /// visual-token budget works on).
+    fn video_grid(&self, frames: usize) -> FrameGrid;
+
     /// Whether the model takes a video at all (Idefics3 takes only still images); front
     /// ends ask before decoding any frame.
     fn supports_video(&self) -> bool {
@@ -174,6 +179,25 @@ pub fn parse_config<T: DeserializeOwned>(config_json: &str) -> Result<T, LoadErr
     serde_json::from_str(config_json).map_err(|e| LoadError::Unsupported(format!("config.json: {e}")))
 }
 
+/// A video's visual tokens, possibly under a budget.
+pub struct EncodedVideo {
+    pub visual: Visual,
+    /// The frames still in the video (indices into the frames encoded), when a reduction
+    /// dropped some.
+    pub frames: Option<Vec<usize>>,
+    pub reduction: Option<ReductionReport>,
+}
+
+impl EncodedVideo {
+    /// The times of the frames still in the video, of the `times` of those encoded.
+    pub fn times(&self, times: &FrameTimes) -> FrameTimes {
+        match &self.frames {
+            Some(kept) => FrameTimes { times: kept.iter().map(|&i| times.times[i]).collect(), duration: times.duration },
+            None => times.clone(),
+        }
+    }
+}
+
 /// A loaded video-language model: an [`Architecture`], the `model_type` it was found by,
 /// and how its processors prepare frames and images.
 pub struct VideoModel {
@@ -205,6 +229,20 @@ impl VideoModel {
     /// How frames are sampled and prepared, and images.
     pub fn preprocessing(&self) -> &Preprocessing {
         &self.prep
+    }
+
+    /// A video's visual tokens (preprocessed frames `[t, 3, s, s]`), reduced to `budget`
+    /// when one is given ([`crate::token_budget`]).
+    pub fn encode_video(&self, pixels: Tensor<4>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
+        let t = pixels.dims()[0];
+        let visual = self.arch.video(pixels);
+        let Some(budget) = budget else { return Ok(EncodedVideo { visual, frames: None, reduction: None }) };
+        let grid = self.arch.video_grid(t);
+        let r = reduce(visual, grid, budget)?;
+        // Frames of the grid are the frames given, except where the model pools time
+        // (PLLaVA): then the frames given all stay, as far as the prompt is concerned.
+        let frames = (grid.frames == t).then_some(r.frames);
+        Ok(EncodedVideo { visual: r.visual, frames, reduction: Some(r.report) })
     }
 
     /// Still images (RGB planes `[1, 3, h, w]`, 0..=255) as the model's processor prepares
@@ -254,7 +292,10 @@ impl VideoModel {
         let bos_in_text = tok.bos.is_some() && text.starts_with(&tok.token_text(tok.bos));
         let mut ids = tok.encode(text, tok.add_bos && !bos_in_text)?;
         for v in visuals {
-            ids = expand_placeholders(&ids, v.token, v.per_placeholder);
+            ids = match &v.counts {
+                Some(counts) => expand_placeholders_counted(&ids, v.token, counts)?,
+                None => expand_placeholders(&ids, v.token, v.per_placeholder),
+            };
         }
         Ok(ids)
     }

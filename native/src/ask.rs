@@ -14,6 +14,7 @@ use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::token_budget::{Budget, Reduce};
 use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
 use vidllm_shaders::device::{DeviceChoice, pick};
@@ -58,6 +59,8 @@ pub struct AskArgs {
     pub raw: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// PLLaVA: pool frame tokens to T,H,W (default: the folder's pooling_shape).
     #[arg(long, value_delimiter = ',')]
     pub pool: Option<Vec<usize>>,
@@ -84,6 +87,28 @@ pub struct AskArgs {
     pub ctx: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A visual-token budget for the video.
+#[derive(Args, Clone)]
+pub struct BudgetArgs {
+    /// At most this many visual tokens for the video (a larger video is reduced by
+    /// `--reduce`, or refused with `none`).
+    #[arg(long)]
+    pub max_visual_tokens: Option<usize>,
+    /// How a video over `--max-visual-tokens` is reduced: none (refused), slowfast
+    /// (SlowFast-LLaVA's pathways), maxinfo (MaxInfo's key frames, chosen from twice the
+    /// frames). Default: none.
+    #[arg(long, requires = "max_visual_tokens")]
+    pub reduce: Option<Reduce>,
+}
+
+impl BudgetArgs {
+    /// The budget asked for, for a video sampled to `frames` frames.
+    pub fn budget(&self, frames: usize) -> Result<Option<Budget>> {
+        let Some(max) = self.max_visual_tokens else { return Ok(None) };
+        Ok(Some(Budget::new(max, self.reduce.unwrap_or(Reduce::None), frames).map_err(|e| anyhow::anyhow!("--max-visual-tokens: {e}"))?))
+    }
 }
 
 /// Which frames to sample.
@@ -218,6 +243,9 @@ pub fn run(a: AskArgs) -> Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
     let pcfg = folder.pre;
     let policy = a.sampling.policy_or(folder.sampling)?;
+    let budget = a.budget.budget(policy.frames())?;
+    // A key-frame method chooses among more candidates than the frames it keeps.
+    let policy = budget.map_or(policy, |b| policy.oversampled(b.reduce.candidate_frames(1)));
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");
     if source.is_some() && !vm.supports_video() {
@@ -240,10 +268,20 @@ pub fn run(a: AskArgs) -> Result<()> {
     let image_px: Vec<_> = images.iter().map(|f| rgb_planes(&[&f.rgb], f.height, f.width, &device)).collect();
     let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
+    let (mut reduction, mut kept_frames) = (None, None::<Vec<usize>>);
     let mut conv = Conversation::new(model.clone(), Rc::new(folder.tok), a.ctx);
     progress.during(format!("encoding {} frames", frames.len()), || -> Result<()> {
         if let (Some(px), Some(times)) = (video_px, times) {
-            conv.set_video(vm.video(px), times);
+            let encoded = vm.encode_video(px, budget.as_ref())?;
+            if let Some(r) = &encoded.reduction
+                && let Some(note) = &r.note
+                && !a.json
+            {
+                eprintln!("note: {note}");
+            }
+            conv.set_video(encoded.visual.clone(), encoded.times(&times));
+            kept_frames = encoded.frames.clone();
+            reduction = encoded.reduction;
         }
         for px in image_px {
             conv.add_image(px).context("--image")?;
@@ -257,6 +295,12 @@ pub fn run(a: AskArgs) -> Result<()> {
         eprintln!("device: {}  load: {load_s:.2}s", picked.name);
         eprintln!("frames: {} [{}]  visual tokens: {visual_tokens}", frames.len(), stamps.join(" "));
         eprintln!("decode {decode_ms:.1} ms | preprocess {preprocess_ms:.1} ms | encode {encode_ms:.1} ms");
+        if let Some(r) = &reduction {
+            eprintln!(
+                "{}: {} -> {} visual tokens, {} -> {} frames ({:.1} ms)",
+                r.method, r.tokens_before, r.tokens_after, r.frames_before, r.frames_after, r.reduce_ms
+            );
+        }
     }
 
     let params = GenerateParams {
@@ -272,7 +316,10 @@ pub fn run(a: AskArgs) -> Result<()> {
     let f = drain(&mut conv, &mut out, !a.json)?;
     let t = &f.timings;
     if a.json {
-        let frames_json: Vec<_> = frames.iter().map(|f| json!({"index": f.index, "pts": f.pts})).collect();
+        // The frames the answer saw (a key-frame method keeps some of those decoded).
+        let seen = |i: &usize| kept_frames.as_ref().is_none_or(|k| k.contains(i));
+        let frames_json: Vec<_> =
+            frames.iter().enumerate().filter(|(i, _)| seen(i)).map(|(_, f)| json!({"index": f.index, "pts": f.pts})).collect();
         // What the decoder found: the frame count and rate the policy sampled on, and a
         // rotation applied to make the frames upright.
         let video = match &source {
@@ -290,7 +337,7 @@ pub fn run(a: AskArgs) -> Result<()> {
                 "text": f.text, "finish_reason": f.reason.openai(),
                 "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
                             "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
-                "device": picked.name,
+                "device": picked.name, "reduction": reduction,
             })
         )?;
     } else {

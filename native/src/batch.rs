@@ -4,7 +4,8 @@
 //!
 //! A job line: `{"id": "a1", "video": "clips/a.mp4", "prompt": "What happens?"}`, with
 //! optional `images`, `system`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`,
-//! `frames`, `fps`, `max_frames`, `sampling`, `max_visual_tokens`. Relative media paths
+//! `frames`, `fps`, `max_frames`, `sampling`, `max_visual_tokens`, `reduce` (how a video
+//! over `max_visual_tokens` is reduced: `none`, `slowfast`, `maxinfo`). Relative media paths
 //! are read from the jobs file's folder.
 //!
 //! A result line: `{"id", "text", "finish_reason", "usage", "timings"}`, or `{"id",
@@ -27,6 +28,7 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_models::GenerateParams;
+use vidllm_models::token_budget::Reduce;
 
 use crate::engine::{Engine, EngineArgs, Event, FrameOptions, Job, Media, Role, Sink};
 use crate::metrics::Metrics;
@@ -69,6 +71,7 @@ struct JobLine {
     max_frames: Option<usize>,
     sampling: Option<String>,
     max_visual_tokens: Option<usize>,
+    reduce: Option<String>,
 }
 
 /// A job's id as its result line writes it: a string, or a number as text.
@@ -159,6 +162,7 @@ fn job(line: JobLine, base: &Path, default_max: usize, sink: Box<dyn Sink>) -> R
         video,
         frames: FrameOptions { sampling: line.sampling, frames: line.frames, fps: line.fps, max_frames: line.max_frames },
         max_visual_tokens: line.max_visual_tokens,
+        reduce: line.reduce.as_deref().map(str::parse::<Reduce>).transpose().map_err(|e| format!("reduce: {e}"))?,
         params: GenerateParams { max_tokens: line.max_tokens.unwrap_or(default_max), sampler, stop: line.stop },
         sink,
         arrived: Instant::now(),
@@ -259,7 +263,8 @@ pub fn run(a: BatchArgs) -> Result<()> {
                     ok += 1;
                     json!({"id": id, "text": d.text, "finish_reason": d.finish_reason,
                            "usage": {"prompt_tokens": d.usage.prompt_tokens, "visual_tokens": d.usage.visual_tokens, "completion_tokens": d.usage.completion_tokens},
-                           "timings": {"media_ms": d.times.media_ms, "prefill_ms": d.times.prefill_ms, "decode_ms": d.times.decode_ms, "video_cached": d.video_cached, "frames": d.frames}})
+                           "timings": {"media_ms": d.times.media_ms, "prefill_ms": d.times.prefill_ms, "decode_ms": d.times.decode_ms, "video_cached": d.video_cached, "frames": d.frames,
+                           "reduction": d.reduction}})
                 }
                 Event::Error(e) => {
                     failed += 1;

@@ -29,6 +29,7 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::Visual;
+use vidllm_models::token_budget::{Budget, Reduce, ReductionReport};
 use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Conversation, GenerateParams, Model, Prompt, Step};
 use vidllm_shaders::device::pick;
@@ -181,8 +182,10 @@ pub struct Job {
     pub images: Vec<Media>,
     pub video: Option<Media>,
     pub frames: FrameOptions,
-    /// Refuse the request when its visual tokens exceed this.
+    /// Refuse the request when its visual tokens exceed this, or reduce its video to it
+    /// by `reduce`.
     pub max_visual_tokens: Option<usize>,
+    pub reduce: Option<Reduce>,
     pub params: GenerateParams,
     pub sink: Box<dyn Sink>,
     /// When the request arrived (time to first token counts from here).
@@ -231,6 +234,8 @@ pub struct Done {
     /// Whether the video's encoding came from the cache.
     pub video_cached: bool,
     pub frames: usize,
+    /// What a visual-token budget did to the video.
+    pub reduction: Option<ReductionReport>,
 }
 
 /// A request that could not be answered: an HTTP status and a message for the user.
@@ -281,6 +286,7 @@ struct Encoded {
     visual: Visual,
     times: Option<FrameTimes>,
     frames: usize,
+    reduction: Option<ReductionReport>,
 }
 
 /// A request being answered in a slot.
@@ -293,6 +299,7 @@ struct Running {
     visual_tokens: usize,
     video_cached: bool,
     frames: usize,
+    reduction: Option<ReductionReport>,
 }
 
 /// How a video model's frames are prepared: its preprocessing, its own frame policy, and
@@ -383,7 +390,7 @@ impl Engine {
         }
         let started = Instant::now();
         match self.start(i, &job) {
-            Ok((visual_tokens, video_cached, frames)) => {
+            Ok((visual_tokens, video_cached, frames, reduction)) => {
                 job.sink.send(Event::Started);
                 let media_ms = started.elapsed().as_secs_f64() * 1e3;
                 self.slots[i].1 = Some(Running {
@@ -395,6 +402,7 @@ impl Engine {
                     visual_tokens,
                     video_cached,
                     frames,
+                    reduction,
                 });
             }
             Err(e) => {
@@ -407,13 +415,13 @@ impl Engine {
 
     /// Set up slot `i`'s conversation for `job`. Returns its visual tokens, whether the
     /// video came from the cache, and the frames it was sampled to.
-    fn start(&mut self, i: usize, job: &Job) -> Result<(usize, bool, usize), ApiError> {
+    fn start(&mut self, i: usize, job: &Job) -> Result<(usize, bool, usize, Option<ReductionReport>), ApiError> {
         let turns = &job.turns;
         if !matches!(turns.last(), Some((Role::User, _))) {
             return Err(ApiError::bad_request("the last message must be the user's"));
         }
         let has_media = !job.images.is_empty() || job.video.is_some();
-        let (mut video_cached, mut frames) = (false, 0);
+        let (mut video_cached, mut frames, mut reduction) = (false, 0, None);
         let mut images = Vec::new();
         let mut video = None;
         if let Some(prep) = self.frames.clone() {
@@ -429,9 +437,15 @@ impl Engine {
             }
             if let Some(m) = &job.video {
                 let policy = job.frames.policy(prep.default).map_err(ApiError::bad_request)?;
-                let key = format!("video:{}:{policy:?}", m.hash);
-                let (e, cached) = self.encoded(&key, |me| me.encode_video(&m.path, policy, &prep))?;
-                (video_cached, frames) = (cached, e.frames);
+                let budget = match job.max_visual_tokens {
+                    Some(max) => {
+                        Some(Budget::new(max, job.reduce.unwrap_or(Reduce::None), policy.frames()).map_err(ApiError::bad_request)?)
+                    }
+                    None => None,
+                };
+                let key = format!("video:{}:{policy:?}:{budget:?}", m.hash);
+                let (e, cached) = self.encoded(&key, |me| me.encode_video(&m.path, policy, budget.as_ref(), &prep))?;
+                (video_cached, frames, reduction) = (cached, e.frames, e.reduction.clone());
                 video = Some((e.visual.clone(), e.times.clone().expect("a video has frame times")));
             }
         } else if has_media {
@@ -459,7 +473,7 @@ impl Engine {
             PromptText::Raw(text) => conv.ask(Prompt::Raw(text), job.params.clone()),
         };
         result.map_err(ApiError::from_generate)?;
-        Ok((visual_tokens, video_cached, frames))
+        Ok((visual_tokens, video_cached, frames, reduction))
     }
 
     /// The request's turns as the model's prompt: a text model's chat template over all of
@@ -530,13 +544,23 @@ impl Engine {
         Ok((self.cache.last().expect("just pushed"), found.is_some()))
     }
 
-    fn encode_video(&self, path: &std::path::Path, policy: Sampling, prep: &FramePrep) -> Result<Encoded, ApiError> {
+    fn encode_video(
+        &self,
+        path: &std::path::Path,
+        policy: Sampling,
+        budget: Option<&Budget>,
+        prep: &FramePrep,
+    ) -> Result<Encoded, ApiError> {
         let media = |e: anyhow::Error| ApiError::bad_request(format!("video: {e:#}"));
         let reader = VideoReader::open(&path.to_string_lossy()).map_err(media)?;
+        // A key-frame method chooses among more candidates than the frames it keeps.
+        let policy = budget.map_or(policy, |b| policy.oversampled(b.reduce.candidate_frames(1)));
         let (frames, times) = sample_video(&reader, policy).map_err(media)?;
         let vm = self.model.video().expect("a video model");
-        let visual = vm.video(pixels(&frames, &prep.pre, &prep.device));
-        Ok(Encoded { key: String::new(), visual, times: Some(times), frames: frames.len() })
+        let e = vm.encode_video(pixels(&frames, &prep.pre, &prep.device), budget).map_err(ApiError::from_generate)?;
+        let times = e.times(&times);
+        let frames = times.times.len();
+        Ok(Encoded { key: String::new(), visual: e.visual, times: Some(times), frames, reduction: e.reduction })
     }
 
     fn encode_image(&self, path: &std::path::Path, prep: &FramePrep) -> Result<Encoded, ApiError> {
@@ -545,7 +569,7 @@ impl Engine {
         let planes = rgb_planes(&[&frame.rgb], frame.height, frame.width, &prep.device);
         let vm = self.model.video().expect("a video model");
         let visual = vm.encode_images(vec![planes]).map_err(|e| ApiError::bad_request(format!("image: {e}")))?;
-        Ok(Encoded { key: String::new(), visual, times: None, frames: 1 })
+        Ok(Encoded { key: String::new(), visual, times: None, frames: 1, reduction: None })
     }
 
     /// One step of every running request: the decodes batched, a new prompt prefilled.
@@ -601,6 +625,7 @@ impl Engine {
                         times,
                         video_cached: run.video_cached,
                         frames: run.frames,
+                        reduction: run.reduction.clone(),
                     }));
                 }
                 Err(e) => {

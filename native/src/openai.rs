@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_models::GenerateParams;
+use vidllm_models::token_budget::Reduce;
 
 use crate::engine::{ApiError, Done, FrameOptions, Job, Media, ModelInfo, Role, Sink};
 
@@ -41,6 +42,8 @@ pub struct ChatRequest {
     pub max_frames: Option<usize>,
     pub sampling: Option<String>,
     pub max_visual_tokens: Option<usize>,
+    /// How a video over `max_visual_tokens` is reduced (none, slowfast, maxinfo).
+    pub reduce: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -203,7 +206,11 @@ impl ChatRequest {
         let frames = FrameOptions { sampling: self.sampling, frames: self.frames, fps: self.fps, max_frames: self.max_frames };
         // Without max_tokens the answer may fill the context, as OpenAI's API allows.
         let params = GenerateParams { max_tokens: max_tokens.unwrap_or(info.context), sampler, stop };
-        Ok(Job { turns, images, video, frames, max_visual_tokens: self.max_visual_tokens, params, sink, arrived })
+        let reduce = self.reduce.as_deref().map(str::parse::<Reduce>).transpose().map_err(|e| bad(format!("reduce: {e}")))?;
+        if reduce.is_some() && self.max_visual_tokens.is_none() {
+            return Err(bad("reduce needs max_visual_tokens (the budget to reduce to)"));
+        }
+        Ok(Job { turns, images, video, frames, max_visual_tokens: self.max_visual_tokens, reduce, params, sink, arrived })
     }
 }
 
@@ -253,7 +260,8 @@ fn usage(d: &Done) -> Json {
 fn timings(d: &Done) -> Json {
     let t = &d.times;
     json!({"queued_ms": t.queued_ms, "media_ms": t.media_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms,
-           "time_to_first_token_ms": t.time_to_first_token_ms, "video_cached": d.video_cached, "frames": d.frames})
+           "time_to_first_token_ms": t.time_to_first_token_ms, "video_cached": d.video_cached, "frames": d.frames,
+           "reduction": d.reduction})
 }
 
 /// The non-streaming response.

@@ -99,7 +99,8 @@ impl Model {
     /// Ask `prompt` about `video` (a path, or None for text or images only); the pieces
     /// of the answer as they come. Options: `system`, `images` (paths), `max_tokens`,
     /// `temperature`, `top_p`, `seed`, `stop`, `frames`, `fps`, `max_frames`, `sampling`,
-    /// `max_visual_tokens`.
+    /// `max_visual_tokens`, `reduce` (`none`, `slowfast`, `maxinfo`: how a video over
+    /// `max_visual_tokens` is reduced; `timings["reduction"]` says what it did).
     #[pyo3(signature = (video, prompt, **options))]
     fn ask(&self, video: Option<std::path::PathBuf>, prompt: String, options: Option<&Bound<'_, PyDict>>) -> PyResult<Answer> {
         let mut options = options_json(options)?;
@@ -333,6 +334,16 @@ fn timings<'py>(py: Python<'py>, d: &Done) -> PyResult<Bound<'py, PyDict>> {
     t.set_item("decode_ms", d.times.decode_ms)?;
     t.set_item("video_cached", d.video_cached)?;
     t.set_item("frames", d.frames)?;
+    if let Some(r) = &d.reduction {
+        let red = PyDict::new(py);
+        red.set_item("method", r.method)?;
+        red.set_item("tokens_before", r.tokens_before)?;
+        red.set_item("tokens_after", r.tokens_after)?;
+        red.set_item("frames_before", r.frames_before)?;
+        red.set_item("frames_after", r.frames_after)?;
+        red.set_item("reduce_ms", r.reduce_ms)?;
+        t.set_item("reduction", red)?;
+    }
     Ok(t)
 }
 

@@ -1,0 +1,189 @@
+//! Visual-token budgets: training-free reductions of a video's visual tokens, between the
+//! encoder/projector and the merge, for every architecture.
+//!
+//! An architecture says how its video tokens are laid out ([`FrameGrid`]: frame-major,
+//! each frame a few prefix tokens such as CLIP's class token, then a row-major grid). A
+//! method, one file each and named after its paper, turns those tokens into fewer, on the
+//! device, and says which frame each kept token belongs to; the frames a method drops
+//! disappear from the prompt too (SmolVLM2 writes one timestamped placeholder per frame).
+//!
+//! - `slowfast` ([`crate::slowfast`]): SlowFast-LLaVA's two pathways, a few frames at
+//!   half resolution and every frame pooled hard.
+//! - `maxinfo` ([`crate::maxinfo`]): MaxInfo's maximum-volume key frames, chosen from
+//!   over-sampled candidate frames by their encodings.
+//!
+//! Kept tokens take consecutive positions after the reduction, as both methods' authors
+//! feed them to the decoder.
+
+use burn::tensor::Tensor;
+use vidllm_core::GenerateError;
+
+use crate::merge::Visual;
+
+/// How a video's visual tokens are laid out, frame-major.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameGrid {
+    /// Frames (for PLLaVA: the pooled time steps).
+    pub frames: usize,
+    /// Tokens before each frame's grid (CLIP's class token in Video-LLaVA's video tokens).
+    pub prefix: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// Each frame has its own placeholder in the prompt (SmolVLM2), rather than the whole
+    /// video one.
+    pub placeholder_per_frame: bool,
+}
+
+impl FrameGrid {
+    pub fn tokens_per_frame(&self) -> usize {
+        self.prefix + self.rows * self.cols
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.frames * self.tokens_per_frame()
+    }
+}
+
+/// A reduction method (`--reduce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    /// No reduction: a video over the budget is refused.
+    None,
+    SlowFast,
+    MaxInfo,
+}
+
+impl Reduce {
+    pub const NAMES: &'static str = "none, slowfast, maxinfo";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::SlowFast => "slowfast",
+            Self::MaxInfo => "maxinfo",
+        }
+    }
+
+    /// Candidate frames to decode and encode for `frames` wanted: MaxInfo chooses among
+    /// twice as many (its authors' LLaVA-Video setting: 128 candidates, at most 64 kept).
+    pub fn candidate_frames(self, frames: usize) -> usize {
+        match self {
+            Self::MaxInfo => frames * crate::maxinfo::OVERSAMPLE,
+            _ => frames,
+        }
+    }
+}
+
+impl std::str::FromStr for Reduce {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "slowfast" => Ok(Self::SlowFast),
+            "maxinfo" => Ok(Self::MaxInfo),
+            "fastvid" | "framefusion" => Err(format!(
+                "--reduce {s} is not implemented yet: it keeps the kept tokens' original RoPE positions, which the decoder \
+                 does not take yet (methods: {})",
+                Self::NAMES
+            )),
+            other => Err(format!("unknown reduction {other:?} (methods: {})", Self::NAMES)),
+        }
+    }
+}
+
+/// A visual-token budget: at most `max_tokens` tokens for the video, by `reduce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max_tokens: usize,
+    pub reduce: Reduce,
+    /// Frames the user asked for (MaxInfo keeps at most these of its candidates).
+    pub frames: usize,
+}
+
+impl Budget {
+    pub fn new(max_tokens: usize, reduce: Reduce, frames: usize) -> Result<Self, String> {
+        if max_tokens == 0 {
+            return Err("a visual-token budget of 0 leaves nothing to look at (give at least 1)".into());
+        }
+        Ok(Self { max_tokens, reduce, frames })
+    }
+}
+
+/// What a method kept: the tokens, and the frame each belongs to.
+pub struct Kept {
+    /// `[m, d]`
+    pub features: Tensor<2>,
+    /// Frame of each row of `features` (for a merged or pooled token: the frame it is
+    /// filed under).
+    pub frame_of: Vec<usize>,
+}
+
+/// What a reduction did, for `--json` and the server's timings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReductionReport {
+    pub method: &'static str,
+    pub max_visual_tokens: usize,
+    pub tokens_before: usize,
+    pub tokens_after: usize,
+    pub frames_before: usize,
+    pub frames_after: usize,
+    pub reduce_ms: f64,
+    /// Set when nothing needed doing (the video already fits).
+    pub note: Option<String>,
+}
+
+/// A video's visual tokens after a budget, and which of its frames are still in it.
+pub struct Reduced {
+    pub visual: Visual,
+    /// Indices into the frames given, in order.
+    pub frames: Vec<usize>,
+    pub report: ReductionReport,
+}
+
+/// Apply `budget` to a video's tokens laid out as `grid`.
+pub fn reduce(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduced, GenerateError> {
+    let t0 = web_time::Instant::now();
+    let before = visual.features.dims()[0];
+    if before != grid.tokens() {
+        return Err(GenerateError::Visual(format!("video tokens {before} do not match their layout {grid:?}")));
+    }
+    let all_frames: Vec<usize> = (0..grid.frames).collect();
+    let report = |method: Reduce, after: usize, frames_after: usize, note: Option<String>| ReductionReport {
+        method: method.name(),
+        max_visual_tokens: budget.max_tokens,
+        tokens_before: before,
+        tokens_after: after,
+        frames_before: grid.frames,
+        frames_after,
+        reduce_ms: t0.elapsed().as_secs_f64() * 1e3,
+        note,
+    };
+    let fits = before <= budget.max_tokens && budget.reduce != Reduce::MaxInfo;
+    if fits || budget.reduce == Reduce::None {
+        if before > budget.max_tokens {
+            return Err(GenerateError::Visual(format!(
+                "the video makes {before} visual tokens, over the budget of {} (pick a reduction, or fewer frames)",
+                budget.max_tokens
+            )));
+        }
+        let note = Some(format!("{before} visual tokens already fit the budget of {}: nothing reduced", budget.max_tokens));
+        return Ok(Reduced { visual, frames: all_frames, report: report(budget.reduce, before, grid.frames, note) });
+    }
+    let kept = match budget.reduce {
+        Reduce::None => unreachable!("handled above"),
+        Reduce::SlowFast => crate::slowfast::reduce(visual.features.clone(), grid, budget.max_tokens),
+        Reduce::MaxInfo => crate::maxinfo::reduce(visual.features.clone(), grid, budget.max_tokens, budget.frames),
+    }
+    .map_err(GenerateError::Visual)?;
+    let mut frames: Vec<usize> = kept.frame_of.clone();
+    frames.sort_unstable();
+    frames.dedup();
+    let after = kept.features.dims()[0];
+    // Per-frame placeholders: one count per frame that kept anything, in frame order
+    // (every method returns its tokens grouped by frame for such layouts).
+    let counts = grid.placeholder_per_frame.then(|| frames.iter().map(|f| kept.frame_of.iter().filter(|g| *g == f).count()).collect());
+    let per_placeholder = if grid.placeholder_per_frame { visual.per_placeholder } else { after };
+    let visual = Visual { features: kept.features, per_placeholder, counts, ..visual };
+    let report = report(budget.reduce, after, frames.len(), None);
+    Ok(Reduced { visual, frames, report })
+}

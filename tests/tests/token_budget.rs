@@ -1,0 +1,162 @@
+//! Visual-token budgets against their PyTorch references
+//! (`tests/fixtures/gen_token_budget_fixtures.py`): SlowFast-LLaVA's pathways built with
+//! the pooling ops of its authors' code, MaxInfo's key frames with the authors' maxvol
+//! library. Same frames kept, same values within 1e-5 relative, on every device.
+
+use burn::tensor::{Tensor, TensorData};
+use vidllm_core::safetensors::Checkpoint;
+use vidllm_models::merge::Visual;
+use vidllm_models::token_budget::{Budget, FrameGrid, Reduce, reduce};
+use vidllm_tests::{fixture, test_devices};
+
+#[derive(serde::Deserialize)]
+struct Case {
+    key: String,
+    method: String,
+    frames: usize,
+    prefix: usize,
+    rows: usize,
+    cols: usize,
+    per_frame: bool,
+    budget: usize,
+    asked: Option<usize>,
+}
+
+fn cases() -> Vec<Case> {
+    let bytes = std::fs::read(fixture("token_budget_ref.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    serde_json::from_str(header["__metadata__"]["cases"].as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn reductions_match_the_pytorch_references() {
+    let ck = Checkpoint::open_files(&[fixture("token_budget_ref.safetensors")]).unwrap();
+    let cases = cases();
+    assert_eq!(cases.len(), 8);
+    for (name, at) in test_devices() {
+        for c in &cases {
+            let (input, shape) = ck.f32(&format!("{}.in", c.key)).unwrap();
+            let d = shape[1];
+            let features = Tensor::<2>::from_data(TensorData::new(input.clone(), [shape[0], d]), &at.device);
+            let grid = FrameGrid { frames: c.frames, prefix: c.prefix, rows: c.rows, cols: c.cols, placeholder_per_frame: c.per_frame };
+            let per = grid.tokens_per_frame();
+            let visual =
+                Visual { token: 7, features, per_placeholder: if c.per_frame { per } else { grid.tokens() }, tiles: None, counts: None };
+            let method: Reduce = c.method.parse().unwrap();
+            let budget = Budget::new(c.budget, method, c.asked.unwrap_or(c.frames)).unwrap();
+            let r = reduce(visual, grid, &budget).unwrap();
+            let got = r.visual.features.into_data().try_into_vec::<f32>().unwrap();
+            let (want, frames_want): (Vec<f32>, Vec<usize>) = match c.method.as_str() {
+                "slowfast" => {
+                    let frame_of: Vec<usize> = ck.i64(&format!("{}.frame_of", c.key)).unwrap().0.iter().map(|&f| f as usize).collect();
+                    let mut frames = frame_of.clone();
+                    frames.sort_unstable();
+                    frames.dedup();
+                    if c.per_frame {
+                        let counts: Vec<usize> = frames.iter().map(|f| frame_of.iter().filter(|g| *g == f).count()).collect();
+                        assert_eq!(r.visual.counts.as_ref(), Some(&counts), "{name} {}", c.key);
+                    }
+                    (ck.f32(&format!("{}.out", c.key)).unwrap().0, frames)
+                }
+                _ => {
+                    let kept: Vec<usize> = ck.i64(&format!("{}.kept", c.key)).unwrap().0.iter().map(|&f| f as usize).collect();
+                    (kept.iter().flat_map(|&f| input[f * per * d..(f + 1) * per * d].to_vec()).collect(), kept)
+                }
+            };
+            assert_eq!(r.frames, frames_want, "{name} {}: frames kept", c.key);
+            assert_eq!(got.len(), want.len(), "{name} {}: tokens {} vs {}", c.key, got.len() / d, want.len() / d);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            println!(
+                "{name} {}: {} -> {} tokens, frames {:?}, max |diff| {diff:.2e} (scale {scale:.2})",
+                c.key, r.report.tokens_before, r.report.tokens_after, r.frames
+            );
+            assert!(diff <= 1e-5 * scale, "{name} {}: max |diff| {diff} over 1e-5 x {scale}", c.key);
+            assert_eq!(r.report.tokens_after, want.len() / d);
+        }
+    }
+}
+
+#[test]
+fn bad_budgets_are_refused_clearly() {
+    let device = burn::tensor::Device::flex();
+    let grid = FrameGrid { frames: 8, prefix: 1, rows: 4, cols: 4, placeholder_per_frame: false };
+    let visual = || Visual {
+        token: 7,
+        features: Tensor::<2>::zeros([grid.tokens(), 8], &device),
+        per_placeholder: grid.tokens(),
+        tiles: None,
+        counts: None,
+    };
+    assert!(Budget::new(0, Reduce::SlowFast, 8).unwrap_err().contains("budget of 0"));
+    let unknown = "maxvol".parse::<Reduce>().unwrap_err();
+    assert!(unknown.contains("unknown reduction") && unknown.contains("slowfast"), "{unknown}");
+    assert!("fastvid".parse::<Reduce>().unwrap_err().contains("not implemented yet"));
+    // Over the budget with none: refused, naming both counts.
+    let err = reduce(visual(), grid, &Budget::new(100, Reduce::None, 8).unwrap()).err().unwrap().to_string();
+    assert!(err.contains("136 visual tokens") && err.contains("budget of 100"), "{err}");
+    // A budget the video already fits: a no-op, said in the report.
+    let r = reduce(visual(), grid, &Budget::new(500, Reduce::SlowFast, 8).unwrap()).unwrap();
+    assert_eq!(r.report.tokens_after, 136);
+    assert!(r.report.note.as_deref().unwrap().contains("already fit"));
+    // Too small for the method: the smallest that works is named.
+    let err = reduce(visual(), grid, &Budget::new(10, Reduce::SlowFast, 8).unwrap()).err().unwrap().to_string();
+    assert!(err.contains("at least 17"), "{err}");
+    let err = reduce(visual(), grid, &Budget::new(16, Reduce::MaxInfo, 8).unwrap()).err().unwrap().to_string();
+    assert!(err.contains("whole frames of 17 tokens"), "{err}");
+}
+
+/// Every architecture answers from a reduced video, on every device: the prompt holds the
+/// reduced tokens (SmolVLM2: one placeholder run per frame kept, with its own count).
+#[test]
+fn every_architecture_answers_under_a_budget() {
+    use std::rc::Rc;
+    use vidllm_core::sampler::SamplerConfig;
+    use vidllm_core::sampling::FrameTimes;
+    use vidllm_models::llama_hf::QuantChoice;
+    use vidllm_models::model_files::ModelFiles;
+    use vidllm_models::video_model::LoadOptions;
+    use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
+
+    for (name, at) in test_devices() {
+        for arch in ["tiny_video_llava", "tiny_pllava", "tiny_llava_next_video", "tiny_smolvlm"] {
+            let opts = LoadOptions { quant: QuantChoice::F32, ..Default::default() };
+            let folder = ModelFiles::Dir(fixture(arch)).load(opts, &at).unwrap();
+            let model = Rc::new(Model::Video(folder.model));
+            let tok = Rc::new(folder.tok);
+            let vm = model.video().unwrap();
+            let (t, s) = (8, vm.image_size());
+            let pixels: Vec<f32> =
+                (0..t * 3 * s * s).map(|i| (((i * 7919) % 1000) as f32 / 500.0 - 1.0) * ((i / (s * s)) % 5) as f32).collect();
+            let times = FrameTimes { times: (0..t).map(|i| i as f64 * 0.5).collect(), duration: t as f64 * 0.5 };
+            let full = vm.video_grid(t).tokens();
+            for method in [Reduce::SlowFast, Reduce::MaxInfo] {
+                let px = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [t, 3, s, s]), &at.device);
+                let budget = Budget::new(full * 2 / 3, method, t / 2).unwrap();
+                let e = vm.encode_video(px, Some(&budget)).unwrap();
+                let r = e.reduction.clone().unwrap();
+                assert!(r.tokens_after <= full * 2 / 3 && r.tokens_after > 0, "{name} {arch} {method:?}: {r:?}");
+                let mut conv = Conversation::new(model.clone(), tok.clone(), 2048);
+                conv.set_video(e.visual.clone(), e.times(&times));
+                assert_eq!(conv.visual_tokens(), r.tokens_after);
+                let params = GenerateParams { max_tokens: 3, sampler: SamplerConfig::default(), stop: Vec::new() };
+                conv.ask(Prompt::Question("What happens?"), params).unwrap();
+                let f = conv.answer(|_| true).unwrap();
+                let prompt = &conv.history()[..conv.history().len() - f.tokens.len()];
+                let placeholders = prompt.iter().filter(|&&id| id == e.visual.token).count();
+                println!(
+                    "{name} {arch} {}: {} -> {} tokens, frames {} -> {}, prompt {} ids ({placeholders} visual), answer {:?}",
+                    r.method,
+                    r.tokens_before,
+                    r.tokens_after,
+                    r.frames_before,
+                    r.frames_after,
+                    prompt.len(),
+                    f.text
+                );
+                assert_eq!(placeholders, r.tokens_after, "{name} {arch} {method:?}");
+            }
+        }
+    }
+}

@@ -162,7 +162,8 @@ pub fn reduce(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduce
     if fits || budget.reduce == Reduce::None {
         if before > budget.max_tokens {
             return Err(GenerateError::Visual(format!(
-                "the video makes {before} visual tokens, over the budget of {} (pick a reduction, or fewer frames)",
+                "the video makes {before} visual tokens, over max_visual_tokens {} (reduce them with slowfast or maxinfo, \
+                 or ask for fewer frames)",
                 budget.max_tokens
             )));
         }

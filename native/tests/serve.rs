@@ -375,6 +375,23 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     let (s, v) = post(&url, &capped, None);
     assert_eq!(s, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("max_visual_tokens"));
+    // The same budget with a reduction answers, and says what it kept.
+    for (reduce, frames) in [("slowfast", 8), ("maxinfo", 2)] {
+        let mut reduced = body("bikes.mp4");
+        (reduced["max_visual_tokens"], reduced["reduce"]) = (json!(12), json!(reduce));
+        let (s, v) = post(&url, &reduced, None);
+        assert_eq!(s, 200, "{v}");
+        let r = &v["timings"]["reduction"];
+        assert_eq!(r["method"], reduce, "{v}");
+        assert!(r["tokens_after"].as_u64().unwrap() <= 12 && r["tokens_before"].as_u64().unwrap() > 12, "{v}");
+        assert_eq!(v["usage"]["visual_tokens"], r["tokens_after"], "{v}");
+        assert_eq!(v["timings"]["frames"], frames, "{v}");
+    }
+    let mut bogus = body("bikes.mp4");
+    (bogus["max_visual_tokens"], bogus["reduce"]) = (json!(10), json!("zip"));
+    let (s, v) = post(&url, &bogus, None);
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("unknown reduction"), "{v}");
     // A still image (a frame of the clip as a PNG data: URL) answers as `ask --image` does.
     let png = std::env::temp_dir().join(format!("vidllm-serve-frame-{}.png", std::process::id()));
     let st = Command::new("ffmpeg").args(["-v", "error", "-y", "-i"]).arg(&clip).args(["-frames:v", "1"]).arg(&png).status().unwrap();

@@ -95,7 +95,7 @@ fn bad_budgets_are_refused_clearly() {
     assert!("fastvid".parse::<Reduce>().unwrap_err().contains("not implemented yet"));
     // Over the budget with none: refused, naming both counts.
     let err = reduce(visual(), grid, &Budget::new(100, Reduce::None, 8).unwrap()).err().unwrap().to_string();
-    assert!(err.contains("136 visual tokens") && err.contains("budget of 100"), "{err}");
+    assert!(err.contains("136 visual tokens") && err.contains("max_visual_tokens 100"), "{err}");
     // A budget the video already fits: a no-op, said in the report.
     let r = reduce(visual(), grid, &Budget::new(500, Reduce::SlowFast, 8).unwrap()).unwrap();
     assert_eq!(r.report.tokens_after, 136);

@@ -20,7 +20,10 @@ def ttft(binary, model, video, frames, threads, budget=None, reduce=None):
     if budget:
         cmd += ["--max-visual-tokens", str(budget), "--reduce", reduce]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    v = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:  # a budget the method cannot meet (maxinfo keeps whole frames)
+        return None
+    v = json.loads(out.stdout)
     t = v["timings"]
     total = t["decode_ms"] + t["preprocess_ms"] + t["encode_ms"] + t["prefill_ms"]
     return total, v["visual_tokens"], t
@@ -52,6 +55,9 @@ def main():
         print("| method | budget | visual tokens | encode ms | prefill ms | first token ms | ratio |")
         print("|---|---|---|---|---|---|---|")
         for (reduce, pct), rs in runs.items():
+            if any(r is None for r in rs):
+                print(f"| {reduce} | {pct}% | refused: under one frame's tokens | | | | |")
+                continue
             ms = statistics.median(r[0] for r in rs)
             enc = statistics.median(r[2]["encode_ms"] for r in rs)
             pre = statistics.median(r[2]["prefill_ms"] for r in rs)

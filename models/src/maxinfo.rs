@@ -36,11 +36,22 @@ pub const TOL: f64 = 0.1;
 pub const START_TOL: f64 = 1.05;
 pub const START_ITERS: usize = 10;
 
+/// One embedding per frame: the mean of its tokens.
+///
+/// # Shapes
+/// - features: `[g.tokens(), d]` -> `[g.frames, d]`
+pub fn frame_embeddings(features: Tensor<2>, g: FrameGrid) -> Tensor<2> {
+    let [_, d] = features.dims();
+    features.reshape([g.frames, g.tokens_per_frame(), d]).mean_dim(1).reshape([g.frames, d])
+}
+
 /// Key frames of a video's tokens under `budget` tokens and at most `frames` frames.
+/// `embeddings`: [`frame_embeddings`] already read back (the browser reads it
+/// asynchronously); `None` reads it here.
 ///
 /// # Shapes
 /// - features: `[g.tokens(), d]` -> kept `[frames kept * g.tokens_per_frame(), d]`
-pub fn reduce(features: Tensor<2>, g: FrameGrid, budget: usize, frames: usize) -> Result<Kept, String> {
+pub fn reduce(features: Tensor<2>, g: FrameGrid, budget: usize, frames: usize, embeddings: Option<Vec<f32>>) -> Result<Kept, String> {
     let per = g.tokens_per_frame();
     let cap = frames.min(budget / per);
     if cap == 0 {
@@ -48,12 +59,21 @@ pub fn reduce(features: Tensor<2>, g: FrameGrid, budget: usize, frames: usize) -
     }
     let device = features.device();
     let [_, d] = features.dims();
-    let x = features.reshape([g.frames, per, d]);
-    let emb = x.clone().mean_dim(1).reshape([g.frames, d]).into_data().convert::<f32>();
-    let emb: Vec<f64> = emb.as_slice::<f32>().map_err(|e| format!("frame embeddings: {e:?}"))?.iter().map(|&v| v as f64).collect();
+    let emb = match embeddings {
+        Some(e) => e,
+        None => frame_embeddings(features.clone(), g)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| format!("frame embeddings: {e:?}"))?,
+    };
+    if emb.len() != g.frames * d {
+        return Err(format!("{} frame embedding values for {} frames of {d}", emb.len(), g.frames));
+    }
+    let emb: Vec<f64> = emb.iter().map(|&v| v as f64).collect();
     let kept = key_frames(&emb, g.frames, d, cap);
     let idx = Tensor::<1, Int>::from_data(TensorData::new(kept.iter().map(|&i| i as i64).collect::<Vec<_>>(), [kept.len()]), &device);
-    let features = x.select(0, idx).reshape([kept.len() * per, d]);
+    let features = features.reshape([g.frames, per, d]).select(0, idx).reshape([kept.len() * per, d]);
     Ok(Kept { features, frame_of: kept.iter().flat_map(|&f| std::iter::repeat_n(f, per)).collect() })
 }
 

@@ -142,6 +142,26 @@ pub struct Reduced {
 
 /// Apply `budget` to a video's tokens laid out as `grid`.
 pub fn reduce(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduced, GenerateError> {
+    reduce_with(visual, grid, budget, None)
+}
+
+/// [`reduce`], reading back what a method needs on the host without blocking (WebGPU in
+/// a browser cannot wait for the device).
+pub async fn reduce_async(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduced, GenerateError> {
+    let read = match budget.reduce {
+        Reduce::MaxInfo if visual.features.dims()[0] == grid.tokens() => {
+            let data = crate::maxinfo::frame_embeddings(visual.features.clone(), grid)
+                .into_data_async()
+                .await
+                .map_err(|e| GenerateError::Device(format!("{e:?}")))?;
+            Some(data.convert::<f32>().try_into_vec::<f32>().map_err(|e| GenerateError::Device(format!("{e:?}")))?)
+        }
+        _ => None,
+    };
+    reduce_with(visual, grid, budget, read)
+}
+
+fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Vec<f32>>) -> Result<Reduced, GenerateError> {
     let t0 = web_time::Instant::now();
     let before = visual.features.dims()[0];
     if before != grid.tokens() {
@@ -173,7 +193,7 @@ pub fn reduce(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduce
     let kept = match budget.reduce {
         Reduce::None => unreachable!("handled above"),
         Reduce::SlowFast => crate::slowfast::reduce(visual.features.clone(), grid, budget.max_tokens),
-        Reduce::MaxInfo => crate::maxinfo::reduce(visual.features.clone(), grid, budget.max_tokens, budget.frames),
+        Reduce::MaxInfo => crate::maxinfo::reduce(visual.features.clone(), grid, budget.max_tokens, budget.frames, read),
     }
     .map_err(GenerateError::Visual)?;
     let mut frames: Vec<usize> = kept.frame_of.clone();

@@ -24,7 +24,7 @@ use crate::llava_next_video::LlavaNextVideo;
 use crate::merge::{Visual, expand_placeholders, expand_placeholders_counted};
 use crate::pllava::Pllava;
 use crate::smolvlm::SmolVlm;
-use crate::token_budget::{Budget, FrameGrid, ReductionReport, reduce};
+use crate::token_budget::{Budget, FrameGrid, Reduced, ReductionReport, reduce, reduce_async};
 use crate::video_llava::VideoLlava;
 
 /// Load-time choices a user may override.
@@ -238,11 +238,23 @@ impl VideoModel {
         let visual = self.arch.video(pixels);
         let Some(budget) = budget else { return Ok(EncodedVideo { visual, frames: None, reduction: None }) };
         let grid = self.arch.video_grid(t);
-        let r = reduce(visual, grid, budget)?;
+        Ok(Self::encoded(reduce(visual, grid, budget)?, grid, t))
+    }
+
+    /// [`VideoModel::encode_video`] without blocking on the device (the browser).
+    pub async fn encode_video_async(&self, pixels: Tensor<4>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
+        let t = pixels.dims()[0];
+        let visual = self.arch.video(pixels);
+        let Some(budget) = budget else { return Ok(EncodedVideo { visual, frames: None, reduction: None }) };
+        let grid = self.arch.video_grid(t);
+        Ok(Self::encoded(reduce_async(visual, grid, budget).await?, grid, t))
+    }
+
+    fn encoded(r: Reduced, grid: FrameGrid, t: usize) -> EncodedVideo {
         // Frames of the grid are the frames given, except where the model pools time
         // (PLLaVA): then the frames given all stay, as far as the prompt is concerned.
         let frames = (grid.frames == t).then_some(r.frames);
-        Ok(EncodedVideo { visual: r.visual, frames, reduction: Some(r.report) })
+        EncodedVideo { visual: r.visual, frames, reduction: Some(r.report) }
     }
 
     /// Still images (RGB planes `[1, 3, h, w]`, 0..=255) as the model's processor prepares

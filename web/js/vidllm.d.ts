@@ -88,6 +88,26 @@ export interface AskOptions {
   newConversation?: boolean;
   /** Hears each stage begin: "sampling" the video, "encoding" the frames or images, "prefill". */
   onStage?: (stage: Stage) => void;
+  /** A visual-token budget for the video (see `reduce`). */
+  maxVisualTokens?: number;
+  /** How a video over `maxVisualTokens` is reduced; "none" (the default) refuses it. */
+  reduce?: Reduction;
+  /** With frames already taken: how many were asked for (a "maxinfo" budget keeps at most these). */
+  askedFrames?: number;
+}
+
+export type Reduction = "none" | "slowfast" | "maxinfo";
+
+/** What a visual-token budget did to a video. */
+export interface ReductionReport {
+  method: Reduction;
+  max_visual_tokens: number;
+  tokens_before: number;
+  tokens_after: number;
+  frames_before: number;
+  frames_after: number;
+  reduce_ms: number;
+  note: string | null;
 }
 
 export type ContentPart =
@@ -138,6 +158,8 @@ export class VidLLM {
   readonly supportsImages: boolean;
   generate(opts: GenerateOptions): AsyncIterable<Piece>;
   ask(opts: AskOptions): AsyncIterable<Piece>;
+  /** What the visual-token budget did to the last video, or null. */
+  readonly lastReduction: ReductionReport | null;
   /** RGB bytes of the frames the device received for the last video. */
   framesRGB(): Promise<Uint8Array>;
   chat: {
@@ -160,6 +182,7 @@ export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sa
 /** Seek and take frames as ImageBitmaps, at given times or by a policy. */
 export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<SampledFrames>;
 /** The sampling a question uses: what it names, else the model's own (`frames` caps a rate-based policy). */
+export function candidateFactor(maxVisualTokens: number | undefined, reduce: Reduction | undefined): number;
 export function samplingOf(
   info: { defaultSampling: Sampling | null; defaultFps: number; defaultFrames: number },
   opts: { frames?: number | unknown[]; sampling?: Sampling; fps?: number; maxFrames?: number },

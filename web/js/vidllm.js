@@ -352,9 +352,13 @@ export class VidLLM {
    * `onFrames({sources, times, width, height})` sees the sampled frames (`ImageBitmap`s,
    * closed once encoded: draw them during the call). `onStage(stage)` hears each stage
    * begin: "sampling", "encoding", "prefill" (the first piece then starts the answer).
+   * `maxVisualTokens` with `reduce` ("none" | "slowfast" | "maxinfo"): a visual-token
+   * budget for the video, as `vidllm-native ask --max-visual-tokens --reduce` (maxinfo
+   * samples twice the frames and keeps key frames); `lastReduction` then says what it did.
    */
   ask({ video, image, frames, frameTimes, duration, sampling, fps, maxFrames, frameRate = 30, prompt, maxTokens = 256,
-        temperature = 0, seed = 0, signal, onFrames, onStage, newConversation = false } = {}) {
+        temperature = 0, seed = 0, signal, onFrames, onStage, newConversation = false, maxVisualTokens, reduce,
+        askedFrames } = {}) {
     const rt = this.#live();
     if (!this.#video) throw new Error("this is a text model (GGUF); load a video-language folder to ask about videos");
     if ((video || Array.isArray(frames)) && !this.#info.supportsVideo) {
@@ -364,7 +368,8 @@ export class VidLLM {
     return this.#stream(async (push) => {
       const given = Array.isArray(frames) ? frames : null;
       const n = typeof frames === "number" ? frames : this.#info.defaultFrames;
-      const key = video && !given ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate } : null;
+      const k = candidateFactor(maxVisualTokens, reduce);
+      const key = video && !given ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce } : null;
       const seen = this.#seen;
       const same = key && seen && Object.keys(key).every((k) => key[k] === seen[k]);
       if ((video || given) && !same) {
@@ -372,7 +377,8 @@ export class VidLLM {
         this.#seen = null;
         if (!given) onStage?.("sampling");
         const f = given ? { sources: given, times: frameTimes ?? given.map((x) => (x.timestamp ?? 0) / 1e6), duration }
-          : await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
+          : await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate });
+        rt.set_budget(maxVisualTokens ?? undefined, reduce ?? undefined, askedFrames ?? (given ? Math.ceil(given.length / k) : n));
         try {
           onFrames?.(f);
           onStage?.("encoding");
@@ -390,6 +396,13 @@ export class VidLLM {
       onStage?.("prefill");
       await rt.ask(String(prompt ?? ""), maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted));
     });
+  }
+
+  /** What the visual-token budget did to the last video (`{method, tokens_before, tokens_after,
+   * frames_before, frames_after, reduce_ms, note}`), or null. */
+  get lastReduction() {
+    const r = this.#live().last_reduction();
+    return r ? JSON.parse(r) : null;
   }
 
   /** The last video's frames as the device received them: {rgb, ...} (tests, debugging). */
@@ -597,6 +610,14 @@ function assertReadable(source) {
   try { c.getImageData(0, 0, 1, 1); } catch (e) {
     throw new VideoError(`cannot read this video's pixels: it is cross-origin without CORS (serve it with Access-Control-Allow-Origin and set crossorigin="anonymous") (${e.name})`);
   }
+}
+
+/**
+ * Candidate frames per frame asked for: MaxInfo chooses key frames among twice as many
+ * (as `vidllm-native` does); other budgets sample what is asked.
+ */
+export function candidateFactor(maxVisualTokens, reduce) {
+  return maxVisualTokens != null && reduce === "maxinfo" ? 2 : 1;
 }
 
 /**

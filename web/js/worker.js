@@ -11,7 +11,7 @@
 // This file is both the worker's script (when loaded in a worker) and the page-side
 // client (`VidLLMWorker`), so one URL serves both.
 
-import { VidLLM, VideoError, sampleFrames, samplingOf } from "./vidllm.js";
+import { VidLLM, VideoError, candidateFactor, sampleFrames, samplingOf } from "./vidllm.js";
 import { channel } from "./channel.js";
 
 const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
@@ -102,12 +102,14 @@ export class VidLLMWorker {
       const info = { defaultSampling: own.sampling, defaultFps: own.fps, defaultFrames: this.defaultFrames };
       ({ sampling, fps, maxFrames } = samplingOf(info, { frames, sampling, fps, maxFrames }));
       opts.onStage?.("sampling");
-      const f = await sampleFrames(video, { n, sampling, fps, maxFrames, frameRate });
+      const k = candidateFactor(opts.maxVisualTokens, opts.reduce);
+      const f = await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate });
       onFrames?.(f);
       frames = f.sources;
       transfer = f.sources;
-      // When they were taken travels with them (some models' prompts state it).
-      opts = { ...opts, frameTimes: f.times, duration: f.duration };
+      // When they were taken travels with them (some models' prompts state it), and how
+      // many frames were asked for (a key-frame budget keeps at most those).
+      opts = { ...opts, frameTimes: f.times, duration: f.duration, askedFrames: n };
     }
     yield* this.#pieces("ask", { ...opts, frames }, transfer);
   }

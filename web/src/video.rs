@@ -15,6 +15,7 @@ use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::mmproj::{Mmproj, load_pair};
 use vidllm_models::model_files::{Folder, ModelFiles};
+use vidllm_models::token_budget::{Budget, Reduce};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
 use vidllm_models::{Conversation, Model, Prompt};
 use vidllm_shaders::preprocess::{preprocess_planes, rgb_planes, unpack_rgba_words};
@@ -40,12 +41,25 @@ pub struct VideoRuntime {
     opened: Opened,
     gathering: Option<FrameTexture>,
     frames: Option<Frames>,
+    /// The visual-token budget the next video is encoded under.
+    budget: Option<Budget>,
+    /// What the budget did to the last video (JSON).
+    reduction: Option<String>,
 }
 
 impl VideoRuntime {
     fn of(folder: Folder, opened: Opened, context: usize) -> Self {
         let conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
-        VideoRuntime { conv, pre: folder.pre, sampling: folder.sampling, opened, gathering: None, frames: None }
+        VideoRuntime {
+            conv,
+            pre: folder.pre,
+            sampling: folder.sampling,
+            opened,
+            gathering: None,
+            frames: None,
+            budget: None,
+            reduction: None,
+        }
     }
 }
 
@@ -167,14 +181,14 @@ impl VideoRuntime {
     /// Encode the gathered frames as the video, taken at `times` (seconds) of a video
     /// `duration` seconds long; a new conversation starts. Returns the number of visual
     /// tokens.
-    pub fn encode_video(&mut self, times: Vec<f64>, duration: f64) -> Result<usize, JsError> {
+    pub async fn encode_video(&mut self, times: Vec<f64>, duration: f64) -> Result<usize, JsError> {
         let (planes, words, width) = self.gathered_planes()?;
         self.frames = Some(Frames::Words { words, width });
-        self.set_video(planes, times, duration)
+        self.set_video(planes, times, duration).await
     }
 
     /// Encode `t` RGBA frames of `h` x `w` (packed, frame after frame) as the video.
-    pub fn encode_video_rgba(
+    pub async fn encode_video_rgba(
         &mut self,
         rgba: Vec<u8>,
         t: usize,
@@ -187,10 +201,10 @@ impl VideoRuntime {
         let frames: Vec<&[u8]> = rgb.chunks_exact(h * w * 3).collect();
         let planes = rgb_planes(&frames, h, w, &self.opened.device);
         self.frames = Some(Frames::Rgb { rgb });
-        self.set_video(planes, times, duration)
+        self.set_video(planes, times, duration).await
     }
 
-    fn set_video(&mut self, planes: Tensor<4>, times: Vec<f64>, duration: f64) -> Result<usize, JsError> {
+    async fn set_video(&mut self, planes: Tensor<4>, times: Vec<f64>, duration: f64) -> Result<usize, JsError> {
         let t = planes.dims()[0];
         if !self.model().supports_video() {
             return Err(js_err(format!("{} takes still images only, not a video", self.model().model_type())));
@@ -198,9 +212,10 @@ impl VideoRuntime {
         if times.len() != t || !times.iter().chain([&duration]).all(|x| x.is_finite() && *x >= 0.0) {
             return Err(js_err(format!("{t} frames need {t} finite frame times (got {}) and a finite duration", times.len())));
         }
-        let visual = self.model().video(preprocess_planes(planes, &self.pre));
-        let n = visual.per_placeholder;
-        self.conv.set_video(visual, FrameTimes { times, duration });
+        let e = self.model().encode_video_async(preprocess_planes(planes, &self.pre), self.budget.as_ref()).await.map_err(js_err)?;
+        self.reduction = e.reduction.as_ref().map(|r| serde_json::to_string(r).expect("a report serialises"));
+        let n = e.visual.features.dims()[0];
+        self.conv.set_video(e.visual.clone(), e.times(&FrameTimes { times, duration }));
         Ok(n)
     }
 
@@ -218,6 +233,27 @@ impl VideoRuntime {
     fn add_image(&mut self, planes: Tensor<4>) -> Result<(), JsValue> {
         // The model's processor prepares it (resize and crop, or tiles).
         self.conv.add_image(planes).map_err(gen_err)
+    }
+
+    /// Encode the next videos under a visual-token budget: at most `max_visual_tokens`
+    /// (none: no budget), reduced by `reduce` (`none` refuses a larger video, `slowfast`,
+    /// `maxinfo`), `frames` being the frames asked for (MaxInfo keeps at most those of
+    /// its candidates).
+    pub fn set_budget(&mut self, max_visual_tokens: Option<usize>, reduce: Option<String>, frames: usize) -> Result<(), JsError> {
+        self.budget = match max_visual_tokens {
+            None => None,
+            Some(max) => {
+                let reduce: Reduce = reduce.as_deref().unwrap_or("none").parse().map_err(js_err)?;
+                Some(Budget::new(max, reduce, frames).map_err(js_err)?)
+            }
+        };
+        Ok(())
+    }
+
+    /// What the budget did to the last video: JSON (`method`, `tokens_before`,
+    /// `tokens_after`, `frames_before`, `frames_after`, `reduce_ms`, `note`), or none.
+    pub fn last_reduction(&self) -> Option<String> {
+        self.reduction.clone()
     }
 
     /// Forget the video, the images and the conversation.

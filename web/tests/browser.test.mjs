@@ -192,7 +192,7 @@ function makeClips() {
 }
 
 /** `vidllm-native ask` on exactly the frames the browser's device received. */
-function nativeAnswer(dir, folder, out, prompt, maxTokens, mmproj = null) {
+function nativeAnswer(dir, folder, out, prompt, maxTokens, mmproj = null, extra = []) {
   const native = process.env.VIDLLM_NATIVE_BIN;
   assert.ok(native, "set VIDLLM_NATIVE_BIN");
   writeFileSync(join(dir, "frames.rgb"), Buffer.from(out.rgb, "base64"));
@@ -200,7 +200,7 @@ function nativeAnswer(dir, folder, out, prompt, maxTokens, mmproj = null) {
   const when = out.times ? ["--frame-times", out.times.join(","), "--video-duration", String(out.duration)] : [];
   const pair = mmproj ? ["--mmproj", join(root, "tests/fixtures", mmproj)] : [];
   return JSON.parse(execFileSync(native, ["ask", "--model", join(root, "tests/fixtures", folder), ...pair, "--rgb-frames", join(dir, "frames.rgb"),
-    "--frame-size", `${out.width},${out.height}`, ...when, "--prompt", prompt, "--max-tokens", String(maxTokens), "--device", "cpu", "--json"]).toString());
+    "--frame-size", `${out.width},${out.height}`, ...when, "--prompt", prompt, "--max-tokens", String(maxTokens), "--device", "cpu", "--json", ...extra]).toString());
 }
 
 /** Mean |difference| per byte between the browser's frames and ffmpeg's at the same times. */
@@ -239,6 +239,34 @@ for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava"
     }, { consoleErrors: false });
   });
 }
+
+// A visual-token budget in the page reduces as natively: SlowFast-LLaVA's pathways, and
+// MaxInfo's key frames over twice the frames (16 sampled, at most 8 kept), on WebGPU and
+// on the CPU backend, give vidllm-native's tokens for the same frames and budget.
+test("a visual-token budget (slowfast, maxinfo) in the page gives the native runtime's tokens", { timeout: 900_000 }, async () => {
+  const dir = makeClips();
+  await testPage("/web/tests/page.html", async (page) => {
+    const prompt = "What is happening in this video?";
+    for (const [device, reduce] of [["webgpu", "slowfast"], ["webgpu", "maxinfo"], ["cpu", "slowfast"]]) {
+      const out = await page.evaluate((a) => window.runVideo(a),
+        { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device, maxVisualTokens: 12, reduce });
+      const res = nativeAnswer(dir, "tiny_video_llava", out, prompt, 6, null, ["--frames", "8", "--max-visual-tokens", "12", "--reduce", reduce]);
+      console.log(`${reduce} on ${device}: ${JSON.stringify(out.reduction)} | ids ${out.ids} | native ${res.tokens} (${res.visual_tokens} visual)`);
+      assert.equal(out.reduction.method, reduce);
+      assert.equal(out.times.length, reduce === "maxinfo" ? 16 : 8);
+      assert.ok(out.reduction.tokens_after <= 12 && out.reduction.tokens_before > 12);
+      assert.deepEqual({ ...out.reduction, reduce_ms: 0 }, { ...res.reduction, reduce_ms: 0 });
+      assert.equal(res.visual_tokens, out.reduction.tokens_after);
+      assert.deepEqual(out.ids, res.tokens);
+      if (reduce === "maxinfo") {
+        // In a worker: the page samples the candidates, the worker keeps the same key frames.
+        const w = await page.evaluate((a) => window.runVideoInWorker(a),
+          { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device, maxVisualTokens: 12, reduce });
+        assert.deepEqual(w.ids, out.ids);
+      }
+    }
+  }, { consoleErrors: false });
+});
 
 // llama.cpp's pair for the tiny SmolVLM2 (convert_hf_to_gguf.py, and --mmproj), loaded from
 // two URLs: on WebGPU and on the CPU backend it answers as vidllm-native does with the same

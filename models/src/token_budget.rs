@@ -64,12 +64,12 @@ impl Reduce {
         }
     }
 
-    /// Candidate frames to decode and encode for `frames` wanted: MaxInfo chooses among
+    /// Candidate frames to decode and encode per frame wanted: MaxInfo chooses among
     /// twice as many (its authors' LLaVA-Video setting: 128 candidates, at most 64 kept).
-    pub fn candidate_frames(self, frames: usize) -> usize {
+    pub fn candidates_per_frame(self) -> usize {
         match self {
-            Self::MaxInfo => frames * crate::maxinfo::OVERSAMPLE,
-            _ => frames,
+            Self::MaxInfo => crate::maxinfo::OVERSAMPLE,
+            _ => 1,
         }
     }
 }

@@ -245,7 +245,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let policy = a.sampling.policy_or(folder.sampling)?;
     let budget = a.budget.budget(policy.frames())?;
     // A key-frame method chooses among more candidates than the frames it keeps.
-    let policy = budget.map_or(policy, |b| policy.oversampled(b.reduce.candidate_frames(1)));
+    let policy = budget.map_or(policy, |b| policy.oversampled(b.reduce.candidates_per_frame()));
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");
     if source.is_some() && !vm.supports_video() {

@@ -28,9 +28,8 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_models::GenerateParams;
-use vidllm_models::token_budget::Reduce;
 
-use crate::engine::{Engine, EngineArgs, Event, FrameOptions, Job, Media, Role, Sink};
+use crate::engine::{Engine, EngineArgs, Event, FrameOptions, Job, Media, Role, Sink, parse_reduce};
 use crate::metrics::Metrics;
 use crate::progress::Progress;
 
@@ -162,7 +161,7 @@ fn job(line: JobLine, base: &Path, default_max: usize, sink: Box<dyn Sink>) -> R
         video,
         frames: FrameOptions { sampling: line.sampling, frames: line.frames, fps: line.fps, max_frames: line.max_frames },
         max_visual_tokens: line.max_visual_tokens,
-        reduce: line.reduce.as_deref().map(str::parse::<Reduce>).transpose().map_err(|e| format!("reduce: {e}"))?,
+        reduce: parse_reduce(line.reduce.as_deref(), line.max_visual_tokens)?,
         params: GenerateParams { max_tokens: line.max_tokens.unwrap_or(default_max), sampler, stop: line.stop },
         sink,
         arrived: Instant::now(),

@@ -192,6 +192,16 @@ pub struct Job {
     pub arrived: Instant,
 }
 
+/// A request's `reduce` field, read beside its `max_visual_tokens` (a method without a
+/// budget to reduce to is refused, as `ask --reduce` without `--max-visual-tokens` is).
+pub fn parse_reduce(reduce: Option<&str>, max_visual_tokens: Option<usize>) -> Result<Option<Reduce>, String> {
+    let reduce = reduce.map(str::parse::<Reduce>).transpose().map_err(|e| format!("reduce: {e}"))?;
+    if reduce.is_some() && max_visual_tokens.is_none() {
+        return Err("reduce needs max_visual_tokens (the budget to reduce to)".into());
+    }
+    Ok(reduce)
+}
+
 /// Where a request's events go. `send` returns `false` once nobody listens (the client
 /// went away): the engine then ends the answer after the token at hand.
 pub trait Sink: Send {
@@ -554,7 +564,7 @@ impl Engine {
         let media = |e: anyhow::Error| ApiError::bad_request(format!("video: {e:#}"));
         let reader = VideoReader::open(&path.to_string_lossy()).map_err(media)?;
         // A key-frame method chooses among more candidates than the frames it keeps.
-        let policy = budget.map_or(policy, |b| policy.oversampled(b.reduce.candidate_frames(1)));
+        let policy = budget.map_or(policy, |b| policy.oversampled(b.reduce.candidates_per_frame()));
         let (frames, times) = sample_video(&reader, policy).map_err(media)?;
         let vm = self.model.video().expect("a video model");
         let e = vm.encode_video(pixels(&frames, &prep.pre, &prep.device), budget).map_err(ApiError::from_generate)?;

@@ -14,9 +14,8 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_models::GenerateParams;
-use vidllm_models::token_budget::Reduce;
 
-use crate::engine::{ApiError, Done, FrameOptions, Job, Media, ModelInfo, Role, Sink};
+use crate::engine::{ApiError, Done, FrameOptions, Job, Media, ModelInfo, Role, Sink, parse_reduce};
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -206,10 +205,7 @@ impl ChatRequest {
         let frames = FrameOptions { sampling: self.sampling, frames: self.frames, fps: self.fps, max_frames: self.max_frames };
         // Without max_tokens the answer may fill the context, as OpenAI's API allows.
         let params = GenerateParams { max_tokens: max_tokens.unwrap_or(info.context), sampler, stop };
-        let reduce = self.reduce.as_deref().map(str::parse::<Reduce>).transpose().map_err(|e| bad(format!("reduce: {e}")))?;
-        if reduce.is_some() && self.max_visual_tokens.is_none() {
-            return Err(bad("reduce needs max_visual_tokens (the budget to reduce to)"));
-        }
+        let reduce = parse_reduce(self.reduce.as_deref(), self.max_visual_tokens).map_err(bad)?;
         Ok(Job { turns, images, video, frames, max_visual_tokens: self.max_visual_tokens, reduce, params, sink, arrived })
     }
 }

@@ -392,6 +392,11 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     let (s, v) = post(&url, &bogus, None);
     assert_eq!(s, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("unknown reduction"), "{v}");
+    let mut unbounded = body("bikes.mp4");
+    unbounded["reduce"] = json!("slowfast");
+    let (s, v) = post(&url, &unbounded, None);
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("reduce needs max_visual_tokens"), "{v}");
     // A still image (a frame of the clip as a PNG data: URL) answers as `ask --image` does.
     let png = std::env::temp_dir().join(format!("vidllm-serve-frame-{}.png", std::process::id()));
     let st = Command::new("ffmpeg").args(["-v", "error", "-y", "-i"]).arg(&clip).args(["-frames:v", "1"]).arg(&png).status().unwrap();

@@ -15,13 +15,9 @@ use vidllm_core::preprocess::{PreprocessConfig, Resample, Taps, crop_origin, res
 
 /// RGB u8 frames of one size, `[t, h, w, 3]` packed, -> pixel values `[t, 3, oh, ow]`.
 pub fn preprocess(frames: &[&[u8]], h: usize, w: usize, cfg: &PreprocessConfig, device: &Device) -> Tensor<4> {
-    if *device == Device::flex()
-        && let Some(passes) = cpu_passes(h, w, cfg)
-    {
-        // Straight from the packed frames: no float copy of the decoded video.
-        let out = resize_on_cpu(Source::Rgb(frames), h, w, &passes);
-        let (oh, ow) = cfg.output_size(h, w);
-        return normalise_planes(Tensor::<4>::from_data(TensorData::new(out, [frames.len(), 3, oh, ow]), device), cfg);
+    // On the CPU, straight from the packed frames: no float copy of the decoded video.
+    if let Some(x) = preprocess_on_cpu(Source::Rgb(frames), frames.len(), h, w, cfg, device) {
+        return x;
     }
     preprocess_planes(rgb_planes(frames, h, w, device), cfg)
 }
@@ -58,25 +54,19 @@ pub fn unpack_rgba_words(words: Tensor<3, Int>, w: usize) -> Tensor<4> {
 pub fn preprocess_planes(x: Tensor<4>, cfg: &PreprocessConfig) -> Tensor<4> {
     let [t, _, h, w] = x.dims();
     let device = x.device();
-    if device == Device::flex()
-        && let Some(passes) = cpu_passes(h, w, cfg)
-    {
+    if device == Device::flex() && !cfg.resize_steps(h, w).is_empty() {
         let host = x.into_data().try_into_vec::<f32>().expect("preprocess: f32 planes");
-        let out = resize_on_cpu(Source::Planes(&host), h, w, &passes);
-        let (oh, ow) = cfg.output_size(h, w);
-        return normalise_planes(Tensor::<4>::from_data(TensorData::new(out, [t, 3, oh, ow]), &device), cfg);
+        return preprocess_on_cpu(Source::Planes(&host), t, h, w, cfg, &device).expect("a resize to run");
     }
-    let steps = cfg.resize_steps(h, w);
-    let (rh, rw) = cfg.resized(h, w);
-    let (oh, ow) = cfg.output_size(h, w);
-    let (top, left) = crop_origin(cfg, rh, rw);
+    let steps = resize_steps(h, w, cfg);
     let mut x = x;
-    for (k, &(sh, sw)) in steps.iter().enumerate() {
-        // The crop is folded into the last pass's weights.
-        let (ys, xs) = if k + 1 == steps.len() { (top..top + oh, left..left + ow) } else { (0..sh, 0..sw) };
+    for ((sh, sw), ys, xs) in steps.iter().cloned() {
         x = resample(x, sh, sw, ys, xs, cfg.resample);
     }
     if steps.is_empty() {
+        let (rh, rw) = cfg.resized(h, w);
+        let (oh, ow) = cfg.output_size(h, w);
+        let (top, left) = crop_origin(cfg, rh, rw);
         x = x.narrow(2, top, oh).narrow(3, left, ow);
     }
     normalise_planes(x, cfg)
@@ -127,21 +117,42 @@ fn resample(x: Tensor<4>, sh: usize, sw: usize, ys: Range<usize>, xs: Range<usiz
     x.reshape([t, 3, kh, kw])
 }
 
-/// The resize passes of `cfg` for `(h, w)` frames on the CPU (none when `cfg` only crops).
-fn cpu_passes(h: usize, w: usize, cfg: &PreprocessConfig) -> Option<Vec<Pass>> {
+/// One resize: to `(h, w)`, keeping output rows and columns.
+type ResizeStep = ((usize, usize), Range<usize>, Range<usize>);
+
+/// The resizes of `cfg` for `(h, w)` frames: each one's size, and the output rows and
+/// columns it keeps (the crop is folded into the last; the others keep everything).
+fn resize_steps(h: usize, w: usize, cfg: &PreprocessConfig) -> Vec<ResizeStep> {
     let steps = cfg.resize_steps(h, w);
     let (rh, rw) = cfg.resized(h, w);
     let (oh, ow) = cfg.output_size(h, w);
     let (top, left) = crop_origin(cfg, rh, rw);
+    let last = steps.len().saturating_sub(1);
+    steps
+        .iter()
+        .enumerate()
+        .map(|(k, &(sh, sw))| if k == last { ((sh, sw), top..top + oh, left..left + ow) } else { ((sh, sw), 0..sh, 0..sw) })
+        .collect()
+}
+
+/// `t` frames of `(h, w)` preprocessed on the CPU, resized through the filter taps; `None`
+/// off the CPU, or when `cfg` only crops.
+fn preprocess_on_cpu(src: Source, t: usize, h: usize, w: usize, cfg: &PreprocessConfig, device: &Device) -> Option<Tensor<4>> {
+    if *device != Device::flex() {
+        return None;
+    }
     let mut from = (h, w);
-    let mut passes = Vec::with_capacity(steps.len());
-    for (k, &to) in steps.iter().enumerate() {
-        let (ys, xs) = if k + 1 == steps.len() { (top..top + oh, left..left + ow) } else { (0..to.0, 0..to.1) };
+    let mut passes = Vec::new();
+    for (to, ys, xs) in resize_steps(h, w, cfg) {
         let pass = Pass::new(from, to, ys, xs, cfg.resample);
         from = (pass.rows.len(), pass.cols.first.len());
         passes.push(pass);
     }
-    (!passes.is_empty()).then_some(passes)
+    if passes.is_empty() {
+        return None;
+    }
+    let out = resize_on_cpu(src, h, w, &passes);
+    Some(normalise_planes(Tensor::<4>::from_data(TensorData::new(out, [t, 3, from.0, from.1]), device), cfg))
 }
 
 /// Frames for the CPU resize.

@@ -24,6 +24,10 @@ pub enum Resample {
     Bicubic,
     /// PIL's LANCZOS: a 3-lobed windowed sinc (Idefics3 / SmolVLM images).
     Lanczos,
+    /// torch's `interpolate(mode="bilinear", align_corners=False, antialias=False)`: two
+    /// taps whatever the scale, so a large reduction skips pixels (torchvision's tensor
+    /// `Resize` with `antialias=False`).
+    BilinearNoAntialias,
 }
 
 /// How a frame is resized before the crop.
@@ -39,6 +43,9 @@ pub enum Resize {
         longest: usize,
         square: usize,
     },
+    /// To exactly `(height, width)`, the aspect ratio not kept (a "squash", as
+    /// torchvision's `Resize((h, w))` does).
+    Exact(usize, usize),
 }
 
 /// Resolved preprocessing parameters.
@@ -85,6 +92,7 @@ impl PreprocessConfig {
             Resize::ShortestEdge(s) if h <= w => vec![(s, (s as f64 * w as f64 / h as f64) as usize)],
             Resize::ShortestEdge(s) => vec![((s as f64 * h as f64 / w as f64) as usize, s)],
             Resize::LongestEdgeThenSquare { longest, square } => vec![longest_edge_size(h, w, longest), (square, square)],
+            Resize::Exact(rh, rw) => vec![(rh, rw)],
         }
     }
 }
@@ -276,11 +284,14 @@ pub struct Taps {
 pub fn resample_taps(n_in: usize, n_out: usize, keep: std::ops::Range<usize>, resample: Resample) -> Vec<Taps> {
     let (filter, support): (fn(f64) -> f64, f64) = match resample {
         Resample::Bicubic => (bicubic, 2.0),
-        Resample::Bilinear => (bilinear, 1.0),
+        Resample::Bilinear | Resample::BilinearNoAntialias => (bilinear, 1.0),
         Resample::Lanczos => (lanczos, 3.0),
     };
     let scale = n_in as f64 / n_out as f64;
-    let fscale = scale.max(1.0);
+    // Antialiasing widens the filter by the reduction; without it the filter keeps its
+    // width, and the taps are torch's: source `(o + 0.5) * scale - 0.5`, clamped to the
+    // edges (a tap off the picture drops out and the other takes its weight).
+    let fscale = if resample == Resample::BilinearNoAntialias { 1.0 } else { scale.max(1.0) };
     let support = support * fscale;
     keep.map(|o| {
         let center = (o as f64 + 0.5) * scale;

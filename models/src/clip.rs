@@ -37,7 +37,8 @@ pub enum Activation {
     QuickGelu,
     /// Exact (erf) GELU.
     Gelu,
-    /// GELU's tanh approximation (`gelu_pytorch_tanh`), SigLIP's.
+    /// GELU's tanh approximation (`gelu_pytorch_tanh`, SigLIP's; `gelu_fast`, ViViT's, is
+    /// the same function written another way).
     GeluTanh,
 }
 
@@ -46,8 +47,10 @@ impl Activation {
         match s {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
-            "gelu_pytorch_tanh" | "gelu_new" => Ok(Self::GeluTanh),
-            other => Err(LoadError::Unsupported(format!("activation {other:?} (supported: quick_gelu, gelu, gelu_pytorch_tanh)"))),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Ok(Self::GeluTanh),
+            other => Err(LoadError::Unsupported(format!(
+                "activation {other:?} (supported: quick_gelu, gelu, gelu_pytorch_tanh, gelu_new, gelu_fast)"
+            ))),
         }
     }
 
@@ -145,17 +148,100 @@ impl ClipVisionConfig {
     }
 }
 
-/// One pre-norm transformer block of a ViT (CLIP's and SigLIP's share names and shape):
-/// `x + attn(ln1(x))`, then `h + fc2(act(fc1(ln2(h))))`.
-pub(crate) struct EncoderLayer {
-    ln1: LayerNorm,
+/// The tensor names of a pre-norm ViT block, relative to the block's prefix: CLIP's and
+/// SigLIP's (`layer_norm1`, `self_attn.q_proj`, ...), DINOv2's and ViViT's (`norm1` /
+/// `layernorm_before`, `attention.attention.query`, ...). The maths is the same.
+pub(crate) struct BlockNames {
+    pub ln1: &'static str,
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub o: &'static str,
+    pub ln2: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+    /// DINOv2's per-channel residual scales (`layer_scale{1,2}.lambda1`), when present.
+    pub layer_scale: Option<(&'static str, &'static str)>,
+}
+
+impl BlockNames {
+    /// CLIP's and SigLIP's (`CLIPEncoderLayer`).
+    pub const CLIP: Self = Self {
+        ln1: "layer_norm1",
+        q: "self_attn.q_proj",
+        k: "self_attn.k_proj",
+        v: "self_attn.v_proj",
+        o: "self_attn.out_proj",
+        ln2: "layer_norm2",
+        fc1: "mlp.fc1",
+        fc2: "mlp.fc2",
+        layer_scale: None,
+    };
+}
+
+/// Multi-head self-attention with biased projections, every token seeing every token of
+/// its sequence (no mask).
+pub(crate) struct SelfAttention {
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
+}
+
+impl SelfAttention {
+    pub(crate) fn load(ck: &Checkpoint, [q, k, v, o]: [String; 4], d: usize, device: &burn::tensor::Device) -> Result<Self, LoadError> {
+        Ok(Self {
+            q: Linear::load(ck, &q, d, d, device)?,
+            k: Linear::load(ck, &k, d, d, device)?,
+            v: Linear::load(ck, &v, d, d, device)?,
+            o: Linear::load(ck, &o, d, d, device)?,
+        })
+    }
+
+    /// # Shapes
+    /// - x: `[t * n, d]` (t sequences of n tokens) -> same
+    pub(crate) fn forward(&self, x: Tensor<2>, t: usize, n: usize, heads: usize) -> Tensor<2> {
+        self.forward_rows(x, t, n, heads, n)
+    }
+
+    /// [`SelfAttention::forward`] taking at most `rows` queries at a time, so that the
+    /// scores of one long sequence (ViViT's whole clip) fit a storage binding.
+    pub(crate) fn forward_rows(&self, x: Tensor<2>, t: usize, n: usize, heads: usize, rows: usize) -> Tensor<2> {
+        let d = x.dims()[1];
+        let dh = d / heads;
+        let split = |y: Tensor<2>| y.reshape([t, n, heads, dh]).swap_dims(1, 2); // [t, h, n, dh]
+        let q = split(self.q.forward(x.clone()));
+        let k = split(self.k.forward(x.clone()));
+        let v = split(self.v.forward(x));
+        // Every token sees every token: no mask, and the bias is not read.
+        let unused = Tensor::zeros([1, 1, 1, 1], &q.device());
+        let scale = (dh as f64).powf(-0.5);
+        let rows = rows.clamp(1, n);
+        let ctx = match rows == n {
+            true => attention(q, k, v, unused, scale, Mask::None),
+            false => {
+                let parts = (0..n).step_by(rows).map(|s| {
+                    let qs = q.clone().narrow(2, s, rows.min(n - s));
+                    attention(qs, k.clone(), v.clone(), unused.clone(), scale, Mask::None)
+                });
+                Tensor::cat(parts.collect(), 2)
+            }
+        };
+        self.o.forward(ctx.swap_dims(1, 2).reshape([t * n, d]))
+    }
+}
+
+/// One pre-norm transformer block of a ViT (CLIP, SigLIP, DINOv2, ViViT):
+/// `x + ls1 * attn(ln1(x))`, then `h + ls2 * fc2(act(fc1(ln2(h))))`, the layer scales
+/// `ls` being 1 except in DINOv2.
+pub(crate) struct EncoderLayer {
+    ln1: LayerNorm,
+    attn: SelfAttention,
     ln2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    /// `[d]` each
+    layer_scale: Option<(Tensor<1>, Tensor<1>)>,
 }
 
 pub struct ClipVisionTower {
@@ -166,7 +252,7 @@ pub struct ClipVisionTower {
     /// `[tokens, d_model]`
     positions: Tensor<2>,
     pre_ln: LayerNorm,
-    layers: Vec<EncoderLayer>,
+    pub(crate) layers: Vec<EncoderLayer>,
     /// The binding cap of its device: frames are encoded in batches under it.
     cap: BindingCap,
 }
@@ -193,7 +279,7 @@ impl ClipVisionTower {
     ///
     /// # Shapes
     /// - pixels: `[t, 3, h, w]` -> `[t * tokens, d_model]`
-    fn embed(&self, pixels: Tensor<4>) -> Tensor<2> {
+    pub(crate) fn embed(&self, pixels: Tensor<4>) -> Tensor<2> {
         let [t, _, _, _] = pixels.dims();
         let (g, p, d) = (self.cfg.grid(), self.cfg.patch_size, self.cfg.d_model);
         let patches = pixels
@@ -229,7 +315,7 @@ impl ClipVisionTower {
     /// Frames encoded together: as many as keep the largest activation, the attention
     /// scores `[frames, heads, n, n]` or the MLP's `[frames * n, intermediate]`, within
     /// one storage binding.
-    fn frames_per_batch(&self) -> usize {
+    pub(crate) fn frames_per_batch(&self) -> usize {
         let (c, n) = (&self.cfg, self.cfg.tokens());
         self.cap.per_binding(4 * (c.n_heads * n * n).max(n * c.d_ff), 0)
     }
@@ -238,36 +324,47 @@ impl ClipVisionTower {
 impl EncoderLayer {
     /// Load `{prefix}layer_norm1`, `{prefix}self_attn.*`, `{prefix}layer_norm2`, `{prefix}mlp.*`.
     pub(crate) fn load(ck: &Checkpoint, prefix: &str, cfg: &ClipVisionConfig, device: &burn::tensor::Device) -> Result<Self, LoadError> {
+        Self::load_named(ck, prefix, &BlockNames::CLIP, cfg, device)
+    }
+
+    /// Load a block whose tensors are named by `names` under `prefix`.
+    pub(crate) fn load_named(
+        ck: &Checkpoint,
+        prefix: &str,
+        names: &BlockNames,
+        cfg: &ClipVisionConfig,
+        device: &burn::tensor::Device,
+    ) -> Result<Self, LoadError> {
         let (d, l) = (cfg.d_model, |s: &str| format!("{prefix}{s}"));
+        let layer_scale = match names.layer_scale {
+            Some((a, b)) => Some((vector(ck, &l(a), d, device)?, vector(ck, &l(b), d, device)?)),
+            None => None,
+        };
         Ok(Self {
-            ln1: LayerNorm::load(ck, &l("layer_norm1"), d, cfg.eps, device)?,
-            q: Linear::load(ck, &l("self_attn.q_proj"), d, d, device)?,
-            k: Linear::load(ck, &l("self_attn.k_proj"), d, d, device)?,
-            v: Linear::load(ck, &l("self_attn.v_proj"), d, d, device)?,
-            o: Linear::load(ck, &l("self_attn.out_proj"), d, d, device)?,
-            ln2: LayerNorm::load(ck, &l("layer_norm2"), d, cfg.eps, device)?,
-            fc1: Linear::load(ck, &l("mlp.fc1"), cfg.d_ff, d, device)?,
-            fc2: Linear::load(ck, &l("mlp.fc2"), d, cfg.d_ff, device)?,
+            ln1: LayerNorm::load(ck, &l(names.ln1), d, cfg.eps, device)?,
+            attn: SelfAttention::load(ck, [l(names.q), l(names.k), l(names.v), l(names.o)], d, device)?,
+            ln2: LayerNorm::load(ck, &l(names.ln2), d, cfg.eps, device)?,
+            fc1: Linear::load(ck, &l(names.fc1), cfg.d_ff, d, device)?,
+            fc2: Linear::load(ck, &l(names.fc2), d, cfg.d_ff, device)?,
+            layer_scale,
         })
     }
 
     /// # Shapes
     /// - x: `[t * n, d]` (t images of n tokens) -> same
     pub(crate) fn forward(&self, x: Tensor<2>, t: usize, n: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
-        let h = x.clone() + self.attention(self.ln1.forward(x), t, n, cfg);
-        h.clone() + self.fc2.forward(cfg.act.forward(self.fc1.forward(self.ln2.forward(h))))
+        self.forward_rows(x, t, n, cfg, n)
     }
 
-    fn attention(&self, x: Tensor<2>, t: usize, n: usize, cfg: &ClipVisionConfig) -> Tensor<2> {
-        let (d, h) = (cfg.d_model, cfg.n_heads);
-        let dh = d / h;
-        let heads = |y: Tensor<2>| y.reshape([t, n, h, dh]).swap_dims(1, 2); // [t, h, n, dh]
-        let q = heads(self.q.forward(x.clone()));
-        let k = heads(self.k.forward(x.clone()));
-        let v = heads(self.v.forward(x));
-        // Every patch sees every patch: no mask, and the bias is not read.
-        let unused = Tensor::zeros([1, 1, 1, 1], &q.device());
-        let ctx = attention(q, k, v, unused, (dh as f64).powf(-0.5), Mask::None).swap_dims(1, 2).reshape([t * n, d]);
-        self.o.forward(ctx)
+    /// [`EncoderLayer::forward`] with attention taking at most `rows` queries at a time.
+    pub(crate) fn forward_rows(&self, x: Tensor<2>, t: usize, n: usize, cfg: &ClipVisionConfig, rows: usize) -> Tensor<2> {
+        let scaled = |y: Tensor<2>, s: Option<&Tensor<1>>| match s {
+            Some(s) => y * s.clone().unsqueeze::<2>(),
+            None => y,
+        };
+        let ls = self.layer_scale.as_ref();
+        let h = x.clone() + scaled(self.attn.forward_rows(self.ln1.forward(x), t, n, cfg.n_heads, rows), ls.map(|s| &s.0));
+        let mlp = self.fc2.forward(cfg.act.forward(self.fc1.forward(self.ln2.forward(h.clone()))));
+        h + scaled(mlp, ls.map(|s| &s.1))
     }
 }

@@ -380,7 +380,7 @@ impl Conversation {
             None => Vec::new(),
         };
         visuals.extend(self.video.clone());
-        let ids = VideoModel::prompt_ids(&self.tok, text, &visuals).map_err(visual)?;
+        let ids = m.first_turn_ids(&self.tok, text, &visuals).map_err(visual)?;
         let embeds = merge_embeddings(m.decoder(), &ids, &visuals).map_err(visual)?;
         Ok((ids, embeds))
     }

@@ -4,8 +4,10 @@
 pub mod clip;
 pub mod conversation;
 pub mod decoder_family;
+pub mod dinov2;
 pub mod generate;
 pub mod idefics3;
+pub mod languagebind;
 pub mod layers;
 pub mod llama;
 pub mod llama_gguf;
@@ -14,6 +16,8 @@ pub mod llava;
 pub mod llava_next_video;
 pub mod maxinfo;
 pub mod merge;
+pub mod merv;
+pub mod merv_fusion;
 pub mod mmproj;
 pub mod model_files;
 pub mod pllava;
@@ -28,6 +32,7 @@ pub mod smolvlm_connector;
 pub mod token_budget;
 pub mod video_llava;
 pub mod video_model;
+pub mod vivit;
 
 pub use conversation::{Conversation, FinishReason, Finished, Model, Prompt, Step};
 pub use decoder_family::Family;

@@ -119,20 +119,36 @@ impl SiglipVisionTower {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` (s = the config's `image_size`) -> `[t, tokens, d_model]`
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
+        self.encode(pixels, self.layers.len(), true)
+    }
+
+    /// The output of the first `blocks` blocks (`hidden_states[blocks]`), without the
+    /// final norm: the features MERV takes from an inner block.
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, s, s]` -> `[t, tokens, d_model]`
+    pub fn hidden_state(&self, pixels: Tensor<4>, blocks: usize) -> Tensor<3> {
+        self.encode(pixels, blocks, false)
+    }
+
+    fn encode(&self, pixels: Tensor<4>, blocks: usize, post_norm: bool) -> Tensor<3> {
         let t = pixels.dims()[0];
         let batch = self.images_per_batch();
         if t > batch {
             // Images are independent: encode them in batches whose attention scores fit
             // one storage binding, then put the batches back together.
-            let parts = (0..t).step_by(batch).map(|s| self.forward(pixels.clone().narrow(0, s, batch.min(t - s))));
+            let parts = (0..t).step_by(batch).map(|s| self.encode(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, post_norm));
             return Tensor::cat(parts.collect(), 0);
         }
         let (n, d) = (self.tokens(), self.cfg.d_model);
         let mut x = self.embed(pixels);
-        for layer in &self.layers {
+        for layer in &self.layers[..blocks] {
             x = layer.forward(x, t, n, &self.cfg);
         }
-        self.post_ln.forward(x).reshape([t, n, d])
+        if post_norm {
+            x = self.post_ln.forward(x);
+        }
+        x.reshape([t, n, d])
     }
 
     /// Patch embeddings (conv with bias) plus positions.

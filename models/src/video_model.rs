@@ -22,6 +22,7 @@ use crate::idefics3::Idefics3;
 use crate::llama_hf::QuantChoice;
 use crate::llava_next_video::LlavaNextVideo;
 use crate::merge::{Visual, expand_placeholders, expand_placeholders_counted};
+use crate::merv::Merv;
 use crate::pllava::Pllava;
 use crate::smolvlm::SmolVlm;
 use crate::token_budget::{Budget, FrameGrid, Reduced, ReductionReport, reduce, reduce_async};
@@ -137,6 +138,18 @@ pub trait Architecture {
 
     /// A later turn, after the last answer (whose final token may not have run yet).
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String;
+
+    /// Whether the visual tokens go right after BOS rather than where a placeholder in
+    /// the prompt text says (MERV, whose prompts have no placeholder).
+    fn visuals_after_bos(&self) -> bool {
+        false
+    }
+
+    /// How much each vision encoder weighed in the last video's tokens, by name, where
+    /// the model mixes several (MERV); read back from the device.
+    fn encoder_weights(&self) -> Option<Vec<(String, f32)>> {
+        None
+    }
 }
 
 /// How a registry entry loads its architecture (see [`Architecture::load`]).
@@ -161,12 +174,13 @@ const fn register<A: Architecture + 'static>(model_type: &'static str) -> Regist
 }
 
 /// Every architecture vidllm runs, by `config.json`'s `model_type`.
-pub static REGISTRY: [Registration; 5] = [
+pub static REGISTRY: [Registration; 6] = [
     register::<VideoLlava>("video_llava"),
     register::<Pllava>("pllava"),
     register::<LlavaNextVideo>("llava_next_video"),
     register::<SmolVlm>("smolvlm"),
     register::<Idefics3>("idefics3"),
+    register::<Merv>("merv"),
 ];
 
 /// The `model_type`s of [`REGISTRY`].
@@ -297,12 +311,29 @@ impl VideoModel {
         self.model_type
     }
 
+    /// Token ids of a first-turn `text` from this model's [`Architecture::first_turn`],
+    /// each visual run in place: at its placeholders, or right after BOS.
+    pub fn first_turn_ids(&self, tok: &Tokenizer, text: &str, visuals: &[Visual]) -> Result<Vec<u32>, LoadError> {
+        if !self.arch.visuals_after_bos() {
+            return Self::prompt_ids(tok, text, visuals);
+        }
+        let mut ids = tok.encode(text, tok.add_bos)?;
+        // Each run's placeholder once after BOS (where the tokenizer adds one), in order;
+        // no text can hold them, so the text's own tokens are left as they were.
+        let at = usize::from(tok.bos.is_some() && ids.first() == tok.bos.as_ref());
+        ids.splice(at..at, visuals.iter().map(|v| v.token));
+        Self::expand(ids, visuals)
+    }
+
     /// Token ids of a first-turn `text`, each placeholder expanded to its visual tokens.
     pub fn prompt_ids(tok: &Tokenizer, text: &str, visuals: &[Visual]) -> Result<Vec<u32>, LoadError> {
         // A template that writes BOS itself (Idefics3's `<|begin_of_text|>...`) gets no second
         // one, as transformers' `apply_chat_template(tokenize=True)` and llama.cpp do.
         let bos_in_text = tok.bos.is_some() && text.starts_with(&tok.token_text(tok.bos));
-        let mut ids = tok.encode(text, tok.add_bos && !bos_in_text)?;
+        Self::expand(tok.encode(text, tok.add_bos && !bos_in_text)?, visuals)
+    }
+
+    fn expand(mut ids: Vec<u32>, visuals: &[Visual]) -> Result<Vec<u32>, LoadError> {
         for v in visuals {
             ids = match &v.counts {
                 Some(counts) => expand_placeholders_counted(&ids, v.token, counts)?,

@@ -301,6 +301,10 @@ pub fn run(a: AskArgs) -> Result<()> {
                 r.method, r.tokens_before, r.tokens_after, r.frames_before, r.frames_after, r.reduce_ms
             );
         }
+        if let Some(w) = vm.encoder_weights() {
+            let w: Vec<String> = w.iter().map(|(name, v)| format!("{name} {v:.3}")).collect();
+            eprintln!("encoder weights: {}", w.join(", "));
+        }
     }
 
     let params = GenerateParams {
@@ -329,6 +333,9 @@ pub fn run(a: AskArgs) -> Result<()> {
         };
         // The prompt as run: the conversation's tokens before the answer.
         let prompt_ids = &conv.history()[..conv.history().len() - f.tokens.len()];
+        // MERV: how much each encoder weighed in the visual tokens.
+        let encoder_weights: Option<serde_json::Map<String, Json>> =
+            vm.encoder_weights().map(|w| w.into_iter().map(|(name, v)| (name, json!(v))).collect());
         writeln!(
             out,
             "{}",
@@ -337,7 +344,7 @@ pub fn run(a: AskArgs) -> Result<()> {
                 "text": f.text, "finish_reason": f.reason.openai(),
                 "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
                             "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
-                "device": picked.name, "reduction": reduction,
+                "device": picked.name, "reduction": reduction, "encoder_weights": encoder_weights,
             })
         )?;
     } else {

@@ -223,6 +223,45 @@ fn ask_runs_pllava_folders_with_pool_and_lora_alpha() {
 }
 
 #[test]
+fn ask_runs_merv_folders_and_reports_the_encoder_weights() {
+    let clip = clips().join("bikes.mp4");
+    let model = fixture("tiny_merv");
+    let ask = |extra: &[&str]| {
+        let mut a = vec!["ask", "--model", model.to_str().unwrap(), "--prompt", "What is happening?", "--max-tokens", "4"];
+        a.extend_from_slice(&["--device", "cpu", "--json"]);
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let (ok, out, err) = ask(&["--video", clip.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    // One decode of 32 frames, np.linspace(0, 249, 32); 16 x 8 x 8 fused tokens.
+    assert_eq!(v["visual_tokens"], 1024);
+    let frames = v["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), 32);
+    assert_eq!((frames[1]["index"].as_u64(), frames[31]["index"].as_u64()), (Some(8), Some(249)));
+    let w = v["encoder_weights"].as_object().expect("encoder_weights");
+    let names: Vec<&str> = w.keys().map(|k| k.as_str()).collect();
+    for n in ["languagebind", "dinov2", "vivit", "siglip"] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    let sum: f64 = w.values().map(|x| x.as_f64().unwrap()).sum();
+    assert!((sum - 1.0).abs() < 1e-5, "weights sum to {sum}");
+    // The visual tokens come right after BOS.
+    assert_eq!(v["prompt_tokens"][0], 1);
+    assert_eq!(v["prompt_tokens"][1], v["prompt_tokens"][1024]);
+
+    // A still image is a clip of copies of it.
+    let image = tmp("merv_still.png");
+    ffmpeg(&["-y", "-i", clip.to_str().unwrap(), "-frames:v", "1", image.to_str().unwrap()]);
+    let (ok, out, err) = ask(&["--image", image.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["visual_tokens"], 1024);
+    assert!(v["encoder_weights"].is_object());
+}
+
+#[test]
 fn ask_runs_llava_next_video_folders() {
     let clip = clips().join("carphone_pristine.mp4");
     let model = fixture("tiny_llava_next_video");

@@ -343,6 +343,10 @@ pub struct Merv {
     prompt: String,
     /// The last video's mixing weights, one per encoder (read when reported).
     last_weights: RefCell<Option<Tensor<1>>>,
+    /// Run the encoders concurrently, each on a thread of its own (natively, with
+    /// `VIDLLM_MERV_CONCURRENT=1`). Off by default: on a 2-core CPU, where each encoder's
+    /// kernels already use every core, it took 1.40x as long (`tests/scripts/bench_merv.py`).
+    pub concurrent: bool,
 }
 
 impl Merv {
@@ -373,7 +377,8 @@ impl Merv {
         if !prompt.contains("{msg}") {
             return Err(LoadError::Unsupported(format!("MERV config: prompt {prompt:?} has no {{msg}}")));
         }
-        Ok(Self { encoders, fusion, decoder, clip_frames, pool, video_token, prompt, last_weights: RefCell::new(None) })
+        let concurrent = !cfg!(target_family = "wasm") && std::env::var("VIDLLM_MERV_CONCURRENT").is_ok_and(|v| v == "1");
+        Ok(Self { encoders, fusion, decoder, clip_frames, pool, video_token, prompt, last_weights: RefCell::new(None), concurrent })
     }
 
     /// A clip of exactly [`Self::clip_frames`] frames from `t` given ones: frames picked
@@ -397,7 +402,26 @@ impl Merv {
     /// - frames: `[t, 3, h, w]` RGB planes -> encoders x `[T * h * w, d_text]`
     pub fn projected(&self, frames: Tensor<4>) -> Vec<Tensor<2>> {
         let clip = self.clip(frames);
-        self.encoders.iter().map(|e| e.projected(e.features(e.pixels(clip.clone())))).collect()
+        let run = |e: &Encoder, clip: Tensor<4>| e.projected(e.features(e.pixels(clip)));
+        // The encoders are independent until the fusion: natively each may run on a thread
+        // of its own (on a GPU, each thread submits its own stream of work).
+        #[cfg(not(target_family = "wasm"))]
+        if self.concurrent {
+            return std::thread::scope(|s| {
+                let running: Vec<_> = self
+                    .encoders
+                    .iter()
+                    .map(|e| {
+                        s.spawn({
+                            let c = clip.clone();
+                            move || run(e, c)
+                        })
+                    })
+                    .collect();
+                running.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+            });
+        }
+        self.encoders.iter().map(|e| run(e, clip.clone())).collect()
     }
 
     /// Rows of the decoder's embedding table.

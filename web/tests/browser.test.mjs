@@ -218,8 +218,9 @@ function meanDiffToFfmpeg(out) {
 // Frames go from the <video> straight into a WebGPU texture; the test reads back what the
 // device received and gives exactly those frames to vidllm-native.
 // SmolVLM2 samples by its own policy (1 frame a second: 2 frames of the 2 s clip, 9 tokens each).
+// MERV: one sample of 32 frames serves its four encoders, fused into 16 x 8 x 8 tokens.
 for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava", 8, 40], ["tiny_pllava", "pllava", 8, null],
-  ["tiny_llava_next_video", "llava_next_video", 8, null], ["tiny_smolvlm", "smolvlm", undefined, 18]]) {
+  ["tiny_llava_next_video", "llava_next_video", 8, null], ["tiny_smolvlm", "smolvlm", undefined, 18], ["tiny_merv", "merv", 32, 1024]]) {
   test(`${arch} answers about a <video> on WebGPU with the native runtime's tokens for the same frames`, { timeout: 900_000 }, async () => {
     const dir = makeClips();
     await testPage("/web/tests/page.html", async (page) => {

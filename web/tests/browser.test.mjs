@@ -340,6 +340,19 @@ test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the p
   }, { consoleErrors: false });
 });
 
+// MERV's four encoders on the wasm CPU backend: native's tokens for the same frames.
+test("MERV on the CPU backend (wasm) answers about a <video> with the native runtime's tokens", { timeout: 900_000 }, async () => {
+  const dir = makeClips();
+  await testPage("/web/tests/page.html", async (page) => {
+    const a = { base: "/tests/fixtures/tiny_merv/", clip: "/clip.webm", frames: 32, prompt: "What is happening in this video?", maxTokens: 6 };
+    const onCpu = await page.evaluate((x) => window.runVideo(x), { ...a, device: "cpu" });
+    const res = nativeAnswer(dir, "tiny_merv", onCpu, a.prompt, 6);
+    console.log(`merv cpu (wasm) ${onCpu.ids} | native ${res.tokens}, encoder weights ${JSON.stringify(res.encoder_weights)}`);
+    assert.equal(res.visual_tokens, 1024);
+    assert.deepEqual(onCpu.ids, res.tokens);
+  }, { consoleErrors: false });
+});
+
 // One definition of the sampling policies (Rust, exported to wasm): the page picks the
 // moments vidllm-native decodes, including fps with maxFrames, spread over the whole clip.
 test("frame sampling picks the same moments in the page as vidllm-native", { timeout: 300_000 }, async () => {

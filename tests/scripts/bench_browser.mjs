@@ -46,7 +46,7 @@ window.bench = async ({ config, prompt, tokens, reps }) => {
   if (config.startsWith("vidllm")) {
     const device = config.includes("webgpu") ? "webgpu" : "cpu";
     const rt = config.endsWith("worker") ? new VidLLMWorker(new URL("/web/js/worker.js", location.href)) : null;
-    const m = rt ? (await rt.load({ model: "/model.gguf", device }), rt) : await VidLLM.load({ model: "/model.gguf", device });
+    const m = rt ? (await rt.load({ model: "/model.gguf", device }), rt) : await VidLLM.load({ model: "/model.gguf", device, worker: false });
     for (let r = 0; r <= reps; r++) {
       longTasks = [];
       const { at, text } = await timed(m.generate({ prompt, raw: true, maxTokens: tokens, newConversation: true }));

@@ -26,6 +26,13 @@ export interface LoadOptions {
   maxBindingBytes?: number;
   /** PLLaVA: LoRA alpha used when merging the adapters (default 4). */
   loraAlpha?: number;
+  /**
+   * Run the model in a Web Worker (default: true in a page), so the page's main thread
+   * stays free; `VidLLM.load` then resolves to a `VidLLMWorker`, which has the same members.
+   * `false` runs it on the calling thread, which it blocks for the load, each video's
+   * encode, the prefill and each decode step.
+   */
+  worker?: boolean;
 }
 
 export interface Piece {
@@ -144,9 +151,10 @@ export interface ChatCompletionChunk {
 }
 
 export class VidLLM {
+  /** By default the model runs in a Web Worker and the object is a `VidLLMWorker` (see `LoadOptions.worker`). */
   static load(opts: LoadOptions): Promise<VidLLM>;
   /** "text" for a GGUF decoder, else the folder's model_type. */
-  readonly architecture: "text" | "video_llava" | "pllava" | "llava_next_video" | "smolvlm" | "idefics3";
+  readonly architecture: "text" | "video_llava" | "pllava" | "llava_next_video" | "smolvlm" | "idefics3" | "merv";
   readonly weightsDeviceBytes: number;
   readonly defaultFrames: number;
   /** The model's own frame sampling: "hf" for the LLaVA family, "smolvlm" (1 frame a second, at most `frames`) for SmolVLM2. */
@@ -168,7 +176,8 @@ export class VidLLM {
       create(req: ChatRequest & { stream?: false }): Promise<ChatCompletion>;
     };
   };
-  dispose(): void;
+  /** Frees the model (and, for a `VidLLMWorker`, ends its worker). */
+  dispose(): void | Promise<void>;
 }
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */
@@ -180,7 +189,9 @@ export function checkKernels(opts?: { types?: string[] }): Promise<KernelCheck[]
 /** Sampling times in seconds for a video of known duration (the native policies, on a `frameRate` grid, default 30). */
 export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<number[]>;
 /** Seek and take frames as ImageBitmaps, at given times or by a policy. */
-export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<SampledFrames>;
+export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number;
+  /** Where the policy's times come from (default: the page's wasm, as `times`). */
+  schedule?: (duration: number, n: number, policy: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }) => Promise<number[]> }): Promise<SampledFrames>;
 /** The sampling a question uses: what it names, else the model's own (`frames` caps a rate-based policy). */
 export function candidateFactor(maxVisualTokens: number | undefined, reduce: Reduction | undefined): number;
 export function samplingOf(

@@ -11,6 +11,7 @@
 
 import init, { Runtime, VideoRuntime, check_kernel, folder_architecture, folder_files, kernel_types, last_failure, sampling_times } from "../pkg/vidllm_web.js";
 import { channel } from "./channel.js";
+import { chatCompletion } from "./completion.js";
 
 /** WebGPU is missing (no navigator.gpu or no adapter). */
 export class WebGPUNotAvailableError extends Error {
@@ -233,6 +234,9 @@ async function listing(folder) {
 
 const isGgufName = (s) => /\.gguf(\?|#|$)/i.test(s);
 
+/** In a window (not already in a worker) where Web Workers exist: load's default. */
+const onPageThread = () => typeof Worker !== "undefined" && typeof WorkerGlobalScope === "undefined";
+
 /** A runtime: a text decoder from a GGUF, or a video-language model from a folder. */
 export class VidLLM {
   #rt;
@@ -256,16 +260,40 @@ export class VidLLM {
       supportsVideo: video ? rt.supports_video() : false,
       supportsImages: video ? rt.supports_images() : false,
     };
-    this.chat = { completions: { create: (req) => this.#completion(req) } };
+    this.chat = { completions: { create: (req) => chatCompletion(this, req) } };
   }
 
   /**
    * `model`: a GGUF (a text decoder), a model folder (URL ending in "/", or picked files),
    * or, with `mmproj`, llama.cpp's pair: the text GGUF and its vision GGUF (SmolVLM2).
+   *
+   * `worker` (default: true in a page): the model runs in a Web Worker, as wllama and
+   * WebLLM run theirs, and the object returned is a `VidLLMWorker` with the same members.
+   * The page only samples a `<video>` (seeks and `ImageBitmap`s) and hands the frames over.
+   * `worker: false` runs the model on the calling thread. That blocks it: the weights'
+   * upload, each video's encode, the prefill and each decode step (on the CPU backend, or
+   * WebGPU's command encoding) are tasks of their own, seconds long for a prefill on a
+   * small machine, with no input, scrolling or repaint meanwhile.
    * @param {{model: string|Uint8Array|File|File[]|FileList, mmproj?: string|Uint8Array|File, onProgress?: Function,
-   *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number}} opts
+   *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number, worker?: boolean}} opts
    */
-  static async load({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha }) {
+  static async load({ worker = onPageThread(), ...opts }) {
+    if (worker) {
+      // Imported here: worker.js imports this module (it runs `VidLLM` in the worker).
+      const { VidLLMWorker } = await import("./worker.js");
+      const w = new VidLLMWorker();
+      try {
+        await w.load(opts);
+      } catch (e) {
+        w.dispose().catch(() => {});
+        throw e;
+      }
+      return w;
+    }
+    return VidLLM.#loadHere(opts);
+  }
+
+  static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha }) {
     await init();
     if (device === "webgpu") {
       if (!globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing); use device: \"cpu\"");
@@ -408,39 +436,6 @@ export class VidLLM {
   /** The last video's frames as the device received them: {rgb, ...} (tests, debugging). */
   async framesRGB() { return this.#live().frames_rgb(); }
 
-  /**
-   * OpenAI-shaped chat completion over the last user message, whose content may hold
-   * `{type: "text"}`, `{type: "video", video}` and `{type: "image", image}` parts.
-   * Each call is a fresh conversation; a video seen last time is not encoded again.
-   */
-  async #completion({ messages, stream = false, max_tokens = 256, temperature = 0, seed = 0, signal, frames }) {
-    const user = [...messages].reverse().find((m) => m.role === "user");
-    const parts = typeof user?.content === "string" ? [{ type: "text", text: user.content }] : (user?.content ?? []);
-    const prompt = parts.filter((p) => p.type === "text").map((p) => p.text).join("\n");
-    const video = parts.find((p) => p.type === "video")?.video;
-    const images = parts.filter((p) => p.type === "image").map((p) => p.image);
-    let pieces;
-    if (this.#video) {
-      pieces = this.ask({ video, image: images.length ? images : undefined, frames, prompt, maxTokens: max_tokens, temperature, seed, signal, newConversation: true });
-    } else {
-      if (video || images.length) throw new Error("this is a text model (GGUF); video and image parts need a video-language folder");
-      this.#live().reset();
-      pieces = this.generate({ prompt, maxTokens: max_tokens, temperature, seed, signal });
-    }
-    const id = `chatcmpl-${Date.now()}`;
-    if (!stream) {
-      let text = "";
-      for await (const p of pieces) text += p.text;
-      return { id, object: "chat.completion", choices: [{ index: 0, message: { role: "assistant", content: text }, finish_reason: "stop" }] };
-    }
-    return (async function* () {
-      for await (const p of pieces) {
-        yield { id, object: "chat.completion.chunk", choices: [{ index: 0, delta: { content: p.text }, finish_reason: null }] };
-      }
-      yield { id, object: "chat.completion.chunk", choices: [{ index: 0, delta: {}, finish_reason: "stop" }] };
-    })();
-  }
-
   dispose() {
     this.#rt?.free();
     this.#rt = null;
@@ -533,9 +528,13 @@ export async function checkKernels({ types } = {}) {
  * spread over the whole video), computed by the same Rust code as `vidllm-native`, on a
  * grid of `frameRate` frames a second (a <video> does not tell its own; default 30).
  */
-export async function times(video, n, { sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30 } = {}) {
+export async function times(video, n, policy) {
+  return samplingTimes(video.duration, n, policy);
+}
+
+/** `times` for a video of `d` seconds (what a worker computes for the page). */
+export async function samplingTimes(d, n, { sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30 } = {}) {
   await init();
-  const d = video.duration;
   if (!Number.isFinite(d) || d <= 0) throw new VideoError("the video has no known duration (still loading, or a live stream)");
   try {
     return Array.from(sampling_times(String(sampling), n, fps, maxFrames, d, frameRate));
@@ -647,11 +646,13 @@ export function samplingOf(info, { frames, sampling, fps, maxFrames }) {
  * `requestVideoFrameCallback`) that it shows another frame than the one asked, as
  * Chromium can on an MP4 whose decode timestamps trail its presentation timestamps (it
  * lands on the next keyframe), the time returned is that of the frame shown, never the
- * one asked. Times given in seconds are seeked as given.
+ * one asked. Times given in seconds are seeked as given. A policy's `schedule(duration,
+ * n, policy)` may say where its times come from (`VidLLMWorker` asks its worker, so the
+ * page never instantiates the wasm); by default the page's own wasm computes them.
  */
 export async function sampleFrames(video, at) {
   await metadata(video);
-  const ts = Array.isArray(at) ? at : await times(video, at.n, at);
+  const ts = Array.isArray(at) ? at : await (at.schedule ?? samplingTimes)(video.duration, at.n, at);
   const half = Array.isArray(at) ? 0 : 0.5 / (at.frameRate ?? 30);
   // A stream whose first frame is not at 0 (an MP4 without an edit list, B-frame delay):
   // the grid starts at the first frame, as natively.

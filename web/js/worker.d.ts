@@ -1,19 +1,24 @@
-// Types for js/worker.js: the same calls as VidLLM, with the model in a Web Worker.
-import type { AskOptions, GenerateOptions, LoadOptions, Piece, Sampling } from "./vidllm.js";
+// Types for js/worker.js: the same members as VidLLM, with the model in a Web Worker.
+import type { VidLLM, LoadOptions } from "./vidllm.js";
 
-export class VidLLMWorker {
+/** What `VidLLM.load` returns by default: the model in a worker, the same members as `VidLLM`. */
+export class VidLLMWorker implements Omit<VidLLM, "dispose"> {
   /** `url`: this module's URL (default: import.meta.url of worker.js). */
   constructor(url?: string | URL);
   load(opts: LoadOptions): Promise<void>;
-  readonly weightsDeviceBytes: number;
-  readonly architecture: string;
+  readonly weightsDeviceBytes: VidLLM["weightsDeviceBytes"];
+  readonly architecture: VidLLM["architecture"];
   readonly defaultFrames: number;
-  /** The model's own frame sampling: "hf" for the LLaVA family, "smolvlm" (1 frame a second, at most `frames`) for SmolVLM2. */
-  readonly defaultSampling: { sampling: Sampling | null; fps: number; frames: number };
+  readonly defaultSampling: VidLLM["defaultSampling"];
+  readonly headBands: number;
   readonly supportsVideo: boolean;
   readonly supportsImages: boolean;
-  generate(opts: GenerateOptions): AsyncIterable<Piece>;
+  readonly lastReduction: VidLLM["lastReduction"];
+  generate: VidLLM["generate"];
   /** A `<video>` is sampled in the page; its frames are transferred to the worker. */
-  ask(opts: AskOptions): AsyncIterable<Piece>;
+  ask: VidLLM["ask"];
+  framesRGB: VidLLM["framesRGB"];
+  chat: VidLLM["chat"];
+  /** Frees the model and ends the worker. */
   dispose(): Promise<void>;
 }

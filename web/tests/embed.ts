@@ -25,4 +25,9 @@ export async function answer(video: HTMLVideoElement, out: HTMLElement, signal: 
   await w.load({ model: "/models/SmolLM2.gguf", device: "cpu" });
   for await (const p of w.generate({ prompt: "Hi" })) out.textContent += p.text;
   await w.dispose();
+  // On the calling thread instead of a worker; what a budget did, read the same way on both.
+  const here = await VidLLM.load({ model: "/models/Video-LLaVA-7B-hf/", device: "cpu", worker: false });
+  for await (const p of here.ask({ video, prompt: "Why?", maxVisualTokens: 512, reduce: "slowfast" })) out.textContent += p.text;
+  out.dataset.kept = String(here.lastReduction?.tokens_after ?? "");
+  await here.dispose();
 }

@@ -32,10 +32,33 @@ pub(crate) fn record_failure(why: String) {
     FAILURE.with(|f| *f.borrow_mut() = Some(why));
 }
 
-/// Keep a panic's message (an allocation the GPU refused, a bug) so the page can show it:
-/// in wasm a panic aborts with a bare "unreachable".
+#[cfg(target_family = "wasm")]
+unsafe extern "C" {
+    /// The static constructors (`inventory` registrations of CubeCL's IR dialects and
+    /// others), synthesised by wasm-ld.
+    fn __wasm_call_ctors();
+}
+
+/// Runs once, when the module is instantiated.
+///
+/// The explicit call of `__wasm_call_ctors` is what matters for speed. When no exported
+/// function calls it, wasm-ld takes the module for a run-once "command" and puts a call
+/// of every static constructor at the top of every export. Every entry from JS into wasm
+/// (a call, a closure, a future's wake-up, an allocation for a string) then reran them
+/// all. That was 77% of the page's CPU time in a WebGPU decode step of SmolLM2, about 8 s
+/// a token on SwiftShader (`tests/scripts/profile_webgpu_step.mjs`). Calling it here,
+/// once, turns the wrappers off.
+///
+/// Also keeps a panic's message (an allocation the GPU refused, a bug) so the page can show
+/// it: in wasm a panic aborts with a bare "unreachable".
 #[wasm_bindgen(start)]
 pub fn start() {
+    // SAFETY: wasm-bindgen calls `start` once, right after instantiation and before any
+    // other export runs Rust code that reads a registry.
+    #[cfg(target_family = "wasm")]
+    unsafe {
+        __wasm_call_ctors()
+    };
     std::panic::set_hook(Box::new(|info| record_failure(info.to_string())));
 }
 

@@ -87,6 +87,8 @@ const server = createServer((req, res) => {
 }).listen(0, "127.0.0.1");
 await new Promise((ok) => server.on("listening", ok));
 
+// Rates below 1 tok/s (WebGPU on SwiftShader) keep three decimals.
+const rate = (x) => x.toFixed(x < 1 ? 3 : 1);
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; };
 const b = await chromium.launch({
   executablePath: "/usr/bin/chromium", headless: true,
@@ -124,7 +126,7 @@ for (const [config, runs] of Object.entries(rows)) {
   const pp = runs[0].pp !== undefined ? median(runs.map((r) => r.pp)) : promptTokens ? median(runs.map((r) => promptTokens / (r.ttft / 1000))) : NaN;
   const tg = median(runs.map((r) => r.decode));
   rates[config] = { pp, tg };
-  console.log(`| ${config}${runs[0].threads ? ` (${runs[0].threads} thread${runs[0].threads > 1 ? "s" : ""})` : ""} | ${pp.toFixed(1)} | ${tg.toFixed(1)} | ${median(runs.map((r) => r.longTasks))} (${median(runs.map((r) => r.longestTask)).toFixed(0)}) |`);
+  console.log(`| ${config}${runs[0].threads ? ` (${runs[0].threads} thread${runs[0].threads > 1 ? "s" : ""})` : ""} | ${rate(pp)} | ${rate(tg)} | ${median(runs.map((r) => r.longTasks))} (${median(runs.map((r) => r.longestTask)).toFixed(0)}) |`);
 }
 console.log("");
 for (const [v, w] of [["vidllm-cpu-page", "wllama-1t"], ["vidllm-cpu-worker", "wllama-1t"], ["vidllm-cpu-page", "wllama-2t"], ["vidllm-cpu-worker", "wllama-2t"]]) {

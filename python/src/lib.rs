@@ -79,13 +79,20 @@ impl Model {
         // conversations' caches are not shared across threads.
         let engine = std::thread::Builder::new()
             .name("vidllm-engine".into())
-            .spawn(move || match Engine::load(&args, Arc::new(Metrics::new()), Progress::new(true)) {
-                Ok(mut engine) => {
-                    let _ = ready.send(Ok(engine.info.clone()));
-                    engine.run(queued);
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(format!("{e:#}")));
+            .spawn(move || {
+                // This thread is one of a thread pool's own, as vidllm-native's main thread
+                // is: the decode step's products then keep the pool's workers hot between
+                // them (`shaders/src/cpu_hot.rs`), which only a pool thread can ask of them.
+                // Without it (an error building the pool) the products take rayon's plain path.
+                let _pool = rayon::ThreadPoolBuilder::new().use_current_thread().build();
+                match Engine::load(&args, Arc::new(Metrics::new()), Progress::new(true)) {
+                    Ok(mut engine) => {
+                        let _ = ready.send(Ok(engine.info.clone()));
+                        engine.run(queued);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("{e:#}")));
+                    }
                 }
             })
             .map_err(|e| PyRuntimeError::new_err(format!("starting the engine thread: {e}")))?;

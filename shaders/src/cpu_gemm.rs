@@ -293,7 +293,7 @@ fn widen_band<B: IntCodes>(wband: &[u8], nw: usize, k: usize, band: &mut Band) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -361,7 +361,7 @@ mod avx512 {
     /// Lane `p` of the result is the sum of the 16 lanes of `v[p]`: a transposing tree of
     /// unpacks and 128-bit shuffles (45 instructions where 16 separate reductions take 128).
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn reduce16(v: [__m512; 16]) -> __m512 {
+    pub(crate) fn reduce16(v: [__m512; 16]) -> __m512 {
         // Pairs: within each 128-bit block, [a0+a2, b0+b2, a1+a3, b1+b3].
         let a: [__m512; 8] =
             std::array::from_fn(|p| _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]), _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1])));

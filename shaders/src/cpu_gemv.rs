@@ -32,6 +32,7 @@
 use vidllm_core::ggml::GgmlType;
 
 use crate::cpu_int::{IntActs, QB};
+use crate::cpu_vnni::PairRow;
 
 /// Whether this processor runs these kernels.
 pub fn available() -> bool {
@@ -49,31 +50,62 @@ pub fn available() -> bool {
 pub const MAX_ROWS: usize = 16;
 
 /// `y = W x` for `m` rows of activations `acts` (1 to [`MAX_ROWS`]) and `W` (`[n, acts.k]`,
-/// blocks of `ty`), bands of weight rows split over the thread pool. `y` is `[m, n]`.
+/// blocks of `ty`), bands of weight rows split over the thread pool (on hot workers,
+/// `cpu_hot.rs`), on the quickest kernel this processor has for `ty`. `y` is `[m, n]`.
 ///
 /// # Panics
 /// Where the processor lacks the kernels ([`available`]), `acts` has no row or more than
 /// [`MAX_ROWS`], or `w` is not `n` rows of `acts.k`.
 pub fn matvec(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
-    use rayon::prelude::*;
+    let kernel = if crate::cpu_vnni::covers(ty) && crate::cpu_vnni::available() { Kernel::Vnni } else { Kernel::Widening };
+    matvec_with(ty, w, n, acts, kernel)
+}
+
+/// The AVX-512 decode kernels. Both give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Codes widened to i16 and `vpmaddwd` (this file): every integer type.
+    Widening,
+    /// `vpdpbusd` on the codes as bytes (`cpu_vnni.rs`): the 32-element types, AVX-512 VNNI.
+    Vnni,
+}
+
+/// [`matvec`] on the given kernel.
+///
+/// # Panics
+/// As [`matvec`]; also where `kernel` is [`Kernel::Vnni`] and the processor or `ty` has
+/// none ([`crate::cpu_vnni::available`], [`crate::cpu_vnni::covers`]).
+pub fn matvec_with(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs, kernel: Kernel) -> Vec<f32> {
     assert!(available(), "cpu_gemv::matvec: no AVX-512 on this processor");
+    let vnni = kernel == Kernel::Vnni;
+    assert!(!vnni || (crate::cpu_vnni::covers(ty) && crate::cpu_vnni::available()), "cpu_gemv::matvec: no VNNI kernel for {}", ty.name());
     let m = acts.rows();
     let row_bytes = acts.k / ty.block_elems() * ty.block_bytes();
     // The words holding W may end in padding.
     assert!((1..=MAX_ROWS).contains(&m), "cpu_gemv::matvec: 1 to {MAX_ROWS} rows of activations (got {m})");
     assert!(acts.k.is_multiple_of(ty.block_elems()) && w.len() >= n * row_bytes, "cpu_gemv::matvec: not n rows of k");
-    let wrapped: Vec<Wrapped> = if ty.block_elems() == QB { (0..m).map(|i| Wrapped::new(acts, i)).collect() } else { Vec::new() };
+    let (wrapped, pairs): (Vec<Wrapped>, Vec<PairRow>) = match (vnni, ty.block_elems() == QB) {
+        (true, _) => (Vec::new(), (0..m).map(|i| PairRow::new(acts, i, ty)).collect()),
+        (false, true) => ((0..m).map(|i| Wrapped::new(acts, i)).collect(), Vec::new()),
+        (false, false) => (Vec::new(), Vec::new()),
+    };
     // Weight-row major, `[n, m]`: each task's rows are one contiguous run.
     let mut yt = vec![0f32; n * m];
     let rows_per_task = crate::cpu::rows_per_task(n);
-    yt.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, out)| {
+    crate::cpu_hot::for_each_chunk_mut(&mut yt, rows_per_task * m, |task, out| {
         let band = &w[task * rows_per_task * row_bytes..][..out.len() / m * row_bytes];
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the features were checked; the band is `out.len() / m` rows of `acts.k`.
-        vidllm_core::with_block!(ty, B => unsafe { x86::rows_dot::<B>(band, acts, &wrapped, out) },
-            else unreachable!("float types take the f32 path"));
+        // SAFETY: the features were checked; the band is `out.len() / m` rows of `acts.k`,
+        // and the VNNI rows were made for `ty`.
+        vidllm_core::with_block!(ty, B => unsafe {
+            if vnni {
+                crate::cpu_vnni::x86::rows_dot::<B>(band, acts.k / QB, &pairs, out)
+            } else {
+                x86::rows_dot::<B>(band, acts, &wrapped, out)
+            }
+        }, else unreachable!("float types take the f32 path"));
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (band, &wrapped);
+        let _ = (band, &wrapped, &pairs);
     });
     crate::cpu::weight_row_major_to_y(yt, m, n)
 }
@@ -82,13 +114,13 @@ pub fn matvec(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
 /// weight block `f` of the band (row `f / nb`, block `f % nb`) meets activation block
 /// `f % nb`. Each array runs on past the row by sixteen blocks, wrapping around it, so a
 /// step starting at block `f` reads its sixteen blocks' operands from `f % nb` on in one go.
-struct Wrapped {
+pub(crate) struct Wrapped {
     /// The 16-bit activations, `(nb + 16) * 32`.
     qs: Vec<i16>,
     /// The blocks' scales, `nb + 16`.
-    d: Vec<f32>,
+    pub(crate) d: Vec<f32>,
     /// Per block, its scale times the sum of its codes (for the types with a minimum).
-    dsum: Vec<f32>,
+    pub(crate) dsum: Vec<f32>,
 }
 
 impl Wrapped {
@@ -96,8 +128,16 @@ impl Wrapped {
     fn new(acts: &IntActs, row: usize) -> Self {
         let nb = acts.k / QB;
         let block = |f: usize| row * nb + f % nb;
+        Self { qs: (0..nb + 16).flat_map(|f| acts.qs[block(f) * QB..][..QB].iter().copied()).collect(), ..Self::scales(acts, row) }
+    }
+
+    /// Row `row` of `acts`'s scales alone (`qs` left empty), for a kernel that lays out
+    /// the activations its own way.
+    pub(crate) fn scales(acts: &IntActs, row: usize) -> Self {
+        let nb = acts.k / QB;
+        let block = |f: usize| row * nb + f % nb;
         Self {
-            qs: (0..nb + 16).flat_map(|f| acts.qs[block(f) * QB..][..QB].iter().copied()).collect(),
+            qs: Vec::new(),
             d: (0..nb + 16).map(|f| acts.d[block(f)]).collect(),
             dsum: (0..nb + 16).map(|f| acts.dsums[2 * block(f)] + acts.dsums[2 * block(f) + 1]).collect(),
         }
@@ -105,7 +145,7 @@ impl Wrapped {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::Wrapped;
@@ -200,15 +240,34 @@ mod x86 {
                 }
             }
         }
-        for (i, vals) in vals.chunks_exact(blks.len()).enumerate() {
-            for (row, o) in vals.chunks_exact(nb).zip(out.iter_mut().skip(i).step_by(m)) {
-                let mut acc = _mm512_setzero_ps();
-                for c in row.chunks(16) {
-                    let mask: __mmask16 = if c.len() == 16 { !0 } else { (1 << c.len()) - 1 };
-                    // SAFETY: the mask keeps the load to the chunk.
-                    acc = _mm512_add_ps(acc, unsafe { _mm512_maskz_loadu_ps(mask, c.as_ptr()) });
+        // SAFETY: the features are ours.
+        unsafe { sum_rows(&vals, nb, m, out) }
+    }
+
+    /// `out[r * m + i]`: the sum of weight row `r`'s `nb` block products with activation
+    /// row `i`, from `vals` (`[m, blocks]`), in the same order whatever the kernel: sixteen
+    /// weight rows at a time, each row's chunks of 16 summed lane-wise, then the sixteen
+    /// reduced together ([`crate::cpu_gemm::avx512::reduce16`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(crate) unsafe fn sum_rows(vals: &[f32], nb: usize, m: usize, out: &mut [f32]) {
+        let n = out.len() / m;
+        for (i, vals) in vals.chunks_exact(vals.len() / m).enumerate() {
+            for r0 in (0..n).step_by(16) {
+                let rows = (n - r0).min(16);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for (a, row) in acc.iter_mut().zip(vals[r0 * nb..(r0 + rows) * nb].chunks_exact(nb)) {
+                    for c in row.chunks(16) {
+                        let mask: __mmask16 = if c.len() == 16 { !0 } else { (1 << c.len()) - 1 };
+                        // SAFETY: the mask keeps the load to the chunk.
+                        *a = _mm512_add_ps(*a, unsafe { _mm512_maskz_loadu_ps(mask, c.as_ptr()) });
+                    }
                 }
-                *o = _mm512_reduce_add_ps(acc);
+                let mut sums = [0f32; 16];
+                // SAFETY: 16 floats.
+                unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), crate::cpu_gemm::avx512::reduce16(acc)) };
+                for (r, s) in sums[..rows].iter().enumerate() {
+                    out[(r0 + r) * m + i] = *s;
+                }
             }
         }
     }

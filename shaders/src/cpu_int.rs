@@ -876,7 +876,11 @@ mod speed {
                 }),
             ));
             if crate::cpu_gemv::available() {
-                variants.push(("AVX-512 matvec", Box::new(|| drop(crate::cpu_gemv::matvec(ty, &w, n, &acts)))));
+                use crate::cpu_gemv::{Kernel, matvec_with};
+                variants.push(("AVX-512 matvec", Box::new(|| drop(matvec_with(ty, &w, n, &acts, Kernel::Widening)))));
+                if crate::cpu_vnni::available() && crate::cpu_vnni::covers(ty) {
+                    variants.push(("AVX-512 VNNI matvec", Box::new(|| drop(matvec_with(ty, &w, n, &acts, Kernel::Vnni)))));
+                }
             }
             let passes = std::env::var("PASSES").map_or(101, |v| v.parse().unwrap());
             let mut times = vec![Vec::with_capacity(passes); variants.len()];

@@ -1,6 +1,7 @@
 //! `bench`: prefill (pp) and decode (tg) throughput, measured as llama-bench does:
-//! pp = one forward over N prompt tokens; tg = N single-token forwards from an empty
-//! context. Each test runs `--reps` times after one warm-up; mean and spread reported.
+//! pp = one forward over N prompt tokens; tg = N single-token forwards, both from an empty
+//! context or, with `--depth D` (llama-bench's `-d`), after D tokens already in the cache
+//! (not timed). Each test runs `--reps` times after one warm-up; mean and spread reported.
 
 use std::time::Instant;
 
@@ -23,6 +24,10 @@ pub struct BenchArgs {
     pub gen_tokens: usize,
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Tokens already in the context when each test starts (llama-bench's `-d`): decode
+    /// at depth is where attention over the cache weighs.
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -40,15 +45,25 @@ fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn prefill_rate(m: &Llama, tokens: &[u32]) -> Result<f64> {
-    let mut cache = KvCache::new(&m.cfg, tokens.len() + 1, &m.device);
+/// A cache with room for `depth + more` tokens, `context` (the first `depth` tokens)
+/// already in it.
+fn cache_at(m: &Llama, context: &[u32], more: usize) -> Result<KvCache> {
+    let mut cache = KvCache::new(&m.cfg, context.len() + more + 1, &m.device);
+    if !context.is_empty() {
+        read_row(m.forward(context, &mut cache, Logits::Last))?;
+    }
+    Ok(cache)
+}
+
+fn prefill_rate(m: &Llama, context: &[u32], tokens: &[u32]) -> Result<f64> {
+    let mut cache = cache_at(m, context, tokens.len())?;
     let t0 = Instant::now();
     read_row(m.forward(tokens, &mut cache, Logits::Last))?;
     Ok(tokens.len() as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn decode_rate(m: &Llama, n: usize) -> Result<f64> {
-    let mut cache = KvCache::new(&m.cfg, n + 1, &m.device);
+fn decode_rate(m: &Llama, context: &[u32], n: usize) -> Result<f64> {
+    let mut cache = cache_at(m, context, n)?;
     let mut tok = 1u32;
     let t0 = Instant::now();
     for _ in 0..n {
@@ -67,27 +82,30 @@ fn stats(xs: &[f64]) -> (f64, f64) {
 pub fn run(a: BenchArgs) -> Result<()> {
     let rt = runtime::load(&a.model, Progress::new(a.json))?;
     let m = rt.model.decoder();
-    let prompt = synthetic_tokens(a.prompt_tokens, m.cfg.vocab_size);
+    let tokens = synthetic_tokens(a.depth + a.prompt_tokens, m.cfg.vocab_size);
+    let (context, prompt) = tokens.split_at(a.depth);
     let reps = a.reps.max(1);
     // Warm-up: kernel compilation and allocations stay out of the numbers.
-    prefill_rate(m, &prompt)?;
-    decode_rate(m, 4)?;
-    let pp: Vec<f64> = (0..reps).map(|_| prefill_rate(m, &prompt)).collect::<Result<_>>()?;
-    let tg: Vec<f64> = (0..reps).map(|_| decode_rate(m, a.gen_tokens)).collect::<Result<_>>()?;
+    prefill_rate(m, context, prompt)?;
+    decode_rate(m, context, 4)?;
+    let pp: Vec<f64> = (0..reps).map(|_| prefill_rate(m, context, prompt)).collect::<Result<_>>()?;
+    let tg: Vec<f64> = (0..reps).map(|_| decode_rate(m, context, a.gen_tokens)).collect::<Result<_>>()?;
     let ((pp_m, pp_s), (tg_m, tg_s)) = (stats(&pp), stats(&tg));
     if a.json {
         println!(
             "{}",
             json!({
-                "device": rt.device_name, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+                "device": rt.device_name, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "depth": a.depth,
                 "prefill_tok_s": pp_m, "prefill_sd": pp_s, "decode_tok_s": tg_m, "decode_sd": tg_s,
                 "weights_device_bytes": m.weights_device_bytes(), "file_bytes": rt.file_bytes,
             })
         );
     } else {
         println!("| model | device | test | t/s |\n|---|---|---|---|");
-        println!("| {} | {} | pp{} | {pp_m:.2} ± {pp_s:.2} |", a.model.model, rt.device_name, a.prompt_tokens);
-        println!("| {} | {} | tg{} | {tg_m:.2} ± {tg_s:.2} |", a.model.model, rt.device_name, a.gen_tokens);
+        // llama-bench's names: "pp512 @ d1024".
+        let at = if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() };
+        println!("| {} | {} | pp{}{at} | {pp_m:.2} ± {pp_s:.2} |", a.model.model, rt.device_name, a.prompt_tokens);
+        println!("| {} | {} | tg{}{at} | {tg_m:.2} ± {tg_s:.2} |", a.model.model, rt.device_name, a.gen_tokens);
     }
     Ok(())
 }

@@ -62,22 +62,65 @@ pub fn attention(q: &[f32], k: &[&[f32]], v: &[&[f32]], rows: usize, keys: usize
     let heads = k.len();
     assert!(q.len() == heads * rows * d && v.len() == heads, "attention: shapes");
     assert!(k.iter().chain(v).all(|x| x.len() == keys * d), "attention: keys and values of every head");
-    // Keys transposed per head, `[heads, d, padded keys]`, zero past the last key.
-    let kp = keys.next_multiple_of(L);
-    let mut kt = vec![0f32; heads * d * kp];
-    kt.par_chunks_mut(d * kp).zip(k.par_iter()).for_each(|(kt, k)| transpose_keys(k, d, kp, kt));
-    let mut out = vec![0f32; heads * rows * d];
-    // Tasks: blocks of rows of one head.
-    out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
-        let head = Head { kt: &kt[h * d * kp..][..d * kp], v: v[h], d, kp, keys, scale, mask };
-        out.par_chunks_mut(R * d).enumerate().for_each(|(b, out)| {
-            block(&head, &q[(h * rows + b * R) * d..][..out.len()], b * R, out);
+    // A decode step (one block of rows per head) reads each key once: its scores come
+    // straight from the keys' rows, without a transposed copy of the whole context
+    // (which at 1,024 keys and more cost as much as the attention: written and read
+    // again, per layer and token).
+    if rows <= R && direct_scores_available(d) {
+        let mut out = vec![0f32; heads * rows * d];
+        out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
+            let head = Head { keys_by: KeysBy::Rows(k[h]), v: v[h], d, keys, scale, mask };
+            block(&head, &q[h * rows * d..][..out.len()], 0, out);
         });
-    });
-    out
+        return out;
+    }
+    // Keys transposed per head, `[heads, d, padded keys]`, zero past the last key. The
+    // buffer is kept per thread: a fresh one past malloc's mmap threshold is zeroed and
+    // page-faulted in on every call.
+    thread_local!(static KT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+    // An odd number of cache lines per channel: a power-of-two stride (1,024 keys: 4 KiB)
+    // put every channel of a tile in one L1 set, and the score loop, which reads all the
+    // channels of a tile, thrashed it.
+    let kp = (keys.div_ceil(L) | 1) * L;
+    KT.with_borrow_mut(|kt| {
+        if kt.len() < heads * d * kp {
+            kt.resize(heads * d * kp, 0.0);
+        }
+        let kt = &mut kt[..heads * d * kp];
+        kt.par_chunks_mut(d * kp).zip(k.par_iter()).for_each(|(kt, k)| {
+            transpose_keys(k, d, kp, kt);
+            for channel in kt.chunks_exact_mut(kp) {
+                channel[keys..].fill(0.0);
+            }
+        });
+        let mut out = vec![0f32; heads * rows * d];
+        // Tasks: blocks of rows of one head.
+        out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
+            let head = Head { keys_by: KeysBy::Transposed { kt: &kt[h * d * kp..][..d * kp], kp }, v: v[h], d, keys, scale, mask };
+            out.par_chunks_mut(R * d).enumerate().for_each(|(b, out)| {
+                block(&head, &q[(h * rows + b * R) * d..][..out.len()], b * R, out);
+            });
+        });
+        out
+    })
 }
 
-/// One head's keys `k` (`[keys, d]`) into `kt` (`[d, kp]`), whose padding is left as it is.
+/// Whether [`KeysBy::Rows`] can be scored here: AVX-512 and whole vectors of channels.
+fn direct_scores_available(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        d.is_multiple_of(L) && has!("avx512f") && has!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
+/// One head's keys `k` (`[keys, d]`) into `kt` (`[d, kp]`); the padding past `keys` is left
+/// as it is.
 ///
 /// A decode step transposes every key of the context, per layer, for three query rows:
 /// one element at a time this was a twelfth of a decode step's time at 500 tokens of
@@ -136,6 +179,34 @@ mod x86 {
         if channel_tiles == 0 { 0 } else { key_tiles * L }
     }
 
+    /// `scores[r * span + j] = q_r . k_j` for each row of `q` (`[n, d]`) and key of `k`
+    /// (`[keys, d]`), sixteen keys at a time: each key's products summed lane-wise over
+    /// its channels, then the sixteen reduced together
+    /// ([`crate::cpu_gemm::avx512::reduce16`]). Keys past the last are scored 0.
+    ///
+    /// # Safety
+    /// AVX-512 F and BW; `d` a multiple of 16; `scores` holds `n` rows of `span >= keys`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn scores_from_rows(q: &[f32], k: &[f32], d: usize, span: usize, scores: &mut [f32]) {
+        let keys = k.len() / d;
+        for (r, q) in q.chunks_exact(d).enumerate() {
+            for j0 in (0..keys).step_by(L) {
+                let tile = &k[j0 * d..(j0 + L).min(keys) * d];
+                let mut acc = [_mm512_setzero_ps(); L];
+                for (a, key) in acc.iter_mut().zip(tile.chunks_exact(d)) {
+                    for (kc, qc) in key.chunks_exact(L).zip(q.chunks_exact(L)) {
+                        // SAFETY: 16 floats each.
+                        *a = unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(kc.as_ptr()), _mm512_loadu_ps(qc.as_ptr()), *a) };
+                    }
+                }
+                let sums = crate::cpu_gemm::avx512::reduce16(acc);
+                let room = &mut scores[r * span + j0..][..L];
+                // SAFETY: 16 floats.
+                unsafe { _mm512_storeu_ps(room.as_mut_ptr(), sums) };
+            }
+        }
+    }
+
     /// Vector `c` of the result is lane `c` of the sixteen inputs: pairs of 32-bit lanes
     /// interleaved, then 64-bit pairs (within each 128-bit quarter, one column of four
     /// rows), then the quarters gathered.
@@ -165,15 +236,22 @@ mod x86 {
     }
 }
 
+/// How a head's keys are read for the scores.
+#[derive(Clone, Copy)]
+enum KeysBy<'a> {
+    /// Transposed, `[d, kp]`, zero past the last key: sixteen keys are one vector.
+    Transposed { kt: &'a [f32], kp: usize },
+    /// As they lie, `[keys, d]`, on AVX-512 ([`direct_scores_available`]): a decode step.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Rows(&'a [f32]),
+}
+
 /// What every block of query rows of one head reads.
 struct Head<'a> {
-    /// The keys transposed, `[d, kp]`, zero past the last key.
-    kt: &'a [f32],
+    keys_by: KeysBy<'a>,
     /// The values, `[keys, d]`.
     v: &'a [f32],
     d: usize,
-    /// Keys rounded up to whole vectors of [`L`].
-    kp: usize,
     keys: usize,
     scale: f32,
     mask: Mask,
@@ -215,28 +293,40 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// Written on arrays of [`L`] lanes so that it vectorises on every target.
 #[inline(always)]
 fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
-    let &Head { kt, v, d, kp, keys, scale, mask } = head;
+    let &Head { keys_by, v, d, keys, scale, mask } = head;
     let n = out.len() / d;
     let seen: [usize; R] = std::array::from_fn(|r| if r < n { mask.visible(r0 + r, keys) } else { 0 });
     let most = seen.iter().copied().max().unwrap_or(0);
     let span = most.next_multiple_of(L);
     // Scores of the block's rows, `[R, span]`.
     let mut scores = vec![0f32; R * span];
-    let qs: [&[f32]; R] = std::array::from_fn(|r| if r < n { &q[r * d..(r + 1) * d] } else { &q[..d] });
-    for j0 in (0..span).step_by(L) {
-        let mut acc = [[0f32; L]; R];
-        for c in 0..d {
-            let kv: &[f32; L] = kt[c * kp + j0..][..L].try_into().expect("L keys");
-            for (acc, q) in acc.iter_mut().zip(&qs) {
-                let x = q[c];
-                for (a, &k) in acc.iter_mut().zip(kv) {
-                    *a = madd::<FMA>(x, k, *a);
+    match keys_by {
+        KeysBy::Transposed { kt, kp } => {
+            // The block's queries by channel, `[d][R]` (rows past the block's end repeat
+            // its first): channels and keys are walked by iterators, without an index
+            // check per multiply-add.
+            let qt: Vec<[f32; R]> = (0..d).map(|c| std::array::from_fn(|r| q[if r < n { r } else { 0 } * d + c])).collect();
+            for j0 in (0..span).step_by(L) {
+                let mut acc = [[0f32; L]; R];
+                for (keys_c, qc) in kt.chunks_exact(kp).zip(&qt) {
+                    let kv: &[f32; L] = keys_c[j0..j0 + L].try_into().expect("L keys");
+                    for (acc, &x) in acc.iter_mut().zip(qc) {
+                        for (a, &k) in acc.iter_mut().zip(kv) {
+                            *a = madd::<FMA>(x, k, *a);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    scores[r * span + j0..][..L].copy_from_slice(acc);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            scores[r * span + j0..][..L].copy_from_slice(acc);
-        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Rows` is chosen only where `direct_scores_available`; the slices are
+        // `n` rows and `keys` keys of `d` channels, `most <= keys`.
+        KeysBy::Rows(k) => unsafe { x86::scores_from_rows(&q[..n * d], &k[..most * d], d, span, &mut scores) },
+        #[cfg(not(target_arch = "x86_64"))]
+        KeysBy::Rows(_) => unreachable!("keys by rows are scored on x86-64 only"),
     }
     for r in 0..n {
         let row = &mut scores[r * span..][..seen[r]];
@@ -263,23 +353,24 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
     }
     // Rows past the block's end (scored as a copy of its first) weigh nothing either.
     scores[n * span..].fill(0.0);
+    // The weights by key, `[most][R]`.
+    let weights: Vec<[f32; R]> = (0..most).map(|j| std::array::from_fn(|r| scores[r * span + j])).collect();
     // The weighted sum of the values, L columns at a time with the block's rows in
     // registers: each load of a value row serves every row of the block.
     for c0 in (0..d).step_by(L) {
         let w = L.min(d - c0);
         let mut acc = [[0f32; L]; R];
-        for j in 0..most {
+        for (p, value) in weights.iter().zip(v.chunks_exact(d)) {
             // Whole vectors read in place: a copy of a run-time length is a call to memcpy.
-            let x: [f32; L] = match v[j * d + c0..].first_chunk::<L>() {
+            let x: [f32; L] = match value[c0..].first_chunk::<L>() {
                 Some(x) if w == L => *x,
                 _ => {
                     let mut x = [0f32; L];
-                    x[..w].copy_from_slice(&v[j * d + c0..][..w]);
+                    x[..w].copy_from_slice(&value[c0..][..w]);
                     x
                 }
             };
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let p = scores[r * span + j];
+            for (acc, &p) in acc.iter_mut().zip(p) {
                 for (a, &x) in acc.iter_mut().zip(&x) {
                     *a = madd::<FMA>(p, x, *a);
                 }
@@ -341,15 +432,26 @@ mod tests {
     }
 
     /// Against the f64 softmax-weighted sum, causal and not, with rows that do not fill
-    /// a block and keys that do not fill a vector.
+    /// a block and keys that do not fill a vector; and decode-shaped calls (a block of rows
+    /// or less per head, whole vectors of channels: the keys scored by rows on AVX-512).
     #[test]
     fn attention_matches_f64() {
-        let (heads, rows, keys, d) = (3, 2 * 7, 23, 20);
+        let shapes = [
+            (3, 2 * 7, 23, 20, [Mask::None, Mask::Causal { t: 7, start: 16 }]),
+            (3, 3, 37, 64, [Mask::None, Mask::Causal { t: 1, start: 36 }]),
+            (2, 4, 16, 32, [Mask::Causal { t: 2, start: 13 }, Mask::Causal { t: 1, start: 9 }]),
+        ];
+        for (heads, rows, keys, d, masks) in shapes {
+            check_attention(heads, rows, keys, d, masks);
+        }
+    }
+
+    fn check_attention(heads: usize, rows: usize, keys: usize, d: usize, masks: [Mask; 2]) {
         let q = crate::check::values(heads * rows * d, 1);
         let k = crate::check::values(heads * keys * d, 2);
         let v = crate::check::values(heads * keys * d, 3);
         let scale = 0.3;
-        for mask in [Mask::None, Mask::Causal { t: 7, start: 16 }] {
+        for mask in masks {
             let per_head = |x: &[f32]| -> Vec<Vec<f32>> { x.chunks(keys * d).map(|c| c.to_vec()).collect() };
             let (kh, vh) = (per_head(&k), per_head(&v));
             let (kh, vh): (Vec<&[f32]>, Vec<&[f32]>) =
@@ -369,10 +471,46 @@ mod tests {
                     for c in 0..d {
                         let want: f64 = (0..seen).map(|j| e[j] / z * v[(h * keys + j) * d + c] as f64).sum();
                         let g = got[(h * rows + i) * d + c] as f64;
-                        assert!((g - want).abs() < 1e-5 * want.abs().max(1.0), "{mask:?} head {h} row {i} [{c}]: {g} vs {want}");
+                        assert!(
+                            (g - want).abs() < 1e-5 * want.abs().max(1.0),
+                            "{rows}x{keys}x{d} {mask:?} head {h} row {i} [{c}]: {g} vs {want}"
+                        );
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Time of one decode step's attention (SmolLM2-135M: 3 key-value heads of 3 query
+    /// heads, d = 64) at a few context lengths, in the pool as vidllm-native runs it:
+    /// `RAYON_NUM_THREADS=1 cargo test --release -p vidllm-shaders --lib decode_attention_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn decode_attention_speed() {
+        let (heads, rows, d) = (3, 3, 64);
+        let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().unwrap();
+        for keys in [64, 256, 1024] {
+            let q = crate::check::values(heads * rows * d, 3);
+            let kv: Vec<Vec<f32>> = (0..2 * heads).map(|i| crate::check::values(keys * d, 5 + i as u64)).collect();
+            let (k, v): (Vec<&[f32]>, Vec<&[f32]>) =
+                (kv[..heads].iter().map(|x| &x[..]).collect(), kv[heads..].iter().map(|x| &x[..]).collect());
+            let mask = Mask::Causal { t: rows, start: keys - 1 };
+            let mut times: Vec<f64> = pool.install(|| {
+                (0..2001)
+                    .map(|_| {
+                        let t0 = std::time::Instant::now();
+                        std::hint::black_box(attention(&q, &k, &v, rows, keys, d, 0.125, mask));
+                        t0.elapsed().as_secs_f64() * 1e6
+                    })
+                    .collect()
+            });
+            times.sort_by(f64::total_cmp);
+            eprintln!("keys {keys}: {:.2} us median ({:.2} quickest)", times[times.len() / 2], times[0]);
         }
     }
 }

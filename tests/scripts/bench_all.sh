@@ -15,18 +15,24 @@
 #   tokens a second at --parallel 1, 4 and 8 on the first file.
 # - The wasm package: gzipped size of web/pkg/vidllm_web_bg.wasm, when built.
 #
-#   tests/scripts/bench_all.sh [--threads N] [--reps N] [FILE.gguf ...]
+# - Decode at depth: tg128 after DEPTH tokens already in the context (llama-bench's -d;
+#   --depth 0 leaves the row out), where attention over the KV cache weighs: a video
+#   prompt is a thousand tokens or more.
+#
+#   tests/scripts/bench_all.sh [--threads N] [--reps N] [--depth N] [FILE.gguf ...]
 # Default files: the wheel's Q4_1 and llama.cpp's Q4_K_M and Q8_0 of it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${VIDLLM_CACHE:-$HOME/.cache/vidllm}"
 THREADS=2
 REPS=3
+DEPTH=1024
 FILES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) THREADS="$2"; shift 2 ;;
     --reps) REPS="$2"; shift 2 ;;
+    --depth) DEPTH="$2"; shift 2 ;;
     *) FILES+=("$1"); shift ;;
   esac
 done
@@ -50,9 +56,10 @@ fi
 export LD_LIBRARY_PATH="$LB/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # tok/s of llama-bench's one test line (pp or tg) for a file.
-llama_rate() { # file test(pp|tg)
+llama_rate() { # file test(pp|tg|tgd)
   local args=(-p 512 -n 0)
   [ "$2" = tg ] && args=(-p 0 -n 128)
+  [ "$2" = tgd ] && args=(-p 0 -n 128 -d "$DEPTH")
   # A llama-bench that dies (a -march=native build on a VM whose CPUID promises more than
   # it runs) is reported as nan, not the end of the table.
   { "$LB/bin/llama-bench" -m "$1" -t "$THREADS" -r "$REPS" "${args[@]}" -o json 2>/dev/null || true; } |
@@ -64,6 +71,10 @@ vidllm_rates() { # file -> "pp tg"
   RAYON_NUM_THREADS="$THREADS" "$BIN" bench --model "$1" --device cpu --prompt-tokens 512 --gen-tokens 128 --reps "$REPS" --json |
     python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["prefill_tok_s"], v["decode_tok_s"])'
 }
+vidllm_depth_rate() { # file -> tg at depth
+  RAYON_NUM_THREADS="$THREADS" "$BIN" bench --model "$1" --device cpu --depth "$DEPTH" --prompt-tokens 16 --gen-tokens 128 --reps "$REPS" --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tok_s"])'
+}
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $THREADS threads, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
@@ -73,11 +84,19 @@ for f in "${FILES[@]}"; do
   read -r vpp vtg < <(vidllm_rates "$f")
   lpp=$(llama_rate "$f" pp)
   ltg=$(llama_rate "$f" tg)
-  python3 - "$(basename "$f")" "$vpp" "$lpp" "$vtg" "$ltg" <<'PY'
+  vtd=nan ltd=nan
+  if [ "$DEPTH" -gt 0 ]; then
+    vtd=$(vidllm_depth_rate "$f")
+    ltd=$(llama_rate "$f" tgd)
+  fi
+  python3 - "$(basename "$f")" "$DEPTH" "$vpp" "$lpp" "$vtg" "$ltg" "$vtd" "$ltd" <<'PY'
 import sys
-name, vpp, lpp, vtg, ltg = sys.argv[1], *map(float, sys.argv[2:])
+name, depth = sys.argv[1], int(sys.argv[2])
+vpp, lpp, vtg, ltg, vtd, ltd = map(float, sys.argv[3:])
 print(f"| {name} | pp512 | {vpp:.1f} | {lpp:.1f} | {vpp / lpp:.2f}x |")
 print(f"| {name} | tg128 | {vtg:.1f} | {ltg:.1f} | {vtg / ltg:.2f}x |")
+if depth > 0:
+    print(f"| {name} | tg128 @ d{depth} | {vtd:.1f} | {ltd:.1f} | {vtd / ltd:.2f}x |")
 PY
 done
 

@@ -114,6 +114,7 @@ pub fn matvec_with(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs, kernel: Ker
 /// weight block `f` of the band (row `f / nb`, block `f % nb`) meets activation block
 /// `f % nb`. Each array runs on past the row by sixteen blocks, wrapping around it, so a
 /// step starting at block `f` reads its sixteen blocks' operands from `f % nb` on in one go.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Wrapped {
     /// The 16-bit activations, `(nb + 16) * 32`.
     qs: Vec<i16>,

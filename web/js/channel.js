@@ -20,3 +20,16 @@ export function channel() {
     },
   };
 }
+
+/**
+ * A request queued behind `after` (a promise): `work(push)` runs once `after` settles, its
+ * pushes stream through a new channel, which closes when `work` settles (a failure goes
+ * through `onError` first). Returns the channel, and the promise the next request waits
+ * on (settled either way, never rejected).
+ */
+export function queued(after, work, onError = (e) => e) {
+  const ch = channel();
+  const job = after.then(() => work((v) => ch.push(v)));
+  job.then(() => ch.close(), (e) => ch.close(onError(e)));
+  return [ch, job.then(() => {}, () => {})];
+}

@@ -192,8 +192,15 @@ export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sa
 export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number;
   /** Where the policy's times come from (default: the page's wasm, as `times`). */
   schedule?: (duration: number, n: number, policy: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }) => Promise<number[]> }): Promise<SampledFrames>;
-/** The sampling a question uses: what it names, else the model's own (`frames` caps a rate-based policy). */
+/** Candidate frames per frame asked for: 2 for a MaxInfo budget, else 1. */
 export function candidateFactor(maxVisualTokens: number | undefined, reduce: Reduction | undefined): number;
+/** What makes a question's frames the last question's (null for frames already taken). */
+export interface VideoKey { video: HTMLVideoElement; src: string | null; n: number; sampling: Sampling; fps: number; maxFrames: number; frameRate: number;
+  maxVisualTokens?: number; reduce?: Reduction }
+export function videoKey(video: HTMLVideoElement | null | undefined, opts: Omit<VideoKey, "video" | "src">): VideoKey | null;
+/** Whether two video keys name the same frames (a null key never does). */
+export function sameVideo(key: VideoKey | null, seen: VideoKey | null): boolean;
+/** The sampling a question uses: what it names, else the model's own (`frames` caps a rate-based policy). */
 export function samplingOf(
   info: { defaultSampling: Sampling | null; defaultFps: number; defaultFrames: number },
   opts: { frames?: number | unknown[]; sampling?: Sampling; fps?: number; maxFrames?: number },

@@ -10,7 +10,7 @@
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
 import init, { Runtime, VideoRuntime, check_kernel, folder_architecture, folder_files, kernel_types, last_failure, sampling_times } from "../pkg/vidllm_web.js";
-import { channel } from "./channel.js";
+import { queued } from "./channel.js";
 import { chatCompletion } from "./completion.js";
 
 /** WebGPU is missing (no navigator.gpu or no adapter). */
@@ -285,7 +285,7 @@ export class VidLLM {
       try {
         await w.load(opts);
       } catch (e) {
-        w.dispose().catch(() => {});
+        w.dispose();  // never rejects: it ends the worker whatever the worker answers
         throw e;
       }
       return w;
@@ -343,14 +343,12 @@ export class VidLLM {
 
   /** Run `work` after whatever the runtime is doing; its pieces stream through a channel. */
   #stream(work) {
-    const ch = channel();
-    const run = this.#busy.then(() => work((text, id) => ch.push({ text, id: id ?? null })));
-    this.#busy = run.then(() => {}, () => {});
-    run.then(() => ch.close(), (e) => {
+    const [ch, next] = queued(this.#busy, (push) => work((text, id) => push({ text, id: id ?? null })), (e) => {
       const err = failure(e);
       if (err instanceof RuntimeFailedError) this.#rt = null;
-      ch.close(err);
+      return err;
     });
+    this.#busy = next;
     return ch;
   }
 
@@ -397,9 +395,8 @@ export class VidLLM {
       const given = Array.isArray(frames) ? frames : null;
       const n = typeof frames === "number" ? frames : this.#info.defaultFrames;
       const k = candidateFactor(maxVisualTokens, reduce);
-      const key = video && !given ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce } : null;
-      const seen = this.#seen;
-      const same = key && seen && Object.keys(key).every((k) => key[k] === seen[k]);
+      const key = given ? null : videoKey(video, { n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce });
+      const same = sameVideo(key, this.#seen);
       if ((video || given) && !same) {
         rt.clear_visuals();
         this.#seen = null;
@@ -617,6 +614,19 @@ function assertReadable(source) {
  */
 export function candidateFactor(maxVisualTokens, reduce) {
   return maxVisualTokens != null && reduce === "maxinfo" ? 2 : 1;
+}
+
+/**
+ * What makes a question's frames the last question's: the same `<video>` at the same
+ * source, sampled the same way under the same budget. `null` for frames already taken.
+ */
+export function videoKey(video, { n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce }) {
+  return video ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce } : null;
+}
+
+/** Whether two `videoKey`s name the same frames (a null key never does). */
+export function sameVideo(key, seen) {
+  return Boolean(key && seen && Object.keys(key).every((k) => key[k] === seen[k]));
 }
 
 /**

@@ -14,9 +14,9 @@
 import {
   VidLLM, ContextFullError, DisposedError, IntegrityError, InvalidRequestError, ModelFetchError, ModelLoadError, QuotaError,
   RuntimeFailedError, TemplateError, TokenizerError, VideoError, VisualTokensError, WebGPUNotAvailableError,
-  candidateFactor, sampleFrames, samplingOf, samplingTimes,
+  candidateFactor, sameVideo, sampleFrames, samplingOf, samplingTimes, videoKey,
 } from "./vidllm.js";
-import { channel } from "./channel.js";
+import { queued } from "./channel.js";
 import { chatCompletion } from "./completion.js";
 
 const inWorker = typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope;
@@ -163,9 +163,8 @@ export class VidLLMWorker {
       const info = { defaultSampling: own.sampling, defaultFps: own.fps, defaultFrames: this.defaultFrames };
       ({ sampling, fps, maxFrames } = samplingOf(info, { frames, sampling, fps, maxFrames }));
       const k = candidateFactor(rest.maxVisualTokens, rest.reduce);
-      const key = video ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate, maxVisualTokens: rest.maxVisualTokens, reduce: rest.reduce } : null;
-      const seen = this.#seen;
-      const same = key && seen && Object.keys(key).every((x) => key[x] === seen[x]);
+      const key = videoKey(video, { n, sampling, fps, maxFrames, frameRate, maxVisualTokens: rest.maxVisualTokens, reduce: rest.reduce });
+      const same = sameVideo(key, this.#seen);
       let sent = Array.isArray(frames) ? frames : undefined;
       if (video && !same) {
         this.#seen = null;
@@ -205,20 +204,17 @@ export class VidLLMWorker {
    * channel, whether or not the caller reads them yet.
    */
   #stream(signal, onStage, work) {
-    const ch = channel();
-    const run = (op, opts, transfer = []) => {
+    const [ch, next] = queued(this.#busy, (push) => work((op, opts, transfer = []) => {
       const id = this.#next;
       const stop = () => this.#worker.postMessage({ op: "abort", target: id });
       // Pieces the worker made before it heard of an abort are not delivered: the answer
       // ends where the caller stopped it, as in the page.
-      const call = this.#call(op, opts, (m) => (m.stage ? onStage?.(m.stage) : signal?.aborted ? null : ch.push(m.piece)), transfer);
+      const call = this.#call(op, opts, (m) => (m.stage ? onStage?.(m.stage) : signal?.aborted ? null : push(m.piece)), transfer);
       signal?.addEventListener("abort", stop, { once: true });
       if (signal?.aborted) stop();
       return call.finally(() => signal?.removeEventListener("abort", stop));
-    };
-    const job = this.#busy.then(() => work(run));
-    this.#busy = job.then(() => {}, () => {});
-    job.then(() => ch.close(), (e) => ch.close(e));
+    }));
+    this.#busy = next;
     return ch;
   }
 

@@ -82,6 +82,16 @@ fn stats(xs: &[f64]) -> (f64, f64) {
 pub fn run(a: BenchArgs) -> Result<()> {
     let rt = runtime::load(&a.model, Progress::new(a.json))?;
     let m = rt.model.decoder();
+    // Refused before any work: a run past the RoPE table would fail midway.
+    anyhow::ensure!(a.prompt_tokens >= 1 && a.gen_tokens >= 1, "bench: --prompt-tokens and --gen-tokens must be at least 1");
+    let longest = a.depth + a.prompt_tokens.max(a.gen_tokens);
+    anyhow::ensure!(
+        longest <= m.rope_positions(),
+        "bench: --depth {} with {} tokens after it is {longest} positions, over the model's {}",
+        a.depth,
+        a.prompt_tokens.max(a.gen_tokens),
+        m.rope_positions()
+    );
     let tokens = synthetic_tokens(a.depth + a.prompt_tokens, m.cfg.vocab_size);
     let (context, prompt) = tokens.split_at(a.depth);
     let reps = a.reps.max(1);

@@ -26,7 +26,8 @@ use vidllm_core::tokenizer::Tokenizer;
 use web_time::Instant;
 
 use crate::generate::{GenerateParams, Piece, Timings, read_row, read_row_async};
-use crate::llama::{KvCache, Llama, Logits};
+use crate::kv_cache::{KvCache, KvType};
+use crate::llama::{Llama, Logits};
 use crate::merge::{Visual, merge_embeddings};
 use crate::video_model::VideoModel;
 
@@ -207,6 +208,24 @@ impl Conversation {
             messages: Vec::new(),
             answer: None,
         }
+    }
+
+    /// Keep the keys and values in `kv` from now on (a new conversation starts, with a
+    /// new cache of the same context). Refused where the decoder's heads are not whole
+    /// blocks of the type.
+    pub fn set_kv(&mut self, kv: KvType) -> Result<(), String> {
+        let decoder = self.model.decoder();
+        if !kv.fits(decoder.cfg.d_head) {
+            return Err(format!("a {kv} KV cache needs heads of whole 32-value blocks; this decoder's heads are {}", decoder.cfg.d_head));
+        }
+        self.cache = KvCache::typed(kv, &decoder.cfg, self.cache.capacity, &decoder.device);
+        self.reset();
+        Ok(())
+    }
+
+    /// What the KV cache keeps its keys and values in.
+    pub fn kv_type(&self) -> KvType {
+        self.cache.kv_type()
     }
 
     pub fn model(&self) -> &Model {

@@ -12,10 +12,11 @@
 
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
+use vidllm_shaders::Mask;
 use vidllm_shaders::device::BindingCap;
-use vidllm_shaders::{Mask, attention};
 
 use crate::decoder_family::Family;
+use crate::kv_cache::KvCache;
 use crate::quant_linear::{QuantLinear, StackedLinear};
 use crate::rms_norm::RmsNorm;
 use crate::rope::{Rope, RopeStyle};
@@ -105,75 +106,6 @@ pub struct Llama {
     pub cap: BindingCap,
 }
 
-/// Keys and values of every layer; `len` is the next position.
-///
-/// Storage grows as positions are written, doubling from [`KvCache::FIRST_ROWS`] up to
-/// `capacity`, so a conversation pays for the context it uses rather than the context it
-/// may use: SmolLM2's full 4096-token cache is 189 MB, and `serve --parallel 8` holds
-/// eight. Growing copies the rows written so far (amortised once per position); what
-/// attention reads is the same either way.
-pub struct KvCache {
-    /// Per layer `[1, n_kv_heads, rows, d_head]`, `len <= rows <= capacity`.
-    k: Vec<Tensor<4>>,
-    v: Vec<Tensor<4>>,
-    pub len: usize,
-    /// Most positions the cache holds (the context).
-    pub capacity: usize,
-}
-
-impl KvCache {
-    /// Rows allocated before any grows.
-    pub const FIRST_ROWS: usize = 256;
-
-    /// A cache for up to `capacity` positions, its storage allocated as they are used.
-    pub fn new(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
-        Self::with_rows(cfg, capacity, capacity.min(Self::FIRST_ROWS), device)
-    }
-
-    /// A cache whose storage for all `capacity` positions is allocated now.
-    pub fn full(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
-        Self::with_rows(cfg, capacity, capacity, device)
-    }
-
-    /// A cache for up to `capacity` positions whose storage starts at `rows` positions.
-    pub fn with_rows(cfg: &LlamaConfig, capacity: usize, rows: usize, device: &Device) -> Self {
-        let shape = [1, cfg.n_kv_heads, rows, cfg.d_head];
-        let zeros = || Tensor::<4>::zeros(shape, device);
-        Self { k: (0..cfg.n_layers).map(|_| zeros()).collect(), v: (0..cfg.n_layers).map(|_| zeros()).collect(), len: 0, capacity }
-    }
-
-    /// Forget everything after position `len` (for reuse of a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    /// Positions the storage holds now.
-    pub fn rows(&self) -> usize {
-        self.k.first().map_or(0, |t| t.dims()[2])
-    }
-
-    pub fn device_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|t| t.shape().num_elements() * 4).sum()
-    }
-
-    /// Make layer `layer`'s storage hold positions `..end`: double it (at least to `end`,
-    /// at most to `capacity`), keeping the rows written.
-    fn reserve(&mut self, layer: usize, end: usize) {
-        let rows = self.k[layer].dims()[2];
-        if end <= rows {
-            return;
-        }
-        assert!(end <= self.capacity, "KV cache overflow: position {end} of {}", self.capacity);
-        let grown = end.max(rows * 2).min(self.capacity);
-        for t in [&mut self.k[layer], &mut self.v[layer]] {
-            let [b, heads, _, dh] = t.dims();
-            let extra = Tensor::<4>::zeros([b, heads, grown - rows, dh], &t.device());
-            let old = std::mem::replace(t, extra.clone());
-            *t = Tensor::cat(vec![old, extra], 2);
-        }
-    }
-}
-
 impl Attention {
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`
@@ -249,26 +181,11 @@ impl Attention {
     ) -> Tensor<2> {
         let t = q.dims()[2];
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
-        let (start, end) = (cache.len, cache.len + t);
-        // Append this step's keys and values, then attend over the whole prefix. The cache
-        // tensors are moved out (a small placeholder left behind) rather than cloned: a
-        // clone shares the storage, and writing into shared storage copies all of it, the
-        // whole context's keys and values per layer and token (190 MB a token for SmolLM2
-        // at a 4096-token context).
-        cache.reserve(layer, end);
-        let range = [0..1, 0..kvh, start..end, 0..dh];
-        let old_k = std::mem::replace(&mut cache.k[layer], k.clone());
-        cache.k[layer] = old_k.slice_assign(range.clone(), k);
-        let old_v = std::mem::replace(&mut cache.v[layer], v.clone());
-        cache.v[layer] = old_v.slice_assign(range, v);
-        let keys = cache.k[layer].clone().narrow(2, 0, end); // [1, kvh, s, dh]
-        let values = cache.v[layer].clone().narrow(2, 0, end);
-
         // Grouped-query attention without copying K/V: query heads j*r..(j+1)*r share KV
         // head j, so fold the group into the row axis.
         let r = h / kvh;
         let q = q.reshape([1, kvh, r * t, dh]);
-        let ctx = attention(q, keys, values, mask.bias.clone(), (dh as f64).powf(-0.5), mask.rule); // [1, kvh, r*t, dh]
+        let ctx = cache.attend(layer, q, k, v, mask.bias.clone(), (dh as f64).powf(-0.5), mask.rule); // [1, kvh, r*t, dh]
         ctx.reshape([1, h, t, dh]).swap_dims(1, 2).reshape([t, h * dh])
     }
 }

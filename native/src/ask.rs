@@ -16,7 +16,7 @@ use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::token_budget::{Budget, Reduce};
 use vidllm_models::video_model::LoadOptions;
-use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
+use vidllm_models::{Conversation, GenerateParams, KvType, Model, Prompt};
 use vidllm_shaders::device::{DeviceChoice, pick};
 use vidllm_shaders::preprocess::{preprocess, rgb_planes};
 
@@ -85,6 +85,9 @@ pub struct AskArgs {
     pub device: DeviceChoice,
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
+    /// What the KV cache keeps keys and values in: f32 | f16 | q8_0 | q4_0.
+    #[arg(long, default_value = "f32")]
+    pub kv: KvType,
     #[arg(long)]
     pub json: bool,
 }
@@ -270,6 +273,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let t2 = Instant::now();
     let (mut reduction, mut kept_frames) = (None, None::<Vec<usize>>);
     let mut conv = Conversation::new(model.clone(), Rc::new(folder.tok), a.ctx);
+    conv.set_kv(a.kv).map_err(|e| anyhow::anyhow!("--kv: {e}"))?;
     progress.during(format!("encoding {} frames", frames.len()), || -> Result<()> {
         if let (Some(px), Some(times)) = (video_px, times) {
             let encoded = vm.encode_video(px, budget.as_ref())?;

@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use vidllm_models::generate::read_row;
-use vidllm_models::{KvCache, Llama, Logits};
+use vidllm_models::{KvCache, KvType, Llama, Logits};
 
 use crate::progress::Progress;
 use crate::{ModelArgs, runtime};
@@ -47,23 +47,23 @@ fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
 
 /// A cache with room for `depth + more` tokens, `context` (the first `depth` tokens)
 /// already in it.
-fn cache_at(m: &Llama, context: &[u32], more: usize) -> Result<KvCache> {
-    let mut cache = KvCache::new(&m.cfg, context.len() + more + 1, &m.device);
+fn cache_at(m: &Llama, kv: KvType, context: &[u32], more: usize) -> Result<KvCache> {
+    let mut cache = KvCache::typed(kv, &m.cfg, context.len() + more + 1, &m.device);
     if !context.is_empty() {
         read_row(m.forward(context, &mut cache, Logits::Last))?;
     }
     Ok(cache)
 }
 
-fn prefill_rate(m: &Llama, context: &[u32], tokens: &[u32]) -> Result<f64> {
-    let mut cache = cache_at(m, context, tokens.len())?;
+fn prefill_rate(m: &Llama, kv: KvType, context: &[u32], tokens: &[u32]) -> Result<f64> {
+    let mut cache = cache_at(m, kv, context, tokens.len())?;
     let t0 = Instant::now();
     read_row(m.forward(tokens, &mut cache, Logits::Last))?;
     Ok(tokens.len() as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn decode_rate(m: &Llama, context: &[u32], n: usize) -> Result<f64> {
-    let mut cache = cache_at(m, context, n)?;
+fn decode_rate(m: &Llama, kv: KvType, context: &[u32], n: usize) -> Result<f64> {
+    let mut cache = cache_at(m, kv, context, n)?;
     let mut tok = 1u32;
     let t0 = Instant::now();
     for _ in 0..n {
@@ -94,28 +94,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     let tokens = synthetic_tokens(a.depth + a.prompt_tokens, m.cfg.vocab_size);
     let (context, prompt) = tokens.split_at(a.depth);
+    let kv = a.model.kv;
+    anyhow::ensure!(kv.fits(m.cfg.d_head), "--kv {kv}: the decoder's heads ({}) are not whole 32-value blocks", m.cfg.d_head);
     let reps = a.reps.max(1);
     // Warm-up: kernel compilation and allocations stay out of the numbers.
-    prefill_rate(m, context, prompt)?;
-    decode_rate(m, context, 4)?;
-    let pp: Vec<f64> = (0..reps).map(|_| prefill_rate(m, context, prompt)).collect::<Result<_>>()?;
-    let tg: Vec<f64> = (0..reps).map(|_| decode_rate(m, context, a.gen_tokens)).collect::<Result<_>>()?;
+    prefill_rate(m, kv, context, prompt)?;
+    decode_rate(m, kv, context, 4)?;
+    let pp: Vec<f64> = (0..reps).map(|_| prefill_rate(m, kv, context, prompt)).collect::<Result<_>>()?;
+    let tg: Vec<f64> = (0..reps).map(|_| decode_rate(m, kv, context, a.gen_tokens)).collect::<Result<_>>()?;
     let ((pp_m, pp_s), (tg_m, tg_s)) = (stats(&pp), stats(&tg));
     if a.json {
         println!(
             "{}",
             json!({
-                "device": rt.device_name, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "depth": a.depth,
+                "device": rt.device_name, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "depth": a.depth, "kv": kv.name(),
+                "kv_bytes_per_token": kv.bytes_per_token(&m.cfg),
                 "prefill_tok_s": pp_m, "prefill_sd": pp_s, "decode_tok_s": tg_m, "decode_sd": tg_s,
                 "weights_device_bytes": m.weights_device_bytes(), "file_bytes": rt.file_bytes,
             })
         );
     } else {
-        println!("| model | device | test | t/s |\n|---|---|---|---|");
+        println!("| model | device | kv | test | t/s |\n|---|---|---|---|---|");
         // llama-bench's names: "pp512 @ d1024".
         let at = if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() };
-        println!("| {} | {} | pp{}{at} | {pp_m:.2} ± {pp_s:.2} |", a.model.model, rt.device_name, a.prompt_tokens);
-        println!("| {} | {} | tg{}{at} | {tg_m:.2} ± {tg_s:.2} |", a.model.model, rt.device_name, a.gen_tokens);
+        println!("| {} | {} | {kv} | pp{}{at} | {pp_m:.2} ± {pp_s:.2} |", a.model.model, rt.device_name, a.prompt_tokens);
+        println!("| {} | {} | {kv} | tg{}{at} | {tg_m:.2} ± {tg_s:.2} |", a.model.model, rt.device_name, a.gen_tokens);
     }
     Ok(())
 }

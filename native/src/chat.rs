@@ -96,6 +96,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     };
     let weights_device_bytes = rt.model.decoder().weights_device_bytes();
     let mut conv = Conversation::new(rt.model, rt.tok, rt.context);
+    conv.set_kv(a.model.kv).map_err(|e| anyhow::anyhow!("--kv: {e}"))?;
     // A prompt over the context is refused here, before anything is printed.
     conv.ask(Prompt::Tokens(&prompt), params)?;
     eprintln!(

@@ -353,7 +353,12 @@ impl Engine {
             (rt.model, rt.tok, None, rt.device_name)
         };
         let context = runtime::context(m.ctx, model.decoder());
-        let slots: Vec<_> = (0..parallel).map(|_| (Conversation::new(model.clone(), tok.clone(), context), None)).collect();
+        let mut slots = Vec::with_capacity(parallel);
+        for _ in 0..parallel {
+            let mut conv = Conversation::new(model.clone(), tok.clone(), context);
+            conv.set_kv(m.kv).map_err(|e| anyhow::anyhow!("--kv: {e}"))?;
+            slots.push((conv, None));
+        }
         let id = std::path::Path::new(&m.model).file_name().map_or(m.model.clone(), |n| n.to_string_lossy().into_owned());
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let info = ModelInfo { id, video: frames.is_some(), device: device_name, context, parallel, created };

@@ -2,6 +2,7 @@
 //! subcommands) and the serving engine, which the Python bindings (`python/`) drive too.
 
 use clap::Args;
+use vidllm_models::KvType;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_shaders::device::DeviceChoice;
 
@@ -37,6 +38,10 @@ pub struct ModelArgs {
     /// Context length (tokens) to allocate; defaults to the model's, at most 4096.
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// What the KV cache keeps keys and values in: f32 | f16 | q8_0 | q4_0 (llama.cpp's
+    /// `--cache-type-k/-v`; the quantised types rotated first, as llama.cpp does).
+    #[arg(long, default_value = "f32")]
+    pub kv: KvType,
 }
 
 /// On a headless machine the window-system probe inside the GPU stack prints

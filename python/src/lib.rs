@@ -49,10 +49,11 @@ impl Model {
     /// Load a model: a GGUF file (with `mmproj=` for llama.cpp's vision file), or a
     /// Hugging Face folder (text or video-language). `device` is "auto", "gpu" or "cpu";
     /// `quant` a folder's decoder storage (q4_0, q4_1, q8_0, f16, f32); `ctx` the tokens of
-    /// context per sequence; `parallel` the requests decoded together; `queue` the
+    /// context per sequence; `kv` what the KV cache keeps keys and values in (f32, f16,
+    /// q8_0, q4_0); `parallel` the requests decoded together; `queue` the
     /// requests that may wait beyond those (a full queue raises at once).
     #[staticmethod]
-    #[pyo3(signature = (path, *, device = "auto", mmproj = None, quant = None, ctx = None, parallel = 1, queue = 64, media_cache = 8))]
+    #[pyo3(signature = (path, *, device = "auto", mmproj = None, quant = None, ctx = None, kv = "f32", parallel = 1, queue = 64, media_cache = 8))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
@@ -61,14 +62,16 @@ impl Model {
         mmproj: Option<std::path::PathBuf>,
         quant: Option<&str>,
         ctx: Option<usize>,
+        kv: &str,
         parallel: usize,
         queue: usize,
         media_cache: usize,
     ) -> PyResult<Self> {
         let device: DeviceChoice = device.parse().map_err(|e| PyValueError::new_err(format!("device: {e}")))?;
         let quant = quant.map(|q| q.parse::<QuantChoice>()).transpose().map_err(|e| PyValueError::new_err(format!("quant: {e}")))?;
+        let kv = kv.parse().map_err(|e| PyValueError::new_err(format!("kv: {e}")))?;
         let args = EngineArgs {
-            model: ModelArgs { model: path.to_string_lossy().into_owned(), quant, device, ctx },
+            model: ModelArgs { model: path.to_string_lossy().into_owned(), quant, device, ctx, kv },
             mmproj: mmproj.map(|p| p.to_string_lossy().into_owned()),
             parallel,
             media_cache,

@@ -23,6 +23,7 @@ use vidllm_core::ggml::{GgmlType, QK, dequant_block};
 
 use crate::QuantOps;
 use crate::block::ty_from_id;
+use crate::cpu_attention::Rows;
 use crate::cpu_int::{self, IntActs};
 use crate::{cpu_gemm, cpu_gemv};
 
@@ -50,8 +51,55 @@ impl QuantOps for Flex {
         // Keys and values are views of the KV cache: read in place where each head's rows
         // are contiguous (always, for the cache), copied otherwise.
         let (k, v) = (contiguous_heads(k), contiguous_heads(v));
-        let out =
-            crate::cpu_attention::attention(&data(q), &head_slices(&k, b * h), &head_slices(&v, b * h), rows, keys, d, scale as f32, mask);
+        let (kh, vh): (Vec<Rows>, Vec<Rows>) =
+            (head_slices(&k, b * h).into_iter().map(Rows::F32).collect(), head_slices(&v, b * h).into_iter().map(Rows::F32).collect());
+        let out = crate::cpu_attention::attention(&data(q), &kh, &vh, rows, keys, d, scale as f32, mask);
+        FlexTensor::from_data(TensorData::new(out, [b, h, rows, d]))
+    }
+
+    /// Each row quantised by `vidllm_core::ggml::quantize` into the cache's bytes.
+    fn kv_write(cache: FlexTensor, x: FlexTensor, ty: u32, start: usize) -> FlexTensor {
+        let ty = ty_from_id(ty);
+        let [_, rows, words] = cache.layout().shape().dims::<3>();
+        let [_, t, d] = x.layout().shape().dims::<3>();
+        assert!(start + t <= rows, "kv_write: rows {start}..{} of {rows}", start + t);
+        assert!(cache.is_contiguous() && cache.layout().start_offset() == 0, "kv_write: a whole cache");
+        let x = x.into_data().try_into_vec::<f32>().expect("kv_write: x must be f32");
+        let mut cache = cache;
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(cache.storage_mut::<u32>());
+        let stride = words * 4;
+        for (r, row) in x.chunks_exact(d).enumerate() {
+            let (h, i) = (r / t, r % t);
+            let q = vidllm_core::ggml::quantize(ty, row);
+            bytes[(h * rows + start + i) * stride..][..q.len()].copy_from_slice(&q);
+        }
+        cache
+    }
+
+    /// The fused attention (`cpu_attention.rs`) reading the cache's blocks in place.
+    fn kv_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        ty: u32,
+        keys: usize,
+        _bias: FlexTensor,
+        scale: f64,
+        mask: crate::Mask,
+    ) -> FlexTensor {
+        let ty = ty_from_id(ty);
+        let [b, h, rows, d] = q.layout().shape().dims::<4>();
+        let [heads, capacity, words] = k.layout().shape().dims::<3>();
+        assert!(heads == b * h && keys <= capacity, "kv_attention: {heads} heads of {capacity} rows for {b}x{h} heads and {keys} keys");
+        let stride = words * 4;
+        fn heads_of(t: &FlexTensor, ty: GgmlType, capacity: usize, stride: usize) -> Vec<Rows<'_>> {
+            assert!(t.is_contiguous() && t.layout().start_offset() == 0, "kv_attention: a whole cache");
+            let bytes: &[u8] = bytemuck::cast_slice(t.storage::<u32>());
+            bytes.chunks_exact(capacity * stride).map(|bytes| Rows::Packed { ty, bytes, stride }).collect()
+        }
+        let q = q.into_data().try_into_vec::<f32>().expect("kv_attention: q must be f32");
+        let (kh, vh) = (heads_of(&k, ty, capacity, stride), heads_of(&v, ty, capacity, stride));
+        let out = crate::cpu_attention::attention(&q, &kh, &vh, rows, keys, d, scale as f32, mask);
         FlexTensor::from_data(TensorData::new(out, [b, h, rows, d]))
     }
 

@@ -9,15 +9,122 @@
 //! accumulates the values, the block's scores staying in L1. Keys a causal row may not
 //! see are not computed at all.
 //!
+//! Keys and values come as [`Rows`]: f32 rows read in place, or rows of GGML blocks (a
+//! quantised KV cache: F16, Q8_0, Q4_0) dequantised [`C`] rows at a time into a buffer that
+//! stays in L1, where they are read. No f32 copy of the context is made on the decode
+//! path; prefill's transposed keys are written from the blocks directly.
+//!
 //! # Shapes
 //! - q: `[heads, rows, d]`; k, v: `[heads, keys, d]` -> `[heads, rows, d]`
 
 use rayon::prelude::*;
+use vidllm_core::ggml::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
 
 /// Query rows per block (they share each load of the keys).
 const R: usize = 4;
 /// Keys per vector of scores.
 const L: usize = 16;
+/// Rows of a quantised head dequantised at a time (a multiple of [`L`]).
+const C: usize = 64;
+
+/// One head's keys or values, `[keys, d]`.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    /// f32 values, read in place.
+    F32(&'a [f32]),
+    /// Rows of `ty` blocks (F16, Q8_0 or Q4_0), `stride` bytes apart, each `d` values from
+    /// its first byte.
+    Packed { ty: GgmlType, bytes: &'a [u8], stride: usize },
+}
+
+impl<'a> Rows<'a> {
+    /// Block types a head's rows may be packed in.
+    pub const PACKED: [GgmlType; 3] = [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0];
+
+    /// Whether it holds at least `keys` rows of `d` values.
+    fn holds(&self, keys: usize, d: usize) -> bool {
+        match *self {
+            Rows::F32(x) => x.len() >= keys * d,
+            Rows::Packed { ty, bytes, stride } => {
+                Self::PACKED.contains(&ty)
+                    && d.is_multiple_of(QK)
+                    && stride >= d / ty.block_elems() * ty.block_bytes()
+                    && (keys == 0 || bytes.len() >= (keys - 1) * stride + d / ty.block_elems() * ty.block_bytes())
+            }
+        }
+    }
+
+    /// Rows `j0..j0 + n` as f32: in place for [`Rows::F32`], else dequantised into `buf`.
+    #[inline(always)]
+    fn get<'b>(&self, j0: usize, n: usize, d: usize, buf: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            Rows::F32(x) => &x[j0 * d..(j0 + n) * d],
+            Rows::Packed { ty, bytes, stride } => {
+                let out = &mut buf[..n * d];
+                let bytes = &bytes[j0 * stride..];
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the features were just detected.
+                    unsafe { x86::dequantize_rows(ty, bytes, stride, d, out) };
+                    return out;
+                }
+                for (j, row) in out.chunks_exact_mut(d).enumerate() {
+                    dequantize_row(ty, &bytes[j * stride..], row);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// One row of `ty` blocks from the start of `src` into `out` (its length the row's),
+/// written so that it vectorises where the caller's target features allow. Exact: a
+/// block's scale times an 8-bit code is an f32 with no rounding.
+#[inline(always)]
+fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F16 => {
+            for (o, h) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16_to_f32(u16::from_le_bytes([h[0], h[1]]));
+            }
+        }
+        GgmlType::Q8_0 => {
+            let blocks: &[BlockQ8_0] = bytemuck::cast_slice(&src[..out.len() / QK * size_of::<BlockQ8_0>()]);
+            for (o, b) in out.chunks_exact_mut(QK).zip(blocks) {
+                let d = f16_to_f32(u16::from_le_bytes(b.d));
+                for (o, &q) in o.iter_mut().zip(&b.qs) {
+                    *o = d * q as f32;
+                }
+            }
+        }
+        GgmlType::Q4_0 => {
+            let blocks: &[BlockQ4_0] = bytemuck::cast_slice(&src[..out.len() / QK * size_of::<BlockQ4_0>()]);
+            for (o, b) in out.chunks_exact_mut(QK).zip(blocks) {
+                let d = f16_to_f32(u16::from_le_bytes(b.d));
+                let (lo, hi) = o.split_at_mut(QK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b.qs) {
+                    *l = d * ((q & 15) as i32 - 8) as f32;
+                    *h = d * ((q >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        other => unreachable!("{} rows are not read by the attention", other.name()),
+    }
+}
+
+/// IEEE half to f32 without branches (so that it vectorises): the magnitude's bits moved
+/// into place and rescaled by `2^112`, which is exact for normal and subnormal halves;
+/// infinities and NaNs get the all-ones exponent back.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let magnitude = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+    let special = if h & 0x7c00 == 0x7c00 { 0x7f80_0000 } else { 0 };
+    f32::from_bits(((h & 0x8000) << 16) | magnitude.to_bits() | special)
+}
 
 /// Which keys a query row may see.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,16 +159,16 @@ impl Mask {
     }
 }
 
-/// Scaled dot-product attention on f32 rows: `q` `[heads, rows, d]`, and each head's keys
-/// and values `[keys, d]` (slices of a cache, not copied).
+/// Scaled dot-product attention: `q` `[heads, rows, d]` (f32), and each head's keys and
+/// values `[keys, d]` (views of a cache, not copied).
 ///
 /// # Panics
 /// If the lengths do not agree with the shapes.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &[f32], k: &[&[f32]], v: &[&[f32]], rows: usize, keys: usize, d: usize, scale: f32, mask: Mask) -> Vec<f32> {
+pub fn attention(q: &[f32], k: &[Rows], v: &[Rows], rows: usize, keys: usize, d: usize, scale: f32, mask: Mask) -> Vec<f32> {
     let heads = k.len();
     assert!(q.len() == heads * rows * d && v.len() == heads, "attention: shapes");
-    assert!(k.iter().chain(v).all(|x| x.len() == keys * d), "attention: keys and values of every head");
+    assert!(k.iter().chain(v).all(|x| x.holds(keys, d)), "attention: keys and values of every head");
     // A decode step (one block of rows per head) reads each key once: its scores come
     // straight from the keys' rows, without a transposed copy of the whole context
     // (which at 1,024 keys and more cost as much as the attention: written and read
@@ -88,7 +195,11 @@ pub fn attention(q: &[f32], k: &[&[f32]], v: &[&[f32]], rows: usize, keys: usize
         }
         let kt = &mut kt[..heads * d * kp];
         kt.par_chunks_mut(d * kp).zip(k.par_iter()).for_each(|(kt, k)| {
-            transpose_keys(k, d, kp, kt);
+            let mut whole = Vec::new();
+            if let Rows::Packed { .. } = k {
+                whole.resize(keys * d, 0.0);
+            }
+            transpose_keys(k.get(0, keys, d, &mut whole), d, kp, kt);
             for channel in kt.chunks_exact_mut(kp) {
                 channel[keys..].fill(0.0);
             }
@@ -152,7 +263,62 @@ fn transpose_keys(k: &[f32], d: usize, kp: usize, kt: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use vidllm_core::ggml::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+
     use super::L;
+
+    /// [`super::dequantize_row`] for each row of `d` values of `out` (rows `stride` bytes
+    /// apart in `bytes`), sixteen values a vector: halves widened by `vcvtph2ps`, codes
+    /// sign- or zero-extended to 32 bits, converted and scaled. The same values.
+    ///
+    /// # Safety
+    /// AVX-512 F and BW. `ty` is F16, Q8_0 or Q4_0; `d` a multiple of 32; each row's
+    /// blocks held in `bytes` from its multiple of `stride`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dequantize_rows(ty: GgmlType, bytes: &[u8], stride: usize, d: usize, out: &mut [f32]) {
+        let half = |h: [u8; 2]| _mm512_set1_ps(super::f16_to_f32(u16::from_le_bytes(h)));
+        for (j, row) in out.chunks_exact_mut(d).enumerate() {
+            let src = &bytes[j * stride..];
+            match ty {
+                GgmlType::F16 => {
+                    let src = &src[..2 * d];
+                    for (o, h) in row.chunks_exact_mut(L).zip(src.chunks_exact(2 * L)) {
+                        // SAFETY: 16 halves in, 16 floats out.
+                        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast()))) };
+                    }
+                }
+                GgmlType::Q8_0 => {
+                    let blocks: &[BlockQ8_0] = bytemuck::cast_slice(&src[..d / QK * size_of::<BlockQ8_0>()]);
+                    for (o, b) in row.chunks_exact_mut(QK).zip(blocks) {
+                        let scale = half(b.d);
+                        for (o, q) in o.chunks_exact_mut(L).zip(b.qs.chunks_exact(L)) {
+                            // SAFETY: 16 codes in, 16 floats out.
+                            unsafe {
+                                let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.as_ptr().cast())));
+                                _mm512_storeu_ps(o.as_mut_ptr(), _mm512_mul_ps(scale, q));
+                            }
+                        }
+                    }
+                }
+                GgmlType::Q4_0 => {
+                    let blocks: &[BlockQ4_0] = bytemuck::cast_slice(&src[..d / QK * size_of::<BlockQ4_0>()]);
+                    for (o, b) in row.chunks_exact_mut(QK).zip(blocks) {
+                        let scale = half(b.d);
+                        // SAFETY: 16 bytes of codes in, 32 floats out.
+                        unsafe {
+                            let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.qs.as_ptr().cast()));
+                            let eight = _mm512_set1_epi32(8);
+                            let lo = _mm512_sub_epi32(_mm512_and_si512(codes, _mm512_set1_epi32(15)), eight);
+                            let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(codes), eight);
+                            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_mul_ps(scale, _mm512_cvtepi32_ps(lo)));
+                            _mm512_storeu_ps(o.as_mut_ptr().add(L), _mm512_mul_ps(scale, _mm512_cvtepi32_ps(hi)));
+                        }
+                    }
+                }
+                other => unreachable!("{} rows are not read by the attention", other.name()),
+            }
+        }
+    }
 
     /// The whole 16 x 16 tiles of [`super::transpose_keys`]; returns how many keys they
     /// covered (their channels past the last whole tile are left to the caller).
@@ -243,14 +409,14 @@ enum KeysBy<'a> {
     Transposed { kt: &'a [f32], kp: usize },
     /// As they lie, `[keys, d]`, on AVX-512 ([`direct_scores_available`]): a decode step.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Rows(&'a [f32]),
+    Rows(Rows<'a>),
 }
 
 /// What every block of query rows of one head reads.
 struct Head<'a> {
     keys_by: KeysBy<'a>,
     /// The values, `[keys, d]`.
-    v: &'a [f32],
+    v: Rows<'a>,
     d: usize,
     keys: usize,
     scale: f32,
@@ -322,9 +488,18 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
             }
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Rows` is chosen only where `direct_scores_available`; the slices are
-        // `n` rows and `keys` keys of `d` channels, `most <= keys`.
-        KeysBy::Rows(k) => unsafe { x86::scores_from_rows(&q[..n * d], &k[..most * d], d, span, &mut scores) },
+        KeysBy::Rows(k) => {
+            // Packed keys are scored C at a time from their dequantised rows.
+            let step = if let Rows::F32(_) = k { most.max(1) } else { C };
+            let mut buf = vec![0f32; if step == C { C * d } else { 0 }];
+            for j0 in (0..most).step_by(step) {
+                let k = k.get(j0, step.min(most - j0), d, &mut buf);
+                // SAFETY: `Rows` is chosen only where `direct_scores_available`; `q` is `n`
+                // rows of `d` channels; the keys' scores land in columns `j0..` of rows of
+                // `span`, and `j0 + step` rounded up to `L` is within `span`.
+                unsafe { x86::scores_from_rows(&q[..n * d], k, d, span, &mut scores[j0..]) }
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
         KeysBy::Rows(_) => unreachable!("keys by rows are scored on x86-64 only"),
     }
@@ -356,28 +531,41 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
     // The weights by key, `[most][R]`.
     let weights: Vec<[f32; R]> = (0..most).map(|j| std::array::from_fn(|r| scores[r * span + j])).collect();
     // The weighted sum of the values, L columns at a time with the block's rows in
-    // registers: each load of a value row serves every row of the block.
-    for c0 in (0..d).step_by(L) {
-        let w = L.min(d - c0);
-        let mut acc = [[0f32; L]; R];
-        for (p, value) in weights.iter().zip(v.chunks_exact(d)) {
-            // Whole vectors read in place: a copy of a run-time length is a call to memcpy.
-            let x: [f32; L] = match value[c0..].first_chunk::<L>() {
-                Some(x) if w == L => *x,
-                _ => {
-                    let mut x = [0f32; L];
-                    x[..w].copy_from_slice(&value[c0..][..w]);
-                    x
-                }
-            };
-            for (acc, &p) in acc.iter_mut().zip(p) {
-                for (a, &x) in acc.iter_mut().zip(&x) {
-                    *a = madd::<FMA>(p, x, *a);
+    // registers: each load of a value row serves every row of the block. Packed values
+    // are read C rows at a time, the sums carried in `out` between them (the same
+    // additions in the same order).
+    let step = if let Rows::F32(_) = v { most.max(1) } else { C };
+    let mut buf = vec![0f32; if step == C { C * d } else { 0 }];
+    for j0 in (0..most).step_by(step) {
+        let values = v.get(j0, step.min(most - j0), d, &mut buf);
+        let weights = &weights[j0..][..values.len() / d];
+        for c0 in (0..d).step_by(L) {
+            let w = L.min(d - c0);
+            let mut acc = [[0f32; L]; R];
+            if j0 > 0 {
+                for (r, acc) in acc.iter_mut().enumerate().take(n) {
+                    acc[..w].copy_from_slice(&out[r * d + c0..][..w]);
                 }
             }
-        }
-        for (r, acc) in acc.iter().enumerate().take(n) {
-            out[r * d + c0..][..w].copy_from_slice(&acc[..w]);
+            for (p, value) in weights.iter().zip(values.chunks_exact(d)) {
+                // Whole vectors read in place: a copy of a run-time length is a call to memcpy.
+                let x: [f32; L] = match value[c0..].first_chunk::<L>() {
+                    Some(x) if w == L => *x,
+                    _ => {
+                        let mut x = [0f32; L];
+                        x[..w].copy_from_slice(&value[c0..][..w]);
+                        x
+                    }
+                };
+                for (acc, &p) in acc.iter_mut().zip(p) {
+                    for (a, &x) in acc.iter_mut().zip(&x) {
+                        *a = madd::<FMA>(p, x, *a);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(n) {
+                out[r * d + c0..][..w].copy_from_slice(&acc[..w]);
+            }
         }
     }
 }
@@ -446,17 +634,51 @@ mod tests {
         }
     }
 
+    /// Keys and values in each packed type, rows padded to whole words as the KV cache
+    /// keeps them: decode shapes (keys scored by rows, several chunks of [`C`]) and
+    /// prefill shapes (keys transposed), against f64 on the dequantised values.
+    #[test]
+    fn packed_attention_matches_f64() {
+        for ty in Rows::PACKED {
+            check_packed(ty, 3, 3, 150, 64, [Mask::None, Mask::Causal { t: 1, start: 149 }]);
+            check_packed(ty, 2, 2 * 7, 70, 32, [Mask::None, Mask::Causal { t: 7, start: 63 }]);
+        }
+    }
+
     fn check_attention(heads: usize, rows: usize, keys: usize, d: usize, masks: [Mask; 2]) {
-        let q = crate::check::values(heads * rows * d, 1);
         let k = crate::check::values(heads * keys * d, 2);
         let v = crate::check::values(heads * keys * d, 3);
+        let (kh, vh) = (k.chunks(keys * d).map(Rows::F32).collect::<Vec<_>>(), v.chunks(keys * d).map(Rows::F32).collect::<Vec<_>>());
+        check(&kh, &vh, &k, &v, rows, keys, d, masks);
+    }
+
+    /// [`check_attention`] with keys and values packed in `ty`.
+    fn check_packed(ty: GgmlType, heads: usize, rows: usize, keys: usize, d: usize, masks: [Mask; 2]) {
+        let stride = (d / ty.block_elems() * ty.block_bytes()).next_multiple_of(4);
+        let pack = |x: &[f32]| -> Vec<u8> {
+            let mut out = vec![0u8; heads * keys * stride];
+            for (row, o) in x.chunks(d).zip(out.chunks_mut(stride)) {
+                let q = vidllm_core::ggml::quantize(ty, row);
+                o[..q.len()].copy_from_slice(&q);
+            }
+            out
+        };
+        let unpack = |b: &[u8]| -> Vec<f32> { b.chunks(stride).flat_map(|r| vidllm_core::ggml::dequantize(ty, r, d)).collect() };
+        let (kb, vb) = (pack(&crate::check::values(heads * keys * d, 2)), pack(&crate::check::values(heads * keys * d, 3)));
+        fn head(ty: GgmlType, b: &[u8], keys: usize, stride: usize) -> Vec<Rows<'_>> {
+            b.chunks(keys * stride).map(|bytes| Rows::Packed { ty, bytes, stride }).collect()
+        }
+        check(&head(ty, &kb, keys, stride), &head(ty, &vb, keys, stride), &unpack(&kb), &unpack(&vb), rows, keys, d, masks);
+    }
+
+    /// `attention` over `kh` / `vh` against f64 over the values they hold (`k`, `v`).
+    #[allow(clippy::too_many_arguments)]
+    fn check(kh: &[Rows], vh: &[Rows], k: &[f32], v: &[f32], rows: usize, keys: usize, d: usize, masks: [Mask; 2]) {
+        let heads = kh.len();
+        let q = crate::check::values(heads * rows * d, 1);
         let scale = 0.3;
         for mask in masks {
-            let per_head = |x: &[f32]| -> Vec<Vec<f32>> { x.chunks(keys * d).map(|c| c.to_vec()).collect() };
-            let (kh, vh) = (per_head(&k), per_head(&v));
-            let (kh, vh): (Vec<&[f32]>, Vec<&[f32]>) =
-                (kh.iter().map(|x| x.as_slice()).collect(), vh.iter().map(|x| x.as_slice()).collect());
-            let got = attention(&q, &kh, &vh, rows, keys, d, scale, mask);
+            let got = attention(&q, kh, vh, rows, keys, d, scale, mask);
             for h in 0..heads {
                 for i in 0..rows {
                     let seen = mask.visible(i, keys);
@@ -473,11 +695,34 @@ mod tests {
                         let g = got[(h * rows + i) * d + c] as f64;
                         assert!(
                             (g - want).abs() < 1e-5 * want.abs().max(1.0),
-                            "{rows}x{keys}x{d} {mask:?} head {h} row {i} [{c}]: {g} vs {want}"
+                            "{:?} {rows}x{keys}x{d} {mask:?} head {h} row {i} [{c}]: {g} vs {want}",
+                            kh[0]
                         );
                     }
                 }
             }
+        }
+    }
+
+    /// The portable row widening (WebAssembly, processors without AVX-512) against
+    /// ggml's block decoding.
+    #[test]
+    fn rows_widen_as_ggml_decodes_them() {
+        for ty in Rows::PACKED {
+            let x: Vec<f32> = crate::check::values(96, 9).iter().map(|v| v * 5.0).collect();
+            let bytes = vidllm_core::ggml::quantize(ty, &x);
+            let mut got = vec![0f32; 96];
+            dequantize_row(ty, &bytes, &mut got);
+            assert_eq!(got, vidllm_core::ggml::dequantize(ty, &bytes, 96), "{}", ty.name());
+        }
+    }
+
+    /// Halves to f32 as `half` converts them, every one of the 65,536 (NaNs as NaNs).
+    #[test]
+    fn halves_widen_exactly() {
+        for h in 0..=u16::MAX {
+            let (got, want) = (f16_to_f32(h), half::f16::from_bits(h).to_f32());
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{h:#06x}: {got} vs {want}");
         }
     }
 }
@@ -494,23 +739,30 @@ mod speed {
     fn decode_attention_speed() {
         let (heads, rows, d) = (3, 3, 64);
         let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().unwrap();
-        for keys in [64, 256, 1024] {
-            let q = crate::check::values(heads * rows * d, 3);
-            let kv: Vec<Vec<f32>> = (0..2 * heads).map(|i| crate::check::values(keys * d, 5 + i as u64)).collect();
-            let (k, v): (Vec<&[f32]>, Vec<&[f32]>) =
-                (kv[..heads].iter().map(|x| &x[..]).collect(), kv[heads..].iter().map(|x| &x[..]).collect());
-            let mask = Mask::Causal { t: rows, start: keys - 1 };
-            let mut times: Vec<f64> = pool.install(|| {
-                (0..2001)
-                    .map(|_| {
-                        let t0 = std::time::Instant::now();
-                        std::hint::black_box(attention(&q, &k, &v, rows, keys, d, 0.125, mask));
-                        t0.elapsed().as_secs_f64() * 1e6
-                    })
-                    .collect()
-            });
-            times.sort_by(f64::total_cmp);
-            eprintln!("keys {keys}: {:.2} us median ({:.2} quickest)", times[times.len() / 2], times[0]);
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
+            for keys in [64, 256, 1024] {
+                let q = crate::check::values(heads * rows * d, 3);
+                let kv: Vec<Vec<f32>> = (0..2 * heads).map(|i| crate::check::values(keys * d, 5 + i as u64)).collect();
+                let packed: Vec<Vec<u8>> = kv.iter().map(|x| vidllm_core::ggml::quantize(ty, x)).collect();
+                let stride = d / ty.block_elems() * ty.block_bytes();
+                let rows_of = |i: usize| match ty {
+                    GgmlType::F32 => Rows::F32(&kv[i]),
+                    _ => Rows::Packed { ty, bytes: &packed[i], stride },
+                };
+                let (k, v): (Vec<Rows>, Vec<Rows>) = ((0..heads).map(rows_of).collect(), (heads..2 * heads).map(rows_of).collect());
+                let mask = Mask::Causal { t: rows, start: keys - 1 };
+                let mut times: Vec<f64> = pool.install(|| {
+                    (0..2001)
+                        .map(|_| {
+                            let t0 = std::time::Instant::now();
+                            std::hint::black_box(attention(&q, &k, &v, rows, keys, d, 0.125, mask));
+                            t0.elapsed().as_secs_f64() * 1e6
+                        })
+                        .collect()
+                });
+                times.sort_by(f64::total_cmp);
+                eprintln!("{} keys {keys}: {:.2} us median ({:.2} quickest)", ty.name(), times[times.len() / 2], times[0]);
+            }
         }
     }
 }

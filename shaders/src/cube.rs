@@ -87,6 +87,67 @@ impl QuantOps for CubeBackend {
         burn::backend::ops::attention::attention_fallback::<CubeBackend>(q, k, v, None, bias, options)
     }
 
+    /// One unit per row (head and position): each row's words are written by its unit only.
+    fn kv_write(cache: CubeTensor, x: CubeTensor, ty: u32, start: usize) -> CubeTensor {
+        let [heads, rows, words] = cache.meta.shape().dims::<3>();
+        let [_, t, d] = x.meta.shape().dims::<3>();
+        assert!(start + t <= rows, "kv_write: rows {start}..{} of {rows}", start + t);
+        let x = into_contiguous(x);
+        // Written in place unless another tensor shares the storage.
+        let cache = if cache.can_mut() { cache } else { cache.copy() };
+        let units = (heads * t) as u32;
+        let client = x.client.clone();
+        kv_pack::launch(
+            &client,
+            CubeCount::Static(units.div_ceil(KV_UNITS), 1, 1),
+            CubeDim::new_1d(KV_UNITS),
+            x.into_buffer_arg(),
+            cache.clone().into_buffer_arg(),
+            units,
+            t as u32,
+            rows as u32,
+            start as u32,
+            words as u32,
+            d as u32,
+            ty,
+        );
+        cache
+    }
+
+    /// The `keys` rows widened to f32 (`kv_unpack`), then [`QuantOps::attention`].
+    fn kv_attention(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        ty: u32,
+        keys: usize,
+        bias: CubeTensor,
+        scale: f64,
+        mask: crate::Mask,
+    ) -> CubeTensor {
+        let d = q.meta.shape().dims::<4>()[3];
+        let unpack = |cache: CubeTensor| {
+            let [heads, rows, words] = cache.meta.shape().dims::<3>();
+            let out = empty_device_dtype(cache.client.clone(), cache.device.clone(), Shape::new([1, heads, keys, d]), DType::F32);
+            let units = (heads * keys) as u32;
+            kv_unpack::launch(
+                &cache.client.clone(),
+                CubeCount::Static(units.div_ceil(KV_UNITS).max(1), 1, 1),
+                CubeDim::new_1d(KV_UNITS),
+                cache.into_buffer_arg(),
+                out.clone().into_buffer_arg(),
+                units,
+                keys as u32,
+                rows as u32,
+                words as u32,
+                d as u32,
+                ty,
+            );
+            out
+        };
+        Self::attention(q, unpack(k), unpack(v), bias, scale, mask)
+    }
+
     /// The GEMV computes each row on its own already; past its rows, the tiled matmul's
     /// per-row sums run in the same order whatever the other rows are.
     fn q_matmul_rows(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize) -> CubeTensor {
@@ -459,5 +520,142 @@ fn tiled(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32
     }
     if r1 < m && c1 < n {
         out[(r1 * n + c1) as usize] = a11;
+    }
+}
+
+/// Units per cube of the KV cache kernels.
+const KV_UNITS: u32 = 64;
+
+/// f32 to IEEE half bits, rounded to nearest, ties to even (as `half` and ggml convert):
+/// the mantissa's dropped bits decide, and a carry may round up into the exponent (to
+/// infinity past 65504); subnormal halves shift the implicit bit in.
+#[cube]
+fn half_bits(x: f32) -> u32 {
+    let b = u32::reinterpret(x);
+    let sign = (b >> 16) & 0x8000;
+    let e = (b >> 23) & 0xff;
+    let m = b & 0x7f_ffff;
+    let mut out = sign;
+    if e == 0xff {
+        out = sign | 0x7c00 | select(m != 0, 0x200u32, 0u32);
+    } else if e > 142 {
+        out = sign | 0x7c00;
+    } else if e >= 113 {
+        let base = ((e - 112) << 10) | (m >> 13);
+        let rest = m & 0x1fff;
+        let mut up = 0u32;
+        if rest > 0x1000 {
+            up = 1;
+        } else if rest == 0x1000 {
+            up = base & 1;
+        }
+        out = sign | (base + up);
+    } else if e >= 102 {
+        let mm = m | 0x80_0000;
+        let shift = 126 - e;
+        let base = mm >> shift;
+        let rest = mm & ((1u32 << shift) - 1);
+        let halfway = 1u32 << (shift - 1);
+        let mut up = 0u32;
+        if rest > halfway {
+            up = 1;
+        } else if rest == halfway {
+            up = base & 1;
+        }
+        out = sign | (base + up);
+    }
+    out
+}
+
+/// Byte `off` of the word buffer set to `b`.
+#[cube]
+fn set_byte(w: &mut [u32], off: u32, b: u32) {
+    let i = (off >> 2) as usize;
+    let s = (off & 3) * 8;
+    w[i] = (w[i] & !(0xffu32 << s)) | ((b & 0xff) << s);
+}
+
+/// `|v|` rounded half away from zero (C's `roundf`), exactly: `|v| - floor(|v|)` has no
+/// rounding error.
+#[cube]
+fn round_away(v: f32) -> f32 {
+    let a = f32::abs(v);
+    let f = f32::floor(a);
+    let r = select(a - f >= 0.5f32, f + 1.0f32, f);
+    select(v < 0.0f32, -r, r)
+}
+
+/// Rows of `x` (`[heads, t, d]`) into the packed cache (`[heads, rows, words]`) at row
+/// `start` of each head: unit `u` writes head `u / t`'s position `u % t`.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch)]
+fn kv_pack(x: &[f32], cache: &mut [u32], units: u32, t: u32, rows: u32, start: u32, words: u32, d: u32, #[comptime] ty: u32) {
+    let u = CUBE_POS_X * KV_UNITS + UNIT_POS_X;
+    if u < units {
+        let src = u * d;
+        let row = ((u / t) * rows + start + u % t) * words;
+        if comptime![ty == TYPE_F16] {
+            for i in 0..d / 2 {
+                let lo = half_bits(x[(src + 2 * i) as usize]);
+                let hi = half_bits(x[(src + 2 * i + 1) as usize]);
+                cache[(row + i) as usize] = lo | (hi << 16);
+            }
+        } else {
+            let bb = comptime![ty_from_id(ty).block_bytes() as u32];
+            for blk in 0..d / 32 {
+                let at = src + blk * 32;
+                let base = row * 4 + blk * bb;
+                // Q8_0: the largest magnitude maps to 127; Q4_0: the signed value of largest
+                // magnitude maps to -8 (ggml's reference quantisers).
+                let mut top = 0.0f32;
+                for j in 0..32u32 {
+                    let v = x[(at + j) as usize];
+                    if f32::abs(v) > f32::abs(top) {
+                        top = v;
+                    }
+                }
+                let mut dd = f32::abs(top) / 127.0f32;
+                if comptime![ty == TYPE_Q4_0] {
+                    dd = top / -8.0f32;
+                }
+                let id = select(dd != 0.0f32, 1.0f32 / dd, 0.0f32);
+                let h = half_bits(dd);
+                set_byte(cache, base, h & 0xff);
+                set_byte(cache, base + 1, h >> 8);
+                if comptime![ty == TYPE_Q8_0] {
+                    for j in 0..32u32 {
+                        let q = f32::clamp(round_away(x[(at + j) as usize] * id), -127.0f32, 127.0f32);
+                        set_byte(cache, base + 2 + j, u32::cast_from(i32::cast_from(q)) & 0xff);
+                    }
+                } else {
+                    for j in 0..16u32 {
+                        let q0 = u32::min(u32::cast_from(x[(at + j) as usize] * id + 8.5f32), 15);
+                        let q1 = u32::min(u32::cast_from(x[(at + j + 16) as usize] * id + 8.5f32), 15);
+                        set_byte(cache, base + 2 + j, q0 | (q1 << 4));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first `keys` rows of each head of a packed cache, as f32 `[heads, keys, d]`: unit
+/// `u` widens head `u / keys`'s row `u % keys`.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch)]
+fn kv_unpack(cache: &[u32], out: &mut [f32], units: u32, keys: u32, rows: u32, words: u32, d: u32, #[comptime] ty: u32) {
+    let u = CUBE_POS_X * KV_UNITS + UNIT_POS_X;
+    if u < units {
+        let base = ((u / keys) * rows + u % keys) * words * 4;
+        let dst = u * d;
+        for c in 0..d {
+            if comptime![ty == TYPE_F16] {
+                out[(dst + c) as usize] = f16_at(cache, base + 2 * c);
+            }
+            if comptime![ty != TYPE_F16] {
+                let bb = comptime![ty_from_id(ty).block_bytes() as u32];
+                out[(dst + c) as usize] = dequant_legacy(cache, base + (c / 32) * bb, c % 32, ty);
+            }
+        }
     }
 }

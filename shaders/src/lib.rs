@@ -77,6 +77,35 @@ pub trait QuantOps: Backend {
         scale: f64,
         mask: Mask,
     ) -> FloatTensor<Self>;
+
+    /// Write `x` into rows `start..start + t` of each head of a packed KV cache: `cache`
+    /// holds `[heads, rows, words]` u32 words, each row `d` values of type `ty` (F16, Q8_0
+    /// or Q4_0) from its first byte, zero-padded to whole words. Blocks are quantised as
+    /// ggml's reference quantisers make them (`vidllm_core::ggml::quantize`). Returns the
+    /// cache (written in place where it is not shared).
+    ///
+    /// # Shapes
+    /// - cache: `[heads, rows, words]` (u32); x: `[heads, t, d]` (f32) -> `[heads, rows, words]`
+    fn kv_write(cache: IntTensor<Self>, x: FloatTensor<Self>, ty: u32, start: usize) -> IntTensor<Self>;
+
+    /// [`QuantOps::attention`] over the first `keys` rows of packed caches (as
+    /// [`QuantOps::kv_write`] writes them): the CPU reads the blocks where it uses them;
+    /// wgpu widens the `keys` rows to f32 for its composed attention.
+    ///
+    /// # Shapes
+    /// - q: `[1, heads, rows, d]`; k, v: `[heads, capacity, words]` (u32); bias: `[1, 1, rows, keys]`
+    /// - returns `[1, heads, rows, d]`
+    #[allow(clippy::too_many_arguments)]
+    fn kv_attention(
+        q: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        v: IntTensor<Self>,
+        ty: u32,
+        keys: usize,
+        bias: FloatTensor<Self>,
+        scale: f64,
+        mask: Mask,
+    ) -> FloatTensor<Self>;
 }
 
 /// `softmax(q k^T scale + bias) v` on any device ([`QuantOps::attention`]).
@@ -93,6 +122,43 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>, scal
         mask,
     );
     Tensor::<4>::from_dispatch(out)
+}
+
+/// [`QuantOps::kv_write`] on any device.
+pub fn kv_write(cache: Tensor<3, Int>, x: Tensor<3>, ty: GgmlType, start: usize) -> Tensor<3, Int> {
+    let out = <burn::backend::Dispatch as QuantOps>::kv_write(cache.into_dispatch(), x.into_dispatch(), ty.id(), start);
+    Tensor::<3, Int>::from_dispatch(out)
+}
+
+/// [`QuantOps::kv_attention`] on any device.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_attention(
+    q: Tensor<4>,
+    k: Tensor<3, Int>,
+    v: Tensor<3, Int>,
+    ty: GgmlType,
+    keys: usize,
+    bias: Tensor<4>,
+    scale: f64,
+    mask: Mask,
+) -> Tensor<4> {
+    let out = <burn::backend::Dispatch as QuantOps>::kv_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        ty.id(),
+        keys,
+        bias.into_dispatch(),
+        scale,
+        mask,
+    );
+    Tensor::<4>::from_dispatch(out)
+}
+
+/// u32 words per row of `d` values of `ty` in a packed KV cache (whole blocks, padded to a
+/// word).
+pub fn kv_row_words(ty: GgmlType, d: usize) -> usize {
+    (d / ty.block_elems() * ty.block_bytes()).div_ceil(4)
 }
 
 /// A weight matrix `[n, k]` resident on a device in GGML block layout.

@@ -9,7 +9,7 @@ use vidllm_core::gguf::Gguf;
 use vidllm_core::sampler::argmax;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
-use vidllm_models::{Conversation, GenerateParams, KvCache, Llama, Logits, Model, Prompt};
+use vidllm_models::{Conversation, GenerateParams, KvCache, KvType, Llama, Logits, Model, Prompt};
 
 use crate::every_case_on;
 
@@ -84,7 +84,17 @@ pub struct Agreement {
 /// llama.cpp's decision is clear. Returns per case what was compared, and the logits of
 /// the first case for cross-device checks.
 pub fn teacher_forcing<'a>(model: &Llama, cases: impl IntoIterator<Item = &'a Case>, device_name: &str) -> (Vec<Agreement>, Vec<f32>) {
-    teacher_forcing_every_case(model, cases.into_iter().filter(|c| c.runs_on(device_name)), device_name)
+    teacher_forcing_kv(model, cases, device_name, KvType::F32)
+}
+
+/// [`teacher_forcing`] with the KV cache kept in `kv`.
+pub fn teacher_forcing_kv<'a>(
+    model: &Llama,
+    cases: impl IntoIterator<Item = &'a Case>,
+    device_name: &str,
+    kv: KvType,
+) -> (Vec<Agreement>, Vec<f32>) {
+    forced(model, cases.into_iter().filter(|c| c.runs_on(device_name)), device_name, kv)
 }
 
 /// [`teacher_forcing`] on every case given, whatever the device (tiny models).
@@ -93,10 +103,14 @@ pub fn teacher_forcing_every_case<'a>(
     cases: impl IntoIterator<Item = &'a Case>,
     device_name: &str,
 ) -> (Vec<Agreement>, Vec<f32>) {
+    forced(model, cases, device_name, KvType::F32)
+}
+
+fn forced<'a>(model: &Llama, cases: impl IntoIterator<Item = &'a Case>, device_name: &str, kv: KvType) -> (Vec<Agreement>, Vec<f32>) {
     let vocab = model.cfg.vocab_size;
     let (mut seen, mut first) = (Vec::new(), Vec::new());
     for c in cases {
-        let mut cache = KvCache::new(&model.cfg, c.sequence.len(), &model.device);
+        let mut cache = KvCache::typed(kv, &model.cfg, c.sequence.len(), &model.device);
         let all = read_row(model.forward(&c.sequence, &mut cache, Logits::All)).unwrap();
         let (mut compared, mut worst) = (0, 0f32);
         for (pos, row) in all.chunks(vocab).enumerate() {
@@ -106,10 +120,10 @@ pub fn teacher_forcing_every_case<'a>(
                 continue;
             }
             compared += 1;
-            assert_eq!(argmax(row), ref_id, "{device_name}: case {} position {pos} (margin {:.2})", c.name, c.margin(pos));
+            assert_eq!(argmax(row), ref_id, "{device_name} (kv {kv}): case {} position {pos} (margin {:.2})", c.name, c.margin(pos));
         }
         println!(
-            "{device_name} {}: {compared}/{} positions compared, max |logit - llama.cpp| on its top-1: {worst:.3}",
+            "{device_name} (kv {kv}) {}: {compared}/{} positions compared, max |logit - llama.cpp| on its top-1: {worst:.3}",
             c.name,
             c.sequence.len()
         );
@@ -125,7 +139,18 @@ pub fn teacher_forcing_every_case<'a>(
 /// Greedy generation follows llama.cpp's continuation up to its first unclear step.
 /// Returns the number of tokens compared.
 pub fn greedy_matches<'a>(model: &Rc<Model>, tok: &Rc<Tokenizer>, cases: impl IntoIterator<Item = &'a Case>, device_name: &str) -> usize {
-    greedy_matches_every_case(model, tok, cases.into_iter().filter(|c| c.runs_on(device_name)), device_name)
+    greedy_matches_kv(model, tok, cases, device_name, KvType::F32)
+}
+
+/// [`greedy_matches`] with the conversation's KV cache kept in `kv`.
+pub fn greedy_matches_kv<'a>(
+    model: &Rc<Model>,
+    tok: &Rc<Tokenizer>,
+    cases: impl IntoIterator<Item = &'a Case>,
+    device_name: &str,
+    kv: KvType,
+) -> usize {
+    greedy(model, tok, cases.into_iter().filter(|c| c.runs_on(device_name)), device_name, kv)
 }
 
 /// [`greedy_matches`] on every chat case given, whatever the device (tiny models).
@@ -135,15 +160,20 @@ pub fn greedy_matches_every_case<'a>(
     cases: impl IntoIterator<Item = &'a Case>,
     device_name: &str,
 ) -> usize {
+    greedy(model, tok, cases, device_name, KvType::F32)
+}
+
+fn greedy<'a>(model: &Rc<Model>, tok: &Rc<Tokenizer>, cases: impl IntoIterator<Item = &'a Case>, device_name: &str, kv: KvType) -> usize {
     let mut total = 0;
     for c in cases.into_iter().filter(|c| c.kind == "chat") {
         let clear = (0..c.continuation.len()).take_while(|&i| c.margin(c.tokens.len() - 1 + i) >= MARGIN).count();
         let mut conv = Conversation::new(model.clone(), tok.clone(), 256);
+        conv.set_kv(kv).unwrap();
         conv.ask(Prompt::Tokens(&c.tokens), GenerateParams { max_tokens: clear, ..Default::default() }).unwrap();
         let got = conv.answer(|_| true).unwrap().tokens;
         let expected: Vec<u32> = c.continuation[..clear].iter().copied().filter(|&t| !tok.is_eog(t)).collect();
-        assert_eq!(got, expected, "{device_name}: greedy continuation of {}", c.name);
-        println!("{device_name} {}: {} greedy tokens equal llama.cpp's", c.name, got.len());
+        assert_eq!(got, expected, "{device_name} (kv {kv}): greedy continuation of {}", c.name);
+        println!("{device_name} (kv {kv}) {}: {} greedy tokens equal llama.cpp's", c.name, got.len());
         total += got.len();
     }
     total

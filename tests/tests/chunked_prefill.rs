@@ -4,7 +4,7 @@
 use vidllm_core::gguf::Gguf;
 use vidllm_models::generate::read_row;
 use vidllm_models::llama::PREFILL_CHUNK;
-use vidllm_models::{KvCache, Logits, load_llama};
+use vidllm_models::{KvCache, KvType, Logits, load_llama};
 use vidllm_tests::{max_abs_diff, smollm2_path, test_devices};
 
 #[test]
@@ -35,17 +35,18 @@ fn chunked_prefill_equals_piecewise_prefill() {
 
 /// A cache that grows as positions are written gives exactly the logits of one allocated
 /// whole up front (`KvCache::full`), through grows in a prefill and in the decode, on every
-/// device. (It starts small here so that a short run grows it several times; `KvCache::new`
+/// device and for every cache type (`--kv`). (It starts small here so that a short run grows it several times; `KvCache::new`
 /// starts at `FIRST_ROWS`.)
 #[test]
 fn growing_cache_equals_full_cache() {
     let g = Gguf::open(smollm2_path()).unwrap();
     let prompt: Vec<u32> = (0..10u32).map(|i| (i * 7919 + 13) % 49152).collect();
     let capacity = 40;
-    for (name, at) in test_devices() {
+    for ((name, at), kv) in test_devices().into_iter().flat_map(|d| KvType::ALL.map(|kv| (d.clone(), kv))) {
         let model = load_llama(&g, &at).unwrap();
-        let mut growing = KvCache::with_rows(&model.cfg, capacity, 4, &at.device);
-        let mut full = KvCache::full(&model.cfg, capacity, &at.device);
+        let name = format!("{name} (kv {kv})");
+        let mut growing = KvCache::with_rows_typed(kv, &model.cfg, capacity, 4, &at.device);
+        let mut full = KvCache::with_rows_typed(kv, &model.cfg, capacity, capacity, &at.device);
         let mut a = read_row(model.forward(&prompt, &mut growing, Logits::Last)).unwrap();
         let mut b = read_row(model.forward(&prompt, &mut full, Logits::Last)).unwrap();
         let mut rows = vec![growing.rows()];

@@ -1,0 +1,359 @@
+//! The decoder's KV cache: the rotated keys and the values of every layer, in f32 or packed
+//! in GGML blocks (`--kv f16|q8_0|q4_0`, llama.cpp's `--cache-type-k` / `--cache-type-v`).
+//!
+//! A packed cache is written a row (one head at one position) at a time, quantised as
+//! ggml's reference quantisers do, and attention reads the blocks: the CPU where it uses
+//! them (a few rows at a time into L1), wgpu by widening the context's rows for its
+//! composed attention (`vidllm_shaders::kv_attention`). Q8_0 keeps a key or value in 8.5
+//! bits, Q4_0 in 4.5, against f32's 32.
+//!
+//! Keys and values are rotated before they are quantised, as llama.cpp does for its
+//! quantised caches (its `attn_rot`, after QuaRot, Ashkboos et al. 2024): a few channels
+//! of a head carry most of its magnitude, and one block scale per 32 values spends the
+//! 4 or 8 bits on them. An orthonormal Walsh-Hadamard matrix `H` spreads every channel
+//! over all of them; queries get the same rotation as keys (`(H q) . (H k) = q . k`), and
+//! the attention's output is rotated back (`H H = I`), so only the rounding changes.
+//!
+//! # Shapes
+//! - f32: per layer `[1, n_kv_heads, rows, d_head]`
+//! - packed: per layer `[n_kv_heads, rows, words]` u32, each row `d_head` values of the type,
+//!   padded to a word
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions, TensorData};
+use vidllm_core::ggml::GgmlType;
+use vidllm_shaders::{Mask, attention, kv_attention, kv_row_words, kv_write};
+
+use crate::llama::LlamaConfig;
+
+/// What the cache keeps its keys and values in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    #[default]
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl KvType {
+    pub const ALL: [KvType; 4] = [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0];
+
+    /// The name `--kv` takes (llama.cpp's).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// The block type of a packed cache (`None`: f32 tensors).
+    pub fn packed(self) -> Option<GgmlType> {
+        match self {
+            KvType::F32 => None,
+            KvType::F16 => Some(GgmlType::F16),
+            KvType::Q8_0 => Some(GgmlType::Q8_0),
+            KvType::Q4_0 => Some(GgmlType::Q4_0),
+        }
+    }
+
+    /// Whether a decoder with heads of `d_head` can keep its cache in this type: the
+    /// block types hold whole blocks of 32 per row.
+    pub fn fits(self, d_head: usize) -> bool {
+        self == KvType::F32 || d_head.is_multiple_of(32)
+    }
+
+    /// Bytes of keys and values one position takes in every layer.
+    pub fn bytes_per_token(self, cfg: &LlamaConfig) -> usize {
+        let row = match self.packed() {
+            None => cfg.d_head * 4,
+            Some(ty) => kv_row_words(ty, cfg.d_head) * 4,
+        };
+        2 * cfg.n_layers * cfg.n_kv_heads * row
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|t| t.name() == s.to_ascii_lowercase()).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
+            format!("unknown KV cache type {s:?} (one of {})", names.join(", "))
+        })
+    }
+}
+
+/// Per-layer storage.
+enum Store {
+    F32 { k: Vec<Tensor<4>>, v: Vec<Tensor<4>> },
+    Packed { ty: GgmlType, k: Vec<Tensor<3, Int>>, v: Vec<Tensor<3, Int>>, rotation: Option<Box<Rotation>> },
+}
+
+/// The Walsh-Hadamard rotations of a quantised cache, where heads are whole multiples of
+/// 64 channels (llama.cpp's rule): keys and queries by the largest power-of-two block
+/// (from 64) that divides the head, values and the output by blocks of 64.
+struct Rotation {
+    keys: Tensor<2>,
+    values: Tensor<2>,
+}
+
+impl Rotation {
+    fn new(ty: GgmlType, d_head: usize, device: &Device) -> Option<Self> {
+        if ty == GgmlType::F16 || !d_head.is_multiple_of(64) {
+            return None;
+        }
+        let mut n = 64;
+        while d_head.is_multiple_of(2 * n) {
+            n *= 2;
+        }
+        Some(Self { keys: hadamard(n, device), values: hadamard(64, device) })
+    }
+}
+
+/// The orthonormal Walsh-Hadamard matrix of order `n` (a power of two), Sylvester's:
+/// `H[i][j] = (-1)^popcount(i & j) / sqrt(n)`. Symmetric, and its own inverse.
+fn hadamard(n: usize, device: &Device) -> Tensor<2> {
+    let scale = 1.0 / (n as f32).sqrt();
+    let h: Vec<f32> = (0..n * n).map(|e| if ((e / n) & (e % n)).count_ones().is_multiple_of(2) { scale } else { -scale }).collect();
+    Tensor::from_data(TensorData::new(h, [n, n]), device)
+}
+
+/// `x` with each run of `h`'s order along its last axis multiplied by `h` (symmetric).
+///
+/// # Shapes
+/// - x: `[a, b, c, d]`, h: `[n, n]` with `n` dividing `d` -> `[a, b, c, d]`
+fn rotate(x: Tensor<4>, h: &Tensor<2>) -> Tensor<4> {
+    let dims = x.dims();
+    let n = h.dims()[0];
+    x.reshape([dims.iter().product::<usize>() / n, n]).matmul(h.clone()).reshape(dims)
+}
+
+/// Keys and values of every layer; `len` is the next position.
+///
+/// Storage grows as positions are written, doubling from [`KvCache::FIRST_ROWS`] up to
+/// `capacity`, so a conversation pays for the context it uses rather than the context it
+/// may use: SmolLM2's full 4096-token cache is 189 MB in f32, and `serve --parallel 8`
+/// holds eight. Growing copies the rows written so far (amortised once per position); what
+/// attention reads is the same either way.
+pub struct KvCache {
+    store: Store,
+    kv: KvType,
+    pub len: usize,
+    /// Most positions the cache holds (the context).
+    pub capacity: usize,
+}
+
+impl KvCache {
+    /// Rows allocated before any grows.
+    pub const FIRST_ROWS: usize = 256;
+
+    /// An f32 cache for up to `capacity` positions, its storage allocated as they are used.
+    pub fn new(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
+        Self::typed(KvType::F32, cfg, capacity, device)
+    }
+
+    /// A cache of type `kv` for up to `capacity` positions, allocated as they are used.
+    ///
+    /// # Panics
+    /// If `kv` does not fit the heads ([`KvType::fits`]; front ends refuse it first).
+    pub fn typed(kv: KvType, cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
+        Self::with_rows_typed(kv, cfg, capacity, capacity.min(Self::FIRST_ROWS), device)
+    }
+
+    /// An f32 cache whose storage for all `capacity` positions is allocated now.
+    pub fn full(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Self {
+        Self::with_rows(cfg, capacity, capacity, device)
+    }
+
+    /// An f32 cache for up to `capacity` positions whose storage starts at `rows` positions.
+    pub fn with_rows(cfg: &LlamaConfig, capacity: usize, rows: usize, device: &Device) -> Self {
+        Self::with_rows_typed(KvType::F32, cfg, capacity, rows, device)
+    }
+
+    /// A cache of type `kv` for up to `capacity` positions whose storage starts at `rows`.
+    pub fn with_rows_typed(kv: KvType, cfg: &LlamaConfig, capacity: usize, rows: usize, device: &Device) -> Self {
+        assert!(kv.fits(cfg.d_head), "a {kv} KV cache needs heads of whole 32-value blocks, not {}", cfg.d_head);
+        let layers = cfg.n_layers;
+        let store = match kv.packed() {
+            None => {
+                let zeros = || Tensor::<4>::zeros([1, cfg.n_kv_heads, rows, cfg.d_head], device);
+                Store::F32 { k: (0..layers).map(|_| zeros()).collect(), v: (0..layers).map(|_| zeros()).collect() }
+            }
+            Some(ty) => {
+                let words = kv_row_words(ty, cfg.d_head);
+                let zeros = || packed_zeros(cfg.n_kv_heads, rows, words, device);
+                Store::Packed {
+                    ty,
+                    k: (0..layers).map(|_| zeros()).collect(),
+                    v: (0..layers).map(|_| zeros()).collect(),
+                    rotation: Rotation::new(ty, cfg.d_head, device).map(Box::new),
+                }
+            }
+        };
+        Self { store, kv, len: 0, capacity }
+    }
+
+    /// What the keys and values are kept in.
+    pub fn kv_type(&self) -> KvType {
+        self.kv
+    }
+
+    /// Forget everything after position `len` (for reuse of a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Positions the storage holds now.
+    pub fn rows(&self) -> usize {
+        match &self.store {
+            Store::F32 { k, .. } => k.first().map_or(0, |t| t.dims()[2]),
+            Store::Packed { k, .. } => k.first().map_or(0, |t| t.dims()[1]),
+        }
+    }
+
+    pub fn device_bytes(&self) -> usize {
+        match &self.store {
+            Store::F32 { k, v } => k.iter().chain(v).map(|t| t.shape().num_elements() * 4).sum(),
+            Store::Packed { k, v, .. } => k.iter().chain(v).map(|t| t.shape().num_elements() * 4).sum(),
+        }
+    }
+
+    /// Make layer `layer`'s storage hold positions `..end`: double it (at least to `end`,
+    /// at most to `capacity`), keeping the rows written.
+    fn reserve(&mut self, layer: usize, end: usize) {
+        let rows = self.rows_of(layer);
+        if end <= rows {
+            return;
+        }
+        assert!(end <= self.capacity, "KV cache overflow: position {end} of {}", self.capacity);
+        let grown = end.max(rows * 2).min(self.capacity);
+        match &mut self.store {
+            Store::F32 { k, v } => {
+                for t in [&mut k[layer], &mut v[layer]] {
+                    let [b, heads, _, dh] = t.dims();
+                    let extra = Tensor::<4>::zeros([b, heads, grown - rows, dh], &t.device());
+                    let old = std::mem::replace(t, extra.clone());
+                    *t = Tensor::cat(vec![old, extra], 2);
+                }
+            }
+            Store::Packed { k, v, .. } => {
+                for t in [&mut k[layer], &mut v[layer]] {
+                    let [heads, _, words] = t.dims();
+                    let extra = packed_zeros(heads, grown - rows, words, &t.device());
+                    let old = std::mem::replace(t, extra.clone());
+                    *t = Tensor::cat(vec![old, extra], 1);
+                }
+            }
+        }
+    }
+
+    fn rows_of(&self, layer: usize) -> usize {
+        match &self.store {
+            Store::F32 { k, .. } => k[layer].dims()[2],
+            Store::Packed { k, .. } => k[layer].dims()[1],
+        }
+    }
+
+    /// Append this step's keys and values to layer `layer` at `self.len..`, then attend
+    /// the queries over the whole prefix (the caller advances `len` once every layer has
+    /// run). Queries of a group share their key-value head, folded into the rows.
+    ///
+    /// # Shapes
+    /// - q: `[1, n_kv_heads, r * t, d_head]`; k, v: `[1, n_kv_heads, t, d_head]`
+    /// - bias: `[1, 1, r * t, len + t]` (see [`vidllm_shaders::attention`])
+    /// - returns `[1, n_kv_heads, r * t, d_head]`
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &mut self,
+        layer: usize,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        bias: Tensor<4>,
+        scale: f64,
+        mask: Mask,
+    ) -> Tensor<4> {
+        let [_, kvh, t, dh] = k.dims();
+        let (start, end) = (self.len, self.len + t);
+        self.reserve(layer, end);
+        // The cache tensors are moved out (a small placeholder left behind) rather than
+        // cloned: a clone shares the storage, and writing into shared storage copies all
+        // of it, the whole context's keys and values per layer and token (190 MB a token
+        // for SmolLM2 at a 4096-token f32 context).
+        match &mut self.store {
+            Store::F32 { k: ks, v: vs } => {
+                let range = [0..1, 0..kvh, start..end, 0..dh];
+                let old_k = std::mem::replace(&mut ks[layer], k.clone());
+                ks[layer] = old_k.slice_assign(range.clone(), k);
+                let old_v = std::mem::replace(&mut vs[layer], v.clone());
+                vs[layer] = old_v.slice_assign(range, v);
+                let keys = ks[layer].clone().narrow(2, 0, end); // [1, kvh, s, dh]
+                let values = vs[layer].clone().narrow(2, 0, end);
+                attention(q, keys, values, bias, scale, mask)
+            }
+            Store::Packed { ty, k: ks, v: vs, rotation } => {
+                let (q, k, v) = match rotation {
+                    Some(r) => (rotate(q, &r.keys), rotate(k, &r.keys), rotate(v, &r.values)),
+                    None => (q, k, v),
+                };
+                let device = k.device();
+                let placeholder = || packed_zeros(1, 1, 1, &device);
+                let old_k = std::mem::replace(&mut ks[layer], placeholder());
+                ks[layer] = kv_write(old_k, k.reshape([kvh, t, dh]), *ty, start);
+                let old_v = std::mem::replace(&mut vs[layer], placeholder());
+                vs[layer] = kv_write(old_v, v.reshape([kvh, t, dh]), *ty, start);
+                let out = kv_attention(q, ks[layer].clone(), vs[layer].clone(), *ty, end, bias, scale, mask);
+                match rotation {
+                    Some(r) => rotate(out, &r.values),
+                    None => out,
+                }
+            }
+        }
+    }
+}
+
+/// `[heads, rows, words]` zero u32 words.
+fn packed_zeros(heads: usize, rows: usize, words: usize, device: &Device) -> Tensor<3, Int> {
+    let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
+    Tensor::from_data(TensorData::new(vec![0u32; heads * rows * words], [heads, rows, words]), opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_heads_fit() {
+        for kv in KvType::ALL {
+            assert_eq!(kv.name().parse::<KvType>(), Ok(kv));
+            assert_eq!(kv.name().to_uppercase().parse::<KvType>(), Ok(kv));
+        }
+        let err = "q5_1".parse::<KvType>().unwrap_err();
+        assert!(err.contains("f32, f16, q8_0, q4_0"), "{err}");
+        assert!(KvType::Q8_0.fits(64) && KvType::Q4_0.fits(96) && KvType::F16.fits(32));
+        assert!(!KvType::Q8_0.fits(80) && !KvType::F16.fits(48) && KvType::F32.fits(80));
+    }
+
+    /// The Sylvester matrices are orthonormal and their own inverses (what lets the
+    /// output be rotated back with the same matrix).
+    #[test]
+    fn hadamard_is_its_own_inverse() {
+        let device = Device::flex();
+        for n in [64, 128] {
+            let h = hadamard(n, &device);
+            let hh: Vec<f32> = h.clone().matmul(h).into_data().try_into_vec().unwrap();
+            for (i, v) in hh.iter().enumerate() {
+                let want = if i / n == i % n { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-6, "n {n} [{}, {}]: {v}", i / n, i % n);
+            }
+        }
+    }
+}

@@ -63,7 +63,11 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= rt.model.decoder().cfg.vocab_size) {
         bail!("token id {bad} is outside the vocabulary ({})", rt.model.decoder().cfg.vocab_size);
     }
-    let mut cache = KvCache::new(&rt.model.decoder().cfg, tokens.len(), &rt.model.decoder().device);
+    let kv = a.model.kv;
+    if !kv.fits(rt.model.decoder().cfg.d_head) {
+        bail!("--kv {kv}: the decoder's heads ({}) are not whole 32-value blocks", rt.model.decoder().cfg.d_head);
+    }
+    let mut cache = KvCache::typed(kv, &rt.model.decoder().cfg, tokens.len(), &rt.model.decoder().device);
     let all = read_row(rt.model.decoder().forward(&tokens, &mut cache, Logits::All))?;
     let vocab = rt.model.decoder().cfg.vocab_size;
     let positions: Vec<_> = all.chunks(vocab).map(|row| json!({ "top": top_k(row, a.top) })).collect();

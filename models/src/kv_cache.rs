@@ -3,8 +3,8 @@
 //!
 //! A packed cache is written a row (one head at one position) at a time, quantised as
 //! ggml's reference quantisers do, and attention reads the blocks: the CPU where it uses
-//! them (a few rows at a time into L1), wgpu by widening the context's rows for its
-//! composed attention (`vidllm_shaders::kv_attention`). Q8_0 keeps a key or value in 8.5
+//! them (a few rows at a time into L1), wgpu in two kernels that decode each key and value
+//! row as they read it (`vidllm_shaders::kv_attention`). Q8_0 keeps a key or value in 8.5
 //! bits, Q4_0 in 4.5, against f32's 32.
 //!
 //! Keys and values are rotated before they are quantised, as llama.cpp does for its

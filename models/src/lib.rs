@@ -10,6 +10,7 @@ pub mod idefics3;
 pub mod kv_cache;
 pub mod languagebind;
 pub mod layers;
+pub mod live_window;
 pub mod llama;
 pub mod llama_gguf;
 pub mod llama_hf;

@@ -21,7 +21,7 @@ use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llam
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, LoadOptions, parse_config};
+use crate::video_model::{Architecture, LoadOptions, joined_shares, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
@@ -152,6 +152,16 @@ impl Architecture for LlavaNextVideo {
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = pixels.dims()[0] * self.tokens_per_frame();
         Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder, tiles: None, counts: None }
+    }
+
+    /// Each frame is encoded and pooled on its own: its share is its pooled tokens.
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
+        Some(self.video_features(pixels))
+    }
+
+    fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
+        let (features, t) = joined_shares(shares)?;
+        Ok(Visual { token: self.video_token, features, per_placeholder: t * self.tokens_per_frame(), tiles: None, counts: None })
     }
 
     /// Each frame's pooled grid.

@@ -33,7 +33,7 @@ use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_c
 use crate::merge::Visual;
 use crate::pllava_pool::pool3d;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, LoadOptions, parse_config};
+use crate::video_model::{Architecture, LoadOptions, joined_shares, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
@@ -221,6 +221,24 @@ impl Architecture for Pllava {
             tiles: None,
             counts: None,
         }
+    }
+
+    /// The tower and the projector see each frame alone; the pooling spans frames, so a
+    /// frame's share is its projected grid, and the window is pooled at question time.
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
+        let p = self.projected(pixels);
+        let [t, g, _, d] = p.dims();
+        Some(p.reshape([t * g * g, d]))
+    }
+
+    fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
+        let (rows, t) = joined_shares(shares)?;
+        let g = self.vision_tower.cfg.grid();
+        let d = rows.dims()[1];
+        let device = rows.device();
+        let repeat = (t < self.num_frames).then_some(self.num_frames);
+        let features = pool3d(rows.reshape([t, g, g, d]), self.pooling_shape, repeat, &device);
+        Ok(Visual { token: self.image_token, features, per_placeholder: self.video_tokens(), tiles: None, counts: None })
     }
 
     /// The pooled time steps, each a pooled grid.

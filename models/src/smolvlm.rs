@@ -39,7 +39,7 @@ use crate::mmproj::Mmproj;
 use crate::siglip::{Positions, SiglipDefaults, SiglipVisionTower};
 use crate::smolvlm_connector::SmolVlmConnector;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, LoadOptions, Preprocessing, Tiling, parse_config};
+use crate::video_model::{Architecture, LoadOptions, Preprocessing, Tiling, joined_shares, parse_config};
 use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
 
 /// `SmolVLMConfig` as in `config.json`.
@@ -207,6 +207,16 @@ impl Architecture for SmolVlm {
             tiles: None,
             counts: None,
         }
+    }
+
+    /// Each frame is encoded on its own: its share is its connector's tokens.
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
+        Some(self.image_features(pixels))
+    }
+
+    fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
+        let (features, _) = joined_shares(shares)?;
+        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles: None, counts: None })
     }
 
     /// Each frame's pixel-shuffled grid, one timestamped placeholder a frame.

@@ -20,7 +20,7 @@ use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llam
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, LoadOptions, Preprocessing, parse_config};
+use crate::video_model::{Architecture, LoadOptions, Preprocessing, joined_shares, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 use vidllm_shaders::preprocess::preprocess_planes;
@@ -172,6 +172,16 @@ impl Architecture for VideoLlava {
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = self.video_tokens(pixels.dims()[0]);
         Visual { token: self.visual.video_token, features: self.video_features(pixels), per_placeholder, tiles: None, counts: None }
+    }
+
+    /// The video tower sees each frame alone: a frame's share is its projected tokens.
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
+        Some(self.video_features(pixels))
+    }
+
+    fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
+        let (features, t) = joined_shares(shares)?;
+        Ok(Visual { token: self.visual.video_token, features, per_placeholder: self.video_tokens(t), tiles: None, counts: None })
     }
 
     /// Each frame: CLIP's class token, then its patch grid.

@@ -113,6 +113,24 @@ pub trait Architecture {
     /// visual-token budget works on).
     fn video_grid(&self, frames: usize) -> FrameGrid;
 
+    /// Live video ([`crate::live_window`]): one frame's own share of a video's encoding,
+    /// where that share depends on the frame alone, so that a rolling window encodes each
+    /// frame once, as it arrives. `None` where a video's frames are encoded together
+    /// (MERV: ViViT's tubelets span frames, LanguageBind attends across them); a window
+    /// then holds such a model's prepared frames and encodes them at question time.
+    ///
+    /// # Shapes
+    /// - pixels: `[1, 3, s, s]` (one preprocessed frame) -> `[n, d]`
+    fn frame_share(&self, _pixels: Tensor<4>) -> Option<Tensor<2>> {
+        None
+    }
+
+    /// A video's visual tokens from its frames' shares ([`Architecture::frame_share`]), in
+    /// order: what [`Architecture::video`] gives for those frames.
+    fn video_from_shares(&self, _shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
+        Err(GenerateError::Unsupported("this architecture encodes a video's frames together".into()))
+    }
+
     /// Whether the model takes a video at all (Idefics3 takes only still images); front
     /// ends ask before decoding any frame.
     fn supports_video(&self) -> bool {
@@ -149,6 +167,17 @@ pub trait Architecture {
     /// the model mixes several (MERV); read back from the device.
     fn encoder_weights(&self) -> Option<Vec<(String, f32)>> {
         None
+    }
+}
+
+/// Frames' shares ([`Architecture::frame_share`]) one after another, and how many there are.
+///
+/// # Shapes
+/// - shares: t x `[n, d]` -> `[t * n, d]`
+pub(crate) fn joined_shares(shares: Vec<Tensor<2>>) -> Result<(Tensor<2>, usize), GenerateError> {
+    match shares.len() {
+        0 => Err(GenerateError::Unsupported("a video of no frames".into())),
+        t => Ok((Tensor::cat(shares, 0), t)),
     }
 }
 
@@ -249,7 +278,18 @@ impl VideoModel {
     /// when one is given ([`crate::token_budget`]).
     pub fn encode_video(&self, pixels: Tensor<4>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
         let t = pixels.dims()[0];
-        let visual = self.arch.video(pixels);
+        self.budgeted(self.arch.video(pixels), t, budget)
+    }
+
+    /// A video's visual tokens from its `t` frames' shares ([`Architecture::frame_share`]:
+    /// a live window's frames, each encoded as it arrived), reduced to `budget` as
+    /// [`VideoModel::encode_video`] does.
+    pub fn encode_shares(&self, shares: Vec<Tensor<2>>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
+        let t = shares.len();
+        self.budgeted(self.arch.video_from_shares(shares)?, t, budget)
+    }
+
+    fn budgeted(&self, visual: Visual, t: usize, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
         let Some(budget) = budget else { return Ok(EncodedVideo { visual, frames: None, reduction: None }) };
         let grid = self.arch.video_grid(t);
         Ok(Self::encoded(reduce(visual, grid, budget)?, grid, t))

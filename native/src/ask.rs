@@ -13,6 +13,7 @@ use serde_json::{Value as Json, json};
 use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
+use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::token_budget::{Budget, Reduce};
 use vidllm_models::video_model::LoadOptions;
@@ -75,6 +76,16 @@ pub struct AskArgs {
     /// `convert_hf_to_gguf.py --mmproj` writes it): the pair is one video-language model.
     #[arg(long)]
     pub mmproj: Option<String>,
+    #[command(flatten)]
+    pub answer: AnswerArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a video-language model answers (`ask`, `watch`): where it runs, its context and
+/// KV cache, and the sampling.
+#[derive(Args, Clone)]
+pub struct AnswerArgs {
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
@@ -88,8 +99,23 @@ pub struct AskArgs {
     /// What the KV cache keeps keys and values in: f32 | f16 | q8_0 | q4_0.
     #[arg(long, default_value = "f32")]
     pub kv: KvType,
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl AnswerArgs {
+    pub fn params(&self) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampler: SamplerConfig { temperature: self.temperature, seed: self.seed, ..Default::default() },
+            stop: Vec::new(),
+        }
+    }
+
+    /// A conversation with this context and KV cache (a type the heads cannot take is refused).
+    pub fn conversation(&self, model: Rc<Model>, tok: Rc<Tokenizer>) -> Result<Conversation> {
+        let mut conv = Conversation::new(model, tok, self.ctx);
+        conv.set_kv(self.kv).map_err(|e| anyhow::anyhow!("--kv: {e}"))?;
+        Ok(conv)
+    }
 }
 
 /// A visual-token budget for the video.
@@ -238,7 +264,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let opts = load_options(&a)?;
     // No video: a question about the images alone.
     let source = if a.video.is_none() && a.rgb_frames.is_none() { None } else { Some(FrameSource::open(&a)?) };
-    let picked = pick(a.device)?;
+    let picked = pick(a.answer.device)?;
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let t_load = Instant::now();
@@ -272,8 +298,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let preprocess_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
     let (mut reduction, mut kept_frames) = (None, None::<Vec<usize>>);
-    let mut conv = Conversation::new(model.clone(), Rc::new(folder.tok), a.ctx);
-    conv.set_kv(a.kv).map_err(|e| anyhow::anyhow!("--kv: {e}"))?;
+    let mut conv = a.answer.conversation(model.clone(), Rc::new(folder.tok))?;
     progress.during(format!("encoding {} frames", frames.len()), || -> Result<()> {
         if let (Some(px), Some(times)) = (video_px, times) {
             let encoded = vm.encode_video(px, budget.as_ref())?;
@@ -311,11 +336,7 @@ pub fn run(a: AskArgs) -> Result<()> {
         }
     }
 
-    let params = GenerateParams {
-        max_tokens: a.max_tokens,
-        sampler: SamplerConfig { temperature: a.temperature, seed: a.seed, ..Default::default() },
-        stop: Vec::new(),
-    };
+    let params = a.answer.params();
     let Some(question) = a.prompt.clone() else {
         return interactive(&mut conv, params, a.raw);
     };

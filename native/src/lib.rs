@@ -13,12 +13,14 @@ pub mod chat;
 pub mod engine;
 pub mod frames;
 pub mod inspect;
+pub mod live;
 pub mod metrics;
 pub mod openai;
 pub mod progress;
 pub mod runtime;
 pub mod serve;
 pub mod video;
+pub mod watch;
 
 /// Options shared by every command that runs the model.
 #[derive(Args, Clone)]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use vidllm_native::{ask, batch, bench, chat, frames, inspect, quiet_headless_probe, serve};
+use vidllm_native::{ask, batch, bench, chat, frames, inspect, quiet_headless_probe, serve, watch};
 
 #[derive(Parser)]
 #[command(name = "vidllm-native", version, about = "Portable video-LLM runtime (native)")]
@@ -42,6 +42,10 @@ enum Command {
     /// Answer a JSONL file of jobs (video, question, options), appending one result line
     /// per job; a rerun skips the jobs already answered.
     Batch(batch::BatchArgs),
+    /// Answer questions about a live video (a pipe, `-` for stdin, a growing file with
+    /// `--follow`, a capture device) from a rolling window of its newest frames, each
+    /// frame encoded once as it arrives; questions come a line at a time.
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Batch(a) => batch::run(a),
+        Command::Watch(a) => watch::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

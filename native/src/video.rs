@@ -48,7 +48,7 @@ use ffmpeg_next as ffmpeg;
 use vidllm_core::sampling::Sampling;
 
 /// Largest frame accepted (8K UHD); larger ones are refused before decoding.
-const MAX_PIXELS: u64 = 7680 * 4320;
+pub(crate) const MAX_PIXELS: u64 = 7680 * 4320;
 
 /// One decoded RGB frame.
 #[derive(Debug, Clone)]
@@ -127,19 +127,19 @@ pub struct VideoReader {
     time_base: ffmpeg::Rational,
 }
 
-fn fail(path: &str, what: &str, e: impl std::fmt::Display) -> anyhow::Error {
+pub(crate) fn fail(path: &str, what: &str, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("{path}: {what}: {e}")
 }
 
 /// A picture's timestamp: the decoder's best effort (the packet's pts, or a guess from
 /// its dts when the container stores no pts, as AVI does).
-fn timestamp(f: &AvFrame) -> Option<i64> {
+pub(crate) fn timestamp(f: &AvFrame) -> Option<i64> {
     f.timestamp().or(f.pts())
 }
 
 /// The clockwise rotation a display matrix asks for, to the nearest multiple of 90
 /// degrees (as the ffmpeg CLI's autorotation rounds it).
-fn rotation_of(stream: &ffmpeg::format::stream::Stream) -> u32 {
+pub(crate) fn rotation_of(stream: &ffmpeg::format::stream::Stream) -> u32 {
     for sd in stream.side_data() {
         if sd.kind() == SideDataType::DisplayMatrix && sd.data().len() >= 36 {
             // av_display_rotation_get reads nine native-endian i32s; copy them aligned.
@@ -491,17 +491,17 @@ impl VideoReader {
 
 /// YUV (or palette) to packed RGB24, as the ffmpeg CLI's default (bicubic) swscale does,
 /// then turned upright.
-struct Converter {
+pub(crate) struct Converter {
     ctx: Option<(Scaler, Pixel, u32, u32)>,
     rotation: u32,
 }
 
 impl Converter {
-    fn new(rotation: u32) -> Self {
+    pub(crate) fn new(rotation: u32) -> Self {
         Self { ctx: None, rotation }
     }
 
-    fn rgb(&mut self, f: &AvFrame, index: usize, pts: f64) -> Result<Frame> {
+    pub(crate) fn rgb(&mut self, f: &AvFrame, index: usize, pts: f64) -> Result<Frame> {
         let (w, h, fmt) = (f.width(), f.height(), f.format());
         if !matches!(&self.ctx, Some((_, pf, pw, ph)) if *pf == fmt && *pw == w && *ph == h) {
             let s = Scaler::get(fmt, w, h, Pixel::RGB24, w, h, Flags::BICUBIC).map_err(|e| anyhow!("pixel conversion: {e}"))?;

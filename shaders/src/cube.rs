@@ -114,7 +114,10 @@ impl QuantOps for CubeBackend {
         cache
     }
 
-    /// The `keys` rows widened to f32 (`kv_unpack`), then [`QuantOps::attention`].
+    /// Two kernels that read the packed rows where they use them, with no f32 copy of
+    /// the context: `kv_scores` (each query row against each key row, scaled, the bias
+    /// added), then `kv_mix` (each output value: a softmax over its row's scores, taken
+    /// online, weighting the value rows' channel).
     fn kv_attention(
         q: CubeTensor,
         k: CubeTensor,
@@ -125,27 +128,53 @@ impl QuantOps for CubeBackend {
         scale: f64,
         mask: crate::Mask,
     ) -> CubeTensor {
-        let d = q.meta.shape().dims::<4>()[3];
-        let unpack = |cache: CubeTensor| {
-            let [heads, rows, words] = cache.meta.shape().dims::<3>();
-            let out = empty_device_dtype(cache.client.clone(), cache.device.clone(), Shape::new([1, heads, keys, d]), DType::F32);
-            let units = (heads * keys) as u32;
-            kv_unpack::launch(
-                &cache.client.clone(),
-                CubeCount::Static(units.div_ceil(KV_UNITS).max(1), 1, 1),
-                CubeDim::new_1d(KV_UNITS),
-                cache.into_buffer_arg(),
-                out.clone().into_buffer_arg(),
-                units,
-                keys as u32,
-                rows as u32,
-                words as u32,
-                d as u32,
-                ty,
-            );
-            out
-        };
-        Self::attention(q, unpack(k), unpack(v), bias, scale, mask)
+        let [_, heads, qrows, d] = q.meta.shape().dims::<4>();
+        let [_, cap, words] = k.meta.shape().dims::<3>();
+        let q = into_contiguous(q);
+        let client = q.client.clone();
+        let scores = empty_device_dtype(client.clone(), q.device.clone(), Shape::new([heads, qrows, keys]), DType::F32);
+        let units = (heads * qrows * keys) as u32;
+        let masked = mask != crate::Mask::None;
+        // Without a mask the bias is not read: the queries stand in (bound twice, both
+        // read-only; the output may not stand in, as WebGPU forbids a buffer bound both
+        // read-only and writable in one dispatch).
+        let bias = if masked { into_contiguous(bias) } else { q.clone() };
+        kv_scores::launch(
+            &client,
+            CubeCount::Static(units.div_ceil(KV_UNITS).max(1), 1, 1),
+            CubeDim::new_1d(KV_UNITS),
+            q.into_buffer_arg(),
+            k.into_buffer_arg(),
+            bias.into_buffer_arg(),
+            scores.clone().into_buffer_arg(),
+            units,
+            qrows as u32,
+            keys as u32,
+            cap as u32,
+            words as u32,
+            d as u32,
+            scale as f32,
+            ty,
+            masked,
+        );
+        let out = empty_device_dtype(client.clone(), scores.device.clone(), Shape::new([1, heads, qrows, d]), DType::F32);
+        let units = (heads * qrows * d) as u32;
+        kv_mix::launch(
+            &client,
+            CubeCount::Static(units.div_ceil(KV_UNITS).max(1), 1, 1),
+            CubeDim::new_1d(KV_UNITS),
+            scores.into_buffer_arg(),
+            v.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            units,
+            qrows as u32,
+            keys as u32,
+            cap as u32,
+            words as u32,
+            d as u32,
+            ty,
+        );
+        out
     }
 
     /// The GEMV computes each row on its own already; past its rows, the tiled matmul's
@@ -639,23 +668,106 @@ fn kv_pack(x: &[f32], cache: &mut [u32], units: u32, t: u32, rows: u32, start: u
     }
 }
 
-/// The first `keys` rows of each head of a packed cache, as f32 `[heads, keys, d]`: unit
-/// `u` widens head `u / keys`'s row `u % keys`.
+/// Value `c` of row `row` of a packed cache's head (`base`: the row's first byte).
+#[cube]
+fn kv_value(cache: &[u32], base: u32, c: u32, #[comptime] ty: u32) -> f32 {
+    let mut v = 0.0f32;
+    if comptime![ty == TYPE_F16] {
+        v = f16_at(cache, base + 2 * c);
+    }
+    if comptime![ty != TYPE_F16] {
+        let bb = comptime![ty_from_id(ty).block_bytes() as u32];
+        v = dequant_legacy(cache, base + (c / 32) * bb, c % 32, ty);
+    }
+    v
+}
+
+/// Scores of queries (`[heads, qrows, d]`) against the first `keys` rows of a packed key
+/// cache (`[heads, cap, words]`), read in place: unit `u` takes head and query row
+/// `u / keys` and key `u % keys`; `scale` times the dot product, plus the bias
+/// (`[qrows, keys]`, every head) when `masked`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-fn kv_unpack(cache: &[u32], out: &mut [f32], units: u32, keys: u32, rows: u32, words: u32, d: u32, #[comptime] ty: u32) {
+fn kv_scores(
+    q: &[f32],
+    cache: &[u32],
+    bias: &[f32],
+    out: &mut [f32],
+    units: u32,
+    qrows: u32,
+    keys: u32,
+    cap: u32,
+    words: u32,
+    d: u32,
+    scale: f32,
+    #[comptime] ty: u32,
+    #[comptime] masked: bool,
+) {
     let u = CUBE_POS_X * KV_UNITS + UNIT_POS_X;
     if u < units {
-        let base = ((u / keys) * rows + u % keys) * words * 4;
-        let dst = u * d;
+        let key = u % keys;
+        let hr = u / keys;
+        let base = ((hr / qrows) * cap + key) * words * 4;
+        let qa = hr * d;
+        let mut acc = 0.0f32;
         for c in 0..d {
-            if comptime![ty == TYPE_F16] {
-                out[(dst + c) as usize] = f16_at(cache, base + 2 * c);
+            acc += q[(qa + c) as usize] * kv_value(cache, base, c, ty);
+        }
+        let mut s = acc * scale;
+        if comptime![masked] {
+            s += bias[((hr % qrows) * keys + key) as usize];
+        }
+        out[u as usize] = s;
+    }
+}
+
+/// The attention's output from its scores (`[heads, qrows, keys]`) and a packed value cache
+/// (`[heads, cap, words]`): unit `u` takes head and query row `u / d` and channel `u % d`,
+/// and runs its row's softmax online (a running maximum and sum) while it weights the
+/// value rows' channel. A row with every key masked gives zeros.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch)]
+fn kv_mix(
+    scores: &[f32],
+    cache: &[u32],
+    out: &mut [f32],
+    units: u32,
+    qrows: u32,
+    keys: u32,
+    cap: u32,
+    words: u32,
+    d: u32,
+    #[comptime] ty: u32,
+) {
+    let u = CUBE_POS_X * KV_UNITS + UNIT_POS_X;
+    if u < units {
+        let c = u % d;
+        let hr = u / d;
+        let row0 = (hr / qrows) * cap;
+        let sa = hr * keys;
+        // The lowest finite value stands for minus infinity (WGSL has no literal for it);
+        // a masked key (bias -inf or the lowest value) adds nothing.
+        let mut top = f32::new(f32::MIN);
+        let mut sum = 0.0f32;
+        let mut acc = 0.0f32;
+        for key in 0..keys {
+            let s = scores[(sa + key) as usize];
+            if s > top {
+                // A new maximum: what was summed so far is rescaled to it (nothing was,
+                // before the first key that counts).
+                if top > f32::new(f32::MIN) {
+                    let r = f32::exp(top - s);
+                    sum *= r;
+                    acc *= r;
+                }
+                top = s;
             }
-            if comptime![ty != TYPE_F16] {
-                let bb = comptime![ty_from_id(ty).block_bytes() as u32];
-                out[(dst + c) as usize] = dequant_legacy(cache, base + (c / 32) * bb, c % 32, ty);
+            if s > f32::new(f32::MIN) {
+                let e = f32::exp(s - top);
+                sum += e;
+                acc += e * kv_value(cache, (row0 + key) * words * 4, c, ty);
             }
         }
+        out[u as usize] = select(sum > 0.0f32, acc / sum, 0.0f32);
     }
 }

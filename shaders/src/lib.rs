@@ -90,7 +90,7 @@ pub trait QuantOps: Backend {
 
     /// [`QuantOps::attention`] over the first `keys` rows of packed caches (as
     /// [`QuantOps::kv_write`] writes them): the CPU reads the blocks where it uses them;
-    /// wgpu widens the `keys` rows to f32 for its composed attention.
+    /// wgpu decodes them as it reads them too (`kv_scores`, then `kv_mix`'s online softmax).
     ///
     /// # Shapes
     /// - q: `[1, heads, rows, d]`; k, v: `[heads, capacity, words]` (u32); bias: `[1, 1, rows, keys]`

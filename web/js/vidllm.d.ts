@@ -33,6 +33,8 @@ export interface LoadOptions {
    * encode, the prefill and each decode step.
    */
   worker?: boolean;
+  /** What the KV cache keeps keys and values in (`vidllm-native --kv`): f32 (default), f16, q8_0 or q4_0. */
+  kv?: "f32" | "f16" | "q8_0" | "q4_0";
 }
 
 export interface Piece {
@@ -150,6 +152,56 @@ export interface ChatCompletionChunk {
   choices: { index: number; delta: { content?: string }; finish_reason: "stop" | null }[];
 }
 
+export interface WatchOptions {
+  /** Frames taken a second of media time (default 1). */
+  fps?: number;
+  /** Frames the window holds, the newest (default: the model's frames). */
+  window?: number;
+  maxVisualTokens?: number;
+  reduce?: Reduction;
+  /** Seconds without a frame after which the stream counts as stalled (default 5). */
+  stallAfter?: number;
+}
+
+/** Which frames a live answer saw. */
+export interface LiveWindowReport {
+  frames: { index: number; time: number }[];
+  /** Frames run through the vision encoder so far (on arrival, and at question time for MERV). */
+  frame_encodes: number;
+  /** Frames encoded for this question (0 where each frame was encoded on arrival). */
+  encoded_at_question: number;
+  frames_taken: number;
+  /** Frames that left the window before they were encoded (queued behind an answer). */
+  frames_skipped: number;
+  visual_tokens: number;
+  reduction: ReductionReport | null;
+  /** How the stream stood when the question was asked. */
+  stream: "waiting" | "live" | "stalled" | "ended";
+  /** The index of the newest frame taken before the question (the window's last). */
+  newest_taken: number | null;
+}
+
+/** Take frames of a playing `<video>` as the browser shows them, `fps` a second of media time; returns a function that stops. */
+export function sampleLive(video: HTMLVideoElement, opts: {
+  fps: number;
+  onFrame(frame: { bitmap: ImageBitmap; index: number; time: number }): void;
+  onError?(e: Error): void;
+}): () => void;
+
+/** A live video being watched (`VidLLM.watch`). */
+export class LiveVideo {
+  /** How the stream stands now. */
+  readonly state: "waiting" | "live" | "stalled" | "ended";
+  /** Answer from the window as it stands. */
+  ask(opts: { prompt: string; maxTokens?: number; temperature?: number; seed?: number; signal?: AbortSignal; onStage?: (stage: string) => void }): AsyncIterable<Piece>;
+  /** The last answer's window, or null. */
+  readonly lastWindow: LiveWindowReport | null;
+  /** RGB bytes of the last answer's frames as the device received them. */
+  framesRGB(): Promise<Uint8Array>;
+  /** Stop taking frames; the window is freed. */
+  stop(): void;
+}
+
 export class VidLLM {
   /** By default the model runs in a Web Worker and the object is a `VidLLMWorker` (see `LoadOptions.worker`). */
   static load(opts: LoadOptions): Promise<VidLLM>;
@@ -170,6 +222,8 @@ export class VidLLM {
   readonly lastReduction: ReductionReport | null;
   /** RGB bytes of the frames the device received for the last video. */
   framesRGB(): Promise<Uint8Array>;
+  /** Watch a playing `<video>` (a `MediaStream` such as a webcam, or a file): a rolling window of its newest frames. */
+  watch(video: HTMLVideoElement, opts?: WatchOptions): Promise<LiveVideo>;
   chat: {
     completions: {
       create(req: ChatRequest & { stream: true }): Promise<AsyncIterable<ChatCompletionChunk>>;

@@ -274,8 +274,11 @@ export class VidLLM {
    * upload, each video's encode, the prefill and each decode step (on the CPU backend, or
    * WebGPU's command encoding) are tasks of their own, seconds long for a prefill on a
    * small machine, with no input, scrolling or repaint meanwhile.
+   * `kv`: what the KV cache keeps keys and values in, as `vidllm-native --kv`: "f32" (default),
+   * "f16", "q8_0" (a quarter of f32's memory) or "q4_0" (an eighth).
    * @param {{model: string|Uint8Array|File|File[]|FileList, mmproj?: string|Uint8Array|File, onProgress?: Function,
-   *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number, worker?: boolean}} opts
+   *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number, worker?: boolean,
+   *   kv?: "f32"|"f16"|"q8_0"|"q4_0"}} opts
    */
   static async load({ worker = onPageThread(), ...opts }) {
     if (worker) {
@@ -293,7 +296,7 @@ export class VidLLM {
     return VidLLM.#loadHere(opts);
   }
 
-  static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha }) {
+  static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, kv }) {
     await init();
     if (device === "webgpu") {
       if (!globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing); use device: \"cpu\"");
@@ -312,9 +315,9 @@ export class VidLLM {
     if (mmproj !== undefined && !bytes) throw new TypeError("mmproj goes with a GGUF model (a .gguf URL, File or bytes), not a folder");
     const vision = mmproj === undefined ? null : await ggufBytes(mmproj, onProgress);
     try {
-      if (vision) return new VidLLM(await VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap), true);
-      if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap), false);
-      return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha), true);
+      if (vision) return new VidLLM(await VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap, kv), true);
+      if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap, kv), false);
+      return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha, kv), true);
     } catch (e) {
       const f = failure(e);
       // The runtime's own refusals of the files arrive unnamed.
@@ -433,6 +436,139 @@ export class VidLLM {
   /** The last video's frames as the device received them: {rgb, ...} (tests, debugging). */
   async framesRGB() { return this.#live().frames_rgb(); }
 
+  /**
+   * Watch a live `<video>` (a webcam or screen `MediaStream`, `canvas.captureStream()`, or a
+   * file as it plays): frames are taken as they are shown, `fps` a second of media time,
+   * into a rolling window of the newest `window` (default: the model's frames). Each frame
+   * is encoded once, when it arrives, where the model encodes frames alone (Video-LLaVA,
+   * LLaVA-NeXT-Video, SmolVLM2, PLLaVA before its pooling; MERV encodes the window when
+   * asked). Resolves to a `LiveVideo`: `ask({prompt, ...})` answers from the window as it
+   * stands when asked, `lastWindow` says which frames that was, `stop()` ends the watch.
+   * `maxVisualTokens` / `reduce`: a budget for each window, as in `ask`.
+   * @param {HTMLVideoElement} video
+   * @param {{fps?: number, window?: number, maxVisualTokens?: number, reduce?: string, stallAfter?: number}} [opts]
+   */
+  async watch(video, { fps = 1, window, maxVisualTokens, reduce, stallAfter = 5 } = {}) {
+    if (!this.#video || !this.#info.supportsVideo) throw new VideoError(`${this.#info.architecture} does not take a video`);
+    const size = window ?? this.#info.defaultFrames;
+    await this.liveStart({ window: size, maxVisualTokens, reduce });
+    return new LiveVideo(video, { fps, stallAfter }, {
+      frame: (f) => this.liveFrame(f),
+      ask: (opts) => this.liveAsk(opts),
+      report: () => this.liveReport,
+      framesRGB: () => this.liveFramesRGB(),
+      end: () => this.liveEnd(),
+    });
+  }
+
+  #liveQueue = null;
+
+  /** A live window of `window` frames (what `watch` and a worker's watch run on). */
+  async liveStart({ window, maxVisualTokens, reduce }) {
+    const rt = this.#live();
+    if (!Number.isInteger(window) || window < 1) throw new RangeError(`a live window holds at least one frame, not ${window}`);
+    const started = this.#busy.then(() => {
+      this.#liveQueue?.pending.forEach((f) => f.bitmap.close());
+      rt.set_budget(maxVisualTokens ?? undefined, reduce ?? undefined, window);
+      rt.live_begin(window);
+      this.#liveQueue = { window, pending: [], scheduled: false, taken: 0, skipped: 0, error: null, barriers: [] };
+    });
+    this.#busy = started.catch(() => {});
+    try { await started; } catch (e) { throw failure(e); }
+  }
+
+  /** A live frame `{bitmap, index, time}` (the bitmap is closed once encoded): queued behind
+   * what the runtime is doing, then encoded with the others that came meanwhile, except
+   * those that would leave the window unseen. */
+  liveFrame(frame) {
+    const q = this.#liveQueue;
+    if (!q || !this.#rt) { frame.bitmap.close(); return; }
+    q.taken += 1;
+    q.pending.push({ ...frame, seq: q.taken });
+    this.#liveSchedule(q);
+  }
+
+  /** Encode the queued frames after what the runtime is doing; frames handed over after a
+   * question that waits are left for after it (its window is the one it was asked about). */
+  #liveSchedule(q) {
+    if (q.scheduled || !q.pending.length) return;
+    q.scheduled = true;
+    this.#busy = this.#busy.then(() => this.#liveDrain(q, q.barriers[0] ?? Infinity)).catch((e) => { q.error = failure(e); });
+  }
+
+  /** Encode the frames queued (those handed over up to the `upTo`-th), the newest `window`. */
+  async #liveDrain(q, upTo = Infinity) {
+    q.scheduled = false;
+    const n = q.pending.findIndex((f) => f.seq > upTo);
+    const frames = q.pending.splice(0, n < 0 ? q.pending.length : n);
+    const skip = Math.max(0, frames.length - q.window);
+    q.skipped += skip;
+    frames.slice(0, skip).forEach((f) => f.bitmap.close());
+    for (const f of frames.slice(skip)) {
+      try {
+        if (q !== this.#liveQueue || !this.#rt) continue;
+        const rt = this.#rt;
+        if (rt.gpu_frames()) rt.live_add_frame(f.bitmap, f.index, f.time);
+        else {
+          const [w, h] = sizeOf(f.bitmap);
+          rt.live_add_frame_rgba(rgbaOf([f.bitmap], w, h), h, w, f.index, f.time);
+        }
+      } finally {
+        f.bitmap.close();
+      }
+    }
+  }
+
+  /** Answer from the live window as it stands (frames taken before the question included). */
+  liveAsk({ prompt, maxTokens = 256, temperature = 0, seed = 0, signal, onStage } = {}) {
+    const rt = this.#live();
+    const q = this.#liveQueue;
+    if (!q) throw new InvalidRequestError("no live video: call watch first");
+    // The window as it stands now: frames handed over later wait for the next question.
+    const upTo = q.taken;
+    q.barriers.push(upTo);
+    return this.#stream(async (push) => {
+      try {
+        if (q.error) { const e = q.error; q.error = null; throw e; }
+        await this.#liveDrain(q, upTo);
+      } finally {
+        q.barriers.shift();
+      }
+      onStage?.("prefill");
+      try {
+        await rt.live_ask(String(prompt ?? ""), maxTokens, temperature, BigInt(seed), push, () => Boolean(signal?.aborted));
+      } finally {
+        const r = rt.live_report();
+        this.#liveReport = r ? { ...JSON.parse(r), frames_taken: upTo, frames_skipped: q.skipped } : null;
+        this.#liveSchedule(q);
+      }
+    });
+  }
+
+  #liveReport = null;
+
+  /** What the last live question's window was: `{frames: [{index, time}], frame_encodes,
+   * encoded_at_question, frames_taken, frames_skipped, visual_tokens, reduction}`. */
+  get liveReport() { return this.#liveReport; }
+
+  /** The last live question's frames as the device received them (RGB, frame after frame). */
+  liveFramesRGB() {
+    const rt = this.#live();
+    // On the runtime's queue: a frame encoded during the read-back would borrow the runtime twice.
+    const read = this.#busy.then(() => rt.live_frames_rgb());
+    this.#busy = read.catch(() => {});
+    return read;
+  }
+
+  /** End the live video: frames still queued are dropped, the window freed. */
+  liveEnd() {
+    const q = this.#liveQueue;
+    this.#liveQueue = null;
+    q?.pending.splice(0).forEach((f) => f.bitmap.close());
+    const rt = this.#rt;
+    this.#busy = this.#busy.then(() => rt?.live_end());
+  }
+
   dispose() {
     this.#rt?.free();
     this.#rt = null;
@@ -465,7 +601,7 @@ async function fetchText(url, optional = false, folder = null) {
  * same list and precedence as native folders), then the safetensors shards. The
  * architecture is checked before any weights are fetched.
  */
-async function loadFolder(src, gpu, context, cap, loraAlpha) {
+async function loadFolder(src, gpu, context, cap, loraAlpha, kv) {
   const wanted = folder_files();
   const required = new Set(["config.json", "tokenizer.json"]);
   // Fetched together; a failure is reported in the list's order, so a missing folder is
@@ -489,7 +625,7 @@ async function loadFolder(src, gpu, context, cap, loraAlpha) {
     names.push(name);
     files.push(bytes);
   }
-  return VideoRuntime.load(names, files, gpu, context, cap, loraAlpha);
+  return VideoRuntime.load(names, files, gpu, context, cap, loraAlpha, kv);
 }
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */
@@ -727,4 +863,115 @@ async function encodeImage(rt, image) {
     return rt.encode_image();
   }
   return rt.encode_image_rgba(rgbaOf([image], w, h), h, w);
+}
+
+/**
+ * Take frames of a playing `<video>` (any source: a file, a `MediaStream`) as the browser
+ * shows them, `fps` a second of media time (the first shown at or after each tick), with
+ * `requestVideoFrameCallback`. Each is an `ImageBitmap` handed to `onFrame({bitmap, index,
+ * time})`: `index` counts the frames the browser presented, `time` is seconds from the
+ * first one taken. Returns a function that stops.
+ */
+export function sampleLive(video, { fps, onFrame, onError }) {
+  if (typeof video?.requestVideoFrameCallback !== "function") {
+    throw new VideoError("this browser cannot follow a playing <video> (no requestVideoFrameCallback)");
+  }
+  if (!(Number.isFinite(fps) && fps > 0)) throw new RangeError(`fps must be a positive number of frames a second, not ${fps}`);
+  let stopped = false, next = 0, start = null, checked = false, id;
+  const shown = async (now, meta) => {
+    if (stopped) return;
+    id = video.requestVideoFrameCallback(shown);
+    const media = Number.isFinite(meta.mediaTime) ? meta.mediaTime : now / 1000;
+    start ??= media;
+    const time = media - start;
+    // Half a microsecond of slack, as natively: media times are rounded.
+    if (time + 5e-7 < next) return;
+    next = Math.floor((time + 5e-7) * fps) / fps + 1 / fps;
+    try {
+      const bitmap = await createImageBitmap(video);
+      if (!checked) { assertReadable(bitmap); checked = true; }
+      if (stopped) bitmap.close();
+      else onFrame({ bitmap, index: meta.presentedFrames ?? 0, time });
+    } catch (e) {
+      onError?.(e instanceof VideoError ? e : new VideoError(`cannot take a frame of the live video: ${e.message}`));
+    }
+  };
+  id = video.requestVideoFrameCallback(shown);
+  return () => { stopped = true; video.cancelVideoFrameCallback(id); };
+}
+
+/**
+ * A live video being watched (`VidLLM.watch`, `VidLLMWorker.watch`): its frames flow into
+ * the runtime's rolling window until `stop()`.
+ */
+export class LiveVideo {
+  #ops;
+  #stop;
+  #stallAfter;
+  #lastFrame = null;
+  #newest = null;
+  #ended = false;
+  #tracks;
+  #error = null;
+  #lastWindow = null;
+
+  constructor(video, { fps, stallAfter }, ops) {
+    this.#ops = ops;
+    this.#stallAfter = stallAfter;
+    // A stream ends when its video tracks do (a webcam unplugged, a capture revoked, a
+    // track stopped) or a file does.
+    this.#tracks = video.srcObject?.getVideoTracks?.() ?? [];
+    video.addEventListener("ended", () => { this.#ended = true; }, { once: true });
+    try {
+      this.#stop = sampleLive(video, { fps, onFrame: (f) => { this.#lastFrame = performance.now(); this.#newest = f.index; ops.frame(f); },
+        onError: (e) => { this.#error = e; } });
+    } catch (e) {
+      ops.end();
+      throw e;
+    }
+  }
+
+  /** How the stream stands: "waiting" (no frame yet), "live", "stalled" (no frame for
+   * `stallAfter` seconds), "ended" (its tracks ended, or `stop()`). */
+  get state() {
+    if (this.#ended || (this.#tracks.length && this.#tracks.every((t) => t.readyState === "ended"))) return "ended";
+    if (this.#lastFrame === null) return "waiting";
+    return (performance.now() - this.#lastFrame) / 1000 > this.#stallAfter ? "stalled" : "live";
+  }
+
+  /**
+   * Answer from the window as it stands (the frames taken before the question): yields
+   * `{text, id}` as `VidLLM.ask` does. `lastWindow` then says which frames it was.
+   */
+  ask({ prompt, maxTokens, temperature, seed, signal, onStage } = {}) {
+    if (this.#error) { const e = this.#error; this.#error = null; throw e; }
+    const state = this.state;
+    const newest = this.#newest;
+    const pieces = this.#ops.ask({ prompt, maxTokens, temperature, seed, signal, onStage });
+    const self = this;
+    return (async function* () {
+      try {
+        yield* pieces;
+      } finally {
+        const r = await self.#ops.report();
+        self.#lastWindow = r && { ...r, stream: state, newest_taken: newest };
+      }
+    })();
+  }
+
+  /** The last answer's window: `{frames: [{index, time}], frame_encodes, encoded_at_question,
+   * frames_taken, frames_skipped, visual_tokens, reduction, stream}`. */
+  get lastWindow() { return this.#lastWindow; }
+
+  /** The last answer's frames as the device received them: RGB bytes, frame after frame. */
+  framesRGB() { return this.#ops.framesRGB(); }
+
+  /** Stop taking frames; the window is freed. */
+  stop() {
+    if (!this.#stop) return;
+    this.#stop();
+    this.#stop = null;
+    this.#ended = true;
+    this.#ops.end();
+  }
 }

@@ -18,6 +18,8 @@ export class VidLLMWorker implements Omit<VidLLM, "dispose"> {
   /** A `<video>` is sampled in the page; its frames are transferred to the worker. */
   ask: VidLLM["ask"];
   framesRGB: VidLLM["framesRGB"];
+  /** The page follows the `<video>`; each frame taken is transferred to the worker and encoded there. */
+  watch: VidLLM["watch"];
   chat: VidLLM["chat"];
   /** Frees the model and ends the worker. */
   dispose(): Promise<void>;

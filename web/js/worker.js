@@ -14,7 +14,7 @@
 import {
   VidLLM, ContextFullError, DisposedError, IntegrityError, InvalidRequestError, ModelFetchError, ModelLoadError, QuotaError,
   RuntimeFailedError, TemplateError, TokenizerError, VideoError, VisualTokensError, WebGPUNotAvailableError,
-  candidateFactor, sameVideo, sampleFrames, samplingOf, samplingTimes, videoKey,
+  LiveVideo, candidateFactor, sameVideo, sampleFrames, samplingOf, samplingTimes, videoKey,
 } from "./vidllm.js";
 import { queued } from "./channel.js";
 import { chatCompletion } from "./completion.js";
@@ -55,6 +55,33 @@ if (inWorker) {
         if (!rt) throw new DisposedError();
         const rgb = await rt.framesRGB();
         self.postMessage({ id, done: true, rgb }, [rgb.buffer]);
+      } else if (op === "liveStart") {
+        if (!rt) throw new DisposedError();
+        await rt.liveStart(data.opts);
+        self.postMessage({ id, done: true });
+      } else if (op === "liveFrame") {
+        // No answer: frames flow one way; a failure to encode one reaches the next question.
+        if (rt) rt.liveFrame(data.opts);
+        else data.opts.bitmap.close();
+      } else if (op === "liveAsk") {
+        const ctrl = new AbortController();
+        aborts.set(id, ctrl);
+        if (!rt) throw new DisposedError();
+        const pieces = rt.liveAsk({ ...data.opts, signal: ctrl.signal, onStage: (stage) => self.postMessage({ id, stage }) });
+        try {
+          for await (const piece of pieces) self.postMessage({ id, piece });
+        } finally {
+          aborts.delete(id);
+        }
+        self.postMessage({ id, done: true, report: rt.liveReport });
+      } else if (op === "liveReport") {
+        self.postMessage({ id, done: true, report: rt?.liveReport ?? null });
+      } else if (op === "liveFramesRGB") {
+        if (!rt) throw new DisposedError();
+        const rgb = await rt.liveFramesRGB();
+        self.postMessage({ id, done: true, rgb }, [rgb.buffer]);
+      } else if (op === "liveEnd") {
+        rt?.liveEnd();
       } else if (op === "abort") {
         aborts.get(data.target)?.abort();
       } else if (op === "dispose") {
@@ -198,6 +225,26 @@ export class VidLLMWorker {
 
   /** The last video's frames as the device received them: {rgb, ...} (tests, debugging). */
   async framesRGB() { return (await this.#call("framesRGB", {})).rgb; }
+
+  /**
+   * As `VidLLM.watch`: the page follows the `<video>` and transfers each frame taken to
+   * the worker, which encodes it into the window in the background.
+   */
+  async watch(video, { fps = 1, window, maxVisualTokens, reduce, stallAfter = 5 } = {}) {
+    if (this.supportsVideo === false || this.architecture === "text") throw new VideoError(`${this.architecture} does not take a video`);
+    await this.#call("liveStart", { window: window ?? this.defaultFrames, maxVisualTokens, reduce });
+    let report = null;
+    return new LiveVideo(video, { fps, stallAfter }, {
+      frame: (f) => {
+        if (this.#disposed) { f.bitmap.close(); return; }
+        this.#worker.postMessage({ op: "liveFrame", opts: f }, [f.bitmap]);
+      },
+      ask: ({ signal, onStage, ...opts }) => this.#stream(signal, onStage, async (run) => { report = (await run("liveAsk", opts)).report; }),
+      report: () => report,
+      framesRGB: async () => (await this.#call("liveFramesRGB", {})).rgb,
+      end: () => { if (!this.#disposed) this.#worker.postMessage({ op: "liveEnd" }); },
+    });
+  }
 
   /**
    * Requests run one after another, as in `VidLLM`; each one's pieces stream through a

@@ -140,6 +140,11 @@ async fn next_task() {
     let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
 }
 
+/// The KV cache type the page names (`kv` of `VidLLM.load`), f32 when it names none.
+pub(crate) fn kv_type(kv: Option<String>) -> Result<vidllm_models::KvType, JsError> {
+    kv.map_or(Ok(vidllm_models::KvType::F32), |s| s.parse().map_err(|e: String| js_err(e)))
+}
+
 /// Sampling parameters from the page.
 pub(crate) fn params(max_tokens: usize, temperature: f32, seed: u64) -> GenerateParams {
     GenerateParams { max_tokens, sampler: SamplerConfig { temperature, seed, ..Default::default() }, stop: Vec::new() }
@@ -222,8 +227,16 @@ pub struct Runtime {
 #[wasm_bindgen]
 impl Runtime {
     /// Load GGUF bytes. `gpu`: WebGPU (initialised asynchronously), else the CPU backend;
-    /// `binding_cap`: bytes one storage binding may hold, below the device's own limit.
-    pub async fn load_gguf(bytes: Vec<u8>, gpu: bool, context: usize, binding_cap: Option<f64>) -> Result<Runtime, JsError> {
+    /// `binding_cap`: bytes one storage binding may hold, below the device's own limit;
+    /// `kv`: the KV cache's type (`f32`, `f16`, `q8_0`, `q4_0`; default f32).
+    pub async fn load_gguf(
+        bytes: Vec<u8>,
+        gpu: bool,
+        context: usize,
+        binding_cap: Option<f64>,
+        kv: Option<String>,
+    ) -> Result<Runtime, JsError> {
+        let kv = kv_type(kv)?;
         let file_bytes = bytes.len();
         let at = gpu::open_device(gpu, binding_cap.map(|c| c as u64)).await?.placement();
         let device = at.device.clone();
@@ -232,7 +245,8 @@ impl Runtime {
         config_from_gguf(&g).map_err(js_err)?;
         let tok = Tokenizer::from_gguf(&g).map_err(js_err)?;
         let model = load_llama(&g, &at).map_err(js_err)?;
-        let conv = Conversation::new(Rc::new(Model::Text(model)), Rc::new(tok), context);
+        let mut conv = Conversation::new(Rc::new(Model::Text(model)), Rc::new(tok), context);
+        conv.set_kv(kv).map_err(js_err)?;
         Ok(Runtime { conv, device, file_bytes })
     }
 

@@ -6,23 +6,25 @@
 //! decoder into a texture (`begin_frames` / `add_frame` / `encode_video`); on the CPU
 //! backend, as RGBA bytes read from a canvas (`encode_video_rgba`).
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use burn::tensor::{Int, Tensor};
 use vidllm_core::gguf::Gguf;
 use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
+use vidllm_models::live_window::LiveWindow;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::mmproj::{Mmproj, load_pair};
 use vidllm_models::model_files::{Folder, ModelFiles};
 use vidllm_models::token_budget::{Budget, Reduce};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
-use vidllm_models::{Conversation, Model, Prompt};
+use vidllm_models::{Conversation, KvType, Model, Prompt};
 use vidllm_shaders::preprocess::{preprocess_planes, rgb_planes, unpack_rgba_words};
 use wasm_bindgen::prelude::*;
 
 use crate::gpu::{FrameTexture, Opened, open_device};
-use crate::{gen_err, js_err, params, stream_to_js};
+use crate::{gen_err, js_err, kv_type, params, stream_to_js};
 
 /// The last video's frames as they reached the device, kept so a page can show or check them.
 // One value a video: the variants' sizes do not matter.
@@ -45,12 +47,24 @@ pub struct VideoRuntime {
     budget: Option<Budget>,
     /// What the budget did to the last video (JSON).
     reduction: Option<String>,
+    /// A live video's rolling window, with each frame as it reached the device.
+    live: Option<Live>,
+}
+
+/// A live video: the window of encoded frames, their pixels as the device received them
+/// (for read-back), and the last question's window: its frames' pixels and report (JSON).
+struct Live {
+    window: LiveWindow,
+    frames: VecDeque<Rc<Frames>>,
+    asked: Vec<Rc<Frames>>,
+    report: Option<String>,
 }
 
 impl VideoRuntime {
-    fn of(folder: Folder, opened: Opened, context: usize) -> Self {
-        let conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
-        VideoRuntime {
+    fn of(folder: Folder, opened: Opened, context: usize, kv: KvType) -> Result<Self, JsError> {
+        let mut conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
+        conv.set_kv(kv).map_err(js_err)?;
+        Ok(VideoRuntime {
             conv,
             pre: folder.pre,
             sampling: folder.sampling,
@@ -59,7 +73,8 @@ impl VideoRuntime {
             frames: None,
             budget: None,
             reduction: None,
-        }
+            live: None,
+        })
     }
 }
 
@@ -83,7 +98,9 @@ impl VideoRuntime {
         context: usize,
         binding_cap: Option<f64>,
         lora_alpha: Option<f32>,
+        kv: Option<String>,
     ) -> Result<VideoRuntime, JsError> {
+        let kv = kv_type(kv)?;
         let files = ModelFiles::Memory(names.into_iter().zip(files).map(|(n, b)| (n, b.to_vec())).collect());
         if let Some(config) = files.text("config.json").map_err(js_err)? {
             VideoModel::registration(&config).map_err(js_err)?;
@@ -91,7 +108,7 @@ impl VideoRuntime {
         let opened = open_device(gpu, binding_cap.map(|c| c as u64)).await?;
         let opts = LoadOptions { quant: QuantChoice::Q4_1, lora_alpha, pool: None };
         let folder = files.load(opts, &opened.placement()).map_err(js_err)?;
-        Ok(Self::of(folder, opened, context))
+        Self::of(folder, opened, context, kv)
     }
 
     /// llama.cpp's pair, already fetched or picked: a text GGUF and its `mmproj` GGUF
@@ -103,13 +120,15 @@ impl VideoRuntime {
         gpu: bool,
         context: usize,
         binding_cap: Option<f64>,
+        kv: Option<String>,
     ) -> Result<VideoRuntime, JsError> {
+        let kv = kv_type(kv)?;
         let mm = Gguf::from_bytes(mmproj.to_vec()).map_err(|e| js_err(format!("mmproj: {e}")))?;
         Mmproj::read(&mm).map_err(js_err)?;
         let text = Gguf::from_bytes(text.to_vec()).map_err(js_err)?;
         let opened = open_device(gpu, binding_cap.map(|c| c as u64)).await?;
         let folder = load_pair(&text, &mm, &opened.placement()).map_err(js_err)?;
-        Ok(Self::of(folder, opened, context))
+        Self::of(folder, opened, context, kv)
     }
 
     fn model(&self) -> &VideoModel {
@@ -271,18 +290,119 @@ impl VideoRuntime {
     pub async fn frames_rgb(&self) -> Result<Vec<u8>, JsError> {
         match &self.frames {
             None => Err(js_err("no video was encoded")),
-            Some(Frames::Rgb { rgb }) => Ok(rgb.clone()),
-            Some(Frames::Words { words, width }) => {
-                let [t, h, row] = words.dims();
-                let data = words.clone().into_data_async().await.map_err(|e| js_err(format!("device: {e:?}")))?;
-                let v = data.try_into_vec::<u32>().map_err(|e| js_err(format!("device: {e:?}")))?;
-                let mut rgb = Vec::with_capacity(t * h * width * 3);
-                for r in v.chunks_exact(row) {
-                    rgb.extend(r[..*width].iter().flat_map(|p| [*p as u8, (p >> 8) as u8, (p >> 16) as u8]));
-                }
-                Ok(rgb)
-            }
+            Some(f) => rgb_of_frames(f).await,
         }
+    }
+
+    /// Start a live video: a rolling window of the newest `window` frames, each encoded
+    /// when it arrives where the model encodes frames alone (the window's visual-token
+    /// budget is the one `set_budget` gave).
+    pub fn live_begin(&mut self, window: usize) -> Result<(), JsError> {
+        if !self.model().supports_video() {
+            return Err(js_err(format!("{} takes still images only, not a video", self.model().model_type())));
+        }
+        self.live =
+            Some(Live { window: LiveWindow::new(window).map_err(js_err)?, frames: VecDeque::new(), asked: Vec::new(), report: None });
+        Ok(())
+    }
+
+    /// Add the picture `source` shows now as the live video's frame number `index`, taken
+    /// at `time` seconds of the stream (on WebGPU: straight into a texture).
+    pub fn live_add_frame(&mut self, source: JsValue, index: f64, time: f64) -> Result<(), JsError> {
+        let [w, h] = frame_size(&source)?;
+        self.begin_frames(1, w, h)?;
+        self.add_frame(source)?;
+        let (planes, words, width) = self.gathered_planes()?;
+        self.live_push(planes, Frames::Words { words, width }, index, time)
+    }
+
+    /// `live_add_frame` on the CPU backend: one RGBA frame of `h` x `w`.
+    pub fn live_add_frame_rgba(&mut self, rgba: Vec<u8>, h: usize, w: usize, index: f64, time: f64) -> Result<(), JsError> {
+        let rgb = rgb_of(&rgba, 1, h, w)?;
+        let planes = rgb_planes(&[&rgb], h, w, &self.opened.device);
+        self.live_push(planes, Frames::Rgb { rgb }, index, time)
+    }
+
+    fn live_push(&mut self, planes: Tensor<4>, held: Frames, index: f64, time: f64) -> Result<(), JsError> {
+        if !(index.is_finite() && index >= 0.0 && time.is_finite() && time >= 0.0) {
+            return Err(js_err(format!("a live frame needs a frame number and a time (got {index}, {time})")));
+        }
+        let pixels = preprocess_planes(planes, &self.pre);
+        let model = self.conv.model().video().expect("a video-language model");
+        let live = self.live.as_mut().ok_or_else(|| js_err("no live video: call live_begin first"))?;
+        live.window.push(model, pixels, index as u64, time);
+        live.frames.push_back(Rc::new(held));
+        while live.frames.len() > live.window.len() {
+            live.frames.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The live window now: JSON `{frames: [{index, time}], frame_encodes}`.
+    pub fn live_state(&self) -> Result<String, JsError> {
+        let live = self.live.as_ref().ok_or_else(|| js_err("no live video"))?;
+        let frames: Vec<_> = live.window.frames().map(|f| serde_json::json!({"index": f.index, "time": f.time})).collect();
+        Ok(serde_json::json!({"frames": frames, "frame_encodes": live.window.frame_encodes()}).to_string())
+    }
+
+    /// Answer `question` from the live window as it stands, in a new conversation.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn live_ask(
+        &mut self,
+        question: String,
+        max_tokens: usize,
+        temperature: f32,
+        seed: u64,
+        on_piece: &js_sys::Function,
+        should_stop: &js_sys::Function,
+    ) -> Result<Vec<u32>, JsValue> {
+        let model = self.conv.model().video().expect("a video-language model");
+        let live = self.live.as_mut().ok_or_else(|| js_err("no live video: call live_begin first"))?;
+        let v = live.window.video(model, self.budget.as_ref()).map_err(gen_err)?;
+        let kept = |i: &usize| v.encoded.frames.as_ref().is_none_or(|k| k.contains(i));
+        live.asked = live.frames.iter().cloned().collect();
+        let frames: Vec<_> = v
+            .frames
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| kept(i))
+            .map(|(_, (index, time))| serde_json::json!({"index": index, "time": time}))
+            .collect();
+        live.report = Some(
+            serde_json::json!({"frames": frames, "frame_encodes": live.window.frame_encodes(), "encoded_at_question": v.encoded_now,
+                               "reduction": v.encoded.reduction, "visual_tokens": v.encoded.visual.features.dims()[0]})
+            .to_string(),
+        );
+        self.frames = None;
+        self.conv.clear_visuals();
+        self.conv.set_video(v.encoded.visual, v.times);
+        self.conv.ask(Prompt::Question(&question), params(max_tokens, temperature, seed)).map_err(gen_err)?;
+        stream_to_js(&mut self.conv, on_piece, should_stop).await
+    }
+
+    /// What the last live question's window was (JSON: `frames`, `frame_encodes`,
+    /// `encoded_at_question`, `reduction`, `visual_tokens`), or none.
+    pub fn live_report(&self) -> Option<String> {
+        self.live.as_ref().and_then(|l| l.report.clone())
+    }
+
+    /// The frames of the last live question's window as the device received them: RGB
+    /// bytes, frame after frame.
+    pub async fn live_frames_rgb(&self) -> Result<Vec<u8>, JsError> {
+        let live = self.live.as_ref().ok_or_else(|| js_err("no live video"))?;
+        if live.asked.is_empty() {
+            return Err(js_err("no question was asked about the live video yet"));
+        }
+        let mut rgb = Vec::new();
+        for f in &live.asked {
+            rgb.extend(rgb_of_frames(f).await?);
+        }
+        Ok(rgb)
+    }
+
+    /// Stop the live video (its window is freed).
+    pub fn live_end(&mut self) {
+        self.live = None;
     }
 
     /// Answer `question`: the first question of a conversation carries the video (and
@@ -298,5 +418,33 @@ impl VideoRuntime {
     ) -> Result<Vec<u32>, JsValue> {
         self.conv.ask(Prompt::Question(&question), params(max_tokens, temperature, seed)).map_err(gen_err)?;
         stream_to_js(&mut self.conv, on_piece, should_stop).await
+    }
+}
+
+/// Frames as the device received them, read back: RGB bytes, frame after frame.
+async fn rgb_of_frames(frames: &Frames) -> Result<Vec<u8>, JsError> {
+    match frames {
+        Frames::Rgb { rgb } => Ok(rgb.clone()),
+        Frames::Words { words, width } => {
+            let [t, h, row] = words.dims();
+            let data = words.clone().into_data_async().await.map_err(|e| js_err(format!("device: {e:?}")))?;
+            let v = data.try_into_vec::<u32>().map_err(|e| js_err(format!("device: {e:?}")))?;
+            let mut rgb = Vec::with_capacity(t * h * width * 3);
+            for r in v.chunks_exact(row) {
+                rgb.extend(r[..*width].iter().flat_map(|p| [*p as u8, (p >> 8) as u8, (p >> 16) as u8]));
+            }
+            Ok(rgb)
+        }
+    }
+}
+
+/// The size of a frame source (`ImageBitmap`, `VideoFrame`, `<video>`, canvas, ...).
+fn frame_size(source: &JsValue) -> Result<[u32; 2], JsError> {
+    let get = |names: [&str; 3]| {
+        names.iter().find_map(|n| js_sys::Reflect::get(source, &JsValue::from_str(n)).ok().and_then(|v| v.as_f64()).filter(|v| *v > 0.0))
+    };
+    match (get(["displayWidth", "videoWidth", "width"]), get(["displayHeight", "videoHeight", "height"])) {
+        (Some(w), Some(h)) => Ok([w as u32, h as u32]),
+        _ => Err(js_err("a live frame's source has no size")),
     }
 }

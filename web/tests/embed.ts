@@ -1,6 +1,6 @@
 // Type-checked usage of the package's declarations (npm run typecheck): what an embedder
 // writes, so a wrong or missing type shows up here.
-import { VidLLM, QuotaError, ContextFullError, times, type Piece } from "vidllm";
+import { VidLLM, QuotaError, ContextFullError, times, type Piece, type LiveVideo } from "vidllm";
 import { VidLLMWorker } from "vidllm/worker.js";
 
 export async function answer(video: HTMLVideoElement, out: HTMLElement, signal: AbortSignal): Promise<void> {
@@ -30,4 +30,14 @@ export async function answer(video: HTMLVideoElement, out: HTMLElement, signal: 
   for await (const p of here.ask({ video, prompt: "Why?", maxVisualTokens: 512, reduce: "slowfast" })) out.textContent += p.text;
   out.dataset.kept = String(here.lastReduction?.tokens_after ?? "");
   await here.dispose();
+  // A webcam, watched: answers from a window of its newest frames.
+  const webcam = await VidLLM.load({ model: "/models/SmolVLM2-500M-Video-Instruct/" });
+  const cam = document.createElement("video");
+  cam.srcObject = await navigator.mediaDevices.getUserMedia({ video: true });
+  await cam.play();
+  const live: LiveVideo = await webcam.watch(cam, { fps: 1, window: 8 });
+  for await (const p of live.ask({ prompt: "What am I holding?", maxTokens: 32 })) out.textContent += p.text;
+  out.dataset.frames = String(live.lastWindow?.frames.length ?? 0) + (live.state === "ended" ? " (ended)" : "");
+  live.stop();
+  await webcam.dispose();
 }

@@ -51,6 +51,14 @@ pub struct WindowVideo {
     pub encoded_now: usize,
 }
 
+impl WindowVideo {
+    /// The frames the answer sees: all of the window's, or those a budget kept.
+    pub fn seen(&self) -> impl Iterator<Item = &(u64, f64)> {
+        let kept = self.encoded.frames.as_ref();
+        self.frames.iter().enumerate().filter(move |(i, _)| kept.is_none_or(|k| k.contains(i))).map(|(_, f)| f)
+    }
+}
+
 /// The newest `capacity` frames of a stream, encoded as they arrive where the model allows.
 pub struct LiveWindow {
     capacity: usize,
@@ -65,10 +73,6 @@ impl LiveWindow {
             return Err(GenerateError::Unsupported("a live window of 0 frames".into()));
         }
         Ok(Self { capacity, frames: VecDeque::with_capacity(capacity + 1), frame_encodes: 0 })
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     pub fn len(&self) -> usize {

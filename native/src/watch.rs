@@ -235,13 +235,9 @@ pub fn run(a: WatchArgs) -> Result<()> {
                 }
                 let ttft_ms = first.map(|t| t.duration_since(asked).as_secs_f64() * 1e3);
                 let t = &finished.timings;
-                let kept = |i: &usize| video.encoded.frames.as_ref().is_none_or(|k| k.contains(i));
                 let frames: Vec<_> = video
-                    .frames
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| kept(i))
-                    .map(|(_, &(index, time))| {
+                    .seen()
+                    .map(|&(index, time)| {
                         let (received_s, digest) = received.get(&index).cloned().unwrap_or_default();
                         json!({"index": index, "time": micros(time), "received_s": received_s, "rgb_sha256": digest})
                     })

@@ -33,13 +33,13 @@ if (inWorker) {
           defaultFrames: rt.architecture === "text" ? 0 : rt.defaultFrames,
           defaultSampling: rt.architecture === "text" ? null : rt.defaultSampling,
           supportsVideo: rt.supportsVideo, supportsImages: rt.supportsImages, headBands: rt.headBands });
-      } else if (op === "generate" || op === "ask") {
+      } else if (op === "generate" || op === "ask" || op === "liveAsk") {
         const ctrl = new AbortController();
         aborts.set(id, ctrl);
         const onStage = (stage) => self.postMessage({ id, stage });
         const opts = { ...data.opts, signal: ctrl.signal, onStage };
         if (!rt) throw new DisposedError();
-        const pieces = op === "ask" ? rt.ask(opts) : rt.generate(opts);
+        const pieces = op === "ask" ? rt.ask(opts) : op === "liveAsk" ? rt.liveAsk(opts) : rt.generate(opts);
         try {
           for await (const piece of pieces) self.postMessage({ id, piece });
         } finally {
@@ -47,13 +47,15 @@ if (inWorker) {
           // The page's frames and images came over as copies or transfers: this side frees them.
           for (const f of [data.opts.frames, data.opts.image].flat()) f?.close?.();
         }
-        self.postMessage({ id, done: true, ...(op === "ask" ? { reduction: rt.lastReduction } : {}) });
+        // What the answer saw: a budget's reduction, or a live question's window.
+        const extra = op === "ask" ? { reduction: rt.lastReduction } : op === "liveAsk" ? { report: rt.liveReport } : {};
+        self.postMessage({ id, done: true, ...extra });
       } else if (op === "times") {
         const { duration, n, policy } = data.opts;
         self.postMessage({ id, done: true, times: await samplingTimes(duration, n, policy) });
-      } else if (op === "framesRGB") {
+      } else if (op === "framesRGB" || op === "liveFramesRGB") {
         if (!rt) throw new DisposedError();
-        const rgb = await rt.framesRGB();
+        const rgb = await (op === "framesRGB" ? rt.framesRGB() : rt.liveFramesRGB());
         self.postMessage({ id, done: true, rgb }, [rgb.buffer]);
       } else if (op === "liveStart") {
         if (!rt) throw new DisposedError();
@@ -63,23 +65,6 @@ if (inWorker) {
         // No answer: frames flow one way; a failure to encode one reaches the next question.
         if (rt) rt.liveFrame(data.opts);
         else data.opts.bitmap.close();
-      } else if (op === "liveAsk") {
-        const ctrl = new AbortController();
-        aborts.set(id, ctrl);
-        if (!rt) throw new DisposedError();
-        const pieces = rt.liveAsk({ ...data.opts, signal: ctrl.signal, onStage: (stage) => self.postMessage({ id, stage }) });
-        try {
-          for await (const piece of pieces) self.postMessage({ id, piece });
-        } finally {
-          aborts.delete(id);
-        }
-        self.postMessage({ id, done: true, report: rt.liveReport });
-      } else if (op === "liveReport") {
-        self.postMessage({ id, done: true, report: rt?.liveReport ?? null });
-      } else if (op === "liveFramesRGB") {
-        if (!rt) throw new DisposedError();
-        const rgb = await rt.liveFramesRGB();
-        self.postMessage({ id, done: true, rgb }, [rgb.buffer]);
       } else if (op === "liveEnd") {
         rt?.liveEnd();
       } else if (op === "abort") {

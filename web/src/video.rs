@@ -338,13 +338,6 @@ impl VideoRuntime {
         Ok(())
     }
 
-    /// The live window now: JSON `{frames: [{index, time}], frame_encodes}`.
-    pub fn live_state(&self) -> Result<String, JsError> {
-        let live = self.live.as_ref().ok_or_else(|| js_err("no live video"))?;
-        let frames: Vec<_> = live.window.frames().map(|f| serde_json::json!({"index": f.index, "time": f.time})).collect();
-        Ok(serde_json::json!({"frames": frames, "frame_encodes": live.window.frame_encodes()}).to_string())
-    }
-
     /// Answer `question` from the live window as it stands, in a new conversation.
     #[allow(clippy::too_many_arguments)]
     pub async fn live_ask(
@@ -359,15 +352,8 @@ impl VideoRuntime {
         let model = self.conv.model().video().expect("a video-language model");
         let live = self.live.as_mut().ok_or_else(|| js_err("no live video: call live_begin first"))?;
         let v = live.window.video(model, self.budget.as_ref()).map_err(gen_err)?;
-        let kept = |i: &usize| v.encoded.frames.as_ref().is_none_or(|k| k.contains(i));
         live.asked = live.frames.iter().cloned().collect();
-        let frames: Vec<_> = v
-            .frames
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| kept(i))
-            .map(|(_, (index, time))| serde_json::json!({"index": index, "time": time}))
-            .collect();
+        let frames: Vec<_> = v.seen().map(|(index, time)| serde_json::json!({"index": index, "time": time})).collect();
         live.report = Some(
             serde_json::json!({"frames": frames, "frame_encodes": live.window.frame_encodes(), "encoded_at_question": v.encoded_now,
                                "reduction": v.encoded.reduction, "visual_tokens": v.encoded.visual.features.dims()[0]})

@@ -28,7 +28,7 @@ use web_time::Instant;
 use crate::generate::{GenerateParams, Piece, Timings, read_row, read_row_async};
 use crate::kv_cache::{KvCache, KvType};
 use crate::llama::{Llama, Logits};
-use crate::merge::{Visual, merge_embeddings};
+use crate::merge::{Visual, merge_embeddings, merge_positions};
 use crate::video_model::VideoModel;
 
 /// What a conversation talks to: a text decoder (a GGUF file), or a video-language model.
@@ -106,8 +106,9 @@ pub enum Step {
 // One value a step, moved once: boxing the tensor would buy nothing.
 #[allow(clippy::large_enum_variant)]
 enum Work {
-    /// The turn's input embeddings, run after what the cache holds.
-    Prefill(Tensor<2>),
+    /// The turn's input embeddings, run after what the cache holds (at these positions,
+    /// where given).
+    Prefill(Tensor<2>, Option<Vec<usize>>),
     /// The last sampled token, run at the cache's next position.
     Decode(u32),
     /// Nothing: the answer ended.
@@ -131,8 +132,9 @@ struct Answer {
     params: GenerateParams,
     sampler: Sampler,
     detok: TextStream,
-    /// The turn's input, run by the first step: its ids and their embeddings.
-    input: Option<(Vec<u32>, Tensor<2>)>,
+    /// The turn's input, run by the first step: its ids, their embeddings, and their RoPE
+    /// positions where they are not the cache's next ones (a reduced video's).
+    input: Option<(Vec<u32>, Tensor<2>, Option<Vec<usize>>)>,
     /// All text so far, and how much of it was emitted.
     text: String,
     emitted: usize,
@@ -241,6 +243,12 @@ impl Conversation {
         self.cache.capacity
     }
 
+    /// The RoPE position the next token run takes: the tokens in the cache, plus the
+    /// positions a reduced video's dropped tokens left (FastVID's kept tokens keep theirs).
+    pub fn next_position(&self) -> usize {
+        self.cache.next_position()
+    }
+
     /// Every token of the conversation so far (the last sampled one included).
     pub fn history(&self) -> &[u32] {
         &self.history
@@ -308,7 +316,7 @@ impl Conversation {
         if self.answer.is_some() {
             return Err(GenerateError::Busy);
         }
-        let (restart, ids, embeds) = self.turn_input(prompt)?;
+        let (restart, ids, embeds, positions) = self.turn_input(prompt)?;
         let kept = if restart { 0 } else { self.cache.len };
         let pending: &[u32] = if restart { &[] } else { &self.history[self.cache.len..] };
         if ids.is_empty() && pending.is_empty() {
@@ -319,6 +327,13 @@ impl Conversation {
             return Err(GenerateError::PromptTooLong { prompt: needed, context: self.cache.capacity, reserve: 1 });
         }
         let decoder = self.model.decoder();
+        // A reduced video keeps its unreduced positions: the RoPE table must reach past them.
+        if let Some(last) = positions.as_ref().and_then(|p| p.last()) {
+            let spanned = last + 1;
+            if spanned + 1 > decoder.rope_positions() {
+                return Err(GenerateError::PromptTooLong { prompt: spanned, context: decoder.rope_positions(), reserve: 1 });
+            }
+        }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= decoder.cfg.vocab_size) {
             return Err(GenerateError::Tokenizer(format!("token id {bad} is outside the vocabulary")));
         }
@@ -342,7 +357,7 @@ impl Conversation {
             sampler: Sampler::new(params.sampler.clone()),
             params,
             detok: TextStream::new(),
-            input: Some((ids, x)),
+            input: Some((ids, x, positions)),
             text: String::new(),
             emitted: 0,
             tokens: Vec::new(),
@@ -358,34 +373,40 @@ impl Conversation {
     /// The token ids of a turn and, when visual tokens are merged in, its embeddings;
     /// `restart` when the cache must be dropped first (a follow-up whose chat-template
     /// rendering does not continue what is in the cache).
-    fn turn_input(&self, prompt: Prompt) -> Result<(bool, Vec<u32>, Option<Tensor<2>>), GenerateError> {
+    #[allow(clippy::type_complexity)]
+    fn turn_input(&self, prompt: Prompt) -> Result<(bool, Vec<u32>, Option<Tensor<2>>, Option<Vec<usize>>), GenerateError> {
         let tok = &*self.tok;
         let first = self.history.is_empty();
         let tokenizer = |e: vidllm_core::LoadError| GenerateError::Tokenizer(e.to_string());
         Ok(match (prompt, &*self.model) {
-            (Prompt::Tokens(ids), _) => (false, ids.to_vec(), None),
+            (Prompt::Tokens(ids), _) => (false, ids.to_vec(), None, None),
             (Prompt::Raw(text), Model::Video(m)) if first => {
-                let (ids, embeds) = self.first_turn(m, text)?;
-                (false, ids, Some(embeds))
+                let (ids, embeds, positions) = self.first_turn(m, text)?;
+                (false, ids, Some(embeds), positions)
             }
-            (Prompt::Raw(text), _) => (false, tok.encode(text, first && tok.add_bos).map_err(tokenizer)?, None),
+            (Prompt::Raw(text), _) => (false, tok.encode(text, first && tok.add_bos).map_err(tokenizer)?, None, None),
             (Prompt::Question(q), Model::Video(m)) if first => {
                 let text = match (&self.video, self.images.len()) {
                     (Some(_), _) => m.first_turn(tok, q, &self.images, self.video_times.as_ref())?,
                     (None, n) if n > 0 => m.first_turn(tok, q, &self.images, None)?,
                     (None, _) => return Err(GenerateError::NoVisual),
                 };
-                let (ids, embeds) = self.first_turn(m, &text)?;
-                (false, ids, Some(embeds))
+                let (ids, embeds, positions) = self.first_turn(m, &text)?;
+                (false, ids, Some(embeds), positions)
             }
-            (Prompt::Question(q), Model::Video(m)) => (false, tok.encode(&m.follow_up(tok, q), false).map_err(tokenizer)?, None),
-            (Prompt::Question(q), Model::Text(_)) if first => (false, tok.chat_tokens(&[Message::new("user", q)])?, None),
-            (Prompt::Question(q), Model::Text(_)) => self.text_follow_up(q)?,
+            (Prompt::Question(q), Model::Video(m)) => (false, tok.encode(&m.follow_up(tok, q), false).map_err(tokenizer)?, None, None),
+            (Prompt::Question(q), Model::Text(_)) if first => (false, tok.chat_tokens(&[Message::new("user", q)])?, None, None),
+            (Prompt::Question(q), Model::Text(_)) => {
+                let (restart, ids, embeds) = self.text_follow_up(q)?;
+                (restart, ids, embeds, None)
+            }
         })
     }
 
-    /// A first turn's ids, placeholders expanded, and its embeddings, visual rows merged in.
-    fn first_turn(&self, m: &VideoModel, text: &str) -> Result<(Vec<u32>, Tensor<2>), GenerateError> {
+    /// A first turn's ids, placeholders expanded, its embeddings, visual rows merged in,
+    /// and their RoPE positions where a reduced video keeps its unreduced ones.
+    #[allow(clippy::type_complexity)]
+    fn first_turn(&self, m: &VideoModel, text: &str) -> Result<(Vec<u32>, Tensor<2>, Option<Vec<usize>>), GenerateError> {
         let visual = |e: vidllm_core::LoadError| GenerateError::Visual(e.to_string());
         // All images fill the `<image>` placeholders in order, as one run of features.
         let mut visuals: Vec<Visual> = match self.images.first() {
@@ -395,13 +416,15 @@ impl Conversation {
                 per_placeholder: first.per_placeholder,
                 tiles: None,
                 counts: None,
+                kept_at: None,
             }],
             None => Vec::new(),
         };
         visuals.extend(self.video.clone());
         let ids = m.first_turn_ids(&self.tok, text, &visuals).map_err(visual)?;
         let embeds = merge_embeddings(m.decoder(), &ids, &visuals).map_err(visual)?;
-        Ok((ids, embeds))
+        let positions = merge_positions(&ids, &visuals);
+        Ok((ids, embeds, positions))
     }
 
     /// A text model's follow-up: the chat template over the whole conversation, minus what
@@ -429,7 +452,7 @@ impl Conversation {
         let work = self.plan()?;
         let decoder = self.model.decoder();
         Ok(match work {
-            Work::Prefill(x) => Step::Read(decoder.forward_embeds(x, &mut self.cache, Logits::Last)),
+            Work::Prefill(x, at) => Step::Read(decoder.forward_embeds_at(x, at.as_deref(), &mut self.cache, Logits::Last)),
             Work::Decode(last) => Step::Read(decoder.forward(&[last], &mut self.cache, Logits::Last)),
             Work::Done => Step::Finished(self.finish()),
         })
@@ -448,9 +471,9 @@ impl Conversation {
         for (i, c) in convs.iter_mut().enumerate() {
             match c.plan() {
                 Ok(Work::Decode(last)) => decoding.push((i, last)),
-                Ok(Work::Prefill(x)) => {
+                Ok(Work::Prefill(x, at)) => {
                     let decoder = c.model.decoder();
-                    out[i] = Some(Ok(Step::Read(decoder.forward_embeds(x, &mut c.cache, Logits::Last))));
+                    out[i] = Some(Ok(Step::Read(decoder.forward_embeds_at(x, at.as_deref(), &mut c.cache, Logits::Last))));
                 }
                 Ok(Work::Done) => out[i] = Some(Ok(Step::Finished(c.finish()))),
                 Err(e) => out[i] = Some(Err(e)),
@@ -481,18 +504,18 @@ impl Conversation {
     /// prefill (its ids now in the history), one token to run, or nothing (it ended).
     fn plan(&mut self) -> Result<Work, GenerateError> {
         let a = self.answer.as_mut().ok_or_else(|| GenerateError::Unsupported("no answer is in progress (ask first)".into()))?;
-        if let Some((ids, x)) = a.input.take() {
+        if let Some((ids, x, at)) = a.input.take() {
             a.asked = Some(Instant::now());
             a.timings.prompt_tokens = x.dims()[0];
             // The cache will hold what it held, the pending token and the turn's input.
             self.history.extend_from_slice(&ids);
             a.prefilling = true;
-            return Ok(Work::Prefill(x));
+            return Ok(Work::Prefill(x, at));
         }
         if a.finish.is_none() {
             if a.tokens.len() >= a.params.max_tokens {
                 a.finish = Some(FinishReason::MaxTokens);
-            } else if self.cache.len + 1 > self.cache.capacity {
+            } else if self.cache.len + 1 > self.cache.capacity || self.cache.next_position() >= self.model.decoder().rope_positions() {
                 a.finish = Some(FinishReason::ContextFull);
             } else {
                 a.asked = Some(Instant::now());

@@ -136,7 +136,11 @@ fn rotate(x: Tensor<4>, h: &Tensor<2>) -> Tensor<4> {
     x.reshape([dims.iter().product::<usize>() / n, n]).matmul(h.clone()).reshape(dims)
 }
 
-/// Keys and values of every layer; `len` is the next position.
+/// Keys and values of every layer; `len` is the next row.
+///
+/// A row's RoPE position is its row number plus the positions skipped before it: a
+/// reduced video whose kept tokens keep their original positions (FastVID) leaves gaps,
+/// and what follows continues after the unreduced video ([`KvCache::next_position`]).
 ///
 /// Storage grows as positions are written, doubling from [`KvCache::FIRST_ROWS`] up to
 /// `capacity`, so a conversation pays for the context it uses rather than the context it
@@ -149,6 +153,8 @@ pub struct KvCache {
     pub len: usize,
     /// Most positions the cache holds (the context).
     pub capacity: usize,
+    /// `(row, skipped)`: the RoPE positions jump by `skipped` just before `row`, rows ascending.
+    gaps: Vec<(usize, usize)>,
 }
 
 impl KvCache {
@@ -198,7 +204,7 @@ impl KvCache {
                 }
             }
         };
-        Self { store, kv, len: 0, capacity }
+        Self { store, kv, len: 0, capacity, gaps: Vec::new() }
     }
 
     /// What the keys and values are kept in.
@@ -209,6 +215,45 @@ impl KvCache {
     /// Forget everything after position `len` (for reuse of a shared prefix).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        let len = self.len;
+        self.gaps.retain(|&(row, _)| row < len);
+    }
+
+    /// The RoPE position of the next row.
+    pub fn next_position(&self) -> usize {
+        self.len + self.gaps.iter().map(|&(_, skipped)| skipped).sum::<usize>()
+    }
+
+    /// The RoPE positions of the next `t` rows when `positions` (ascending, starting at or
+    /// after [`KvCache::next_position`]) says where they go, else consecutive ones.
+    ///
+    /// # Panics
+    /// If `positions` is not `t` ascending positions from the next one on.
+    pub fn place(&self, t: usize, positions: Option<&[usize]>) -> Vec<usize> {
+        let next = self.next_position();
+        match positions {
+            None => (next..next + t).collect(),
+            Some(p) => {
+                assert!(
+                    p.len() == t && p.first().is_none_or(|&f| f >= next) && p.windows(2).all(|w| w[0] < w[1]),
+                    "positions out of order"
+                );
+                p.to_vec()
+            }
+        }
+    }
+
+    /// Record that the next `positions.len()` rows were written at `positions` (what
+    /// [`KvCache::place`] gave), then advance `len` past them.
+    pub fn advance(&mut self, positions: &[usize]) {
+        let mut expect = self.next_position();
+        for (i, &p) in positions.iter().enumerate() {
+            if p > expect {
+                self.gaps.push((self.len + i, p - expect));
+            }
+            expect = p + 1;
+        }
+        self.len += positions.len();
     }
 
     /// Positions the storage holds now.

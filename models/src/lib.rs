@@ -5,6 +5,7 @@ pub mod clip;
 pub mod conversation;
 pub mod decoder_family;
 pub mod dinov2;
+pub mod fastvid;
 pub mod generate;
 pub mod idefics3;
 pub mod kv_cache;

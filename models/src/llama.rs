@@ -107,12 +107,28 @@ pub struct Llama {
 }
 
 impl Attention {
+    /// `positions`: each row's RoPE position (consecutive except after a reduced video).
+    ///
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`
-    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &CausalMask) -> Tensor<2> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        positions: &[usize],
+        cache: &mut KvCache,
+        layer: usize,
+        mask: &CausalMask,
+    ) -> Tensor<2> {
         let [q, k, v] = self.heads(self.qkv.forward(x), cfg);
-        let start = cache.len;
-        self.o.forward(self.attend(rope.forward(q, start), rope.forward(k, start), v, cfg, cache, layer, mask))
+        let consecutive = positions.windows(2).all(|w| w[1] == w[0] + 1);
+        let (q, k) = match positions.first() {
+            Some(&start) if consecutive => (rope.forward(q, start), rope.forward(k, start)),
+            _ => (rope.forward_at(q, positions), rope.forward_at(k, positions)),
+        };
+        self.o.forward(self.attend(q, k, v, cfg, cache, layer, mask))
     }
 
     /// One token of each of several sequences, each at its own position in its own cache:
@@ -130,7 +146,7 @@ impl Attention {
         mask: &CausalMask,
     ) -> Tensor<2> {
         let [q, k, v] = self.heads(self.qkv.forward_rows(x), cfg);
-        let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let positions: Vec<usize> = caches.iter().map(|c| c.next_position()).collect();
         let (q, k) = (rope.forward_at(q, &positions), rope.forward_at(k, &positions));
         let row = |t: &Tensor<4>, i: usize| t.clone().narrow(2, i, 1);
         let ctx =
@@ -222,8 +238,18 @@ impl Mlp {
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<2>, cfg: &LlamaConfig, rope: &Rope, cache: &mut KvCache, layer: usize, mask: &CausalMask) -> Tensor<2> {
-        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, cache, layer, mask);
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        positions: &[usize],
+        cache: &mut KvCache,
+        layer: usize,
+        mask: &CausalMask,
+    ) -> Tensor<2> {
+        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, positions, cache, layer, mask);
         h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
     }
 
@@ -257,7 +283,7 @@ pub enum Logits {
 pub const PREFILL_CHUNK: usize = 256;
 
 impl Llama {
-    /// Run `tokens` at positions `cache.len..`, appending them to the cache.
+    /// Run `tokens` at the cache's next positions, appending them to the cache.
     ///
     /// # Shapes
     /// - returns `[1 or tokens.len(), vocab_size]`
@@ -265,12 +291,24 @@ impl Llama {
         self.forward_embeds(self.embed.lookup(tokens, &self.device), cache, which)
     }
 
-    /// Run input embeddings (text and visual tokens already merged) at `cache.len..`.
+    /// Run input embeddings (text and visual tokens already merged) at the cache's next
+    /// positions.
     ///
     /// # Shapes
     /// - x: `[t, d_model]` -> `[1 or t, vocab_size]`
     pub fn forward_embeds(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Tensor<2> {
+        self.forward_embeds_at(x, None, cache, which)
+    }
+
+    /// [`Llama::forward_embeds`], row `i` at RoPE position `positions[i]` where given
+    /// (ascending, from the cache's next position on): a reduced video's kept tokens at
+    /// their places in the unreduced one. Attention still runs over the cache's rows.
+    ///
+    /// # Shapes
+    /// - x: `[t, d_model]`, positions: `t` -> `[1 or t, vocab_size]`
+    pub fn forward_embeds_at(&self, x: Tensor<2>, positions: Option<&[usize]>, cache: &mut KvCache, which: Logits) -> Tensor<2> {
         let t = x.dims()[0];
+        let positions = cache.place(t, positions);
         let chunk = self.prefill_chunk(cache.capacity);
         if t > chunk {
             // Long prompts run in chunks: each attends to the cache so far, so the masked
@@ -286,13 +324,13 @@ impl Llama {
                 } else {
                     Logits::None
                 };
-                if let Some(y) = self.forward_chunk(x.clone().narrow(0, start, len), cache, want) {
+                if let Some(y) = self.forward_chunk(x.clone().narrow(0, start, len), &positions[start..start + len], cache, want) {
                     outs.push(y);
                 }
             }
             return Tensor::cat(outs, 0);
         }
-        self.forward_chunk(x, cache, which).expect("logits were asked for")
+        self.forward_chunk(x, &positions, cache, which).expect("logits were asked for")
     }
 
     /// One decode step of several sequences: `tokens[i]` runs at position `caches[i].len`
@@ -317,7 +355,8 @@ impl Llama {
             x = block.forward_batch(x, &self.cfg, &self.rope, caches, layer, &mask);
         }
         for c in caches.iter_mut() {
-            c.len += 1;
+            let next = c.next_position();
+            c.advance(&[next]);
         }
         self.lm_head.forward_rows(self.norm.forward(x))
     }
@@ -328,15 +367,15 @@ impl Llama {
         self.cap.per_binding(4 * (self.cfg.n_heads * context).max(self.cfg.vocab_size), 0).min(PREFILL_CHUNK)
     }
 
-    fn forward_chunk(&self, x: Tensor<2>, cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {
+    fn forward_chunk(&self, x: Tensor<2>, positions: &[usize], cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {
         let t = x.dims()[0];
         // One mask for every layer: it depends only on the positions.
         let mask = causal_mask(self.cfg.n_heads / self.cfg.n_kv_heads, t, cache.len, &self.device);
         let mut x = x;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, &self.cfg, &self.rope, cache, layer, &mask);
+            x = block.forward(x, &self.cfg, &self.rope, positions, cache, layer, &mask);
         }
-        cache.len += t;
+        cache.advance(positions);
         let x = match which {
             Logits::Last => x.narrow(0, t - 1, 1),
             Logits::All => x,

@@ -74,7 +74,7 @@ pub fn reduce(features: Tensor<2>, g: FrameGrid, budget: usize, frames: usize, e
     let kept = key_frames(&emb, g.frames, d, cap);
     let idx = Tensor::<1, Int>::from_data(TensorData::new(kept.iter().map(|&i| i as i64).collect::<Vec<_>>(), [kept.len()]), &device);
     let features = features.reshape([g.frames, per, d]).select(0, idx).reshape([kept.len() * per, d]);
-    Ok(Kept { features, frame_of: kept.iter().flat_map(|&f| std::iter::repeat_n(f, per)).collect() })
+    Ok(Kept { features, frame_of: kept.iter().flat_map(|&f| std::iter::repeat_n(f, per)).collect(), position_in_video: None })
 }
 
 /// The frames MaxInfo keeps of `n` embeddings `emb [n, d]` (row-major), at most `cap`, in

@@ -21,6 +21,19 @@ pub struct Visual {
     /// An image cut into `rows x cols` tiles plus a global view (one placeholder each),
     /// as Idefics3 / SmolVLM prompts lay them out; `None` for one placeholder.
     pub tiles: Option<(usize, usize)>,
+    /// Where a reduced video's kept tokens sit in the unreduced one, for methods whose
+    /// survivors keep their RoPE positions (FastVID); `None`: consecutive positions.
+    pub kept_at: Option<KeptAt>,
+}
+
+/// A reduced video's kept tokens in the unreduced layout: each placeholder run still
+/// spans the positions the unreduced run took, its tokens at their offsets in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptAt {
+    /// Positions each placeholder run spans (the unreduced run's tokens), in order.
+    pub spans: Vec<usize>,
+    /// Each feature row's offset in its run, ascending within a run.
+    pub offsets: Vec<usize>,
 }
 
 /// Replace every single placeholder id by `per_placeholder` copies.
@@ -91,9 +104,76 @@ pub fn merge_embeddings(decoder: &Llama, ids: &[u32], visuals: &[Visual]) -> Res
     Ok(Tensor::cat(pieces, 0))
 }
 
+/// Each row's RoPE position in an expanded prompt when a visual's kept tokens keep their
+/// unreduced positions (text after a run continues after the unreduced run); `None` when
+/// every row takes the next position. Counts are as [`merge_embeddings`] checked them.
+pub fn merge_positions(ids: &[u32], visuals: &[Visual]) -> Option<Vec<usize>> {
+    visuals.iter().any(|v| v.kept_at.is_some()).then(|| {
+        let mut cursor = vec![0usize; visuals.len()];
+        let mut run = vec![0usize; visuals.len()];
+        let mut out = Vec::with_capacity(ids.len());
+        let (mut start, mut next) = (0, 0);
+        while start < ids.len() {
+            let kind = visuals.iter().position(|v| v.token == ids[start]);
+            let end = (start..ids.len()).find(|&i| visuals.iter().position(|v| v.token == ids[i]) != kind).unwrap_or(ids.len());
+            match kind.and_then(|k| visuals[k].kept_at.as_ref().map(|at| (k, at))) {
+                Some((k, at)) => {
+                    // One contiguous run of placeholder ids may hold several placeholder
+                    // runs (rare: adjacent frames without text between): split by counts.
+                    let mut row = cursor[k];
+                    while row < cursor[k] + (end - start) && run[k] < at.spans.len() {
+                        let len = visuals[k].counts.as_ref().map_or(end - start, |c| c[run[k]]);
+                        out.extend(at.offsets[row..row + len].iter().map(|&o| next + o));
+                        next += at.spans[run[k]];
+                        row += len;
+                        run[k] += 1;
+                    }
+                    cursor[k] = row;
+                }
+                None => {
+                    out.extend(next..next + (end - start));
+                    next += end - start;
+                    if let Some(k) = kind {
+                        cursor[k] += end - start;
+                    }
+                }
+            }
+            start = end;
+        }
+        out
+    })
+}
+
 fn mismatch(token: u32, ids: &[u32], features: usize) -> LoadError {
     let placeholders = ids.iter().filter(|&&i| i == token).count();
     LoadError::Unsupported(format!(
         "visual tokens and features do not match: {placeholders} placeholder tokens (id {token}), {features} features"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visual(token: u32, rows: usize, counts: Option<Vec<usize>>, kept_at: Option<KeptAt>) -> Visual {
+        let features = Tensor::<2>::zeros([rows, 2], &burn::tensor::Device::flex());
+        Visual { token, features, per_placeholder: rows, counts, tiles: None, kept_at }
+    }
+
+    #[test]
+    fn kept_tokens_sit_where_the_unreduced_video_put_them() {
+        // 2 text, a video of 10 tokens reduced to 3 (offsets 1, 4, 9), 2 text.
+        let v = visual(9, 3, None, Some(KeptAt { spans: vec![10], offsets: vec![1, 4, 9] }));
+        assert_eq!(merge_positions(&[1, 2, 9, 9, 9, 3, 4], &[v]), Some(vec![0, 1, 3, 6, 11, 12, 13]));
+        // One placeholder a frame, text between: frames of 4 tokens keeping 2 and 1.
+        let at = KeptAt { spans: vec![4, 4], offsets: vec![0, 3, 2] };
+        let v = visual(9, 3, Some(vec![2, 1]), Some(at));
+        assert_eq!(merge_positions(&[1, 9, 9, 5, 9, 3], &[v]), Some(vec![0, 1, 4, 5, 8, 10]));
+        // Adjacent frames without text between.
+        let at = KeptAt { spans: vec![4, 4], offsets: vec![0, 3, 2] };
+        let v = visual(9, 3, Some(vec![2, 1]), Some(at));
+        assert_eq!(merge_positions(&[9, 9, 9, 3], &[v]), Some(vec![0, 3, 6, 8]));
+        // Nothing kept at positions: consecutive.
+        assert_eq!(merge_positions(&[1, 9, 9], &[visual(9, 2, None, None)]), None);
+    }
 }

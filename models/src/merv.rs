@@ -41,7 +41,7 @@
 
 use std::cell::RefCell;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 use vidllm_core::preprocess::{PreprocessConfig, PreprocessorJson, Resample, Resize, resample_weights};
 use vidllm_core::safetensors::Checkpoint;
@@ -210,6 +210,8 @@ pub struct Encoder {
     drop_prefix: usize,
     pub prep: Prep,
     projector: PreFusionProjector,
+    /// Where its weights live and it runs (MERV's encoders may each have a device).
+    pub device: Device,
 }
 
 impl Encoder {
@@ -282,6 +284,7 @@ impl Encoder {
             drop_prefix: j.drop_prefix.unwrap_or(default_prefix),
             prep,
             projector,
+            device: at.device.clone(),
         })
     }
 
@@ -343,9 +346,11 @@ pub struct Merv {
     prompt: String,
     /// The last video's mixing weights, one per encoder (read when reported).
     last_weights: RefCell<Option<Tensor<1>>>,
-    /// Run the encoders concurrently, each on a thread of its own (natively, with
-    /// `VIDLLM_MERV_CONCURRENT=1`). Off by default: on a 2-core CPU, where each encoder's
-    /// kernels already use every core, it took 1.40x as long (`tests/scripts/bench_merv.py`).
+    /// Run the encoders concurrently, each on a thread of its own: natively, by default
+    /// when they are spread over devices (`LoadOptions::encoder_placements`), and with
+    /// `VIDLLM_MERV_CONCURRENT=1` (`0`: never). Off on one device: on a 2-core CPU, where
+    /// each encoder's kernels already use every core, it took 1.36x as long
+    /// (`tests/scripts/bench_merv.py`).
     pub concurrent: bool,
 }
 
@@ -364,10 +369,16 @@ impl Merv {
                 cfg.encoders.len()
             )));
         }
+        // One device an encoder where asked (the paper's scaling proposal), in fusion order,
+        // the list repeated when shorter; the fusion and the decoder stay on `at`.
         let encoders = cfg
             .encoders
             .iter()
-            .map(|e| Encoder::load(ck, e, clip_frames, pool, text.d_model, at))
+            .enumerate()
+            .map(|(i, e)| {
+                let placed = opts.encoder_placements.get(i % opts.encoder_placements.len().max(1)).unwrap_or(at);
+                Encoder::load(ck, e, clip_frames, pool, text.d_model, placed)
+            })
             .collect::<Result<Vec<_>, LoadError>>()?;
         let fusion = FeatureFusion::load(ck, "fusion", text.d_model, &at.device)?;
         let lm_head = ["language_model.lm_head.weight"].into_iter().find(|h| ck.contains(h)).map(String::from);
@@ -377,7 +388,11 @@ impl Merv {
         if !prompt.contains("{msg}") {
             return Err(LoadError::Unsupported(format!("MERV config: prompt {prompt:?} has no {{msg}}")));
         }
-        let concurrent = !cfg!(target_family = "wasm") && std::env::var("VIDLLM_MERV_CONCURRENT").is_ok_and(|v| v == "1");
+        // Encoders on devices of their own run at once by default (the point of placing
+        // them); on one device only when asked.
+        let spread = encoders.iter().any(|e| e.device != encoders[0].device);
+        let asked = std::env::var("VIDLLM_MERV_CONCURRENT").ok();
+        let concurrent = !cfg!(target_family = "wasm") && asked.as_deref().map_or(spread, |v| v == "1");
         Ok(Self { encoders, fusion, decoder, clip_frames, pool, video_token, prompt, last_weights: RefCell::new(None), concurrent })
     }
 
@@ -402,7 +417,14 @@ impl Merv {
     /// - frames: `[t, 3, h, w]` RGB planes -> encoders x `[T * h * w, d_text]`
     pub fn projected(&self, frames: Tensor<4>) -> Vec<Tensor<2>> {
         let clip = self.clip(frames);
-        let run = |e: &Encoder, clip: Tensor<4>| e.projected(e.features(e.pixels(clip)));
+        // An encoder on a device of its own takes the clip there; its tokens come back to
+        // the fusion's device.
+        let home = clip.device();
+        let run = |e: &Encoder, clip: Tensor<4>| {
+            let clip = if e.device == home { clip } else { clip.to_device(&e.device) };
+            let tokens = e.projected(e.features(e.pixels(clip)));
+            if e.device == home { tokens } else { tokens.to_device(&home) }
+        };
         // The encoders are independent until the fusion: natively each may run on a thread
         // of its own (on a GPU, each thread submits its own stream of work).
         #[cfg(not(target_family = "wasm"))]
@@ -462,7 +484,7 @@ impl Architecture for Merv {
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let fused = self.fusion.forward(self.projected(pixels));
         *self.last_weights.borrow_mut() = Some(fused.weights);
-        Visual { token: self.video_token, features: fused.tokens, per_placeholder: self.tokens(), counts: None, tiles: None }
+        Visual { token: self.video_token, features: fused.tokens, per_placeholder: self.tokens(), counts: None, kept_at: None, tiles: None }
     }
 
     fn video_grid(&self, _frames: usize) -> FrameGrid {
@@ -497,6 +519,10 @@ impl Architecture for Merv {
     /// The last answer closed with EOS, then the prompt again.
     fn follow_up(&self, tok: &Tokenizer, question: &str) -> String {
         format!("{}{}", tok.token_text(tok.eos), self.prompt.replace("{msg}", question))
+    }
+
+    fn encoder_names(&self) -> Option<Vec<String>> {
+        Some(self.encoders.iter().map(|e| e.name.clone()).collect())
     }
 
     fn encoder_weights(&self) -> Option<Vec<(String, f32)>> {

@@ -126,7 +126,7 @@ pub fn reduce(features: Tensor<2>, g: FrameGrid, budget: usize) -> Result<Kept, 
     } else {
         all
     };
-    Ok(Kept { features, frame_of: order.iter().map(|&(f, _)| f).collect() })
+    Ok(Kept { features, frame_of: order.iter().map(|&(f, _)| f).collect(), position_in_video: None })
 }
 
 #[cfg(test)]

@@ -206,6 +206,7 @@ impl Architecture for SmolVlm {
             per_placeholder: self.image_seq_len(),
             tiles: None,
             counts: None,
+            kept_at: None,
         }
     }
 
@@ -216,7 +217,7 @@ impl Architecture for SmolVlm {
 
     fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
         let (features, _) = joined_shares(shares)?;
-        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles: None, counts: None })
+        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles: None, counts: None, kept_at: None })
     }
 
     /// Each frame's pixel-shuffled grid, one timestamped placeholder a frame.
@@ -237,7 +238,7 @@ impl Architecture for SmolVlm {
         let tiling = prep.tiles.ok_or_else(|| LoadError::Unsupported("no tiling for SmolVLM2 images".into()))?;
         let (pictures, tiles) = tile_image(planes, &tiling, prep.images.resample);
         let features = self.image_features(normalise_planes(pictures, &prep.images));
-        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles, counts: None })
+        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles, counts: None, kept_at: None })
     }
 
     fn first_turn(&self, tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {

@@ -11,14 +11,16 @@
 //!   half resolution and every frame pooled hard.
 //! - `maxinfo` ([`crate::maxinfo`]): MaxInfo's maximum-volume key frames, chosen from
 //!   over-sampled candidate frames by their encodings.
+//! - `fastvid` ([`crate::fastvid`]): FastVID's density pruning within temporal segments.
 //!
-//! Kept tokens take consecutive positions after the reduction, as both methods' authors
-//! feed them to the decoder.
+//! Which RoPE positions the kept tokens take is the method's: SlowFast-LLaVA and MaxInfo
+//! feed their tokens to the decoder as a new, shorter video (consecutive positions);
+//! FastVID's survivors keep their places in the unreduced video ([`KeptAt`]).
 
 use burn::tensor::Tensor;
 use vidllm_core::GenerateError;
 
-use crate::merge::Visual;
+use crate::merge::{KeptAt, Visual};
 
 /// How a video's visual tokens are laid out, frame-major.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,16 +53,18 @@ pub enum Reduce {
     None,
     SlowFast,
     MaxInfo,
+    FastVid,
 }
 
 impl Reduce {
-    pub const NAMES: &'static str = "none, slowfast, maxinfo";
+    pub const NAMES: &'static str = "none, slowfast, maxinfo, fastvid";
 
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::SlowFast => "slowfast",
             Self::MaxInfo => "maxinfo",
+            Self::FastVid => "fastvid",
         }
     }
 
@@ -81,9 +85,10 @@ impl std::str::FromStr for Reduce {
             "none" => Ok(Self::None),
             "slowfast" => Ok(Self::SlowFast),
             "maxinfo" => Ok(Self::MaxInfo),
-            "fastvid" | "framefusion" => Err(format!(
-                "--reduce {s} is not implemented yet: it keeps the kept tokens' original RoPE positions, which the decoder \
-                 does not take yet (methods: {})",
+            "fastvid" => Ok(Self::FastVid),
+            "framefusion" => Err(format!(
+                "--reduce framefusion is not implemented yet: it merges and prunes inside the decoder's first layers, \
+                 by their hidden states and attention (methods: {})",
                 Self::NAMES
             )),
             other => Err(format!("unknown reduction {other:?} (methods: {})", Self::NAMES)),
@@ -116,6 +121,9 @@ pub struct Kept {
     /// Frame of each row of `features` (for a merged or pooled token: the frame it is
     /// filed under).
     pub frame_of: Vec<usize>,
+    /// Each row's index among the unreduced video's tokens, ascending, where the method
+    /// keeps the survivors' RoPE positions; `None`: the rows take consecutive ones.
+    pub position_in_video: Option<Vec<usize>>,
 }
 
 /// What a reduction did, for `--json` and the server's timings.
@@ -148,6 +156,11 @@ pub fn reduce(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduce
 /// [`reduce`], reading back what a method needs on the host without blocking (WebGPU in
 /// a browser cannot wait for the device).
 pub async fn reduce_async(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduced, GenerateError> {
+    if budget.reduce == Reduce::FastVid && visual.features.dims()[0] == grid.tokens() && visual.features.dims()[0] > budget.max_tokens {
+        let t0 = web_time::Instant::now();
+        let kept = crate::fastvid::reduce_async(visual.features.clone(), grid, budget.max_tokens).await.map_err(GenerateError::Visual)?;
+        return Ok(finish(visual, grid, budget, kept, t0));
+    }
     let read = match budget.reduce {
         Reduce::MaxInfo if visual.features.dims()[0] == grid.tokens() => {
             let data = crate::maxinfo::frame_embeddings(visual.features.clone(), grid)
@@ -182,7 +195,7 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
     if fits || budget.reduce == Reduce::None {
         if before > budget.max_tokens {
             return Err(GenerateError::Visual(format!(
-                "the video makes {before} visual tokens, over max_visual_tokens {} (reduce them with slowfast or maxinfo, \
+                "the video makes {before} visual tokens, over max_visual_tokens {} (reduce them with slowfast, maxinfo or fastvid, \
                  or ask for fewer frames)",
                 budget.max_tokens
             )));
@@ -194,8 +207,15 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
         Reduce::None => unreachable!("handled above"),
         Reduce::SlowFast => crate::slowfast::reduce(visual.features.clone(), grid, budget.max_tokens),
         Reduce::MaxInfo => crate::maxinfo::reduce(visual.features.clone(), grid, budget.max_tokens, budget.frames, read),
+        Reduce::FastVid => crate::fastvid::reduce(visual.features.clone(), grid, budget.max_tokens),
     }
     .map_err(GenerateError::Visual)?;
+    Ok(finish(visual, grid, budget, kept, t0))
+}
+
+/// What a method kept, as the video's visual tokens and report.
+fn finish(visual: Visual, grid: FrameGrid, budget: &Budget, kept: Kept, t0: web_time::Instant) -> Reduced {
+    let before = grid.tokens();
     let mut frames: Vec<usize> = kept.frame_of.clone();
     frames.sort_unstable();
     frames.dedup();
@@ -204,7 +224,23 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
     // (every method returns its tokens grouped by frame for such layouts).
     let counts = grid.placeholder_per_frame.then(|| frames.iter().map(|f| kept.frame_of.iter().filter(|g| *g == f).count()).collect());
     let per_placeholder = if grid.placeholder_per_frame { visual.per_placeholder } else { after };
-    let visual = Visual { features: kept.features, per_placeholder, counts, ..visual };
-    let report = report(budget.reduce, after, frames.len(), None);
-    Ok(Reduced { visual, frames, report })
+    // Kept positions: one run a kept frame spanning its unreduced tokens, or one run the
+    // whole unreduced video.
+    let per = grid.tokens_per_frame();
+    let kept_at = kept.position_in_video.map(|at| match grid.placeholder_per_frame {
+        true => KeptAt { spans: vec![per; frames.len()], offsets: at.iter().map(|i| i % per).collect() },
+        false => KeptAt { spans: vec![before], offsets: at },
+    });
+    let visual = Visual { features: kept.features, per_placeholder, counts, kept_at, ..visual };
+    let report = ReductionReport {
+        method: budget.reduce.name(),
+        max_visual_tokens: budget.max_tokens,
+        tokens_before: before,
+        tokens_after: after,
+        frames_before: grid.frames,
+        frames_after: frames.len(),
+        reduce_ms: t0.elapsed().as_secs_f64() * 1e3,
+        note: None,
+    };
+    Reduced { visual, frames, report }
 }

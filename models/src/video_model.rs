@@ -29,7 +29,7 @@ use crate::token_budget::{Budget, FrameGrid, Reduced, ReductionReport, reduce, r
 use crate::video_llava::VideoLlava;
 
 /// Load-time choices a user may override.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct LoadOptions {
     /// How the decoder's matrices are stored on the device.
     pub quant: QuantChoice,
@@ -37,11 +37,14 @@ pub struct LoadOptions {
     pub lora_alpha: Option<f32>,
     /// PLLaVA: pool frame tokens to `(T, H, W)` (default: the config's).
     pub pool: Option<[usize; 3]>,
+    /// MERV: where each encoder runs, in fusion order (repeated when shorter); empty:
+    /// where the model loads.
+    pub encoder_placements: Vec<Placement>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { quant: QuantChoice::Q4_1, lora_alpha: None, pool: None }
+        Self { quant: QuantChoice::Q4_1, lora_alpha: None, pool: None, encoder_placements: Vec::new() }
     }
 }
 
@@ -166,6 +169,12 @@ pub trait Architecture {
     /// How much each vision encoder weighed in the last video's tokens, by name, where
     /// the model mixes several (MERV); read back from the device.
     fn encoder_weights(&self) -> Option<Vec<(String, f32)>> {
+        None
+    }
+
+    /// The vision encoders, in fusion order, where there are several (MERV); `None` for
+    /// one tower.
+    fn encoder_names(&self) -> Option<Vec<String>> {
         None
     }
 }

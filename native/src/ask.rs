@@ -16,12 +16,12 @@ use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::token_budget::{Budget, Reduce};
-use vidllm_models::video_model::LoadOptions;
+use vidllm_models::video_model::{LoadOptions, VideoModel};
 use vidllm_models::{Conversation, GenerateParams, KvType, Model, Prompt};
-use vidllm_shaders::device::{DeviceChoice, pick};
+use vidllm_shaders::device::{DeviceChoice, Picked, pick};
 use vidllm_shaders::preprocess::{preprocess, rgb_planes};
 
-use crate::chat::drain;
+use crate::chat::{drain, drain_with};
 use crate::progress::Progress;
 use crate::runtime;
 use crate::video::{Frame, VideoReader};
@@ -80,6 +80,11 @@ pub struct AskArgs {
     pub answer: AnswerArgs,
     #[arg(long)]
     pub json: bool,
+    /// Write the first answer token's logits to this file (f32 little-endian, one a
+    /// vocabulary entry): runs under different budgets compared by their KL divergence
+    /// (`tests/scripts/bench_budget.py`).
+    #[arg(long)]
+    pub first_logits: Option<std::path::PathBuf>,
 }
 
 /// How a video-language model answers (`ask`, `watch`): where it runs, its context and
@@ -99,6 +104,12 @@ pub struct AnswerArgs {
     /// What the KV cache keeps keys and values in: f32 | f16 | q8_0 | q4_0.
     #[arg(long, default_value = "f32")]
     pub kv: KvType,
+    /// MERV: a device for each encoder, in fusion order (LanguageBind, DINOv2, ViViT,
+    /// SigLIP; the list repeats when shorter): `cpu`, `gpu`, `gpu:N` (the N-th adapter), or
+    /// `auto` (the hardware GPUs in turn, where there are two or more). The fusion and the
+    /// decoder stay on `--device`.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
 }
 
 impl AnswerArgs {
@@ -108,6 +119,19 @@ impl AnswerArgs {
             sampler: SamplerConfig { temperature: self.temperature, seed: self.seed, ..Default::default() },
             stop: Vec::new(),
         }
+    }
+
+    /// Where MERV's encoders run (`--devices`), each device with its name.
+    pub fn encoder_devices(&self) -> Result<Vec<Picked>> {
+        let Some(names) = &self.devices else { return Ok(Vec::new()) };
+        if names.iter().any(|n| n == "auto") {
+            if names.len() > 1 {
+                bail!("--devices auto stands alone (got {})", names.join(","));
+            }
+            let gpus = vidllm_shaders::device::hardware_gpus();
+            return Ok(if gpus.len() >= 2 { gpus } else { Vec::new() });
+        }
+        names.iter().map(|n| vidllm_shaders::device::pick_named(n).map_err(|e| anyhow::anyhow!("--devices: {e}"))).collect()
     }
 
     /// A conversation with this context and KV cache (a type the heads cannot take is refused).
@@ -127,7 +151,8 @@ pub struct BudgetArgs {
     pub max_visual_tokens: Option<usize>,
     /// How a video over `--max-visual-tokens` is reduced: none (refused), slowfast
     /// (SlowFast-LLaVA's pathways), maxinfo (MaxInfo's key frames, chosen from twice the
-    /// frames). Default: none.
+    /// frames), fastvid (FastVID's density pruning within scenes; kept tokens keep their
+    /// positions). Default: none.
     #[arg(long, requires = "max_visual_tokens")]
     pub reduce: Option<Reduce>,
 }
@@ -251,17 +276,23 @@ impl FrameSource {
     }
 }
 
-fn load_options(a: &AskArgs) -> Result<LoadOptions> {
+fn load_options(a: &AskArgs, encoders: &[Picked]) -> Result<LoadOptions> {
     let pool = match &a.pool {
         None => None,
         Some(p) if p.len() == 3 => Some([p[0], p[1], p[2]]),
         Some(p) => bail!("--pool takes T,H,W (got {p:?})"),
     };
-    Ok(LoadOptions { quant: a.quant.unwrap_or(QuantChoice::Q4_1), lora_alpha: a.lora_alpha, pool })
+    Ok(LoadOptions {
+        quant: a.quant.unwrap_or(QuantChoice::Q4_1),
+        lora_alpha: a.lora_alpha,
+        pool,
+        encoder_placements: encoders.iter().map(|p| p.placement()).collect(),
+    })
 }
 
 pub fn run(a: AskArgs) -> Result<()> {
-    let opts = load_options(&a)?;
+    let encoders = a.answer.encoder_devices()?;
+    let opts = load_options(&a, &encoders)?;
     // No video: a question about the images alone.
     let source = if a.video.is_none() && a.rgb_frames.is_none() { None } else { Some(FrameSource::open(&a)?) };
     let picked = pick(a.answer.device)?;
@@ -277,6 +308,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let policy = budget.map_or(policy, |b| policy.oversampled(b.reduce.candidates_per_frame()));
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");
+    let encoder_devices = placed_encoders(vm, &a.answer, &encoders)?;
     if source.is_some() && !vm.supports_video() {
         bail!("{}: {} takes still images only, not a video (ask with --image)", a.model, vm.model_type());
     }
@@ -342,7 +374,18 @@ pub fn run(a: AskArgs) -> Result<()> {
     };
     conv.ask(if a.raw { Prompt::Raw(&question) } else { Prompt::Question(&question) }, params)?;
     let mut out = std::io::stdout().lock();
-    let f = drain(&mut conv, &mut out, !a.json)?;
+    let mut first: Option<Vec<f32>> = None;
+    let f = drain_with(&mut conv, &mut out, !a.json, |t| {
+        let row = vidllm_models::generate::read_row(t)?;
+        if a.first_logits.is_some() && first.is_none() {
+            first = Some(row.clone());
+        }
+        Ok(row)
+    })?;
+    if let (Some(path), Some(row)) = (&a.first_logits, &first) {
+        let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(path, bytes).with_context(|| format!("--first-logits {}", path.display()))?;
+    }
     let t = &f.timings;
     if a.json {
         // The frames the answer saw (a key-frame method keeps some of those decoded).
@@ -369,7 +412,7 @@ pub fn run(a: AskArgs) -> Result<()> {
                 "text": f.text, "finish_reason": f.reason.openai(),
                 "timings": {"load_s": load_s, "decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "encode_ms": encode_ms,
                             "prefill_ms": t.prefill.as_secs_f64() * 1e3, "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
-                "device": picked.name, "reduction": reduction, "encoder_weights": encoder_weights,
+                "device": picked.name, "reduction": reduction, "encoder_weights": encoder_weights, "encoder_devices": encoder_devices,
             })
         )?;
     } else {
@@ -382,6 +425,26 @@ pub fn run(a: AskArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Which device each of MERV's encoders runs on (`--devices`), by encoder name, said on
+/// stderr; `--devices` for a model with one vision tower is refused.
+pub fn placed_encoders(vm: &VideoModel, answer: &AnswerArgs, encoders: &[Picked]) -> Result<Option<serde_json::Map<String, Json>>> {
+    if answer.devices.is_none() {
+        return Ok(None);
+    }
+    let Some(names) = vm.encoder_names() else {
+        bail!("--devices places MERV's encoders; {} has one vision tower (use --device)", vm.model_type());
+    };
+    if encoders.is_empty() {
+        eprintln!("--devices auto: fewer than two hardware GPUs, every encoder on the model's device");
+        return Ok(None);
+    }
+    let placed: serde_json::Map<String, Json> =
+        names.iter().enumerate().map(|(i, n)| (n.clone(), json!(encoders[i % encoders.len()].name))).collect();
+    let said: Vec<String> = names.iter().enumerate().map(|(i, n)| format!("{n} on {}", encoders[i % encoders.len()].name)).collect();
+    eprintln!("encoders: {}", said.join(", "));
+    Ok(Some(placed))
 }
 
 /// Questions from stdin; the video is encoded once and stays in the KV cache. A refused

@@ -56,8 +56,18 @@ pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32
 /// Drive the conversation's answer to its end, writing each piece to `out` as it comes
 /// when `echo` is set. A failed write (a closed pipe) ends the answer and is reported.
 pub fn drain(conv: &mut Conversation, out: &mut impl Write, echo: bool) -> Result<Finished> {
+    drain_with(conv, out, echo, vidllm_models::generate::read_row)
+}
+
+/// [`drain`], each logits row read back by `read` (which may keep a copy).
+pub fn drain_with(
+    conv: &mut Conversation,
+    out: &mut impl Write,
+    echo: bool,
+    read: impl FnMut(burn::tensor::Tensor<2>) -> Result<Vec<f32>, vidllm_core::GenerateError>,
+) -> Result<Finished> {
     let mut failed = None;
-    let finished = conv.answer(|piece| {
+    let finished = conv.answer_with(read, |piece| {
         if !echo {
             return true;
         }

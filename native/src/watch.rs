@@ -105,11 +105,17 @@ pub fn run(a: WatchArgs) -> Result<()> {
     let picked = pick(a.answer.device)?;
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
-    let opts = LoadOptions { quant: a.quant.unwrap_or(QuantChoice::Q4_1), ..Default::default() };
+    let encoders = a.answer.encoder_devices()?;
+    let opts = LoadOptions {
+        quant: a.quant.unwrap_or(QuantChoice::Q4_1),
+        encoder_placements: encoders.iter().map(|p| p.placement()).collect(),
+        ..Default::default()
+    };
     let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), opts, a.quant.is_some(), &picked.placement(), progress)?;
     let (pcfg, tok) = (folder.pre, Rc::new(folder.tok));
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");
+    crate::ask::placed_encoders(vm, &a.answer, &encoders)?;
     if !vm.supports_video() {
         bail!("{}: {} takes still images only, not a video", a.model, vm.model_type());
     }

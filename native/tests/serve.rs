@@ -376,7 +376,7 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     assert_eq!(s, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("max_visual_tokens"));
     // The same budget with a reduction answers, and says what it kept.
-    for (reduce, frames) in [("slowfast", 8), ("maxinfo", 2)] {
+    for (reduce, frames) in [("slowfast", 8), ("maxinfo", 2), ("fastvid", 8)] {
         let mut reduced = body("bikes.mp4");
         (reduced["max_visual_tokens"], reduced["reduce"]) = (json!(12), json!(reduce));
         let (s, v) = post(&url, &reduced, None);

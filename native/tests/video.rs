@@ -251,6 +251,29 @@ fn ask_runs_merv_folders_and_reports_the_encoder_weights() {
     assert_eq!(v["prompt_tokens"][0], 1);
     assert_eq!(v["prompt_tokens"][1], v["prompt_tokens"][1024]);
 
+    // One device an encoder (`--devices`, the list repeated): said in `encoder_devices`.
+    let (ok, out, err) = ask(&["--video", clip.to_str().unwrap(), "--devices", "cpu,gpu"]);
+    if err.contains("no GPU adapter") {
+        println!("no GPU adapter here: --devices cpu,gpu not run");
+    } else {
+        assert!(ok, "{err}");
+        let v: Json = serde_json::from_str(out.trim()).unwrap();
+        let on = &v["encoder_devices"];
+        assert!(on["languagebind"].as_str().unwrap().starts_with("cpu") && on["vivit"].as_str().unwrap().starts_with("cpu"), "{on}");
+        assert!(on["dinov2"].as_str().unwrap().starts_with("gpu") && on["siglip"].as_str().unwrap().starts_with("gpu"), "{on}");
+        assert_eq!(v["visual_tokens"], 1024);
+        assert!(err.contains("encoders: languagebind on cpu"), "{err}");
+    }
+    // Named errors: an unknown device, an adapter that is not there, a one-tower model.
+    let (ok, _, err) = ask(&["--video", clip.to_str().unwrap(), "--devices", "tpu"]);
+    assert!(!ok && err.contains("unknown device \"tpu\""), "{err}");
+    let (ok, _, err) = ask(&["--video", clip.to_str().unwrap(), "--devices", "gpu:99"]);
+    assert!(!ok && err.contains("no adapter gpu:99"), "{err}");
+    let one_tower = fixture("tiny_video_llava");
+    let (ok, _, err) =
+        run(&["ask", "--model", one_tower.to_str().unwrap(), "--video", clip.to_str().unwrap(), "--prompt", "What?", "--devices", "cpu"]);
+    assert!(!ok && err.contains("one vision tower"), "{err}");
+
     // A still image is a clip of copies of it.
     let image = tmp("merv_still.png");
     ffmpeg(&["-y", "-i", clip.to_str().unwrap(), "-frames:v", "1", image.to_str().unwrap()]);

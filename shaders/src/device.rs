@@ -133,6 +133,46 @@ pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
     Ok(Picked { device: Device::wgpu(kind), name, is_gpu: true, cap })
 }
 
+/// One device of a list such as `--devices cpu,gpu:1`: `cpu`, `gpu` (as `--device gpu`
+/// picks), or `gpu:N`, the N-th adapter wgpu enumerates (`vidllm-native` lists them in
+/// `--device` errors and `bench`), opened as burn opens that adapter type's k-th device.
+pub fn pick_named(name: &str) -> Result<Picked, String> {
+    match name {
+        "cpu" => pick(DeviceChoice::Cpu).map_err(|e| e.to_string()),
+        "gpu" => pick(DeviceChoice::Gpu).map_err(|e| e.to_string()),
+        _ => {
+            let n: usize = name
+                .strip_prefix("gpu:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("unknown device {name:?} (cpu, gpu, gpu:N for the N-th adapter)"))?;
+            let adapters = adapters_with_limits();
+            let (info, limits) = adapters.get(n).ok_or_else(|| {
+                let names: Vec<String> =
+                    adapters.iter().enumerate().map(|(i, (a, _))| format!("gpu:{i} {} ({:?})", a.name, a.device_type)).collect();
+                format!("no adapter gpu:{n}: wgpu sees {} [{}]", adapters.len(), names.join(", "))
+            })?;
+            // burn numbers devices within their type, in wgpu's order.
+            let k = adapters[..n].iter().filter(|(a, _)| a.device_type == info.device_type).count();
+            let kind = match info.device_type {
+                wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(k),
+                wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(k),
+                wgpu::DeviceType::VirtualGpu => DeviceKind::VirtualGpu(k),
+                wgpu::DeviceType::Cpu => DeviceKind::Cpu,
+                wgpu::DeviceType::Other => DeviceKind::DefaultDevice,
+            };
+            let cap = BindingCap::bytes(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size));
+            let name = format!("gpu:{n} (wgpu {:?}: {})", info.backend, info.name);
+            Ok(Picked { device: Device::wgpu(kind), name, is_gpu: true, cap })
+        }
+    }
+}
+
+/// The hardware GPUs wgpu sees, each as [`pick_named`] opens it (`--devices auto`).
+pub fn hardware_gpus() -> Vec<Picked> {
+    let adapters = adapters_with_limits();
+    (0..adapters.len()).filter(|&i| is_hardware(adapters[i].0.device_type)).filter_map(|i| pick_named(&format!("gpu:{i}")).ok()).collect()
+}
+
 fn is_hardware(t: wgpu::DeviceType) -> bool {
     matches!(t, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu)
 }

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""MERV's encoders run concurrently or one after another: time to fused features on the CPU.
+"""MERV's encoders run concurrently or one after another, on one device or spread over two
+(`--devices cpu,gpu`: the encoders alternate between the CPU and the wgpu adapter): time to
+fused features.
 
 Scales the tiny fixture (tests/fixtures/tiny_merv) up to mid-size random encoders (widths
 and depths below; the decoder stays tiny, it is not what is timed), then runs
 `vidllm-native ask --json` on a real clip with the encoders concurrent
-(`VIDLLM_MERV_CONCURRENT=1`) and one after another (the default), interleaved, and prints the encode times and their ratio.
+(`VIDLLM_MERV_CONCURRENT=1`) and one after another (the default), on the CPU alone and
+spread over the CPU and the GPU adapter where one exists, interleaved, and prints the
+encode times as ratios to one device, one after another.
 
     python3 tests/scripts/bench_merv.py [--reps 3] [--out DIR]
 Needs numpy and safetensors (any Python with them), VIDLLM_NATIVE_BIN and VIDLLM_CLIPS.
@@ -63,11 +67,17 @@ def scale(src, out):
             shutil.copy(os.path.join(src, f), out)
 
 
-def encode_ms(model, clip, sequential):
+def encode_ms(model, clip, sequential, devices=None):
     env = dict(os.environ, VIDLLM_MERV_CONCURRENT="0" if sequential else "1")
-    out = subprocess.run([os.environ["VIDLLM_NATIVE_BIN"], "ask", "--model", model, "--video", clip, "--prompt", "What is happening?",
-                          "--max-tokens", "1", "--device", "cpu", "--json"], env=env, check=True, capture_output=True, text=True).stdout
+    cmd = [os.environ["VIDLLM_NATIVE_BIN"], "ask", "--model", model, "--video", clip, "--prompt", "What is happening?",
+           "--max-tokens", "1", "--device", "cpu", "--json"] + (["--devices", devices] if devices else [])
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out)["timings"]["encode_ms"]
+
+
+def has_gpu():
+    probe = subprocess.run([os.environ["VIDLLM_NATIVE_BIN"], "ask", "--model", "-", "--devices", "gpu:0"], capture_output=True, text=True)
+    return "no adapter" not in probe.stderr
 
 
 def main():
@@ -77,14 +87,21 @@ def main():
     a = ap.parse_args()
     scale(os.path.join(ROOT, "tests/fixtures/tiny_merv"), a.out)
     clip = os.path.join(os.environ["VIDLLM_CLIPS"], "bikes.mp4")
-    conc, seq = [], []
+    configs = [("cpu", True, None), ("cpu", False, None)]
+    if has_gpu():
+        configs += [("cpu,gpu", True, "cpu,gpu"), ("cpu,gpu", False, "cpu,gpu")]
+    runs = {c: [] for c in configs}
     for _ in range(a.reps):
-        conc.append(encode_ms(a.out, clip, False))
-        seq.append(encode_ms(a.out, clip, True))
-    c, s = statistics.median(conc), statistics.median(seq)
-    print(f"encoders {SIZES}; {os.cpu_count()} CPUs; 32 frames of bikes.mp4")
-    print(f"encode (preprocess, 4 encoders, pool, project, fuse), median of {a.reps}: concurrent {c:.0f} ms, one after another {s:.0f} ms, "
-          f"ratio {s / c:.2f}x  (runs: {[round(x) for x in conc]} / {[round(x) for x in seq]})")
+        for c in configs:
+            runs[c].append(encode_ms(a.out, clip, c[1], c[2]))
+    base = statistics.median(runs[configs[0]])
+    print(f"encoders {SIZES}; {os.cpu_count()} CPUs; 32 frames of bikes.mp4; median of {a.reps}; "
+          f"ratio = CPU alone, one after another / this")
+    print("| encoders on | run | encode ms (preprocess, 4 encoders, pool, project, fuse) | ratio | runs |")
+    print("|---|---|---|---|---|")
+    for c in configs:
+        m = statistics.median(runs[c])
+        print(f"| {c[0]} | {'one after another' if c[1] else 'concurrent'} | {m:.0f} | {base / m:.2f} | {[round(x) for x in runs[c]]} |")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,13 @@ fn ids(r: &Checkpoint, key: &str) -> Vec<u32> {
 }
 
 fn merv(at: &vidllm_shaders::device::Placement) -> Merv {
+    merv_with(at, &opts())
+}
+
+fn merv_with(at: &vidllm_shaders::device::Placement, opts: &LoadOptions) -> Merv {
     let config = ModelFiles::Dir(fixture("tiny_merv")).text("config.json").unwrap().unwrap();
     let ck = Checkpoint::open_dir(&fixture("tiny_merv")).unwrap();
-    Merv::from_checkpoint(&ck, &serde_json::from_str(&config).unwrap(), &opts(), at).unwrap()
+    Merv::from_checkpoint(&ck, &serde_json::from_str(&config).unwrap(), opts, at).unwrap()
 }
 
 /// Frames (`key`, `[t, h, w, 3]` bytes) as RGB planes `[t, 3, h, w]`.
@@ -108,12 +112,13 @@ fn check_pixels(r: &Checkpoint, prefix: &str, enc: &Encoder, ours: &Tensor<4>, d
     assert_eq!(off, 0, "{device} {prefix}{e}: {off} values more than one 8-bit level from PIL's");
 }
 
-/// Every encoder from the reference's exact inputs: features, pooled, projected.
+/// Every encoder from the reference's exact inputs: features, pooled, projected (each on
+/// its own device, the tokens brought back to the clip's).
 fn encoders_from_exact_pixels(r: &Checkpoint, prefix: &str, m: &Merv, clip: &Tensor<4>, device: &str) -> Vec<Tensor<2>> {
     let mut projected = Vec::new();
     for enc in &m.encoders {
         let e = &enc.name;
-        let ours = enc.pixels(clip.clone());
+        let ours = enc.pixels(clip.clone().to_device(&enc.device));
         check_pixels(r, prefix, enc, &ours, device);
         let features = enc.features(exact_pixels(r, prefix, enc, &ours));
         if prefix.is_empty() {
@@ -125,7 +130,7 @@ fn encoders_from_exact_pixels(r: &Checkpoint, prefix: &str, m: &Merv, clip: &Ten
         if prefix.is_empty() {
             check_stage(&format!("{e} projected"), device, &vec_of(p.clone()), &r.f32(&format!("{e}_projected")).unwrap().0);
         }
-        projected.push(p);
+        projected.push(p.to_device(&clip.device()));
     }
     projected
 }
@@ -146,12 +151,59 @@ fn every_merv_stage_matches_the_pytorch_reference_on_every_device() {
         let placeholder = m.decoder_vocab() as u32 - 1;
         let seq: Vec<u32> =
             want_ids[..1].iter().copied().chain(std::iter::repeat_n(placeholder, 1024)).chain(want_ids[1..].iter().copied()).collect();
-        let visual = Visual { token: placeholder, features: fused.tokens, per_placeholder: 1024, counts: None, tiles: None };
+        let visual = Visual { token: placeholder, features: fused.tokens, per_placeholder: 1024, counts: None, kept_at: None, tiles: None };
         let (logits, mut cache) = prefill_with_visuals(merv_decoder(&m), &seq, &[visual], greedy.len() + 1, &device);
         let start: usize = r.metadata["logits_start"].parse().unwrap();
         check_stage("logits", &name, &logits[start * m.decoder_vocab()..], &r.f32("logits").unwrap().0);
         assert_eq!(greedy_tokens(merv_decoder(&m), &mut cache, &logits, greedy.len()), greedy, "{name}: greedy tokens");
         println!("{name}: encoder weights {weights:?}, greedy {greedy:?}");
+    }
+}
+
+/// One encoder a device (issue 12, item 5: the paper's scaling proposal): the encoders
+/// alternate between the CPU and the GPU (lavapipe here), the fusion and the decoder on
+/// either. Each encoder's projected tokens, the fusion and the logits match the reference
+/// as on one device, and the registry's encode equals the one-device model's.
+#[test]
+fn merv_runs_its_encoders_on_devices_of_their_own() {
+    let devices = test_devices();
+    if devices.len() < 2 {
+        println!("one device here: nothing to spread the encoders over");
+        return;
+    }
+    let r = reference();
+    let (want_ids, greedy) = (ids(&r, "input_ids"), ids(&r, "greedy"));
+    let spread: Vec<_> = devices.iter().map(|(_, at)| at.clone()).collect();
+    // Each encoder's tokens from the decoded frames on each device alone.
+    let alone: Vec<Vec<Vec<f32>>> =
+        spread.iter().map(|at| merv(at).projected(planes(&r, "frames_u8", &at.device)).into_iter().map(vec_of).collect()).collect();
+    for (name, at) in &devices {
+        let device = at.device.clone();
+        let opts = LoadOptions { encoder_placements: spread.clone(), ..opts() };
+        let m = merv_with(at, &opts);
+        let on: Vec<bool> = m.encoders.iter().map(|e| e.device == device).collect();
+        assert_eq!(on, [true, false, true, false].map(|home| home == (spread[0].device == device)), "{name}: alternating devices");
+        let name = format!("{name}, encoders alternating");
+        let clip = m.clip(planes(&r, "frames_u8", &device));
+        let fused = m.fusion.forward(encoders_from_exact_pixels(&r, "", &m, &clip, &name));
+        check_stage("fusion weights", &name, &vec_of(fused.weights), &r.f32("fusion_weights").unwrap().0);
+        check_stage("fused tokens", &name, &vec_of(fused.tokens.clone()), &r.f32("fused").unwrap().0);
+        let placeholder = m.decoder_vocab() as u32 - 1;
+        let seq: Vec<u32> =
+            want_ids[..1].iter().copied().chain(std::iter::repeat_n(placeholder, 1024)).chain(want_ids[1..].iter().copied()).collect();
+        let visual = Visual { token: placeholder, features: fused.tokens, per_placeholder: 1024, counts: None, kept_at: None, tiles: None };
+        let (logits, mut cache) = prefill_with_visuals(merv_decoder(&m), &seq, &[visual], greedy.len() + 1, &device);
+        let start: usize = r.metadata["logits_start"].parse().unwrap();
+        check_stage("logits", &name, &logits[start * m.decoder_vocab()..], &r.f32("logits").unwrap().0);
+        assert_eq!(greedy_tokens(merv_decoder(&m), &mut cache, &logits, greedy.len()), greedy, "{name}: greedy tokens");
+        // From the decoded frames, as `ask --devices` runs it (each encoder preparing its
+        // frames on its own device): each encoder's tokens are those the one-device model
+        // on that device makes.
+        let split = m.projected(planes(&r, "frames_u8", &device));
+        for (i, (e, tokens)) in m.encoders.iter().zip(split).enumerate() {
+            let there = devices.iter().position(|(_, p)| p.device == e.device).unwrap();
+            check_stage(&format!("{} from decoded frames, split against one device", e.name), &name, &vec_of(tokens), &alone[there][i]);
+        }
     }
 }
 
@@ -182,6 +234,7 @@ fn merv_takes_an_image_as_a_clip_of_copies() {
             features: fused.tokens,
             per_placeholder: 1024,
             counts: None,
+            kept_at: None,
             tiles: None,
         };
         let text = model.first_turn(&folder.tok, &question, std::slice::from_ref(&visual), None).unwrap();

@@ -1,7 +1,9 @@
 //! Visual-token budgets against their PyTorch references
 //! (`tests/fixtures/gen_token_budget_fixtures.py`): SlowFast-LLaVA's pathways built with
 //! the pooling ops of its authors' code, MaxInfo's key frames with the authors' maxvol
-//! library. Same frames kept, same values within 1e-5 relative, on every device.
+//! library, FastVID's segments, salient tokens and merged density peaks as the authors'
+//! code computes them. Same frames and tokens kept (FastVID: at the same positions), same
+//! values within 1e-5 relative, on every device.
 
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
@@ -33,7 +35,7 @@ fn cases() -> Vec<Case> {
 fn reductions_match_the_pytorch_references() {
     let ck = Checkpoint::open_files(&[fixture("token_budget_ref.safetensors")]).unwrap();
     let cases = cases();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 13);
     for (name, at) in test_devices() {
         for c in &cases {
             let (input, shape) = ck.f32(&format!("{}.in", c.key)).unwrap();
@@ -41,8 +43,14 @@ fn reductions_match_the_pytorch_references() {
             let features = Tensor::<2>::from_data(TensorData::new(input.clone(), [shape[0], d]), &at.device);
             let grid = FrameGrid { frames: c.frames, prefix: c.prefix, rows: c.rows, cols: c.cols, placeholder_per_frame: c.per_frame };
             let per = grid.tokens_per_frame();
-            let visual =
-                Visual { token: 7, features, per_placeholder: if c.per_frame { per } else { grid.tokens() }, tiles: None, counts: None };
+            let visual = Visual {
+                token: 7,
+                features,
+                per_placeholder: if c.per_frame { per } else { grid.tokens() },
+                tiles: None,
+                counts: None,
+                kept_at: None,
+            };
             let method: Reduce = c.method.parse().unwrap();
             let budget = Budget::new(c.budget, method, c.asked.unwrap_or(c.frames)).unwrap();
             let r = reduce(visual, grid, &budget).unwrap();
@@ -56,6 +64,22 @@ fn reductions_match_the_pytorch_references() {
                     if c.per_frame {
                         let counts: Vec<usize> = frames.iter().map(|f| frame_of.iter().filter(|g| *g == f).count()).collect();
                         assert_eq!(r.visual.counts.as_ref(), Some(&counts), "{name} {}", c.key);
+                    }
+                    (ck.f32(&format!("{}.out", c.key)).unwrap().0, frames)
+                }
+                "fastvid" => {
+                    let index: Vec<usize> = ck.i64(&format!("{}.index", c.key)).unwrap().0.iter().map(|&i| i as usize).collect();
+                    let mut frames: Vec<usize> = index.iter().map(|i| i / per).collect();
+                    frames.dedup();
+                    // The survivors keep their places in the unreduced video.
+                    let at = r.visual.kept_at.as_ref().expect("fastvid keeps positions");
+                    if c.per_frame {
+                        assert_eq!(at.spans, vec![per; frames.len()], "{name} {}", c.key);
+                        assert_eq!(at.offsets, index.iter().map(|i| i % per).collect::<Vec<_>>(), "{name} {}", c.key);
+                        let counts: Vec<usize> = frames.iter().map(|f| index.iter().filter(|i| *i / per == *f).count()).collect();
+                        assert_eq!(r.visual.counts.as_ref(), Some(&counts), "{name} {}", c.key);
+                    } else {
+                        assert_eq!((&at.spans, &at.offsets), (&vec![grid.tokens()], &index), "{name} {}", c.key);
                     }
                     (ck.f32(&format!("{}.out", c.key)).unwrap().0, frames)
                 }
@@ -88,11 +112,15 @@ fn bad_budgets_are_refused_clearly() {
         per_placeholder: grid.tokens(),
         tiles: None,
         counts: None,
+        kept_at: None,
     };
     assert!(Budget::new(0, Reduce::SlowFast, 8).unwrap_err().contains("budget of 0"));
     let unknown = "maxvol".parse::<Reduce>().unwrap_err();
     assert!(unknown.contains("unknown reduction") && unknown.contains("slowfast"), "{unknown}");
-    assert!("fastvid".parse::<Reduce>().unwrap_err().contains("not implemented yet"));
+    assert!("framefusion".parse::<Reduce>().unwrap_err().contains("not implemented yet"));
+    // FastVID keeps at least a token a frame.
+    let err = reduce(visual(), grid, &Budget::new(7, Reduce::FastVid, 8).unwrap()).err().unwrap().to_string();
+    assert!(err.contains("at least one token a frame"), "{err}");
     // Over the budget with none: refused, naming both counts.
     let err = reduce(visual(), grid, &Budget::new(100, Reduce::None, 8).unwrap()).err().unwrap().to_string();
     assert!(err.contains("136 visual tokens") && err.contains("max_visual_tokens 100"), "{err}");
@@ -120,7 +148,7 @@ fn every_architecture_answers_under_a_budget() {
     use vidllm_models::{Conversation, GenerateParams, Model, Prompt};
 
     for (name, at) in test_devices() {
-        for arch in ["tiny_video_llava", "tiny_pllava", "tiny_llava_next_video", "tiny_smolvlm"] {
+        for arch in ["tiny_video_llava", "tiny_pllava", "tiny_llava_next_video", "tiny_smolvlm", "tiny_merv"] {
             let opts = LoadOptions { quant: QuantChoice::F32, ..Default::default() };
             let folder = ModelFiles::Dir(fixture(arch)).load(opts, &at).unwrap();
             let model = Rc::new(Model::Video(folder.model));
@@ -131,7 +159,7 @@ fn every_architecture_answers_under_a_budget() {
                 (0..t * 3 * s * s).map(|i| (((i * 7919) % 1000) as f32 / 500.0 - 1.0) * ((i / (s * s)) % 5) as f32).collect();
             let times = FrameTimes { times: (0..t).map(|i| i as f64 * 0.5).collect(), duration: t as f64 * 0.5 };
             let full = vm.video_grid(t).tokens();
-            for method in [Reduce::SlowFast, Reduce::MaxInfo] {
+            for method in [Reduce::SlowFast, Reduce::MaxInfo, Reduce::FastVid] {
                 let px = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [t, 3, s, s]), &at.device);
                 let budget = Budget::new(full * 2 / 3, method, t / 2).unwrap();
                 let e = vm.encode_video(px, Some(&budget)).unwrap();
@@ -156,6 +184,14 @@ fn every_architecture_answers_under_a_budget() {
                     f.text
                 );
                 assert_eq!(placeholders, r.tokens_after, "{name} {arch} {method:?}");
+                // FastVID's kept tokens keep their places: the positions after the prompt
+                // are those of the unreduced video's prompt (every frame kept here).
+                let skipped = conv.next_position() - (conv.history().len() - 1);
+                if method == Reduce::FastVid {
+                    assert_eq!((r.frames_after, skipped), (r.frames_before, r.tokens_before - r.tokens_after), "{name} {arch}");
+                } else {
+                    assert_eq!(skipped, 0, "{name} {arch} {method:?}");
+                }
             }
         }
     }

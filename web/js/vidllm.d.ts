@@ -105,7 +105,7 @@ export interface AskOptions {
   askedFrames?: number;
 }
 
-export type Reduction = "none" | "slowfast" | "maxinfo";
+export type Reduction = "none" | "slowfast" | "maxinfo" | "fastvid";
 
 /** What a visual-token budget did to a video. */
 export interface ReductionReport {

@@ -106,7 +106,7 @@ impl VideoRuntime {
             VideoModel::registration(&config).map_err(js_err)?;
         }
         let opened = open_device(gpu, binding_cap.map(|c| c as u64)).await?;
-        let opts = LoadOptions { quant: QuantChoice::Q4_1, lora_alpha, pool: None };
+        let opts = LoadOptions { quant: QuantChoice::Q4_1, lora_alpha, ..Default::default() };
         let folder = files.load(opts, &opened.placement()).map_err(js_err)?;
         Self::of(folder, opened, context, kv)
     }
@@ -256,7 +256,7 @@ impl VideoRuntime {
 
     /// Encode the next videos under a visual-token budget: at most `max_visual_tokens`
     /// (none: no budget), reduced by `reduce` (`none` refuses a larger video, `slowfast`,
-    /// `maxinfo`), `frames` being the frames asked for (MaxInfo keeps at most those of
+    /// `maxinfo`, `fastvid`), `frames` being the frames asked for (MaxInfo keeps at most those of
     /// its candidates).
     pub fn set_budget(&mut self, max_visual_tokens: Option<usize>, reduce: Option<String>, frames: usize) -> Result<(), JsError> {
         self.budget = match max_visual_tokens {

@@ -264,21 +264,24 @@ for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava"
   });
 }
 
-// A visual-token budget in the page reduces as natively: SlowFast-LLaVA's pathways, and
-// MaxInfo's key frames over twice the frames (16 sampled, at most 8 kept), on WebGPU and
-// on the CPU backend, give vidllm-native's tokens for the same frames and budget.
-test("a visual-token budget (slowfast, maxinfo) in the page gives the native runtime's tokens", { timeout: 900_000 }, async () => {
+// A visual-token budget in the page reduces as natively: SlowFast-LLaVA's pathways,
+// MaxInfo's key frames over twice the frames (16 sampled, at most 8 kept), and FastVID's
+// density pruning (its kept tokens at their unreduced positions), on WebGPU and on the CPU
+// backend, give vidllm-native's tokens for the same frames and budget.
+test("a visual-token budget (slowfast, maxinfo, fastvid) in the page gives the native runtime's tokens", { timeout: 900_000 }, async () => {
   const dir = makeClips();
   await testPage("/web/tests/page.html", async (page) => {
     const prompt = "What is happening in this video?";
-    for (const [device, reduce] of [["webgpu", "slowfast"], ["webgpu", "maxinfo"], ["cpu", "slowfast"]]) {
+    for (const [device, reduce] of [["webgpu", "slowfast"], ["webgpu", "maxinfo"], ["cpu", "slowfast"], ["webgpu", "fastvid"], ["cpu", "fastvid"]]) {
+      // FastVID keeps budget / frames tokens a frame: 3 gives each frame a merged peak.
+      const budget = reduce === "fastvid" ? 24 : 12;
       const out = await page.evaluate((a) => window.runVideo(a),
-        { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device, maxVisualTokens: 12, reduce, worker: false });
-      const res = nativeAnswer(dir, "tiny_video_llava", out, prompt, 6, null, ["--frames", "8", "--max-visual-tokens", "12", "--reduce", reduce]);
+        { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device, maxVisualTokens: budget, reduce, worker: false });
+      const res = nativeAnswer(dir, "tiny_video_llava", out, prompt, 6, null, ["--frames", "8", "--max-visual-tokens", String(budget), "--reduce", reduce]);
       console.log(`${reduce} on ${device}: ${JSON.stringify(out.reduction)} | ids ${out.ids} | native ${res.tokens} (${res.visual_tokens} visual)`);
       assert.equal(out.reduction.method, reduce);
       assert.equal(out.times.length, reduce === "maxinfo" ? 16 : 8);
-      assert.ok(out.reduction.tokens_after <= 12 && out.reduction.tokens_before > 12);
+      assert.ok(out.reduction.tokens_after <= budget && out.reduction.tokens_before > budget);
       assert.deepEqual({ ...out.reduction, reduce_ms: 0 }, { ...res.reduction, reduce_ms: 0 });
       assert.equal(res.visual_tokens, out.reduction.tokens_after);
       assert.deepEqual(out.ids, res.tokens);
@@ -366,11 +369,13 @@ test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the p
 });
 
 // Live video (issue 13, item 4): a canvas stream that draws its own frame number, watched
-// into a window of 3 frames; asked at two moments and after its track is stopped. Checked:
+// into a window of 3 frames; asked at two moments, then with its track stopped (the
+// MediaStream revoked) as the answer's first piece arrives, then after. Checked:
 // the window's frames, read back from the device, are frames drawn before the question,
 // the newest ones taken, in order; every frame was encoded once, on arrival, none at
 // question time; the answer equals vidllm-native's on the frames the device received;
-// after the track stops, the last window answers and says the stream ended.
+// an answer whose stream is revoked under it finishes from its window; after the track
+// stops, the last window answers and says the stream ended.
 test("a live <video> (canvas.captureStream) is answered from a window of its newest frames, each encoded once", { timeout: 900_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
   const prompt = "What is happening in this video?";
@@ -397,12 +402,13 @@ test("a live <video> (canvas.captureStream) is answered from a window of its new
         assert.equal(rgb.length, 3 * per);
         for (let f = 1; f < shown.length; f++) assert.ok(shown[f] > shown[f - 1], `frames in order: ${shown}`);
         assert.ok(shown.every((k) => k <= a.drawnAtQuestion), `only frames drawn before the question: ${shown} / ${a.drawnAtQuestion}`);
-        if (prev) assert.ok(i === 1 ? shown[2] > prev[2] : shown[0] >= prev[0], `a window no older than the last one's: ${shown} / ${prev}`);
+        if (prev) assert.ok(i < 3 ? shown[2] > prev[2] : shown[0] >= prev[0], `a window no older than the last one's: ${shown} / ${prev}`);
         // The newest frame is the last one taken before the question.
         assert.equal(w.frames[2].index, w.newest_taken);
         assert.equal(w.encoded_at_question, 0);
         assert.equal(w.frame_encodes, w.frames_taken - w.frames_skipped);
-        assert.equal(w.stream, i < 2 ? "live" : "ended");
+        assert.equal(w.stream, i < 3 ? "live" : "ended");
+        assert.ok(a.ids.length > 0, "an answer, the stream revoked under it or not");
         assert.deepEqual(a.ids, nativeAnswer(dir, "tiny_video_llava", a, prompt, 6).tokens);
         prev = shown;
       }

@@ -140,6 +140,22 @@ pub struct ReductionReport {
     pub note: Option<String>,
 }
 
+impl ReductionReport {
+    /// What `budget` did to a video laid out as `grid`, from `t0` until now.
+    fn of(budget: &Budget, grid: FrameGrid, after: usize, frames_after: usize, note: Option<String>, t0: web_time::Instant) -> Self {
+        Self {
+            method: budget.reduce.name(),
+            max_visual_tokens: budget.max_tokens,
+            tokens_before: grid.tokens(),
+            tokens_after: after,
+            frames_before: grid.frames,
+            frames_after,
+            reduce_ms: t0.elapsed().as_secs_f64() * 1e3,
+            note,
+        }
+    }
+}
+
 /// A video's visual tokens after a budget, and which of its frames are still in it.
 pub struct Reduced {
     pub visual: Visual,
@@ -181,16 +197,6 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
         return Err(GenerateError::Visual(format!("video tokens {before} do not match their layout {grid:?}")));
     }
     let all_frames: Vec<usize> = (0..grid.frames).collect();
-    let report = |method: Reduce, after: usize, frames_after: usize, note: Option<String>| ReductionReport {
-        method: method.name(),
-        max_visual_tokens: budget.max_tokens,
-        tokens_before: before,
-        tokens_after: after,
-        frames_before: grid.frames,
-        frames_after,
-        reduce_ms: t0.elapsed().as_secs_f64() * 1e3,
-        note,
-    };
     let fits = before <= budget.max_tokens && budget.reduce != Reduce::MaxInfo;
     if fits || budget.reduce == Reduce::None {
         if before > budget.max_tokens {
@@ -201,7 +207,7 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
             )));
         }
         let note = Some(format!("{before} visual tokens already fit the budget of {}: nothing reduced", budget.max_tokens));
-        return Ok(Reduced { visual, frames: all_frames, report: report(budget.reduce, before, grid.frames, note) });
+        return Ok(Reduced { visual, frames: all_frames, report: ReductionReport::of(budget, grid, before, grid.frames, note, t0) });
     }
     let kept = match budget.reduce {
         Reduce::None => unreachable!("handled above"),
@@ -232,15 +238,6 @@ fn finish(visual: Visual, grid: FrameGrid, budget: &Budget, kept: Kept, t0: web_
         false => KeptAt { spans: vec![before], offsets: at },
     });
     let visual = Visual { features: kept.features, per_placeholder, counts, kept_at, ..visual };
-    let report = ReductionReport {
-        method: budget.reduce.name(),
-        max_visual_tokens: budget.max_tokens,
-        tokens_before: before,
-        tokens_after: after,
-        frames_before: grid.frames,
-        frames_after: frames.len(),
-        reduce_ms: t0.elapsed().as_secs_f64() * 1e3,
-        note: None,
-    };
+    let report = ReductionReport::of(budget, grid, after, frames.len(), None, t0);
     Reduced { visual, frames, report }
 }

@@ -138,26 +138,33 @@ fn encoders_from_exact_pixels(r: &Checkpoint, prefix: &str, m: &Merv, clip: &Ten
 #[test]
 fn every_merv_stage_matches_the_pytorch_reference_on_every_device() {
     let r = reference();
-    let (want_ids, greedy) = (ids(&r, "input_ids"), ids(&r, "greedy"));
     for (name, at) in test_devices() {
-        let device = at.device.clone();
         let m = merv(&at);
-        let clip = m.clip(planes(&r, "frames_u8", &device));
-        let fused = m.fusion.forward(encoders_from_exact_pixels(&r, "", &m, &clip, &name));
-        let weights = vec_of(fused.weights);
-        check_stage("fusion weights", &name, &weights, &r.f32("fusion_weights").unwrap().0);
-        check_stage("fused tokens", &name, &vec_of(fused.tokens.clone()), &r.f32("fused").unwrap().0);
-        // BOS, the fused tokens, the text: the reference's sequence.
-        let placeholder = m.decoder_vocab() as u32 - 1;
-        let seq: Vec<u32> =
-            want_ids[..1].iter().copied().chain(std::iter::repeat_n(placeholder, 1024)).chain(want_ids[1..].iter().copied()).collect();
-        let visual = Visual { token: placeholder, features: fused.tokens, per_placeholder: 1024, counts: None, kept_at: None, tiles: None };
-        let (logits, mut cache) = prefill_with_visuals(merv_decoder(&m), &seq, &[visual], greedy.len() + 1, &device);
-        let start: usize = r.metadata["logits_start"].parse().unwrap();
-        check_stage("logits", &name, &logits[start * m.decoder_vocab()..], &r.f32("logits").unwrap().0);
-        assert_eq!(greedy_tokens(merv_decoder(&m), &mut cache, &logits, greedy.len()), greedy, "{name}: greedy tokens");
-        println!("{name}: encoder weights {weights:?}, greedy {greedy:?}");
+        let weights = stages_from_exact_pixels(&r, &m, &name);
+        println!("{name}: encoder weights {weights:?}, greedy {:?}", ids(&r, "greedy"));
     }
+}
+
+/// The clip's stages from PIL's exact pixels against the reference: each encoder, the
+/// fusion's weights (returned) and tokens, the logits and the greedy tokens.
+fn stages_from_exact_pixels(r: &Checkpoint, m: &Merv, name: &str) -> Vec<f32> {
+    let (want_ids, greedy) = (ids(r, "input_ids"), ids(r, "greedy"));
+    let device = merv_decoder(m).device.clone();
+    let clip = m.clip(planes(r, "frames_u8", &device));
+    let fused = m.fusion.forward(encoders_from_exact_pixels(r, "", m, &clip, name));
+    let weights = vec_of(fused.weights);
+    check_stage("fusion weights", name, &weights, &r.f32("fusion_weights").unwrap().0);
+    check_stage("fused tokens", name, &vec_of(fused.tokens.clone()), &r.f32("fused").unwrap().0);
+    // BOS, the fused tokens, the text: the reference's sequence.
+    let placeholder = m.decoder_vocab() as u32 - 1;
+    let seq: Vec<u32> =
+        want_ids[..1].iter().copied().chain(std::iter::repeat_n(placeholder, 1024)).chain(want_ids[1..].iter().copied()).collect();
+    let visual = Visual { token: placeholder, features: fused.tokens, per_placeholder: 1024, counts: None, kept_at: None, tiles: None };
+    let (logits, mut cache) = prefill_with_visuals(merv_decoder(m), &seq, &[visual], greedy.len() + 1, &device);
+    let start: usize = r.metadata["logits_start"].parse().unwrap();
+    check_stage("logits", name, &logits[start * m.decoder_vocab()..], &r.f32("logits").unwrap().0);
+    assert_eq!(greedy_tokens(merv_decoder(m), &mut cache, &logits, greedy.len()), greedy, "{name}: greedy tokens");
+    weights
 }
 
 /// One encoder a device (issue 12, item 5: the paper's scaling proposal): the encoders
@@ -172,7 +179,6 @@ fn merv_runs_its_encoders_on_devices_of_their_own() {
         return;
     }
     let r = reference();
-    let (want_ids, greedy) = (ids(&r, "input_ids"), ids(&r, "greedy"));
     let spread: Vec<_> = devices.iter().map(|(_, at)| at.clone()).collect();
     // Each encoder's tokens from the decoded frames on each device alone.
     let alone: Vec<Vec<Vec<f32>>> =
@@ -184,18 +190,7 @@ fn merv_runs_its_encoders_on_devices_of_their_own() {
         let on: Vec<bool> = m.encoders.iter().map(|e| e.device == device).collect();
         assert_eq!(on, [true, false, true, false].map(|home| home == (spread[0].device == device)), "{name}: alternating devices");
         let name = format!("{name}, encoders alternating");
-        let clip = m.clip(planes(&r, "frames_u8", &device));
-        let fused = m.fusion.forward(encoders_from_exact_pixels(&r, "", &m, &clip, &name));
-        check_stage("fusion weights", &name, &vec_of(fused.weights), &r.f32("fusion_weights").unwrap().0);
-        check_stage("fused tokens", &name, &vec_of(fused.tokens.clone()), &r.f32("fused").unwrap().0);
-        let placeholder = m.decoder_vocab() as u32 - 1;
-        let seq: Vec<u32> =
-            want_ids[..1].iter().copied().chain(std::iter::repeat_n(placeholder, 1024)).chain(want_ids[1..].iter().copied()).collect();
-        let visual = Visual { token: placeholder, features: fused.tokens, per_placeholder: 1024, counts: None, kept_at: None, tiles: None };
-        let (logits, mut cache) = prefill_with_visuals(merv_decoder(&m), &seq, &[visual], greedy.len() + 1, &device);
-        let start: usize = r.metadata["logits_start"].parse().unwrap();
-        check_stage("logits", &name, &logits[start * m.decoder_vocab()..], &r.f32("logits").unwrap().0);
-        assert_eq!(greedy_tokens(merv_decoder(&m), &mut cache, &logits, greedy.len()), greedy, "{name}: greedy tokens");
+        stages_from_exact_pixels(&r, &m, &name);
         // From the decoded frames, as `ask --devices` runs it (each encoder preparing its
         // frames on its own device): each encoder's tokens are those the one-device model
         // on that device makes.

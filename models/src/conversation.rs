@@ -25,10 +25,11 @@ use vidllm_core::stream::TextStream;
 use vidllm_core::tokenizer::Tokenizer;
 use web_time::Instant;
 
+use crate::framefusion::{FrameFusion, FusionReport, Plan};
 use crate::generate::{GenerateParams, Piece, Timings, read_row, read_row_async};
 use crate::kv_cache::{KvCache, KvType};
 use crate::llama::{Llama, Logits};
-use crate::merge::{Visual, merge_embeddings, merge_positions};
+use crate::merge::{Visual, merge_embeddings, merge_patches, merge_positions};
 use crate::video_model::VideoModel;
 
 /// What a conversation talks to: a text decoder (a GGUF file), or a video-language model.
@@ -90,6 +91,8 @@ pub struct Finished {
     pub text: String,
     pub tokens: Vec<u32>,
     pub timings: Timings,
+    /// What FrameFusion did in the prefill, where it reduced the video.
+    pub fusion: Option<FusionReport>,
 }
 
 /// What the driver does next.
@@ -107,13 +110,24 @@ pub enum Step {
 #[allow(clippy::large_enum_variant)]
 enum Work {
     /// The turn's input embeddings, run after what the cache holds (at these positions,
-    /// where given).
-    Prefill(Tensor<2>, Option<Vec<usize>>),
+    /// where given; through FrameFusion, where a video asks for it).
+    Prefill(Tensor<2>, Option<Vec<usize>>, Option<Fusion>),
     /// The last sampled token, run at the cache's next position.
     Decode(u32),
     /// Nothing: the answer ended.
     Done,
 }
+
+/// A video FrameFusion reduces in the prefill: its plan, and each prompt row's patch.
+type Fusion = (Plan, Vec<Option<usize>>);
+
+/// A turn's input as the first step runs it: ids, embeddings, positions, FrameFusion's plan.
+type RunInput = (Vec<u32>, Tensor<2>, Option<Vec<usize>>, Option<Fusion>);
+
+/// A turn's input: whether the cache starts over, its ids, their embeddings where visual
+/// rows are merged in, their RoPE positions where not the next ones, and FrameFusion's
+/// plan where a video asks for it.
+type TurnInput = (bool, Vec<u32>, Option<Tensor<2>>, Option<Vec<usize>>, Option<Fusion>);
 
 /// The input of a turn.
 #[derive(Debug, Clone, Copy)]
@@ -132,9 +146,12 @@ struct Answer {
     params: GenerateParams,
     sampler: Sampler,
     detok: TextStream,
-    /// The turn's input, run by the first step: its ids, their embeddings, and their RoPE
-    /// positions where they are not the cache's next ones (a reduced video's).
-    input: Option<(Vec<u32>, Tensor<2>, Option<Vec<usize>>)>,
+    /// The turn's input, run by the first step: its ids, their embeddings, their RoPE
+    /// positions where they are not the cache's next ones (a reduced video's), and
+    /// FrameFusion's plan.
+    input: Option<RunInput>,
+    /// What FrameFusion did in the prefill.
+    fusion: Option<FusionReport>,
     /// All text so far, and how much of it was emitted.
     text: String,
     emitted: usize,
@@ -316,7 +333,7 @@ impl Conversation {
         if self.answer.is_some() {
             return Err(GenerateError::Busy);
         }
-        let (restart, ids, embeds, positions) = self.turn_input(prompt)?;
+        let (restart, ids, embeds, positions, fusion) = self.turn_input(prompt)?;
         let kept = if restart { 0 } else { self.cache.len };
         let pending: &[u32] = if restart { &[] } else { &self.history[self.cache.len..] };
         if ids.is_empty() && pending.is_empty() {
@@ -357,7 +374,8 @@ impl Conversation {
             sampler: Sampler::new(params.sampler.clone()),
             params,
             detok: TextStream::new(),
-            input: Some((ids, x, positions)),
+            input: Some((ids, x, positions, fusion)),
+            fusion: None,
             text: String::new(),
             emitted: 0,
             tokens: Vec::new(),
@@ -373,40 +391,42 @@ impl Conversation {
     /// The token ids of a turn and, when visual tokens are merged in, its embeddings;
     /// `restart` when the cache must be dropped first (a follow-up whose chat-template
     /// rendering does not continue what is in the cache).
-    #[allow(clippy::type_complexity)]
-    fn turn_input(&self, prompt: Prompt) -> Result<(bool, Vec<u32>, Option<Tensor<2>>, Option<Vec<usize>>), GenerateError> {
+    fn turn_input(&self, prompt: Prompt) -> Result<TurnInput, GenerateError> {
         let tok = &*self.tok;
         let first = self.history.is_empty();
         let tokenizer = |e: vidllm_core::LoadError| GenerateError::Tokenizer(e.to_string());
         Ok(match (prompt, &*self.model) {
-            (Prompt::Tokens(ids), _) => (false, ids.to_vec(), None, None),
+            (Prompt::Tokens(ids), _) => (false, ids.to_vec(), None, None, None),
             (Prompt::Raw(text), Model::Video(m)) if first => {
-                let (ids, embeds, positions) = self.first_turn(m, text)?;
-                (false, ids, Some(embeds), positions)
+                let (ids, embeds, positions, fusion) = self.first_turn(m, text)?;
+                (false, ids, Some(embeds), positions, fusion)
             }
-            (Prompt::Raw(text), _) => (false, tok.encode(text, first && tok.add_bos).map_err(tokenizer)?, None, None),
+            (Prompt::Raw(text), _) => (false, tok.encode(text, first && tok.add_bos).map_err(tokenizer)?, None, None, None),
             (Prompt::Question(q), Model::Video(m)) if first => {
                 let text = match (&self.video, self.images.len()) {
                     (Some(_), _) => m.first_turn(tok, q, &self.images, self.video_times.as_ref())?,
                     (None, n) if n > 0 => m.first_turn(tok, q, &self.images, None)?,
                     (None, _) => return Err(GenerateError::NoVisual),
                 };
-                let (ids, embeds, positions) = self.first_turn(m, &text)?;
-                (false, ids, Some(embeds), positions)
+                let (ids, embeds, positions, fusion) = self.first_turn(m, &text)?;
+                (false, ids, Some(embeds), positions, fusion)
             }
-            (Prompt::Question(q), Model::Video(m)) => (false, tok.encode(&m.follow_up(tok, q), false).map_err(tokenizer)?, None, None),
-            (Prompt::Question(q), Model::Text(_)) if first => (false, tok.chat_tokens(&[Message::new("user", q)])?, None, None),
+            (Prompt::Question(q), Model::Video(m)) => {
+                (false, tok.encode(&m.follow_up(tok, q), false).map_err(tokenizer)?, None, None, None)
+            }
+            (Prompt::Question(q), Model::Text(_)) if first => (false, tok.chat_tokens(&[Message::new("user", q)])?, None, None, None),
             (Prompt::Question(q), Model::Text(_)) => {
                 let (restart, ids, embeds) = self.text_follow_up(q)?;
-                (restart, ids, embeds, None)
+                (restart, ids, embeds, None, None)
             }
         })
     }
 
     /// A first turn's ids, placeholders expanded, its embeddings, visual rows merged in,
-    /// and their RoPE positions where a reduced video keeps its unreduced ones.
+    /// their RoPE positions where a reduced video keeps its unreduced ones, and
+    /// FrameFusion's plan where the video asks for it.
     #[allow(clippy::type_complexity)]
-    fn first_turn(&self, m: &VideoModel, text: &str) -> Result<(Vec<u32>, Tensor<2>, Option<Vec<usize>>), GenerateError> {
+    fn first_turn(&self, m: &VideoModel, text: &str) -> Result<(Vec<u32>, Tensor<2>, Option<Vec<usize>>, Option<Fusion>), GenerateError> {
         let visual = |e: vidllm_core::LoadError| GenerateError::Visual(e.to_string());
         // All images fill the `<image>` placeholders in order, as one run of features.
         let mut visuals: Vec<Visual> = match self.images.first() {
@@ -417,6 +437,7 @@ impl Conversation {
                 tiles: None,
                 counts: None,
                 kept_at: None,
+                fusion: None,
             }],
             None => Vec::new(),
         };
@@ -424,7 +445,8 @@ impl Conversation {
         let ids = m.first_turn_ids(&self.tok, text, &visuals).map_err(visual)?;
         let embeds = merge_embeddings(m.decoder(), &ids, &visuals).map_err(visual)?;
         let positions = merge_positions(&ids, &visuals);
-        Ok((ids, embeds, positions))
+        let fusion = merge_patches(&ids, &visuals);
+        Ok((ids, embeds, positions, fusion))
     }
 
     /// A text model's follow-up: the chat template over the whole conversation, minus what
@@ -449,11 +471,9 @@ impl Conversation {
 
     /// What the driver must do next: read a logits row, or take the finished answer.
     pub fn step(&mut self) -> Result<Step, GenerateError> {
-        let work = self.plan()?;
-        let decoder = self.model.decoder();
-        Ok(match work {
-            Work::Prefill(x, at) => Step::Read(decoder.forward_embeds_at(x, at.as_deref(), &mut self.cache, Logits::Last)),
-            Work::Decode(last) => Step::Read(decoder.forward(&[last], &mut self.cache, Logits::Last)),
+        Ok(match self.plan()? {
+            Work::Prefill(x, at, fusion) => Step::Read(self.prefill(x, at, fusion)?),
+            Work::Decode(last) => Step::Read(self.model.decoder().forward(&[last], &mut self.cache, Logits::Last)),
             Work::Done => Step::Finished(self.finish()),
         })
     }
@@ -471,10 +491,7 @@ impl Conversation {
         for (i, c) in convs.iter_mut().enumerate() {
             match c.plan() {
                 Ok(Work::Decode(last)) => decoding.push((i, last)),
-                Ok(Work::Prefill(x, at)) => {
-                    let decoder = c.model.decoder();
-                    out[i] = Some(Ok(Step::Read(decoder.forward_embeds_at(x, at.as_deref(), &mut c.cache, Logits::Last))));
-                }
+                Ok(Work::Prefill(x, at, fusion)) => out[i] = Some(c.prefill(x, at, fusion).map(Step::Read)),
                 Ok(Work::Done) => out[i] = Some(Ok(Step::Finished(c.finish()))),
                 Err(e) => out[i] = Some(Err(e)),
             }
@@ -504,13 +521,13 @@ impl Conversation {
     /// prefill (its ids now in the history), one token to run, or nothing (it ended).
     fn plan(&mut self) -> Result<Work, GenerateError> {
         let a = self.answer.as_mut().ok_or_else(|| GenerateError::Unsupported("no answer is in progress (ask first)".into()))?;
-        if let Some((ids, x, at)) = a.input.take() {
+        if let Some((ids, x, at, fusion)) = a.input.take() {
             a.asked = Some(Instant::now());
             a.timings.prompt_tokens = x.dims()[0];
             // The cache will hold what it held, the pending token and the turn's input.
             self.history.extend_from_slice(&ids);
             a.prefilling = true;
-            return Ok(Work::Prefill(x, at));
+            return Ok(Work::Prefill(x, at, fusion));
         }
         if a.finish.is_none() {
             if a.tokens.len() >= a.params.max_tokens {
@@ -538,7 +555,31 @@ impl Conversation {
             self.messages.push(Message::new("user", &q));
             self.messages.push(Message::new("assistant", &a.text));
         }
-        Finished { reason, tail, text: a.text, tokens: a.tokens, timings: a.timings }
+        Finished { reason, tail, text: a.text, tokens: a.tokens, timings: a.timings, fusion: a.fusion }
+    }
+
+    /// Run a turn's input: through FrameFusion where its video asks for it (its report
+    /// kept for the answer), else as it is. A failed prefill ends the answer.
+    fn prefill(&mut self, x: Tensor<2>, at: Option<Vec<usize>>, fusion: Option<Fusion>) -> Result<Tensor<2>, GenerateError> {
+        let decoder = self.model.decoder();
+        let Some((plan, patches)) = fusion else {
+            return Ok(decoder.forward_embeds_at(x, at.as_deref(), &mut self.cache, Logits::Last));
+        };
+        let mut ff = FrameFusion::new(plan, patches, decoder.blocks.len());
+        match decoder.forward_fused(x, &mut self.cache, &mut ff) {
+            Ok(logits) => {
+                if let Some(a) = self.answer.as_mut() {
+                    a.fusion = Some(ff.report().clone());
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                // Nothing half-written stays: the conversation starts over.
+                self.answer = None;
+                self.reset();
+                Err(GenerateError::Visual(e))
+            }
+        }
     }
 
     /// Take the logits row the last [`Step::Read`] asked for: sample the next token. Returns

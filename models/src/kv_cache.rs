@@ -155,6 +155,12 @@ pub struct KvCache {
     pub capacity: usize,
     /// `(row, skipped)`: the RoPE positions jump by `skipped` just before `row`, rows ascending.
     gaps: Vec<(usize, usize)>,
+    /// Per layer, the rows (layer 0's numbering, ascending) that layer does not hold: a
+    /// reduction inside the decoder (FrameFusion) dropped them after an earlier layer had
+    /// attended to them. Empty where every layer holds every row.
+    dropped: Vec<Vec<usize>>,
+    /// Per layer, rows written in the pass under way and not yet counted in `len`.
+    staged: Vec<usize>,
 }
 
 impl KvCache {
@@ -204,7 +210,7 @@ impl KvCache {
                 }
             }
         };
-        Self { store, kv, len: 0, capacity, gaps: Vec::new() }
+        Self { store, kv, len: 0, capacity, gaps: Vec::new(), dropped: vec![Vec::new(); layers], staged: vec![0; layers] }
     }
 
     /// What the keys and values are kept in.
@@ -212,11 +218,26 @@ impl KvCache {
         self.kv
     }
 
-    /// Forget everything after position `len` (for reuse of a shared prefix).
+    /// Forget everything after row `len` (for reuse of a shared prefix).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
         let len = self.len;
         self.gaps.retain(|&(row, _)| row < len);
+        for d in &mut self.dropped {
+            d.retain(|&row| row < len);
+        }
+        self.staged.fill(0);
+    }
+
+    /// Rows layer `layer` holds: `len`, less those a reduction inside the decoder dropped
+    /// before that layer.
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.len - self.dropped[layer].len()
+    }
+
+    /// The row layer `layer` writes next: its rows, plus those written in the pass under way.
+    pub fn next_row(&self, layer: usize) -> usize {
+        self.layer_len(layer) + self.staged[layer]
     }
 
     /// The RoPE position of the next row.
@@ -244,8 +265,27 @@ impl KvCache {
     }
 
     /// Record that the next `positions.len()` rows were written at `positions` (what
-    /// [`KvCache::place`] gave), then advance `len` past them.
+    /// [`KvCache::place`] gave) in every layer, then advance `len` past them.
     pub fn advance(&mut self, positions: &[usize]) {
+        self.staged.fill(0);
+        self.record(positions);
+    }
+
+    /// [`KvCache::advance`] for a pass that dropped rows between layers: layer 0 wrote the
+    /// rows at `positions`, and layer `l` all of them but `dropped[l]` (indices into
+    /// `positions`, ascending; a later layer drops at least what an earlier one did).
+    pub fn advance_dropping(&mut self, positions: &[usize], dropped: &[Vec<usize>]) {
+        let base = self.len;
+        for (l, d) in dropped.iter().enumerate() {
+            debug_assert_eq!(self.staged[l], positions.len() - d.len(), "layer {l} wrote what it kept");
+            self.dropped[l].extend(d.iter().map(|&i| base + i));
+        }
+        self.staged.fill(0);
+        self.record(positions);
+    }
+
+    /// Count layer 0's new rows, at `positions`, recording where they skip positions.
+    fn record(&mut self, positions: &[usize]) {
         let mut expect = self.next_position();
         for (i, &p) in positions.iter().enumerate() {
             if p > expect {
@@ -307,9 +347,9 @@ impl KvCache {
         }
     }
 
-    /// Append this step's keys and values to layer `layer` at `self.len..`, then attend
-    /// the queries over the whole prefix (the caller advances `len` once every layer has
-    /// run). Queries of a group share their key-value head, folded into the rows.
+    /// Append this step's keys and values to layer `layer` at [`KvCache::next_row`], then
+    /// attend the queries over the whole prefix (the caller advances `len` once every layer
+    /// has run). Queries of a group share their key-value head, folded into the rows.
     ///
     /// # Shapes
     /// - q: `[1, n_kv_heads, r * t, d_head]`; k, v: `[1, n_kv_heads, t, d_head]`
@@ -327,8 +367,10 @@ impl KvCache {
         mask: Mask,
     ) -> Tensor<4> {
         let [_, kvh, t, dh] = k.dims();
-        let (start, end) = (self.len, self.len + t);
+        let start = self.next_row(layer);
+        let end = start + t;
         self.reserve(layer, end);
+        self.staged[layer] += t;
         // The cache tensors are moved out (a small placeholder left behind) rather than
         // cloned: a clone shares the storage, and writing into shared storage copies all
         // of it, the whole context's keys and values per layer and token (190 MB a token

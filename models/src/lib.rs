@@ -6,6 +6,7 @@ pub mod conversation;
 pub mod decoder_family;
 pub mod dinov2;
 pub mod fastvid;
+pub mod framefusion;
 pub mod generate;
 pub mod idefics3;
 pub mod kv_cache;

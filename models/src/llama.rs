@@ -16,6 +16,7 @@ use vidllm_shaders::Mask;
 use vidllm_shaders::device::BindingCap;
 
 use crate::decoder_family::Family;
+use crate::framefusion::{FrameFusion, last_row_attention};
 use crate::kv_cache::KvCache;
 use crate::quant_linear::{QuantLinear, StackedLinear};
 use crate::rms_norm::RmsNorm;
@@ -122,13 +123,32 @@ impl Attention {
         layer: usize,
         mask: &CausalMask,
     ) -> Tensor<2> {
+        self.forward_parts(x, cfg, rope, positions, cache, layer, mask).0
+    }
+
+    /// [`Attention::forward`], also returning the rotated queries and keys.
+    ///
+    /// # Shapes
+    /// - x: `[t, d_model]` -> `[t, d_model]`, q `[1, n_heads, t, d_head]`, k `[1, n_kv_heads, t, d_head]`
+    #[allow(clippy::too_many_arguments)]
+    fn forward_parts(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        positions: &[usize],
+        cache: &mut KvCache,
+        layer: usize,
+        mask: &CausalMask,
+    ) -> (Tensor<2>, Tensor<4>, Tensor<4>) {
         let [q, k, v] = self.heads(self.qkv.forward(x), cfg);
         let consecutive = positions.windows(2).all(|w| w[1] == w[0] + 1);
         let (q, k) = match positions.first() {
             Some(&start) if consecutive => (rope.forward(q, start), rope.forward(k, start)),
             _ => (rope.forward_at(q, positions), rope.forward_at(k, positions)),
         };
-        self.o.forward(self.attend(q, k, v, cfg, cache, layer, mask))
+        let out = self.o.forward(self.attend(q.clone(), k.clone(), v, cfg, cache, layer, mask));
+        (out, q, k)
     }
 
     /// One token of each of several sequences, each at its own position in its own cache:
@@ -179,8 +199,8 @@ impl Attention {
         [proj(q, &self.q_bias, &self.q_norm, h), proj(k, &self.k_bias, &self.k_norm, kvh), proj(v, &self.v_bias, &None, kvh)]
     }
 
-    /// Append rotated keys and values at `cache.len..`, then attend the queries over the
-    /// whole prefix (the caller advances `cache.len` once every layer has run).
+    /// Append rotated keys and values at the layer's next row, then attend the queries over
+    /// the whole prefix (the caller advances `cache.len` once every layer has run).
     ///
     /// # Shapes
     /// - q: `[1, n_heads, t, d_head]`, k and v: `[1, n_kv_heads, t, d_head]` -> `[t, n_heads * d_head]`
@@ -212,15 +232,17 @@ impl Attention {
 struct CausalMask {
     rule: Mask,
     bias: Tensor<4>,
+    /// The cache rows before the first query row.
+    start: usize,
 }
 
 fn causal_mask(r: usize, t: usize, start: usize, device: &Device) -> CausalMask {
     let rule = Mask::Causal { t, start };
     let (rows, keys) = (r * t, start + t);
     match rule.bias(rows, keys) {
-        Some(bias) => CausalMask { rule, bias: Tensor::from_data(TensorData::new(bias, [1, 1, rows, keys]), device) },
+        Some(bias) => CausalMask { rule, bias: Tensor::from_data(TensorData::new(bias, [1, 1, rows, keys]), device), start },
         // One token sees every key.
-        None => CausalMask { rule: Mask::None, bias: Tensor::zeros([1, 1, 1, 1], device) },
+        None => CausalMask { rule: Mask::None, bias: Tensor::zeros([1, 1, 1, 1], device), start },
     }
 }
 
@@ -367,12 +389,96 @@ impl Llama {
         self.cap.per_binding(4 * (self.cfg.n_heads * context).max(self.cfg.vocab_size), 0).min(PREFILL_CHUNK)
     }
 
+    /// A video prompt's prefill with FrameFusion: the rows go through the layers one
+    /// layer at a time (each layer's attention in chunks of [`Llama::prefill_chunk`]
+    /// rows), and between layers the method merges and drops visual rows. A row dropped
+    /// after layer `k` stays in the cache of layers `..=k`; kept rows keep their RoPE
+    /// positions. The prompt must start the conversation (an empty cache) and end in text.
+    ///
+    /// # Shapes
+    /// - x: `[t, d_model]` -> `[1, vocab_size]` (the last row's logits)
+    pub fn forward_fused(&self, x: Tensor<2>, cache: &mut KvCache, fusion: &mut FrameFusion) -> Result<Tensor<2>, String> {
+        if cache.len != 0 {
+            return Err("FrameFusion reduces a video in the prompt that starts a conversation".into());
+        }
+        if !fusion.ends_in_text() {
+            return Err("FrameFusion: the prompt must end in text after the video".into());
+        }
+        let t = x.dims()[0];
+        let positions = cache.place(t, None);
+        let (mut x, kept) = fusion.before_layers(x)?;
+        let mut alive = kept.unwrap_or_else(|| (0..t).collect());
+        let first = alive.clone();
+        let chunk = self.prefill_chunk(cache.capacity);
+        let r = self.cfg.n_heads / self.cfg.n_kv_heads;
+        let scale = (self.cfg.d_head as f64).powf(-0.5);
+        let mut held = Vec::with_capacity(self.blocks.len());
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let n = alive.len();
+            let at: Vec<usize> = alive.iter().map(|&i| positions[i]).collect();
+            let want = fusion.wants_attention();
+            let normed = block.attn_norm.forward(x.clone());
+            let (mut outs, mut keys, mut last_q) = (Vec::new(), Vec::new(), None);
+            for start in (0..n).step_by(chunk.max(1)) {
+                let len = chunk.min(n - start);
+                let mask = causal_mask(r, len, cache.next_row(layer), &self.device);
+                let rows = normed.clone().narrow(0, start, len);
+                let (out, q, k) = block.attn.forward_parts(rows, &self.cfg, &self.rope, &at[start..start + len], cache, layer, &mask);
+                outs.push(out);
+                if want {
+                    keys.push(k);
+                    last_q = Some(q.narrow(2, len - 1, 1));
+                }
+            }
+            let h = x + Tensor::cat(outs, 0);
+            held.push(alive.clone());
+            let attention = last_q.map(|q| last_row_attention(q, Tensor::cat(keys, 2), scale));
+            let (h, kept) = fusion.after_attention(layer, h, attention)?;
+            if let Some(kept) = kept {
+                alive = kept.iter().map(|&i| alive[i]).collect();
+            }
+            // The MLP in chunks too: its hidden rows are the widest tensors of the pass.
+            let n = h.dims()[0];
+            let normed = block.mlp_norm.forward(h.clone());
+            let mlp: Vec<Tensor<2>> =
+                (0..n).step_by(chunk.max(1)).map(|s| block.mlp.forward(normed.clone().narrow(0, s, chunk.min(n - s)))).collect();
+            x = h + Tensor::cat(mlp, 0);
+        }
+        debug_assert_eq!(alive.last(), Some(&(t - 1)), "text rows are never dropped");
+        // What each layer did not hold, as indices into layer 0's rows.
+        let dropped: Vec<Vec<usize>> = held
+            .iter()
+            .map(|rows| {
+                let mut it = rows.iter().peekable();
+                (0..first.len())
+                    .filter(|&i| {
+                        if it.peek() == Some(&&first[i]) {
+                            it.next();
+                            false
+                        } else {
+                            true
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let at: Vec<usize> = first.iter().map(|&i| positions[i]).collect();
+        cache.advance_dropping(&at, &dropped);
+        let n = x.dims()[0];
+        Ok(self.lm_head.forward(self.norm.forward(x.narrow(0, n - 1, 1))))
+    }
+
     fn forward_chunk(&self, x: Tensor<2>, positions: &[usize], cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {
         let t = x.dims()[0];
-        // One mask for every layer: it depends only on the positions.
-        let mask = causal_mask(self.cfg.n_heads / self.cfg.n_kv_heads, t, cache.len, &self.device);
+        // A mask depends only on the rows the layer holds: one for every layer, unless a
+        // reduction inside the decoder left the layers different rows.
+        let r = self.cfg.n_heads / self.cfg.n_kv_heads;
+        let mut mask = causal_mask(r, t, cache.next_row(0), &self.device);
         let mut x = x;
         for (layer, block) in self.blocks.iter().enumerate() {
+            if t > 1 && cache.next_row(layer) != mask.start {
+                mask = causal_mask(r, t, cache.next_row(layer), &self.device);
+            }
             x = block.forward(x, &self.cfg, &self.rope, positions, cache, layer, &mask);
         }
         cache.advance(positions);

@@ -151,7 +151,15 @@ impl Architecture for LlavaNextVideo {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = pixels.dims()[0] * self.tokens_per_frame();
-        Visual { token: self.video_token, features: self.video_features(pixels), per_placeholder, tiles: None, counts: None, kept_at: None }
+        Visual {
+            token: self.video_token,
+            features: self.video_features(pixels),
+            per_placeholder,
+            tiles: None,
+            counts: None,
+            kept_at: None,
+            fusion: None,
+        }
     }
 
     /// Each frame is encoded and pooled on its own: its share is its pooled tokens.
@@ -168,6 +176,7 @@ impl Architecture for LlavaNextVideo {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         })
     }
 

@@ -24,6 +24,8 @@ pub struct Visual {
     /// Where a reduced video's kept tokens sit in the unreduced one, for methods whose
     /// survivors keep their RoPE positions (FastVID); `None`: consecutive positions.
     pub kept_at: Option<KeptAt>,
+    /// A video that FrameFusion reduces inside the decoder, during the prefill.
+    pub fusion: Option<crate::framefusion::Plan>,
 }
 
 /// A reduced video's kept tokens in the unreduced layout: each placeholder run still
@@ -144,6 +146,26 @@ pub fn merge_positions(ids: &[u32], visuals: &[Visual]) -> Option<Vec<usize>> {
     })
 }
 
+/// The plan of the visual that FrameFusion reduces, and each row's patch in an expanded
+/// prompt: a row of that visual's tokens gets its index within its frame (its `i`-th
+/// token overall, modulo the tokens a frame), any other row `None`. `None` when no
+/// visual asks for it.
+pub fn merge_patches(ids: &[u32], visuals: &[Visual]) -> Option<(crate::framefusion::Plan, Vec<Option<usize>>)> {
+    let v = visuals.iter().find(|v| v.fusion.is_some())?;
+    let plan = v.fusion?;
+    let mut seen = 0;
+    let patches = ids
+        .iter()
+        .map(|&id| {
+            (id == v.token).then(|| {
+                seen += 1;
+                (seen - 1) % plan.tokens_per_frame
+            })
+        })
+        .collect();
+    Some((plan, patches))
+}
+
 fn mismatch(token: u32, ids: &[u32], features: usize) -> LoadError {
     let placeholders = ids.iter().filter(|&&i| i == token).count();
     LoadError::Unsupported(format!(
@@ -157,7 +179,7 @@ mod tests {
 
     fn visual(token: u32, rows: usize, counts: Option<Vec<usize>>, kept_at: Option<KeptAt>) -> Visual {
         let features = Tensor::<2>::zeros([rows, 2], &burn::tensor::Device::flex());
-        Visual { token, features, per_placeholder: rows, counts, tiles: None, kept_at }
+        Visual { token, features, per_placeholder: rows, counts, tiles: None, kept_at, fusion: None }
     }
 
     #[test]

@@ -221,6 +221,7 @@ impl Architecture for Pllava {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         }
     }
 
@@ -239,7 +240,15 @@ impl Architecture for Pllava {
         let device = rows.device();
         let repeat = (t < self.num_frames).then_some(self.num_frames);
         let features = pool3d(rows.reshape([t, g, g, d]), self.pooling_shape, repeat, &device);
-        Ok(Visual { token: self.image_token, features, per_placeholder: self.video_tokens(), tiles: None, counts: None, kept_at: None })
+        Ok(Visual {
+            token: self.image_token,
+            features,
+            per_placeholder: self.video_tokens(),
+            tiles: None,
+            counts: None,
+            kept_at: None,
+            fusion: None,
+        })
     }
 
     /// The pooled time steps, each a pooled grid.

@@ -207,6 +207,7 @@ impl Architecture for SmolVlm {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         }
     }
 
@@ -217,7 +218,15 @@ impl Architecture for SmolVlm {
 
     fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
         let (features, _) = joined_shares(shares)?;
-        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles: None, counts: None, kept_at: None })
+        Ok(Visual {
+            token: self.image_token,
+            features,
+            per_placeholder: self.image_seq_len(),
+            tiles: None,
+            counts: None,
+            kept_at: None,
+            fusion: None,
+        })
     }
 
     /// Each frame's pixel-shuffled grid, one timestamped placeholder a frame.
@@ -238,7 +247,15 @@ impl Architecture for SmolVlm {
         let tiling = prep.tiles.ok_or_else(|| LoadError::Unsupported("no tiling for SmolVLM2 images".into()))?;
         let (pictures, tiles) = tile_image(planes, &tiling, prep.images.resample);
         let features = self.image_features(normalise_planes(pictures, &prep.images));
-        Ok(Visual { token: self.image_token, features, per_placeholder: self.image_seq_len(), tiles, counts: None, kept_at: None })
+        Ok(Visual {
+            token: self.image_token,
+            features,
+            per_placeholder: self.image_seq_len(),
+            tiles,
+            counts: None,
+            kept_at: None,
+            fusion: None,
+        })
     }
 
     fn first_turn(&self, tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {

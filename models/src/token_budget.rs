@@ -12,10 +12,14 @@
 //! - `maxinfo` ([`crate::maxinfo`]): MaxInfo's maximum-volume key frames, chosen from
 //!   over-sampled candidate frames by their encodings.
 //! - `fastvid` ([`crate::fastvid`]): FastVID's density pruning within temporal segments.
+//! - `framefusion` ([`crate::framefusion`]): FrameFusion's merging by similarity across
+//!   frames, then pruning by attention, inside the decoder's layers during the prefill.
+//!   Here it only marks the video ([`Visual::fusion`]); its budget is the visual tokens a
+//!   decoder layer processes on average.
 //!
 //! Which RoPE positions the kept tokens take is the method's: SlowFast-LLaVA and MaxInfo
 //! feed their tokens to the decoder as a new, shorter video (consecutive positions);
-//! FastVID's survivors keep their places in the unreduced video ([`KeptAt`]).
+//! FastVID's ([`KeptAt`]) and FrameFusion's survivors keep their places in the unreduced video.
 
 use burn::tensor::Tensor;
 use vidllm_core::GenerateError;
@@ -54,10 +58,11 @@ pub enum Reduce {
     SlowFast,
     MaxInfo,
     FastVid,
+    FrameFusion,
 }
 
 impl Reduce {
-    pub const NAMES: &'static str = "none, slowfast, maxinfo, fastvid";
+    pub const NAMES: &'static str = "none, slowfast, maxinfo, fastvid, framefusion";
 
     pub fn name(self) -> &'static str {
         match self {
@@ -65,6 +70,7 @@ impl Reduce {
             Self::SlowFast => "slowfast",
             Self::MaxInfo => "maxinfo",
             Self::FastVid => "fastvid",
+            Self::FrameFusion => "framefusion",
         }
     }
 
@@ -86,11 +92,7 @@ impl std::str::FromStr for Reduce {
             "slowfast" => Ok(Self::SlowFast),
             "maxinfo" => Ok(Self::MaxInfo),
             "fastvid" => Ok(Self::FastVid),
-            "framefusion" => Err(format!(
-                "--reduce framefusion is not implemented yet: it merges and prunes inside the decoder's first layers, \
-                 by their hidden states and attention (methods: {})",
-                Self::NAMES
-            )),
+            "framefusion" => Ok(Self::FrameFusion),
             other => Err(format!("unknown reduction {other:?} (methods: {})", Self::NAMES)),
         }
     }
@@ -138,6 +140,9 @@ pub struct ReductionReport {
     pub reduce_ms: f64,
     /// Set when nothing needed doing (the video already fits).
     pub note: Option<String>,
+    /// FrameFusion: the visual tokens each decoder layer attended to (set after the prefill).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_tokens: Option<Vec<usize>>,
 }
 
 impl ReductionReport {
@@ -152,7 +157,17 @@ impl ReductionReport {
             frames_after,
             reduce_ms: t0.elapsed().as_secs_f64() * 1e3,
             note,
+            layer_tokens: None,
         }
+    }
+
+    /// What FrameFusion did in the decoder, once the prefill ran: the tokens left for the
+    /// last layers, and each layer's.
+    pub fn after_prefill(&mut self, fusion: &crate::framefusion::FusionReport) {
+        self.tokens_after = fusion.tokens_after;
+        self.layer_tokens = Some(fusion.layer_tokens.clone());
+        self.reduce_ms += fusion.reduce_ms;
+        self.note = None;
     }
 }
 
@@ -201,7 +216,7 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
     if fits || budget.reduce == Reduce::None {
         if before > budget.max_tokens {
             return Err(GenerateError::Visual(format!(
-                "the video makes {before} visual tokens, over max_visual_tokens {} (reduce them with slowfast, maxinfo or fastvid, \
+                "the video makes {before} visual tokens, over max_visual_tokens {} (reduce them with slowfast, maxinfo, fastvid or framefusion, \
                  or ask for fewer frames)",
                 budget.max_tokens
             )));
@@ -214,6 +229,13 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
         Reduce::SlowFast => crate::slowfast::reduce(visual.features.clone(), grid, budget.max_tokens),
         Reduce::MaxInfo => crate::maxinfo::reduce(visual.features.clone(), grid, budget.max_tokens, budget.frames, read),
         Reduce::FastVid => crate::fastvid::reduce(visual.features.clone(), grid, budget.max_tokens),
+        Reduce::FrameFusion => {
+            // The decoder reduces it during the prefill: mark the video, keep its tokens.
+            let plan = crate::framefusion::Plan { budget: budget.max_tokens, tokens: before, tokens_per_frame: grid.tokens_per_frame() };
+            let note = Some(format!("{before} visual tokens go to the decoder, which merges and prunes them in its layers"));
+            let report = ReductionReport::of(budget, grid, before, grid.frames, note, t0);
+            return Ok(Reduced { visual: Visual { fusion: Some(plan), ..visual }, frames: all_frames, report });
+        }
     }
     .map_err(GenerateError::Visual)?;
     Ok(finish(visual, grid, budget, kept, t0))

@@ -178,6 +178,7 @@ impl Architecture for VideoLlava {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         }
     }
 
@@ -195,6 +196,7 @@ impl Architecture for VideoLlava {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         })
     }
 
@@ -216,7 +218,7 @@ impl Architecture for VideoLlava {
         }
         let features = Tensor::cat(pixels.into_iter().map(|p| self.image_features(p)).collect(), 0);
         let per_placeholder = features.dims()[0] / n;
-        Ok(Visual { token: self.visual.image_token, features, per_placeholder, tiles: None, counts: None, kept_at: None })
+        Ok(Visual { token: self.visual.image_token, features, per_placeholder, tiles: None, counts: None, kept_at: None, fusion: None })
     }
 
     /// `USER: <image>\n...<video>\n{question} ASSISTANT:` (images first, as their

@@ -152,7 +152,9 @@ pub struct BudgetArgs {
     /// How a video over `--max-visual-tokens` is reduced: none (refused), slowfast
     /// (SlowFast-LLaVA's pathways), maxinfo (MaxInfo's key frames, chosen from twice the
     /// frames), fastvid (FastVID's density pruning within scenes; kept tokens keep their
-    /// positions). Default: none.
+    /// positions), framefusion (FrameFusion's merging across frames, then pruning by
+    /// attention, inside the decoder; the budget is the tokens a layer processes on
+    /// average). Default: none.
     #[arg(long, requires = "max_visual_tokens")]
     pub reduce: Option<Reduce>,
 }
@@ -387,6 +389,16 @@ pub fn run(a: AskArgs) -> Result<()> {
         std::fs::write(path, bytes).with_context(|| format!("--first-logits {}", path.display()))?;
     }
     let t = &f.timings;
+    // FrameFusion reduced the video in the decoder: what it kept is known now.
+    if let (Some(r), Some(fusion)) = (reduction.as_mut(), &f.fusion) {
+        r.after_prefill(fusion);
+        if !a.json {
+            eprintln!(
+                "framefusion in the decoder: {} -> {} visual tokens, by layer {:?} ({:.1} ms)",
+                r.tokens_before, r.tokens_after, fusion.layer_tokens, fusion.reduce_ms
+            );
+        }
+    }
     if a.json {
         // The frames the answer saw (a key-frame method keeps some of those decoded).
         let seen = |i: &usize| kept_frames.as_ref().is_none_or(|k| k.contains(i));

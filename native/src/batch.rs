@@ -5,7 +5,7 @@
 //! A job line: `{"id": "a1", "video": "clips/a.mp4", "prompt": "What happens?"}`, with
 //! optional `images`, `system`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`,
 //! `frames`, `fps`, `max_frames`, `sampling`, `max_visual_tokens`, `reduce` (how a video
-//! over `max_visual_tokens` is reduced: `none`, `slowfast`, `maxinfo`, `fastvid`). Relative media paths
+//! over `max_visual_tokens` is reduced: `none`, `slowfast`, `maxinfo`, `fastvid`, `framefusion`). Relative media paths
 //! are read from the jobs file's folder.
 //!
 //! A result line: `{"id", "text", "finish_reason", "usage", "timings"}`, or `{"id",

@@ -472,12 +472,14 @@ impl Engine {
         for image in images {
             conv.add_encoded_image(image);
         }
+        // A video FrameFusion reduces in the decoder counts at its budget.
+        let fused_excess = video.as_ref().and_then(|(v, _)| v.fusion).map_or(0, |p| p.tokens.saturating_sub(p.budget));
         if let Some((v, times)) = video {
             conv.set_video(v, times);
         }
         let visual_tokens = conv.visual_tokens();
         if let Some(max) = job.max_visual_tokens
-            && visual_tokens > max
+            && visual_tokens - fused_excess > max
         {
             return Err(ApiError::bad_request(format!(
                 "the media make {visual_tokens} visual tokens, over max_visual_tokens {max} (ask for fewer frames)"
@@ -640,7 +642,13 @@ impl Engine {
                         times,
                         video_cached: run.video_cached,
                         frames: run.frames,
-                        reduction: run.reduction.clone(),
+                        // FrameFusion's count is known once the prefill ran.
+                        reduction: run.reduction.clone().map(|mut r| {
+                            if let Some(fusion) = &f.fusion {
+                                r.after_prefill(fusion);
+                            }
+                            r
+                        }),
                     }));
                 }
                 Err(e) => {

@@ -41,7 +41,7 @@ pub struct ChatRequest {
     pub max_frames: Option<usize>,
     pub sampling: Option<String>,
     pub max_visual_tokens: Option<usize>,
-    /// How a video over `max_visual_tokens` is reduced (none, slowfast, maxinfo, fastvid).
+    /// How a video over `max_visual_tokens` is reduced (none, slowfast, maxinfo, fastvid, framefusion).
     pub reduce: Option<String>,
 }
 

@@ -241,6 +241,11 @@ pub fn run(a: WatchArgs) -> Result<()> {
                 }
                 let ttft_ms = first.map(|t| t.duration_since(asked).as_secs_f64() * 1e3);
                 let t = &finished.timings;
+                // FrameFusion's count is known once the prefill ran.
+                let mut reduction = video.encoded.reduction.clone();
+                if let (Some(r), Some(fusion)) = (reduction.as_mut(), &finished.fusion) {
+                    r.after_prefill(fusion);
+                }
                 let frames: Vec<_> = video
                     .seen()
                     .map(|&(index, time)| {
@@ -257,7 +262,7 @@ pub fn run(a: WatchArgs) -> Result<()> {
                             "finish_reason": finished.reason.openai(), "frames": frames, "visual_tokens": conv.visual_tokens(),
                             "stream": {"state": state, "last_frame_age_s": age, "error": ended.clone().flatten()},
                             "frames_taken": taken, "frames_skipped": skipped, "frame_encodes": window.frame_encodes(),
-                            "encoded_at_question": video.encoded_now, "reduction": video.encoded.reduction,
+                            "encoded_at_question": video.encoded_now, "reduction": reduction,
                             "timings": {"window_ms": window_ms, "ttft_ms": ttft_ms, "prefill_ms": t.prefill.as_secs_f64() * 1e3,
                                         "decode_tok_s": t.decode_tok_s(), "generated": t.generated},
                         })

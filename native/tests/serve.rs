@@ -387,6 +387,29 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
         assert_eq!(v["usage"]["visual_tokens"], r["tokens_after"], "{v}");
         assert_eq!(v["timings"]["frames"], frames, "{v}");
     }
+    // FrameFusion reduces in the decoder: every token goes in, the layers see fewer.
+    let mut fused = body("bikes.mp4");
+    (fused["max_visual_tokens"], fused["reduce"]) = (json!(12), json!("framefusion"));
+    let (s, v) = post(&url, &fused, None);
+    assert_eq!(s, 200, "{v}");
+    let r = &v["timings"]["reduction"];
+    assert_eq!(r["method"], "framefusion", "{v}");
+    assert_eq!(v["usage"]["visual_tokens"], r["tokens_before"], "{v}");
+    let layers: Vec<u64> = r["layer_tokens"].as_array().expect("tokens by layer").iter().map(|n| n.as_u64().unwrap()).collect();
+    assert!(layers.windows(2).all(|w| w[0] >= w[1]) && r["tokens_after"].as_u64() == layers.last().copied(), "{v}");
+    // The same as `ask` under the same budget.
+    let out = bin()
+        .args(["ask", "--device", "cpu", "--quant", "f32", "--json", "--max-tokens", "6", "--prompt", "What happens?"])
+        .args(["--max-visual-tokens", "12", "--reduce", "framefusion", "--model"])
+        .arg(&model)
+        .arg("--video")
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let asked_fused: Json = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).unwrap()).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], asked_fused["text"], "{v}");
+    assert_eq!(r["layer_tokens"], asked_fused["reduction"]["layer_tokens"], "{asked_fused}");
     let mut bogus = body("bikes.mp4");
     (bogus["max_visual_tokens"], bogus["reduce"]) = (json!(10), json!("zip"));
     let (s, v) = post(&url, &bogus, None);

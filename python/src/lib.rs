@@ -109,7 +109,7 @@ impl Model {
     /// Ask `prompt` about `video` (a path, or None for text or images only); the pieces
     /// of the answer as they come. Options: `system`, `images` (paths), `max_tokens`,
     /// `temperature`, `top_p`, `seed`, `stop`, `frames`, `fps`, `max_frames`, `sampling`,
-    /// `max_visual_tokens`, `reduce` (`none`, `slowfast`, `maxinfo`, `fastvid`: how a video over
+    /// `max_visual_tokens`, `reduce` (`none`, `slowfast`, `maxinfo`, `fastvid`, `framefusion`: how a video over
     /// `max_visual_tokens` is reduced; `timings["reduction"]` says what it did).
     #[pyo3(signature = (video, prompt, **options))]
     fn ask(&self, video: Option<std::path::PathBuf>, prompt: String, options: Option<&Bound<'_, PyDict>>) -> PyResult<Answer> {

@@ -5,13 +5,16 @@ run, as ratios to the unreduced run (> 1: faster). The model is `bench_video.py`
 Video-LLaVA-shaped random model (CLIP ViT-B/16 + a SmolLM2-shaped decoder, 197 tokens a
 frame), made here; random weights say nothing about answer quality.
 
+FrameFusion reduces inside the decoder, so its visual tokens are the mean over the
+decoder's layers of the tokens each attended to.
+
 Beside each time: the KL divergence of the first answer token's distribution under the
 budget from the unreduced one's (`ask --first-logits`), in nats. Informational only:
 with random weights it measures how much the reduction moves the output, not what an
 answer loses.
 
     pip install torch transformers==4.57.1 av pillow
-    python3 tests/scripts/bench_budget.py VIDEO.mp4 --bin target/release/vidllm-native [--frames 8] [--reps 3]
+    python3 tests/scripts/bench_budget.py VIDEO.mp4 --bin target/release/vidllm-native [--frames 8] [--reps 3] [--methods fastvid,framefusion]
 """
 import argparse, json, math, os, statistics, subprocess, sys, tempfile
 
@@ -37,7 +40,11 @@ def ttft(binary, model, video, frames, threads, budget=None, reduce=None):
         raw = fh.read()
     os.unlink(logits)
     row = [x[0] for x in __import__("struct").iter_unpack("<f", raw)]
-    return total, v["visual_tokens"], t, row
+    # FrameFusion keeps every token in the prompt and reduces them in the decoder's
+    # layers: its count is the mean over the layers.
+    layers = (v.get("reduction") or {}).get("layer_tokens")
+    tokens = f"{statistics.mean(layers):.0f} (layer mean)" if layers else v["visual_tokens"]
+    return total, tokens, t, row
 
 
 def log_softmax(row):
@@ -59,6 +66,7 @@ def main():
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="slowfast,maxinfo,fastvid,framefusion", help="comma-separated")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         bench_video.make_model(d)
@@ -68,7 +76,7 @@ def main():
             base = ttft(a.bin, d, a.video, a.frames, a.threads)
             runs.setdefault(("none", 100), []).append(base)
             full = base[1]
-            for reduce in ["slowfast", "maxinfo", "fastvid"]:
+            for reduce in a.methods.split(","):
                 for pct in [100, 50, 25, 10]:
                     runs.setdefault((reduce, pct), []).append(ttft(a.bin, d, a.video, a.frames, a.threads,
                                                                    max(1, full * pct // 100), reduce))

@@ -90,6 +90,7 @@ fn video_llava_under_a_4_kib_cap() {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         }];
         let (logits, _) = prefill_with_visuals(&model.decoder, &ids, &visual, 1, &device);
         check_stage("logits (banded head, chunked prefill)", &name, &logits, &r.f32("logits").unwrap().0);

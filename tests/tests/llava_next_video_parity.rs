@@ -35,6 +35,7 @@ fn llava_next_video_matches_transformers_on_every_device() {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         }];
         let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits", &name, &logits, &r.f32("logits").unwrap().0);

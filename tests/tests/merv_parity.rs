@@ -159,7 +159,15 @@ fn stages_from_exact_pixels(r: &Checkpoint, m: &Merv, name: &str) -> Vec<f32> {
     let placeholder = m.decoder_vocab() as u32 - 1;
     let seq: Vec<u32> =
         want_ids[..1].iter().copied().chain(std::iter::repeat_n(placeholder, 1024)).chain(want_ids[1..].iter().copied()).collect();
-    let visual = Visual { token: placeholder, features: fused.tokens, per_placeholder: 1024, counts: None, kept_at: None, tiles: None };
+    let visual = Visual {
+        token: placeholder,
+        features: fused.tokens,
+        per_placeholder: 1024,
+        counts: None,
+        kept_at: None,
+        fusion: None,
+        tiles: None,
+    };
     let (logits, mut cache) = prefill_with_visuals(merv_decoder(m), &seq, &[visual], greedy.len() + 1, &device);
     let start: usize = r.metadata["logits_start"].parse().unwrap();
     check_stage("logits", name, &logits[start * m.decoder_vocab()..], &r.f32("logits").unwrap().0);
@@ -230,6 +238,7 @@ fn merv_takes_an_image_as_a_clip_of_copies() {
             per_placeholder: 1024,
             counts: None,
             kept_at: None,
+            fusion: None,
             tiles: None,
         };
         let text = model.first_turn(&folder.tok, &question, std::slice::from_ref(&visual), None).unwrap();

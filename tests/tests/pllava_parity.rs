@@ -61,6 +61,7 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         }];
         let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits (LoRA merged)", &name, &logits, &r.f32("logits").unwrap().0);

@@ -246,6 +246,7 @@ fn split_image_matches_transformers() {
             tiles,
             counts: None,
             kept_at: None,
+            fusion: None,
         };
         let text = m.first_turn(&folder.tok, &r.metadata["image_question"], std::slice::from_ref(&visual), None).unwrap();
         assert_eq!(VideoModel::prompt_ids(&folder.tok, &text, std::slice::from_ref(&visual)).unwrap(), image_ids, "{name}: {text}");

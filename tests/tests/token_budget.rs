@@ -50,6 +50,7 @@ fn reductions_match_the_pytorch_references() {
                 tiles: None,
                 counts: None,
                 kept_at: None,
+                fusion: None,
             };
             let method: Reduce = c.method.parse().unwrap();
             let budget = Budget::new(c.budget, method, c.asked.unwrap_or(c.frames)).unwrap();
@@ -113,11 +114,18 @@ fn bad_budgets_are_refused_clearly() {
         tiles: None,
         counts: None,
         kept_at: None,
+        fusion: None,
     };
     assert!(Budget::new(0, Reduce::SlowFast, 8).unwrap_err().contains("budget of 0"));
     let unknown = "maxvol".parse::<Reduce>().unwrap_err();
     assert!(unknown.contains("unknown reduction") && unknown.contains("slowfast"), "{unknown}");
-    assert!("framefusion".parse::<Reduce>().unwrap_err().contains("not implemented yet"));
+    assert!(unknown.contains("framefusion"), "{unknown}");
+    // FrameFusion marks the video for the decoder and keeps every token.
+    let r = reduce(visual(), grid, &Budget::new(40, Reduce::FrameFusion, 8).unwrap()).unwrap();
+    assert_eq!((r.report.tokens_after, r.visual.features.dims()[0]), (136, 136));
+    let plan = r.visual.fusion.expect("a plan for the decoder");
+    assert_eq!((plan.budget, plan.tokens, plan.tokens_per_frame), (40, 136, 17));
+    assert!(r.report.note.as_deref().unwrap().contains("merges and prunes them in its layers"));
     // FastVID keeps at least a token a frame.
     let err = reduce(visual(), grid, &Budget::new(7, Reduce::FastVid, 8).unwrap()).err().unwrap().to_string();
     assert!(err.contains("at least one token a frame"), "{err}");
@@ -159,12 +167,14 @@ fn every_architecture_answers_under_a_budget() {
                 (0..t * 3 * s * s).map(|i| (((i * 7919) % 1000) as f32 / 500.0 - 1.0) * ((i / (s * s)) % 5) as f32).collect();
             let times = FrameTimes { times: (0..t).map(|i| i as f64 * 0.5).collect(), duration: t as f64 * 0.5 };
             let full = vm.video_grid(t).tokens();
-            for method in [Reduce::SlowFast, Reduce::MaxInfo, Reduce::FastVid] {
+            for method in [Reduce::SlowFast, Reduce::MaxInfo, Reduce::FastVid, Reduce::FrameFusion] {
                 let px = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [t, 3, s, s]), &at.device);
                 let budget = Budget::new(full * 2 / 3, method, t / 2).unwrap();
                 let e = vm.encode_video(px, Some(&budget)).unwrap();
-                let r = e.reduction.clone().unwrap();
-                assert!(r.tokens_after <= full * 2 / 3 && r.tokens_after > 0, "{name} {arch} {method:?}: {r:?}");
+                let mut r = e.reduction.clone().unwrap();
+                // FrameFusion reduces in the decoder: every token goes in.
+                let fused = method == Reduce::FrameFusion;
+                assert!(fused || (r.tokens_after <= full * 2 / 3 && r.tokens_after > 0), "{name} {arch} {method:?}: {r:?}");
                 let mut conv = Conversation::new(model.clone(), tok.clone(), 2048);
                 conv.set_video(e.visual.clone(), e.times(&times));
                 assert_eq!(conv.visual_tokens(), r.tokens_after);
@@ -173,6 +183,18 @@ fn every_architecture_answers_under_a_budget() {
                 let f = conv.answer(|_| true).unwrap();
                 let prompt = &conv.history()[..conv.history().len() - f.tokens.len()];
                 let placeholders = prompt.iter().filter(|&&id| id == e.visual.token).count();
+                assert_eq!(placeholders, r.tokens_after, "{name} {arch} {method:?}");
+                if fused {
+                    // Each layer attended to no more tokens than the one before it (the
+                    // cost model's average is checked against the reference in framefusion.rs).
+                    let fusion = f.fusion.as_ref().expect("FrameFusion ran in the prefill");
+                    assert_eq!(fusion.layer_tokens.len(), model.decoder().blocks.len(), "{name} {arch}");
+                    assert!(fusion.layer_tokens.windows(2).all(|w| w[0] >= w[1]) && fusion.layer_tokens[0] <= full, "{fusion:?}");
+                    println!("{name} {arch} framefusion: tokens by layer {:?}, merged {:?}", fusion.layer_tokens, fusion.merged);
+                    r.after_prefill(fusion);
+                } else {
+                    assert!(f.fusion.is_none());
+                }
                 println!(
                     "{name} {arch} {}: {} -> {} tokens, frames {} -> {}, prompt {} ids ({placeholders} visual), answer {:?}",
                     r.method,
@@ -183,9 +205,9 @@ fn every_architecture_answers_under_a_budget() {
                     prompt.len(),
                     f.text
                 );
-                assert_eq!(placeholders, r.tokens_after, "{name} {arch} {method:?}");
                 // FastVID's kept tokens keep their places: the positions after the prompt
                 // are those of the unreduced video's prompt (every frame kept here).
+                // FrameFusion's prompt goes in whole, so nothing is skipped in the history.
                 let skipped = conv.next_position() - (conv.history().len() - 1);
                 if method == Reduce::FastVid {
                     assert_eq!((r.frames_after, skipped), (r.frames_before, r.tokens_before - r.tokens_after), "{name} {arch}");

@@ -67,6 +67,7 @@ fn video_llava_stages_match_transformers_on_every_device() {
             tiles: None,
             counts: None,
             kept_at: None,
+            fusion: None,
         }];
         let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits", &name, &logits, &r.f32("logits").0);
@@ -86,7 +87,8 @@ fn placeholder_count_mismatch_is_an_error_naming_both_counts() {
     let model = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
     let features = Tensor::<2>::zeros([10, model.decoder.cfg.d_model], &device);
     let ids = [1, 5, model.visual.video_token, model.visual.video_token, 7];
-    let visual = [Visual { token: model.visual.video_token, features, per_placeholder: 10, tiles: None, counts: None, kept_at: None }];
+    let visual =
+        [Visual { token: model.visual.video_token, features, per_placeholder: 10, tiles: None, counts: None, kept_at: None, fusion: None }];
     let e = merge_embeddings(&model.decoder, &ids, &visual).err().unwrap().to_string();
     assert!(e.contains("2 placeholder") && e.contains("10 features"), "{e}");
 }
@@ -120,6 +122,7 @@ fn image_and_video_in_one_prompt_match_transformers() {
                 tiles: None,
                 counts: None,
                 kept_at: None,
+                fusion: None,
             },
             Visual {
                 token: model.visual.video_token,
@@ -128,6 +131,7 @@ fn image_and_video_in_one_prompt_match_transformers() {
                 tiles: None,
                 counts: None,
                 kept_at: None,
+                fusion: None,
             },
         ];
         let mut prompt = tok.encode(&r.ck.metadata["image_prompt"], true).unwrap();

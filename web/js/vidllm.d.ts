@@ -105,7 +105,8 @@ export interface AskOptions {
   askedFrames?: number;
 }
 
-export type Reduction = "none" | "slowfast" | "maxinfo" | "fastvid";
+/** `framefusion` runs on the CPU backend only (it reads the device back between decoder layers). */
+export type Reduction = "none" | "slowfast" | "maxinfo" | "fastvid" | "framefusion";
 
 /** What a visual-token budget did to a video. */
 export interface ReductionReport {

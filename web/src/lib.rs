@@ -82,13 +82,14 @@ pub(crate) fn gen_err(e: GenerateError) -> JsValue {
 
 /// Stream the conversation's answer to JS: `on_piece(text, id)` for each piece (`id` null
 /// for the text held back to the end); `should_stop()` is polled after each piece (an
-/// `AbortSignal`'s `aborted`). Returns the answer's token ids. All generation logic is the
-/// shared `Conversation`'s; this only moves pieces across.
+/// `AbortSignal`'s `aborted`). Returns the answer's token ids, and what FrameFusion did in
+/// its prefill where it ran. All generation logic is the shared `Conversation`'s; this
+/// only moves pieces across.
 pub(crate) async fn stream_to_js(
     conv: &mut Conversation,
     on_piece: &js_sys::Function,
     should_stop: &js_sys::Function,
-) -> Result<Vec<u32>, JsValue> {
+) -> Result<(Vec<u32>, Option<vidllm_models::framefusion::FusionReport>), JsValue> {
     let mut failed = None;
     // Each token's row is read after a yield to the event loop, so that on every backend
     // (the CPU one never waits on its own) the piece just pushed reaches the page, input
@@ -120,7 +121,7 @@ pub(crate) async fn stream_to_js(
     if !finished.tail.is_empty() {
         on_piece.call2(&JsValue::NULL, &JsValue::from_str(&finished.tail), &JsValue::NULL)?;
     }
-    Ok(finished.tokens)
+    Ok((finished.tokens, finished.fusion))
 }
 
 /// Resolves in a new task of the event loop (a `MessageChannel` message: not clamped to
@@ -271,7 +272,7 @@ impl Runtime {
     ) -> Result<Vec<u32>, JsValue> {
         let p = if raw { Prompt::Raw(&prompt) } else { Prompt::Question(&prompt) };
         self.conv.ask(p, params(max_tokens, temperature, seed)).map_err(gen_err)?;
-        stream_to_js(&mut self.conv, on_piece, should_stop).await
+        Ok(stream_to_js(&mut self.conv, on_piece, should_stop).await?.0)
     }
 
     /// Device memory held by the weights, from the runtime's own allocations.

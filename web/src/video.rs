@@ -17,7 +17,7 @@ use vidllm_models::live_window::LiveWindow;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::mmproj::{Mmproj, load_pair};
 use vidllm_models::model_files::{Folder, ModelFiles};
-use vidllm_models::token_budget::{Budget, Reduce};
+use vidllm_models::token_budget::{Budget, Reduce, ReductionReport};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
 use vidllm_models::{Conversation, KvType, Model, Prompt};
 use vidllm_shaders::preprocess::{preprocess_planes, rgb_planes, unpack_rgba_words};
@@ -45,8 +45,8 @@ pub struct VideoRuntime {
     frames: Option<Frames>,
     /// The visual-token budget the next video is encoded under.
     budget: Option<Budget>,
-    /// What the budget did to the last video (JSON).
-    reduction: Option<String>,
+    /// What the budget did to the last video (FrameFusion's part once asked about).
+    reduction: Option<ReductionReport>,
     /// A live video's rolling window, with each frame as it reached the device.
     live: Option<Live>,
 }
@@ -232,7 +232,7 @@ impl VideoRuntime {
             return Err(js_err(format!("{t} frames need {t} finite frame times (got {}) and a finite duration", times.len())));
         }
         let e = self.model().encode_video_async(preprocess_planes(planes, &self.pre), self.budget.as_ref()).await.map_err(js_err)?;
-        self.reduction = e.reduction.as_ref().map(|r| serde_json::to_string(r).expect("a report serialises"));
+        self.reduction = e.reduction.clone();
         let n = e.visual.features.dims()[0];
         self.conv.set_video(e.visual.clone(), e.times(&FrameTimes { times, duration }));
         Ok(n)
@@ -256,13 +256,21 @@ impl VideoRuntime {
 
     /// Encode the next videos under a visual-token budget: at most `max_visual_tokens`
     /// (none: no budget), reduced by `reduce` (`none` refuses a larger video, `slowfast`,
-    /// `maxinfo`, `fastvid`), `frames` being the frames asked for (MaxInfo keeps at most those of
-    /// its candidates).
+    /// `maxinfo`, `fastvid`, and `framefusion` on the CPU backend), `frames` being the frames
+    /// asked for (MaxInfo keeps at most those of its candidates).
     pub fn set_budget(&mut self, max_visual_tokens: Option<usize>, reduce: Option<String>, frames: usize) -> Result<(), JsError> {
         self.budget = match max_visual_tokens {
             None => None,
             Some(max) => {
                 let reduce: Reduce = reduce.as_deref().unwrap_or("none").parse().map_err(js_err)?;
+                if reduce == Reduce::FrameFusion && self.opened.wgpu.is_some() {
+                    // Its choices between decoder layers are read back from the device, and
+                    // a page cannot wait for WebGPU inside the prefill.
+                    return Err(js_err(
+                        "framefusion reads the device back between decoder layers, which WebGPU in a page cannot wait for: \
+                         use fastvid, or the CPU backend",
+                    ));
+                }
                 Some(Budget::new(max, reduce, frames).map_err(js_err)?)
             }
         };
@@ -272,7 +280,7 @@ impl VideoRuntime {
     /// What the budget did to the last video: JSON (`method`, `tokens_before`,
     /// `tokens_after`, `frames_before`, `frames_after`, `reduce_ms`, `note`), or none.
     pub fn last_reduction(&self) -> Option<String> {
-        self.reduction.clone()
+        self.reduction.as_ref().map(|r| serde_json::to_string(r).expect("a report serialises"))
     }
 
     /// Forget the video, the images and the conversation.
@@ -363,7 +371,7 @@ impl VideoRuntime {
         self.conv.clear_visuals();
         self.conv.set_video(v.encoded.visual, v.times);
         self.conv.ask(Prompt::Question(&question), params(max_tokens, temperature, seed)).map_err(gen_err)?;
-        stream_to_js(&mut self.conv, on_piece, should_stop).await
+        Ok(stream_to_js(&mut self.conv, on_piece, should_stop).await?.0)
     }
 
     /// What the last live question's window was (JSON: `frames`, `frame_encodes`,
@@ -403,7 +411,12 @@ impl VideoRuntime {
         should_stop: &js_sys::Function,
     ) -> Result<Vec<u32>, JsValue> {
         self.conv.ask(Prompt::Question(&question), params(max_tokens, temperature, seed)).map_err(gen_err)?;
-        stream_to_js(&mut self.conv, on_piece, should_stop).await
+        let (tokens, fusion) = stream_to_js(&mut self.conv, on_piece, should_stop).await?;
+        // FrameFusion's count is known once the prefill ran.
+        if let (Some(r), Some(fusion)) = (self.reduction.as_mut(), &fusion) {
+            r.after_prefill(fusion);
+        }
+        Ok(tokens)
     }
 }
 

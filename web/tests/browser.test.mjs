@@ -267,23 +267,34 @@ for (const [folder, arch, frames, tokens] of [["tiny_video_llava", "video_llava"
 // A visual-token budget in the page reduces as natively: SlowFast-LLaVA's pathways,
 // MaxInfo's key frames over twice the frames (16 sampled, at most 8 kept), and FastVID's
 // density pruning (its kept tokens at their unreduced positions), on WebGPU and on the CPU
-// backend, give vidllm-native's tokens for the same frames and budget.
-test("a visual-token budget (slowfast, maxinfo, fastvid) in the page gives the native runtime's tokens", { timeout: 900_000 }, async () => {
+// backend, and FrameFusion inside the decoder on the CPU backend, give vidllm-native's
+// tokens for the same frames and budget. WebGPU refuses FrameFusion by name.
+test("a visual-token budget (slowfast, maxinfo, fastvid, framefusion) in the page gives the native runtime's tokens", { timeout: 900_000 }, async () => {
   const dir = makeClips();
   await testPage("/web/tests/page.html", async (page) => {
     const prompt = "What is happening in this video?";
-    for (const [device, reduce] of [["webgpu", "slowfast"], ["webgpu", "maxinfo"], ["cpu", "slowfast"], ["webgpu", "fastvid"], ["cpu", "fastvid"]]) {
+    const refused = await page.evaluate((a) => window.runVideo(a).then(() => null, (e) => `${e.name}: ${e.message}`),
+      { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device: "webgpu", maxVisualTokens: 24, reduce: "framefusion", worker: false });
+    assert.match(refused ?? "", /framefusion.*WebGPU/, refused);
+    for (const [device, reduce] of [["webgpu", "slowfast"], ["webgpu", "maxinfo"], ["cpu", "slowfast"], ["webgpu", "fastvid"], ["cpu", "fastvid"], ["cpu", "framefusion"]]) {
       // FastVID keeps budget / frames tokens a frame: 3 gives each frame a merged peak.
-      const budget = reduce === "fastvid" ? 24 : 12;
+      const budget = reduce === "fastvid" || reduce === "framefusion" ? 24 : 12;
       const out = await page.evaluate((a) => window.runVideo(a),
         { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt, maxTokens: 6, device, maxVisualTokens: budget, reduce, worker: false });
       const res = nativeAnswer(dir, "tiny_video_llava", out, prompt, 6, null, ["--frames", "8", "--max-visual-tokens", String(budget), "--reduce", reduce]);
       console.log(`${reduce} on ${device}: ${JSON.stringify(out.reduction)} | ids ${out.ids} | native ${res.tokens} (${res.visual_tokens} visual)`);
       assert.equal(out.reduction.method, reduce);
       assert.equal(out.times.length, reduce === "maxinfo" ? 16 : 8);
-      assert.ok(out.reduction.tokens_after <= budget && out.reduction.tokens_before > budget);
+      assert.ok(out.reduction.tokens_before > budget);
       assert.deepEqual({ ...out.reduction, reduce_ms: 0 }, { ...res.reduction, reduce_ms: 0 });
-      assert.equal(res.visual_tokens, out.reduction.tokens_after);
+      if (reduce === "framefusion") {
+        // Every token goes in; the decoder's layers attend to fewer (the same as natively).
+        assert.equal(res.visual_tokens, out.reduction.tokens_before);
+        assert.equal(out.reduction.layer_tokens.at(-1), out.reduction.tokens_after);
+      } else {
+        assert.ok(out.reduction.tokens_after <= budget);
+        assert.equal(res.visual_tokens, out.reduction.tokens_after);
+      }
       assert.deepEqual(out.ids, res.tokens);
       if (reduce === "maxinfo") {
         // In a worker: the page samples the candidates, the worker keeps the same key frames.

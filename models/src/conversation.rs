@@ -430,15 +430,11 @@ impl Conversation {
         let visual = |e: vidllm_core::LoadError| GenerateError::Visual(e.to_string());
         // All images fill the `<image>` placeholders in order, as one run of features.
         let mut visuals: Vec<Visual> = match self.images.first() {
-            Some(first) => vec![Visual {
-                token: first.token,
-                features: Tensor::cat(self.images.iter().map(|v| v.features.clone()).collect(), 0),
-                per_placeholder: first.per_placeholder,
-                tiles: None,
-                counts: None,
-                kept_at: None,
-                fusion: None,
-            }],
+            Some(first) => vec![Visual::new(
+                first.token,
+                Tensor::cat(self.images.iter().map(|v| v.features.clone()).collect(), 0),
+                first.per_placeholder,
+            )],
             None => Vec::new(),
         };
         visuals.extend(self.video.clone());

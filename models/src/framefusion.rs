@@ -79,6 +79,9 @@ pub struct FusionReport {
     pub tokens_after: usize,
     /// Time spent choosing and merging (the read-backs included), not in the layers.
     pub reduce_ms: f64,
+    /// The prompt rows each layer attended to (and holds in its cache), ascending.
+    #[serde(skip)]
+    pub layer_rows: Vec<Vec<usize>>,
 }
 
 /// A step's rows: the new rows (merged values in place) and, where the step dropped any,
@@ -107,6 +110,11 @@ impl FrameFusion {
     /// Whether the prompt's last row is text (the row whose logits are wanted is never dropped).
     pub fn ends_in_text(&self) -> bool {
         self.patch.last().is_some_and(|p| p.is_none())
+    }
+
+    /// Record the prompt rows each layer attended to, once the pass is over.
+    pub fn set_layer_rows(&mut self, rows: Vec<Vec<usize>>) {
+        self.report.layer_rows = rows;
     }
 
     pub fn report(&self) -> &FusionReport {

@@ -109,24 +109,8 @@ pub struct Llama {
 
 impl Attention {
     /// `positions`: each row's RoPE position (consecutive except after a reduced video).
-    ///
-    /// # Shapes
-    /// - x: `[t, d_model]` -> `[t, d_model]`
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        x: Tensor<2>,
-        cfg: &LlamaConfig,
-        rope: &Rope,
-        positions: &[usize],
-        cache: &mut KvCache,
-        layer: usize,
-        mask: &CausalMask,
-    ) -> Tensor<2> {
-        self.forward_parts(x, cfg, rope, positions, cache, layer, mask).0
-    }
-
-    /// [`Attention::forward`], also returning the rotated queries and keys.
+    /// Returns the output, and the rotated queries and keys (FrameFusion ranks tokens by
+    /// the last row's attention).
     ///
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`, q `[1, n_heads, t, d_head]`, k `[1, n_kv_heads, t, d_head]`
@@ -271,7 +255,7 @@ impl Block {
         layer: usize,
         mask: &CausalMask,
     ) -> Tensor<2> {
-        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), cfg, rope, positions, cache, layer, mask);
+        let h = x.clone() + self.attn.forward_parts(self.attn_norm.forward(x), cfg, rope, positions, cache, layer, mask).0;
         h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
     }
 
@@ -464,6 +448,7 @@ impl Llama {
             .collect();
         let at: Vec<usize> = first.iter().map(|&i| positions[i]).collect();
         cache.advance_dropping(&at, &dropped);
+        fusion.set_layer_rows(held);
         let n = x.dims()[0];
         Ok(self.lm_head.forward(self.norm.forward(x.narrow(0, n - 1, 1))))
     }

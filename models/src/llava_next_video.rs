@@ -151,15 +151,7 @@ impl Architecture for LlavaNextVideo {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = pixels.dims()[0] * self.tokens_per_frame();
-        Visual {
-            token: self.video_token,
-            features: self.video_features(pixels),
-            per_placeholder,
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }
+        Visual::new(self.video_token, self.video_features(pixels), per_placeholder)
     }
 
     /// Each frame is encoded and pooled on its own: its share is its pooled tokens.
@@ -169,15 +161,7 @@ impl Architecture for LlavaNextVideo {
 
     fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
         let (features, t) = joined_shares(shares)?;
-        Ok(Visual {
-            token: self.video_token,
-            features,
-            per_placeholder: t * self.tokens_per_frame(),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        })
+        Ok(Visual::new(self.video_token, features, t * self.tokens_per_frame()))
     }
 
     /// Each frame's pooled grid.

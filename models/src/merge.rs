@@ -28,6 +28,14 @@ pub struct Visual {
     pub fusion: Option<crate::framefusion::Plan>,
 }
 
+impl Visual {
+    /// `features` filling the `token` placeholders, `per_placeholder` rows each: one run,
+    /// unreduced, not tiled.
+    pub fn new(token: u32, features: Tensor<2>, per_placeholder: usize) -> Self {
+        Self { token, features, per_placeholder, counts: None, tiles: None, kept_at: None, fusion: None }
+    }
+}
+
 /// A reduced video's kept tokens in the unreduced layout: each placeholder run still
 /// spans the positions the unreduced run took, its tokens at their offsets in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,7 +187,7 @@ mod tests {
 
     fn visual(token: u32, rows: usize, counts: Option<Vec<usize>>, kept_at: Option<KeptAt>) -> Visual {
         let features = Tensor::<2>::zeros([rows, 2], &burn::tensor::Device::flex());
-        Visual { token, features, per_placeholder: rows, counts, tiles: None, kept_at, fusion: None }
+        Visual { counts, kept_at, ..Visual::new(token, features, rows) }
     }
 
     #[test]

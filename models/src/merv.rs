@@ -484,15 +484,7 @@ impl Architecture for Merv {
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let fused = self.fusion.forward(self.projected(pixels));
         *self.last_weights.borrow_mut() = Some(fused.weights);
-        Visual {
-            token: self.video_token,
-            features: fused.tokens,
-            per_placeholder: self.tokens(),
-            counts: None,
-            kept_at: None,
-            fusion: None,
-            tiles: None,
-        }
+        Visual::new(self.video_token, fused.tokens, self.tokens())
     }
 
     fn video_grid(&self, _frames: usize) -> FrameGrid {

@@ -214,15 +214,7 @@ impl Architecture for Pllava {
 
     /// The pooled video fills one `<image>` placeholder, as PLLaVA's prompts write it.
     fn video(&self, pixels: Tensor<4>) -> Visual {
-        Visual {
-            token: self.image_token,
-            features: self.video_features(pixels),
-            per_placeholder: self.video_tokens(),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }
+        Visual::new(self.image_token, self.video_features(pixels), self.video_tokens())
     }
 
     /// The tower and the projector see each frame alone; the pooling spans frames, so a
@@ -240,15 +232,7 @@ impl Architecture for Pllava {
         let device = rows.device();
         let repeat = (t < self.num_frames).then_some(self.num_frames);
         let features = pool3d(rows.reshape([t, g, g, d]), self.pooling_shape, repeat, &device);
-        Ok(Visual {
-            token: self.image_token,
-            features,
-            per_placeholder: self.video_tokens(),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        })
+        Ok(Visual::new(self.image_token, features, self.video_tokens()))
     }
 
     /// The pooled time steps, each a pooled grid.

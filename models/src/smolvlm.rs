@@ -200,15 +200,7 @@ impl Architecture for SmolVlm {
     }
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
-        Visual {
-            token: self.image_token,
-            features: self.image_features(pixels),
-            per_placeholder: self.image_seq_len(),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }
+        Visual::new(self.image_token, self.image_features(pixels), self.image_seq_len())
     }
 
     /// Each frame is encoded on its own: its share is its connector's tokens.
@@ -218,15 +210,7 @@ impl Architecture for SmolVlm {
 
     fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
         let (features, _) = joined_shares(shares)?;
-        Ok(Visual {
-            token: self.image_token,
-            features,
-            per_placeholder: self.image_seq_len(),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        })
+        Ok(Visual::new(self.image_token, features, self.image_seq_len()))
     }
 
     /// Each frame's pixel-shuffled grid, one timestamped placeholder a frame.
@@ -247,15 +231,7 @@ impl Architecture for SmolVlm {
         let tiling = prep.tiles.ok_or_else(|| LoadError::Unsupported("no tiling for SmolVLM2 images".into()))?;
         let (pictures, tiles) = tile_image(planes, &tiling, prep.images.resample);
         let features = self.image_features(normalise_planes(pictures, &prep.images));
-        Ok(Visual {
-            token: self.image_token,
-            features,
-            per_placeholder: self.image_seq_len(),
-            tiles,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        })
+        Ok(Visual { tiles, ..Visual::new(self.image_token, features, self.image_seq_len()) })
     }
 
     fn first_turn(&self, tok: &Tokenizer, question: &str, images: &[Visual], video: Option<&FrameTimes>) -> Result<String, GenerateError> {

@@ -171,15 +171,7 @@ impl Architecture for VideoLlava {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = self.video_tokens(pixels.dims()[0]);
-        Visual {
-            token: self.visual.video_token,
-            features: self.video_features(pixels),
-            per_placeholder,
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }
+        Visual::new(self.visual.video_token, self.video_features(pixels), per_placeholder)
     }
 
     /// The video tower sees each frame alone: a frame's share is its projected tokens.
@@ -189,15 +181,7 @@ impl Architecture for VideoLlava {
 
     fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
         let (features, t) = joined_shares(shares)?;
-        Ok(Visual {
-            token: self.visual.video_token,
-            features,
-            per_placeholder: self.video_tokens(t),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        })
+        Ok(Visual::new(self.visual.video_token, features, self.video_tokens(t)))
     }
 
     /// Each frame: CLIP's class token, then its patch grid.
@@ -218,7 +202,7 @@ impl Architecture for VideoLlava {
         }
         let features = Tensor::cat(pixels.into_iter().map(|p| self.image_features(p)).collect(), 0);
         let per_placeholder = features.dims()[0] / n;
-        Ok(Visual { token: self.visual.image_token, features, per_placeholder, tiles: None, counts: None, kept_at: None, fusion: None })
+        Ok(Visual::new(self.visual.image_token, features, per_placeholder))
     }
 
     /// `USER: <image>\n...<video>\n{question} ASSISTANT:` (images first, as their

@@ -64,6 +64,19 @@ impl Server {
     }
 }
 
+/// `vidllm-native ask --json` on the CPU, 6 tokens of `prompt`, with `media` (and any other
+/// arguments): its JSON line.
+fn ask_json(model: &std::path::Path, prompt: &str, media: &[&std::ffi::OsStr]) -> Json {
+    let out = bin()
+        .args(["ask", "--device", "cpu", "--quant", "f32", "--json", "--max-tokens", "6", "--prompt", prompt, "--model"])
+        .arg(model)
+        .args(media)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(out.stdout.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).unwrap()).unwrap()
+}
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
@@ -326,15 +339,7 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     let server =
         Server::start(&["--model", model.to_str().unwrap(), "--quant", "f32", "--media-root", clip.parent().unwrap().to_str().unwrap()]);
     let url = server.url("/v1/chat/completions");
-    let out = bin()
-        .args(["ask", "--device", "cpu", "--quant", "f32", "--json", "--max-tokens", "6", "--prompt", "What happens?", "--model"])
-        .arg(&model)
-        .arg("--video")
-        .arg(&clip)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let asked: Json = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).unwrap()).unwrap();
+    let asked = ask_json(&model, "What happens?", &["--video".as_ref(), clip.as_os_str()]);
 
     let data = format!("data:video/mp4;base64,{}", base64::engine::general_purpose::STANDARD.encode(std::fs::read(&clip).unwrap()));
     let body = |video: &str| {
@@ -398,16 +403,8 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     let layers: Vec<u64> = r["layer_tokens"].as_array().expect("tokens by layer").iter().map(|n| n.as_u64().unwrap()).collect();
     assert!(layers.windows(2).all(|w| w[0] >= w[1]) && r["tokens_after"].as_u64() == layers.last().copied(), "{v}");
     // The same as `ask` under the same budget.
-    let out = bin()
-        .args(["ask", "--device", "cpu", "--quant", "f32", "--json", "--max-tokens", "6", "--prompt", "What happens?"])
-        .args(["--max-visual-tokens", "12", "--reduce", "framefusion", "--model"])
-        .arg(&model)
-        .arg("--video")
-        .arg(&clip)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let asked_fused: Json = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).unwrap()).unwrap();
+    let budget = ["--max-visual-tokens", "12", "--reduce", "framefusion"].map(std::ffi::OsStr::new);
+    let asked_fused = ask_json(&model, "What happens?", &[&budget[..], &["--video".as_ref(), clip.as_os_str()]].concat());
     assert_eq!(v["choices"][0]["message"]["content"], asked_fused["text"], "{v}");
     assert_eq!(r["layer_tokens"], asked_fused["reduction"]["layer_tokens"], "{asked_fused}");
     let mut bogus = body("bikes.mp4");
@@ -424,15 +421,7 @@ fn video_questions_equal_ask_and_a_follow_up_skips_the_encoder() {
     let png = std::env::temp_dir().join(format!("vidllm-serve-frame-{}.png", std::process::id()));
     let st = Command::new("ffmpeg").args(["-v", "error", "-y", "-i"]).arg(&clip).args(["-frames:v", "1"]).arg(&png).status().unwrap();
     assert!(st.success(), "ffmpeg wrote a frame");
-    let out = bin()
-        .args(["ask", "--device", "cpu", "--quant", "f32", "--json", "--max-tokens", "6", "--prompt", "What is this?", "--model"])
-        .arg(&model)
-        .arg("--image")
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let asked_image: Json = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).unwrap()).unwrap();
+    let asked_image = ask_json(&model, "What is this?", &["--image".as_ref(), png.as_os_str()]);
     let data = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(std::fs::read(&png).unwrap()));
     let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}, {"type": "text", "text": "What is this?"}]}],
                        "max_tokens": 6, "temperature": 0});

@@ -83,15 +83,7 @@ fn video_llava_under_a_4_kib_cap() {
             &features.to_data().try_into_vec::<f32>().unwrap(),
             &r.f32("projected").unwrap().0,
         );
-        let visual = [Visual {
-            token: model.visual.video_token,
-            features,
-            per_placeholder: model.video_tokens(t),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }];
+        let visual = [Visual::new(model.visual.video_token, features, model.video_tokens(t))];
         let (logits, _) = prefill_with_visuals(&model.decoder, &ids, &visual, 1, &device);
         check_stage("logits (banded head, chunked prefill)", &name, &logits, &r.f32("logits").unwrap().0);
     }

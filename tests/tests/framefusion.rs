@@ -22,6 +22,8 @@ struct Case {
     pruned_after_layer: Option<usize>,
     tokens_after: usize,
     greedy: Vec<u32>,
+    /// The prompt rows each layer attended to.
+    held: Vec<Vec<usize>>,
 }
 
 fn cases() -> (Vec<Case>, Checkpoint) {
@@ -48,6 +50,7 @@ fn cases() -> (Vec<Case>, Checkpoint) {
             pruned_after_layer: c["pruned_after_layer"].as_u64().map(|l| l as usize),
             tokens_after: c["tokens_after"].as_u64().unwrap() as usize,
             greedy: c["greedy"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+            held: c["held"].as_array().unwrap().iter().map(usizes).collect(),
         })
         .collect();
     (cases, Checkpoint::open_files(&[path]).unwrap())
@@ -72,6 +75,8 @@ fn framefusion_matches_the_pytorch_reference() {
                 let r = ff.report();
                 let what = format!("{device} {} ({kv} cache)", c.name);
                 assert_eq!(r.layer_tokens, c.layer_tokens, "{what}: tokens by layer");
+                // The same kept tokens: the rows each layer attended to and holds.
+                assert_eq!(r.layer_rows, c.held, "{what}: rows by layer");
                 assert_eq!(r.pruned_after_layer, c.pruned_after_layer, "{what}: pruning layer");
                 assert_eq!(r.tokens_after, c.tokens_after, "{what}: tokens after");
                 assert_eq!(r.merged.len(), c.merged.len(), "{what}: merging steps {:?} vs {:?}", r.merged, c.merged);

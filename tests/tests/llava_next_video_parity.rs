@@ -28,15 +28,7 @@ fn llava_next_video_matches_transformers_on_every_device() {
         let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, s[2], s[3], s[4]]), &device);
         let features = model.video_features(pixels);
         check_stage("pooled+projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("features").unwrap().0);
-        let visual = [Visual {
-            token: model.video_token,
-            features,
-            per_placeholder: t * model.tokens_per_frame(),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }];
+        let visual = [Visual::new(model.video_token, features, t * model.tokens_per_frame())];
         let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits", &name, &logits, &r.f32("logits").unwrap().0);
         let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());

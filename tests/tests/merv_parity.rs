@@ -159,15 +159,7 @@ fn stages_from_exact_pixels(r: &Checkpoint, m: &Merv, name: &str) -> Vec<f32> {
     let placeholder = m.decoder_vocab() as u32 - 1;
     let seq: Vec<u32> =
         want_ids[..1].iter().copied().chain(std::iter::repeat_n(placeholder, 1024)).chain(want_ids[1..].iter().copied()).collect();
-    let visual = Visual {
-        token: placeholder,
-        features: fused.tokens,
-        per_placeholder: 1024,
-        counts: None,
-        kept_at: None,
-        fusion: None,
-        tiles: None,
-    };
+    let visual = Visual::new(placeholder, fused.tokens, 1024);
     let (logits, mut cache) = prefill_with_visuals(merv_decoder(m), &seq, &[visual], greedy.len() + 1, &device);
     let start: usize = r.metadata["logits_start"].parse().unwrap();
     check_stage("logits", name, &logits[start * m.decoder_vocab()..], &r.f32("logits").unwrap().0);
@@ -232,15 +224,7 @@ fn merv_takes_an_image_as_a_clip_of_copies() {
         check_stage("image fused tokens", &name, &vec_of(fused.tokens.clone()), &r.f32("image_fused").unwrap().0);
         let folder = ModelFiles::Dir(fixture("tiny_merv")).load(opts(), &at).unwrap();
         let model = &folder.model;
-        let visual = Visual {
-            token: model.encode_images(vec![image]).unwrap().token,
-            features: fused.tokens,
-            per_placeholder: 1024,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-            tiles: None,
-        };
+        let visual = Visual::new(model.encode_images(vec![image]).unwrap().token, fused.tokens, 1024);
         let text = model.first_turn(&folder.tok, &question, std::slice::from_ref(&visual), None).unwrap();
         let ids = model.first_turn_ids(&folder.tok, &text, std::slice::from_ref(&visual)).unwrap();
         let (logits, mut cache) = prefill_with_visuals(model.decoder(), &ids, &[visual], greedy.len() + 1, &device);

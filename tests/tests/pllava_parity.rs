@@ -54,15 +54,7 @@ fn pllava_matches_the_pytorch_reference_on_every_device() {
         );
         let features = model.video_features(pixels);
         check_stage("pooled tokens", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("pooled").unwrap().0);
-        let visual = [Visual {
-            token: model.image_token,
-            features,
-            per_placeholder: model.video_tokens(),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }];
+        let visual = [Visual::new(model.image_token, features, model.video_tokens())];
         let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits (LoRA merged)", &name, &logits, &r.f32("logits").unwrap().0);
         let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());

@@ -239,15 +239,7 @@ fn split_image_matches_transformers() {
         let pixels = Tensor::<4>::from_data(TensorData::new(want_px.clone(), [ps[0], ps[1], ps[2], ps[3]]), &at.device);
         let features = m.video(pixels).features;
         check_stage("image connector", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("image_connector").unwrap().0);
-        let visual = Visual {
-            token: m.video(Tensor::zeros([1, 3, 96, 96], &at.device)).token,
-            features,
-            per_placeholder: 9,
-            tiles,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        };
+        let visual = Visual { tiles, ..Visual::new(m.video(Tensor::zeros([1, 3, 96, 96], &at.device)).token, features, 9) };
         let text = m.first_turn(&folder.tok, &r.metadata["image_question"], std::slice::from_ref(&visual), None).unwrap();
         assert_eq!(VideoModel::prompt_ids(&folder.tok, &text, std::slice::from_ref(&visual)).unwrap(), image_ids, "{name}: {text}");
         let (logits, mut cache) = prefill_with_visuals(m.decoder(), &image_ids, &[visual], greedy.len() + 1, &at.device);

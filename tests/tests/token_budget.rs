@@ -43,15 +43,7 @@ fn reductions_match_the_pytorch_references() {
             let features = Tensor::<2>::from_data(TensorData::new(input.clone(), [shape[0], d]), &at.device);
             let grid = FrameGrid { frames: c.frames, prefix: c.prefix, rows: c.rows, cols: c.cols, placeholder_per_frame: c.per_frame };
             let per = grid.tokens_per_frame();
-            let visual = Visual {
-                token: 7,
-                features,
-                per_placeholder: if c.per_frame { per } else { grid.tokens() },
-                tiles: None,
-                counts: None,
-                kept_at: None,
-                fusion: None,
-            };
+            let visual = Visual::new(7, features, if c.per_frame { per } else { grid.tokens() });
             let method: Reduce = c.method.parse().unwrap();
             let budget = Budget::new(c.budget, method, c.asked.unwrap_or(c.frames)).unwrap();
             let r = reduce(visual, grid, &budget).unwrap();
@@ -107,15 +99,7 @@ fn reductions_match_the_pytorch_references() {
 fn bad_budgets_are_refused_clearly() {
     let device = burn::tensor::Device::flex();
     let grid = FrameGrid { frames: 8, prefix: 1, rows: 4, cols: 4, placeholder_per_frame: false };
-    let visual = || Visual {
-        token: 7,
-        features: Tensor::<2>::zeros([grid.tokens(), 8], &device),
-        per_placeholder: grid.tokens(),
-        tiles: None,
-        counts: None,
-        kept_at: None,
-        fusion: None,
-    };
+    let visual = || Visual::new(7, Tensor::<2>::zeros([grid.tokens(), 8], &device), grid.tokens());
     assert!(Budget::new(0, Reduce::SlowFast, 8).unwrap_err().contains("budget of 0"));
     let unknown = "maxvol".parse::<Reduce>().unwrap_err();
     assert!(unknown.contains("unknown reduction") && unknown.contains("slowfast"), "{unknown}");

@@ -60,15 +60,7 @@ fn video_llava_stages_match_transformers_on_every_device() {
         let features = model.video_features(pixels);
         check_stage("projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").0);
 
-        let visual = [Visual {
-            token: model.visual.video_token,
-            features,
-            per_placeholder: model.video_tokens(t),
-            tiles: None,
-            counts: None,
-            kept_at: None,
-            fusion: None,
-        }];
+        let visual = [Visual::new(model.visual.video_token, features, model.video_tokens(t))];
         let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
         check_stage("logits", &name, &logits, &r.f32("logits").0);
 
@@ -87,8 +79,7 @@ fn placeholder_count_mismatch_is_an_error_naming_both_counts() {
     let model = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
     let features = Tensor::<2>::zeros([10, model.decoder.cfg.d_model], &device);
     let ids = [1, 5, model.visual.video_token, model.visual.video_token, 7];
-    let visual =
-        [Visual { token: model.visual.video_token, features, per_placeholder: 10, tiles: None, counts: None, kept_at: None, fusion: None }];
+    let visual = [Visual::new(model.visual.video_token, features, 10)];
     let e = merge_embeddings(&model.decoder, &ids, &visual).err().unwrap().to_string();
     assert!(e.contains("2 placeholder") && e.contains("10 features"), "{e}");
 }
@@ -115,24 +106,8 @@ fn image_and_video_in_one_prompt_match_transformers() {
         let video = Tensor::<4>::from_data(TensorData::new(vpix.clone(), [vs[1], 3, vs[3], vs[4]]), &device);
         let n_img = image_features.dims()[0];
         let visuals = [
-            Visual {
-                token: model.visual.image_token,
-                features: image_features,
-                per_placeholder: n_img,
-                tiles: None,
-                counts: None,
-                kept_at: None,
-                fusion: None,
-            },
-            Visual {
-                token: model.visual.video_token,
-                features: model.video_features(video),
-                per_placeholder: model.video_tokens(vs[1]),
-                tiles: None,
-                counts: None,
-                kept_at: None,
-                fusion: None,
-            },
+            Visual::new(model.visual.image_token, image_features, n_img),
+            Visual::new(model.visual.video_token, model.video_features(video), model.video_tokens(vs[1])),
         ];
         let mut prompt = tok.encode(&r.ck.metadata["image_prompt"], true).unwrap();
         for v in &visuals {

@@ -362,16 +362,23 @@ impl VideoRuntime {
         let v = live.window.video(model, self.budget.as_ref()).map_err(gen_err)?;
         live.asked = live.frames.iter().cloned().collect();
         let frames: Vec<_> = v.seen().map(|(index, time)| serde_json::json!({"index": index, "time": time})).collect();
-        live.report = Some(
-            serde_json::json!({"frames": frames, "frame_encodes": live.window.frame_encodes(), "encoded_at_question": v.encoded_now,
-                               "reduction": v.encoded.reduction, "visual_tokens": v.encoded.visual.features.dims()[0]})
-            .to_string(),
-        );
+        let mut report = serde_json::json!({"frames": frames, "frame_encodes": live.window.frame_encodes(),
+                                            "encoded_at_question": v.encoded_now, "reduction": v.encoded.reduction,
+                                            "visual_tokens": v.encoded.visual.features.dims()[0]});
+        live.report = Some(report.to_string());
+        let mut reduction = v.encoded.reduction.clone();
         self.frames = None;
         self.conv.clear_visuals();
         self.conv.set_video(v.encoded.visual, v.times);
         self.conv.ask(Prompt::Question(&question), params(max_tokens, temperature, seed)).map_err(gen_err)?;
-        Ok(stream_to_js(&mut self.conv, on_piece, should_stop).await?.0)
+        let (tokens, fusion) = stream_to_js(&mut self.conv, on_piece, should_stop).await?;
+        // FrameFusion's count is known once the prefill ran.
+        if let (Some(r), Some(fusion), Some(live)) = (reduction.as_mut(), &fusion, self.live.as_mut()) {
+            r.after_prefill(fusion);
+            report["reduction"] = serde_json::json!(r);
+            live.report = Some(report.to_string());
+        }
+        Ok(tokens)
     }
 
     /// What the last live question's window was (JSON: `frames`, `frame_encodes`,

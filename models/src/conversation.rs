@@ -425,8 +425,7 @@ impl Conversation {
     /// A first turn's ids, placeholders expanded, its embeddings, visual rows merged in,
     /// their RoPE positions where a reduced video keeps its unreduced ones, and
     /// FrameFusion's plan where the video asks for it.
-    #[allow(clippy::type_complexity)]
-    fn first_turn(&self, m: &VideoModel, text: &str) -> Result<(Vec<u32>, Tensor<2>, Option<Vec<usize>>, Option<Fusion>), GenerateError> {
+    fn first_turn(&self, m: &VideoModel, text: &str) -> Result<RunInput, GenerateError> {
         let visual = |e: vidllm_core::LoadError| GenerateError::Visual(e.to_string());
         // All images fill the `<image>` placeholders in order, as one run of features.
         let mut visuals: Vec<Visual> = match self.images.first() {

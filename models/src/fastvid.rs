@@ -48,7 +48,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::token_budget::{FrameGrid, Kept};
+use crate::token_budget::{FrameGrid, Kept, top_k};
 
 /// DySeg: cut after at least this many segments' worth of least similar pairs (`c`).
 pub const SEGMENTS: usize = 8;
@@ -146,14 +146,6 @@ fn spread(n: usize, parts: usize) -> Vec<usize> {
     (0..parts).map(|i| n / parts + usize::from(i < n % parts)).collect()
 }
 
-/// Indices of the `k` largest values, largest first, ties to the lower index.
-fn top(values: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    order.truncate(k);
-    order
-}
-
 /// Density peaks among `remaining` tokens of one frame (`dist`: its `[n, n]` distances):
 /// the `k` with the highest `delta * density`, ascending.
 fn density_peaks(dist: &[f32], n: usize, remaining: &[usize], k: usize) -> Vec<usize> {
@@ -174,7 +166,7 @@ fn density_peaks(dist: &[f32], n: usize, remaining: &[usize], k: usize) -> Vec<u
             delta * density[a]
         })
         .collect();
-    let mut peaks: Vec<usize> = top(&score, k).into_iter().map(|i| remaining[i]).collect();
+    let mut peaks: Vec<usize> = top_k(&score, k).into_iter().map(|i| remaining[i]).collect();
     peaks.sort_unstable();
     peaks
 }
@@ -213,7 +205,7 @@ pub fn select(stats: &[f32], g: FrameGrid, budget: usize) -> Result<Selection, S
         let mut seg_peaks = Vec::new();
         for i in 0..len {
             let f = f0 + i;
-            let top_tokens = top(&salience[f * n..(f + 1) * n], salient_n[i]);
+            let top_tokens = top_k(&salience[f * n..(f + 1) * n], salient_n[i]);
             if context_n[i] > 0 {
                 let remaining: Vec<usize> = (0..n).filter(|j| !top_tokens.contains(j)).collect();
                 let peaks = density_peaks(&dist[f * n * n..(f + 1) * n * n], n, &remaining, context_n[i]);
@@ -363,6 +355,6 @@ mod tests {
     #[test]
     fn counts_spread_as_the_authors_do() {
         assert_eq!(spread(7, 3), vec![3, 2, 2]);
-        assert_eq!(top(&[0.1, 0.5, 0.5, 0.2], 2), vec![1, 2]);
+        assert_eq!(top_k(&[0.1f32, 0.5, 0.5, 0.2], 2), vec![1, 2]);
     }
 }

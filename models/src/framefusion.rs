@@ -41,6 +41,8 @@
 use burn::tensor::{IndexingUpdateOp, activation::softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::token_budget::top_k;
+
 /// Merge a token into the previous frame's at this cosine similarity or above (`S`,
 /// `similarity_lower_bound`).
 pub const SIMILARITY_LOWER_BOUND: f64 = 0.6;
@@ -75,13 +77,18 @@ pub struct FusionReport {
     pub merged: Vec<f64>,
     /// The layer after whose attention the pruning ran, if it did.
     pub pruned_after_layer: Option<usize>,
-    /// Visual tokens the last layer attended to (what its cache holds for the answer).
-    pub tokens_after: usize,
     /// Time spent choosing and merging (the read-backs included), not in the layers.
     pub reduce_ms: f64,
     /// The prompt rows each layer attended to (and holds in its cache), ascending.
     #[serde(skip)]
     pub layer_rows: Vec<Vec<usize>>,
+}
+
+impl FusionReport {
+    /// Visual tokens the last layer attended to (what its cache holds for the answer).
+    pub fn tokens_after(&self) -> usize {
+        self.layer_tokens.last().copied().unwrap_or(0)
+    }
 }
 
 /// A step's rows: the new rows (merged values in place) and, where the step dropped any,
@@ -121,8 +128,9 @@ impl FrameFusion {
         &self.report
     }
 
-    fn visual_rows(&self) -> usize {
-        self.patch.iter().filter(|p| p.is_some()).count()
+    /// The current rows that are visual tokens, ascending.
+    fn visual(&self) -> Vec<usize> {
+        (0..self.patch.len()).filter(|&r| self.patch[r].is_some()).collect()
     }
 
     /// Before layer 0's attention: a merging step on the input embeddings.
@@ -153,8 +161,7 @@ impl FrameFusion {
     }
 
     fn step(&mut self, layer: usize, x: Tensor<2>, attention: Option<Tensor<1>>) -> Result<Kept, String> {
-        self.report.layer_tokens.push(self.visual_rows());
-        self.report.tokens_after = self.visual_rows();
+        self.report.layer_tokens.push(self.visual().len());
         if self.wants_attention() {
             let attention = attention.ok_or("FrameFusion: the pruning layer's attention is missing")?;
             let scores = floats(attention.into_data())?;
@@ -167,7 +174,7 @@ impl FrameFusion {
 
     /// One merging step: each visual token against the previous one of its patch.
     fn merge(&mut self, x: Tensor<2>) -> Result<Kept, String> {
-        let visual: Vec<usize> = (0..self.patch.len()).filter(|&r| self.patch[r].is_some()).collect();
+        let visual = self.visual();
         let n = visual.len();
         if n == 0 {
             self.finish_merging = true;
@@ -253,7 +260,7 @@ impl FrameFusion {
 
     /// Drop the least attended visual tokens: the cost model's share of them.
     fn prune(&mut self, x: Tensor<2>, attention: &[f32]) -> Result<Kept, String> {
-        let visual: Vec<usize> = (0..self.patch.len()).filter(|&r| self.patch[r].is_some()).collect();
+        let visual = self.visual();
         if attention.len() != self.patch.len() {
             return Err(format!("FrameFusion: {} attention values for {} rows", attention.len(), self.patch.len()));
         }
@@ -295,14 +302,6 @@ pub fn pruning_ratio(sparsity: &[f64], cost: f64, layers: usize) -> f64 {
     }
     let share = remaining / (left as f64 * kept);
     if share > 1.0 { 0.0 } else { 1.0 - share }
-}
-
-/// Indices of the `k` largest values, largest first (ties: the lower index first).
-fn top_k(values: &[f64], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    order.truncate(k);
-    order
 }
 
 /// Cosine similarity of matching rows, `dot / (|a| |b|)` as the authors compute it.

@@ -430,22 +430,8 @@ impl Llama {
         }
         debug_assert_eq!(alive.last(), Some(&(t - 1)), "text rows are never dropped");
         // What each layer did not hold, as indices into layer 0's rows.
-        let dropped: Vec<Vec<usize>> = held
-            .iter()
-            .map(|rows| {
-                let mut it = rows.iter().peekable();
-                (0..first.len())
-                    .filter(|&i| {
-                        if it.peek() == Some(&&first[i]) {
-                            it.next();
-                            false
-                        } else {
-                            true
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
+        let dropped: Vec<Vec<usize>> =
+            held.iter().map(|rows| (0..first.len()).filter(|&i| rows.binary_search(&first[i]).is_err()).collect()).collect();
         let at: Vec<usize> = first.iter().map(|&i| positions[i]).collect();
         cache.advance_dropping(&at, &dropped);
         fusion.set_layer_rows(held);

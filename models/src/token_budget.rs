@@ -164,7 +164,7 @@ impl ReductionReport {
     /// What FrameFusion did in the decoder, once the prefill ran: the tokens left for the
     /// last layers, and each layer's.
     pub fn after_prefill(&mut self, fusion: &crate::framefusion::FusionReport) {
-        self.tokens_after = fusion.tokens_after;
+        self.tokens_after = fusion.tokens_after();
         self.layer_tokens = Some(fusion.layer_tokens.clone());
         self.reduce_ms += fusion.reduce_ms;
         self.note = None;
@@ -262,4 +262,13 @@ fn finish(visual: Visual, grid: FrameGrid, budget: &Budget, kept: Kept, t0: web_
     let visual = Visual { features: kept.features, per_placeholder, counts, kept_at, ..visual };
     let report = ReductionReport::of(budget, grid, after, frames.len(), None, t0);
     Reduced { visual, frames, report }
+}
+
+/// Indices of the `k` largest values, largest first, ties to the lower index (FastVID's
+/// salient tokens and peaks, FrameFusion's merges and survivors).
+pub(crate) fn top_k<T: Copy + Into<f64>>(values: &[T], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].into().total_cmp(&values[a].into()).then(a.cmp(&b)));
+    order.truncate(k);
+    order
 }

@@ -3,6 +3,7 @@
 // runtime makes counted and timed per step, the page's long tasks per step, and Chromium's
 // CPU profile (self time by function) over the decode steps. A diagnostic, not a test.
 //
+//   VIDLLM_WASM_NAMES=1 bash web/build.sh   # the profile names wasm functions only then
 //   node tests/scripts/profile_webgpu_step.mjs MODEL.gguf [--tokens 4] [--top 25]
 //
 // Step 0 is the prefill (up to the first piece); steps 1.. are decode steps. "api ms" is

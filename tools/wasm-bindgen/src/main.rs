@@ -8,7 +8,10 @@
 //!
 //! The output is what `wasm-bindgen --target web --out-dir DIR INPUT` of the same version
 //! writes: TypeScript declarations included, and the default module path kept so that
-//! `init()` finds the `.wasm` next to the glue.
+//! `init()` finds the `.wasm` next to the glue. The function names (the `name` custom
+//! section, a fifth of the module) and the `producers` section are dropped, as
+//! `wasm-bindgen --remove-name-section --remove-producers-section` does: pass
+//! `--keep-names` for a build whose profiles name functions.
 
 use std::path::PathBuf;
 
@@ -23,6 +26,9 @@ struct Args {
     /// Where the glue (`NAME.js`, `NAME.d.ts`, `NAME_bg.wasm`) goes.
     #[arg(long)]
     out_dir: PathBuf,
+    /// Keep the function names (for profiling in the browser's devtools).
+    #[arg(long)]
+    keep_names: bool,
 }
 
 fn main() -> Result<()> {
@@ -32,6 +38,8 @@ fn main() -> Result<()> {
         .web(true)?
         .typescript(true)
         .omit_default_module_path(false)
+        .remove_name_section(!args.keep_names)
+        .remove_producers_section(!args.keep_names)
         .generate(&args.out_dir)
         .with_context(|| format!("generating the JS glue for {} into {}", args.input.display(), args.out_dir.display()))
 }

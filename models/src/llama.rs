@@ -10,10 +10,9 @@
 //! Qwen2 adds q/k/v projection biases, Qwen3 a per-head RMSNorm on queries and keys before
 //! RoPE ("QK-norm"), with a head size that need not be `d_model / n_heads`.
 
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
-use vidllm_shaders::Mask;
 use vidllm_shaders::device::BindingCap;
+use vidllm_shaders::{Mask, silu_mul};
 
 use crate::decoder_family::Family;
 use crate::framefusion::{FrameFusion, last_row_attention};
@@ -125,12 +124,7 @@ impl Attention {
         layer: usize,
         mask: &CausalMask,
     ) -> (Tensor<2>, Tensor<4>, Tensor<4>) {
-        let [q, k, v] = self.heads(self.qkv.forward(x), cfg);
-        let consecutive = positions.windows(2).all(|w| w[1] == w[0] + 1);
-        let (q, k) = match positions.first() {
-            Some(&start) if consecutive => (rope.forward(q, start), rope.forward(k, start)),
-            _ => (rope.forward_at(q, positions), rope.forward_at(k, positions)),
-        };
+        let [q, k, v] = self.heads(self.qkv.forward(x), cfg, rope, positions);
         let out = self.o.forward(self.attend(q.clone(), k.clone(), v, cfg, cache, layer, mask));
         (out, q, k)
     }
@@ -149,9 +143,8 @@ impl Attention {
         layer: usize,
         mask: &CausalMask,
     ) -> Tensor<2> {
-        let [q, k, v] = self.heads(self.qkv.forward_rows(x), cfg);
         let positions: Vec<usize> = caches.iter().map(|c| c.next_position()).collect();
-        let (q, k) = (rope.forward_at(q, &positions), rope.forward_at(k, &positions));
+        let [q, k, v] = self.heads(self.qkv.forward_rows(x), cfg, rope, &positions);
         let row = |t: &Tensor<4>, i: usize| t.clone().narrow(2, i, 1);
         let ctx =
             caches.iter_mut().enumerate().map(|(i, c)| self.attend(row(&q, i), row(&k, i), row(&v, i), cfg, c, layer, mask)).collect();
@@ -159,12 +152,13 @@ impl Attention {
     }
 
     /// Queries, keys and values of `t` rows (the stacked projection's outputs), biases and
-    /// QK-norm applied, heads split out, not yet rotated.
+    /// QK-norm applied, heads split out; queries and keys rotated for `positions` (each
+    /// row's RoPE position).
     ///
     /// # Shapes
     /// - qkv: `[t, n_heads * d_head]`, `[t, n_kv_heads * d_head]` twice -> `[1, n_heads, t, d_head]`,
     ///   and `[1, n_kv_heads, t, d_head]` twice
-    fn heads(&self, qkv: Vec<Tensor<2>>, cfg: &LlamaConfig) -> [Tensor<4>; 3] {
+    fn heads(&self, qkv: Vec<Tensor<2>>, cfg: &LlamaConfig, rope: &Rope, positions: &[usize]) -> [Tensor<4>; 3] {
         let [t, _] = qkv[0].dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let proj = |y: Tensor<2>, b: &Option<Tensor<1>>, norm: &Option<RmsNorm>, heads: usize| {
@@ -173,14 +167,16 @@ impl Attention {
                 None => y,
             };
             // QK-norm normalises each head's vector on its own: rows of d_head values.
-            let y = match norm {
-                Some(n) => n.forward(y.reshape([t * heads, dh])),
+            match norm {
+                Some(n) => n.forward(y.reshape([t * heads, dh])).reshape([t, heads * dh]),
                 None => y,
-            };
-            y.reshape([1, t, heads, dh]).swap_dims(1, 2) // [1, heads, t, d_head]
+            }
         };
         let [q, k, v]: [Tensor<2>; 3] = qkv.try_into().expect("q, k and v");
-        [proj(q, &self.q_bias, &self.q_norm, h), proj(k, &self.k_bias, &self.k_norm, kvh), proj(v, &self.v_bias, &None, kvh)]
+        let q = rope.heads(proj(q, &self.q_bias, &self.q_norm, h), h, positions);
+        let k = rope.heads(proj(k, &self.k_bias, &self.k_norm, kvh), kvh, positions);
+        let v = proj(v, &self.v_bias, &None, kvh).reshape([1, t, kvh, dh]).swap_dims(1, 2);
+        [q, k, v]
     }
 
     /// Append rotated keys and values at the layer's next row, then attend the queries over
@@ -232,14 +228,12 @@ fn causal_mask(r: usize, t: usize, start: usize, device: &Device) -> CausalMask 
 
 impl Mlp {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let [gate, up]: [Tensor<2>; 2] = self.gate_up.forward(x).try_into().expect("gate and up");
-        self.down.forward(silu(gate) * up)
+        self.down.forward(silu_mul(self.gate_up.forward_joined(x)))
     }
 
     /// [`Mlp::forward`] for rows of different sequences.
     fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
-        let [gate, up]: [Tensor<2>; 2] = self.gate_up.forward_rows(x).try_into().expect("gate and up");
-        self.down.forward_rows(silu(gate) * up)
+        self.down.forward_rows(silu_mul(self.gate_up.forward_rows_joined(x)))
     }
 }
 

@@ -115,6 +115,24 @@ impl StackedLinear {
         self.each(x, QuantLinear::forward_rows)
     }
 
+    /// The products side by side, as one `[m, sum out_i]` tensor (no split: the stacked
+    /// matrix's output as it is).
+    pub fn forward_joined(&self, x: Tensor<2>) -> Tensor<2> {
+        self.joined(x, QuantLinear::forward)
+    }
+
+    /// [`StackedLinear::forward_joined`] for rows of different sequences.
+    pub fn forward_rows_joined(&self, x: Tensor<2>) -> Tensor<2> {
+        self.joined(x, QuantLinear::forward_rows)
+    }
+
+    fn joined(&self, x: Tensor<2>, product: impl Fn(&QuantLinear, Tensor<2>) -> Tensor<2>) -> Tensor<2> {
+        match self.layers.as_slice() {
+            [stacked] => product(stacked, x),
+            layers => Tensor::cat(layers.iter().map(|l| product(l, x.clone())).collect(), 1),
+        }
+    }
+
     fn each(&self, x: Tensor<2>, product: impl Fn(&QuantLinear, Tensor<2>) -> Tensor<2>) -> Vec<Tensor<2>> {
         match self.layers.as_slice() {
             [stacked] => product(stacked, x).split_with_sizes(self.outs.clone(), 1),

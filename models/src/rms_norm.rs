@@ -13,8 +13,7 @@ impl RmsNorm {
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let ms = x.clone().powi_scalar(2).mean_dim(1); // [t, 1]
-        let inv = (ms + self.eps).sqrt().recip();
-        x * inv * self.weight.clone().unsqueeze::<2>()
+        // One kernel on every device (`vidllm_shaders::rms_norm`).
+        vidllm_shaders::rms_norm(x, &self.weight, self.eps)
     }
 }

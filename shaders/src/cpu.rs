@@ -37,6 +37,17 @@ const GEMM_MIN_M: usize = 32;
 /// thread, since waking the pool costs as much as a small row block.
 const MIN_ROWS_PER_TASK: usize = 16;
 
+/// The values of a whole, contiguous f32 tensor, in place.
+fn whole_f32(t: &FlexTensor) -> &[f32] {
+    assert!(t.is_contiguous() && t.layout().start_offset() == 0, "a whole f32 tensor");
+    let values = t.storage::<f32>();
+    &values[..t.layout().shape().num_elements()]
+}
+
+/// Values from which the row-wise ops (RMSNorm, RoPE) split their rows over threads: a
+/// decode step's rows are done before the pool would wake.
+const PAR_MIN_VALUES: usize = 1 << 16;
+
 /// Weight rows per parallel task for a product with `n` output rows ([`MIN_ROWS_PER_TASK`]).
 pub(crate) fn rows_per_task(n: usize) -> usize {
     MIN_ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()))
@@ -101,6 +112,72 @@ impl QuantOps for Flex {
         let (kh, vh) = (heads_of(&k, ty, capacity, stride), heads_of(&v, ty, capacity, stride));
         let out = crate::cpu_attention::attention(&q, &kh, &vh, rows, keys, d, scale as f32, mask);
         FlexTensor::from_data(TensorData::new(out, [b, h, rows, d]))
+    }
+
+    /// Row by row, the sum of squares in f64 (as ggml sums it); rows split over threads
+    /// from [`PAR_MIN_VALUES`] values on.
+    fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f64) -> FlexTensor {
+        let [rows, d] = x.layout().shape().dims::<2>();
+        let w = weight.into_data().try_into_vec::<f32>().expect("rms_norm: f32 weight");
+        let mut y = x.into_data().try_into_vec::<f32>().expect("rms_norm: f32 rows");
+        let norm = |row: &mut [f32]| {
+            let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / d as f64;
+            let inv = (1.0 / (ms + eps).sqrt()) as f32;
+            row.iter_mut().zip(&w).for_each(|(v, &w)| *v = *v * inv * w);
+        };
+        if y.len() >= PAR_MIN_VALUES {
+            y.par_chunks_mut(d).for_each(norm);
+        } else {
+            y.chunks_mut(d).for_each(norm);
+        }
+        FlexTensor::from_data(TensorData::new(y, [rows, d]))
+    }
+
+    /// With the attention's branch-free `exp`, so the loop vectorises; a prefill's values
+    /// are split over threads.
+    fn silu_mul(gate_up: FlexTensor) -> FlexTensor {
+        let [rows, width] = gate_up.layout().shape().dims::<2>();
+        let d = width / 2;
+        let gate_up = gate_up.into_data().try_into_vec::<f32>().expect("silu_mul: f32 rows");
+        let mut y = vec![0f32; rows * d];
+        let gated = |(out, row): (&mut [f32], &[f32])| gate_values(out, &row[..d], &row[d..]);
+        if y.len() >= PAR_MIN_VALUES {
+            y.par_chunks_mut(d).zip(gate_up.par_chunks(width)).for_each(gated);
+        } else {
+            y.chunks_mut(d).zip(gate_up.chunks(width)).for_each(gated);
+        }
+        FlexTensor::from_data(TensorData::new(y, [rows, d]))
+    }
+
+    /// Head by head and row by row, into the `[heads, t, d]` order.
+    fn rope_heads(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, positions: Vec<u32>, heads: usize, halves: bool) -> FlexTensor {
+        let [t, width] = x.layout().shape().dims::<2>();
+        let d = width / heads;
+        let half = d / 2;
+        let x = x.into_data().try_into_vec::<f32>().expect("rope_heads: f32 rows");
+        // The tables cover every position the model takes (a megabyte or more each): read
+        // in place, never copied per call.
+        let (cos, sin) = (whole_f32(&cos), whole_f32(&sin));
+        let mut y = vec![0f32; x.len()];
+        let head = |(h, out): (usize, &mut [f32])| {
+            for (r, &p) in positions.iter().enumerate() {
+                let (c, s) = (&cos[p as usize * half..][..half], &sin[p as usize * half..][..half]);
+                let src = &x[(r * heads + h) * d..][..d];
+                let dst = &mut out[r * d..][..d];
+                for j in 0..half {
+                    let (a, b) = if halves { (j, j + half) } else { (2 * j, 2 * j + 1) };
+                    let (x0, x1) = (src[a], src[b]);
+                    dst[a] = x0 * c[j] - x1 * s[j];
+                    dst[b] = x0 * s[j] + x1 * c[j];
+                }
+            }
+        };
+        if y.len() >= PAR_MIN_VALUES {
+            y.par_chunks_mut(t * d).enumerate().for_each(head);
+        } else {
+            y.chunks_mut(t * d).enumerate().for_each(head);
+        }
+        FlexTensor::from_data(TensorData::new(y, [1, heads, t, d]))
     }
 
     /// In groups of at most [`cpu_gemv::MAX_ROWS`] rows, each on a path whose per-row
@@ -221,6 +298,30 @@ pub(crate) fn weight_row_major_to_y(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32
 fn q_matmul_decoded(ty: GgmlType, x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<f32> {
     let row_bytes = k / ty.block_elems() * ty.block_bytes();
     by_weight_rows(w, row_bytes, m, n, |wrow, out| decoded_row(ty, wrow, x, m, k, out))
+}
+
+/// `out = silu(gate) * up`, on the best instruction set available (the exp's rounding is
+/// one instruction from SSE4.1 on, a library call below it).
+fn gate_values(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { gate_values_avx2(out, gate, up) };
+    }
+    gate_values_generic(out, gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gate_values_avx2(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    gate_values_generic(out, gate, up)
+}
+
+#[inline(always)]
+fn gate_values_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *y = g / (1.0 + crate::cpu_attention::exp(-g)) * u;
+    }
 }
 
 /// One weight row against every row of `x`, on the best instruction set available.

@@ -574,7 +574,7 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
 /// a degree-6 polynomial for `e^r` (relative error below 2e-7, about two f32 ulps), then
 /// `2^n` put into the exponent. Large negative `x` (a masked score) gives 0.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n ln 2 is exact in the high part.
     const LN2_HI: f32 = 0.693_145_75;

@@ -15,7 +15,7 @@
 //! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products; the other types decode element by
 //! element (`elem`), from the same field offsets as the CPU's typed blocks.
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, Shape, TensorData};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -173,6 +173,86 @@ impl QuantOps for CubeBackend {
             words as u32,
             d as u32,
             ty,
+        );
+        out
+    }
+
+    /// One cube of [`NORM_LANES`] units per row: a strided sum of squares, a shared-memory
+    /// tree sum, then the row scaled.
+    fn rms_norm(x: CubeTensor, weight: CubeTensor, eps: f64) -> CubeTensor {
+        let [rows, d] = x.meta.shape().dims::<2>();
+        let x = into_contiguous(x);
+        let weight = into_contiguous(weight);
+        let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, d]), DType::F32);
+        let client = x.client.clone();
+        rms_rows::launch(
+            &client,
+            grid(rows as u32),
+            CubeDim::new_1d(NORM_LANES),
+            x.into_buffer_arg(),
+            weight.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            rows as u32,
+            d as u32,
+            eps as f32,
+        );
+        out
+    }
+
+    /// One unit per value.
+    fn silu_mul(gate_up: CubeTensor) -> CubeTensor {
+        let [rows, width] = gate_up.meta.shape().dims::<2>();
+        let d = width / 2;
+        let gate_up = into_contiguous(gate_up);
+        let out = empty_device_dtype(gate_up.client.clone(), gate_up.device.clone(), Shape::new([rows, d]), DType::F32);
+        let units = (rows * d) as u32;
+        let client = gate_up.client.clone();
+        silu_mul_values::launch(
+            &client,
+            grid(units.div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            gate_up.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            units,
+            d as u32,
+        );
+        out
+    }
+
+    /// One unit per rotated pair. Consecutive positions (a prompt, a decode step) are a
+    /// scalar start, so a step uploads nothing; others are uploaded as a list.
+    fn rope_heads(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, positions: Vec<u32>, heads: usize, halves: bool) -> CubeTensor {
+        let [t, width] = x.meta.shape().dims::<2>();
+        let d = width / heads;
+        let x = into_contiguous(x);
+        let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
+        let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([1, heads, t, d]), DType::F32);
+        let start = positions.first().copied().unwrap_or(0);
+        let listed = positions.windows(2).any(|w| w[1] != w[0] + 1);
+        // Unlisted, the list is not read: the cosines stand in (bound twice, read-only).
+        let list = if listed {
+            <CubeBackend as burn::backend::ops::IntTensorOps<CubeBackend>>::int_from_data(TensorData::new(positions, [t]), &x.device)
+        } else {
+            cos.clone()
+        };
+        let units = (heads * t * d / 2) as u32;
+        let client = x.client.clone();
+        rope_pairs::launch(
+            &client,
+            grid(units.div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            x.into_buffer_arg(),
+            cos.into_buffer_arg(),
+            sin.into_buffer_arg(),
+            list.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            units,
+            t as u32,
+            heads as u32,
+            d as u32,
+            start,
+            listed,
+            halves,
         );
         out
     }
@@ -769,5 +849,111 @@ fn kv_mix(
             }
         }
         out[u as usize] = select(sum > 0.0f32, acc / sum, 0.0f32);
+    }
+}
+
+/// Units per cube of the RMSNorm kernel (one cube per row).
+const NORM_LANES: u32 = 64;
+/// Most cubes along one grid dimension (WebGPU's `maxComputeWorkgroupsPerDimension`).
+const GRID_X: u32 = 65535;
+
+/// `cubes` cubes as a grid of at most [`GRID_X`] per row; a kernel numbers its cube
+/// `CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X` and skips those past `cubes`.
+fn grid(cubes: u32) -> CubeCount {
+    let cubes = cubes.max(1);
+    CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), 1)
+}
+
+/// Row `CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X` of `x` (`[rows, d]`), RMS-normalised and
+/// scaled by `w`: each unit squares and sums every `NORM_LANES`-th value, the sums meet
+/// in a tree, and each unit writes its values times `1 / sqrt(mean + eps)` and the weight.
+#[cube(launch)]
+fn rms_rows(x: &[f32], w: &[f32], out: &mut [f32], rows: u32, d: u32, eps: f32) {
+    let row = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let lane = UNIT_POS_X;
+    let mut partial = 0.0f32;
+    if row < rows {
+        let mut i = lane;
+        while i < d {
+            let v = x[(row * d + i) as usize];
+            partial += v * v;
+            i += NORM_LANES;
+        }
+    }
+    let mut sums = Shared::<[f32]>::new_slice(comptime![NORM_LANES as usize]);
+    sums[lane as usize] = partial;
+    sync_cube();
+    tree_step(&mut sums, lane, lane, 32u32);
+    tree_step(&mut sums, lane, lane, 16u32);
+    tree_step(&mut sums, lane, lane, 8u32);
+    tree_step(&mut sums, lane, lane, 4u32);
+    tree_step(&mut sums, lane, lane, 2u32);
+    tree_step(&mut sums, lane, lane, 1u32);
+    if row < rows {
+        let inv = 1.0f32 / f32::sqrt(sums[0] / f32::cast_from(d) + eps);
+        let mut i = lane;
+        while i < d {
+            let at = (row * d + i) as usize;
+            out[at] = x[at] * inv * w[i as usize];
+            i += NORM_LANES;
+        }
+    }
+}
+
+/// One rotated pair per unit: pair `j` of head `h` of row `r` of `x` (`[t, heads, d]`),
+/// rotated for position `start + r` (or `list[r]`), written to `out[h, r]` (`[heads, t, d]`).
+#[allow(clippy::too_many_arguments)]
+#[cube(launch)]
+fn rope_pairs(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    list: &[u32],
+    out: &mut [f32],
+    units: u32,
+    t: u32,
+    heads: u32,
+    d: u32,
+    start: u32,
+    #[comptime] listed: bool,
+    #[comptime] halves: bool,
+) {
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
+    if u < units {
+        let half = d / 2;
+        let j = u % half;
+        let hr = u / half;
+        let r = hr % t;
+        let h = hr / t;
+        let mut p = start + r;
+        if comptime![listed] {
+            p = list[r as usize];
+        }
+        let c = cos[(p * half + j) as usize];
+        let s = sin[(p * half + j) as usize];
+        let mut a = 2 * j;
+        let mut b = 2 * j + 1;
+        if comptime![halves] {
+            a = j;
+            b = j + half;
+        }
+        let src = (r * heads + h) * d;
+        let dst = (h * t + r) * d;
+        let x0 = x[(src + a) as usize];
+        let x1 = x[(src + b) as usize];
+        out[(dst + a) as usize] = x0 * c - x1 * s;
+        out[(dst + b) as usize] = x0 * s + x1 * c;
+    }
+}
+
+/// `silu(gate) * up`, value by value: value `c` of row `r` from `gate_up[r, c]` and
+/// `gate_up[r, d + c]`.
+#[cube(launch)]
+fn silu_mul_values(gate_up: &[f32], out: &mut [f32], units: u32, d: u32) {
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
+    if u < units {
+        let at = (u / d) * 2 * d + u % d;
+        let g = gate_up[at as usize];
+        out[u as usize] = g / (1.0f32 + f32::exp(-g)) * gate_up[(at + d) as usize];
     }
 }

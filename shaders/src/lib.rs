@@ -95,6 +95,38 @@ pub trait QuantOps: Backend {
     /// # Shapes
     /// - q: `[1, heads, rows, d]`; k, v: `[heads, capacity, words]` (u32); bias: `[1, 1, rows, keys]`
     /// - returns `[1, heads, rows, d]`
+    /// RMSNorm of each row, `x / sqrt(mean(x^2) + eps) * weight`, as one kernel (burn's
+    /// ops compose it from six, each a dispatch on wgpu and a pass over memory on the CPU).
+    ///
+    /// # Shapes
+    /// - x: `[rows, d]`, weight: `[d]` -> `[rows, d]`
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+
+    /// SwiGLU's gating, `silu(gate) * up = gate / (1 + exp(-gate)) * up`, as one kernel
+    /// (burn composes it from three), on the gate and up projections' joined output: no
+    /// strided view of either is copied out first.
+    ///
+    /// # Shapes
+    /// - gate_up: `[rows, 2 d]` (gate, then up, in each row) -> `[rows, d]`
+    fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Rotary position embedding of `t` rows of `heads` heads each, the heads split out
+    /// as attention reads them, in one kernel: row `i` is rotated for position
+    /// `positions[i]` by that row of the `cos` / `sin` tables. The pairs are `(j, j + d/2)`
+    /// when `halves` ("rotate_half", Hugging Face checkpoints), else `(2j, 2j + 1)` (GGUF).
+    ///
+    /// # Shapes
+    /// - x: `[t, heads * d]`; cos, sin: `[max_pos, d / 2]`; positions: `t` values
+    /// - returns `[1, heads, t, d]`
+    fn rope_heads(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        positions: Vec<u32>,
+        heads: usize,
+        halves: bool,
+    ) -> FloatTensor<Self>;
+
     #[allow(clippy::too_many_arguments)]
     fn kv_attention(
         q: FloatTensor<Self>,
@@ -151,6 +183,50 @@ pub fn kv_attention(
         bias.into_dispatch(),
         scale,
         mask,
+    );
+    Tensor::<4>::from_dispatch(out)
+}
+
+/// [`QuantOps::rms_norm`] on any device.
+///
+/// # Shapes
+/// - x: `[rows, d]`, weight: `[d]` -> `[rows, d]`
+pub fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f64) -> Tensor<2> {
+    let out = <burn::backend::Dispatch as QuantOps>::rms_norm(x.into_dispatch(), weight.clone().into_dispatch(), eps);
+    Tensor::<2>::from_dispatch(out)
+}
+
+/// [`QuantOps::silu_mul`] on any device.
+///
+/// # Shapes
+/// - gate_up: `[rows, 2 d]` -> `[rows, d]`
+pub fn silu_mul(gate_up: Tensor<2>) -> Tensor<2> {
+    assert!(gate_up.dims()[1].is_multiple_of(2), "silu_mul: an odd row of gate and up");
+    Tensor::<2>::from_dispatch(<burn::backend::Dispatch as QuantOps>::silu_mul(gate_up.into_dispatch()))
+}
+
+/// [`QuantOps::rope_heads`] on any device.
+///
+/// # Shapes
+/// - x: `[t, heads * d]`; cos, sin: `[max_pos, d / 2]` -> `[1, heads, t, d]`
+pub fn rope_heads(x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>, positions: &[usize], heads: usize, halves: bool) -> Tensor<4> {
+    let [t, width] = x.dims();
+    let [max_pos, half] = cos.dims();
+    assert!(
+        positions.len() == t && width == heads * 2 * half,
+        "rope_heads: {t} rows of {width} for {} positions, {heads} heads of {}",
+        positions.len(),
+        2 * half
+    );
+    assert!(positions.iter().all(|&p| p < max_pos), "rope_heads: a position past the table's {max_pos}");
+    let positions = positions.iter().map(|&p| p as u32).collect();
+    let out = <burn::backend::Dispatch as QuantOps>::rope_heads(
+        x.into_dispatch(),
+        cos.clone().into_dispatch(),
+        sin.clone().into_dispatch(),
+        positions,
+        heads,
+        halves,
     );
     Tensor::<4>::from_dispatch(out)
 }

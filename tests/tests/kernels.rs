@@ -92,3 +92,117 @@ fn upload_keeps_blocks_as_they_are() {
     assert_eq!(qm.device_bytes(), blocks.len() + 4);
     assert!(QuantMatrix::upload(GgmlType::Q4_1, &blocks[1..], 64, 32, &at).is_err());
 }
+
+/// RMSNorm in f64 from the same f32 inputs.
+fn rms_reference(x: &[f32], w: &[f32], d: usize, eps: f64) -> Vec<f32> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (ms + eps).sqrt();
+            row.iter().zip(w).map(move |(&v, &w)| (f64::from(v) * inv * f64::from(w)) as f32)
+        })
+        .collect()
+}
+
+/// The fused RMSNorm (one kernel) against f64 on every device: a decode row, a few odd
+/// rows, a row shorter than the kernel's lanes, and more rows than one grid dimension
+/// holds (WebGPU's 65,535 workgroups), from a column slice as a stacked projection gives.
+#[test]
+fn rms_norm_matches_f64() {
+    for (rows, d) in [(1, 576), (7, 80), (3, 5), (70_000, 8)] {
+        let wide = values(rows * (d + 3), 11 + rows as u64);
+        let w = values(d, 5);
+        let x: Vec<f32> = wide.chunks(d + 3).flat_map(|r| r[3..].to_vec()).collect();
+        let expected = rms_reference(&x, &w, d, 1e-5);
+        for (name, at) in test_devices() {
+            let device = at.device.clone();
+            let xt = Tensor::<2>::from_data(TensorData::new(wide.clone(), [rows, d + 3]), &device).narrow(1, 3, d);
+            let wt = Tensor::<1>::from_data(TensorData::new(w.clone(), [d]), &device);
+            let got = vidllm_shaders::rms_norm(xt, &wt, 1e-5).into_data().try_into_vec::<f32>().unwrap();
+            let (diff, mag) = max_abs_diff(&got, &expected);
+            println!("rms_norm {rows}x{d} on {name}: max |diff| {diff:.3e} (max |y| {mag:.2})");
+            // f32 rounding: each of 64 lanes sums d / 64 squares, a 6-level tree joins
+            // them, then a division, a square root and two products.
+            let bound = (d.div_ceil(64) + 6 + 4) as f32 * f32::EPSILON * mag;
+            assert!(diff <= bound, "rms_norm {rows}x{d} on {name}: diff {diff} over {bound}");
+        }
+    }
+}
+
+/// RoPE with the heads split out, in f64 from the same f32 tables: rows `[t, heads * d]`
+/// -> `[heads, t, d]`.
+fn rope_reference(x: &[f32], cos: &[f32], sin: &[f32], positions: &[usize], heads: usize, d: usize, halves: bool) -> Vec<f32> {
+    let (t, half) = (positions.len(), d / 2);
+    let mut y = vec![0f32; x.len()];
+    for h in 0..heads {
+        for (r, &p) in positions.iter().enumerate() {
+            for j in 0..half {
+                let (a, b) = if halves { (j, j + half) } else { (2 * j, 2 * j + 1) };
+                let (x0, x1) = (f64::from(x[(r * heads + h) * d + a]), f64::from(x[(r * heads + h) * d + b]));
+                let (c, s) = (f64::from(cos[p * half + j]), f64::from(sin[p * half + j]));
+                y[(h * t + r) * d + a] = (x0 * c - x1 * s) as f32;
+                y[(h * t + r) * d + b] = (x0 * s + x1 * c) as f32;
+            }
+        }
+    }
+    y
+}
+
+/// The fused RoPE (one kernel, heads split out) against f64 on every device: both pair
+/// layouts; consecutive positions (a prompt, a decode step) and listed ones (a reduced
+/// video's kept tokens, a batched decode step); queries sliced out of a stacked product.
+#[test]
+fn rope_heads_matches_f64() {
+    let max_pos = 40;
+    for (heads, d) in [(3, 64), (2, 16)] {
+        let half = d / 2;
+        let (cos, sin) = (values(max_pos * half, 21), values(max_pos * half, 22));
+        for positions in [vec![9], (4..9).collect(), vec![0, 1, 5, 6, 30, 39], vec![7, 3, 3]] {
+            let t = positions.len();
+            let wide = values(t * (heads * d + 8), 31 + t as u64);
+            let x: Vec<f32> = wide.chunks(heads * d + 8).flat_map(|r| r[8..].to_vec()).collect();
+            for halves in [false, true] {
+                let expected = rope_reference(&x, &cos, &sin, &positions, heads, d, halves);
+                for (name, at) in test_devices() {
+                    let device = at.device.clone();
+                    let table = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [max_pos, half]), &device);
+                    let xt = Tensor::<2>::from_data(TensorData::new(wide.clone(), [t, heads * d + 8]), &device).narrow(1, 8, heads * d);
+                    let y = vidllm_shaders::rope_heads(xt, &table(&cos), &table(&sin), &positions, heads, halves);
+                    assert_eq!(y.dims(), [1, heads, t, d]);
+                    let got = y.into_data().try_into_vec::<f32>().unwrap();
+                    let (diff, mag) = max_abs_diff(&got, &expected);
+                    println!("rope {heads}x{d} at {positions:?} halves={halves} on {name}: max |diff| {diff:.3e} (max |y| {mag:.2})");
+                    // Two products and a sum in f32, with |cos|, |sin| <= 1 and |x| <= 1.
+                    let bound = 3.0 * f32::EPSILON;
+                    assert!(diff <= bound, "rope {heads}x{d} at {positions:?} halves={halves} on {name}: diff {diff} over {bound}");
+                }
+            }
+        }
+    }
+}
+
+/// SwiGLU's fused gating (on gate and up side by side, as the stacked product gives them)
+/// against f64 on every device, value by value: WGSL's `exp` is
+/// within `3 + 2|x|` ulp, then a sum, a division and a product each round once.
+#[test]
+fn silu_mul_matches_f64() {
+    let (rows, d) = (3, 1537);
+    let gate: Vec<f32> = values(rows * d, 41).iter().map(|v| v * 12.0).collect();
+    let up = values(rows * d, 42);
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let joined: Vec<f32> = gate.chunks(d).zip(up.chunks(d)).flat_map(|(g, u)| [g, u].concat()).collect();
+        let gate_up = Tensor::<2>::from_data(TensorData::new(joined, [rows, 2 * d]), &device);
+        let got = vidllm_shaders::silu_mul(gate_up).into_data().try_into_vec::<f32>().unwrap();
+        let mut worst = 0f64;
+        for ((&y, &g), &u) in got.iter().zip(&gate).zip(&up) {
+            let (g, u) = (f64::from(g), f64::from(u));
+            let expected = g / (1.0 + (-g).exp()) * u;
+            let bound = (6.0 + 2.0 * g.abs()) * f64::from(f32::EPSILON) * expected.abs() + f64::from(f32::MIN_POSITIVE);
+            let diff = (f64::from(y) - expected).abs();
+            assert!(diff <= bound, "silu_mul on {name}: gate {g} up {u}: {y} against {expected}");
+            worst = worst.max(diff / bound);
+        }
+        println!("silu_mul {rows}x{d} on {name}: worst error {worst:.2} of its bound");
+    }
+}

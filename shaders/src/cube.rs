@@ -540,6 +540,16 @@ fn tree_step(sums: &mut [f32], slot: u32, lane: u32, #[comptime] stride: u32) {
     sync_cube();
 }
 
+/// The tree sum of the 32 lanes `slot - lane ..` into `slot - lane` (`lane` < 32).
+#[cube]
+fn tree_sum32(sums: &mut [f32], slot: u32, lane: u32) {
+    tree_step(sums, slot, lane, 16u32);
+    tree_step(sums, slot, lane, 8u32);
+    tree_step(sums, slot, lane, 4u32);
+    tree_step(sums, slot, lane, 2u32);
+    tree_step(sums, slot, lane, 1u32);
+}
+
 #[cube(launch)]
 fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[comptime] ty: u32) {
     let lane = UNIT_POS_X;
@@ -560,12 +570,7 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
     let slot = UNIT_POS_Y * LANES + lane;
     sums[slot as usize] = partial;
     sync_cube();
-    // Tree sum over the 32 lanes of this output.
-    tree_step(&mut sums, slot, lane, 16u32);
-    tree_step(&mut sums, slot, lane, 8u32);
-    tree_step(&mut sums, slot, lane, 4u32);
-    tree_step(&mut sums, slot, lane, 2u32);
-    tree_step(&mut sums, slot, lane, 1u32);
+    tree_sum32(&mut sums, slot, lane);
     if lane == 0 && row < n {
         out[(mrow * n + row) as usize] = sums[slot as usize];
     }
@@ -884,11 +889,7 @@ fn rms_rows(x: &[f32], w: &[f32], out: &mut [f32], rows: u32, d: u32, eps: f32) 
     sums[lane as usize] = partial;
     sync_cube();
     tree_step(&mut sums, lane, lane, 32u32);
-    tree_step(&mut sums, lane, lane, 16u32);
-    tree_step(&mut sums, lane, lane, 8u32);
-    tree_step(&mut sums, lane, lane, 4u32);
-    tree_step(&mut sums, lane, lane, 2u32);
-    tree_step(&mut sums, lane, lane, 1u32);
+    tree_sum32(&mut sums, lane, lane);
     if row < rows {
         let inv = 1.0f32 / f32::sqrt(sums[0] / f32::cast_from(d) + eps);
         let mut i = lane;

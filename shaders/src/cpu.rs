@@ -118,12 +118,12 @@ impl QuantOps for Flex {
     /// from [`PAR_MIN_VALUES`] values on.
     fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f64) -> FlexTensor {
         let [rows, d] = x.layout().shape().dims::<2>();
-        let w = weight.into_data().try_into_vec::<f32>().expect("rms_norm: f32 weight");
+        let w = whole_f32(&weight);
         let mut y = x.into_data().try_into_vec::<f32>().expect("rms_norm: f32 rows");
         let norm = |row: &mut [f32]| {
             let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / d as f64;
             let inv = (1.0 / (ms + eps).sqrt()) as f32;
-            row.iter_mut().zip(&w).for_each(|(v, &w)| *v = *v * inv * w);
+            row.iter_mut().zip(w).for_each(|(v, &w)| *v = *v * inv * w);
         };
         if y.len() >= PAR_MIN_VALUES {
             y.par_chunks_mut(d).for_each(norm);

@@ -132,7 +132,7 @@ impl QuantOps for CubeBackend {
         let [_, cap, words] = k.meta.shape().dims::<3>();
         let q = into_contiguous(q);
         let client = q.client.clone();
-        let scores = empty_device_dtype(client.clone(), q.device.clone(), Shape::new([heads, qrows, keys]), DType::F32);
+        let scores = empty_f32(&q, [heads, qrows, keys]);
         let units = (heads * qrows * keys) as u32;
         let masked = mask != crate::Mask::None;
         // Without a mask the bias is not read: the queries stand in (bound twice, both
@@ -157,7 +157,7 @@ impl QuantOps for CubeBackend {
             ty,
             masked,
         );
-        let out = empty_device_dtype(client.clone(), scores.device.clone(), Shape::new([1, heads, qrows, d]), DType::F32);
+        let out = empty_f32(&scores, [1, heads, qrows, d]);
         let units = (heads * qrows * d) as u32;
         kv_mix::launch(
             &client,
@@ -183,7 +183,7 @@ impl QuantOps for CubeBackend {
         let [rows, d] = x.meta.shape().dims::<2>();
         let x = into_contiguous(x);
         let weight = into_contiguous(weight);
-        let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, d]), DType::F32);
+        let out = empty_f32(&x, [rows, d]);
         let client = x.client.clone();
         rms_rows::launch(
             &client,
@@ -204,7 +204,7 @@ impl QuantOps for CubeBackend {
         let [rows, width] = gate_up.meta.shape().dims::<2>();
         let d = width / 2;
         let gate_up = into_contiguous(gate_up);
-        let out = empty_device_dtype(gate_up.client.clone(), gate_up.device.clone(), Shape::new([rows, d]), DType::F32);
+        let out = empty_f32(&gate_up, [rows, d]);
         let units = (rows * d) as u32;
         let client = gate_up.client.clone();
         silu_mul_values::launch(
@@ -226,7 +226,7 @@ impl QuantOps for CubeBackend {
         let d = width / heads;
         let x = into_contiguous(x);
         let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
-        let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([1, heads, t, d]), DType::F32);
+        let out = empty_f32(&x, [1, heads, t, d]);
         let start = positions.first().copied().unwrap_or(0);
         let listed = positions.windows(2).any(|w| w[1] != w[0] + 1);
         // Unlisted, the list is not read: the cosines stand in (bound twice, read-only).
@@ -267,7 +267,7 @@ impl QuantOps for CubeBackend {
         let gt = ty_from_id(ty);
         let x = into_contiguous(x);
         let m = x.meta.shape().num_elements() / k;
-        let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), DType::F32);
+        let out = empty_f32(&x, [m, n]);
         // Bytes per block, or per group of 32 for F16 / BF16 (blocks of one element).
         let bb = (gt.block_bytes() * (crate::GROUP / gt.block_elems()).max(1)) as u32;
         let nb = (k / crate::GROUP) as u32;
@@ -304,6 +304,11 @@ impl QuantOps for CubeBackend {
         }
         out
     }
+}
+
+/// A new f32 tensor of `dims` on `like`'s device (every kernel here writes f32 outputs).
+fn empty_f32<const D: usize>(like: &CubeTensor, dims: [usize; D]) -> CubeTensor {
+    empty_device_dtype(like.client.clone(), like.device.clone(), Shape::new(dims), DType::F32)
 }
 
 /// Byte `off` of the word buffer.

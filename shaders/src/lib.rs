@@ -88,13 +88,6 @@ pub trait QuantOps: Backend {
     /// - cache: `[heads, rows, words]` (u32); x: `[heads, t, d]` (f32) -> `[heads, rows, words]`
     fn kv_write(cache: IntTensor<Self>, x: FloatTensor<Self>, ty: u32, start: usize) -> IntTensor<Self>;
 
-    /// [`QuantOps::attention`] over the first `keys` rows of packed caches (as
-    /// [`QuantOps::kv_write`] writes them): the CPU reads the blocks where it uses them;
-    /// wgpu decodes them as it reads them too (`kv_scores`, then `kv_mix`'s online softmax).
-    ///
-    /// # Shapes
-    /// - q: `[1, heads, rows, d]`; k, v: `[heads, capacity, words]` (u32); bias: `[1, 1, rows, keys]`
-    /// - returns `[1, heads, rows, d]`
     /// RMSNorm of each row, `x / sqrt(mean(x^2) + eps) * weight`, as one kernel (burn's
     /// ops compose it from six, each a dispatch on wgpu and a pass over memory on the CPU).
     ///
@@ -127,6 +120,13 @@ pub trait QuantOps: Backend {
         halves: bool,
     ) -> FloatTensor<Self>;
 
+    /// [`QuantOps::attention`] over the first `keys` rows of packed caches (as
+    /// [`QuantOps::kv_write`] writes them): the CPU reads the blocks where it uses them;
+    /// wgpu decodes them as it reads them too (`kv_scores`, then `kv_mix`'s online softmax).
+    ///
+    /// # Shapes
+    /// - q: `[1, heads, rows, d]`; k, v: `[heads, capacity, words]` (u32); bias: `[1, 1, rows, keys]`
+    /// - returns `[1, heads, rows, d]`
     #[allow(clippy::too_many_arguments)]
     fn kv_attention(
         q: FloatTensor<Self>,

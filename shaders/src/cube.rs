@@ -99,7 +99,7 @@ impl QuantOps for CubeBackend {
         let client = x.client.clone();
         kv_pack::launch(
             &client,
-            CubeCount::Static(units.div_ceil(KV_UNITS), 1, 1),
+            grid(units.div_ceil(KV_UNITS)),
             CubeDim::new_1d(KV_UNITS),
             x.into_buffer_arg(),
             cache.clone().into_buffer_arg(),
@@ -141,7 +141,7 @@ impl QuantOps for CubeBackend {
         let bias = if masked { into_contiguous(bias) } else { q.clone() };
         kv_scores::launch(
             &client,
-            CubeCount::Static(units.div_ceil(KV_UNITS).max(1), 1, 1),
+            grid(units.div_ceil(KV_UNITS)),
             CubeDim::new_1d(KV_UNITS),
             q.into_buffer_arg(),
             k.into_buffer_arg(),
@@ -161,7 +161,7 @@ impl QuantOps for CubeBackend {
         let units = (heads * qrows * d) as u32;
         kv_mix::launch(
             &client,
-            CubeCount::Static(units.div_ceil(KV_UNITS).max(1), 1, 1),
+            grid(units.div_ceil(KV_UNITS)),
             CubeDim::new_1d(KV_UNITS),
             scores.into_buffer_arg(),
             v.into_buffer_arg(),
@@ -709,7 +709,7 @@ fn round_away(v: f32) -> f32 {
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 fn kv_pack(x: &[f32], cache: &mut [u32], units: u32, t: u32, rows: u32, start: u32, words: u32, d: u32, #[comptime] ty: u32) {
-    let u = CUBE_POS_X * KV_UNITS + UNIT_POS_X;
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     if u < units {
         let src = u * d;
         let row = ((u / t) * rows + start + u % t) * words;
@@ -793,7 +793,7 @@ fn kv_scores(
     #[comptime] ty: u32,
     #[comptime] masked: bool,
 ) {
-    let u = CUBE_POS_X * KV_UNITS + UNIT_POS_X;
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     if u < units {
         let key = u % keys;
         let hr = u / keys;
@@ -829,7 +829,7 @@ fn kv_mix(
     d: u32,
     #[comptime] ty: u32,
 ) {
-    let u = CUBE_POS_X * KV_UNITS + UNIT_POS_X;
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     if u < units {
         let c = u % d;
         let hr = u / d;

@@ -66,9 +66,15 @@ fn kv_write_packs_as_ggml_on_every_device() {
 
 #[test]
 fn kv_attention_matches_f64_on_every_device() {
-    // A decode step (three query rows of one group, all keys) and a prefill chunk (seven
-    // positions of two query heads, causal), on caches with room to spare.
-    let cases = [(3, 3, 70, 96, 64, Mask::None), (2, 14, 40, 48, 32, Mask::Causal { t: 7, start: 33 })];
+    // A decode step (three query rows of one group, all keys), a prefill chunk (seven
+    // positions of two query heads, causal), on caches with room to spare, and a long
+    // chunk whose scores take more workgroups than one grid dimension holds (WebGPU's
+    // 65,535: 1,025 x 4,096 scores are 65,600 workgroups of 64).
+    let cases = [
+        (3, 3, 70, 96, 64, Mask::None),
+        (2, 14, 40, 48, 32, Mask::Causal { t: 7, start: 33 }),
+        (1, 1025, 4096, 4096, 32, Mask::Causal { t: 1025, start: 3071 }),
+    ];
     for ty in PACKED {
         for (heads, rows, keys, capacity, d, mask) in cases {
             let k = values(heads * keys * d, 21);

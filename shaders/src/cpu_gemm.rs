@@ -26,6 +26,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::cpu_hot::SendPtr;
 use crate::cpu_int::{G, IntActs, IntCodes, QB};
 use vidllm_core::ggml::{GgmlType, blocks};
 
@@ -113,27 +114,29 @@ fn matmul_on(isa: Isa, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<
         .step_by(task_rows)
         .flat_map(|i0| (0..n).step_by(band).map(move |j0| (i0..(i0 + task_rows).min(m), j0..(j0 + band).min(n))))
         .collect();
-    let parts: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|(rows, cols)| {
-            let mut out = vec![0f32; rows.len() * cols.len()];
-            let wband = &w[cols.start * row_bytes..cols.end * row_bytes];
-            vidllm_core::with_block!(ty, B => task::<B>(isa, wband, cols.len(), acts, rows.clone(), &mut out),
-                else unreachable!("float types take the f32 path"));
-            out
-        })
-        .collect();
-    // Each task's rectangle copied into its place, rows of y in parallel.
-    let mut y = vec![0f32; m * n];
-    y.par_chunks_mut(n).enumerate().for_each(|(i, yrow)| {
-        for ((rows, cols), part) in tasks.iter().zip(&parts) {
-            if rows.contains(&i) {
-                let src = &part[(i - rows.start) * cols.len()..][..cols.len()];
-                yrow[cols.clone()].copy_from_slice(src);
-            }
-        }
+    // Each task writes its rectangle of y in place: the rectangles are disjoint and cover
+    // y, so every value is written once (a copy of each task's part into y, and the
+    // zeroing of a fresh y, were a twentieth of a prefill).
+    let mut y = Vec::<f32>::with_capacity(m * n);
+    let base = SendPtr(y.as_mut_ptr());
+    tasks.par_iter().for_each(|(rows, cols)| {
+        let wband = &w[cols.start * row_bytes..cols.end * row_bytes];
+        // SAFETY: inside y's capacity; no other task writes this rectangle.
+        let out = Out { at: unsafe { base.get().add(rows.start * n + cols.start) }, ld: n };
+        vidllm_core::with_block!(ty, B => task::<B>(isa, wband, cols.len(), acts, rows.clone(), out),
+            else unreachable!("float types take the f32 path"));
     });
+    // SAFETY: the tasks wrote all m * n values.
+    unsafe { y.set_len(m * n) };
     y
+}
+
+/// Where a task writes its rectangle of `y`: value `(i, j)` of the rectangle at
+/// `at + i * ld + j`.
+#[derive(Clone, Copy)]
+struct Out {
+    at: *mut f32,
+    ld: usize,
 }
 
 /// A band of weight rows widened for the micro-kernel.
@@ -181,9 +184,9 @@ struct Tile {
     dsums: [*const f32; RA],
 }
 
-/// One task: activation rows `rows` against the `nw` weight rows of `wband`, into
-/// `out[(i - rows.start) * nw + j]`.
-fn task<B: IntCodes>(isa: Isa, wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: &mut [f32]) {
+/// One task: activation rows `rows` against the `nw` weight rows of `wband`, into its
+/// rectangle `out`.
+fn task<B: IntCodes>(isa: Isa, wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: Out) {
     // SAFETY: the kernels' features were detected (`isas`).
     unsafe {
         match isa {
@@ -199,14 +202,7 @@ fn task<B: IntCodes>(isa: Isa, wband: &[u8], nw: usize, acts: &IntActs, rows: Ra
 /// products vectorise with it); `kernel` gives the `PAIRS` sums of a tile, offsets
 /// included.
 #[inline(always)]
-fn task_body<B: IntCodes>(
-    wband: &[u8],
-    nw: usize,
-    acts: &IntActs,
-    rows: Range<usize>,
-    out: &mut [f32],
-    kernel: impl Fn(&Tile) -> [f32; PAIRS],
-) {
+fn task_body<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: Out, kernel: impl Fn(&Tile) -> [f32; PAIRS]) {
     let k = acts.k;
     let (nch, ng) = (k / QB, k / G);
     let slots = if B::SHARED32 { nch } else { ng };
@@ -244,7 +240,8 @@ fn task_body<B: IntCodes>(
                 let sums = kernel(&tile);
                 for r in 0..RW.min(nw - j0) {
                     for i in 0..RA.min(rows.end - i0) {
-                        out[(i0 + i - rows.start) * nw + j0 + r] = sums[r * RA + i];
+                        // SAFETY: inside the task's rectangle (`matmul_on`).
+                        unsafe { *out.at.add((i0 + i - rows.start) * out.ld + j0 + r) = sums[r * RA + i] };
                     }
                 }
             }
@@ -299,7 +296,7 @@ pub(crate) mod avx512 {
     use super::*;
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: &mut [f32]) {
+    pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: Out) {
         // SAFETY: the tile's pointers cover its rows (`task_body`); features as ours.
         task_body::<B>(wband, nw, acts, rows, out, |t| unsafe { kernel::<B>(t) })
     }
@@ -385,7 +382,7 @@ mod avx2 {
     use crate::cpu_int::avx2::hsum;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: &mut [f32]) {
+    pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: Out) {
         // SAFETY: the tile's pointers cover its rows (`task_body`); features as ours.
         task_body::<B>(wband, nw, acts, rows, out, |t| unsafe { kernel::<B>(t) })
     }

@@ -4,7 +4,7 @@
 // CPU profile (self time by function) over the decode steps. A diagnostic, not a test.
 //
 //   VIDLLM_WASM_NAMES=1 bash web/build.sh   # the profile names wasm functions only then
-//   node tests/scripts/profile_webgpu_step.mjs MODEL.gguf [--tokens 4] [--top 25]
+//   node tests/scripts/profile_webgpu_step.mjs MODEL.gguf [--tokens 4] [--top 25] [--kv f32|f16|q8_0|q4_0]
 //
 // Step 0 is the prefill (up to the first piece); steps 1.. are decode steps. "api ms" is
 // the time spent inside the WebGPU calls themselves (validation, IPC to the GPU process);
@@ -19,9 +19,10 @@ const { chromium } = createRequire(join(root, "web/package.json"))("playwright-c
 const args = process.argv.slice(2);
 const opt = (name, dflt) => { const i = args.indexOf(`--${name}`); return i >= 0 ? args[i + 1] : dflt; };
 const model = args[0];
-if (!model || model.startsWith("--")) { console.error("usage: profile_webgpu_step.mjs MODEL.gguf [--tokens N] [--top N]"); process.exit(2); }
+if (!model || model.startsWith("--")) { console.error("usage: profile_webgpu_step.mjs MODEL.gguf [--tokens N] [--top N] [--kv TYPE]"); process.exit(2); }
 const tokens = Number(opt("tokens", 4));
 const top = Number(opt("top", 25));
+const kv = opt("kv", undefined);
 
 const page = `<!doctype html><meta charset="utf-8"><title>profile</title><script type="module">
 // Every call of these WebGPU methods is counted and timed (the time inside the call).
@@ -50,8 +51,8 @@ wrap(GPUComputePipeline.prototype, ["getBindGroupLayout"], "pipeline");
 const long = [];
 new PerformanceObserver((l) => { for (const e of l.getEntries()) long.push({ start: e.startTime, ms: e.duration }); }).observe({ type: "longtask" });
 const { VidLLM } = await import("/web/js/vidllm.js");
-window.run = async ({ prompt, tokens }) => {
-  const rt = await VidLLM.load({ model: "/model.gguf", device: "webgpu", worker: false });
+window.run = async ({ prompt, tokens, kv }) => {
+  const rt = await VidLLM.load({ model: "/model.gguf", device: "webgpu", worker: false, kv });
   await new Promise((r) => setTimeout(r, 200));
   const steps = [];
   stats.clear();
@@ -103,14 +104,14 @@ try {
   await cdp.send("Profiler.enable");
   await cdp.send("Profiler.setSamplingInterval", { interval: 1000 });
   await p.exposeFunction("startProfile", () => cdp.send("Profiler.start"));
-  steps = await p.evaluate((a) => window.run(a), { prompt: "The river runs from the mountains to the sea, past farms and towns.", tokens });
+  steps = await p.evaluate((a) => window.run(a), { prompt: "The river runs from the mountains to the sea, past farms and towns.", tokens, kv });
   ({ profile } = await cdp.send("Profiler.stop"));
 } finally {
   await b.close();
   server.close();
 }
 
-console.log(`Chromium ${b.version()}, WebGPU on SwiftShader, ${model.split("/").at(-1)}, in the page (worker: false)`);
+console.log(`Chromium ${b.version()}, WebGPU on SwiftShader, ${model.split("/").at(-1)}, KV cache ${kv ?? "default"}, in the page (worker: false)`);
 console.log("");
 const keys = [...new Set(steps.flatMap((s) => Object.keys(s.calls)))].sort();
 console.log(`| step | wall ms | long tasks ms | api ms | ${keys.join(" | ")} |`);

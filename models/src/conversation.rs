@@ -27,7 +27,7 @@ use web_time::Instant;
 
 use crate::framefusion::{FrameFusion, FusionReport, Plan};
 use crate::generate::{GenerateParams, Piece, Timings, read_row, read_row_async};
-use crate::kv_cache::{KvCache, KvType};
+use crate::kv_cache::{KvCache, KvChoice, KvType};
 use crate::llama::{Llama, Logits};
 use crate::merge::{Visual, merge_embeddings, merge_patches, merge_positions};
 use crate::video_model::VideoModel;
@@ -230,10 +230,11 @@ impl Conversation {
     }
 
     /// Keep the keys and values in `kv` from now on (a new conversation starts, with a
-    /// new cache of the same context). Refused where the decoder's heads are not whole
-    /// blocks of the type.
-    pub fn set_kv(&mut self, kv: KvType) -> Result<(), String> {
+    /// new cache of the same context): a type, or [`KvChoice::Auto`]'s for this decoder.
+    /// Refused where the decoder's heads are not whole blocks of the type.
+    pub fn set_kv(&mut self, kv: impl Into<KvChoice>) -> Result<(), String> {
         let decoder = self.model.decoder();
+        let kv = kv.into().resolve(decoder.cfg.d_head);
         if !kv.fits(decoder.cfg.d_head) {
             return Err(format!("a {kv} KV cache needs heads of whole 32-value blocks; this decoder's heads are {}", decoder.cfg.d_head));
         }

@@ -91,6 +91,61 @@ impl std::str::FromStr for KvType {
     }
 }
 
+/// The KV cache type a front end asks for (`--kv`, Python's `kv=`, the browser's `kv`):
+/// one type, or `auto`, the default: f16 where the decoder's heads are whole blocks of 32
+/// values ([`KvType::fits`]), f32 where they are not.
+///
+/// f16 is llama.cpp's default too. Measured against f32 on SmolLM2-135M (2026-12-04):
+/// - it takes half the memory (22.0 against 43.9 MiB per 1,000 tokens);
+/// - its logits stay within 0.021 of f32's, with the same argmax at every position of the
+///   parity cases;
+/// - on the CPU, prefill is unchanged and decode at depth 1,024 is 1-18% faster;
+/// - on lavapipe, decode at depth 512 is 37% faster, and a 256-token prefill 9% slower;
+/// - in Chromium on SwiftShader, a decode step takes 453 dispatches instead of 753.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvChoice {
+    #[default]
+    Auto,
+    Fixed(KvType),
+}
+
+impl KvChoice {
+    /// The type a decoder with heads of `d_head` keeps its cache in.
+    pub fn resolve(self, d_head: usize) -> KvType {
+        match self {
+            KvChoice::Fixed(ty) => ty,
+            KvChoice::Auto if KvType::F16.fits(d_head) => KvType::F16,
+            KvChoice::Auto => KvType::F32,
+        }
+    }
+}
+
+impl From<KvType> for KvChoice {
+    fn from(ty: KvType) -> Self {
+        KvChoice::Fixed(ty)
+    }
+}
+
+impl std::fmt::Display for KvChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvChoice::Auto => f.write_str("auto"),
+            KvChoice::Fixed(ty) => ty.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for KvChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(KvChoice::Auto);
+        }
+        s.parse().map(KvChoice::Fixed).map_err(|e: String| e.replace(" (one of ", " (auto, or one of "))
+    }
+}
+
 /// Per-layer storage.
 enum Store {
     F32 { k: Vec<Tensor<4>>, v: Vec<Tensor<4>> },
@@ -427,6 +482,24 @@ mod tests {
         assert!(err.contains("f32, f16, q8_0, q4_0"), "{err}");
         assert!(KvType::Q8_0.fits(64) && KvType::Q4_0.fits(96) && KvType::F16.fits(32));
         assert!(!KvType::Q8_0.fits(80) && !KvType::F16.fits(48) && KvType::F32.fits(80));
+    }
+
+    /// `auto` is the default, f16 where the heads fit it and f32 where they do not; a named
+    /// type is kept as named (`set_kv` refuses it if it does not fit).
+    #[test]
+    fn the_default_choice_is_f16_where_heads_fit() {
+        assert_eq!(KvChoice::default(), KvChoice::Auto);
+        assert_eq!("auto".parse::<KvChoice>(), Ok(KvChoice::Auto));
+        assert_eq!("Q8_0".parse::<KvChoice>(), Ok(KvChoice::Fixed(KvType::Q8_0)));
+        let err = "q5".parse::<KvChoice>().unwrap_err();
+        assert!(err.contains("unknown KV cache type \"q5\" (auto, or one of f32, f16, q8_0, q4_0)"), "{err}");
+        assert_eq!(KvChoice::Auto.resolve(64), KvType::F16);
+        assert_eq!(KvChoice::Auto.resolve(128), KvType::F16);
+        assert_eq!(KvChoice::Auto.resolve(48), KvType::F32);
+        assert_eq!(KvChoice::Auto.resolve(8), KvType::F32);
+        assert_eq!(KvChoice::Fixed(KvType::F32).resolve(64), KvType::F32);
+        assert_eq!(KvChoice::Fixed(KvType::Q4_0).resolve(48), KvType::Q4_0);
+        assert_eq!(KvChoice::Auto.to_string(), "auto");
     }
 
     /// The Sylvester matrices are orthonormal and their own inverses (what lets the

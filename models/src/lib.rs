@@ -41,6 +41,6 @@ pub mod vivit;
 pub use conversation::{Conversation, FinishReason, Finished, Model, Prompt, Step};
 pub use decoder_family::Family;
 pub use generate::{GenerateParams, Piece, Timings};
-pub use kv_cache::{KvCache, KvType};
+pub use kv_cache::{KvCache, KvChoice, KvType};
 pub use llama::{Llama, LlamaConfig, Logits};
 pub use llama_gguf::{config_from_gguf, load_llama};

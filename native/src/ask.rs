@@ -17,7 +17,7 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::token_budget::{Budget, Reduce};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
-use vidllm_models::{Conversation, GenerateParams, KvType, Model, Prompt};
+use vidllm_models::{Conversation, GenerateParams, KvChoice, Model, Prompt};
 use vidllm_shaders::device::{DeviceChoice, Picked, pick};
 use vidllm_shaders::preprocess::{preprocess, rgb_planes};
 
@@ -101,9 +101,10 @@ pub struct AnswerArgs {
     pub device: DeviceChoice,
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
-    /// What the KV cache keeps keys and values in: f32 | f16 | q8_0 | q4_0.
-    #[arg(long, default_value = "f32")]
-    pub kv: KvType,
+    /// What the KV cache keeps keys and values in: auto | f32 | f16 | q8_0 | q4_0 (auto: f16
+    /// where the decoder's heads are whole 32-value blocks, else f32).
+    #[arg(long, default_value = "auto")]
+    pub kv: KvChoice,
     /// MERV: a device for each encoder, in fusion order (LanguageBind, DINOv2, ViViT,
     /// SigLIP; the list repeats when shorter): `cpu`, `gpu`, `gpu:N` (the N-th adapter), or
     /// `auto` (the hardware GPUs in turn, where there are two or more). The fusion and the

@@ -94,7 +94,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     let tokens = synthetic_tokens(a.depth + a.prompt_tokens, m.cfg.vocab_size);
     let (context, prompt) = tokens.split_at(a.depth);
-    let kv = a.model.kv;
+    let kv = a.model.kv.resolve(m.cfg.d_head);
     anyhow::ensure!(kv.fits(m.cfg.d_head), "--kv {kv}: the decoder's heads ({}) are not whole 32-value blocks", m.cfg.d_head);
     let reps = a.reps.max(1);
     // Warm-up: kernel compilation and allocations stay out of the numbers.

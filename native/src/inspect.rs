@@ -63,7 +63,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= rt.model.decoder().cfg.vocab_size) {
         bail!("token id {bad} is outside the vocabulary ({})", rt.model.decoder().cfg.vocab_size);
     }
-    let kv = a.model.kv;
+    let kv = a.model.kv.resolve(rt.model.decoder().cfg.d_head);
     if !kv.fits(rt.model.decoder().cfg.d_head) {
         bail!("--kv {kv}: the decoder's heads ({}) are not whole 32-value blocks", rt.model.decoder().cfg.d_head);
     }

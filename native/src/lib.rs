@@ -2,7 +2,7 @@
 //! subcommands) and the serving engine, which the Python bindings (`python/`) drive too.
 
 use clap::Args;
-use vidllm_models::KvType;
+use vidllm_models::KvChoice;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_shaders::device::DeviceChoice;
 
@@ -40,10 +40,11 @@ pub struct ModelArgs {
     /// Context length (tokens) to allocate; defaults to the model's, at most 4096.
     #[arg(long)]
     pub ctx: Option<usize>,
-    /// What the KV cache keeps keys and values in: f32 | f16 | q8_0 | q4_0 (llama.cpp's
-    /// `--cache-type-k/-v`; the quantised types rotated first, as llama.cpp does).
-    #[arg(long, default_value = "f32")]
-    pub kv: KvType,
+    /// What the KV cache keeps keys and values in: auto | f32 | f16 | q8_0 | q4_0
+    /// (llama.cpp's `--cache-type-k/-v`; the quantised types rotated first, as llama.cpp
+    /// does). auto: f16 where the decoder's heads are whole 32-value blocks, else f32.
+    #[arg(long, default_value = "auto")]
+    pub kv: KvChoice,
 }
 
 /// On a headless machine the window-system probe inside the GPU stack prints

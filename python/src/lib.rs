@@ -49,11 +49,12 @@ impl Model {
     /// Load a model: a GGUF file (with `mmproj=` for llama.cpp's vision file), or a
     /// Hugging Face folder (text or video-language). `device` is "auto", "gpu" or "cpu";
     /// `quant` a folder's decoder storage (q4_0, q4_1, q8_0, f16, f32); `ctx` the tokens of
-    /// context per sequence; `kv` what the KV cache keeps keys and values in (f32, f16,
-    /// q8_0, q4_0); `parallel` the requests decoded together; `queue` the
+    /// context per sequence; `kv` what the KV cache keeps keys and values in (auto, f32,
+    /// f16, q8_0, q4_0; auto: f16 where the decoder's heads are whole 32-value blocks, else
+    /// f32); `parallel` the requests decoded together; `queue` the
     /// requests that may wait beyond those (a full queue raises at once).
     #[staticmethod]
-    #[pyo3(signature = (path, *, device = "auto", mmproj = None, quant = None, ctx = None, kv = "f32", parallel = 1, queue = 64, media_cache = 8))]
+    #[pyo3(signature = (path, *, device = "auto", mmproj = None, quant = None, ctx = None, kv = "auto", parallel = 1, queue = 64, media_cache = 8))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,

@@ -33,8 +33,8 @@ export interface LoadOptions {
    * encode, the prefill and each decode step.
    */
   worker?: boolean;
-  /** What the KV cache keeps keys and values in (`vidllm-native --kv`): f32 (default), f16, q8_0 or q4_0. */
-  kv?: "f32" | "f16" | "q8_0" | "q4_0";
+  /** What the KV cache keeps keys and values in (`vidllm-native --kv`): auto (default: f16 where the decoder's heads are whole 32-value blocks, else f32), f32, f16, q8_0 or q4_0. */
+  kv?: "auto" | "f32" | "f16" | "q8_0" | "q4_0";
 }
 
 export interface Piece {

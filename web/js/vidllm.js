@@ -274,11 +274,12 @@ export class VidLLM {
    * upload, each video's encode, the prefill and each decode step (on the CPU backend, or
    * WebGPU's command encoding) are tasks of their own, seconds long for a prefill on a
    * small machine, with no input, scrolling or repaint meanwhile.
-   * `kv`: what the KV cache keeps keys and values in, as `vidllm-native --kv`: "f32" (default),
-   * "f16", "q8_0" (a quarter of f32's memory) or "q4_0" (an eighth).
+   * `kv`: what the KV cache keeps keys and values in, as `vidllm-native --kv`: "auto" (default:
+   * "f16" where the decoder's heads are whole 32-value blocks, else "f32"), "f32", "f16" (half
+   * of f32's memory), "q8_0" (a quarter) or "q4_0" (an eighth).
    * @param {{model: string|Uint8Array|File|File[]|FileList, mmproj?: string|Uint8Array|File, onProgress?: Function,
    *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number, worker?: boolean,
-   *   kv?: "f32"|"f16"|"q8_0"|"q4_0"}} opts
+   *   kv?: "auto"|"f32"|"f16"|"q8_0"|"q4_0"}} opts
    */
   static async load({ worker = onPageThread(), ...opts }) {
     if (worker) {

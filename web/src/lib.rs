@@ -141,9 +141,9 @@ async fn next_task() {
     let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
 }
 
-/// The KV cache type the page names (`kv` of `VidLLM.load`), f32 when it names none.
-pub(crate) fn kv_type(kv: Option<String>) -> Result<vidllm_models::KvType, JsError> {
-    kv.map_or(Ok(vidllm_models::KvType::F32), |s| s.parse().map_err(|e: String| js_err(e)))
+/// The KV cache type the page names (`kv` of `VidLLM.load`), auto when it names none.
+pub(crate) fn kv_type(kv: Option<String>) -> Result<vidllm_models::KvChoice, JsError> {
+    kv.map_or(Ok(vidllm_models::KvChoice::Auto), |s| s.parse().map_err(|e: String| js_err(e)))
 }
 
 /// Sampling parameters from the page.
@@ -229,7 +229,8 @@ pub struct Runtime {
 impl Runtime {
     /// Load GGUF bytes. `gpu`: WebGPU (initialised asynchronously), else the CPU backend;
     /// `binding_cap`: bytes one storage binding may hold, below the device's own limit;
-    /// `kv`: the KV cache's type (`f32`, `f16`, `q8_0`, `q4_0`; default f32).
+    /// `kv`: the KV cache's type (`auto`, `f32`, `f16`, `q8_0`, `q4_0`; default auto: f16
+    /// where the decoder's heads are whole 32-value blocks, else f32).
     pub async fn load_gguf(
         bytes: Vec<u8>,
         gpu: bool,

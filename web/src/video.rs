@@ -19,7 +19,7 @@ use vidllm_models::mmproj::{Mmproj, load_pair};
 use vidllm_models::model_files::{Folder, ModelFiles};
 use vidllm_models::token_budget::{Budget, Reduce, ReductionReport};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
-use vidllm_models::{Conversation, KvType, Model, Prompt};
+use vidllm_models::{Conversation, KvChoice, Model, Prompt};
 use vidllm_shaders::preprocess::{preprocess_planes, rgb_planes, unpack_rgba_words};
 use wasm_bindgen::prelude::*;
 
@@ -61,7 +61,7 @@ struct Live {
 }
 
 impl VideoRuntime {
-    fn of(folder: Folder, opened: Opened, context: usize, kv: KvType) -> Result<Self, JsError> {
+    fn of(folder: Folder, opened: Opened, context: usize, kv: KvChoice) -> Result<Self, JsError> {
         let mut conv = Conversation::new(Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), context);
         conv.set_kv(kv).map_err(js_err)?;
         Ok(VideoRuntime {

@@ -148,8 +148,21 @@ impl std::str::FromStr for KvChoice {
 
 /// Per-layer storage.
 enum Store {
-    F32 { k: Vec<Tensor<4>>, v: Vec<Tensor<4>> },
-    Packed { ty: GgmlType, k: Vec<Tensor<3, Int>>, v: Vec<Tensor<3, Int>>, rotation: Option<Box<Rotation>> },
+    F32 {
+        k: Vec<Tensor<4>>,
+        v: Vec<Tensor<4>>,
+    },
+    Packed {
+        ty: GgmlType,
+        k: Vec<Tensor<3, Int>>,
+        v: Vec<Tensor<3, Int>>,
+        rotation: Option<Box<Rotation>>,
+        /// What stands in a layer's place while its tensor is moved out to be written
+        /// (see [`KvCache::attend`]): made once, never written, shared by every layer. Made
+        /// per write, it was two uploads a layer per step, and wgpu's queue submits the
+        /// recorded work before every upload (74 submits a SmolLM2 decode step, not 25).
+        placeholder: Box<Tensor<3, Int>>,
+    },
 }
 
 /// The Walsh-Hadamard rotations of a quantised cache, where heads are whole multiples of
@@ -262,6 +275,7 @@ impl KvCache {
                     k: (0..layers).map(|_| zeros()).collect(),
                     v: (0..layers).map(|_| zeros()).collect(),
                     rotation: Rotation::new(ty, cfg.d_head, device).map(Box::new),
+                    placeholder: Box::new(packed_zeros(1, 1, 1, device)),
                 }
             }
         };
@@ -441,16 +455,14 @@ impl KvCache {
                 let values = vs[layer].clone().narrow(2, 0, end);
                 attention(q, keys, values, bias, scale, mask)
             }
-            Store::Packed { ty, k: ks, v: vs, rotation } => {
+            Store::Packed { ty, k: ks, v: vs, rotation, placeholder } => {
                 let (q, k, v) = match rotation {
                     Some(r) => (rotate(q, &r.keys), rotate(k, &r.keys), rotate(v, &r.values)),
                     None => (q, k, v),
                 };
-                let device = k.device();
-                let placeholder = || packed_zeros(1, 1, 1, &device);
-                let old_k = std::mem::replace(&mut ks[layer], placeholder());
+                let old_k = std::mem::replace(&mut ks[layer], placeholder.as_ref().clone());
                 ks[layer] = kv_write(old_k, k.reshape([kvh, t, dh]), *ty, start);
-                let old_v = std::mem::replace(&mut vs[layer], placeholder());
+                let old_v = std::mem::replace(&mut vs[layer], placeholder.as_ref().clone());
                 vs[layer] = kv_write(old_v, v.reshape([kvh, t, dh]), *ty, start);
                 let out = kv_attention(q, ks[layer].clone(), vs[layer].clone(), *ty, end, bias, scale, mask);
                 match rotation {

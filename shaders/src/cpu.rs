@@ -149,6 +149,21 @@ impl QuantOps for Flex {
         FlexTensor::from_data(TensorData::new(y, [rows, d]))
     }
 
+    /// With the attention's branch-free `exp`, so the loop vectorises; split over
+    /// threads from [`PAR_MIN_VALUES`] on.
+    fn gelu_sigmoid(x: FlexTensor, a: f32, b: f32) -> FlexTensor {
+        let [rows, d] = x.layout().shape().dims::<2>();
+        let x = x.into_data().try_into_vec::<f32>().expect("gelu_sigmoid: f32 values");
+        let mut y = vec![0f32; x.len()];
+        let gated = |(out, x): (&mut [f32], &[f32])| gelu_sigmoid_values(out, x, a, b);
+        if y.len() >= PAR_MIN_VALUES {
+            y.par_chunks_mut(PAR_MIN_VALUES / 4).zip(x.par_chunks(PAR_MIN_VALUES / 4)).for_each(gated);
+        } else {
+            gated((&mut y, &x));
+        }
+        FlexTensor::from_data(TensorData::new(y, [rows, d]))
+    }
+
     /// Head by head and row by row, into the `[heads, t, d]` order.
     fn rope_heads(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, positions: Vec<u32>, heads: usize, halves: bool) -> FlexTensor {
         let [t, width] = x.layout().shape().dims::<2>();
@@ -321,6 +336,43 @@ unsafe fn gate_values_avx2(out: &mut [f32], gate: &[f32], up: &[f32]) {
 fn gate_values_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *y = g / (1.0 + crate::cpu_attention::exp(-g)) * u;
+    }
+}
+
+fn gelu_sigmoid_values(out: &mut [f32], x: &[f32], a: f32, b: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { gelu_sigmoid_avx2(out, x, a, b) };
+    }
+    gelu_sigmoid_generic(out, x, a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_sigmoid_avx2(out: &mut [f32], x: &[f32], a: f32, b: f32) {
+    gelu_sigmoid_generic(out, x, a, b)
+}
+
+/// `x sigmoid(z)` as `x / (1 + e)` for `z >= 0` and `x e / (1 + e)` below, with
+/// `e = exp(-|z|) = h^2`, `h = exp(-|z| / 2)`, and `x e` taken as `(x h) h`: the
+/// attention's `exp` stops at `e^-87`, `e` itself can fall below f32's normal range
+/// (which GPUs flush to zero) where `x e` does not, and `h` reaches `e^-174`, past which
+/// `x sigmoid(z)` is below the smallest f32 anyway.
+#[inline(always)]
+fn gelu_sigmoid_generic(out: &mut [f32], x: &[f32], a: f32, b: f32) {
+    let gate = |v: f32, z: f32| {
+        let h = crate::cpu_attention::exp(-0.5 * z.abs());
+        (if z >= 0.0 { v } else { v * h * h }) / (1.0 + h * h)
+    };
+    if b == 0.0 {
+        for (y, &v) in out.iter_mut().zip(x) {
+            *y = gate(v, a * v);
+        }
+    } else {
+        for (y, &v) in out.iter_mut().zip(x) {
+            *y = gate(v, a * (v + b * (v * v * v)));
+        }
     }
 }
 

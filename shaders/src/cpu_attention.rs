@@ -26,6 +26,11 @@ const R: usize = 4;
 const L: usize = 16;
 /// Rows of a quantised head dequantised at a time (a multiple of [`L`]).
 const C: usize = 64;
+/// Keys, or value columns, per pass on AVX-512: four vectors, so that a block's rows have
+/// 16 independent sums in registers. One vector (4 sums, each waiting on its last FMA)
+/// left the FMA units idle most of the time: a prefill's attention ran at 130-140 GFLOP/s.
+#[cfg(target_arch = "x86_64")]
+const WIDTH: usize = 4 * L;
 
 /// One head's keys or values, `[keys, d]`.
 #[derive(Clone, Copy, Debug)]
@@ -204,6 +209,20 @@ pub fn attention(q: &[f32], k: &[Rows], v: &[Rows], rows: usize, keys: usize, d:
                 channel[keys..].fill(0.0);
             }
         });
+        // Packed values widened once per head, not once per block of rows: every block
+        // reads them all (up to its last visible key).
+        let widened: Vec<Vec<f32>> = v
+            .par_iter()
+            .map(|v| match v {
+                Rows::F32(_) => Vec::new(),
+                Rows::Packed { .. } => {
+                    let mut whole = vec![0f32; keys * d];
+                    v.get(0, keys, d, &mut whole);
+                    whole
+                }
+            })
+            .collect();
+        let v: Vec<Rows> = v.iter().zip(&widened).map(|(&v, w)| if w.is_empty() { v } else { Rows::F32(w) }).collect();
         let mut out = vec![0f32; heads * rows * d];
         // Tasks: blocks of rows of one head.
         out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
@@ -265,7 +284,147 @@ mod x86 {
 
     use vidllm_core::ggml::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
 
-    use super::L;
+    use super::{L, R, WIDTH, Weights};
+
+    /// Vectors per wide pass.
+    const V: usize = WIDTH / L;
+
+    /// [`super::score_keys`] for [`WIDTH`] keys from `j0`: `R x V` sums side by side, each
+    /// over the channels in order, one `vfmadd` per channel as there.
+    ///
+    /// # Safety
+    /// AVX-512 F; `kt` holds channels of `kp >= j0 + WIDTH` keys; `scores` holds `R` rows of
+    /// `span >= j0 + WIDTH`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn score_keys_wide(kt: &[f32], kp: usize, qt: &[[f32; R]], j0: usize, span: usize, scores: &mut [f32]) -> usize {
+        debug_assert!(j0 + WIDTH <= kp && j0 + WIDTH <= span && scores.len() >= (R - 1) * span + j0 + WIDTH);
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for (keys_c, qc) in kt.chunks_exact(kp).zip(qt) {
+            let k: [__m512; V] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(keys_c.as_ptr().add(j0 + i * L)) });
+            for (acc, &x) in acc.iter_mut().zip(qc) {
+                let x = _mm512_set1_ps(x);
+                for (a, &k) in acc.iter_mut().zip(&k) {
+                    *a = _mm512_fmadd_ps(x, k, *a);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (i, &a) in acc.iter().enumerate() {
+                // SAFETY: within row `r` of `span`, as the caller promises.
+                unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(r * span + j0 + i * L), a) };
+            }
+        }
+        WIDTH
+    }
+
+    /// [`super::softmax`] sixteen lanes at a time, the last vector masked: the same
+    /// maximum, the same exponentials ([`super::exp`]'s steps, unfused, in its order), the
+    /// same lane sums added up in the same order.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax(row: &mut [f32], scale: f32) {
+        let n = row.len();
+        let tail = |j: usize| -> __mmask16 { if j + L <= n { !0 } else { (1u16 << (n - j)) - 1 } };
+        let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..n).step_by(L) {
+            let m = tail(j);
+            // SAFETY: the mask covers only the row's values.
+            let s = unsafe { _mm512_maskz_loadu_ps(m, row.as_ptr().add(j)) };
+            // `if s > top { s } else { top }` lane by lane: vmaxps returns its second
+            // operand where the first is NaN or both are zeros.
+            top = _mm512_mask_max_ps(top, m, s, top);
+        }
+        // SAFETY: a vector is sixteen f32 lanes.
+        let lanes: [f32; L] = unsafe { std::mem::transmute(top) };
+        let top = _mm512_set1_ps(lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a }) * scale);
+        let scale = _mm512_set1_ps(scale);
+        let mut sum = _mm512_setzero_ps();
+        for j in (0..n).step_by(L) {
+            let m = tail(j);
+            // SAFETY: as above.
+            let s = unsafe { _mm512_maskz_loadu_ps(m, row.as_ptr().add(j)) };
+            let e = exp(_mm512_sub_ps(_mm512_mul_ps(s, scale), top));
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+            // SAFETY: as above.
+            unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), m, e) };
+        }
+        // SAFETY: as above.
+        let lanes: [f32; L] = unsafe { std::mem::transmute(sum) };
+        let inv = _mm512_set1_ps(1.0 / lanes.iter().sum::<f32>());
+        for j in (0..n).step_by(L) {
+            let m = tail(j);
+            // SAFETY: as above.
+            unsafe {
+                let p = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
+                _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), m, _mm512_mul_ps(p, inv));
+            }
+        }
+    }
+
+    /// [`super::exp`] on sixteen lanes, step for step.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp(x: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(88.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, c(super::LOG2E)));
+        let r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, c(super::LN2_HI))), _mm512_mul_ps(n, c(super::LN2_LO)));
+        let mut p = c(super::EXP_TAYLOR[0]);
+        for &k in &super::EXP_TAYLOR[1..] {
+            p = _mm512_add_ps(c(k), _mm512_mul_ps(r, p));
+        }
+        let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127))));
+        _mm512_mul_ps(p, two_n)
+    }
+
+    /// [`super::mix_values`] for [`WIDTH`] columns from `c0`: `R x V` sums side by side,
+    /// each over the keys in order.
+    ///
+    /// # Safety
+    /// AVX-512 F; `c0 + WIDTH <= d`; `values` rows of `d`; `out` at least `n` rows of `d`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn mix_values_wide(
+        weights: Weights,
+        values: &[f32],
+        d: usize,
+        c0: usize,
+        n: usize,
+        carry: bool,
+        out: &mut [f32],
+    ) -> usize {
+        let Weights { scores, span, j0 } = weights;
+        debug_assert!(c0 + WIDTH <= d && out.len() >= n * d && n <= R);
+        assert!(scores.len() >= (R - 1) * span + j0 + values.len() / d, "weights for every value row");
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        if carry {
+            for (r, acc) in acc.iter_mut().enumerate().take(n) {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: row `r < n` of `out`, columns within `d`.
+                    *a = unsafe { _mm512_loadu_ps(out.as_ptr().add(r * d + c0 + i * L)) };
+                }
+            }
+        }
+        for (j, value) in values.chunks_exact(d).enumerate() {
+            let x: [__m512; V] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(value.as_ptr().add(c0 + i * L)) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: within `scores`, as asserted above.
+                let p = _mm512_set1_ps(unsafe { *scores.get_unchecked(r * span + j0 + j) });
+                for (a, &x) in acc.iter_mut().zip(&x) {
+                    *a = _mm512_fmadd_ps(p, x, *a);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(n) {
+            for (i, &a) in acc.iter().enumerate() {
+                // SAFETY: as for the carry.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * d + c0 + i * L), a) };
+            }
+        }
+        WIDTH
+    }
 
     /// [`super::dequantize_row`] for each row of `d` values of `out` (rows `stride` bytes
     /// apart in `bytes`), sixteen values a vector: halves widened by `vcvtph2ps`, codes
@@ -431,7 +590,7 @@ fn block(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
         if has!("avx512f") {
             #[target_feature(enable = "avx512f")]
             fn avx512(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
-                block_generic::<true>(head, q, r0, out)
+                block_generic::<true, true>(head, q, r0, out)
             }
             // SAFETY: the feature was just detected.
             return unsafe { avx512(head, q, r0, out) };
@@ -439,13 +598,13 @@ fn block(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
         if has!("avx2") && has!("fma") {
             #[target_feature(enable = "avx2,fma")]
             fn avx2(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
-                block_generic::<true>(head, q, r0, out)
+                block_generic::<true, false>(head, q, r0, out)
             }
             // SAFETY: the features were just detected.
             return unsafe { avx2(head, q, r0, out) };
         }
     }
-    block_generic::<false>(head, q, r0, out)
+    block_generic::<false, false>(head, q, r0, out)
 }
 
 /// `a b + c`: one fused instruction where the caller's target has FMA (`FMA`), a multiply
@@ -456,9 +615,11 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// Written on arrays of [`L`] lanes so that it vectorises on every target.
+/// Written on arrays of [`L`] lanes so that it vectorises on every target. `WIDE` (AVX-512
+/// only) takes [`WIDTH`] keys, or value columns, per pass: each sum is still taken in the
+/// same order, so the result does not depend on it.
 #[inline(always)]
-fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
+fn block_generic<const FMA: bool, const WIDE: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
     let &Head { keys_by, v, d, keys, scale, mask } = head;
     let n = out.len() / d;
     let seen: [usize; R] = std::array::from_fn(|r| if r < n { mask.visible(r0 + r, keys) } else { 0 });
@@ -472,19 +633,16 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
             // its first): channels and keys are walked by iterators, without an index
             // check per multiply-add.
             let qt: Vec<[f32; R]> = (0..d).map(|c| std::array::from_fn(|r| q[if r < n { r } else { 0 } * d + c])).collect();
-            for j0 in (0..span).step_by(L) {
-                let mut acc = [[0f32; L]; R];
-                for (keys_c, qc) in kt.chunks_exact(kp).zip(&qt) {
-                    let kv: &[f32; L] = keys_c[j0..j0 + L].try_into().expect("L keys");
-                    for (acc, &x) in acc.iter_mut().zip(qc) {
-                        for (a, &k) in acc.iter_mut().zip(kv) {
-                            *a = madd::<FMA>(x, k, *a);
-                        }
-                    }
+            let mut j0 = 0;
+            while j0 < span {
+                #[cfg(target_arch = "x86_64")]
+                if WIDE && j0 + WIDTH <= span {
+                    // SAFETY: `WIDE` only where AVX-512 was detected; `WIDTH` keys from `j0`
+                    // are within every channel's `kp` and every row's `span`.
+                    j0 += unsafe { x86::score_keys_wide(kt, kp, &qt, j0, span, &mut scores) };
+                    continue;
                 }
-                for (r, acc) in acc.iter().enumerate() {
-                    scores[r * span + j0..][..L].copy_from_slice(acc);
-                }
+                j0 += score_keys::<FMA>(kt, kp, &qt, j0, span, &mut scores);
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -505,69 +663,131 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
     }
     for r in 0..n {
         let row = &mut scores[r * span..][..seen[r]];
-        // The maximum in lanes, then the exponentials and their sum.
-        let mut top = [f32::NEG_INFINITY; L];
-        for c in row.chunks(L) {
-            for (t, &s) in top.iter_mut().zip(c) {
-                *t = if s > *t { s } else { *t };
-            }
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            // SAFETY: `WIDE` only where AVX-512 was detected.
+            unsafe { x86::softmax(row, scale) };
+        } else {
+            softmax::<FMA>(row, scale);
         }
-        let top = top.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a }) * scale;
-        let mut sum = [0f32; L];
-        for c in row.chunks_mut(L) {
-            for (s, acc) in c.iter_mut().zip(sum.iter_mut()) {
-                *s = exp(*s * scale - top);
-                *acc += *s;
-            }
-        }
-        let inv = 1.0 / sum.iter().sum::<f32>();
-        // Normalised here; the keys past this row's last (computed for a longer row of the
-        // block) weigh nothing.
-        row.iter_mut().for_each(|p| *p *= inv);
+        #[cfg(not(target_arch = "x86_64"))]
+        softmax::<FMA>(row, scale);
+        // The keys past this row's last (computed for a longer row of the block) weigh
+        // nothing.
         scores[r * span + seen[r]..(r + 1) * span].fill(0.0);
     }
     // Rows past the block's end (scored as a copy of its first) weigh nothing either.
     scores[n * span..].fill(0.0);
-    // The weights by key, `[most][R]`.
-    let weights: Vec<[f32; R]> = (0..most).map(|j| std::array::from_fn(|r| scores[r * span + j])).collect();
     // The weighted sum of the values, L columns at a time with the block's rows in
-    // registers: each load of a value row serves every row of the block. Packed values
-    // are read C rows at a time, the sums carried in `out` between them (the same
-    // additions in the same order).
+    // registers: each load of a value row serves every row of the block, each weight read
+    // from its row of `scores`. Packed values are read C rows at a time, the sums carried
+    // in `out` between them (the same additions in the same order).
     let step = if let Rows::F32(_) = v { most.max(1) } else { C };
     let mut buf = vec![0f32; if step == C { C * d } else { 0 }];
     for j0 in (0..most).step_by(step) {
         let values = v.get(j0, step.min(most - j0), d, &mut buf);
-        let weights = &weights[j0..][..values.len() / d];
-        for c0 in (0..d).step_by(L) {
-            let w = L.min(d - c0);
-            let mut acc = [[0f32; L]; R];
-            if j0 > 0 {
-                for (r, acc) in acc.iter_mut().enumerate().take(n) {
-                    acc[..w].copy_from_slice(&out[r * d + c0..][..w]);
-                }
+        let weights = Weights { scores: &scores, span, j0 };
+        let mut c0 = 0;
+        while c0 < d {
+            #[cfg(target_arch = "x86_64")]
+            if WIDE && c0 + WIDTH <= d {
+                // SAFETY: `WIDE` only where AVX-512 was detected; `WIDTH` columns from
+                // `c0` are within each row of `d`.
+                c0 += unsafe { x86::mix_values_wide(weights, values, d, c0, n, j0 > 0, out) };
+                continue;
             }
-            for (p, value) in weights.iter().zip(values.chunks_exact(d)) {
-                // Whole vectors read in place: a copy of a run-time length is a call to memcpy.
-                let x: [f32; L] = match value[c0..].first_chunk::<L>() {
-                    Some(x) if w == L => *x,
-                    _ => {
-                        let mut x = [0f32; L];
-                        x[..w].copy_from_slice(&value[c0..][..w]);
-                        x
-                    }
-                };
-                for (acc, &p) in acc.iter_mut().zip(p) {
-                    for (a, &x) in acc.iter_mut().zip(&x) {
-                        *a = madd::<FMA>(p, x, *a);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate().take(n) {
-                out[r * d + c0..][..w].copy_from_slice(&acc[..w]);
+            c0 += mix_values::<FMA>(weights, values, d, c0, n, j0 > 0, out);
+        }
+    }
+}
+
+/// A row of scores into its softmax, in place: the maximum in lanes, then the
+/// exponentials and their sum, then each divided by it.
+#[inline(always)]
+fn softmax<const FMA: bool>(row: &mut [f32], scale: f32) {
+    let mut top = [f32::NEG_INFINITY; L];
+    for c in row.chunks(L) {
+        for (t, &s) in top.iter_mut().zip(c) {
+            *t = if s > *t { s } else { *t };
+        }
+    }
+    let top = top.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a }) * scale;
+    let mut sum = [0f32; L];
+    for c in row.chunks_mut(L) {
+        for (s, acc) in c.iter_mut().zip(sum.iter_mut()) {
+            *s = exp(*s * scale - top);
+            *acc += *s;
+        }
+    }
+    let inv = 1.0 / sum.iter().sum::<f32>();
+    row.iter_mut().for_each(|p| *p *= inv);
+}
+
+/// A block's weights for the keys from `j0`: row `r`'s for key `j0 + j` is
+/// `scores[r * span + j0 + j]`.
+#[derive(Clone, Copy)]
+struct Weights<'a> {
+    scores: &'a [f32],
+    span: usize,
+    j0: usize,
+}
+
+/// The scores of one vector of keys from key `j0` (transposed, `[d, kp]`) for the
+/// block's queries by channel (`qt`, `[d][R]`), into columns `j0..` of `scores` (rows of
+/// `span`). Returns the keys done.
+#[inline(always)]
+fn score_keys<const FMA: bool>(kt: &[f32], kp: usize, qt: &[[f32; R]], j0: usize, span: usize, scores: &mut [f32]) -> usize {
+    let mut acc = [[0f32; L]; R];
+    for (keys_c, qc) in kt.chunks_exact(kp).zip(qt) {
+        let kv: &[f32; L] = keys_c[j0..j0 + L].try_into().expect("L keys");
+        for (acc, &x) in acc.iter_mut().zip(qc) {
+            for (a, &k) in acc.iter_mut().zip(kv) {
+                *a = madd::<FMA>(x, k, *a);
             }
         }
     }
+    for (r, acc) in acc.iter().enumerate() {
+        scores[r * span + j0..][..L].copy_from_slice(acc);
+    }
+    L
+}
+
+/// Columns `c0..` (a vector of them, or what is left) of the weighted sum of `values`
+/// (`[keys, d]`) by `weights`, into the block's first `n` rows of `out`
+/// (`[n, d]`), added to what `out` holds where `carry` (an earlier run of keys). Returns
+/// the columns done.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn mix_values<const FMA: bool>(weights: Weights, values: &[f32], d: usize, c0: usize, n: usize, carry: bool, out: &mut [f32]) -> usize {
+    let w = L.min(d - c0);
+    let mut acc = [[0f32; L]; R];
+    if carry {
+        for (r, acc) in acc.iter_mut().enumerate().take(n) {
+            acc[..w].copy_from_slice(&out[r * d + c0..][..w]);
+        }
+    }
+    let Weights { scores, span, j0 } = weights;
+    for (j, value) in values.chunks_exact(d).enumerate() {
+        let p: [f32; R] = std::array::from_fn(|r| scores[r * span + j0 + j]);
+        // Whole vectors read in place: a copy of a run-time length is a call to memcpy.
+        let x: [f32; L] = match value[c0..].first_chunk::<L>() {
+            Some(x) if w == L => *x,
+            _ => {
+                let mut x = [0f32; L];
+                x[..w].copy_from_slice(&value[c0..][..w]);
+                x
+            }
+        };
+        for (acc, &p) in acc.iter_mut().zip(&p) {
+            for (a, &x) in acc.iter_mut().zip(&x) {
+                *a = madd::<FMA>(p, x, *a);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate().take(n) {
+        out[r * d + c0..][..w].copy_from_slice(&acc[..w]);
+    }
+    w
 }
 
 /// `e^x` for f32, branch-free so that it vectorises: `x = n ln 2 + r` with `|r| <= ln 2 / 2`,
@@ -575,17 +795,20 @@ fn block_generic<const FMA: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [
 /// `2^n` put into the exponent. Large negative `x` (a masked score) gives 0.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that n ln 2 is exact in the high part.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E).round_ties_even();
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    // Taylor coefficients 1/k!.
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // Horner's rule from the highest coefficient: 1 + r (1 + r (1/2 + ...)).
+    let p = EXP_TAYLOR[1..].iter().fold(EXP_TAYLOR[0], |p, &k| k + r * p);
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split in two so that n ln 2 is exact in the high part.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// Taylor coefficients of `e^r`, 1/k!, from the highest (k = 6) down to k = 0.
+const EXP_TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 #[cfg(test)]
 mod tests {
@@ -642,6 +865,38 @@ mod tests {
         for ty in Rows::PACKED {
             check_packed(ty, 3, 3, 150, 64, [Mask::None, Mask::Causal { t: 1, start: 149 }]);
             check_packed(ty, 2, 2 * 7, 70, 32, [Mask::None, Mask::Causal { t: 7, start: 63 }]);
+        }
+    }
+
+    /// AVX-512's wide passes take each sum in the same order as one vector at a time: the
+    /// same bits, for f32 and packed values carried over several runs of [`C`] keys, whole
+    /// passes and a tail of keys and of columns.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn wide_passes_sum_in_the_same_order() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return eprintln!("no AVX-512 here: nothing to compare");
+        }
+        #[target_feature(enable = "avx512f")]
+        fn both(head: &Head, q: &[f32], r0: usize, one: &mut [f32], wide: &mut [f32]) {
+            block_generic::<true, false>(head, q, r0, one);
+            block_generic::<true, true>(head, q, r0, wide);
+        }
+        let (keys, d) = (150, 80);
+        let (k, v, q) = (crate::check::values(keys * d, 2), crate::check::values(keys * d, 3), crate::check::values(R * d, 1));
+        let kp = (keys.div_ceil(L) | 1) * L;
+        let mut kt = vec![0f32; d * kp];
+        transpose_keys(&k, d, kp, &mut kt);
+        let packed = vidllm_core::ggml::quantize(GgmlType::F16, &v);
+        let f16 = Rows::Packed { ty: GgmlType::F16, bytes: &packed, stride: d * 2 };
+        for v in [Rows::F32(&v), f16] {
+            for (r0, mask) in [(0, Mask::None), (3, Mask::Causal { t: 8, start: keys - 8 }), (0, Mask::Causal { t: keys, start: 0 })] {
+                let head = Head { keys_by: KeysBy::Transposed { kt: &kt, kp }, v, d, keys, scale: 0.3, mask };
+                let (mut one, mut wide) = (vec![0f32; R * d], vec![0f32; R * d]);
+                // SAFETY: the feature was just detected.
+                unsafe { both(&head, &q, r0, &mut one, &mut wide) };
+                assert!(one.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits()), "{mask:?} from row {r0}");
+            }
         }
     }
 
@@ -730,6 +985,38 @@ mod tests {
 #[cfg(test)]
 mod speed {
     use super::*;
+
+    /// Time of a prefill's attention (SmolLM2-135M: 9 heads, d = 64, causal) over its own
+    /// keys, f32 and in an f16 cache:
+    /// `RAYON_NUM_THREADS=1 cargo test --release -p vidllm-shaders --lib prefill_attention_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn prefill_attention_speed() {
+        let (heads, d) = (9, 64);
+        for ty in [GgmlType::F32, GgmlType::F16] {
+            for rows in [512, 1600] {
+                let q = crate::check::values(heads * rows * d, 3);
+                let kv: Vec<Vec<f32>> = (0..2 * heads).map(|i| crate::check::values(rows * d, 5 + i as u64)).collect();
+                let packed: Vec<Vec<u8>> = kv.iter().map(|x| vidllm_core::ggml::quantize(ty, x)).collect();
+                let rows_of = |i: usize| match ty {
+                    GgmlType::F32 => Rows::F32(&kv[i]),
+                    _ => Rows::Packed { ty, bytes: &packed[i], stride: d * 2 },
+                };
+                let (k, v): (Vec<Rows>, Vec<Rows>) = ((0..heads).map(rows_of).collect(), (heads..2 * heads).map(rows_of).collect());
+                let mask = Mask::Causal { t: rows, start: 0 };
+                let mut times: Vec<f64> = (0..9)
+                    .map(|_| {
+                        let t0 = std::time::Instant::now();
+                        std::hint::black_box(attention(&q, &k, &v, rows, rows, d, 0.125, mask));
+                        t0.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                let gflop = (heads * rows * rows * d * 2) as f64 / 1e9; // half the pairs, two products, two flops
+                eprintln!("{} {rows} rows: {:.2} ms median, {:.0} GFLOP/s", ty.name(), times[4], gflop / times[4] * 1e3);
+            }
+        }
+    }
 
     /// Time of one decode step's attention (SmolLM2-135M: 3 key-value heads of 3 query
     /// heads, d = 64) at a few context lengths, in the pool as vidllm-native runs it:

@@ -219,6 +219,26 @@ impl QuantOps for CubeBackend {
         out
     }
 
+    /// One unit per value.
+    fn gelu_sigmoid(x: CubeTensor, a: f32, b: f32) -> CubeTensor {
+        let [rows, d] = x.meta.shape().dims::<2>();
+        let x = into_contiguous(x);
+        let units = (rows * d) as u32;
+        let out = empty_f32(&x, [rows, d]);
+        let client = x.client.clone();
+        gelu_sigmoid_values::launch(
+            &client,
+            grid(units.div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            x.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            units,
+            a,
+            b,
+        );
+        out
+    }
+
     /// One unit per rotated pair. Consecutive positions (a prompt, a decode step) are a
     /// scalar start, so a step uploads nothing; others are uploaded as a list.
     fn rope_heads(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, positions: Vec<u32>, heads: usize, halves: bool) -> CubeTensor {
@@ -949,6 +969,28 @@ fn rope_pairs(
         let x1 = x[(src + b) as usize];
         out[(dst + a) as usize] = x0 * c - x1 * s;
         out[(dst + b) as usize] = x0 * s + x1 * c;
+    }
+}
+
+/// `x sigmoid(a (x + b x^3))`, value by value; the cube only where `b` is not zero.
+#[cube(launch)]
+fn gelu_sigmoid_values(x: &[f32], out: &mut [f32], units: u32, a: f32, b: f32) {
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
+    if u < units {
+        let v = x[u as usize];
+        let mut t = v;
+        if b != 0.0f32 {
+            t = v + b * (v * v * v);
+        }
+        // As the CPU's `gelu_sigmoid_generic`: x / (1 + e), or (x h) h / (1 + e) for
+        // z < 0, e = h^2 = exp(-|z|): no inf / inf, and no flushed e^z taking x e^z to 0.
+        let z = a * t;
+        let h = f32::exp(-0.5f32 * f32::abs(z));
+        let mut num = v;
+        if z < 0.0f32 {
+            num = v * h * h;
+        }
+        out[u as usize] = num / (1.0f32 + h * h);
     }
 }
 

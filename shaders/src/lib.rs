@@ -103,6 +103,15 @@ pub trait QuantOps: Backend {
     /// - gate_up: `[rows, 2 d]` (gate, then up, in each row) -> `[rows, d]`
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `x sigmoid(a (x + b x^3))`, value by value, as one kernel (burn composes it from
+    /// five to seven): CLIP's QuickGELU is `a = 1.702, b = 0`, and GELU's tanh
+    /// approximation, `0.5 x (1 + tanh(u))`, is `x sigmoid(2u)`: `a = 2 sqrt(2 / pi)`,
+    /// `b = 0.044715`. With `b = 0` the cube is not taken (so that it cannot overflow).
+    ///
+    /// # Shapes
+    /// - x: `[rows, d]` -> `[rows, d]`
+    fn gelu_sigmoid(x: FloatTensor<Self>, a: f32, b: f32) -> FloatTensor<Self>;
+
     /// Rotary position embedding of `t` rows of `heads` heads each, the heads split out
     /// as attention reads them, in one kernel: row `i` is rotated for position
     /// `positions[i]` by that row of the `cos` / `sin` tables. The pairs are `(j, j + d/2)`
@@ -203,6 +212,11 @@ pub fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f64) -> Tensor<2> {
 pub fn silu_mul(gate_up: Tensor<2>) -> Tensor<2> {
     assert!(gate_up.dims()[1].is_multiple_of(2), "silu_mul: an odd row of gate and up");
     Tensor::<2>::from_dispatch(<burn::backend::Dispatch as QuantOps>::silu_mul(gate_up.into_dispatch()))
+}
+
+/// [`QuantOps::gelu_sigmoid`] on any device.
+pub fn gelu_sigmoid(x: Tensor<2>, a: f32, b: f32) -> Tensor<2> {
+    Tensor::<2>::from_dispatch(<burn::backend::Dispatch as QuantOps>::gelu_sigmoid(x.into_dispatch(), a, b))
 }
 
 /// [`QuantOps::rope_heads`] on any device.

@@ -181,6 +181,35 @@ fn rope_heads_matches_f64() {
     }
 }
 
+/// The towers' sigmoid-form GELUs (QuickGELU, and the tanh approximation as
+/// `x sigmoid(2u)`) against f64 on every device, value by value, with values up to 12 in
+/// size (saturated both ways, and results below f32's normal range): the argument `z`
+/// rounds up to five times (each a relative error in `sigmoid` of up to `|z|` ulp), then
+/// `exp` (WGSL's within `3 + 2|z|` ulp), a sum, a product and a division.
+#[test]
+fn gelu_sigmoid_matches_f64() {
+    let (rows, d) = (3, 1537);
+    let x: Vec<f32> = values(rows * d, 43).iter().map(|v| v * 12.0).collect();
+    let tanh_a = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
+    for (name, at) in test_devices() {
+        for (form, a, b) in [("quick", 1.702f32, 0f32), ("tanh", tanh_a as f32, 0.044_715f32)] {
+            let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, d]), &at.device);
+            let got = vidllm_shaders::gelu_sigmoid(t, a, b).into_data().try_into_vec::<f32>().unwrap();
+            let mut worst = 0f64;
+            for (&y, &v) in got.iter().zip(&x) {
+                let v = f64::from(v);
+                let z = f64::from(a) * (v + f64::from(b) * v * v * v);
+                let expected = v / (1.0 + (-z).exp());
+                let bound = (8.0 + 7.0 * z.abs()) * f64::from(f32::EPSILON) * expected.abs() + f64::from(f32::MIN_POSITIVE);
+                let diff = (f64::from(y) - expected).abs();
+                assert!(diff <= bound, "gelu_sigmoid ({form}) on {name}: x {v}: {y} against {expected}");
+                worst = worst.max(diff / bound);
+            }
+            println!("gelu_sigmoid ({form}) {rows}x{d} on {name}: worst error {worst:.2} of its bound");
+        }
+    }
+}
+
 /// SwiGLU's fused gating (on gate and up side by side, as the stacked product gives them)
 /// against f64 on every device, value by value: WGSL's `exp` is
 /// within `3 + 2|x|` ulp, then a sum, a division and a product each round once.

@@ -199,7 +199,16 @@ fn open_decoder(path: &str) -> Result<(ffmpeg::format::context::Input, usize, ff
     let ictx = ffmpeg::format::input(&path).map_err(|e| fail(path, "not a readable video", e))?;
     let stream = ictx.streams().best(Type::Video).ok_or_else(|| anyhow!("{path}: no video stream"))?;
     let idx = stream.index();
-    let dec = ffmpeg::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| fail(path, "codec", e))?;
+    let mut dec = ffmpeg::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| fail(path, "codec", e))?;
+    // libavcodec decodes on one thread unless told otherwise. Frame threads (one per
+    // core of the pool) decode the runs of pictures between a seek and a sampled frame
+    // side by side; the pictures, and their order, are the same.
+    let threads = rayon::current_num_threads().clamp(1, 16);
+    dec.set_threading(ffmpeg::codec::threading::Config {
+        kind: ffmpeg::codec::threading::Type::Frame,
+        count: threads,
+        ..Default::default()
+    });
     let dec = dec.decoder().video().map_err(|e| fail(path, "no decoder for the video stream", e))?;
     Ok((ictx, idx, dec))
 }

@@ -4,6 +4,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
+use vidllm_shaders::cpu_attention::transposed;
 
 /// `y = x W^T + b`, with `W^T` stored ready for `matmul`.
 #[derive(Debug, Clone)]
@@ -39,23 +40,6 @@ impl Linear {
             None => y,
         }
     }
-}
-
-/// `w` (`[rows, cols]`, row-major) transposed to `[cols, rows]`, in tiles of 64 x 64 so
-/// that both sides stay in cache.
-fn transposed(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const T: usize = 64;
-    let mut t = vec![0f32; rows * cols];
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    t[c * rows + r] = w[r * cols + c];
-                }
-            }
-        }
-    }
-    t
 }
 
 pub fn vector(ck: &Checkpoint, name: &str, n: usize, device: &Device) -> Result<Tensor<1>, LoadError> {

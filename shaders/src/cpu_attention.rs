@@ -59,6 +59,18 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// All `keys` rows as f32: in place for [`Rows::F32`], else dequantised into `buf`
+    /// (grown to hold them).
+    fn whole<'b>(&self, keys: usize, d: usize, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        if let Rows::Packed { .. } = self {
+            buf.resize(keys * d, 0.0);
+        }
+        self.get(0, keys, d, buf)
+    }
+
     /// Rows `j0..j0 + n` as f32: in place for [`Rows::F32`], else dequantised into `buf`.
     #[inline(always)]
     fn get<'b>(&self, j0: usize, n: usize, d: usize, buf: &'b mut [f32]) -> &'b [f32]
@@ -200,29 +212,15 @@ pub fn attention(q: &[f32], k: &[Rows], v: &[Rows], rows: usize, keys: usize, d:
         }
         let kt = &mut kt[..heads * d * kp];
         kt.par_chunks_mut(d * kp).zip(k.par_iter()).for_each(|(kt, k)| {
-            let mut whole = Vec::new();
-            if let Rows::Packed { .. } = k {
-                whole.resize(keys * d, 0.0);
-            }
-            transpose_keys(k.get(0, keys, d, &mut whole), d, kp, kt);
+            transpose_keys(k.whole(keys, d, &mut Vec::new()), d, kp, kt);
             for channel in kt.chunks_exact_mut(kp) {
                 channel[keys..].fill(0.0);
             }
         });
         // Packed values widened once per head, not once per block of rows: every block
         // reads them all (up to its last visible key).
-        let widened: Vec<Vec<f32>> = v
-            .par_iter()
-            .map(|v| match v {
-                Rows::F32(_) => Vec::new(),
-                Rows::Packed { .. } => {
-                    let mut whole = vec![0f32; keys * d];
-                    v.get(0, keys, d, &mut whole);
-                    whole
-                }
-            })
-            .collect();
-        let v: Vec<Rows> = v.iter().zip(&widened).map(|(&v, w)| if w.is_empty() { v } else { Rows::F32(w) }).collect();
+        let mut widened = vec![Vec::new(); heads];
+        let v: Vec<Rows> = v.par_iter().zip(widened.par_iter_mut()).map(|(v, buf)| Rows::F32(v.whole(keys, d, buf))).collect();
         let mut out = vec![0f32; heads * rows * d];
         // Tasks: blocks of rows of one head.
         out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
@@ -247,6 +245,15 @@ fn direct_scores_available(d: usize) -> bool {
         let _ = d;
         false
     }
+}
+
+/// `x` (`[rows, cols]`, row-major) transposed to `[cols, rows]`, by [`transpose_keys`]'s
+/// tiles.
+pub fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * cols, "transposed: {rows} x {cols} values");
+    let mut t = vec![0f32; rows * cols];
+    transpose_keys(x, cols, rows, &mut t);
+    t
 }
 
 /// One head's keys `k` (`[keys, d]`) into `kt` (`[d, kp]`); the padding past `keys` is left
@@ -828,6 +835,13 @@ mod tests {
                     assert_eq!(got[c * kp + j], k[j * d + c], "keys {keys}, d {d}: key {j} channel {c}");
                 }
             }
+            // Unpadded, as `transposed` lays out a matrix.
+            let t = transposed(&k, keys, d);
+            for j in 0..keys {
+                for c in 0..d {
+                    assert_eq!(t[c * keys + j], k[j * d + c], "transposed {keys} x {d}: ({j}, {c})");
+                }
+            }
         }
     }
 
@@ -987,8 +1001,8 @@ mod speed {
     use super::*;
 
     /// Time of a prefill's attention (SmolLM2-135M: 9 heads, d = 64, causal) over its own
-    /// keys, f32 and in an f16 cache:
-    /// `RAYON_NUM_THREADS=1 cargo test --release -p vidllm-shaders --lib prefill_attention_speed -- --ignored --nocapture`
+    /// keys, f32 and in an f16 cache, on every core:
+    /// `cargo test --release -p vidllm-shaders --lib prefill_attention_speed -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn prefill_attention_speed() {

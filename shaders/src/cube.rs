@@ -117,7 +117,8 @@ impl QuantOps for CubeBackend {
     /// Two kernels that read the packed rows where they use them, with no f32 copy of
     /// the context: `kv_scores` (each query row against each key row, scaled, the bias
     /// added), then `kv_mix` (each output value: a softmax over its row's scores, taken
-    /// online, weighting the value rows' channel).
+    /// online, weighting the value rows' channel), in parts joined by `kv_mix_join` when
+    /// few rows meet many keys.
     fn kv_attention(
         q: CubeTensor,
         k: CubeTensor,
@@ -159,6 +160,47 @@ impl QuantOps for CubeBackend {
         );
         let out = empty_f32(&scores, [1, heads, qrows, d]);
         let units = (heads * qrows * d) as u32;
+        // Few rows (a decode step: one per head) over many keys: each unit of one pass
+        // would walk every key in turn while most of a GPU idles (an H200 ran 9 cubes of
+        // 64 for SmolLM2's decode), so the keys are cut into parts mixed side by side and
+        // joined after (flash-decoding).
+        let parts = (keys as u32).div_ceil(MIX_PART_KEYS);
+        if parts >= 2 && units < MIX_SPLIT_BELOW {
+            let partial = empty_f32(&scores, [heads * qrows * parts as usize, d]);
+            let stats = empty_f32(&scores, [heads * qrows * parts as usize, 2]);
+            kv_mix::launch(
+                &client,
+                grid((units * parts).div_ceil(KV_UNITS)),
+                CubeDim::new_1d(KV_UNITS),
+                scores.into_buffer_arg(),
+                v.into_buffer_arg(),
+                partial.clone().into_buffer_arg(),
+                stats.clone().into_buffer_arg(),
+                units * parts,
+                qrows as u32,
+                keys as u32,
+                cap as u32,
+                words as u32,
+                d as u32,
+                parts,
+                ty,
+                true,
+            );
+            kv_mix_join::launch(
+                &client,
+                grid(units.div_ceil(KV_UNITS)),
+                CubeDim::new_1d(KV_UNITS),
+                partial.into_buffer_arg(),
+                stats.into_buffer_arg(),
+                out.clone().into_buffer_arg(),
+                units,
+                d as u32,
+                parts,
+            );
+            return out;
+        }
+        // Unread in one pass; bound because the kernel names it.
+        let stats = empty_f32(&scores, [1]);
         kv_mix::launch(
             &client,
             grid(units.div_ceil(KV_UNITS)),
@@ -166,13 +208,16 @@ impl QuantOps for CubeBackend {
             scores.into_buffer_arg(),
             v.into_buffer_arg(),
             out.clone().into_buffer_arg(),
+            stats.into_buffer_arg(),
             units,
             qrows as u32,
             keys as u32,
             cap as u32,
             words as u32,
             d as u32,
+            1,
             ty,
+            false,
         );
         out
     }
@@ -831,36 +876,56 @@ fn kv_scores(
     }
 }
 
+/// Keys per part when [`kv_mix`] is split.
+const MIX_PART_KEYS: u32 = 128;
+/// Split [`kv_mix`] when one pass would have fewer units than this (256 cubes of 64).
+const MIX_SPLIT_BELOW: u32 = 16_384;
+
 /// The attention's output from its scores (`[heads, qrows, keys]`) and a packed value cache
-/// (`[heads, cap, words]`): unit `u` takes head and query row `u / d` and channel `u % d`,
-/// and runs its row's softmax online (a running maximum and sum) while it weights the
-/// value rows' channel. A row with every key masked gives zeros.
+/// (`[heads, cap, words]`): unit `u` takes channel `u % d` of head and query row
+/// `u / d / parts`, and runs that row's softmax online (a running maximum and sum) while
+/// it weights the value rows' channel. A row with every key masked gives zeros.
+///
+/// In one pass (`parts` 1) the unit walks every key and writes the output. `split`: the
+/// unit walks part `u / d % parts` of the keys ([`MIX_PART_KEYS`] each) and writes its
+/// unnormalised sum to `out` (`[heads * qrows * parts, d]`) and the part's maximum and
+/// sum of exponentials to `stats` (`[heads * qrows * parts, 2]`), for [`kv_mix_join`].
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 fn kv_mix(
     scores: &[f32],
     cache: &[u32],
     out: &mut [f32],
+    stats: &mut [f32],
     units: u32,
     qrows: u32,
     keys: u32,
     cap: u32,
     words: u32,
     d: u32,
+    parts: u32,
     #[comptime] ty: u32,
+    #[comptime] split: bool,
 ) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     if u < units {
         let c = u % d;
-        let hr = u / d;
+        let row_part = u / d;
+        let hr = row_part / parts;
         let row0 = (hr / qrows) * cap;
         let sa = hr * keys;
+        let mut first = 0u32;
+        let mut end = keys;
+        if comptime![split] {
+            first = (row_part % parts) * MIX_PART_KEYS;
+            end = u32::min(keys, first + MIX_PART_KEYS);
+        }
         // The lowest finite value stands for minus infinity (WGSL has no literal for it);
         // a masked key (bias -inf or the lowest value) adds nothing.
         let mut top = f32::new(f32::MIN);
         let mut sum = 0.0f32;
         let mut acc = 0.0f32;
-        for key in 0..keys {
+        for key in first..end {
             let s = scores[(sa + key) as usize];
             if s > top {
                 // A new maximum: what was summed so far is rescaled to it (nothing was,
@@ -876,6 +941,44 @@ fn kv_mix(
                 let e = f32::exp(s - top);
                 sum += e;
                 acc += e * kv_value(cache, (row0 + key) * words * 4, c, ty);
+            }
+        }
+        if comptime![split] {
+            out[u as usize] = acc;
+            if c == 0 {
+                stats[(2 * row_part) as usize] = top;
+                stats[(2 * row_part + 1) as usize] = sum;
+            }
+        } else {
+            out[u as usize] = select(sum > 0.0f32, acc / sum, 0.0f32);
+        }
+    }
+}
+
+/// The parts of a split [`kv_mix`] joined: unit `u` takes channel `u % d` of row `u / d`,
+/// rescales each part's sums to the largest maximum of the parts that saw a key, and
+/// divides. A part whose keys were all masked (sum 0) adds nothing.
+#[cube(launch)]
+fn kv_mix_join(partial: &[f32], stats: &[f32], out: &mut [f32], units: u32, d: u32, parts: u32) {
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
+    if u < units {
+        let c = u % d;
+        let first = (u / d) * parts;
+        let mut top = f32::new(f32::MIN);
+        for p in 0..parts {
+            let i = (2 * (first + p)) as usize;
+            if stats[i + 1] > 0.0f32 && stats[i] > top {
+                top = stats[i];
+            }
+        }
+        let mut sum = 0.0f32;
+        let mut acc = 0.0f32;
+        for p in 0..parts {
+            let i = (2 * (first + p)) as usize;
+            if stats[i + 1] > 0.0f32 {
+                let r = f32::exp(stats[i] - top);
+                sum += stats[i + 1] * r;
+                acc += partial[((first + p) * d + c) as usize] * r;
             }
         }
         out[u as usize] = select(sum > 0.0f32, acc / sum, 0.0f32);
@@ -984,13 +1087,24 @@ fn gelu_sigmoid_values(x: &[f32], out: &mut [f32], units: u32, a: f32, b: f32) {
         }
         // As the CPU's `gelu_sigmoid_generic`: x / (1 + e), or (x h) h / (1 + e) for
         // z < 0, e = h^2 = exp(-|z|): no inf / inf, and no flushed e^z taking x e^z to 0.
+        // Below z = -80, sign(x) exp(z + ln|x|) instead: GPUs flush subnormal f32 to zero
+        // and may regroup (x h) h as x (h h), which is subnormal from z = -87.3 while the
+        // result is not (NVIDIA's Vulkan driver returned 0 for 1e-37 there); one exp of
+        // a sum has no such intermediate, and 1 + e rounds to 1 from far above -80.
         let z = a * t;
         let h = f32::exp(-0.5f32 * f32::abs(z));
         let mut num = v;
         if z < 0.0f32 {
             num = v * h * h;
         }
-        out[u as usize] = num / (1.0f32 + h * h);
+        let mut y = num / (1.0f32 + h * h);
+        if z < -80.0f32 {
+            y = f32::exp(z + f32::ln(f32::abs(v)));
+            if v < 0.0f32 {
+                y = -y;
+            }
+        }
+        out[u as usize] = y;
     }
 }
 

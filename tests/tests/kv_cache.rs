@@ -69,11 +69,15 @@ fn kv_attention_matches_f64_on_every_device() {
     // A decode step (three query rows of one group, all keys), a prefill chunk (seven
     // positions of two query heads, causal), on caches with room to spare, and a long
     // chunk whose scores take more workgroups than one grid dimension holds (WebGPU's
-    // 65,535: 1,025 x 4,096 scores are 65,600 workgroups of 64).
+    // 65,535: 1,025 x 4,096 scores are 65,600 workgroups of 64). Then the GPU's split mix
+    // (few rows, keys in parts of 128): a decode step over 1,500 keys (a last part of
+    // 92), and two rows whose causal mask leaves the first row's last two parts empty.
     let cases = [
         (3, 3, 70, 96, 64, Mask::None),
         (2, 14, 40, 48, 32, Mask::Causal { t: 7, start: 33 }),
         (1, 1025, 4096, 4096, 32, Mask::Causal { t: 1025, start: 3071 }),
+        (3, 3, 1500, 1536, 64, Mask::None),
+        (2, 4, 300, 320, 32, Mask::Causal { t: 2, start: 100 }),
     ];
     for ty in PACKED {
         for (heads, rows, keys, capacity, d, mask) in cases {

@@ -165,60 +165,48 @@ impl QuantOps for CubeBackend {
         // 64 for SmolLM2's decode), so the keys are cut into parts mixed side by side and
         // joined after (flash-decoding).
         let parts = (keys as u32).div_ceil(MIX_PART_KEYS);
-        if parts >= 2 && units < MIX_SPLIT_BELOW {
-            let partial = empty_f32(&scores, [heads * qrows * parts as usize, d]);
-            let stats = empty_f32(&scores, [heads * qrows * parts as usize, 2]);
-            kv_mix::launch(
-                &client,
-                grid((units * parts).div_ceil(KV_UNITS)),
-                CubeDim::new_1d(KV_UNITS),
-                scores.into_buffer_arg(),
-                v.into_buffer_arg(),
-                partial.clone().into_buffer_arg(),
-                stats.clone().into_buffer_arg(),
-                units * parts,
-                qrows as u32,
-                keys as u32,
-                cap as u32,
-                words as u32,
-                d as u32,
-                parts,
-                ty,
-                true,
-            );
+        let split = parts >= 2 && units < MIX_SPLIT_BELOW;
+        let parts = if split { parts } else { 1 };
+        // Split: each part's unnormalised sums and its maximum and sum of exponentials,
+        // for `kv_mix_join`. One pass: the output itself, and stats left unread (bound
+        // because the kernel names them).
+        let (mixed, stats) = if split {
+            let rows = heads * qrows * parts as usize;
+            (empty_f32(&scores, [rows, d]), empty_f32(&scores, [rows, 2]))
+        } else {
+            (out.clone(), empty_f32(&scores, [1]))
+        };
+        kv_mix::launch(
+            &client,
+            grid((units * parts).div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            scores.into_buffer_arg(),
+            v.into_buffer_arg(),
+            mixed.clone().into_buffer_arg(),
+            stats.clone().into_buffer_arg(),
+            units * parts,
+            qrows as u32,
+            keys as u32,
+            cap as u32,
+            words as u32,
+            d as u32,
+            parts,
+            ty,
+            split,
+        );
+        if split {
             kv_mix_join::launch(
                 &client,
                 grid(units.div_ceil(KV_UNITS)),
                 CubeDim::new_1d(KV_UNITS),
-                partial.into_buffer_arg(),
+                mixed.into_buffer_arg(),
                 stats.into_buffer_arg(),
                 out.clone().into_buffer_arg(),
                 units,
                 d as u32,
                 parts,
             );
-            return out;
         }
-        // Unread in one pass; bound because the kernel names it.
-        let stats = empty_f32(&scores, [1]);
-        kv_mix::launch(
-            &client,
-            grid(units.div_ceil(KV_UNITS)),
-            CubeDim::new_1d(KV_UNITS),
-            scores.into_buffer_arg(),
-            v.into_buffer_arg(),
-            out.clone().into_buffer_arg(),
-            stats.into_buffer_arg(),
-            units,
-            qrows as u32,
-            keys as u32,
-            cap as u32,
-            words as u32,
-            d as u32,
-            1,
-            ty,
-            false,
-        );
         out
     }
 
@@ -1092,18 +1080,17 @@ fn gelu_sigmoid_values(x: &[f32], out: &mut [f32], units: u32, a: f32, b: f32) {
         // result is not (NVIDIA's Vulkan driver returned 0 for 1e-37 there); one exp of
         // a sum has no such intermediate, and 1 + e rounds to 1 from far above -80.
         let z = a * t;
-        let h = f32::exp(-0.5f32 * f32::abs(z));
-        let mut num = v;
-        if z < 0.0f32 {
-            num = v * h * h;
-        }
-        let mut y = num / (1.0f32 + h * h);
-        if z < -80.0f32 {
-            y = f32::exp(z + f32::ln(f32::abs(v)));
-            if v < 0.0f32 {
-                y = -y;
+        let y = if z < -80.0f32 {
+            let e = f32::exp(z + f32::ln(f32::abs(v)));
+            select(v < 0.0f32, -e, e)
+        } else {
+            let h = f32::exp(-0.5f32 * f32::abs(z));
+            let mut num = v;
+            if z < 0.0f32 {
+                num = v * h * h;
             }
-        }
+            num / (1.0f32 + h * h)
+        };
         out[u as usize] = y;
     }
 }

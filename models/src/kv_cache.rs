@@ -21,7 +21,9 @@
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_core::ggml::GgmlType;
-use vidllm_shaders::{Mask, attention, kv_attention, kv_row_words, kv_write};
+use vidllm_shaders::{Mask, attention, kv_attention, kv_attention_step, kv_row_words, kv_write, kv_write_step};
+
+use crate::step_graph::StepGraphState;
 
 use crate::llama::LlamaConfig;
 
@@ -229,6 +231,8 @@ pub struct KvCache {
     dropped: Vec<Vec<usize>>,
     /// Per layer, rows written in the pass under way and not yet counted in `len`.
     staged: Vec<usize>,
+    /// The decode step recorded over this cache's buffers ([`crate::step_graph`]).
+    graph: StepGraphState,
 }
 
 impl KvCache {
@@ -279,7 +283,16 @@ impl KvCache {
                 }
             }
         };
-        Self { store, kv, len: 0, capacity, gaps: Vec::new(), dropped: vec![Vec::new(); layers], staged: vec![0; layers] }
+        Self {
+            store,
+            kv,
+            len: 0,
+            capacity,
+            gaps: Vec::new(),
+            dropped: vec![Vec::new(); layers],
+            staged: vec![0; layers],
+            graph: StepGraphState::None,
+        }
     }
 
     /// What the keys and values are kept in.
@@ -388,6 +401,7 @@ impl KvCache {
             return;
         }
         assert!(end <= self.capacity, "KV cache overflow: position {end} of {}", self.capacity);
+        self.drop_graph();
         let grown = end.max(rows * 2).min(self.capacity);
         match &mut self.store {
             Store::F32 { k, v } => {
@@ -438,6 +452,8 @@ impl KvCache {
         let [_, kvh, t, dh] = k.dims();
         let start = self.next_row(layer);
         let end = start + t;
+        // A recording holds the buffers it wrote; a pass without it may replace them.
+        self.drop_graph();
         self.reserve(layer, end);
         self.staged[layer] += t;
         // The cache tensors are moved out (a small placeholder left behind) rather than
@@ -470,6 +486,88 @@ impl KvCache {
                     None => out,
                 }
             }
+        }
+    }
+}
+
+impl KvCache {
+    /// [`KvCache::attend`] for a decode step whose row and keys the step tensor holds when
+    /// the kernels run ([`crate::step_graph`]), on a packed cache whose storage already
+    /// holds the row ([`KvCache::reserve_step`]). Nothing is counted: the caller advances.
+    ///
+    /// # Shapes
+    /// - q: `[1, n_kv_heads, r, d_head]`; k, v: `[1, n_kv_heads, 1, d_head]` -> `[1, n_kv_heads, r, d_head]`
+    pub(crate) fn attend_step(
+        &mut self,
+        layer: usize,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        step: &Tensor<1, Int>,
+        scale: f64,
+    ) -> Tensor<4> {
+        let [_, kvh, _, dh] = k.dims();
+        let Store::Packed { ty, k: ks, v: vs, rotation, placeholder } = &mut self.store else {
+            panic!("attend_step: a packed cache (steps_recordable)");
+        };
+        let (q, k, v) = match rotation {
+            Some(r) => (rotate(q, &r.keys), rotate(k, &r.keys), rotate(v, &r.values)),
+            None => (q, k, v),
+        };
+        let old_k = std::mem::replace(&mut ks[layer], placeholder.as_ref().clone());
+        ks[layer] = kv_write_step(old_k, k.reshape([kvh, 1, dh]), *ty, step);
+        let old_v = std::mem::replace(&mut vs[layer], placeholder.as_ref().clone());
+        vs[layer] = kv_write_step(old_v, v.reshape([kvh, 1, dh]), *ty, step);
+        let out = kv_attention_step(q, ks[layer].clone(), vs[layer].clone(), *ty, step, scale);
+        match rotation {
+            Some(r) => rotate(out, &r.values),
+            None => out,
+        }
+    }
+
+    /// Whether a decode step over this cache can be recorded: packed, every layer at the
+    /// same row, a free row, and no recording refused before.
+    pub(crate) fn steps_recordable(&self) -> bool {
+        matches!(self.store, Store::Packed { .. })
+            && !matches!(self.graph, StepGraphState::Unsupported(_))
+            && self.len < self.capacity
+            && self.dropped.iter().all(Vec::is_empty)
+            && self.staged.iter().all(|&s| s == 0)
+    }
+
+    /// Every layer's storage made to hold rows `..end` (growing drops the recording).
+    pub(crate) fn reserve_step(&mut self, end: usize) {
+        for layer in 0..self.staged.len() {
+            self.reserve(layer, end);
+        }
+    }
+
+    pub(crate) fn graph_state_mut(&mut self) -> &mut StepGraphState {
+        &mut self.graph
+    }
+
+    pub(crate) fn set_graph_state(&mut self, state: StepGraphState) {
+        self.graph = state;
+    }
+
+    /// Why decode steps over this cache are not replayed, if they are not (`None`: they are
+    /// replayed, or none has run yet).
+    pub fn step_graph_refused(&self) -> Option<&str> {
+        match &self.graph {
+            StepGraphState::Unsupported(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// Whether a recorded decode step is held.
+    pub fn step_graph_ready(&self) -> bool {
+        matches!(self.graph, StepGraphState::Ready(_))
+    }
+
+    /// The recording forgotten (a refusal is kept).
+    fn drop_graph(&mut self) {
+        if matches!(self.graph, StepGraphState::Ready(_)) {
+            self.graph = StepGraphState::None;
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod siglip;
 pub mod slowfast;
 pub mod smolvlm;
 pub mod smolvlm_connector;
+pub mod step_graph;
 pub mod token_budget;
 pub mod video_llava;
 pub mod video_model;

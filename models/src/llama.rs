@@ -10,7 +10,7 @@
 //! Qwen2 adds q/k/v projection biases, Qwen3 a per-head RMSNorm on queries and keys before
 //! RoPE ("QK-norm"), with a head size that need not be `d_model / n_heads`.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use vidllm_shaders::device::BindingCap;
 use vidllm_shaders::{Mask, silu_mul};
 
@@ -52,13 +52,14 @@ impl HostEmbedding {
     /// # Shapes
     /// - returns `[tokens.len(), d_model]`
     pub fn lookup(&self, tokens: &[u32], device: &Device) -> Tensor<2> {
-        let row = self.ty.bytes_for(self.d_model as u64).expect("row is whole blocks") as usize;
-        let mut out = Vec::with_capacity(tokens.len() * self.d_model);
-        for &t in tokens {
-            let bytes = &self.bytes[t as usize * row..(t as usize + 1) * row];
-            out.extend(vidllm_core::ggml::dequantize(self.ty, bytes, self.d_model));
-        }
+        let out: Vec<f32> = tokens.iter().flat_map(|&t| self.row(t)).collect();
         Tensor::from_data(TensorData::new(out, [tokens.len(), self.d_model]), device)
+    }
+
+    /// Token `t`'s row, dequantised (`d_model` values).
+    pub fn row(&self, t: u32) -> Vec<f32> {
+        let row = self.ty.bytes_for(self.d_model as u64).expect("row is whole blocks") as usize;
+        vidllm_core::ggml::dequantize(self.ty, &self.bytes[t as usize * row..(t as usize + 1) * row], self.d_model)
     }
 
     pub fn rows(&self) -> usize {
@@ -104,6 +105,9 @@ pub struct Llama {
     pub device: Device,
     /// The binding cap of the device it was loaded onto: prefill chunks are sized under it.
     pub cap: BindingCap,
+    /// This decoder among those loaded in the process: a recorded decode step
+    /// ([`crate::step_graph`]) replays only with the weights it was recorded with.
+    pub id: u64,
 }
 
 impl Attention {
@@ -124,7 +128,7 @@ impl Attention {
         layer: usize,
         mask: &CausalMask,
     ) -> (Tensor<2>, Tensor<4>, Tensor<4>) {
-        let [q, k, v] = self.heads(self.qkv.forward(x), cfg, rope, positions);
+        let [q, k, v] = self.heads(self.qkv.forward(x), cfg, rope, At::Rows(positions));
         let out = self.o.forward(self.attend(q.clone(), k.clone(), v, cfg, cache, layer, mask));
         (out, q, k)
     }
@@ -144,7 +148,7 @@ impl Attention {
         mask: &CausalMask,
     ) -> Tensor<2> {
         let positions: Vec<usize> = caches.iter().map(|c| c.next_position()).collect();
-        let [q, k, v] = self.heads(self.qkv.forward_rows(x), cfg, rope, &positions);
+        let [q, k, v] = self.heads(self.qkv.forward_rows(x), cfg, rope, At::Rows(&positions));
         let row = |t: &Tensor<4>, i: usize| t.clone().narrow(2, i, 1);
         let ctx =
             caches.iter_mut().enumerate().map(|(i, c)| self.attend(row(&q, i), row(&k, i), row(&v, i), cfg, c, layer, mask)).collect();
@@ -158,7 +162,7 @@ impl Attention {
     /// # Shapes
     /// - qkv: `[t, n_heads * d_head]`, `[t, n_kv_heads * d_head]` twice -> `[1, n_heads, t, d_head]`,
     ///   and `[1, n_kv_heads, t, d_head]` twice
-    fn heads(&self, qkv: Vec<Tensor<2>>, cfg: &LlamaConfig, rope: &Rope, positions: &[usize]) -> [Tensor<4>; 3] {
+    fn heads(&self, qkv: Vec<Tensor<2>>, cfg: &LlamaConfig, rope: &Rope, at: At) -> [Tensor<4>; 3] {
         let [t, _] = qkv[0].dims();
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let proj = |y: Tensor<2>, b: &Option<Tensor<1>>, norm: &Option<RmsNorm>, heads: usize| {
@@ -173,8 +177,12 @@ impl Attention {
             }
         };
         let [q, k, v]: [Tensor<2>; 3] = qkv.try_into().expect("q, k and v");
-        let q = rope.heads(proj(q, &self.q_bias, &self.q_norm, h), h, positions);
-        let k = rope.heads(proj(k, &self.k_bias, &self.k_norm, kvh), kvh, positions);
+        let rotate = |y: Tensor<2>, heads: usize| match at {
+            At::Rows(positions) => rope.heads(y, heads, positions),
+            At::Step(step) => rope.heads_step(y, heads, step),
+        };
+        let q = rotate(proj(q, &self.q_bias, &self.q_norm, h), h);
+        let k = rotate(proj(k, &self.k_bias, &self.k_norm, kvh), kvh);
         let v = proj(v, &self.v_bias, &None, kvh).reshape([1, t, kvh, dh]).swap_dims(1, 2);
         [q, k, v]
     }
@@ -204,6 +212,36 @@ impl Attention {
         let ctx = cache.attend(layer, q, k, v, mask.bias.clone(), (dh as f64).powf(-0.5), mask.rule); // [1, kvh, r*t, dh]
         ctx.reshape([1, h, t, dh]).swap_dims(1, 2).reshape([t, h * dh])
     }
+
+    /// [`Attention::forward_parts`] for a decode step whose position, cache row and keys
+    /// a step tensor holds ([`crate::step_graph`]): nothing in it depends on them, so it
+    /// can be recorded once and replayed.
+    ///
+    /// # Shapes
+    /// - x: `[1, d_model]` -> `[1, d_model]`
+    fn forward_step(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        step: &Tensor<1, Int>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<2> {
+        let [q, k, v] = self.heads(self.qkv.forward(x), cfg, rope, At::Step(step));
+        let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
+        let q = q.reshape([1, kvh, h / kvh, dh]);
+        let ctx = cache.attend_step(layer, q, k, v, step, (dh as f64).powf(-0.5)); // [1, kvh, r, dh]
+        self.o.forward(ctx.reshape([1, h * dh]))
+    }
+}
+
+/// Where a pass's rows go: RoPE positions known on the host, or a decode step's, read
+/// from its step tensor by the kernels.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Rows(&'a [usize]),
+    Step(&'a Tensor<1, Int>),
 }
 
 /// Which keys each query row sees: row `(g, i)` (query head `g` of a group, position
@@ -253,6 +291,20 @@ impl Block {
         h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
     }
 
+    /// [`Block::forward`] for a decode step ([`Attention::forward_step`]).
+    pub(crate) fn forward_step(
+        &self,
+        x: Tensor<2>,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+        step: &Tensor<1, Int>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<2> {
+        let h = x.clone() + self.attn.forward_step(self.attn_norm.forward(x), cfg, rope, step, cache, layer);
+        h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
+    }
+
     /// [`Block::forward`] for one token of each of several sequences.
     fn forward_batch(
         &self,
@@ -288,6 +340,11 @@ impl Llama {
     /// # Shapes
     /// - returns `[1 or tokens.len(), vocab_size]`
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Tensor<2> {
+        if let ([token], Logits::Last) = (tokens, which)
+            && let Some(logits) = self.decode_step(*token, cache)
+        {
+            return logits;
+        }
         self.forward_embeds(self.embed.lookup(tokens, &self.device), cache, which)
     }
 

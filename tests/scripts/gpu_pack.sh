@@ -2,8 +2,8 @@
 # Packs what tests/scripts/gpu_check.sh needs on a lent GPU machine (no Rust toolchain, no
 # network there). The device tool carries at most 64 MiB with the working tree (38 MB of
 # it the fixtures), so the test binaries travel in three archives, one per call:
-#   .dev   the common parts, and s1.tar.xz: vidllm-native, kernels, kv_cache, qwen_parity,
-#          video_llava_parity;
+#   .dev   the common parts, and s1.tar.xz: vidllm-native, kernels, kv_cache, step_graph,
+#          qwen_parity, video_llava_parity;
 #   .dev2  s2a.tar.xz: pllava, llava_next_video, idefics3, merv, preprocess parity;
 #   .dev3  s2b.tar.xz: smolvlm_parity, token_budget, framefusion, kept_positions,
 #          checkpoint_layouts, ggml_blocks;
@@ -52,8 +52,8 @@ pack() { # ARCHIVE TEST...
 }
 mkdir -p "$work/s1"
 strip -o "$work/s1/vidllm-native" "$target/vidllm-native"
-pack "$PACK/s1.tar.xz" kernels kv_cache qwen_parity video_llava_parity
-pack .dev2/s2a.tar.xz pllava_parity llava_next_video_parity idefics3_parity merv_parity preprocess_parity
+pack "$PACK/s1.tar.xz" kernels kv_cache step_graph qwen_parity
+pack .dev2/s2a.tar.xz video_llava_parity pllava_parity llava_next_video_parity idefics3_parity merv_parity preprocess_parity
 pack .dev3/s2b.tar.xz smolvlm_parity token_budget framefusion kept_positions checkpoint_layouts ggml_blocks
 
 # Stand-ins for the ffmpeg libraries vidllm-native links: every symbol it imports, with

@@ -6,7 +6,9 @@
 //!   (`tests/fixtures/gen_llama_fixtures.py --kv`; llama.cpp's default run for f16):
 //!   teacher-forced argmax and greedy generation as `llama_parity.rs` checks the f32
 //!   cache (F16, Q8_0), an agreement rate for Q4_0 ([`Q4_0_AGREEMENT`]); with what each
-//!   type costs per 1,000 tokens and how far its logits move from the f32 cache's.
+//!   type costs per 1,000 tokens and how far its logits move from the f32 cache's;
+//! - the ops of a recorded decode step, which read its values from a step tensor, equal
+//!   the ops given the same values on the host.
 
 use std::rc::Rc;
 
@@ -19,7 +21,9 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
 use vidllm_models::{KvCache, KvType, Logits, Model, load_llama};
 use vidllm_shaders::check::{values, within_rounding};
-use vidllm_shaders::{Mask, kv_attention, kv_row_words, kv_write};
+use vidllm_shaders::{
+    Mask, kv_attention, kv_attention_step, kv_row_words, kv_write, kv_write_step, rope_heads, rope_heads_step, step_tensor,
+};
 use vidllm_tests::llamacpp::{Case, MARGIN, greedy_matches_kv, teacher_forcing_kv};
 use vidllm_tests::{fixture, max_abs_diff, smollm2_path, test_devices};
 
@@ -101,6 +105,66 @@ fn kv_attention_matches_f64_on_every_device() {
                 println!("{} {heads}x{rows}x{keys}x{d} {mask:?} on {name}: max |diff| {diff:.2e} (max |y| {mag:.2})", ty.name());
                 assert!(within_rounding(diff, mag, d), "{} on {name}: {diff}", ty.name());
             }
+        }
+    }
+}
+
+/// The ops a recorded decode step runs (`models/src/step_graph.rs`), which read the row,
+/// the keys and the position from a step tensor when they run: on every device they give
+/// what the ops given those values on the host give, bit for bit, and the attention is
+/// within rounding of f64. Grids are sized by the cache (`capacity`), so parts of the
+/// split mix past the keys are empty: a cache of 512 rows holding 200 keys leaves two.
+#[test]
+fn step_ops_equal_the_host_valued_ops_on_every_device() {
+    let cases = [(3, 3, 70, 96, 64), (3, 3, 1500, 1536, 64), (2, 4, 200, 512, 32)];
+    for ty in PACKED {
+        for (heads, rows, keys, capacity, d) in cases {
+            let k = values(heads * keys * d, 31);
+            let v = values(heads * keys * d, 32);
+            let q = values(heads * rows * d, 33);
+            let held = |x: &[f32]| -> Vec<f32> { x.chunks(d).flat_map(|r| dequantize(ty, &quantize(ty, r), d)).collect() };
+            let want = reference(&q, &held(&k), &held(&v), heads, rows, keys, d, 0.3, Mask::None);
+            let words = kv_row_words(ty, d);
+            let last = keys - 1;
+            for (name, at) in test_devices() {
+                let dev = &at.device;
+                let empty = || words_tensor(vec![0; heads * capacity * words], [heads, capacity, words], dev);
+                let rows_of = |x: &[f32], from: usize, n: usize| -> Tensor<3> {
+                    let picked: Vec<f32> = x.chunks(keys * d).flat_map(|h| h[from * d..(from + n) * d].to_vec()).collect();
+                    Tensor::<3>::from_data(TensorData::new(picked, [heads, n, d]), dev)
+                };
+                // All keys but the last by the host-valued op, the last by the step's.
+                let step = step_tensor([7, last as u32, keys as u32], dev);
+                let put_step = |x: &[f32]| kv_write_step(kv_write(empty(), rows_of(x, 0, last), ty, 0), rows_of(x, last, 1), ty, &step);
+                let put = |x: &[f32]| kv_write(empty(), rows_of(x, 0, keys), ty, 0);
+                let words_of = |t: Tensor<3, Int>| t.into_data().try_into_vec::<u32>().unwrap();
+                let (ks, vs) = (put_step(&k), put_step(&v));
+                assert_eq!(words_of(ks.clone()), words_of(put(&k)), "{} on {name}: kv_write_step's row", ty.name());
+                let qt = || Tensor::<4>::from_data(TensorData::new(q.clone(), [1, heads, rows, d]), dev);
+                let unused = Tensor::<4>::zeros([1, 1, 1, 1], dev);
+                let host = kv_attention(qt(), ks.clone(), vs.clone(), ty, keys, unused, 0.3, Mask::None);
+                let got = kv_attention_step(qt(), ks, vs, ty, &step, 0.3).into_data().try_into_vec::<f32>().unwrap();
+                assert_eq!(got, host.into_data().try_into_vec::<f32>().unwrap(), "{} on {name}: kv_attention_step", ty.name());
+                let (diff, mag) = max_abs_diff(&got, &want);
+                println!(
+                    "{} step {heads}x{rows}x{keys} of {capacity} on {name}: equal to the host-valued op; max |diff| {diff:.2e} from f64",
+                    ty.name()
+                );
+                assert!(within_rounding(diff, mag, d), "{} on {name}: {diff}", ty.name());
+            }
+        }
+    }
+    // RoPE at the step's position: a row of 3 heads of 64, position 7 of a 16-row table.
+    for (name, at) in test_devices() {
+        let dev = &at.device;
+        let table = |seed| Tensor::<2>::from_data(TensorData::new(values(16 * 32, seed), [16, 32]), dev);
+        let (cos, sin) = (table(41), table(42));
+        let x = || Tensor::<2>::from_data(TensorData::new(values(3 * 64, 43), [1, 3 * 64]), dev);
+        for halves in [false, true] {
+            let host = rope_heads(x(), &cos, &sin, &[7], 3, halves).into_data().try_into_vec::<f32>().unwrap();
+            let step = step_tensor([7, 0, 1], dev);
+            let got = rope_heads_step(x(), &cos, &sin, &step, 3, halves).into_data().try_into_vec::<f32>().unwrap();
+            assert_eq!(got, host, "rope_heads_step on {name} (halves {halves})");
         }
     }
 }

@@ -471,21 +471,13 @@ impl KvCache {
                 let values = vs[layer].clone().narrow(2, 0, end);
                 attention(q, keys, values, bias, scale, mask)
             }
-            Store::Packed { ty, k: ks, v: vs, rotation, placeholder } => {
-                let (q, k, v) = match rotation {
-                    Some(r) => (rotate(q, &r.keys), rotate(k, &r.keys), rotate(v, &r.values)),
-                    None => (q, k, v),
-                };
-                let old_k = std::mem::replace(&mut ks[layer], placeholder.as_ref().clone());
-                ks[layer] = kv_write(old_k, k.reshape([kvh, t, dh]), *ty, start);
-                let old_v = std::mem::replace(&mut vs[layer], placeholder.as_ref().clone());
-                vs[layer] = kv_write(old_v, v.reshape([kvh, t, dh]), *ty, start);
-                let out = kv_attention(q, ks[layer].clone(), vs[layer].clone(), *ty, end, bias, scale, mask);
-                match rotation {
-                    Some(r) => rotate(out, &r.values),
-                    None => out,
-                }
-            }
+            store => attend_packed(
+                store,
+                layer,
+                [q, k, v],
+                |cache, x, ty| kv_write(cache, x, ty, start),
+                |q, ks, vs, ty| kv_attention(q, ks, vs, ty, end, bias, scale, mask),
+            ),
         }
     }
 }
@@ -506,23 +498,13 @@ impl KvCache {
         step: &Tensor<1, Int>,
         scale: f64,
     ) -> Tensor<4> {
-        let [_, kvh, _, dh] = k.dims();
-        let Store::Packed { ty, k: ks, v: vs, rotation, placeholder } = &mut self.store else {
-            panic!("attend_step: a packed cache (steps_recordable)");
-        };
-        let (q, k, v) = match rotation {
-            Some(r) => (rotate(q, &r.keys), rotate(k, &r.keys), rotate(v, &r.values)),
-            None => (q, k, v),
-        };
-        let old_k = std::mem::replace(&mut ks[layer], placeholder.as_ref().clone());
-        ks[layer] = kv_write_step(old_k, k.reshape([kvh, 1, dh]), *ty, step);
-        let old_v = std::mem::replace(&mut vs[layer], placeholder.as_ref().clone());
-        vs[layer] = kv_write_step(old_v, v.reshape([kvh, 1, dh]), *ty, step);
-        let out = kv_attention_step(q, ks[layer].clone(), vs[layer].clone(), *ty, step, scale);
-        match rotation {
-            Some(r) => rotate(out, &r.values),
-            None => out,
-        }
+        attend_packed(
+            &mut self.store,
+            layer,
+            [q, k, v],
+            |cache, x, ty| kv_write_step(cache, x, ty, step),
+            |q, ks, vs, ty| kv_attention_step(q, ks, vs, ty, step, scale),
+        )
     }
 
     /// Whether a decode step over this cache can be recorded: packed, every layer at the
@@ -569,6 +551,40 @@ impl KvCache {
         if matches!(self.graph, StepGraphState::Ready(_)) {
             self.graph = StepGraphState::None;
         }
+    }
+}
+
+/// A packed cache's attention pass over layer `layer`: queries, keys and values rotated
+/// where the type asks for it, the keys and values written by `write`, the queries
+/// attended by `attend`, the output rotated back. The layer's tensors are moved out (the
+/// placeholder left behind) rather than cloned: a clone shares the storage, and writing
+/// into shared storage copies all of it.
+///
+/// # Shapes
+/// - q: `[1, n_kv_heads, r * t, d_head]`; k, v: `[1, n_kv_heads, t, d_head]` -> like q
+fn attend_packed(
+    store: &mut Store,
+    layer: usize,
+    [q, k, v]: [Tensor<4>; 3],
+    write: impl Fn(Tensor<3, Int>, Tensor<3>, GgmlType) -> Tensor<3, Int>,
+    attend: impl FnOnce(Tensor<4>, Tensor<3, Int>, Tensor<3, Int>, GgmlType) -> Tensor<4>,
+) -> Tensor<4> {
+    let Store::Packed { ty, k: ks, v: vs, rotation, placeholder } = store else {
+        panic!("attend_packed: an f32 cache");
+    };
+    let [_, kvh, t, dh] = k.dims();
+    let (q, k, v) = match rotation {
+        Some(r) => (rotate(q, &r.keys), rotate(k, &r.keys), rotate(v, &r.values)),
+        None => (q, k, v),
+    };
+    let old_k = std::mem::replace(&mut ks[layer], placeholder.as_ref().clone());
+    ks[layer] = write(old_k, k.reshape([kvh, t, dh]), *ty);
+    let old_v = std::mem::replace(&mut vs[layer], placeholder.as_ref().clone());
+    vs[layer] = write(old_v, v.reshape([kvh, t, dh]), *ty);
+    let out = attend(q, ks[layer].clone(), vs[layer].clone(), *ty);
+    match rotation {
+        Some(r) => rotate(out, &r.values),
+        None => out,
     }
 }
 

@@ -116,9 +116,6 @@ impl Llama {
             cache.set_graph_state(StepGraphState::Unsupported(format!("a replay failed: {replayed:?}")));
             return None;
         }
-        if matches!(cache.graph_state_mut(), StepGraphState::Unsupported(_)) {
-            return None;
-        }
         // Record: the step itself (its logits are this step's answer), the same step
         // again so that every buffer it takes is back in the pools once it is dropped,
         // then the recording, which allocates nothing. Writing the same row twice

@@ -51,6 +51,13 @@ fn step_values(step: &FlexTensor) -> [u32; crate::STEP_WORDS] {
     std::array::from_fn(|i| v[at + i])
 }
 
+/// `t`'s values overwritten with `values` (its whole storage, from its start).
+fn overwrite<E: burn::tensor::Element + bytemuck::Pod>(mut t: FlexTensor, values: &[E]) -> FlexTensor {
+    assert!(t.is_contiguous() && t.layout().start_offset() == 0, "overwrite: a whole tensor");
+    t.storage_mut::<E>()[..values.len()].copy_from_slice(values);
+    t
+}
+
 /// Values from which the row-wise ops (RMSNorm, RoPE) split their rows over threads: a
 /// decode step's rows are done before the pool would wake.
 const PAR_MIN_VALUES: usize = 1 << 16;
@@ -141,17 +148,11 @@ impl QuantOps for Flex {
     }
 
     fn overwrite_f32(t: FlexTensor, values: Vec<f32>) -> FlexTensor {
-        let mut t = t;
-        assert!(t.is_contiguous() && t.layout().start_offset() == 0, "overwrite_f32: a whole tensor");
-        t.storage_mut::<f32>()[..values.len()].copy_from_slice(&values);
-        t
+        overwrite(t, &values)
     }
 
     fn overwrite_u32(t: FlexTensor, values: Vec<u32>) -> FlexTensor {
-        let mut t = t;
-        assert!(t.is_contiguous() && t.layout().start_offset() == 0, "overwrite_u32: a whole tensor");
-        t.storage_mut::<u32>()[..values.len()].copy_from_slice(&values);
-        t
+        overwrite(t, &values)
     }
 
     /// Row by row, the sum of squares in f64 (as ggml sums it); rows split over threads

@@ -116,11 +116,8 @@ impl QuantOps for CubeBackend {
         scale: f64,
         mask: crate::Mask,
     ) -> CubeTensor {
-        let masked = mask != crate::Mask::None;
-        // Without a mask the bias is not read: the queries stand in (bound twice, both
-        // read-only; the output may not stand in, as WebGPU forbids a buffer bound both
-        // read-only and writable in one dispatch).
-        let bias = if masked { Some(into_contiguous(bias)) } else { None };
+        // Without a mask the bias is not read (`attend_packed` binds a stand-in).
+        let bias = (mask != crate::Mask::None).then(|| into_contiguous(bias));
         attend_packed(q, k, v, ty, keys, bias, None, scale)
     }
 

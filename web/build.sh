@@ -17,4 +17,10 @@ BINDGEN="$TARGET_DIR/release/vidllm-wasm-bindgen"
 names=()
 [ "${VIDLLM_WASM_NAMES:-0}" = 1 ] && names=(--keep-names)
 "$BINDGEN" --out-dir web/pkg "${names[@]}" "$TARGET_DIR/wasm32-unknown-unknown/wasm-release/vidllm_web.wasm"
+# The demuxer of frame-exact sampling (js/demux.js): Mediabunny's bundle, unmodified, with
+# its licence (MPL-2.0), from the npm package web/package.json pins.
+MEDIABUNNY=web/node_modules/mediabunny
+[ -f "$MEDIABUNNY/dist/bundles/mediabunny.min.mjs" ] || (cd web && npm ci --no-audit --no-fund --silent)
+cp "$MEDIABUNNY/dist/bundles/mediabunny.min.mjs" web/pkg/mediabunny.min.mjs
+cp "$MEDIABUNNY/LICENSE" web/pkg/mediabunny.LICENSE
 gzip -9 -c web/pkg/vidllm_web_bg.wasm | wc -c | awk '{printf "vidllm_web_bg.wasm: %.1f MiB gzipped\n", $1 / 1048576}'

@@ -125,6 +125,18 @@ impl Sampling {
         Ok(self.indices(total, frame_rate)?.into_iter().map(|i| i as f64 / frame_rate).collect())
     }
 
+    /// Frame indices on a video's display timeline (`frame_times`, seconds from its first
+    /// frame, ascending) whose average rate is `src_fps`: `fps` by time
+    /// ([`Sampling::indices_by_time`], following a variable rate), the other policies by
+    /// displayed-frame index on the frame count ([`Sampling::indices`]). What
+    /// `vidllm-native` picks in a file it can number, and the page in a file it demuxes.
+    pub fn indices_on_timeline(&self, frame_times: &[f64], src_fps: f64) -> Result<Vec<usize>, SamplingError> {
+        match self {
+            Sampling::Fps { .. } => self.indices_by_time(frame_times),
+            _ => self.indices(frame_times.len(), src_fps),
+        }
+    }
+
     /// Frame indices by time, for a video whose displayed frames come at `frame_times`
     /// (seconds, ascending; the rate may vary). `fps` takes the frame shown nearest each
     /// `1 / fps` tick (on a constant rate, the same frames as [`Sampling::indices`]); the

@@ -304,12 +304,12 @@ impl VideoReader {
     /// a variable frame rate).
     pub fn sample(&self, policy: Sampling) -> Result<Vec<Frame>> {
         let fps = if self.info.fps > 0.0 { self.info.fps } else { 10.0 };
-        let indices = match (&policy, &self.timeline) {
-            (Sampling::Fps { .. }, Some(tl)) => {
+        let indices = match &self.timeline {
+            Some(tl) => {
                 let times: Vec<f64> = (0..tl.pts.len()).map(|i| tl.seconds(i, self.time_base)).collect();
-                policy.indices_by_time(&times)
+                policy.indices_on_timeline(&times, fps)
             }
-            _ => policy.indices(self.info.frames, fps),
+            None => policy.indices(self.info.frames, fps),
         }
         .map_err(|e| anyhow!("{}: {e}", self.path))?;
         self.frames_at(&indices)

@@ -49,12 +49,31 @@ export type Sampling = "hf" | "linspace" | "pllava" | "fps" | "smolvlm";
 
 export interface SampledFrames {
   sources: ImageBitmap[];
+  /** When each frame starts, in seconds from the video's first frame. */
   times: number[];
   /** The video's length in seconds. */
   duration: number;
   width: number;
   height: number;
+  /**
+   * How the frames were taken: "webcodecs" (the file demuxed and its frames decoded by the
+   * page, frame-exact as `vidllm-native`), or "video-element" (the element seeked: a live
+   * source, a file the page cannot fetch, demux or decode, or `decoder: "video-element"`).
+   */
+  decoder?: Decoder;
+  /** Why the element was seeked instead of the file being demuxed. */
+  decoderNote?: string;
+  /** With "webcodecs": each frame's index among the frames the file shows, and their count. */
+  indices?: number[];
+  frames?: number;
 }
+
+/**
+ * How a `<video>`'s frames are taken: "auto" (the default) demuxes a file the page can
+ * fetch and seeks the element otherwise; "webcodecs" demuxes or fails with a `VideoError`
+ * saying why; "video-element" always seeks the element.
+ */
+export type Decoder = "auto" | "webcodecs" | "video-element";
 
 export interface GenerateOptions {
   prompt: string;
@@ -84,8 +103,10 @@ export interface AskOptions {
   sampling?: Sampling;
   fps?: number;
   maxFrames?: number;
-  /** The frame grid the policy picks on (a <video> does not tell its rate); default 30. */
+  /** The frame grid the policy picks on when the element is seeked (it does not tell its rate); default 30. */
   frameRate?: number;
+  /** "video-element" seeks the element even where the page could demux the file (see `SampledFrames.decoder`). */
+  decoder?: Decoder;
   prompt: string;
   maxTokens?: number;
   temperature?: number;
@@ -243,14 +264,19 @@ export interface KernelCheck { type: string; m: number; n: number; k: number; ma
 export function checkKernels(opts?: { types?: string[] }): Promise<KernelCheck[]>;
 /** Sampling times in seconds for a video of known duration (the native policies, on a `frameRate` grid, default 30). */
 export function times(video: HTMLVideoElement, n: number, opts?: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }): Promise<number[]>;
-/** Seek and take frames as ImageBitmaps, at given times or by a policy. */
+/** Take frames as ImageBitmaps, at given times (seeking) or by a policy (frame-exact from the file where the page can demux it). */
 export function sampleFrames(video: HTMLVideoElement, at: number[] | { n: number; sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number;
-  /** Where the policy's times come from (default: the page's wasm, as `times`). */
-  schedule?: (duration: number, n: number, policy: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }) => Promise<number[]> }): Promise<SampledFrames>;
+  decoder?: Decoder;
+  /** Where the policy's times come from when seeking (default: the page's wasm, as `times`). */
+  schedule?: (duration: number, n: number, policy: { sampling?: Sampling; fps?: number; maxFrames?: number; frameRate?: number }) => Promise<number[]>;
+  /** Where the policy's indices on a demuxed file's timeline come from (default: the page's wasm, as `samplingIndices`). */
+  pick?: (frameTimes: number[], rate: number, policy: { sampling?: Sampling; n: number; fps?: number; maxFrames?: number }) => Promise<number[]> }): Promise<SampledFrames>;
+/** The frame indices a policy picks on a video's display timeline (seconds from the first frame; `rate` the average frame rate): `vidllm-native`'s rule. */
+export function samplingIndices(frameTimes: number[], rate: number, opts?: { sampling?: Sampling; n?: number; fps?: number; maxFrames?: number }): Promise<number[]>;
 /** Candidate frames per frame asked for: 2 for a MaxInfo budget, else 1. */
 export function candidateFactor(maxVisualTokens: number | undefined, reduce: Reduction | undefined): number;
 /** What makes a question's frames the last question's (null for frames already taken). */
-export interface VideoKey { video: HTMLVideoElement; src: string | null; n: number; sampling: Sampling; fps: number; maxFrames: number; frameRate: number;
+export interface VideoKey { video: HTMLVideoElement; src: string | null; n: number; sampling: Sampling; fps: number; maxFrames: number; frameRate: number; decoder?: Decoder;
   maxVisualTokens?: number; reduce?: Reduction }
 export function videoKey(video: HTMLVideoElement | null | undefined, opts: Omit<VideoKey, "video" | "src">): VideoKey | null;
 /** Whether two video keys name the same frames (a null key never does). */

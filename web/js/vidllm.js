@@ -9,7 +9,8 @@
 // `model` is a Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
-import init, { Runtime, VideoRuntime, check_kernel, folder_architecture, folder_files, kernel_types, last_failure, sampling_times } from "../pkg/vidllm_web.js";
+import init, { Runtime, VideoRuntime, check_kernel, folder_architecture, folder_files, kernel_types, last_failure, sampling_indices, sampling_times } from "../pkg/vidllm_web.js";
+import { demuxedFrames } from "./demux.js";
 import { queued } from "./channel.js";
 import { chatCompletion } from "./completion.js";
 
@@ -387,7 +388,7 @@ export class VidLLM {
    * budget for the video, as `vidllm-native ask --max-visual-tokens --reduce` (maxinfo
    * samples twice the frames and keeps key frames); `lastReduction` then says what it did.
    */
-  ask({ video, image, frames, frameTimes, duration, sampling, fps, maxFrames, frameRate = 30, prompt, maxTokens = 256,
+  ask({ video, image, frames, frameTimes, duration, sampling, fps, maxFrames, frameRate = 30, decoder, prompt, maxTokens = 256,
         temperature = 0, seed = 0, signal, onFrames, onStage, newConversation = false, maxVisualTokens, reduce,
         askedFrames } = {}) {
     const rt = this.#live();
@@ -400,14 +401,14 @@ export class VidLLM {
       const given = Array.isArray(frames) ? frames : null;
       const n = typeof frames === "number" ? frames : this.#info.defaultFrames;
       const k = candidateFactor(maxVisualTokens, reduce);
-      const key = given ? null : videoKey(video, { n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce });
+      const key = given ? null : videoKey(video, { n, sampling, fps, maxFrames, frameRate, decoder, maxVisualTokens, reduce });
       const same = sameVideo(key, this.#seen);
       if ((video || given) && !same) {
         rt.clear_visuals();
         this.#seen = null;
         if (!given) onStage?.("sampling");
         const f = given ? { sources: given, times: frameTimes ?? given.map((x) => (x.timestamp ?? 0) / 1e6), duration }
-          : await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate });
+          : await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate, decoder });
         rt.set_budget(maxVisualTokens ?? undefined, reduce ?? undefined, askedFrames ?? (given ? Math.ceil(given.length / k) : n));
         try {
           onFrames?.(f);
@@ -678,6 +679,20 @@ export async function samplingTimes(d, n, { sampling = "hf", fps = 1, maxFrames 
   }
 }
 
+/**
+ * The frame indices a policy picks on a video's display timeline (`frameTimes`, seconds from
+ * the first frame; `rate` their average frame rate), by the same Rust code as
+ * `vidllm-native` on a file it numbers.
+ */
+export async function samplingIndices(frameTimes, rate, { sampling = "hf", n = 8, fps = 1, maxFrames = 32 } = {}) {
+  await init();
+  try {
+    return Array.from(sampling_indices(String(sampling), n, fps, maxFrames, Float64Array.from(frameTimes), rate));
+  } catch (e) {
+    throw new RangeError(e.message);
+  }
+}
+
 /** Wait for `video` to know its size and duration, or fail if the browser cannot decode it. */
 async function metadata(video) {
   if (video.error) throw new VideoError(`the browser cannot decode this video (${video.error.message || `code ${video.error.code}`})`);
@@ -758,8 +773,8 @@ export function candidateFactor(maxVisualTokens, reduce) {
  * What makes a question's frames the last question's: the same `<video>` at the same
  * source, sampled the same way under the same budget. `null` for frames already taken.
  */
-export function videoKey(video, { n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce }) {
-  return video ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate, maxVisualTokens, reduce } : null;
+export function videoKey(video, { n, sampling, fps, maxFrames, frameRate, decoder, maxVisualTokens, reduce }) {
+  return video ? { video, src: video.currentSrc ?? null, n, sampling, fps, maxFrames, frameRate, decoder, maxVisualTokens, reduce } : null;
 }
 
 /** Whether two `videoKey`s name the same frames (a null key never does). */
@@ -784,9 +799,17 @@ export function samplingOf(info, { frames, sampling, fps, maxFrames }) {
 
 /**
  * Frames of a <video> as `ImageBitmap`s (transferable to a worker), at `at` seconds or
- * by a policy `{n, sampling, fps, maxFrames, frameRate}` (see `times`).
+ * by a policy `{n, sampling, fps, maxFrames, frameRate}`.
  *
- * A policy picks frame k of a grid of `frameRate` frames a second, as `vidllm-native`
+ * A policy on a video that plays a file the page may fetch is frame-exact (`demux.js`): the
+ * page demuxes the file, numbers the frames it shows, picks the policy's indices on that
+ * timeline as `vidllm-native` does, and decodes those frames with WebCodecs. Then `decoder`
+ * is "webcodecs", and `indices` and `frames` (the count) are the file's.
+ *
+ * Otherwise (a live source, a file the page cannot demux or WebCodecs cannot decode:
+ * `decoderNote` says why; `decoder` "video-element") the element is seeked, as it is when
+ * the policy says `decoder: "video-element"`; `decoder: "webcodecs"` fails instead.
+ * A policy then picks frame k of a grid of `frameRate` frames a second, as `vidllm-native`
  * numbers frames; its time `k / frameRate` is where the frame starts. The page seeks to
  * the middle of the frame's interval, where the browser shows frame k whatever its
  * rounding (at the very start it may still show frame k - 1). The times returned (and
@@ -795,10 +818,21 @@ export function samplingOf(info, { frames, sampling, fps, maxFrames }) {
  * Chromium can on an MP4 whose decode timestamps trail its presentation timestamps (it
  * lands on the next keyframe), the time returned is that of the frame shown, never the
  * one asked. Times given in seconds are seeked as given. A policy's `schedule(duration,
- * n, policy)` may say where its times come from (`VidLLMWorker` asks its worker, so the
- * page never instantiates the wasm); by default the page's own wasm computes them.
+ * n, policy)` and `pick(frameTimes, rate, policy)` may say where its times and indices
+ * come from (`VidLLMWorker` asks its worker, so the page never instantiates the wasm); by
+ * default the page's own wasm computes them.
  */
 export async function sampleFrames(video, at) {
+  let decoderNote;
+  if (!Array.isArray(at) && at.decoder !== "video-element") {
+    const exact = await demuxedFrames(video, (frameTimes, rate) => (at.pick ?? samplingIndices)(frameTimes, rate, at));
+    if (!exact.skipped) {
+      assertReadable(exact.sources[0]);
+      return exact;
+    }
+    decoderNote = exact.skipped;
+    if (at.decoder === "webcodecs") throw new VideoError(`cannot take this video's frames with WebCodecs: ${decoderNote}`);
+  }
   await metadata(video);
   const ts = Array.isArray(at) ? at : await (at.schedule ?? samplingTimes)(video.duration, at.n, at);
   const half = Array.isArray(at) ? 0 : 0.5 / (at.frameRate ?? 30);
@@ -816,7 +850,8 @@ export async function sampleFrames(video, at) {
     if (!sources.length) assertReadable(bitmap);
     sources.push(bitmap);
   }
-  return { sources, times: taken, duration: video.duration, width: video.videoWidth, height: video.videoHeight };
+  return { sources, times: taken, duration: video.duration, width: video.videoWidth, height: video.videoHeight,
+    decoder: "video-element", decoderNote };
 }
 
 const sizeOf = (s) => [s.displayWidth ?? s.videoWidth ?? s.naturalWidth ?? s.width, s.displayHeight ?? s.videoHeight ?? s.naturalHeight ?? s.height];

@@ -14,7 +14,7 @@
 import {
   VidLLM, ContextFullError, DisposedError, IntegrityError, InvalidRequestError, ModelFetchError, ModelLoadError, QuotaError,
   RuntimeFailedError, TemplateError, TokenizerError, VideoError, VisualTokensError, WebGPUNotAvailableError,
-  LiveVideo, candidateFactor, sameVideo, sampleFrames, samplingOf, samplingTimes, videoKey,
+  LiveVideo, candidateFactor, sameVideo, sampleFrames, samplingIndices, samplingOf, samplingTimes, videoKey,
 } from "./vidllm.js";
 import { queued } from "./channel.js";
 import { chatCompletion } from "./completion.js";
@@ -53,6 +53,9 @@ if (inWorker) {
       } else if (op === "times") {
         const { duration, n, policy } = data.opts;
         self.postMessage({ id, done: true, times: await samplingTimes(duration, n, policy) });
+      } else if (op === "indices") {
+        const { frameTimes, rate, policy } = data.opts;
+        self.postMessage({ id, done: true, indices: await samplingIndices(frameTimes, rate, policy) });
       } else if (op === "framesRGB" || op === "liveFramesRGB") {
         if (!rt) throw new DisposedError();
         const rgb = await (op === "framesRGB" ? rt.framesRGB() : rt.liveFramesRGB());
@@ -163,7 +166,7 @@ export class VidLLMWorker {
    * about the video of the last question does not sample or encode it again.
    */
   ask(opts = {}) {
-    let { video, image, frames, sampling, fps, maxFrames, frameRate = 30, onFrames, signal, onStage, ...rest } = opts;
+    let { video, image, frames, sampling, fps, maxFrames, frameRate = 30, decoder, onFrames, signal, onStage, ...rest } = opts;
     if ((video || Array.isArray(frames)) && this.supportsVideo === false) {
       throw new VideoError(`${this.architecture} takes still images only, not a video (pass image)`);
     }
@@ -175,7 +178,7 @@ export class VidLLMWorker {
       const info = { defaultSampling: own.sampling, defaultFps: own.fps, defaultFrames: this.defaultFrames };
       ({ sampling, fps, maxFrames } = samplingOf(info, { frames, sampling, fps, maxFrames }));
       const k = candidateFactor(rest.maxVisualTokens, rest.reduce);
-      const key = videoKey(video, { n, sampling, fps, maxFrames, frameRate, maxVisualTokens: rest.maxVisualTokens, reduce: rest.reduce });
+      const key = videoKey(video, { n, sampling, fps, maxFrames, frameRate, decoder, maxVisualTokens: rest.maxVisualTokens, reduce: rest.reduce });
       const same = sameVideo(key, this.#seen);
       let sent = Array.isArray(frames) ? frames : undefined;
       if (video && !same) {
@@ -184,7 +187,9 @@ export class VidLLMWorker {
         // The sampling times come from the worker's wasm: the page never instantiates it.
         const schedule = (duration, count, p) => this.#call("times", { duration, n: count,
           policy: { sampling: p.sampling, fps: p.fps, maxFrames: p.maxFrames, frameRate: p.frameRate } }).then((m) => m.times);
-        const f = await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate, schedule });
+        const pick = (frameTimes, rate, p) => this.#call("indices", { frameTimes, rate,
+          policy: { sampling: p.sampling, n: p.n, fps: p.fps, maxFrames: p.maxFrames } }).then((m) => m.indices);
+        const f = await sampleFrames(video, { n: n * k, sampling, fps: fps * k, maxFrames: maxFrames * k, frameRate, decoder, schedule, pick });
         onFrames?.(f);
         sent = f.sources;
         transfer.push(...f.sources);

@@ -159,6 +159,23 @@ pub fn sampling_times(sampling: &str, n: usize, fps: f64, max_frames: usize, dur
     Sampling::from_name(sampling, n, fps, max_frames).and_then(|p| p.times(duration, frame_rate)).map_err(js_err)
 }
 
+/// The frame indices a sampling policy picks on a video's display timeline (`frame_times`:
+/// each displayed frame's time from the first, as the page demuxes them; `src_fps` their
+/// average rate): the rule `vidllm-native` applies to a file it can number.
+#[wasm_bindgen]
+pub fn sampling_indices(
+    sampling: &str,
+    n: usize,
+    fps: f64,
+    max_frames: usize,
+    frame_times: Vec<f64>,
+    src_fps: f64,
+) -> Result<Vec<u32>, JsError> {
+    let picked =
+        Sampling::from_name(sampling, n, fps, max_frames).and_then(|p| p.indices_on_timeline(&frame_times, src_fps)).map_err(js_err)?;
+    Ok(picked.into_iter().map(|i| i as u32).collect())
+}
+
 /// The files of a model folder besides its weights (each optional but `config.json` and
 /// `tokenizer.json`): what the page fetches before the shards.
 #[wasm_bindgen]

@@ -22,13 +22,14 @@ let clip = null;
 let junk = null;
 let imagePng = null;
 let counter = null;
+let anamorphic = null;
 const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
 
 /** A static server of the repository; `/ext/...` maps to `ext` when given. */
 function serve(ext = null) {
   const server = createServer((req, res) => {
     const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
-    const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip, "/image.png": imagePng, "/counter.webm": counter };
+    const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip, "/image.png": imagePng, "/counter.webm": counter, "/anamorphic.webm": anamorphic };
     const base = ext && path.startsWith("/ext/") ? ext : root;
     const corpus = process.env.VIDLLM_VIDEO_CORPUS;
     const file = path in named ? named[path]
@@ -557,12 +558,15 @@ test("the page's sampled frames are the native runtime's frames at the same indi
     const corpus = process.env.VIDLLM_VIDEO_CORPUS;
     assert.ok(corpus, "set VIDLLM_VIDEO_CORPUS (tests/scripts/video_corpus.sh)");
     const policies = [{ sampling: "hf", n: 8 }, { sampling: "linspace", n: 5 }, { sampling: "pllava", n: 4 }, { sampling: "fps", fps: 2, maxFrames: 32, n: 0 }];
-    for (const file of ["h264_bframes.mp4", "h264_bframes.mkv", "editlist.mp4", "start_offset.mp4", "rotated.mp4", "odd_size.webm", "tenbit_vp9.webm", "vfr.mkv", "audio_first.mkv", "backwards.mkv", "open_gop.mkv", "tenbit.mkv", "truncated.mkv"]) {
-      const path = join(corpus, file);
+    // And a clip with 2:1 pixels (not in the corpus): native's coded size, as PyAV's.
+    anamorphic = join(dir, "anamorphic.webm");
+    execFileSync("ffmpeg", ["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=176x144:rate=25:duration=1", "-vf", "setsar=2", "-c:v", "libvpx-vp9", "-b:v", "800k", anamorphic]);
+    for (const file of ["h264_bframes.mp4", "h264_bframes.mkv", "editlist.mp4", "start_offset.mp4", "rotated.mp4", "odd_size.webm", "tenbit_vp9.webm", "vfr.mkv", "audio_first.mkv", "backwards.mkv", "open_gop.mkv", "tenbit.mkv", "truncated.mkv", "anamorphic.webm"]) {
+      const path = file === "anamorphic.webm" ? anamorphic : join(corpus, file);
       const { info, every, near } = everyFrame(path);
       for (const policy of policies) {
         const want = native(path, policyArgs(policy), join(dir, "x.rgb")).frames;
-        const out = await page.evaluate((a) => window.runSampledPixels(a), { clip: `/corpus/${file}`, policy });
+        const out = await page.evaluate((a) => window.runSampledPixels(a), { clip: file === "anamorphic.webm" ? "/anamorphic.webm" : `/corpus/${file}`, policy });
         const label = `${file}, ${policy.sampling}`;
         assert.equal(out.decoder, "webcodecs", `${label}: ${out.decoderNote}`);
         assert.equal(out.frames, info.total_frames, `${label}: frame count`);
@@ -604,6 +608,8 @@ test("bad input gives named errors and the runtime stays usable", { timeout: 900
     assert.match(out.missingGguf, /^ModelFetchError: .*404/);
     assert.match(out.badCap, /^RangeError: maxBindingBytes must be a positive number/);
     assert.match(out.undecodable, /^VideoError: the browser cannot decode this video/);
+    // The demuxer loops on that file without yielding: its worker is ended, the page lives.
+    assert.match(out.undecodableExact, /^VideoError: cannot take this video's frames with WebCodecs: the demuxer stopped answering for 5 s/);
     assert.match(out.crossOrigin, /^VideoError: cannot read this video's pixels: it is cross-origin/);
     // Aborted after the 2nd piece: the token already being computed may still arrive.
     assert.ok(out.tokensBeforeAbort >= 2 && out.tokensBeforeAbort <= 3, `stopped after ${out.tokensBeforeAbort} of 50`);

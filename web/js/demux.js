@@ -72,8 +72,9 @@ export async function demuxedFrames(video, pick) {
         } else if (data.skipped) resolve({ skipped: data.skipped });
         else if (data.frames) {
           const f = data.frames;
-          const duration = Number.isFinite(video.duration) && video.duration > 0 ? video.duration : f.span;
-          resolve({ sources: f.sources, times: f.times, indices: f.indices, frames: f.frames, duration, width: f.width, height: f.height, decoder: "webcodecs" });
+          // The video's length from its own timeline (first frame to the last one's end), as
+          // `vidllm-native` takes it (frames / average rate), not the element's duration.
+          resolve({ sources: f.sources, times: f.times, indices: f.indices, frames: f.frames, duration: f.span, width: f.width, height: f.height, decoder: "webcodecs" });
         }
       };
       worker.postMessage({ url: video.currentSrc || video.src });

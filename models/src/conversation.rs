@@ -28,7 +28,7 @@ use web_time::Instant;
 use crate::framefusion::{FrameFusion, FusionReport, Plan};
 use crate::generate::{GenerateParams, Piece, Timings, read_row, read_row_async};
 use crate::kv_cache::{KvCache, KvChoice, KvType};
-use crate::llama::{Llama, Logits};
+use crate::llama::{Fused, FusedPrefill, Llama, Logits};
 use crate::merge::{Visual, merge_embeddings, merge_patches, merge_positions};
 use crate::video_model::VideoModel;
 
@@ -99,7 +99,8 @@ pub struct Finished {
 // One value a step, moved once: boxing the finished answer would buy nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Step {
-    /// Read this `[1, vocab]` logits row back and pass it to [`Conversation::accept`].
+    /// Read this `[1, n]` row back and pass it to [`Conversation::accept`]: logits, or
+    /// values a FrameFusion prefill chooses by.
     Read(Tensor<2>),
     /// The answer ended.
     Finished(Finished),
@@ -116,6 +117,14 @@ enum Work {
     Decode(u32),
     /// Nothing: the answer ended.
     Done,
+}
+
+/// A FrameFusion prefill under way: the pass, the method's state, and the values last read
+/// for it.
+struct FusedRun {
+    pass: FusedPrefill,
+    method: FrameFusion,
+    values: Option<Vec<f32>>,
 }
 
 /// A video FrameFusion reduces in the prefill: its plan, and each prompt row's patch.
@@ -152,6 +161,8 @@ struct Answer {
     input: Option<RunInput>,
     /// What FrameFusion did in the prefill.
     fusion: Option<FusionReport>,
+    /// A FrameFusion prefill between read-backs.
+    fused: Option<Box<FusedRun>>,
     /// All text so far, and how much of it was emitted.
     text: String,
     emitted: usize,
@@ -377,6 +388,7 @@ impl Conversation {
             detok: TextStream::new(),
             input: Some((ids, x, positions, fusion)),
             fusion: None,
+            fused: None,
             text: String::new(),
             emitted: 0,
             tokens: Vec::new(),
@@ -467,6 +479,9 @@ impl Conversation {
 
     /// What the driver must do next: read a logits row, or take the finished answer.
     pub fn step(&mut self) -> Result<Step, GenerateError> {
+        if self.fusing() {
+            return self.fused_step().map(Step::Read);
+        }
         Ok(match self.plan()? {
             Work::Prefill(x, at, fusion) => Step::Read(self.prefill(x, at, fusion)?),
             Work::Decode(last) => Step::Read(self.model.decoder().forward(&[last], &mut self.cache, Logits::Last)),
@@ -485,6 +500,10 @@ impl Conversation {
         let mut out: Vec<Option<Result<Step, GenerateError>>> = convs.iter().map(|_| None).collect();
         let mut decoding = Vec::new();
         for (i, c) in convs.iter_mut().enumerate() {
+            if c.fusing() {
+                out[i] = Some(c.fused_step().map(Step::Read));
+                continue;
+            }
             match c.plan() {
                 Ok(Work::Decode(last)) => decoding.push((i, last)),
                 Ok(Work::Prefill(x, at, fusion)) => out[i] = Some(c.prefill(x, at, fusion).map(Step::Read)),
@@ -555,33 +574,67 @@ impl Conversation {
     }
 
     /// Run a turn's input: through FrameFusion where its video asks for it (its report
-    /// kept for the answer), else as it is. A failed prefill ends the answer.
+    /// kept for the answer; the first values it chooses by may be what this returns), else
+    /// as it is. A failed prefill ends the answer.
     fn prefill(&mut self, x: Tensor<2>, at: Option<Vec<usize>>, fusion: Option<Fusion>) -> Result<Tensor<2>, GenerateError> {
         let decoder = self.model.decoder();
         let Some((plan, patches)) = fusion else {
             return Ok(decoder.forward_embeds_at(x, at.as_deref(), &mut self.cache, Logits::Last));
         };
         let mut ff = FrameFusion::new(plan, patches, decoder.blocks.len());
-        match decoder.forward_fused(x, &mut self.cache, &mut ff) {
-            Ok(logits) => {
+        match decoder.fused_begin(x, &mut self.cache, &mut ff) {
+            Ok(run) => {
                 if let Some(a) = self.answer.as_mut() {
-                    a.fusion = Some(ff.report().clone());
+                    a.fused = Some(Box::new(FusedRun { pass: run, method: ff, values: None }));
                 }
+                self.fused_step()
+            }
+            Err(e) => Err(self.fusion_failed(e)),
+        }
+    }
+
+    /// Whether a FrameFusion prefill is under way.
+    fn fusing(&self) -> bool {
+        self.answer.as_ref().is_some_and(|a| a.fused.is_some())
+    }
+
+    /// Run the FrameFusion prefill on, with the values read last: what to read next, the
+    /// values it chooses by or, at its end, the logits.
+    fn fused_step(&mut self) -> Result<Tensor<2>, GenerateError> {
+        let model = self.model.clone();
+        let decoder = model.decoder();
+        let a = self.answer.as_mut().expect("fusing() said an answer is in progress");
+        let f = a.fused.as_mut().expect("fusing() said so");
+        match decoder.fused_advance(&mut f.pass, &mut self.cache, &mut f.method, f.values.take()) {
+            Ok(Fused::Read(t)) => {
+                let n = t.dims()[0];
+                Ok(t.reshape([1, n]))
+            }
+            Ok(Fused::Logits(logits)) => {
+                let f = a.fused.take().expect("fusing() said so");
+                a.fusion = Some(f.method.report().clone());
                 Ok(logits)
             }
-            Err(e) => {
-                // Nothing half-written stays: the conversation starts over.
-                self.answer = None;
-                self.reset();
-                Err(GenerateError::Visual(e))
-            }
+            Err(e) => Err(self.fusion_failed(e)),
         }
+    }
+
+    /// Nothing half-written stays: the conversation starts over.
+    fn fusion_failed(&mut self, e: String) -> GenerateError {
+        self.answer = None;
+        self.reset();
+        GenerateError::Visual(e)
     }
 
     /// Take the logits row the last [`Step::Read`] asked for: sample the next token. Returns
     /// the piece of text it completes, or `None` when the answer ended here.
     pub fn accept(&mut self, row: &[f32]) -> Result<Option<Piece>, GenerateError> {
         let a = self.answer.as_mut().ok_or_else(|| GenerateError::Unsupported("no answer is in progress (ask first)".into()))?;
+        if let Some(fused) = a.fused.as_mut() {
+            // Values a FrameFusion prefill chooses by: the next step goes on with them.
+            fused.values = Some(row.to_vec());
+            return Ok(None);
+        }
         let vocab = self.model.decoder().cfg.vocab_size;
         if row.len() != vocab {
             return Err(GenerateError::Device(format!("a logits row has {} values, the vocabulary {vocab}", row.len())));

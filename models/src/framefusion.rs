@@ -133,10 +133,40 @@ impl FrameFusion {
         (0..self.patch.len()).filter(|&r| self.patch[r].is_some()).collect()
     }
 
-    /// Before layer 0's attention: a merging step on the input embeddings.
-    pub fn before_layers(&mut self, x: Tensor<2>) -> Result<Kept, String> {
+    /// What a step needs read back from the device before it can choose, given the rows
+    /// `x` it is to reduce (and, on the pruning layer, the last row's `attention`): the
+    /// values of this tensor, or nothing. The choice is then [`FrameFusion::apply`]'s, with
+    /// those values: read with `into_data` natively, awaited on WebGPU in a browser.
+    ///
+    /// `layer` is `None` before layer 0 (a merging step on the input embeddings), else the
+    /// layer whose attention just ran.
+    ///
+    /// # Shapes
+    /// - x: `[rows, d]`, attention: `[rows]` -> `[values]`
+    pub fn query(&mut self, layer: Option<usize>, x: &Tensor<2>, attention: Option<Tensor<1>>) -> Option<Tensor<1>> {
         let t0 = web_time::Instant::now();
-        let kept = self.merge(x);
+        let need = match layer {
+            Some(_) if self.wants_attention() => attention,
+            Some(_) if self.finish_merging => None,
+            _ => self.similarities(x),
+        };
+        self.report.reduce_ms += t0.elapsed().as_secs_f64() * 1e3;
+        need
+    }
+
+    /// The step [`FrameFusion::query`] prepared, with the values it asked for: prune where
+    /// merging ended before this layer (the values: the last row's attention over the rows,
+    /// averaged over heads), else merge while merging goes on (the values: each visual
+    /// token's cosine similarity to the previous one of its patch).
+    ///
+    /// # Shapes
+    /// - x: `[rows, d]`
+    pub fn apply(&mut self, layer: Option<usize>, x: Tensor<2>, values: Option<Vec<f32>>) -> Result<Kept, String> {
+        let t0 = web_time::Instant::now();
+        let kept = match layer {
+            None => self.merge(x, values),
+            Some(layer) => self.step(layer, x, values),
+        };
         self.report.reduce_ms += t0.elapsed().as_secs_f64() * 1e3;
         kept
     }
@@ -147,51 +177,55 @@ impl FrameFusion {
         self.finish_merging && !self.finish_pruning
     }
 
-    /// After layer `layer`'s attention (`x`: its rows, the residual added): prune where
-    /// merging ended before this layer (`attention`: the last row's, over the rows,
-    /// averaged over heads), else merge while merging goes on.
-    ///
-    /// # Shapes
-    /// - x: `[rows, d]`, attention: `[rows]`
-    pub fn after_attention(&mut self, layer: usize, x: Tensor<2>, attention: Option<Tensor<1>>) -> Result<Kept, String> {
-        let t0 = web_time::Instant::now();
-        let kept = self.step(layer, x, attention);
-        self.report.reduce_ms += t0.elapsed().as_secs_f64() * 1e3;
-        kept
-    }
-
-    fn step(&mut self, layer: usize, x: Tensor<2>, attention: Option<Tensor<1>>) -> Result<Kept, String> {
+    fn step(&mut self, layer: usize, x: Tensor<2>, values: Option<Vec<f32>>) -> Result<Kept, String> {
         self.report.layer_tokens.push(self.visual().len());
         if self.wants_attention() {
-            let attention = attention.ok_or("FrameFusion: the pruning layer's attention is missing")?;
-            let scores = floats(attention.into_data())?;
+            let scores = values.ok_or("FrameFusion: the pruning layer's attention is missing")?;
             self.finish_pruning = true;
             self.report.pruned_after_layer = Some(layer);
             return self.prune(x, &scores);
         }
-        if self.finish_merging { Ok((x, None)) } else { self.merge(x) }
+        if self.finish_merging { Ok((x, None)) } else { self.merge(x, values) }
     }
 
-    /// One merging step: each visual token against the previous one of its patch.
-    fn merge(&mut self, x: Tensor<2>) -> Result<Kept, String> {
-        let visual = self.visual();
-        let n = visual.len();
+    /// The visual rows patch by patch, each patch in frame order, and the places in that
+    /// order of the tokens that have a previous one in their patch.
+    fn merge_order(&self) -> (Vec<usize>, Vec<usize>) {
+        let mut order = self.visual();
+        order.sort_by_key(|&r| (self.patch[r], r));
+        let pairs: Vec<usize> = (1..order.len()).filter(|&j| self.patch[order[j]] == self.patch[order[j - 1]]).collect();
+        (order, pairs)
+    }
+
+    /// A merging step's similarities: each visual token against the previous one of its
+    /// patch, or nothing to read where no token has one.
+    fn similarities(&self, x: &Tensor<2>) -> Option<Tensor<1>> {
+        let (order, pairs) = self.merge_order();
+        if pairs.is_empty() {
+            return None;
+        }
+        let device = x.device();
+        let earlier = x.clone().select(0, ids(&pairs.iter().map(|&j| order[j - 1]).collect::<Vec<_>>(), &device));
+        let later = x.clone().select(0, ids(&pairs.iter().map(|&j| order[j]).collect::<Vec<_>>(), &device));
+        Some(cosine(earlier, later))
+    }
+
+    /// One merging step, given [`FrameFusion::similarities`]' values.
+    fn merge(&mut self, x: Tensor<2>, sims: Option<Vec<f32>>) -> Result<Kept, String> {
+        let (order, pairs) = self.merge_order();
+        let n = order.len();
         if n == 0 {
             self.finish_merging = true;
             self.finish_pruning = true;
             return Ok((x, None));
         }
-        // The visual rows patch by patch, each patch in frame order.
-        let mut order = visual;
-        order.sort_by_key(|&r| (self.patch[r], r));
-        let pairs: Vec<usize> = (1..n).filter(|&j| self.patch[order[j]] == self.patch[order[j - 1]]).collect();
         // -2 where a token has no previous one in its patch (the authors' marker).
         let mut similarity = vec![-2.0f64; n];
         if !pairs.is_empty() {
-            let device = x.device();
-            let earlier = x.clone().select(0, ids(&pairs.iter().map(|&j| order[j - 1]).collect::<Vec<_>>(), &device));
-            let later = x.clone().select(0, ids(&pairs.iter().map(|&j| order[j]).collect::<Vec<_>>(), &device));
-            let sims = floats(cosine(earlier, later).into_data())?;
+            let sims = sims.ok_or("FrameFusion: a merging step's similarities are missing")?;
+            if sims.len() != pairs.len() {
+                return Err(format!("FrameFusion: {} similarities for {} pairs", sims.len(), pairs.len()));
+            }
             for (&j, s) in pairs.iter().zip(sims) {
                 similarity[j] = s as f64;
             }
@@ -333,7 +367,7 @@ fn ids(v: &[usize], device: &burn::tensor::Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v.iter().map(|&i| i as i64).collect::<Vec<_>>(), [v.len()]), device)
 }
 
-fn floats(data: TensorData) -> Result<Vec<f32>, String> {
+pub(crate) fn floats(data: TensorData) -> Result<Vec<f32>, String> {
     data.convert::<f32>().try_into_vec::<f32>().map_err(|e| format!("FrameFusion read-back: {e:?}"))
 }
 
@@ -363,7 +397,9 @@ mod tests {
         let x = Tensor::<2>::from_data(TensorData::new(rows.concat(), [5, 2]), &device);
         let plan = Plan { budget: 2, tokens: 4, tokens_per_frame: 2 };
         let mut ff = FrameFusion::new(plan, vec![Some(0), Some(1), Some(0), Some(1), None], 2);
-        let (merged, kept) = ff.merge(x).unwrap();
+        // What the device is asked, then the step with the values read back.
+        let sims = ff.query(None, &x, None).map(|t| floats(t.into_data()).unwrap());
+        let (merged, kept) = ff.apply(None, x, sims).unwrap();
         assert_eq!(kept, Some(vec![0, 1, 3, 4]));
         let got: Vec<f32> = merged.into_data().convert::<f32>().try_into_vec().unwrap();
         assert_eq!(got, vec![2.0, 0.0, 0.0, 1.0, 1.0, -1.0, 5.0, 5.0]);

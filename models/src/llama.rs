@@ -320,6 +320,33 @@ impl Block {
     }
 }
 
+/// A FrameFusion prefill between read-backs: the rows alive, where each layer's attention
+/// stands, and the step waiting for values (see [`Llama::fused_advance`]).
+pub struct FusedPrefill {
+    /// Each prompt row's RoPE position.
+    positions: Vec<usize>,
+    /// The prompt rows the current rows are.
+    alive: Vec<usize>,
+    /// The rows layer 0 attended to (after the merge before it).
+    first: Vec<usize>,
+    /// The rows each layer attended to so far.
+    held: Vec<Vec<usize>>,
+    /// The next layer to run.
+    layer: usize,
+    /// The rows the next [`FrameFusion::apply`] reduces: before the layers (`None`) or
+    /// after that layer's attention (the residual added).
+    pending: Option<(Option<usize>, Tensor<2>)>,
+    /// Values to read before anything else runs.
+    need: Option<Tensor<1>>,
+}
+
+/// What a FrameFusion prefill needs next: these values read back, or nothing more (the
+/// last row's logits, `[1, vocab_size]`).
+pub enum Fused {
+    Read(Tensor<1>),
+    Logits(Tensor<2>),
+}
+
 /// Which positions' logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -430,9 +457,26 @@ impl Llama {
     /// after layer `k` stays in the cache of layers `..=k`; kept rows keep their RoPE
     /// positions. The prompt must start the conversation (an empty cache) and end in text.
     ///
+    /// The values the method chooses by are read with `into_data` here;
+    /// [`Llama::fused_begin`] and [`Llama::fused_advance`] run the same pass for a caller
+    /// that reads them itself (a browser awaits WebGPU's read-backs).
+    ///
     /// # Shapes
     /// - x: `[t, d_model]` -> `[1, vocab_size]` (the last row's logits)
     pub fn forward_fused(&self, x: Tensor<2>, cache: &mut KvCache, fusion: &mut FrameFusion) -> Result<Tensor<2>, String> {
+        let mut run = self.fused_begin(x, cache, fusion)?;
+        let mut values = None;
+        loop {
+            match self.fused_advance(&mut run, cache, fusion, values.take())? {
+                Fused::Read(t) => values = Some(crate::framefusion::floats(t.into_data())?),
+                Fused::Logits(logits) => return Ok(logits),
+            }
+        }
+    }
+
+    /// Start a FrameFusion prefill (see [`Llama::forward_fused`]); [`Llama::fused_advance`]
+    /// runs it.
+    pub fn fused_begin(&self, x: Tensor<2>, cache: &mut KvCache, fusion: &mut FrameFusion) -> Result<FusedPrefill, String> {
         if cache.len != 0 {
             return Err("FrameFusion reduces a video in the prompt that starts a conversation".into());
         }
@@ -441,53 +485,112 @@ impl Llama {
         }
         let t = x.dims()[0];
         let positions = cache.place(t, None);
-        let (mut x, kept) = fusion.before_layers(x)?;
-        let mut alive = kept.unwrap_or_else(|| (0..t).collect());
-        let first = alive.clone();
+        let need = fusion.query(None, &x, None);
+        Ok(FusedPrefill {
+            positions,
+            alive: (0..t).collect(),
+            first: Vec::new(),
+            held: Vec::new(),
+            layer: 0,
+            pending: Some((None, x)),
+            need,
+        })
+    }
+
+    /// Run a FrameFusion prefill up to the next values the method needs read back, or to
+    /// its end: `values` are those the last [`Fused::Read`] asked for (`None` at first).
+    pub fn fused_advance(
+        &self,
+        run: &mut FusedPrefill,
+        cache: &mut KvCache,
+        fusion: &mut FrameFusion,
+        mut values: Option<Vec<f32>>,
+    ) -> Result<Fused, String> {
+        if let Some(need) = run.need.take() {
+            return Ok(Fused::Read(need));
+        }
+        let chunk = self.prefill_chunk(cache.capacity);
+        loop {
+            // The step the values were read for: merge before the layers, or reduce after a
+            // layer's attention, then that layer's MLP.
+            let x = match run.pending.take() {
+                Some((None, x)) => {
+                    let (x, kept) = fusion.apply(None, x, values.take())?;
+                    if let Some(kept) = kept {
+                        run.alive = kept;
+                    }
+                    run.first = run.alive.clone();
+                    x
+                }
+                Some((Some(layer), h)) => {
+                    let (h, kept) = fusion.apply(Some(layer), h, values.take())?;
+                    if let Some(kept) = kept {
+                        run.alive = kept.iter().map(|&i| run.alive[i]).collect();
+                    }
+                    // The MLP in chunks too: its hidden rows are the widest tensors of the pass.
+                    let block = &self.blocks[layer];
+                    let n = h.dims()[0];
+                    let normed = block.mlp_norm.forward(h.clone());
+                    let mlp: Vec<Tensor<2>> =
+                        (0..n).step_by(chunk.max(1)).map(|s| block.mlp.forward(normed.clone().narrow(0, s, chunk.min(n - s)))).collect();
+                    run.layer = layer + 1;
+                    h + Tensor::cat(mlp, 0)
+                }
+                None => return Err("FrameFusion: the prefill has nothing to run".into()),
+            };
+            if run.layer == self.blocks.len() {
+                return Ok(Fused::Logits(self.fused_end(run, x, cache, fusion)));
+            }
+            let (h, attention) = self.fused_attention(run, x, cache, fusion.wants_attention());
+            run.held.push(run.alive.clone());
+            let need = fusion.query(Some(run.layer), &h, attention);
+            run.pending = Some((Some(run.layer), h));
+            if let Some(need) = need {
+                return Ok(Fused::Read(need));
+            }
+        }
+    }
+
+    /// Layer `run.layer`'s attention over the rows alive, the residual added; with the
+    /// last row's attention over them where the method wants it.
+    fn fused_attention(&self, run: &FusedPrefill, x: Tensor<2>, cache: &mut KvCache, want: bool) -> (Tensor<2>, Option<Tensor<1>>) {
+        let layer = run.layer;
+        let block = &self.blocks[layer];
         let chunk = self.prefill_chunk(cache.capacity);
         let r = self.cfg.n_heads / self.cfg.n_kv_heads;
         let scale = (self.cfg.d_head as f64).powf(-0.5);
-        let mut held = Vec::with_capacity(self.blocks.len());
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let n = alive.len();
-            let at: Vec<usize> = alive.iter().map(|&i| positions[i]).collect();
-            let want = fusion.wants_attention();
-            let normed = block.attn_norm.forward(x.clone());
-            let (mut outs, mut keys, mut last_q) = (Vec::new(), Vec::new(), None);
-            for start in (0..n).step_by(chunk.max(1)) {
-                let len = chunk.min(n - start);
-                let mask = causal_mask(r, len, cache.next_row(layer), &self.device);
-                let rows = normed.clone().narrow(0, start, len);
-                let (out, q, k) = block.attn.forward_parts(rows, &self.cfg, &self.rope, &at[start..start + len], cache, layer, &mask);
-                outs.push(out);
-                if want {
-                    keys.push(k);
-                    last_q = Some(q.narrow(2, len - 1, 1));
-                }
+        let n = run.alive.len();
+        let at: Vec<usize> = run.alive.iter().map(|&i| run.positions[i]).collect();
+        let normed = block.attn_norm.forward(x.clone());
+        let (mut outs, mut keys, mut last_q) = (Vec::new(), Vec::new(), None);
+        for start in (0..n).step_by(chunk.max(1)) {
+            let len = chunk.min(n - start);
+            let mask = causal_mask(r, len, cache.next_row(layer), &self.device);
+            let rows = normed.clone().narrow(0, start, len);
+            let (out, q, k) = block.attn.forward_parts(rows, &self.cfg, &self.rope, &at[start..start + len], cache, layer, &mask);
+            outs.push(out);
+            if want {
+                keys.push(k);
+                last_q = Some(q.narrow(2, len - 1, 1));
             }
-            let h = x + Tensor::cat(outs, 0);
-            held.push(alive.clone());
-            let attention = last_q.map(|q| last_row_attention(q, Tensor::cat(keys, 2), scale));
-            let (h, kept) = fusion.after_attention(layer, h, attention)?;
-            if let Some(kept) = kept {
-                alive = kept.iter().map(|&i| alive[i]).collect();
-            }
-            // The MLP in chunks too: its hidden rows are the widest tensors of the pass.
-            let n = h.dims()[0];
-            let normed = block.mlp_norm.forward(h.clone());
-            let mlp: Vec<Tensor<2>> =
-                (0..n).step_by(chunk.max(1)).map(|s| block.mlp.forward(normed.clone().narrow(0, s, chunk.min(n - s)))).collect();
-            x = h + Tensor::cat(mlp, 0);
         }
-        debug_assert_eq!(alive.last(), Some(&(t - 1)), "text rows are never dropped");
+        let attention = last_q.map(|q| last_row_attention(q, Tensor::cat(keys, 2), scale));
+        (x + Tensor::cat(outs, 0), attention)
+    }
+
+    /// After the last layer: record what each layer's cache holds, and the last row's logits.
+    fn fused_end(&self, run: &mut FusedPrefill, x: Tensor<2>, cache: &mut KvCache, fusion: &mut FrameFusion) -> Tensor<2> {
+        let t = run.positions.len();
+        debug_assert_eq!(run.alive.last(), Some(&(t - 1)), "text rows are never dropped");
         // What each layer did not hold, as indices into layer 0's rows.
+        let first = &run.first;
         let dropped: Vec<Vec<usize>> =
-            held.iter().map(|rows| (0..first.len()).filter(|&i| rows.binary_search(&first[i]).is_err()).collect()).collect();
-        let at: Vec<usize> = first.iter().map(|&i| positions[i]).collect();
+            run.held.iter().map(|rows| (0..first.len()).filter(|&i| rows.binary_search(&first[i]).is_err()).collect()).collect();
+        let at: Vec<usize> = first.iter().map(|&i| run.positions[i]).collect();
         cache.advance_dropping(&at, &dropped);
-        fusion.set_layer_rows(held);
+        fusion.set_layer_rows(std::mem::take(&mut run.held));
         let n = x.dims()[0];
-        Ok(self.lm_head.forward(self.norm.forward(x.narrow(0, n - 1, 1))))
+        self.lm_head.forward(self.norm.forward(x.narrow(0, n - 1, 1)))
     }
 
     fn forward_chunk(&self, x: Tensor<2>, positions: &[usize], cache: &mut KvCache, which: Logits) -> Option<Tensor<2>> {

@@ -126,7 +126,7 @@ export interface AskOptions {
   askedFrames?: number;
 }
 
-/** `framefusion` runs on the CPU backend only (it reads the device back between decoder layers). */
+/** `framefusion` reduces inside the decoder, reading the device back between its layers (awaited on WebGPU). */
 export type Reduction = "none" | "slowfast" | "maxinfo" | "fastvid" | "framefusion";
 
 /** What a visual-token budget did to a video. */

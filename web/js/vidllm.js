@@ -383,8 +383,7 @@ export class VidLLM {
    * `onFrames({sources, times, width, height})` sees the sampled frames (`ImageBitmap`s,
    * closed once encoded: draw them during the call). `onStage(stage)` hears each stage
    * begin: "sampling", "encoding", "prefill" (the first piece then starts the answer).
-   * `maxVisualTokens` with `reduce` ("none" | "slowfast" | "maxinfo" | "fastvid" | "framefusion",
-   * the last on the CPU backend only): a visual-token
+   * `maxVisualTokens` with `reduce` ("none" | "slowfast" | "maxinfo" | "fastvid" | "framefusion"): a visual-token
    * budget for the video, as `vidllm-native ask --max-visual-tokens --reduce` (maxinfo
    * samples twice the frames and keeps key frames); `lastReduction` then says what it did.
    */

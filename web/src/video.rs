@@ -256,21 +256,13 @@ impl VideoRuntime {
 
     /// Encode the next videos under a visual-token budget: at most `max_visual_tokens`
     /// (none: no budget), reduced by `reduce` (`none` refuses a larger video, `slowfast`,
-    /// `maxinfo`, `fastvid`, and `framefusion` on the CPU backend), `frames` being the frames
+    /// `maxinfo`, `fastvid`, `framefusion`), `frames` being the frames
     /// asked for (MaxInfo keeps at most those of its candidates).
     pub fn set_budget(&mut self, max_visual_tokens: Option<usize>, reduce: Option<String>, frames: usize) -> Result<(), JsError> {
         self.budget = match max_visual_tokens {
             None => None,
             Some(max) => {
                 let reduce: Reduce = reduce.as_deref().unwrap_or("none").parse().map_err(js_err)?;
-                if reduce == Reduce::FrameFusion && self.opened.wgpu.is_some() {
-                    // Its choices between decoder layers are read back from the device, and
-                    // a page cannot wait for WebGPU inside the prefill.
-                    return Err(js_err(
-                        "framefusion reads the device back between decoder layers, which WebGPU in a page cannot wait for: \
-                         use fastvid, or the CPU backend",
-                    ));
-                }
                 Some(Budget::new(max, reduce, frames).map_err(js_err)?)
             }
         };

@@ -44,7 +44,7 @@ async function readFrames(url, pick) {
     }
     if (!track) return { skipped: "the demuxer found no video track" };
     if (!(await track.canDecode().catch(() => false))) return { skipped: `WebCodecs cannot decode its ${track.codec ?? "unknown"} video` };
-    const timeline = await displayTimeline(mb, track);
+    const timeline = await displayTimeline(track);
     if (timeline.skipped) return timeline;
     const { starts, times, rate, end } = timeline;
     const indices = Array.from(await pick(times, rate));
@@ -60,7 +60,7 @@ async function readFrames(url, pick) {
           if (!sample || Math.abs(sample.timestamp - starts[indices[i]]) > 1e-6) {
             throw new Error(`frame ${indices[i]} (${times[indices[i]].toFixed(3)} s) was not decoded${sample ? ` (got ${(sample.timestamp - starts[0]).toFixed(3)} s)` : ""}`);
           }
-          sources.push(await upright(mb, sample));
+          sources.push(await upright(sample));
         } finally {
           sample?.close();
         }
@@ -78,7 +78,6 @@ async function readFrames(url, pick) {
   }
 }
 
-
 /**
  * A decoded frame as an upright `ImageBitmap`: its YUV planes converted to RGB with the
  * BT.601 matrix (in the stream's range), as swscale converts by default and so as
@@ -87,7 +86,7 @@ async function readFrames(url, pick) {
  * untagged stream BT.709, which moves colours by about 8/255 on average); then turned by
  * the file's rotation.
  */
-async function upright(mb, sample) {
+async function upright(sample) {
   let recoloured = null;
   if (sample.format) {
     const planes = new Uint8Array(sample.allocationSize());
@@ -116,7 +115,7 @@ async function upright(mb, sample) {
  * tick that falls halfway between two frames goes the same way in both; the average rate;
  * where the last frame ends.
  */
-async function displayTimeline(mb, track) {
+async function displayTimeline(track) {
   const resolution = await track.getTimeResolution();
   const ticks = [];
   let end = -Infinity;

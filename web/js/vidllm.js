@@ -568,7 +568,8 @@ export class VidLLM {
     this.#liveQueue = null;
     q?.pending.splice(0).forEach((f) => f.bitmap.close());
     const rt = this.#rt;
-    this.#busy = this.#busy.then(() => rt?.live_end());
+    // Not once the runtime is disposed: its wasm object is freed then.
+    this.#busy = this.#busy.then(() => { if (rt && this.#rt === rt) rt.live_end(); }).catch(() => {});
   }
 
   dispose() {

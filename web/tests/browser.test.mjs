@@ -391,8 +391,11 @@ test("a live <video> (canvas.captureStream) is answered from a window of its new
   const dir = mkdtempSync(join(tmpdir(), "vidllm-web-"));
   const prompt = "What is happening in this video?";
   await testPage("/web/tests/page.html", async (page) => {
-    for (const [device, worker] of [["webgpu", undefined], ["cpu", false]]) {
-      const out = await page.evaluate((a) => window.runLive(a), { base: "/tests/fixtures/tiny_video_llava/", device, worker, fps: 4, size: 3, prompt, maxTokens: 6 });
+    for (const [device, worker, reduce] of [["webgpu", undefined], ["cpu", false], ["webgpu", undefined, "framefusion"]]) {
+      // FrameFusion on the window: the decoder's layers attend to fewer of its tokens, as
+      // natively for the same frames and budget (its read-backs awaited in the worker).
+      const budget = reduce ? { maxVisualTokens: 12, reduce } : {};
+      const out = await page.evaluate((a) => window.runLive(a), { base: "/tests/fixtures/tiny_video_llava/", device, worker, fps: 4, size: 3, prompt, maxTokens: 6, ...budget });
       assert.equal(out.where, worker === false ? "VidLLM" : "VidLLMWorker");
       let prev = null;
       for (const [i, a] of out.asks.entries()) {
@@ -420,7 +423,13 @@ test("a live <video> (canvas.captureStream) is answered from a window of its new
         assert.equal(w.frame_encodes, w.frames_taken - w.frames_skipped);
         assert.equal(w.stream, i < 3 ? "live" : "ended");
         assert.ok(a.ids.length > 0, "an answer, the stream revoked under it or not");
-        assert.deepEqual(a.ids, nativeAnswer(dir, "tiny_video_llava", a, prompt, 6).tokens);
+        const res = nativeAnswer(dir, "tiny_video_llava", a, prompt, 6, null, reduce ? ["--max-visual-tokens", "12", "--reduce", reduce] : []);
+        if (reduce) {
+          console.log(`  ${reduce}: ${JSON.stringify(w.reduction)} | native ${JSON.stringify(res.reduction)}`);
+          assert.equal(w.reduction.method, reduce);
+          assert.deepEqual({ ...w.reduction, reduce_ms: 0 }, { ...res.reduction, reduce_ms: 0 });
+        }
+        assert.deepEqual(a.ids, res.tokens);
         prev = shown;
       }
     }

@@ -541,7 +541,7 @@ impl Llama {
             if run.layer == self.blocks.len() {
                 return Ok(Fused::Logits(self.fused_end(run, x, cache, fusion)));
             }
-            let (h, attention) = self.fused_attention(run, x, cache, fusion.wants_attention());
+            let (h, attention) = self.fused_attention(run, x, cache, chunk, fusion.wants_attention());
             run.held.push(run.alive.clone());
             let need = fusion.query(Some(run.layer), &h, attention);
             run.pending = Some((Some(run.layer), h));
@@ -551,12 +551,18 @@ impl Llama {
         }
     }
 
-    /// Layer `run.layer`'s attention over the rows alive, the residual added; with the
-    /// last row's attention over them where the method wants it.
-    fn fused_attention(&self, run: &FusedPrefill, x: Tensor<2>, cache: &mut KvCache, want: bool) -> (Tensor<2>, Option<Tensor<1>>) {
+    /// Layer `run.layer`'s attention over the rows alive, `chunk` rows at a time, the
+    /// residual added; with the last row's attention over them where the method wants it.
+    fn fused_attention(
+        &self,
+        run: &FusedPrefill,
+        x: Tensor<2>,
+        cache: &mut KvCache,
+        chunk: usize,
+        want: bool,
+    ) -> (Tensor<2>, Option<Tensor<1>>) {
         let layer = run.layer;
         let block = &self.blocks[layer];
-        let chunk = self.prefill_chunk(cache.capacity);
         let r = self.cfg.n_heads / self.cfg.n_kv_heads;
         let scale = (self.cfg.d_head as f64).powf(-0.5);
         let n = run.alive.len();

@@ -826,10 +826,8 @@ export async function sampleFrames(video, at) {
   let decoderNote;
   if (!Array.isArray(at) && at.decoder !== "video-element") {
     const exact = await demuxedFrames(video, (frameTimes, rate) => (at.pick ?? samplingIndices)(frameTimes, rate, at));
-    if (!exact.skipped) {
-      assertReadable(exact.sources[0]);
-      return exact;
-    }
+    // Drawn in the worker from a file it could fetch: its pixels are the page's to read.
+    if (!exact.skipped) return exact;
     decoderNote = exact.skipped;
     if (at.decoder === "webcodecs") throw new VideoError(`cannot take this video's frames with WebCodecs: ${decoderNote}`);
   }

@@ -240,10 +240,10 @@ impl QuantOps for Flex {
     /// arithmetic is the one-row product's: block types through the AVX-512 decode kernel
     /// (which meets each weight block with every row of the group) or the row-by-row loop,
     /// float types through the decoding loop (never the tiled GEMM of long inputs).
-    fn q_matmul_rows(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
+    fn q_matmul_rows(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize, kernels: u32) -> FlexTensor {
         let m = x.layout().shape().num_elements() / k;
         if m <= 1 {
-            return Self::q_matmul(x, words, ty, n, k);
+            return Self::q_matmul(x, words, ty, n, k, kernels);
         }
         let ty = ty_from_id(ty);
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
@@ -264,7 +264,8 @@ impl QuantOps for Flex {
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
-    fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
+    /// `kernels` names wgpu's kernels: the CPU has one set.
+    fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize, _kernels: u32) -> FlexTensor {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());

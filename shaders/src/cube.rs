@@ -9,6 +9,15 @@
 //! one of the 8 sub-blocks of a 256-element K super-block (`sub`).
 //! - `gemv`: one cube computes `ROWS` outputs; its 32 lanes per output stride over the
 //!   row's groups and meet in a shared-memory tree sum. Grid `(ceil(n/ROWS), m)`.
+//! - `gemv_units`: the same product for a GPU that is a CPU (lavapipe, SwiftShader): one
+//!   unit per output walks its whole row, with no shared memory and no barrier. Such a
+//!   device runs a cube's units as a few SIMD lanes on one thread and pays for every
+//!   barrier with a switch between them; there `gemv` cost about 70 µs a cube whatever
+//!   its work (SwiftShader, `profile_webgpu_step.mjs --gpu-times`). A lone row of `x`
+//!   takes the block dot products `gemv` takes; several rows go `UNIT_MB` at a time, each
+//!   weight decoded once for all of them (so the kernel also serves prefill there). Grid
+//!   `(ceil(n/UNIT_ROWS), ceil(m/UNIT_MB))`, or `m` rows one at a time for rows of
+//!   different sequences (`q_matmul_rows`).
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
 //!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
 //!
@@ -26,6 +35,7 @@ use cubecl::prelude::*;
 use vidllm_core::ggml::{GgmlType, KVALUES_IQ4NL, Layout};
 
 use crate::block::ty_from_id;
+use crate::device::MatmulKernels;
 use crate::{GEMV_MAX_M, QuantOps, STEP_KEYS, STEP_ROW};
 
 const TYPE_Q4_0: u32 = GgmlType::Q4_0.id();
@@ -74,6 +84,11 @@ fn legacy(ty: u32) -> bool {
 const ROWS: u32 = 4;
 /// Lanes per output in the GEMV.
 const LANES: u32 = 32;
+/// Outputs (and units) per cube of the one-unit-per-output GEMV.
+const UNIT_ROWS: u32 = 64;
+/// Rows of `x` per unit of that GEMV when there are several (16 over 8: lavapipe's pp64
+/// 1.01-1.10x llama.cpp's Vulkan backend instead of 0.98-0.99x; SwiftShader the same).
+const UNIT_MB: u32 = 16;
 /// Output tile edge of the tiled kernel, and its k step (one block).
 const TILE: u32 = 32;
 /// Padded shared-memory row, against bank conflicts.
@@ -220,53 +235,88 @@ impl QuantOps for CubeBackend {
         overwrite(t, Bytes::from_elems(values), len)
     }
 
-    /// The GEMV computes each row on its own already; past its rows, the tiled matmul's
-    /// per-row sums run in the same order whatever the other rows are.
-    fn q_matmul_rows(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize) -> CubeTensor {
-        Self::q_matmul(x, words, ty, n, k)
+    /// The cooperative GEMV computes each row on its own already; past its rows, the tiled
+    /// matmul's per-row sums run in the same order whatever the other rows are. The
+    /// per-unit kernel takes one row of `x` at a time here, as for a lone row.
+    fn q_matmul_rows(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kernels: u32) -> CubeTensor {
+        q_product(x, words, ty, n, k, kernels, true)
     }
 
-    fn q_matmul(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize) -> CubeTensor {
-        let gt = ty_from_id(ty);
-        let x = into_contiguous(x);
-        let m = x.meta.shape().num_elements() / k;
-        let out = empty_f32(&x, [m, n]);
-        // Bytes per block, or per group of 32 for F16 / BF16 (blocks of one element).
-        let bb = (gt.block_bytes() * (crate::GROUP / gt.block_elems()).max(1)) as u32;
-        let nb = (k / crate::GROUP) as u32;
-        let client = x.client.clone();
-        if m <= GEMV_MAX_M {
-            let count = CubeCount::Static((n as u32).div_ceil(ROWS), m as u32, 1);
-            gemv::launch(
-                &client,
-                count,
-                CubeDim::new_2d(LANES, ROWS),
-                words.into_buffer_arg(),
-                x.into_buffer_arg(),
-                out.clone().into_buffer_arg(),
-                n as u32,
-                nb,
-                bb,
-                ty,
-            );
-        } else {
-            let count = CubeCount::Static((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), 1);
-            tiled::launch(
-                &client,
-                count,
-                CubeDim::new_2d(16, 16),
-                words.into_buffer_arg(),
-                x.into_buffer_arg(),
-                out.clone().into_buffer_arg(),
-                m as u32,
-                n as u32,
-                nb,
-                bb,
-                ty,
-            );
-        }
-        out
+    fn q_matmul(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kernels: u32) -> CubeTensor {
+        q_product(x, words, ty, n, k, kernels, false)
     }
+}
+
+/// [`QuantOps::q_matmul`] on wgpu; `one_by_one`: the per-unit kernel takes each row of `x`
+/// as it takes a lone row.
+fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kernels: u32, one_by_one: bool) -> CubeTensor {
+    let gt = ty_from_id(ty);
+    let x = into_contiguous(x);
+    let m = x.meta.shape().num_elements() / k;
+    let out = empty_f32(&x, [m, n]);
+    // Bytes per block, or per group of 32 for F16 / BF16 (blocks of one element).
+    let bb = (gt.block_bytes() * (crate::GROUP / gt.block_elems()).max(1)) as u32;
+    let nb = (k / crate::GROUP) as u32;
+    let client = x.client.clone();
+    let per_unit = match MatmulKernels::from_id(kernels) {
+        MatmulKernels::Auto => is_software(&client),
+        MatmulKernels::Cooperative => false,
+        MatmulKernels::PerUnit => true,
+    };
+    if per_unit {
+        let mb = if m == 1 || one_by_one { 1 } else { UNIT_MB };
+        let count = CubeCount::Static((n as u32).div_ceil(UNIT_ROWS), (m as u32).div_ceil(mb), 1);
+        gemv_units::launch(
+            &client,
+            count,
+            CubeDim::new_1d(UNIT_ROWS),
+            words.into_buffer_arg(),
+            x.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            m as u32,
+            n as u32,
+            nb,
+            bb,
+            ty,
+            mb,
+        );
+    } else if m <= GEMV_MAX_M {
+        let count = CubeCount::Static((n as u32).div_ceil(ROWS), m as u32, 1);
+        gemv::launch(
+            &client,
+            count,
+            CubeDim::new_2d(LANES, ROWS),
+            words.into_buffer_arg(),
+            x.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            n as u32,
+            nb,
+            bb,
+            ty,
+        );
+    } else {
+        let count = CubeCount::Static((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), 1);
+        tiled::launch(
+            &client,
+            count,
+            CubeDim::new_2d(16, 16),
+            words.into_buffer_arg(),
+            x.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            m as u32,
+            n as u32,
+            nb,
+            bb,
+            ty,
+        );
+    }
+    out
+}
+
+/// Whether the device is a CPU under a GPU API (lavapipe natively, a browser's fallback
+/// adapter such as SwiftShader): CubeCL's wgpu runtime reports no physical card for those.
+fn is_software(client: &cubecl::client::Client) -> bool {
+    client.properties().identity.physical.is_none()
 }
 
 /// A new f32 tensor of `dims` on `like`'s device (every kernel here writes f32 outputs).
@@ -725,6 +775,78 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
     tree_sum32(&mut sums, slot, lane);
     if lane == 0 && row < n {
         out[(mrow * n + row) as usize] = sums[slot as usize];
+    }
+}
+
+#[cube(launch)]
+fn gemv_units(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32, #[comptime] ty: u32, #[comptime] mb: u32) {
+    let row = CUBE_POS_X * UNIT_ROWS + UNIT_POS_X;
+    let m0 = CUBE_POS_Y * mb;
+    let k = nb * 32;
+    let per = comptime![groups(ty)];
+    if row < n {
+        let row_base = row * (nb / per) * bb;
+        if comptime![mb == 1] {
+            let mut acc = 0.0f32;
+            for b in 0..nb {
+                acc += group_dot(w, row_base + (b / per) * bb, b % per, x, m0 * k + b * 32, ty);
+            }
+            out[(m0 * n + row) as usize] = acc;
+        } else {
+            // Each weight decoded once for the `mb` rows of `x`; rows past `m` read the
+            // last row again and are not written.
+            let last = m - 1;
+            let mut acc = Array::<f32>::new(comptime![mb as usize]);
+            #[unroll]
+            for r in 0..mb {
+                acc[r as usize] = 0.0f32;
+            }
+            for b in 0..nb {
+                let base = row_base + (b / per) * bb;
+                let xo = b * 32;
+                if comptime![legacy(ty) && ty != TYPE_Q8_0] {
+                    // Q4_0 / Q4_1: the header once, then each byte's two codes.
+                    let (d, mn, qs) = block_header(w, base, ty);
+                    let offset = comptime![if ty == TYPE_Q4_0 { 8.0f32 } else { 0.0f32 }];
+                    for i in 0..16u32 {
+                        let byte = byte_at(w, qs + i);
+                        let lo = (f32::cast_from(byte & 15) - offset) * d + mn;
+                        let hi = (f32::cast_from(byte >> 4) - offset) * d + mn;
+                        #[unroll]
+                        for r in 0..mb {
+                            let xr = select(m0 + r < m, m0 + r, last) * k + xo;
+                            acc[r as usize] += lo * x[(xr + i) as usize] + hi * x[(xr + 16 + i) as usize];
+                        }
+                    }
+                } else if comptime![ty == TYPE_Q8_0] {
+                    let (d, _mn, qs) = block_header(w, base, ty);
+                    for i in 0..32u32 {
+                        let wv = f32::cast_from(signed_byte(byte_at(w, qs + i))) * d;
+                        #[unroll]
+                        for r in 0..mb {
+                            let xr = select(m0 + r < m, m0 + r, last) * k + xo;
+                            acc[r as usize] += wv * x[(xr + i) as usize];
+                        }
+                    }
+                } else {
+                    let sub = b % per;
+                    for j in 0..32u32 {
+                        let wv = dequant(w, base, sub, j, ty);
+                        #[unroll]
+                        for r in 0..mb {
+                            let xr = select(m0 + r < m, m0 + r, last) * k + xo;
+                            acc[r as usize] += wv * x[(xr + j) as usize];
+                        }
+                    }
+                }
+            }
+            #[unroll]
+            for r in 0..mb {
+                if m0 + r < m {
+                    out[((m0 + r) * n + row) as usize] = acc[r as usize];
+                }
+            }
+        }
     }
 }
 

@@ -40,22 +40,75 @@ impl BindingCap {
     }
 }
 
-/// Where a model is loaded: the device, and the binding cap it was opened under.
+/// Which kernels a quantised matrix's products run on wgpu.
+///
+/// A GPU runs a cube's units in lockstep and shares values between them cheaply; a CPU
+/// behind a GPU API (lavapipe, a browser's SwiftShader) runs them as a few SIMD lanes on one
+/// thread and pays for every barrier with a switch between them. On SwiftShader the
+/// cooperative GEMV (32 lanes per output, a shared-memory tree: six barriers a cube) cost
+/// about 70 µs a cube whatever its work, 99% of a SmolLM2 decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulKernels {
+    /// [`MatmulKernels::PerUnit`] where the device is a CPU (CubeCL's wgpu runtime reports
+    /// no physical card for it), else [`MatmulKernels::Cooperative`].
+    #[default]
+    Auto,
+    /// For GPUs: 32 lanes per output meeting in a shared-memory tree (one to eight rows
+    /// of activations), tiles staged in shared memory above that.
+    Cooperative,
+    /// For CPUs: one unit per output walking its whole row, no shared memory, no barrier;
+    /// each weight decoded once for up to sixteen rows of activations.
+    PerUnit,
+}
+
+impl MatmulKernels {
+    /// `VIDLLM_MATMUL=cooperative | per-unit` overrides the choice for the devices
+    /// `vidllm-native` opens (a diagnostic, as `VIDLLM_STEP_GRAPH=0` is); unset or
+    /// anything else: [`MatmulKernels::Auto`].
+    pub fn from_env() -> Self {
+        match std::env::var("VIDLLM_MATMUL").as_deref() {
+            Ok("cooperative") => Self::Cooperative,
+            Ok("per-unit") => Self::PerUnit,
+            _ => Self::Auto,
+        }
+    }
+
+    pub fn id(self) -> u32 {
+        self as u32
+    }
+
+    pub fn from_id(id: u32) -> Self {
+        match id {
+            1 => Self::Cooperative,
+            2 => Self::PerUnit,
+            _ => Self::Auto,
+        }
+    }
+}
+
+/// Where a model is loaded: the device, the binding cap it was opened under, and the
+/// matmul kernels its quantised matrices run.
 #[derive(Clone)]
 pub struct Placement {
     pub device: Device,
     pub cap: BindingCap,
+    pub matmul: MatmulKernels,
 }
 
 impl Placement {
     /// `device` with no binding cap (the CPU, and tests of the unsplit paths).
     pub fn new(device: Device) -> Self {
-        Self { device, cap: BindingCap::NONE }
+        Self { device, cap: BindingCap::NONE, matmul: MatmulKernels::Auto }
     }
 
     /// The same device under a tighter cap (tests of the split paths, small GPUs).
     pub fn capped(&self, bytes: u64) -> Self {
-        Self { device: self.device.clone(), cap: self.cap.lower(bytes) }
+        Self { device: self.device.clone(), cap: self.cap.lower(bytes), matmul: self.matmul }
+    }
+
+    /// The same device with these matmul kernels (tests of both kinds on one device).
+    pub fn with_matmul(&self, matmul: MatmulKernels) -> Self {
+        Self { matmul, ..self.clone() }
     }
 }
 
@@ -92,7 +145,7 @@ pub struct Picked {
 impl Picked {
     /// Where models load on this device.
     pub fn placement(&self) -> Placement {
-        Placement { device: self.device.clone(), cap: self.cap }
+        Placement { device: self.device.clone(), cap: self.cap, matmul: MatmulKernels::from_env() }
     }
 }
 

@@ -18,7 +18,7 @@ use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_core::ggml::GgmlType;
 
 pub use crate::cpu_attention::Mask;
-use crate::device::Placement;
+use crate::device::{MatmulKernels, Placement};
 
 mod block;
 pub mod check;
@@ -60,10 +60,12 @@ pub trait QuantOps: Backend {
     /// `y[m, n] = sum_k x[m, k] * W[n, k]`, with `W` GGML blocks (or F16 / BF16 values) of
     /// type `ty` (a [`GgmlType::id`]) packed little-endian into u32 `words`.
     ///
+    /// `kernels` (a [`MatmulKernels::id`]) picks wgpu's kernels; the CPU has its own.
+    ///
     /// # Shapes
     /// - x: `[m, k]` (f32), words: `[ceil(n * row_bytes / 4) + 1]`
     /// - returns `[m, n]` (f32)
-    fn q_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> FloatTensor<Self>;
+    fn q_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize, kernels: u32) -> FloatTensor<Self>;
 
     /// [`QuantOps::q_matmul`] for rows that belong to different sequences (a batched
     /// decode step): each row's result is exactly what `q_matmul` gives that row alone,
@@ -72,7 +74,7 @@ pub trait QuantOps: Backend {
     ///
     /// # Shapes
     /// - as [`QuantOps::q_matmul`]
-    fn q_matmul_rows(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> FloatTensor<Self>;
+    fn q_matmul_rows(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize, kernels: u32) -> FloatTensor<Self>;
 
     /// Scaled dot-product attention: `softmax(q k^T scale + bias) v`.
     ///
@@ -380,6 +382,7 @@ pub struct QuantMatrix {
     ty: GgmlType,
     n: usize,
     k: usize,
+    matmul: MatmulKernels,
 }
 
 /// Rows `n` of a [`QuantMatrix`], as u32 words.
@@ -437,7 +440,7 @@ impl QuantMatrix {
                 Band { words: Tensor::from_data(TensorData::new(words, [len]), opts), n: chunk.len() / row_bytes }
             })
             .collect();
-        Ok(Self { bands, ty, n, k })
+        Ok(Self { bands, ty, n, k, matmul: at.matmul })
     }
 
     /// `x W^T`.
@@ -459,7 +462,7 @@ impl QuantMatrix {
 
     fn product(&self, x: Tensor<2>, op: DispatchProduct) -> Tensor<2> {
         let band = |b: &Band, x: Tensor<2>| {
-            Tensor::<2>::from_dispatch(op(x.into_dispatch(), b.words.clone().into_dispatch(), self.ty.id(), b.n, self.k))
+            Tensor::<2>::from_dispatch(op(x.into_dispatch(), b.words.clone().into_dispatch(), self.ty.id(), b.n, self.k, self.matmul.id()))
         };
         match self.bands.as_slice() {
             [one] => band(one, x),
@@ -487,8 +490,14 @@ impl QuantMatrix {
 }
 
 /// One of [`QuantOps`]' products on the dispatching backend.
-type DispatchProduct =
-    fn(FloatTensor<burn::backend::Dispatch>, IntTensor<burn::backend::Dispatch>, u32, usize, usize) -> FloatTensor<burn::backend::Dispatch>;
+type DispatchProduct = fn(
+    FloatTensor<burn::backend::Dispatch>,
+    IntTensor<burn::backend::Dispatch>,
+    u32,
+    usize,
+    usize,
+    u32,
+) -> FloatTensor<burn::backend::Dispatch>;
 
 /// Little-endian u32 words of `bytes`, zero-padded, plus one spare word so that kernels
 /// may read an unaligned u32 at the very end without leaving the buffer.

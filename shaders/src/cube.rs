@@ -9,15 +9,17 @@
 //! one of the 8 sub-blocks of a 256-element K super-block (`sub`).
 //! - `gemv`: one cube computes `ROWS` outputs; its 32 lanes per output stride over the
 //!   row's groups and meet in a shared-memory tree sum. Grid `(ceil(n/ROWS), m)`.
-//! - `gemv_units`: the same product for a GPU that is a CPU (lavapipe, SwiftShader): one
-//!   unit per output walks its whole row, with no shared memory and no barrier. Such a
-//!   device runs a cube's units as a few SIMD lanes on one thread and pays for every
-//!   barrier with a switch between them; there `gemv` cost about 70 µs a cube whatever
-//!   its work (SwiftShader, `profile_webgpu_step.mjs --gpu-times`). A lone row of `x`
-//!   takes the block dot products `gemv` takes; several rows go `UNIT_MB` at a time, each
-//!   weight decoded once for all of them (so the kernel also serves prefill there). Grid
-//!   `(ceil(n/UNIT_ROWS), ceil(m/UNIT_MB))`, or `m` rows one at a time for rows of
-//!   different sequences (`q_matmul_rows`).
+//! - `gemv_units`: the same product for a GPU that is a CPU (lavapipe, SwiftShader): each
+//!   unit walks whole rows of W with no shared memory and no barrier. Such a device runs a
+//!   cube's units as a few SIMD lanes on one thread and pays for every barrier with a
+//!   switch between them; there `gemv` cost about 70 µs a cube whatever its work
+//!   (SwiftShader, `profile_webgpu_step.mjs --gpu-times`). It also pays for every load
+//!   lane by lane (lavapipe's loads from a buffer are a loop over the lanes), so a unit
+//!   takes a register tile: `UNIT_RB` outputs by `UNIT_MB` rows of `x`, each weight decoded
+//!   once for the tile's rows of `x` and each value of `x` loaded once for its outputs
+//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs). Grid
+//!   `(ceil(n/(UNIT_ROWS*rb)), ceil(m/mb))`, or `m` rows one at a time for rows of
+//!   different sequences (`q_matmul_rows`), so that a batched row equals its product alone.
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
 //!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
 //!
@@ -84,11 +86,18 @@ fn legacy(ty: u32) -> bool {
 const ROWS: u32 = 4;
 /// Lanes per output in the GEMV.
 const LANES: u32 = 32;
-/// Outputs (and units) per cube of the one-unit-per-output GEMV.
+/// Units per cube of the per-unit GEMV.
 const UNIT_ROWS: u32 = 64;
-/// Rows of `x` per unit of that GEMV when there are several (16 over 8: lavapipe's pp64
-/// 1.01-1.10x llama.cpp's Vulkan backend instead of 0.98-0.99x; SwiftShader the same).
+/// Its tile when there are several rows of `x`: `UNIT_RB` outputs by `UNIT_MB` rows of `x`
+/// a unit. On lavapipe (pp64, one run each) tiles of 1x16, 4x16, 8x16, 16x16 and 32x16
+/// prefilled at 8.7, 23, 37, 46 and 51 tok/s (8x8: 35, 16x8: 44, 16x32: 48); on
+/// SwiftShader 16x16 was the fastest tried for a 17-token prompt (2.2 s of GPU time,
+/// 32x16 2.6 s, 16x8 2.6 s).
 const UNIT_MB: u32 = 16;
+const UNIT_RB: u32 = 16;
+/// Outputs a unit for a lone row of `x` (decode). SwiftShader's decode step took 460, 491,
+/// 506 and 591 ms of GPU time at 4, 8, 2 and 16; lavapipe decoded alike at 4 and 8.
+const UNIT_RB_ONE: u32 = 4;
 /// Output tile edge of the tiled kernel, and its k step (one block).
 const TILE: u32 = 32;
 /// Padded shared-memory row, against bank conflicts.
@@ -116,11 +125,12 @@ impl QuantOps for CubeBackend {
         pack_rows(cache, x, ty, 0, Some(step))
     }
 
-    /// Two kernels that read the packed rows where they use them, with no f32 copy of
-    /// the context: `kv_scores` (each query row against each key row, scaled, the bias
-    /// added), then `kv_mix` (each output value: a softmax over its row's scores, taken
-    /// online, weighting the value rows' channel), in parts joined by `kv_mix_join` when
-    /// few rows meet many keys.
+    /// Kernels that read the packed rows where they use them, with no f32 copy of the
+    /// context: `kv_scores` (each query row against each key row, scaled, the bias
+    /// added), then `kv_softmax` (each row of scores made its weights in place) and
+    /// `kv_weigh` (the weighted sum of the value rows); when few rows meet many keys (a
+    /// decode step), `kv_mix` (the softmax taken online over parts of the keys, side by
+    /// side) and `kv_mix_join` instead.
     fn kv_attention(
         q: CubeTensor,
         k: CubeTensor,
@@ -265,7 +275,8 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
     };
     if per_unit {
         let mb = if m == 1 || one_by_one { 1 } else { UNIT_MB };
-        let count = CubeCount::Static((n as u32).div_ceil(UNIT_ROWS), (m as u32).div_ceil(mb), 1);
+        let rb = if mb == 1 { UNIT_RB_ONE } else { UNIT_RB };
+        let count = CubeCount::Static((n as u32).div_ceil(UNIT_ROWS * rb), (m as u32).div_ceil(mb), 1);
         gemv_units::launch(
             &client,
             count,
@@ -278,6 +289,7 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
             nb,
             bb,
             ty,
+            rb,
             mb,
         );
     } else if m <= GEMV_MAX_M {
@@ -356,9 +368,9 @@ fn pack_rows(cache: CubeTensor, x: CubeTensor, ty: u32, start: usize, step: Opti
     cache
 }
 
-/// `kv_scores`, `kv_mix` and, split, `kv_mix_join` over the first `keys` rows of packed
-/// caches; with `step`, `keys` is the scores' row length and `step[STEP_KEYS]` the keys
-/// that count.
+/// `kv_scores`, then `kv_softmax` and `kv_weigh`, or `kv_mix` and `kv_mix_join` split
+/// over the keys, over the first `keys` rows of packed caches; with `step`, `keys` is the
+/// scores' row length and `step[STEP_KEYS]` the keys that count.
 #[allow(clippy::too_many_arguments)]
 fn attend_packed(
     q: CubeTensor,
@@ -375,7 +387,6 @@ fn attend_packed(
     let q = into_contiguous(q);
     let client = q.client.clone();
     let scores = empty_f32(&q, [heads, qrows, keys]);
-    let units = (heads * qrows * keys) as u32;
     let (masked, dynamic) = (bias.is_some(), step.is_some());
     // What is not read stands in for what is absent (bound twice, both read-only; the
     // output may not stand in, as WebGPU forbids a buffer bound both read-only and
@@ -383,6 +394,9 @@ fn attend_packed(
     let bias = bias.unwrap_or_else(|| q.clone());
     let step_k = step.clone().unwrap_or_else(|| k.clone());
     let step_v = step.unwrap_or_else(|| v.clone());
+    // Tiles of query rows by keys: a decode step has a few rows (a group's heads).
+    let rq = (qrows as u32).min(SCORE_ROWS);
+    let units = (heads as u32) * (qrows as u32).div_ceil(rq) * (keys as u32).div_ceil(SCORE_KEYS);
     kv_scores::launch(
         &client,
         grid(units.div_ceil(KV_UNITS)),
@@ -402,6 +416,8 @@ fn attend_packed(
         ty,
         masked,
         dynamic,
+        rq,
+        SCORE_KEYS,
     );
     let out = empty_f32(&scores, [1, heads, qrows, d]);
     let units = (heads * qrows * d) as u32;
@@ -410,38 +426,29 @@ fn attend_packed(
     // 64 for SmolLM2's decode), so the keys are cut into parts mixed side by side and
     // joined after (flash-decoding).
     let parts = (keys as u32).div_ceil(MIX_PART_KEYS);
-    let split = parts >= 2 && units < MIX_SPLIT_BELOW;
-    let parts = if split { parts } else { 1 };
-    // Split: each part's unnormalised sums and its maximum and sum of exponentials,
-    // for `kv_mix_join`. One pass: the output itself, and stats left unread (bound
-    // because the kernel names them).
-    let (mixed, stats) = if split {
+    if parts >= 2 && units < MIX_SPLIT_BELOW {
+        // Each part's unnormalised sums and its maximum and sum of exponentials.
         let rows = heads * qrows * parts as usize;
-        (empty_f32(&scores, [rows, d]), empty_f32(&scores, [rows, 2]))
-    } else {
-        (out.clone(), empty_f32(&scores, [1]))
-    };
-    kv_mix::launch(
-        &client,
-        grid((units * parts).div_ceil(KV_UNITS)),
-        CubeDim::new_1d(KV_UNITS),
-        scores.into_buffer_arg(),
-        v.into_buffer_arg(),
-        step_v.into_buffer_arg(),
-        mixed.clone().into_buffer_arg(),
-        stats.clone().into_buffer_arg(),
-        units * parts,
-        qrows as u32,
-        keys as u32,
-        cap as u32,
-        words as u32,
-        d as u32,
-        parts,
-        ty,
-        split,
-        dynamic,
-    );
-    if split {
+        let (mixed, stats) = (empty_f32(&scores, [rows, d]), empty_f32(&scores, [rows, 2]));
+        kv_mix::launch(
+            &client,
+            grid((units * parts).div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            scores.into_buffer_arg(),
+            v.into_buffer_arg(),
+            step_v.into_buffer_arg(),
+            mixed.clone().into_buffer_arg(),
+            stats.clone().into_buffer_arg(),
+            units * parts,
+            qrows as u32,
+            keys as u32,
+            cap as u32,
+            words as u32,
+            d as u32,
+            parts,
+            ty,
+            dynamic,
+        );
         kv_mix_join::launch(
             &client,
             grid(units.div_ceil(KV_UNITS)),
@@ -452,6 +459,41 @@ fn attend_packed(
             units,
             d as u32,
             parts,
+        );
+    } else {
+        // One pass: the scores made the softmax's weights in place, then weighed.
+        let rows = (heads * qrows) as u32;
+        kv_softmax::launch(
+            &client,
+            grid(rows.div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            scores.clone().into_buffer_arg(),
+            step_v.clone().into_buffer_arg(),
+            rows,
+            keys as u32,
+            dynamic,
+        );
+        let rq = (qrows as u32).min(WEIGH_ROWS);
+        let rc = if (d as u32).is_multiple_of(WEIGH_CHANNELS) { WEIGH_CHANNELS } else { 1 };
+        let units = (heads as u32) * (qrows as u32).div_ceil(rq) * (d as u32 / rc);
+        kv_weigh::launch(
+            &client,
+            grid(units.div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            scores.into_buffer_arg(),
+            v.into_buffer_arg(),
+            step_v.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            units,
+            qrows as u32,
+            keys as u32,
+            cap as u32,
+            words as u32,
+            d as u32,
+            ty,
+            dynamic,
+            rq,
+            rc,
         );
     }
     out
@@ -529,7 +571,12 @@ fn word_at(w: &[u32], off: u32) -> u32 {
 /// IEEE half at an even byte offset, widened to f32.
 #[cube]
 fn f16_at(w: &[u32], off: u32) -> f32 {
-    let h = (w[(off >> 2) as usize] >> ((off & 2) * 8)) & 0xffff;
+    half_value((w[(off >> 2) as usize] >> ((off & 2) * 8)) & 0xffff)
+}
+
+/// IEEE half bits (`0..65536`) widened to f32.
+#[cube]
+fn half_value(h: u32) -> f32 {
     let sign = (h & 0x8000) << 16;
     let exp = (h >> 10) & 0x1f;
     let mant = h & 0x3ff;
@@ -779,73 +826,135 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
 }
 
 #[cube(launch)]
-fn gemv_units(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32, #[comptime] ty: u32, #[comptime] mb: u32) {
-    let row = CUBE_POS_X * UNIT_ROWS + UNIT_POS_X;
+fn gemv_units(
+    w: &[u32],
+    x: &[f32],
+    out: &mut [f32],
+    m: u32,
+    n: u32,
+    nb: u32,
+    bb: u32,
+    #[comptime] ty: u32,
+    #[comptime] rb: u32,
+    #[comptime] mb: u32,
+) {
+    let row0 = (CUBE_POS_X * UNIT_ROWS + UNIT_POS_X) * rb;
     let m0 = CUBE_POS_Y * mb;
     let k = nb * 32;
     let per = comptime![groups(ty)];
-    if row < n {
-        let row_base = row * (nb / per) * bb;
-        if comptime![mb == 1] {
-            let mut acc = 0.0f32;
-            for b in 0..nb {
-                acc += group_dot(w, row_base + (b / per) * bb, b % per, x, m0 * k + b * 32, ty);
-            }
-            out[(m0 * n + row) as usize] = acc;
-        } else {
-            // Each weight decoded once for the `mb` rows of `x`; rows past `m` read the
-            // last row again and are not written.
-            let last = m - 1;
-            let mut acc = Array::<f32>::new(comptime![mb as usize]);
-            #[unroll]
-            for r in 0..mb {
-                acc[r as usize] = 0.0f32;
-            }
-            for b in 0..nb {
-                let base = row_base + (b / per) * bb;
-                let xo = b * 32;
-                if comptime![legacy(ty) && ty != TYPE_Q8_0] {
-                    // Q4_0 / Q4_1: the header once, then each byte's two codes.
-                    let (d, mn, qs) = block_header(w, base, ty);
-                    let offset = comptime![if ty == TYPE_Q4_0 { 8.0f32 } else { 0.0f32 }];
-                    for i in 0..16u32 {
-                        let byte = byte_at(w, qs + i);
-                        let lo = (f32::cast_from(byte & 15) - offset) * d + mn;
-                        let hi = (f32::cast_from(byte >> 4) - offset) * d + mn;
-                        #[unroll]
-                        for r in 0..mb {
-                            let xr = select(m0 + r < m, m0 + r, last) * k + xo;
-                            acc[r as usize] += lo * x[(xr + i) as usize] + hi * x[(xr + 16 + i) as usize];
-                        }
-                    }
-                } else if comptime![ty == TYPE_Q8_0] {
-                    let (d, _mn, qs) = block_header(w, base, ty);
-                    for i in 0..32u32 {
-                        let wv = f32::cast_from(signed_byte(byte_at(w, qs + i))) * d;
-                        #[unroll]
-                        for r in 0..mb {
-                            let xr = select(m0 + r < m, m0 + r, last) * k + xo;
-                            acc[r as usize] += wv * x[(xr + i) as usize];
-                        }
-                    }
-                } else {
-                    let sub = b % per;
-                    for j in 0..32u32 {
-                        let wv = dequant(w, base, sub, j, ty);
-                        #[unroll]
-                        for r in 0..mb {
-                            let xr = select(m0 + r < m, m0 + r, last) * k + xo;
-                            acc[r as usize] += wv * x[(xr + j) as usize];
-                        }
-                    }
+    if row0 < n {
+        // Where each weight row and each row of `x` starts, once: rows past `n` read the
+        // last row again and rows past `m` the last row of `x`; neither is written.
+        let row_bytes = (nb / per) * bb;
+        let mut wrow = Array::<u32>::new(comptime![rb as usize]);
+        #[unroll]
+        for rr in 0..rb {
+            wrow[rr as usize] = u32::min(row0 + rr, n - 1) * row_bytes;
+        }
+        let mut xrow = Array::<u32>::new(comptime![mb as usize]);
+        #[unroll]
+        for r in 0..mb {
+            xrow[r as usize] = u32::min(m0 + r, m - 1) * k;
+        }
+        let mut acc = Array::<f32>::new(comptime![(rb * mb) as usize]);
+        #[unroll]
+        for i in 0..rb * mb {
+            acc[i as usize] = 0.0f32;
+        }
+        let mut d = Array::<f32>::new(comptime![rb as usize]);
+        let mut mn = Array::<f32>::new(comptime![rb as usize]);
+        let mut qs = Array::<u32>::new(comptime![rb as usize]);
+        let mut word = Array::<u32>::new(comptime![rb as usize]);
+        let mut wv = Array::<f32>::new(comptime![rb as usize]);
+        let mut wh = Array::<f32>::new(comptime![rb as usize]);
+        for b in 0..nb {
+            let blk = (b / per) * bb;
+            let xo = b * 32;
+            if comptime![legacy(ty)] {
+                #[unroll]
+                for rr in 0..rb {
+                    let (dd, mm, q) = block_header(w, wrow[rr as usize] + blk, ty);
+                    d[rr as usize] = dd;
+                    mn[rr as usize] = mm;
+                    qs[rr as usize] = q;
                 }
             }
-            #[unroll]
-            for r in 0..mb {
-                if m0 + r < m {
-                    out[((m0 + r) * n + row) as usize] = acc[r as usize];
+            if comptime![legacy(ty) && ty != TYPE_Q8_0] {
+                // Q4_0 / Q4_1: byte `i` of the codes holds value `i` (low half) and
+                // value `i + 16` (high half); a word of each weight row at a time.
+                let offset = comptime![if ty == TYPE_Q4_0 { 8.0f32 } else { 0.0f32 }];
+                for j in 0..4u32 {
+                    tile_words(w, &qs, 4 * j, &mut word, rb);
+                    #[unroll]
+                    for s in 0..4u32 {
+                        let i = xo + 4 * j + s;
+                        #[unroll]
+                        for rr in 0..rb {
+                            let byte = word[rr as usize] >> comptime![8 * s];
+                            let (dd, mm) = (d[rr as usize], mn[rr as usize]);
+                            wv[rr as usize] = (f32::cast_from(byte & 15) - offset) * dd + mm;
+                            wh[rr as usize] = (f32::cast_from((byte >> 4) & 15) - offset) * dd + mm;
+                        }
+                        tile_fma(&mut acc, &wv, x, &xrow, i, rb, mb);
+                        tile_fma(&mut acc, &wh, x, &xrow, i + 16, rb, mb);
+                    }
+                }
+            } else if comptime![ty == TYPE_Q8_0] {
+                for j in 0..8u32 {
+                    tile_words(w, &qs, 4 * j, &mut word, rb);
+                    #[unroll]
+                    for s in 0..4u32 {
+                        #[unroll]
+                        for rr in 0..rb {
+                            let code = (word[rr as usize] >> comptime![8 * s]) & 0xff;
+                            wv[rr as usize] = f32::cast_from(signed_byte(code)) * d[rr as usize];
+                        }
+                        tile_fma(&mut acc, &wv, x, &xrow, xo + 4 * j + s, rb, mb);
+                    }
+                }
+            } else {
+                let sub = b % per;
+                for j in 0..32u32 {
+                    #[unroll]
+                    for rr in 0..rb {
+                        wv[rr as usize] = dequant(w, wrow[rr as usize] + blk, sub, j, ty);
+                    }
+                    tile_fma(&mut acc, &wv, x, &xrow, xo + j, rb, mb);
                 }
             }
+        }
+        #[unroll]
+        for rr in 0..rb {
+            #[unroll]
+            for r in 0..mb {
+                if row0 + rr < n && m0 + r < m {
+                    out[((m0 + r) * n + row0 + rr) as usize] = acc[(rr * mb + r) as usize];
+                }
+            }
+        }
+    }
+}
+
+/// Word `at / 4` of each of a tile's `rb` weight blocks' codes (`qs`: their byte offsets).
+#[cube]
+fn tile_words(w: &[u32], qs: &Array<u32>, at: u32, word: &mut Array<u32>, #[comptime] rb: u32) {
+    #[unroll]
+    for rr in 0..rb {
+        word[rr as usize] = word_at(w, qs[rr as usize] + at);
+    }
+}
+
+/// A tile's products with one column of `x`: `acc[rr * mb + r] += wv[rr] * x[xrow[r] + i]`,
+/// each value of `x` loaded once for the `rb` weights.
+#[cube]
+fn tile_fma(acc: &mut Array<f32>, wv: &Array<f32>, x: &[f32], xrow: &Array<u32>, i: u32, #[comptime] rb: u32, #[comptime] mb: u32) {
+    #[unroll]
+    for r in 0..mb {
+        let xv = x[(xrow[r as usize] + i) as usize];
+        #[unroll]
+        for rr in 0..rb {
+            let a = (rr * mb + r) as usize;
+            acc[a] += wv[rr as usize] * xv;
         }
     }
 }
@@ -1060,10 +1169,16 @@ fn kv_value(cache: &[u32], base: u32, c: u32, #[comptime] ty: u32) -> f32 {
 }
 
 /// Scores of queries (`[heads, qrows, d]`) against the first `keys` rows of a packed key
-/// cache (`[heads, cap, words]`), read in place: unit `u` takes head and query row
-/// `u / keys` and key `u % keys`; `scale` times the dot product, plus the bias
-/// (`[qrows, keys]`, every head) when `masked`. `dynamic`: `keys` is the scores' row
+/// cache (`[heads, cap, words]`), read in place: `scale` times the dot product, plus the
+/// bias (`[qrows, keys]`, every head) when `masked`. `dynamic`: `keys` is the scores' row
 /// length only, and the first `step[STEP_KEYS]` keys are scored (a recorded decode step).
+///
+/// Unit `u` takes a tile of `rq` query rows by `rk` keys of one head (key tile
+/// `u % ceil(keys / rk)`, then row tile, then head): each value of a query row is loaded
+/// once for `rk` keys and each key value once for `rq` rows. A device that is a CPU pays
+/// for every load lane by lane, so the tile cuts its loads about fourfold. A masked key's
+/// score is its bias (-inf) whatever the dot product, and a tile with every key masked
+/// (half of a causal prefill's) skips its dot products.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 fn kv_scores(
@@ -1082,46 +1197,161 @@ fn kv_scores(
     #[comptime] ty: u32,
     #[comptime] masked: bool,
     #[comptime] dynamic: bool,
+    #[comptime] rq: u32,
+    #[comptime] rk: u32,
 ) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     let mut live = keys;
     if comptime![dynamic] {
         live = step[STEP_KEYS as usize];
     }
-    if u < units && u % keys < live {
-        let key = u % keys;
-        let hr = u / keys;
-        let base = ((hr / qrows) * cap + key) * words * 4;
-        let qa = hr * d;
-        let mut acc = 0.0f32;
-        for c in 0..d {
-            acc += q[(qa + c) as usize] * kv_value(cache, base, c, ty);
+    let kblocks = keys.div_ceil(rk);
+    let qblocks = qrows.div_ceil(rq);
+    let key0 = (u % kblocks) * rk;
+    let row0 = (u / kblocks % qblocks) * rq;
+    let head = u / kblocks / qblocks;
+    if u < units && key0 < live {
+        // Rows and keys past the ends read the last one again and are not written.
+        let mut bias_v = Array::<f32>::new(comptime![(rq * rk) as usize]);
+        let mut acc = Array::<f32>::new(comptime![(rq * rk) as usize]);
+        let mut seen = false;
+        #[unroll]
+        for i in 0..rq {
+            #[unroll]
+            for j in 0..rk {
+                let mut b = 0.0f32;
+                if comptime![masked] {
+                    let (r, key) = (u32::min(row0 + i, qrows - 1), u32::min(key0 + j, live - 1));
+                    b = bias[(r * keys + key) as usize];
+                }
+                bias_v[(i * rk + j) as usize] = b;
+                acc[(i * rk + j) as usize] = 0.0f32;
+                seen = seen || b > f32::new(f32::MIN);
+            }
         }
-        let mut s = acc * scale;
-        if comptime![masked] {
-            s += bias[((hr % qrows) * keys + key) as usize];
+        if seen {
+            let mut qa = Array::<u32>::new(comptime![rq as usize]);
+            #[unroll]
+            for i in 0..rq {
+                qa[i as usize] = (head * qrows + u32::min(row0 + i, qrows - 1)) * d;
+            }
+            let mut kw = Array::<u32>::new(comptime![rk as usize]);
+            #[unroll]
+            for j in 0..rk {
+                kw[j as usize] = (head * cap + u32::min(key0 + j, live - 1)) * words;
+            }
+            let mut klo = Array::<f32>::new(comptime![rk as usize]);
+            let mut khi = Array::<f32>::new(comptime![rk as usize]);
+            if comptime![ty == TYPE_F16] {
+                // A word holds two values of a key row.
+                for c2 in 0..d / 2 {
+                    #[unroll]
+                    for j in 0..rk {
+                        let word = cache[(kw[j as usize] + c2) as usize];
+                        klo[j as usize] = half_value(word & 0xffff);
+                        khi[j as usize] = half_value(word >> 16);
+                    }
+                    #[unroll]
+                    for i in 0..rq {
+                        let ql = q[(qa[i as usize] + 2 * c2) as usize];
+                        let qh = q[(qa[i as usize] + 2 * c2 + 1) as usize];
+                        #[unroll]
+                        for j in 0..rk {
+                            let a = (i * rk + j) as usize;
+                            acc[a] += ql * klo[j as usize] + qh * khi[j as usize];
+                        }
+                    }
+                }
+            } else {
+                for c in 0..d {
+                    #[unroll]
+                    for j in 0..rk {
+                        klo[j as usize] = kv_value(cache, kw[j as usize] * 4, c, ty);
+                    }
+                    #[unroll]
+                    for i in 0..rq {
+                        let qv = q[(qa[i as usize] + c) as usize];
+                        #[unroll]
+                        for j in 0..rk {
+                            let a = (i * rk + j) as usize;
+                            acc[a] += qv * klo[j as usize];
+                        }
+                    }
+                }
+            }
         }
-        out[u as usize] = s;
+        #[unroll]
+        for i in 0..rq {
+            #[unroll]
+            for j in 0..rk {
+                if row0 + i < qrows && key0 + j < live {
+                    let a = (i * rk + j) as usize;
+                    let b = bias_v[a];
+                    let s = select(b > f32::new(f32::MIN), acc[a] * scale + b, b);
+                    out[((head * qrows + row0 + i) * keys + key0 + j) as usize] = s;
+                }
+            }
+        }
     }
 }
 
+/// Each row of scores (`[rows, keys]`) made its softmax in place, one unit a row: the
+/// maximum, then the sum of exponentials, then each key's weight (0 for a masked key, and
+/// for every key of a row with all of them masked). Run before a one-pass [`kv_mix`], it
+/// takes each exponential once a key instead of once a key and channel. `dynamic`: only
+/// the first `step[STEP_KEYS]` keys count.
+#[cube(launch)]
+fn kv_softmax(scores: &mut [f32], step: &[u32], rows: u32, keys: u32, #[comptime] dynamic: bool) {
+    let r = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
+    if r < rows {
+        let mut live = keys;
+        if comptime![dynamic] {
+            live = step[STEP_KEYS as usize];
+        }
+        let at = r * keys;
+        // The lowest finite value stands for minus infinity, as in `kv_mix`.
+        let mut top = f32::new(f32::MIN);
+        for key in 0..live {
+            top = f32::max(top, scores[(at + key) as usize]);
+        }
+        let mut sum = 0.0f32;
+        if top > f32::new(f32::MIN) {
+            for key in 0..live {
+                let s = scores[(at + key) as usize];
+                if s > f32::new(f32::MIN) {
+                    sum += f32::exp(s - top);
+                }
+            }
+        }
+        let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
+        for key in 0..live {
+            let s = scores[(at + key) as usize];
+            scores[(at + key) as usize] = select(s > f32::new(f32::MIN), f32::exp(s - top) * inv, 0.0f32);
+        }
+    }
+}
+
+/// Query rows and keys per unit of [`kv_scores`], and query rows and channels per unit of
+/// [`kv_weigh`].
+const SCORE_ROWS: u32 = 4;
+const SCORE_KEYS: u32 = 4;
+const WEIGH_ROWS: u32 = 4;
+const WEIGH_CHANNELS: u32 = 8;
 /// Keys per part when [`kv_mix`] is split.
 const MIX_PART_KEYS: u32 = 128;
 /// Split [`kv_mix`] when one pass would have fewer units than this (256 cubes of 64).
 const MIX_SPLIT_BELOW: u32 = 16_384;
 
-/// The attention's output from its scores (`[heads, qrows, keys]`) and a packed value cache
-/// (`[heads, cap, words]`): unit `u` takes channel `u % d` of head and query row
-/// `u / d / parts`, and runs that row's softmax online (a running maximum and sum) while
-/// it weights the value rows' channel. A row with every key masked gives zeros.
+/// A decode step's attention, split over the keys (flash-decoding): from the scores
+/// (`[heads, qrows, keys]`) and a packed value cache (`[heads, cap, words]`), unit `u`
+/// takes channel `u % d` of head and query row `u / d / parts` and part `u / d % parts`
+/// of the keys ([`MIX_PART_KEYS`] each). It runs the part's softmax online (a running
+/// maximum and sum) while it weights the value rows' channel, and writes its unnormalised
+/// sum to `out` (`[heads * qrows * parts, d]`) and the part's maximum and sum of
+/// exponentials to `stats` (`[heads * qrows * parts, 2]`), for [`kv_mix_join`].
 ///
 /// `dynamic`: `keys` is the scores' row length only, and the first `step[STEP_KEYS]` keys
 /// count (a recorded decode step; parts past them see no key).
-///
-/// In one pass (`parts` 1) the unit walks every key and writes the output. `split`: the
-/// unit walks part `u / d % parts` of the keys ([`MIX_PART_KEYS`] each) and writes its
-/// unnormalised sum to `out` (`[heads * qrows * parts, d]`) and the part's maximum and
-/// sum of exponentials to `stats` (`[heads * qrows * parts, 2]`), for [`kv_mix_join`].
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 fn kv_mix(
@@ -1138,7 +1368,6 @@ fn kv_mix(
     d: u32,
     parts: u32,
     #[comptime] ty: u32,
-    #[comptime] split: bool,
     #[comptime] dynamic: bool,
 ) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
@@ -1152,12 +1381,8 @@ fn kv_mix(
         if comptime![dynamic] {
             live = step[STEP_KEYS as usize];
         }
-        let mut first = 0u32;
-        let mut end = live;
-        if comptime![split] {
-            first = (row_part % parts) * MIX_PART_KEYS;
-            end = u32::min(live, first + MIX_PART_KEYS);
-        }
+        let first = (row_part % parts) * MIX_PART_KEYS;
+        let end = u32::min(live, first + MIX_PART_KEYS);
         // The lowest finite value stands for minus infinity (WGSL has no literal for it);
         // a masked key (bias -inf or the lowest value) adds nothing.
         let mut top = f32::new(f32::MIN);
@@ -1181,14 +1406,105 @@ fn kv_mix(
                 acc += e * kv_value(cache, (row0 + key) * words * 4, c, ty);
             }
         }
-        if comptime![split] {
-            out[u as usize] = acc;
-            if c == 0 {
-                stats[(2 * row_part) as usize] = top;
-                stats[(2 * row_part + 1) as usize] = sum;
+        out[u as usize] = acc;
+        if c == 0 {
+            stats[(2 * row_part) as usize] = top;
+            stats[(2 * row_part + 1) as usize] = sum;
+        }
+    }
+}
+
+/// The attention's output from the softmax's weights (`[heads, qrows, keys]`, see
+/// [`kv_softmax`]) and a packed value cache (`[heads, cap, words]`), in one pass over the
+/// keys. Unit `u` takes a tile of `rq` query rows by `rc` channels of one head (channel
+/// tile `u % (d / rc)`, then row tile, then head): each weight is loaded once for `rc`
+/// channels and each value once for `rq` rows. A key whose weights are all 0 in the tile
+/// (masked) is skipped. `dynamic`: only the first `step[STEP_KEYS]` keys count.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch)]
+fn kv_weigh(
+    weights: &[f32],
+    cache: &[u32],
+    step: &[u32],
+    out: &mut [f32],
+    units: u32,
+    qrows: u32,
+    keys: u32,
+    cap: u32,
+    words: u32,
+    d: u32,
+    #[comptime] ty: u32,
+    #[comptime] dynamic: bool,
+    #[comptime] rq: u32,
+    #[comptime] rc: u32,
+) {
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
+    let cblocks = d / rc;
+    let qblocks = qrows.div_ceil(rq);
+    let c0 = (u % cblocks) * rc;
+    let row0 = (u / cblocks % qblocks) * rq;
+    let head = u / cblocks / qblocks;
+    if u < units {
+        let mut live = keys;
+        if comptime![dynamic] {
+            live = step[STEP_KEYS as usize];
+        }
+        // Rows past the end read the last one again and are not written.
+        let mut wa = Array::<u32>::new(comptime![rq as usize]);
+        #[unroll]
+        for i in 0..rq {
+            wa[i as usize] = (head * qrows + u32::min(row0 + i, qrows - 1)) * keys;
+        }
+        let mut acc = Array::<f32>::new(comptime![(rq * rc) as usize]);
+        #[unroll]
+        for a in 0..rq * rc {
+            acc[a as usize] = 0.0f32;
+        }
+        let mut p = Array::<f32>::new(comptime![rq as usize]);
+        let mut v = Array::<f32>::new(comptime![rc as usize]);
+        let rows = head * cap;
+        for key in 0..live {
+            let mut any = false;
+            #[unroll]
+            for i in 0..rq {
+                let w = weights[(wa[i as usize] + key) as usize];
+                p[i as usize] = w;
+                any = any || w > 0.0f32;
             }
-        } else {
-            out[u as usize] = select(sum > 0.0f32, acc / sum, 0.0f32);
+            if any {
+                let base = (rows + key) * words;
+                if comptime![ty == TYPE_F16 && rc.is_multiple_of(2)] {
+                    // A word holds two channels (`c0` is even).
+                    #[unroll]
+                    for c2 in 0..rc / 2 {
+                        let word = cache[(base + c0 / 2 + c2) as usize];
+                        v[(2 * c2) as usize] = half_value(word & 0xffff);
+                        v[(2 * c2 + 1) as usize] = half_value(word >> 16);
+                    }
+                } else {
+                    #[unroll]
+                    for c in 0..rc {
+                        v[c as usize] = kv_value(cache, base * 4, c0 + c, ty);
+                    }
+                }
+                #[unroll]
+                for i in 0..rq {
+                    #[unroll]
+                    for c in 0..rc {
+                        let a = (i * rc + c) as usize;
+                        acc[a] += p[i as usize] * v[c as usize];
+                    }
+                }
+            }
+        }
+        #[unroll]
+        for i in 0..rq {
+            if row0 + i < qrows {
+                #[unroll]
+                for c in 0..rc {
+                    out[((head * qrows + row0 + i) * d + c0 + c) as usize] = acc[(i * rc + c) as usize];
+                }
+            }
         }
     }
 }

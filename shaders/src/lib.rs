@@ -148,7 +148,8 @@ pub trait QuantOps: Backend {
 
     /// [`QuantOps::attention`] over the first `keys` rows of packed caches (as
     /// [`QuantOps::kv_write`] writes them): the CPU reads the blocks where it uses them;
-    /// wgpu decodes them as it reads them too (`kv_scores`, then `kv_mix`'s online softmax).
+    /// wgpu decodes them as it reads them too (`kv_scores`, then `kv_softmax` and `kv_weigh`, or
+    /// split over the keys `kv_mix`'s online softmax and `kv_mix_join`).
     ///
     /// # Shapes
     /// - q: `[1, heads, rows, d]`; k, v: `[heads, capacity, words]` (u32); bias: `[1, 1, rows, keys]`

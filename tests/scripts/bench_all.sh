@@ -16,9 +16,10 @@
 # - The wasm package: gzipped size of web/pkg/vidllm_web_bg.wasm, when built.
 # - wgpu against llama.cpp's Vulkan backend on the same adapter (lavapipe here), when
 #   LLAMA_BENCH_VULKAN names a llama-bench built with it (how: tests/scripts/gpu_pack.sh;
-#   llama-cpp-python 0.3.8's llama.cpp builds against Debian 12's Vulkan headers): pp64
-#   and tg32 of the first file, `bench --device gpu` next to `llama-bench -ngl 99`,
-#   interleaved, three rounds (a software GPU is slow; 64 and 32 tokens keep it minutes).
+#   llama-cpp-python 0.3.8's llama.cpp builds against Debian 12's Vulkan headers): pp512
+#   and tg128 of the first file, `bench --device gpu` next to `llama-bench -ngl 99`,
+#   interleaved, three rounds (about two minutes a round on lavapipe; VULKAN_PP and
+#   VULKAN_TG shorten them).
 #
 # - Decode at depth: tg128 after DEPTH tokens already in the context (llama-bench's -d;
 #   --depth 0 leaves the row out), where attention over the KV cache weighs: a video
@@ -118,22 +119,24 @@ fi
 
 echo
 if [ -n "${LLAMA_BENCH_VULKAN:-}" ]; then
+  VPP="${VULKAN_PP:-512}" VTG="${VULKAN_TG:-128}"
   echo "| device | test | vidllm tok/s | llama.cpp Vulkan tok/s | ratio |"
   echo "|---|---|---|---|---|"
   for round in 1 2 3; do
-    v=$("$BIN" bench --model "${FILES[0]}" --device gpu --prompt-tokens 64 --gen-tokens 32 --reps 1 --json |
+    v=$("$BIN" bench --model "${FILES[0]}" --device gpu --prompt-tokens "$VPP" --gen-tokens "$VTG" --reps 1 --json |
       python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["prefill_tok_s"], v["decode_tok_s"], v["device"].replace("|", "/"))')
-    l=$({ "$LLAMA_BENCH_VULKAN" -m "${FILES[0]}" -ngl 99 -p 64 -n 32 -r 1 -o json 2>/dev/null || true; } |
+    l=$({ "$LLAMA_BENCH_VULKAN" -m "${FILES[0]}" -ngl 99 -p "$VPP" -n "$VTG" -r 1 -o json 2>/dev/null || true; } |
       python3 -c 'import json,sys
 try: r=json.load(sys.stdin); print(r[0]["avg_ts"], r[1]["avg_ts"])
 except Exception: print("nan nan")')
-    python3 - $v $l <<'PY'
+    python3 - "$VPP" "$VTG" $v $l <<'PY'
 import sys
-vpp, vtg = float(sys.argv[1]), float(sys.argv[2])
-device = " ".join(sys.argv[3:-2])
+pp, tg = sys.argv[1:3]
+vpp, vtg = float(sys.argv[3]), float(sys.argv[4])
+device = " ".join(sys.argv[5:-2])
 lpp, ltg = map(float, sys.argv[-2:])
-print(f"| {device} | pp64 | {vpp:.2f} | {lpp:.2f} | {vpp / lpp:.2f}x |")
-print(f"| {device} | tg32 | {vtg:.2f} | {ltg:.2f} | {vtg / ltg:.2f}x |")
+print(f"| {device} | pp{pp} | {vpp:.2f} | {lpp:.2f} | {vpp / lpp:.2f}x |")
+print(f"| {device} | tg{tg} | {vtg:.2f} | {ltg:.2f} | {vtg / ltg:.2f}x |")
 PY
   done
 else

@@ -4,7 +4,7 @@
 //
 //   node tests/scripts/bench_browser.mjs MODEL.gguf WLLAMA_PACKAGE_DIR [--tokens 64] [--reps 3] [--configs a,b]
 //
-// Configurations: vidllm-cpu-page, vidllm-cpu-worker, vidllm-webgpu-page, wllama-1t, wllama-2t.
+// Configurations: vidllm-cpu-page, vidllm-cpu-worker, vidllm-webgpu-page, vidllm-webgpu-worker, wllama-1t, wllama-2t.
 // Every page is served cross-origin isolated (COOP / COEP), which wllama needs for threads.
 // vidllm's rates come from the stream: prompt = tokens / time to the first piece, decode =
 // pieces after the first / the time they took. wllama's are llama.cpp's own timings.
@@ -24,6 +24,9 @@ if (!model || !wllamaDir) { console.error("usage: bench_browser.mjs MODEL.gguf W
 const tokens = Number(opt("tokens", 64));
 const reps = Number(opt("reps", 3));
 const configs = opt("configs", "vidllm-cpu-page,vidllm-cpu-worker,wllama-1t,wllama-2t").split(",");
+const known = ["vidllm-cpu-page", "vidllm-cpu-worker", "vidllm-webgpu-page", "vidllm-webgpu-worker", "wllama-1t", "wllama-2t"];
+const unknown = configs.filter((c) => !known.includes(c));
+if (unknown.length) { console.error(`unknown configuration ${unknown.join(", ")}: pick from ${known.join(", ")}`); process.exit(2); }
 
 // About 128 tokens of plain English; generation goes on from it without an end-of-text.
 const prompt = ("The river runs from the mountains to the sea, past farms, towns and old stone bridges. "

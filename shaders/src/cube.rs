@@ -23,8 +23,9 @@
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
 //!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
 //!
-//! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products; the other types decode element by
-//! element (`elem`), from the same field offsets as the CPU's typed blocks.
+//! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products (and Q5_0 / Q5_1 in `gemv_units`);
+//! the other types decode element by element (`elem`), from the same field offsets as the
+//! CPU's typed blocks.
 
 use burn::tensor::{DType, Shape, TensorData};
 use burn_cubecl::CubeBackend;
@@ -865,6 +866,7 @@ fn gemv_units(
         let mut mn = Array::<f32>::new(comptime![rb as usize]);
         let mut qs = Array::<u32>::new(comptime![rb as usize]);
         let mut word = Array::<u32>::new(comptime![rb as usize]);
+        let mut high = Array::<u32>::new(comptime![rb as usize]);
         let mut wv = Array::<f32>::new(comptime![rb as usize]);
         let mut wh = Array::<f32>::new(comptime![rb as usize]);
         for b in 0..nb {
@@ -910,6 +912,40 @@ fn gemv_units(
                             wv[rr as usize] = f32::cast_from(signed_byte(code)) * d[rr as usize];
                         }
                         tile_fma(&mut acc, &wv, x, &xrow, xo + 4 * j + s, rb, mb);
+                    }
+                }
+            } else if comptime![ty == TYPE_Q5_0 || ty == TYPE_Q5_1] {
+                // Q5_0 / Q5_1 (most of a Q4_K_M file whose rows are not whole 256-value
+                // super-blocks): Q4's nibbles, each with a fifth bit from the block's `qh`.
+                let offset = comptime![if ty == TYPE_Q5_0 { 16.0f32 } else { 0.0f32 }];
+                #[unroll]
+                for rr in 0..rb {
+                    let at = wrow[rr as usize] + blk;
+                    d[rr as usize] = f16_at(w, at + comptime![lay(ty).d as u32]);
+                    mn[rr as usize] = 0.0f32;
+                    if comptime![ty == TYPE_Q5_1] {
+                        mn[rr as usize] = f16_at(w, at + comptime![lay(ty).m as u32]);
+                    }
+                    high[rr as usize] = word_at(w, at + comptime![lay(ty).qh as u32]);
+                    qs[rr as usize] = at + comptime![lay(ty).qs as u32];
+                }
+                for j in 0..4u32 {
+                    tile_words(w, &qs, 4 * j, &mut word, rb);
+                    #[unroll]
+                    for s in 0..4u32 {
+                        let i = 4 * j + s;
+                        #[unroll]
+                        for rr in 0..rb {
+                            let byte = word[rr as usize] >> comptime![8 * s];
+                            let h = high[rr as usize];
+                            let lo = (byte & 15) | (((h >> i) & 1) << 4);
+                            let hi = ((byte >> 4) & 15) | (((h >> (i + 16)) & 1) << 4);
+                            let (dd, mm) = (d[rr as usize], mn[rr as usize]);
+                            wv[rr as usize] = (f32::cast_from(lo) - offset) * dd + mm;
+                            wh[rr as usize] = (f32::cast_from(hi) - offset) * dd + mm;
+                        }
+                        tile_fma(&mut acc, &wv, x, &xrow, xo + i, rb, mb);
+                        tile_fma(&mut acc, &wh, x, &xrow, xo + i + 16, rb, mb);
                     }
                 }
             } else {

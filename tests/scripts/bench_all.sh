@@ -17,9 +17,9 @@
 # - wgpu against llama.cpp's Vulkan backend on the same adapter (lavapipe here), when
 #   LLAMA_BENCH_VULKAN names a llama-bench built with it (how: tests/scripts/gpu_pack.sh;
 #   llama-cpp-python 0.3.8's llama.cpp builds against Debian 12's Vulkan headers): pp512
-#   and tg128 of the first file, `bench --device gpu` next to `llama-bench -ngl 99`,
-#   interleaved, three rounds (about two minutes a round on lavapipe; VULKAN_PP and
-#   VULKAN_TG shorten them).
+#   and tg128 of each file, `bench --device gpu` next to `llama-bench -ngl 99`,
+#   interleaved, VULKAN_ROUNDS rounds (2; about two minutes a round on lavapipe;
+#   VULKAN_PP and VULKAN_TG shorten them).
 #
 # - Decode at depth: tg128 after DEPTH tokens already in the context (llama-bench's -d;
 #   --depth 0 leaves the row out), where attention over the KV cache weighs: a video
@@ -120,24 +120,26 @@ fi
 echo
 if [ -n "${LLAMA_BENCH_VULKAN:-}" ]; then
   VPP="${VULKAN_PP:-512}" VTG="${VULKAN_TG:-128}"
-  echo "| device | test | vidllm tok/s | llama.cpp Vulkan tok/s | ratio |"
-  echo "|---|---|---|---|---|"
-  for round in 1 2 3; do
-    v=$("$BIN" bench --model "${FILES[0]}" --device gpu --prompt-tokens "$VPP" --gen-tokens "$VTG" --reps 1 --json |
+  echo "| device | file | test | vidllm tok/s | llama.cpp Vulkan tok/s | ratio |"
+  echo "|---|---|---|---|---|---|"
+  for f in "${FILES[@]}"; do
+  for round in $(seq "${VULKAN_ROUNDS:-2}"); do
+    v=$("$BIN" bench --model "$f" --device gpu --prompt-tokens "$VPP" --gen-tokens "$VTG" --reps 1 --json |
       python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["prefill_tok_s"], v["decode_tok_s"], v["device"].replace("|", "/"))')
-    l=$({ "$LLAMA_BENCH_VULKAN" -m "${FILES[0]}" -ngl 99 -p "$VPP" -n "$VTG" -r 1 -o json 2>/dev/null || true; } |
+    l=$({ "$LLAMA_BENCH_VULKAN" -m "$f" -ngl 99 -p "$VPP" -n "$VTG" -r 1 -o json 2>/dev/null || true; } |
       python3 -c 'import json,sys
 try: r=json.load(sys.stdin); print(r[0]["avg_ts"], r[1]["avg_ts"])
 except Exception: print("nan nan")')
-    python3 - "$VPP" "$VTG" $v $l <<'PY'
+    python3 - "$(basename "$f")" "$VPP" "$VTG" $v $l <<'PY'
 import sys
-pp, tg = sys.argv[1:3]
-vpp, vtg = float(sys.argv[3]), float(sys.argv[4])
-device = " ".join(sys.argv[5:-2])
+name, pp, tg = sys.argv[1:4]
+vpp, vtg = float(sys.argv[4]), float(sys.argv[5])
+device = " ".join(sys.argv[6:-2])
 lpp, ltg = map(float, sys.argv[-2:])
-print(f"| {device} | pp{pp} | {vpp:.2f} | {lpp:.2f} | {vpp / lpp:.2f}x |")
-print(f"| {device} | tg{tg} | {vtg:.2f} | {ltg:.2f} | {vtg / ltg:.2f}x |")
+print(f"| {device} | {name} | pp{pp} | {vpp:.2f} | {lpp:.2f} | {vpp / lpp:.2f}x |")
+print(f"| {device} | {name} | tg{tg} | {vtg:.2f} | {ltg:.2f} | {vtg / ltg:.2f}x |")
 PY
+  done
   done
 else
   echo "wgpu against llama.cpp's Vulkan backend: skipped (set LLAMA_BENCH_VULKAN to a llama-bench built with it)"

@@ -23,9 +23,9 @@
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
 //!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
 //!
-//! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products (and Q5_0 / Q5_1 in `gemv_units`);
-//! the other types decode element by element (`elem`), from the same field offsets as the
-//! CPU's typed blocks.
+//! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products (and Q5_0, Q5_1, Q4_K and Q5_K in
+//! `gemv_units`); the other types decode element by element (`elem`), from the same field
+//! offsets as the CPU's typed blocks.
 
 use burn::tensor::{DType, Shape, TensorData};
 use burn_cubecl::CubeBackend;
@@ -670,20 +670,12 @@ fn elem(w: &[u32], base: u32, i: u32, #[comptime] ty: u32) -> f32 {
         let q = f32::cast_from(i32::cast_from(crumb(w, qs_at, i)) - 4 * (1 - i32::cast_from(hbit)));
         v = d * sc * q;
     } else if comptime![ty == TYPE_Q4_K || ty == TYPE_Q5_K] {
-        // k_scale_min: sub-blocks 0-3 in the low 6 bits of bytes 0-7; 4-7 split between
-        // bytes 8-11 and the top bits of bytes 0-7. Both are read (in bounds) and selected.
-        let j = i / 32;
-        let first = j < 4;
-        let b_j = byte_at(w, sc_at + j);
-        let b_j4 = byte_at(w, sc_at + j + 4);
-        let b_jm4 = byte_at(w, sc_at + ((j + 4) & 7));
-        let sc = select(first, b_j & 63, (b_j4 & 15) | ((b_jm4 >> 6) << 4));
-        let m = select(first, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4));
+        let (a, b) = k_scale_min(w, base, i / 32, ty);
         let mut q = (byte_at(w, qs_at + 32 * (i / 64) + i % 32) >> (4 * ((i % 64) / 32))) & 15;
         if comptime![ty == TYPE_Q5_K] {
             q |= ((byte_at(w, qh_at + i % 32) >> (i / 32)) & 1) << 4;
         }
-        v = d * f32::cast_from(sc) * f32::cast_from(q) - f16_at(w, mn_at) * f32::cast_from(m);
+        v = a * f32::cast_from(q) - b;
     } else if comptime![ty == TYPE_Q6_K] {
         let low = (byte_at(w, qs_at + 64 * (i / 128) + i % 64) >> (4 * ((i % 128) / 64))) & 15;
         let q = i32::cast_from(low | (crumb(w, qh_at, i) << 4)) - 32;
@@ -698,6 +690,24 @@ fn elem(w: &[u32], base: u32, i: u32, #[comptime] ty: u32) -> f32 {
         v = d * f32::cast_from(i32::cast_from(ls) - 32) * iq4_value(q);
     }
     v
+}
+
+/// Sub-block `j`'s scale and min of the Q4_K / Q5_K block at `base`, times the block's `d`
+/// and `dmin`: its values are `scale * q - min`. k_scale_min's packing: sub-blocks 0-3 in
+/// the low 6 bits of bytes 0-7; 4-7 split between bytes 8-11 and the top bits of bytes
+/// 0-7. Both are read (in bounds) and selected.
+#[cube]
+fn k_scale_min(w: &[u32], base: u32, j: u32, #[comptime] ty: u32) -> (f32, f32) {
+    let d = f16_at(w, base + comptime![lay(ty).d as u32]);
+    let dmin = f16_at(w, base + comptime![lay(ty).m as u32]);
+    let sc_at = base + comptime![lay(ty).scales as u32];
+    let first = j < 4;
+    let b_j = byte_at(w, sc_at + j);
+    let b_j4 = byte_at(w, sc_at + j + 4);
+    let b_jm4 = byte_at(w, sc_at + ((j + 4) & 7));
+    let sc = select(first, b_j & 63, (b_j4 & 15) | ((b_jm4 >> 6) << 4));
+    let m = select(first, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4));
+    (d * f32::cast_from(sc), dmin * f32::cast_from(m))
 }
 
 /// Element `j` (0..32) of group `sub` of the block at `base`, dequantised.
@@ -867,6 +877,7 @@ fn gemv_units(
         let mut qs = Array::<u32>::new(comptime![rb as usize]);
         let mut word = Array::<u32>::new(comptime![rb as usize]);
         let mut high = Array::<u32>::new(comptime![rb as usize]);
+        let mut qh = Array::<u32>::new(comptime![rb as usize]);
         let mut wv = Array::<f32>::new(comptime![rb as usize]);
         let mut wh = Array::<f32>::new(comptime![rb as usize]);
         for b in 0..nb {
@@ -946,6 +957,39 @@ fn gemv_units(
                         }
                         tile_fma(&mut acc, &wv, x, &xrow, xo + i, rb, mb);
                         tile_fma(&mut acc, &wh, x, &xrow, xo + i + 16, rb, mb);
+                    }
+                }
+            } else if comptime![ty == TYPE_Q4_K || ty == TYPE_Q5_K] {
+                // Q4_K / Q5_K: the sub-block's scale and min once, then its 32 codes, the
+                // nibbles of 32 bytes (low for even sub-blocks, high for odd), Q5_K's fifth
+                // bit from bit `sub` of 32 more.
+                let sub = b % per;
+                let shift = 4 * (sub % 2);
+                #[unroll]
+                for rr in 0..rb {
+                    let at = wrow[rr as usize] + blk;
+                    let (a, m) = k_scale_min(w, at, sub, ty);
+                    d[rr as usize] = a;
+                    mn[rr as usize] = m;
+                    qs[rr as usize] = at + comptime![lay(ty).qs as u32] + 32 * (sub / 2);
+                    qh[rr as usize] = at + comptime![lay(ty).qh as u32];
+                }
+                for j in 0..8u32 {
+                    tile_words(w, &qs, 4 * j, &mut word, rb);
+                    if comptime![ty == TYPE_Q5_K] {
+                        tile_words(w, &qh, 4 * j, &mut high, rb);
+                    }
+                    #[unroll]
+                    for s in 0..4u32 {
+                        #[unroll]
+                        for rr in 0..rb {
+                            let mut q = (word[rr as usize] >> (comptime![8 * s] + shift)) & 15;
+                            if comptime![ty == TYPE_Q5_K] {
+                                q |= ((high[rr as usize] >> (comptime![8 * s] + sub)) & 1) << 4;
+                            }
+                            wv[rr as usize] = d[rr as usize] * f32::cast_from(q) - mn[rr as usize];
+                        }
+                        tile_fma(&mut acc, &wv, x, &xrow, xo + 4 * j + s, rb, mb);
                     }
                 }
             } else {

@@ -83,6 +83,12 @@ fn legacy(ty: u32) -> bool {
     ty == TYPE_Q4_0 || ty == TYPE_Q4_1 || ty == TYPE_Q8_0
 }
 
+/// Whether `ty` keeps 32 values as 16 bytes of nibble pairs (Q4_0, Q4_1), with a fifth bit
+/// each in a `qh` word (Q5_0, Q5_1).
+fn nibbles(ty: u32) -> bool {
+    ty == TYPE_Q4_0 || ty == TYPE_Q4_1 || ty == TYPE_Q5_0 || ty == TYPE_Q5_1
+}
+
 /// Outputs per GEMV cube (one per `UNIT_POS_Y`).
 const ROWS: u32 = 4;
 /// Lanes per output in the GEMV.
@@ -892,24 +898,51 @@ fn gemv_units(
                     qs[rr as usize] = q;
                 }
             }
-            if comptime![legacy(ty) && ty != TYPE_Q8_0] {
-                // Q4_0 / Q4_1: byte `i` of the codes holds value `i` (low half) and
-                // value `i + 16` (high half); a word of each weight row at a time.
-                let offset = comptime![if ty == TYPE_Q4_0 { 8.0f32 } else { 0.0f32 }];
+            if comptime![nibbles(ty)] {
+                // Q4_0 / Q4_1 / Q5_0 / Q5_1: byte `i` of the codes holds value `i` (low
+                // half) and value `i + 16` (high half); a word of each weight row at a time.
+                // Q5's fifth bits (bit `i` of the block's `qh` word) make it most of a
+                // Q4_K_M file whose rows are not whole 256-value super-blocks.
+                let five = comptime![ty == TYPE_Q5_0 || ty == TYPE_Q5_1];
+                let offset = comptime![match ty {
+                    TYPE_Q4_0 => 8.0f32,
+                    TYPE_Q5_0 => 16.0f32,
+                    _ => 0.0f32,
+                }];
+                if comptime![five] {
+                    #[unroll]
+                    for rr in 0..rb {
+                        let at = wrow[rr as usize] + blk;
+                        d[rr as usize] = f16_at(w, at + comptime![lay(ty).d as u32]);
+                        mn[rr as usize] = 0.0f32;
+                        if comptime![ty == TYPE_Q5_1] {
+                            mn[rr as usize] = f16_at(w, at + comptime![lay(ty).m as u32]);
+                        }
+                        high[rr as usize] = word_at(w, at + comptime![lay(ty).qh as u32]);
+                        qs[rr as usize] = at + comptime![lay(ty).qs as u32];
+                    }
+                }
                 for j in 0..4u32 {
                     tile_words(w, &qs, 4 * j, &mut word, rb);
                     #[unroll]
                     for s in 0..4u32 {
-                        let i = xo + 4 * j + s;
+                        let i = 4 * j + s;
                         #[unroll]
                         for rr in 0..rb {
                             let byte = word[rr as usize] >> comptime![8 * s];
+                            let mut lo = byte & 15;
+                            let mut hi = (byte >> 4) & 15;
+                            if comptime![five] {
+                                let h = high[rr as usize];
+                                lo |= ((h >> i) & 1) << 4;
+                                hi |= ((h >> (i + 16)) & 1) << 4;
+                            }
                             let (dd, mm) = (d[rr as usize], mn[rr as usize]);
-                            wv[rr as usize] = (f32::cast_from(byte & 15) - offset) * dd + mm;
-                            wh[rr as usize] = (f32::cast_from((byte >> 4) & 15) - offset) * dd + mm;
+                            wv[rr as usize] = (f32::cast_from(lo) - offset) * dd + mm;
+                            wh[rr as usize] = (f32::cast_from(hi) - offset) * dd + mm;
                         }
-                        tile_fma(&mut acc, &wv, x, &xrow, i, rb, mb);
-                        tile_fma(&mut acc, &wh, x, &xrow, i + 16, rb, mb);
+                        tile_fma(&mut acc, &wv, x, &xrow, xo + i, rb, mb);
+                        tile_fma(&mut acc, &wh, x, &xrow, xo + i + 16, rb, mb);
                     }
                 }
             } else if comptime![ty == TYPE_Q8_0] {
@@ -923,40 +956,6 @@ fn gemv_units(
                             wv[rr as usize] = f32::cast_from(signed_byte(code)) * d[rr as usize];
                         }
                         tile_fma(&mut acc, &wv, x, &xrow, xo + 4 * j + s, rb, mb);
-                    }
-                }
-            } else if comptime![ty == TYPE_Q5_0 || ty == TYPE_Q5_1] {
-                // Q5_0 / Q5_1 (most of a Q4_K_M file whose rows are not whole 256-value
-                // super-blocks): Q4's nibbles, each with a fifth bit from the block's `qh`.
-                let offset = comptime![if ty == TYPE_Q5_0 { 16.0f32 } else { 0.0f32 }];
-                #[unroll]
-                for rr in 0..rb {
-                    let at = wrow[rr as usize] + blk;
-                    d[rr as usize] = f16_at(w, at + comptime![lay(ty).d as u32]);
-                    mn[rr as usize] = 0.0f32;
-                    if comptime![ty == TYPE_Q5_1] {
-                        mn[rr as usize] = f16_at(w, at + comptime![lay(ty).m as u32]);
-                    }
-                    high[rr as usize] = word_at(w, at + comptime![lay(ty).qh as u32]);
-                    qs[rr as usize] = at + comptime![lay(ty).qs as u32];
-                }
-                for j in 0..4u32 {
-                    tile_words(w, &qs, 4 * j, &mut word, rb);
-                    #[unroll]
-                    for s in 0..4u32 {
-                        let i = 4 * j + s;
-                        #[unroll]
-                        for rr in 0..rb {
-                            let byte = word[rr as usize] >> comptime![8 * s];
-                            let h = high[rr as usize];
-                            let lo = (byte & 15) | (((h >> i) & 1) << 4);
-                            let hi = ((byte >> 4) & 15) | (((h >> (i + 16)) & 1) << 4);
-                            let (dd, mm) = (d[rr as usize], mn[rr as usize]);
-                            wv[rr as usize] = (f32::cast_from(lo) - offset) * dd + mm;
-                            wh[rr as usize] = (f32::cast_from(hi) - offset) * dd + mm;
-                        }
-                        tile_fma(&mut acc, &wv, x, &xrow, xo + i, rb, mb);
-                        tile_fma(&mut acc, &wh, x, &xrow, xo + i + 16, rb, mb);
                     }
                 }
             } else if comptime![ty == TYPE_Q4_K || ty == TYPE_Q5_K] {
@@ -1376,9 +1375,9 @@ fn kv_scores(
 }
 
 /// Each row of scores (`[rows, keys]`) made its softmax in place, one unit a row: the
-/// maximum, then the sum of exponentials, then each key's weight (0 for a masked key, and
-/// for every key of a row with all of them masked). Run before a one-pass [`kv_mix`], it
-/// takes each exponential once a key instead of once a key and channel. `dynamic`: only
+/// maximum, then each key's exponential (0 for a masked key) written and summed, then each
+/// scaled by the sum's inverse (all 0 in a row with every key masked). Before [`kv_weigh`],
+/// each exponential is taken once a key instead of once a key and channel. `dynamic`: only
 /// the first `step[STEP_KEYS]` keys count.
 #[cube(launch)]
 fn kv_softmax(scores: &mut [f32], step: &[u32], rows: u32, keys: u32, #[comptime] dynamic: bool) {
@@ -1395,18 +1394,15 @@ fn kv_softmax(scores: &mut [f32], step: &[u32], rows: u32, keys: u32, #[comptime
             top = f32::max(top, scores[(at + key) as usize]);
         }
         let mut sum = 0.0f32;
-        if top > f32::new(f32::MIN) {
-            for key in 0..live {
-                let s = scores[(at + key) as usize];
-                if s > f32::new(f32::MIN) {
-                    sum += f32::exp(s - top);
-                }
-            }
+        for key in 0..live {
+            let s = scores[(at + key) as usize];
+            let e = select(s > f32::new(f32::MIN), f32::exp(s - top), 0.0f32);
+            scores[(at + key) as usize] = e;
+            sum += e;
         }
         let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
         for key in 0..live {
-            let s = scores[(at + key) as usize];
-            scores[(at + key) as usize] = select(s > f32::new(f32::MIN), f32::exp(s - top) * inv, 0.0f32);
+            scores[(at + key) as usize] *= inv;
         }
     }
 }

@@ -56,8 +56,8 @@ pub enum MatmulKernels {
     /// For GPUs: 32 lanes per output meeting in a shared-memory tree (one to eight rows
     /// of activations), tiles staged in shared memory above that.
     Cooperative,
-    /// For CPUs: one unit per output walking its whole row, no shared memory, no barrier;
-    /// each weight decoded once for up to sixteen rows of activations.
+    /// For CPUs: each unit a register tile of outputs walking their whole rows, no shared
+    /// memory, no barrier; each weight decoded once for the tile's rows of activations.
     PerUnit,
 }
 

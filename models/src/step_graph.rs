@@ -83,7 +83,7 @@ impl Llama {
         if !enabled() || !cache.steps_recordable() {
             return None;
         }
-        if !matches!(self.device.as_dispatch(), DispatchDevice::Cube(_)) {
+        if !records(self.device.as_dispatch()) {
             cache.set_graph_state(StepGraphState::Unsupported("only wgpu records (the CPU backend launches nothing)".into()));
             return None;
         }
@@ -165,4 +165,17 @@ impl Llama {
         }
         self.lm_head.forward(self.norm.forward(x))
     }
+}
+
+/// Whether steps on `device` are recorded: wgpu's (CubeCL) are; the CPU backend launches
+/// nothing to record.
+#[cfg(feature = "gpu")]
+fn records(device: &DispatchDevice) -> bool {
+    matches!(device, DispatchDevice::Cube(_))
+}
+
+/// Without wgpu, only the CPU backend exists, and it records nothing.
+#[cfg(not(feature = "gpu"))]
+fn records(_: &DispatchDevice) -> bool {
+    false
 }

@@ -185,7 +185,8 @@ struct Tile {
 }
 
 /// One task: activation rows `rows` against the `nw` weight rows of `wband`, into its
-/// rectangle `out`.
+/// rectangle `out`. (Only x86-64 has instruction sets here; elsewhere nothing calls it.)
+#[cfg_attr(not(target_arch = "x86_64"), allow(clippy::extra_unused_type_parameters))]
 fn task<B: IntCodes>(isa: Isa, wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: Out) {
     // SAFETY: the kernels' features were detected (`isas`).
     unsafe {

@@ -2,7 +2,9 @@
 //! lavapipe included), `cpu` the Flex CPU backend, `auto` a hardware GPU if there is one,
 //! else the CPU.
 
-use burn::tensor::{Device, DeviceKind};
+use burn::tensor::Device;
+#[cfg(feature = "gpu")]
+use burn::tensor::DeviceKind;
 
 /// The largest buffer one kernel may bind on a device (WebGPU's
 /// `maxStorageBufferBindingSize`, or less where a caller asks for less). Weights above it
@@ -160,6 +162,7 @@ impl std::fmt::Display for NoAdapter {
 
 impl std::error::Error for NoAdapter {}
 
+#[cfg(feature = "gpu")]
 pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
     let cpu = || Picked { device: Device::flex(), name: "cpu (flex)".into(), is_gpu: false, cap: BindingCap::NONE };
     if choice == DeviceChoice::Cpu {
@@ -186,6 +189,7 @@ pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
     Ok(Picked { device: Device::wgpu(kind), name, is_gpu: true, cap })
 }
 
+#[cfg(feature = "gpu")]
 /// One device of a list such as `--devices cpu,gpu:1`: `cpu`, `gpu` (as `--device gpu`
 /// picks), or `gpu:N`, the N-th adapter wgpu enumerates (`vidllm-native` lists them in
 /// `--device` errors and `bench`), opened as burn opens that adapter type's k-th device.
@@ -220,21 +224,25 @@ pub fn pick_named(name: &str) -> Result<Picked, String> {
     }
 }
 
+#[cfg(feature = "gpu")]
 /// The hardware GPUs wgpu sees, each as [`pick_named`] opens it (`--devices auto`).
 pub fn hardware_gpus() -> Vec<Picked> {
     let adapters = adapters_with_limits();
     (0..adapters.len()).filter(|&i| is_hardware(adapters[i].0.device_type)).filter_map(|i| pick_named(&format!("gpu:{i}")).ok()).collect()
 }
 
+#[cfg(feature = "gpu")]
 fn is_hardware(t: wgpu::DeviceType) -> bool {
     matches!(t, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu)
 }
 
+#[cfg(feature = "gpu")]
 /// Adapters wgpu can open here (natively).
 pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
     adapters_with_limits().into_iter().map(|(info, _)| info).collect()
 }
 
+#[cfg(feature = "gpu")]
 fn adapters_with_limits() -> Vec<(wgpu::AdapterInfo, wgpu::Limits)> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY)).iter().map(|a| (a.get_info(), a.limits())).collect()

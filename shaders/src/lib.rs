@@ -32,6 +32,7 @@ pub mod cpu_gemv;
 pub mod cpu_hot;
 pub mod cpu_int;
 pub mod cpu_vnni;
+#[cfg(feature = "gpu")]
 pub mod cube;
 pub mod device;
 pub mod preprocess;
@@ -55,7 +56,7 @@ pub const STEP_WORDS: usize = 3;
 /// or 32 F16 / BF16 values.
 pub const GROUP: usize = 32;
 
-#[backend_extension(Cube, Flex)]
+#[backend_extension(Cube: cfg(feature = "gpu"), Flex)]
 pub trait QuantOps: Backend {
     /// `y[m, n] = sum_k x[m, k] * W[n, k]`, with `W` GGML blocks (or F16 / BF16 values) of
     /// type `ty` (a [`GgmlType::id`]) packed little-endian into u32 `words`.

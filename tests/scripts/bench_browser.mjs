@@ -4,8 +4,9 @@
 //
 //   node tests/scripts/bench_browser.mjs MODEL.gguf WLLAMA_PACKAGE_DIR [--tokens 64] [--reps 3] [--configs a,b]
 //
-// Configurations: vidllm-cpu-page, vidllm-cpu-worker, vidllm-webgpu-page, vidllm-webgpu-worker, wllama-1t, wllama-2t.
-// Every page is served cross-origin isolated (COOP / COEP), which wllama needs for threads.
+// Configurations: vidllm-cpu-page, vidllm-cpu-worker-1t, vidllm-cpu-worker-2t, vidllm-webgpu-page, vidllm-webgpu-worker,
+// wllama-1t, wllama-2t. Every page is served cross-origin isolated (COOP / COEP), which
+// wllama's threads and vidllm's (the threaded CPU package, in a worker) need.
 // vidllm's rates come from the stream: prompt = tokens / time to the first piece, decode =
 // pieces after the first / the time they took. wllama's are llama.cpp's own timings.
 import { createServer } from "node:http";
@@ -23,8 +24,8 @@ const [model, wllamaDir] = args;
 if (!model || !wllamaDir) { console.error("usage: bench_browser.mjs MODEL.gguf WLLAMA_PACKAGE_DIR [--tokens N] [--reps R] [--configs ...]"); process.exit(2); }
 const tokens = Number(opt("tokens", 64));
 const reps = Number(opt("reps", 3));
-const configs = opt("configs", "vidllm-cpu-page,vidllm-cpu-worker,wllama-1t,wllama-2t").split(",");
-const known = ["vidllm-cpu-page", "vidllm-cpu-worker", "vidllm-webgpu-page", "vidllm-webgpu-worker", "wllama-1t", "wllama-2t"];
+const configs = opt("configs", "vidllm-cpu-page,vidllm-cpu-worker-1t,vidllm-cpu-worker-2t,wllama-1t,wllama-2t").split(",");
+const known = ["vidllm-cpu-page", "vidllm-cpu-worker-1t", "vidllm-cpu-worker-2t", "vidllm-webgpu-page", "vidllm-webgpu-worker", "wllama-1t", "wllama-2t"];
 const unknown = configs.filter((c) => !known.includes(c));
 if (unknown.length) { console.error(`unknown configuration ${unknown.join(", ")}: pick from ${known.join(", ")}`); process.exit(2); }
 
@@ -49,13 +50,14 @@ window.bench = async ({ config, prompt, tokens, reps }) => {
   const runs = [];
   if (config.startsWith("vidllm")) {
     const device = config.includes("webgpu") ? "webgpu" : "cpu";
-    const rt = config.endsWith("worker") ? new VidLLMWorker(new URL("/web/js/worker.js", location.href)) : null;
-    const m = rt ? (await rt.load({ model: "/model.gguf", device }), rt) : await VidLLM.load({ model: "/model.gguf", device, worker: false });
+    const threads = Number(config.match(/-(\\d+)t$/)?.[1] ?? 1);
+    const rt = config.includes("worker") ? new VidLLMWorker(new URL("/web/js/worker.js", location.href)) : null;
+    const m = rt ? (await rt.load({ model: "/model.gguf", device, threads }), rt) : await VidLLM.load({ model: "/model.gguf", device, worker: false, threads });
     for (let r = 0; r <= reps; r++) {
       longTasks = [];
       const { at, text } = await timed(m.generate({ prompt, raw: true, maxTokens: tokens, newConversation: true }));
       await new Promise((ok) => setTimeout(ok, 100));
-      if (r > 0) runs.push({ ttft: at[0], decode: (at.length - 1) / ((at.at(-1) - at[0]) / 1000), n: at.length, longTasks: longTasks.length, longestTask: Math.max(0, ...longTasks), text });
+      if (r > 0) runs.push({ ttft: at[0], decode: (at.length - 1) / ((at.at(-1) - at[0]) / 1000), n: at.length, longTasks: longTasks.length, longestTask: Math.max(0, ...longTasks), threads: device === "cpu" ? m.threads : undefined, text });
     }
     rt ? await rt.dispose() : m.dispose();
   } else {
@@ -142,6 +144,6 @@ for (const [config, runs] of Object.entries(rows)) {
   console.log(`| ${config}${runs[0].threads ? ` (${runs[0].threads} thread${runs[0].threads > 1 ? "s" : ""})` : ""} | ${rate(pp)} | ${rate(tg)} | ${median(runs.map((r) => r.longTasks))} (${median(runs.map((r) => r.longestTask)).toFixed(0)}) |`);
 }
 console.log("");
-for (const [v, w] of [["vidllm-cpu-page", "wllama-1t"], ["vidllm-cpu-worker", "wllama-1t"], ["vidllm-cpu-page", "wllama-2t"], ["vidllm-cpu-worker", "wllama-2t"]]) {
+for (const [v, w] of [["vidllm-cpu-page", "wllama-1t"], ["vidllm-cpu-worker-1t", "wllama-1t"], ["vidllm-cpu-worker-2t", "wllama-2t"], ["vidllm-cpu-worker-1t", "wllama-2t"]]) {
   if (rates[v] && rates[w]) console.log(`${v} / ${w}: prompt ${(rates[v].pp / rates[w].pp).toFixed(2)}x, decode ${(rates[v].tg / rates[w].tg).toFixed(2)}x`);
 }

@@ -35,6 +35,13 @@ export interface LoadOptions {
   worker?: boolean;
   /** What the KV cache keeps keys and values in (`vidllm-native --kv`): auto (default: f16 where the decoder's heads are whole 32-value blocks, else f32), f32, f16, q8_0 or q4_0. */
   kv?: "auto" | "f32" | "f16" | "q8_0" | "q4_0";
+  /**
+   * Threads of the CPU backend (`device: "cpu"`; default: the logical cores, at most 8).
+   * More than one runs the threaded package (`pkg-threads/`: wasm threads on
+   * `SharedArrayBuffer`), which needs a worker and a cross-origin isolated page; elsewhere
+   * the model runs on one thread, with a console note saying why.
+   */
+  threads?: number;
 }
 
 export interface Piece {
@@ -230,6 +237,8 @@ export class VidLLM {
   /** "text" for a GGUF decoder, else the folder's model_type. */
   readonly architecture: "text" | "video_llava" | "pllava" | "llava_next_video" | "smolvlm" | "idefics3" | "merv";
   readonly weightsDeviceBytes: number;
+  /** Threads the CPU backend computes on (1 on WebGPU, or where threads cannot run). */
+  readonly threads: number;
   readonly defaultFrames: number;
   /** The model's own frame sampling: "hf" for the LLaVA family, "smolvlm" (1 frame a second, at most `frames`) for SmolVLM2. */
   readonly defaultSampling: { sampling: Sampling | null; fps: number; frames: number };

@@ -9,7 +9,8 @@
 // `model` is a Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
-import init, { Runtime, VideoRuntime, check_kernel, folder_architecture, folder_files, kernel_types, last_failure, sampling_indices, sampling_times } from "../pkg/vidllm_web.js";
+import * as onePackage from "../pkg/vidllm_web.js";
+import { startPool } from "./pool.js";
 import { demuxedFrames } from "./demux.js";
 import { queued } from "./channel.js";
 import { chatCompletion } from "./completion.js";
@@ -68,13 +69,71 @@ export class VisualTokensError extends Error {
   constructor(message) { super(message); this.name = "VisualTokensError"; }
 }
 
+/**
+ * The wasm package this thread runs, instantiated once, on first use:
+ * - `pkg/`: WebGPU, and the CPU backend on one thread (the default);
+ * - `pkg-threads/`: the CPU backend alone, on `threads` threads (the model's worker and
+ *   `threads - 1` helper workers sharing its memory). Only a worker loading a model with
+ *   `device: "cpu"` asks for it (`cpuThreads`); if it cannot start (no package, a helper
+ *   that fails), the console says why and the default package runs on one thread.
+ */
+let bound = null;
+let boundPromise = null;
+/** Threads of the CPU backend on this thread's package (1: the single-thread path). */
+let poolThreads = 1;
+
+function wasm(threads = 1) {
+  boundPromise ??= (threads > 1 ? threadedPackage(threads) : onePackage.default().then(() => onePackage)).then((pkg) => (bound = pkg));
+  return boundPromise;
+}
+
+async function threadedPackage(threads) {
+  const glue = new URL("../pkg-threads/vidllm_web.js", import.meta.url).href;
+  let pkg;
+  try {
+    pkg = await import(glue);
+    await pkg.default();
+    await startPool(pkg, glue, threads);
+    poolThreads = threads;
+    return pkg;
+  } catch (e) {
+    console.warn(`vidllm: the threaded CPU package did not start (${e?.message ?? e}); the CPU backend runs on one thread`);
+    await onePackage.default();
+    return onePackage;
+  }
+}
+
+/**
+ * How many threads a CPU model gets: `threads` (default: the browser's logical cores, at
+ * most 8) where threads can run, else 1, with a console note when more were asked for.
+ * Threads need `SharedArrayBuffer`, which a browser gives only to a cross-origin isolated
+ * page (COOP `same-origin` and COEP `require-corp` or `credentialless`: web/README.md),
+ * and a worker, since the pool's threads block, which a page's main thread may not.
+ */
+function cpuThreads(threads) {
+  if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1)) {
+    throw new RangeError(`threads must be a whole number of at least 1, not ${threads}`);
+  }
+  const want = threads ?? Math.min(8, Math.max(1, globalThis.navigator?.hardwareConcurrency ?? 1));
+  if (want === 1) return 1;
+  const why = typeof WorkerGlobalScope === "undefined" ? "the model runs on the page's main thread (worker: false), where threads cannot block"
+    : globalThis.crossOriginIsolated !== true || typeof SharedArrayBuffer === "undefined"
+      ? "the page is not cross-origin isolated (COOP / COEP headers), so there is no SharedArrayBuffer"
+      : null;
+  if (why) {
+    if (threads !== undefined) console.info(`vidllm: the CPU backend runs on one thread: ${why}`);
+    return 1;
+  }
+  return want;
+}
+
 // Errors the wasm runtime raises by name (`GenerateError::kind` in Rust), as classes.
 const NAMED = { ContextFullError, InvalidRequestError, TemplateError, TokenizerError, VisualTokensError, RuntimeFailedError };
 
 /** A wasm trap (panic) becomes a RuntimeFailedError carrying the panic's message; a named runtime error, its class. */
 function failure(e) {
   if (e instanceof WebAssembly.RuntimeError || /unreachable/.test(String(e?.message))) {
-    return new RuntimeFailedError(`the runtime stopped: ${last_failure() ?? e.message}; reload the page to start again`);
+    return new RuntimeFailedError(`the runtime stopped: ${bound?.last_failure() ?? e.message}; reload the page to start again`);
   }
   const Named = NAMED[e?.name];
   if (Named && !(e instanceof Named)) return new Named(e.message);
@@ -254,6 +313,7 @@ export class VidLLM {
     this.#info = {
       architecture: video ? rt.architecture() : "text",
       weightsDeviceBytes: rt.weights_device_bytes(),
+      threads: poolThreads,
       defaultFrames: video ? rt.default_frames() : 0,
       defaultSampling: video ? rt.default_sampling() : null,
       defaultFps: video ? rt.default_fps() : 1,
@@ -278,9 +338,10 @@ export class VidLLM {
    * `kv`: what the KV cache keeps keys and values in, as `vidllm-native --kv`: "auto" (default:
    * "f16" where the decoder's heads are whole 32-value blocks, else "f32"), "f32", "f16" (half
    * of f32's memory), "q8_0" (a quarter) or "q4_0" (an eighth).
+   * `threads` (`device: "cpu"`): see `cpuThreads`; `threads` of the result says how many run.
    * @param {{model: string|Uint8Array|File|File[]|FileList, mmproj?: string|Uint8Array|File, onProgress?: Function,
    *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number, worker?: boolean,
-   *   kv?: "auto"|"f32"|"f16"|"q8_0"|"q4_0"}} opts
+   *   kv?: "auto"|"f32"|"f16"|"q8_0"|"q4_0", threads?: number}} opts
    */
   static async load({ worker = onPageThread(), ...opts }) {
     if (worker) {
@@ -298,8 +359,12 @@ export class VidLLM {
     return VidLLM.#loadHere(opts);
   }
 
-  static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, kv }) {
-    await init();
+  static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, kv, threads }) {
+    const threadsWanted = device === "webgpu" ? 1 : cpuThreads(threads);
+    const pkg = await wasm(threadsWanted);
+    if (threadsWanted > poolThreads && pkg === onePackage && boundPromise) {
+      console.info(`vidllm: the CPU backend runs on ${poolThreads} thread(s): this thread's wasm was already started`);
+    }
     if (device === "webgpu") {
       if (!globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing); use device: \"cpu\"");
       const adapter = await navigator.gpu.requestAdapter();
@@ -317,9 +382,9 @@ export class VidLLM {
     if (mmproj !== undefined && !bytes) throw new TypeError("mmproj goes with a GGUF model (a .gguf URL, File or bytes), not a folder");
     const vision = mmproj === undefined ? null : await ggufBytes(mmproj, onProgress);
     try {
-      if (vision) return new VidLLM(await VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap, kv), true);
-      if (bytes) return new VidLLM(await Runtime.load_gguf(bytes, gpu, context, cap, kv), false);
-      return new VidLLM(await loadFolder(folderSource(model, onProgress), gpu, context, cap, loraAlpha, kv), true);
+      if (vision) return new VidLLM(await pkg.VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap, kv), true);
+      if (bytes) return new VidLLM(await pkg.Runtime.load_gguf(bytes, gpu, context, cap, kv), false);
+      return new VidLLM(await loadFolder(pkg, folderSource(model, onProgress), gpu, context, cap, loraAlpha, kv), true);
     } catch (e) {
       const f = failure(e);
       // The runtime's own refusals of the files arrive unnamed.
@@ -330,6 +395,8 @@ export class VidLLM {
   /** "text" for a GGUF decoder, else the folder's architecture (e.g. "video_llava"). */
   get architecture() { return this.#info.architecture; }
   get weightsDeviceBytes() { return this.#info.weightsDeviceBytes; }
+  /** Threads the CPU backend computes on (1 on WebGPU, or where threads cannot run). */
+  get threads() { return this.#info.threads; }
   /** Frames a video is sampled to unless `ask` says otherwise. */
   get defaultFrames() { return this.#info.defaultFrames; }
   /** The model's own sampling policy ("hf"; "smolvlm" for SmolVLM2) and its rate. */
@@ -604,8 +671,8 @@ async function fetchText(url, optional = false, folder = null) {
  * same list and precedence as native folders), then the safetensors shards. The
  * architecture is checked before any weights are fetched.
  */
-async function loadFolder(src, gpu, context, cap, loraAlpha, kv) {
-  const wanted = folder_files();
+async function loadFolder(pkg, src, gpu, context, cap, loraAlpha, kv) {
+  const wanted = pkg.folder_files();
   const required = new Set(["config.json", "tokenizer.json"]);
   // Fetched together; a failure is reported in the list's order, so a missing folder is
   // named by its config.json, whichever answer arrives first.
@@ -615,7 +682,7 @@ async function loadFolder(src, gpu, context, cap, loraAlpha, kv) {
   const texts = settled.map((r) => r.value);
   const sums = texts.pop();
   const text = (n) => texts[wanted.indexOf(n)];
-  folder_architecture(text("config.json"));
+  pkg.folder_architecture(text("config.json"));
   const index = text("model.safetensors.index.json");
   const shards = index ? [...new Set(Object.values(JSON.parse(index).weight_map))].sort() : ["model.safetensors"];
   const checks = parseSums(sums);
@@ -628,13 +695,12 @@ async function loadFolder(src, gpu, context, cap, loraAlpha, kv) {
     names.push(name);
     files.push(bytes);
   }
-  return VideoRuntime.load(names, files, gpu, context, cap, loraAlpha, kv);
+  return pkg.VideoRuntime.load(names, files, gpu, context, cap, loraAlpha, kv);
 }
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */
 export async function kernelTypes() {
-  await init();
-  return kernel_types();
+  return (await wasm()).kernel_types();
 }
 
 /**
@@ -645,12 +711,12 @@ export async function kernelTypes() {
  * when the difference is within f32 rounding of a k-long sum (the native tests' bound).
  */
 export async function checkKernels({ types } = {}) {
-  await init();
+  const pkg = await wasm();
   if (!navigator.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing)");
   const rows = [];
-  for (const type of types ?? kernel_types()) {
+  for (const type of types ?? pkg.kernel_types()) {
     for (const [m, n] of [[1, 67], [37, 70]]) {
-      const c = await check_kernel(type, m, n).catch((e) => { throw failure(e); });
+      const c = await pkg.check_kernel(type, m, n).catch((e) => { throw failure(e); });
       rows.push({ type, m, n, k: c.k, maxDiff: c.maxDiff, maxAbs: c.maxAbs, ok: c.ok });
       c.free();
     }
@@ -670,10 +736,10 @@ export async function times(video, n, policy) {
 
 /** `times` for a video of `d` seconds (what a worker computes for the page). */
 export async function samplingTimes(d, n, { sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30 } = {}) {
-  await init();
+  const pkg = await wasm();
   if (!Number.isFinite(d) || d <= 0) throw new VideoError("the video has no known duration (still loading, or a live stream)");
   try {
-    return Array.from(sampling_times(String(sampling), n, fps, maxFrames, d, frameRate));
+    return Array.from(pkg.sampling_times(String(sampling), n, fps, maxFrames, d, frameRate));
   } catch (e) {
     throw new RangeError(e.message);
   }
@@ -685,9 +751,9 @@ export async function samplingTimes(d, n, { sampling = "hf", fps = 1, maxFrames 
  * `vidllm-native` on a file it numbers.
  */
 export async function samplingIndices(frameTimes, rate, { sampling = "hf", n = 8, fps = 1, maxFrames = 32 } = {}) {
-  await init();
+  const pkg = await wasm();
   try {
-    return Array.from(sampling_indices(String(sampling), n, fps, maxFrames, Float64Array.from(frameTimes), rate));
+    return Array.from(pkg.sampling_indices(String(sampling), n, fps, maxFrames, Float64Array.from(frameTimes), rate));
   } catch (e) {
     throw new RangeError(e.message);
   }

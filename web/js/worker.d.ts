@@ -7,6 +7,7 @@ export class VidLLMWorker implements Omit<VidLLM, "dispose"> {
   constructor(url?: string | URL);
   load(opts: LoadOptions): Promise<void>;
   readonly weightsDeviceBytes: VidLLM["weightsDeviceBytes"];
+  readonly threads: number;
   readonly architecture: VidLLM["architecture"];
   readonly defaultFrames: number;
   readonly defaultSampling: VidLLM["defaultSampling"];

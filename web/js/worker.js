@@ -29,7 +29,7 @@ if (inWorker) {
     try {
       if (op === "load") {
         rt = await VidLLM.load({ ...data.opts, worker: false, onProgress: (p) => self.postMessage({ id, progress: p }) });
-        self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes, architecture: rt.architecture,
+        self.postMessage({ id, done: true, weightsDeviceBytes: rt.weightsDeviceBytes, threads: rt.threads, architecture: rt.architecture,
           defaultFrames: rt.architecture === "text" ? 0 : rt.defaultFrames,
           defaultSampling: rt.architecture === "text" ? null : rt.defaultSampling,
           supportsVideo: rt.supportsVideo, supportsImages: rt.supportsImages, headBands: rt.headBands });
@@ -144,6 +144,7 @@ export class VidLLMWorker {
     opts = { ...opts, model: page(opts.model), mmproj: page(opts.mmproj) };
     const m = await this.#call("load", opts, (x) => onProgress?.(x.progress));
     this.weightsDeviceBytes = m.weightsDeviceBytes;
+    this.threads = m.threads;
     this.architecture = m.architecture;
     this.defaultFrames = m.defaultFrames;
     this.defaultSampling = m.defaultSampling;

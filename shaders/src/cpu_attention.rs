@@ -233,7 +233,11 @@ pub fn attention(q: &[f32], k: &[Rows], v: &[Rows], rows: usize, keys: usize, d:
     })
 }
 
-/// Whether [`KeysBy::Rows`] can be scored here: AVX-512 and whole vectors of channels.
+/// Whether [`KeysBy::Rows`] can be scored here: whole vectors of channels, and on x86-64
+/// AVX-512 (an AVX2 processor keeps the transposed keys, whose tiles its 16 registers
+/// hold); elsewhere (WebAssembly's `simd128`) by [`scores_from_rows`], which spares a
+/// decode step the transposed copy of every head's keys and values, and the three
+/// parallel passes that make it (each a wake-up of the pool's threads in a browser).
 fn direct_scores_available(d: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -241,10 +245,7 @@ fn direct_scores_available(d: usize) -> bool {
         d.is_multiple_of(L) && has!("avx512f") && has!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = d;
-        false
-    }
+    d.is_multiple_of(L)
 }
 
 /// `x` (`[rows, cols]`, row-major) transposed to `[cols, rows]`, by [`transpose_keys`]'s
@@ -573,8 +574,7 @@ mod x86 {
 enum KeysBy<'a> {
     /// Transposed, `[d, kp]`, zero past the last key: sixteen keys are one vector.
     Transposed { kt: &'a [f32], kp: usize },
-    /// As they lie, `[keys, d]`, on AVX-512 ([`direct_scores_available`]): a decode step.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// As they lie, `[keys, d]` ([`direct_scores_available`]): a decode step.
     Rows(Rows<'a>),
 }
 
@@ -652,21 +652,24 @@ fn block_generic<const FMA: bool, const WIDE: bool>(head: &Head, q: &[f32], r0: 
                 j0 += score_keys::<FMA>(kt, kp, &qt, j0, span, &mut scores);
             }
         }
-        #[cfg(target_arch = "x86_64")]
         KeysBy::Rows(k) => {
             // Packed keys are scored C at a time from their dequantised rows.
             let step = if let Rows::F32(_) = k { most.max(1) } else { C };
             let mut buf = vec![0f32; if step == C { C * d } else { 0 }];
             for j0 in (0..most).step_by(step) {
                 let k = k.get(j0, step.min(most - j0), d, &mut buf);
-                // SAFETY: `Rows` is chosen only where `direct_scores_available`; `q` is `n`
-                // rows of `d` channels; the keys' scores land in columns `j0..` of rows of
-                // `span`, and `j0 + step` rounded up to `L` is within `span`.
-                unsafe { x86::scores_from_rows(&q[..n * d], k, d, span, &mut scores[j0..]) }
+                #[cfg(target_arch = "x86_64")]
+                if WIDE {
+                    // SAFETY: `WIDE` is AVX-512, and on x86-64 `Rows` is chosen only where
+                    // `direct_scores_available` found F and BW; `q` is `n` rows of `d`
+                    // channels; the keys' scores land in columns `j0..` of rows of `span`,
+                    // and `j0 + step` rounded up to `L` is within `span`.
+                    unsafe { x86::scores_from_rows(&q[..n * d], k, d, span, &mut scores[j0..]) };
+                    continue;
+                }
+                scores_from_rows::<FMA>(&q[..n * d], k, d, span, &mut scores[j0..]);
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        KeysBy::Rows(_) => unreachable!("keys by rows are scored on x86-64 only"),
     }
     for r in 0..n {
         let row = &mut scores[r * span..][..seen[r]];
@@ -757,6 +760,32 @@ fn score_keys<const FMA: bool>(kt: &[f32], kp: usize, qt: &[[f32; R]], j0: usize
         scores[r * span + j0..][..L].copy_from_slice(acc);
     }
     L
+}
+
+/// `scores[r * span + j] = q_r . k_j` for each row of `q` (`[n, d]`) and key of `k`
+/// (`[keys, d]`, `d` a multiple of [`L`]): each key's products summed in [`L`] lanes over
+/// its channels, the lanes then folded in halves. The portable form of
+/// `x86::scores_from_rows` (WebAssembly's decode steps).
+#[inline(always)]
+fn scores_from_rows<const FMA: bool>(q: &[f32], k: &[f32], d: usize, span: usize, scores: &mut [f32]) {
+    for (r, q) in q.chunks_exact(d).enumerate() {
+        for (j, key) in k.chunks_exact(d).enumerate() {
+            let mut acc = [0f32; L];
+            for (kc, qc) in key.chunks_exact(L).zip(q.chunks_exact(L)) {
+                for ((a, &x), &y) in acc.iter_mut().zip(kc).zip(qc) {
+                    *a = madd::<FMA>(x, y, *a);
+                }
+            }
+            let mut w = L;
+            while w > 1 {
+                w /= 2;
+                for i in 0..w {
+                    acc[i] += acc[i + w];
+                }
+            }
+            scores[r * span + j] = acc[0];
+        }
+    }
 }
 
 /// Columns `c0..` (a vector of them, or what is left) of the weighted sum of `values`
@@ -910,6 +939,37 @@ mod tests {
                 // SAFETY: the feature was just detected.
                 unsafe { both(&head, &q, r0, &mut one, &mut wide) };
                 assert!(one.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits()), "{mask:?} from row {r0}");
+            }
+        }
+    }
+
+    /// Keys scored by rows on the portable path (WebAssembly's decode steps; natively
+    /// AVX-512 scores them), f32 and packed, over several runs of [`C`] keys: the block
+    /// against f64.
+    #[test]
+    fn portable_rows_match_f64() {
+        let (keys, d) = (150, 64);
+        let (k, v, q) = (crate::check::values(keys * d, 2), crate::check::values(keys * d, 3), crate::check::values(R * d, 1));
+        let kq = vidllm_core::ggml::quantize(GgmlType::F16, &k);
+        let kh = vidllm_core::ggml::dequantize(GgmlType::F16, &kq, keys * d);
+        for (keys_by, kf) in [(Rows::F32(&k), &k), (Rows::Packed { ty: GgmlType::F16, bytes: &kq, stride: d * 2 }, &kh)] {
+            for (n, mask) in [(1, Mask::None), (R, Mask::Causal { t: R, start: keys - R })] {
+                let head = Head { keys_by: KeysBy::Rows(keys_by), v: Rows::F32(&v), d, keys, scale: 0.3, mask };
+                let mut out = vec![0f32; n * d];
+                block_generic::<false, false>(&head, &q[..n * d], 0, &mut out);
+                for i in 0..n {
+                    let seen = mask.visible(i, keys);
+                    let s: Vec<f64> =
+                        (0..seen).map(|j| (0..d).map(|c| q[i * d + c] as f64 * kf[j * d + c] as f64).sum::<f64>() * 0.3).collect();
+                    let top = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - top).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..seen).map(|j| e[j] / z * v[j * d + c] as f64).sum();
+                        let g = out[i * d + c] as f64;
+                        assert!((g - want).abs() < 1e-5 * want.abs().max(1.0), "{keys_by:?} {mask:?} row {i} [{c}]: {g} vs {want}");
+                    }
+                }
             }
         }
     }

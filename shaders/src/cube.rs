@@ -886,9 +886,26 @@ fn gemv_units(
         let mut qh = Array::<u32>::new(comptime![rb as usize]);
         let mut wv = Array::<f32>::new(comptime![rb as usize]);
         let mut wh = Array::<f32>::new(comptime![rb as usize]);
+        // The hand-arranged types sum `x q` over a block's (or sub-block's) integer codes
+        // and `x` itself, then scale once: `sum x (d q + c) = d sum x q + c sum x`. Per
+        // weight that is a decode and one multiply-add, where scaling each weight first
+        // took three more operations (software GPUs run every one of them).
+        let coded = comptime![nibbles(ty) || ty == TYPE_Q8_0 || ty == TYPE_Q4_K || ty == TYPE_Q5_K];
+        let mut bacc = Array::<f32>::new(comptime![(rb * mb) as usize]);
+        let mut xsum = Array::<f32>::new(comptime![mb as usize]);
         for b in 0..nb {
             let blk = (b / per) * bb;
             let xo = b * 32;
+            if comptime![coded] {
+                #[unroll]
+                for i in 0..rb * mb {
+                    bacc[i as usize] = 0.0f32;
+                }
+                #[unroll]
+                for r in 0..mb {
+                    xsum[r as usize] = 0.0f32;
+                }
+            }
             if comptime![legacy(ty)] {
                 #[unroll]
                 for rr in 0..rb {
@@ -922,6 +939,11 @@ fn gemv_units(
                         qs[rr as usize] = at + comptime![lay(ty).qs as u32];
                     }
                 }
+                // A weight is `d (q - offset) + m`: `c = m - offset d` goes with `sum x`.
+                #[unroll]
+                for rr in 0..rb {
+                    mn[rr as usize] -= offset * d[rr as usize];
+                }
                 for j in 0..4u32 {
                     tile_words(w, &qs, 4 * j, &mut word, rb);
                     #[unroll]
@@ -937,14 +959,14 @@ fn gemv_units(
                                 lo |= ((h >> i) & 1) << 4;
                                 hi |= ((h >> (i + 16)) & 1) << 4;
                             }
-                            let (dd, mm) = (d[rr as usize], mn[rr as usize]);
-                            wv[rr as usize] = (f32::cast_from(lo) - offset) * dd + mm;
-                            wh[rr as usize] = (f32::cast_from(hi) - offset) * dd + mm;
+                            wv[rr as usize] = f32::cast_from(lo);
+                            wh[rr as usize] = f32::cast_from(hi);
                         }
-                        tile_fma(&mut acc, &wv, x, &xrow, xo + i, rb, mb);
-                        tile_fma(&mut acc, &wh, x, &xrow, xo + i + 16, rb, mb);
+                        tile_codes(&mut bacc, &mut xsum, &wv, x, &xrow, xo + i, rb, mb, true);
+                        tile_codes(&mut bacc, &mut xsum, &wh, x, &xrow, xo + i + 16, rb, mb, true);
                     }
                 }
+                tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
             } else if comptime![ty == TYPE_Q8_0] {
                 for j in 0..8u32 {
                     tile_words(w, &qs, 4 * j, &mut word, rb);
@@ -953,11 +975,12 @@ fn gemv_units(
                         #[unroll]
                         for rr in 0..rb {
                             let code = (word[rr as usize] >> comptime![8 * s]) & 0xff;
-                            wv[rr as usize] = f32::cast_from(signed_byte(code)) * d[rr as usize];
+                            wv[rr as usize] = f32::cast_from(signed_byte(code));
                         }
-                        tile_fma(&mut acc, &wv, x, &xrow, xo + 4 * j + s, rb, mb);
+                        tile_codes(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, false);
                     }
                 }
+                tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, false);
             } else if comptime![ty == TYPE_Q4_K || ty == TYPE_Q5_K] {
                 // Q4_K / Q5_K: the sub-block's scale and min once, then its 32 codes, the
                 // nibbles of 32 bytes (low for even sub-blocks, high for odd), Q5_K's fifth
@@ -969,7 +992,8 @@ fn gemv_units(
                     let at = wrow[rr as usize] + blk;
                     let (a, m) = k_scale_min(w, at, sub, ty);
                     d[rr as usize] = a;
-                    mn[rr as usize] = m;
+                    // A weight is `d q - m`.
+                    mn[rr as usize] = -m;
                     qs[rr as usize] = at + comptime![lay(ty).qs as u32] + 32 * (sub / 2);
                     qh[rr as usize] = at + comptime![lay(ty).qh as u32];
                 }
@@ -986,11 +1010,12 @@ fn gemv_units(
                             if comptime![ty == TYPE_Q5_K] {
                                 q |= ((high[rr as usize] >> (comptime![8 * s] + sub)) & 1) << 4;
                             }
-                            wv[rr as usize] = d[rr as usize] * f32::cast_from(q) - mn[rr as usize];
+                            wv[rr as usize] = f32::cast_from(q);
                         }
-                        tile_fma(&mut acc, &wv, x, &xrow, xo + 4 * j + s, rb, mb);
+                        tile_codes(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, true);
                     }
                 }
+                tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
             } else {
                 let sub = b % per;
                 for j in 0..32u32 {
@@ -1034,6 +1059,64 @@ fn tile_fma(acc: &mut Array<f32>, wv: &Array<f32>, x: &[f32], xrow: &Array<u32>,
         for rr in 0..rb {
             let a = (rr * mb + r) as usize;
             acc[a] += wv[rr as usize] * xv;
+        }
+    }
+}
+
+/// [`tile_fma`] on a block's integer codes `wq` (as f32), into the block's sums `bacc`;
+/// with `with_sum`, each value of `x` is also added to its row's `xsum` (loaded once for
+/// both).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn tile_codes(
+    bacc: &mut Array<f32>,
+    xsum: &mut Array<f32>,
+    wq: &Array<f32>,
+    x: &[f32],
+    xrow: &Array<u32>,
+    i: u32,
+    #[comptime] rb: u32,
+    #[comptime] mb: u32,
+    #[comptime] with_sum: bool,
+) {
+    #[unroll]
+    for r in 0..mb {
+        let xv = x[(xrow[r as usize] + i) as usize];
+        if comptime![with_sum] {
+            xsum[r as usize] += xv;
+        }
+        #[unroll]
+        for rr in 0..rb {
+            let a = (rr * mb + r) as usize;
+            bacc[a] += wq[rr as usize] * xv;
+        }
+    }
+}
+
+/// A block's sums into the tile: `acc[rr * mb + r] += d[rr] bacc[rr * mb + r]`, plus
+/// `c[rr] xsum[r]` with `with_sum`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn tile_close(
+    acc: &mut Array<f32>,
+    bacc: &Array<f32>,
+    xsum: &Array<f32>,
+    d: &Array<f32>,
+    c: &Array<f32>,
+    #[comptime] rb: u32,
+    #[comptime] mb: u32,
+    #[comptime] with_sum: bool,
+) {
+    #[unroll]
+    for rr in 0..rb {
+        #[unroll]
+        for r in 0..mb {
+            let a = (rr * mb + r) as usize;
+            let mut v = d[rr as usize] * bacc[a];
+            if comptime![with_sum] {
+                v += c[rr as usize] * xsum[r as usize];
+            }
+            acc[a] += v;
         }
     }
 }

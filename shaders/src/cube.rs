@@ -962,8 +962,8 @@ fn gemv_units(
                             wv[rr as usize] = f32::cast_from(lo);
                             wh[rr as usize] = f32::cast_from(hi);
                         }
-                        tile_codes(&mut bacc, &mut xsum, &wv, x, &xrow, xo + i, rb, mb, true);
-                        tile_codes(&mut bacc, &mut xsum, &wh, x, &xrow, xo + i + 16, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wv, x, &xrow, xo + i, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wh, x, &xrow, xo + i + 16, rb, mb, true);
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
@@ -977,7 +977,7 @@ fn gemv_units(
                             let code = (word[rr as usize] >> comptime![8 * s]) & 0xff;
                             wv[rr as usize] = f32::cast_from(signed_byte(code));
                         }
-                        tile_codes(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, false);
+                        tile_fma(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, false);
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, false);
@@ -1012,7 +1012,7 @@ fn gemv_units(
                             }
                             wv[rr as usize] = f32::cast_from(q);
                         }
-                        tile_codes(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, true);
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
@@ -1023,7 +1023,7 @@ fn gemv_units(
                     for rr in 0..rb {
                         wv[rr as usize] = dequant(w, wrow[rr as usize] + blk, sub, j, ty);
                     }
-                    tile_fma(&mut acc, &wv, x, &xrow, xo + j, rb, mb);
+                    tile_fma(&mut acc, &mut xsum, &wv, x, &xrow, xo + j, rb, mb, false);
                 }
             }
         }
@@ -1048,28 +1048,13 @@ fn tile_words(w: &[u32], qs: &Array<u32>, at: u32, word: &mut Array<u32>, #[comp
     }
 }
 
-/// A tile's products with one column of `x`: `acc[rr * mb + r] += wv[rr] * x[xrow[r] + i]`,
-/// each value of `x` loaded once for the `rb` weights.
-#[cube]
-fn tile_fma(acc: &mut Array<f32>, wv: &Array<f32>, x: &[f32], xrow: &Array<u32>, i: u32, #[comptime] rb: u32, #[comptime] mb: u32) {
-    #[unroll]
-    for r in 0..mb {
-        let xv = x[(xrow[r as usize] + i) as usize];
-        #[unroll]
-        for rr in 0..rb {
-            let a = (rr * mb + r) as usize;
-            acc[a] += wv[rr as usize] * xv;
-        }
-    }
-}
-
-/// [`tile_fma`] on a block's integer codes `wq` (as f32), into the block's sums `bacc`;
-/// with `with_sum`, each value of `x` is also added to its row's `xsum` (loaded once for
-/// both).
+/// A tile's products with one column of `x`: `acc[rr * mb + r] += wq[rr] * x[xrow[r] + i]`,
+/// each value of `x` loaded once for the `rb` weights (or integer codes, into a block's
+/// sums); with `with_sum`, each is also added to its row's `xsum`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn tile_codes(
-    bacc: &mut Array<f32>,
+fn tile_fma(
+    acc: &mut Array<f32>,
     xsum: &mut Array<f32>,
     wq: &Array<f32>,
     x: &[f32],
@@ -1088,7 +1073,7 @@ fn tile_codes(
         #[unroll]
         for rr in 0..rb {
             let a = (rr * mb + r) as usize;
-            bacc[a] += wq[rr as usize] * xv;
+            acc[a] += wq[rr as usize] * xv;
         }
     }
 }

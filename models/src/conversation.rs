@@ -682,7 +682,7 @@ impl Conversation {
     /// [`Conversation::answer`] for devices that must not block (WebGPU in a browser):
     /// each row is read back with `into_data_async`.
     pub async fn answer_async(&mut self, on_piece: impl FnMut(&Piece) -> bool) -> Result<Finished, GenerateError> {
-        self.answer_async_with(read_row_async, on_piece).await
+        self.answer_async_with(read_row_async, || std::future::ready(()), on_piece).await
     }
 
     /// The blocking driver, with the row read by `read`.
@@ -702,10 +702,14 @@ impl Conversation {
         }
     }
 
-    /// The non-blocking driver, with the row read by `read`.
-    pub async fn answer_async_with<F: Future<Output = Result<Vec<f32>, GenerateError>>>(
+    /// The non-blocking driver, with the row read by `read`, and `pause` awaited after each
+    /// row's piece is handed out, before the next step: a browser yields to its event loop
+    /// there, so that the piece reaches its reader now, not after the next forward pass
+    /// (which on the CPU backend runs without a wait of its own).
+    pub async fn answer_async_with<F: Future<Output = Result<Vec<f32>, GenerateError>>, P: Future<Output = ()>>(
         &mut self,
         mut read: impl FnMut(Tensor<2>) -> F,
+        mut pause: impl FnMut() -> P,
         mut on_piece: impl FnMut(&Piece) -> bool,
     ) -> Result<Finished, GenerateError> {
         loop {
@@ -713,6 +717,7 @@ impl Conversation {
                 Step::Read(logits) => {
                     let row = read(logits).await.inspect_err(|_| self.answer = None)?;
                     self.take_row(&row, &mut on_piece)?;
+                    pause().await;
                 }
                 Step::Finished(f) => return Ok(f),
             }

@@ -1,6 +1,8 @@
 // vidllm's npm package next to wllama (llama.cpp compiled to WebAssembly) in one headless
-// Chromium, on the same GGUF file and raw prompt, greedy: prompt tok/s, decode tok/s, and
-// the main thread's long tasks (> 50 ms) while generating. A benchmark, not a test.
+// Chromium, on the same GGUF file and raw prompt, greedy: prompt tok/s, decode tok/s, the
+// main thread's long tasks (> 50 ms) while generating, and vidllm's streaming delay (the
+// median, over a run's pieces, of the time from the runtime producing a piece to the
+// page's loop receiving it). A benchmark, not a test.
 //
 //   node tests/scripts/bench_browser.mjs MODEL.gguf WLLAMA_PACKAGE_DIR [--tokens 64] [--reps 3] [--configs a,b]
 //
@@ -41,10 +43,17 @@ import { VidLLMWorker } from "/web/js/worker.js";
 import { Wllama } from "/wllama/esm/index.js";
 let longTasks = [];
 new PerformanceObserver((l) => { for (const e of l.getEntries()) longTasks.push(e.duration); }).observe({ type: "longtask", buffered: false });
+const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.floor(s.length / 2)] : undefined; };
+// Each piece's delay: from the runtime producing it (its producedAt, on the model's
+// thread) to this loop receiving it.
 async function timed(pieces) {
-  const t0 = performance.now(); const at = []; let text = "";
-  for await (const p of pieces) { at.push(performance.now() - t0); text += p.text; }
-  return { at, text };
+  const t0 = performance.now(); const at = []; const delays = []; let text = "";
+  for await (const p of pieces) {
+    const now = performance.now();
+    at.push(now - t0); text += p.text;
+    if (p.producedAt !== undefined) delays.push(performance.timeOrigin + now - p.producedAt);
+  }
+  return { at, delays, text };
 }
 window.bench = async ({ config, prompt, tokens, reps }) => {
   const runs = [];
@@ -55,9 +64,9 @@ window.bench = async ({ config, prompt, tokens, reps }) => {
     const m = rt ? (await rt.load({ model: "/model.gguf", device, threads }), rt) : await VidLLM.load({ model: "/model.gguf", device, worker: false, threads });
     for (let r = 0; r <= reps; r++) {
       longTasks = [];
-      const { at, text } = await timed(m.generate({ prompt, raw: true, maxTokens: tokens, newConversation: true }));
+      const { at, delays, text } = await timed(m.generate({ prompt, raw: true, maxTokens: tokens, newConversation: true }));
       await new Promise((ok) => setTimeout(ok, 100));
-      if (r > 0) runs.push({ ttft: at[0], decode: (at.length - 1) / ((at.at(-1) - at[0]) / 1000), n: at.length, longTasks: longTasks.length, longestTask: Math.max(0, ...longTasks), threads: device === "cpu" ? m.threads : undefined, text });
+      if (r > 0) runs.push({ ttft: at[0], decode: (at.length - 1) / ((at.at(-1) - at[0]) / 1000), n: at.length, longTasks: longTasks.length, longestTask: Math.max(0, ...longTasks), threads: device === "cpu" ? m.threads : undefined, delay: median(delays), text });
     }
     rt ? await rt.dispose() : m.dispose();
   } else {
@@ -134,14 +143,14 @@ if (promptTokens === null && process.env.VIDLLM_NATIVE_BIN) {
 }
 console.log(`Chromium ${version} (headless), ${model.split("/").at(-1)}, raw prompt of ${promptTokens ?? "?"} tokens, ${tokens} greedy tokens, median of ${reps} after a warm-up`);
 console.log("");
-console.log("| configuration | prompt tok/s | decode tok/s | long tasks while generating (longest ms) |");
-console.log("|---|---|---|---|");
+console.log("| configuration | prompt tok/s | decode tok/s | long tasks while generating (longest ms) | stream delay, median ms |");
+console.log("|---|---|---|---|---|");
 const rates = {};
 for (const [config, runs] of Object.entries(rows)) {
   const pp = runs[0].pp !== undefined ? median(runs.map((r) => r.pp)) : promptTokens ? median(runs.map((r) => promptTokens / (r.ttft / 1000))) : NaN;
   const tg = median(runs.map((r) => r.decode));
   rates[config] = { pp, tg };
-  console.log(`| ${config}${runs[0].threads ? ` (${runs[0].threads} thread${runs[0].threads > 1 ? "s" : ""})` : ""} | ${rate(pp)} | ${rate(tg)} | ${median(runs.map((r) => r.longTasks))} (${median(runs.map((r) => r.longestTask)).toFixed(0)}) |`);
+  console.log(`| ${config}${runs[0].threads ? ` (${runs[0].threads} thread${runs[0].threads > 1 ? "s" : ""})` : ""} | ${rate(pp)} | ${rate(tg)} | ${median(runs.map((r) => r.longTasks))} (${median(runs.map((r) => r.longestTask)).toFixed(0)}) | ${runs[0].delay !== undefined ? median(runs.map((r) => r.delay)).toFixed(1) : "-"} |`);
 }
 console.log("");
 for (const [v, w] of [["vidllm-cpu-page", "wllama-1t"], ["vidllm-cpu-worker-1t", "wllama-1t"], ["vidllm-cpu-worker-2t", "wllama-2t"], ["vidllm-cpu-worker-1t", "wllama-2t"]]) {

@@ -50,7 +50,9 @@ fn run(conv: &mut Conversation, driver: Driver, forced: &[u32], stop_after: Opti
     };
     let finished = match driver {
         Driver::Blocking => conv.answer_with(&mut next_row, &mut on_piece),
-        Driver::Async => pollster::block_on(conv.answer_async_with(|t| std::future::ready(next_row(t)), &mut on_piece)),
+        Driver::Async => {
+            pollster::block_on(conv.answer_async_with(|t| std::future::ready(next_row(t)), || std::future::ready(()), &mut on_piece))
+        }
     }
     .unwrap();
     (pieces, finished)

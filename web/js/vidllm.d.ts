@@ -48,6 +48,12 @@ export interface Piece {
   text: string;
   /** The token id, or null for trailing text flushed at the end. */
   id: number | null;
+  /**
+   * When the runtime produced it, in ms since the epoch (`performance.timeOrigin +
+   * performance.now()` on the thread that runs the model): the same clock on every thread,
+   * so the consumer's time minus this is how long the piece took to reach it.
+   */
+  producedAt: number;
 }
 
 export type FrameSource = ImageBitmap | VideoFrame;

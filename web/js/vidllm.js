@@ -415,7 +415,7 @@ export class VidLLM {
 
   /** Run `work` after whatever the runtime is doing; its pieces stream through a channel. */
   #stream(work) {
-    const [ch, next] = queued(this.#busy, (push) => work((text, id) => push({ text, id: id ?? null })), (e) => {
+    const [ch, next] = queued(this.#busy, (push) => work((text, id) => push({ text, id: id ?? null, producedAt: performance.timeOrigin + performance.now() })), (e) => {
       const err = failure(e);
       if (err instanceof RuntimeFailedError) this.#rt = null;
       return err;

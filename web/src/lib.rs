@@ -101,28 +101,22 @@ pub(crate) async fn stream_to_js(
     should_stop: &js_sys::Function,
 ) -> Result<(Vec<u32>, Option<vidllm_models::framefusion::FusionReport>), JsValue> {
     let mut failed = None;
-    // Each token's row is read after a yield to the event loop, so that on every backend
-    // (the CPU one never waits on its own) the piece just pushed reaches the page, input
-    // and a Stop are handled, and the page repaints, between tokens.
+    // After each piece, a yield to the event loop, so that on every backend (the CPU one
+    // never waits on its own) the piece just pushed reaches its reader before the next
+    // forward pass, input and a Stop are handled, and the page repaints, between tokens.
     let finished = conv
-        .answer_async_with(
-            |logits| async move {
-                next_task().await;
-                read_row_async(logits).await
-            },
-            |p| {
-                let stop = on_piece
-                    .call2(&JsValue::NULL, &JsValue::from_str(&p.text), &JsValue::from(p.id))
-                    .and_then(|_| should_stop.call0(&JsValue::NULL));
-                match stop {
-                    Ok(stop) => !stop.as_bool().unwrap_or(false),
-                    Err(e) => {
-                        failed = Some(e);
-                        false
-                    }
+        .answer_async_with(read_row_async, next_task, |p| {
+            let stop = on_piece
+                .call2(&JsValue::NULL, &JsValue::from_str(&p.text), &JsValue::from(p.id))
+                .and_then(|_| should_stop.call0(&JsValue::NULL));
+            match stop {
+                Ok(stop) => !stop.as_bool().unwrap_or(false),
+                Err(e) => {
+                    failed = Some(e);
+                    false
                 }
-            },
-        )
+            }
+        })
         .await
         .map_err(gen_err)?;
     if let Some(e) = failed {

@@ -105,7 +105,8 @@ async function threadedPackage(threads) {
 
 /**
  * How many threads a CPU model gets: `threads` (default: the browser's logical cores, at
- * most 8) where threads can run, else 1, with a console note when more were asked for.
+ * most 8) where threads can run, else 1, with a console note saying why (when that
+ * default, or `threads`, was more than 1).
  * Threads need `SharedArrayBuffer`, which a browser gives only to a cross-origin isolated
  * page (COOP `same-origin` and COEP `require-corp` or `credentialless`: web/README.md),
  * and a worker, since the pool's threads block, which a page's main thread may not.
@@ -121,7 +122,7 @@ function cpuThreads(threads) {
       ? "the page is not cross-origin isolated (COOP / COEP headers), so there is no SharedArrayBuffer"
       : null;
   if (why) {
-    if (threads !== undefined) console.info(`vidllm: the CPU backend runs on one thread: ${why}`);
+    console.info(`vidllm: the CPU backend runs on one thread: ${why}`);
     return 1;
   }
   return want;
@@ -361,8 +362,11 @@ export class VidLLM {
 
   static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, kv, threads }) {
     const threadsWanted = device === "webgpu" ? 1 : cpuThreads(threads);
+    // This thread's package is chosen once: by an earlier call, it may be the one-thread one
+    // (a failed start of the threaded package says so itself).
+    const started = boundPromise !== null;
     const pkg = await wasm(threadsWanted);
-    if (threadsWanted > poolThreads && pkg === onePackage && boundPromise) {
+    if (started && threadsWanted > poolThreads) {
       console.info(`vidllm: the CPU backend runs on ${poolThreads} thread(s): this thread's wasm was already started`);
     }
     if (device === "webgpu") {

@@ -60,15 +60,15 @@ unsafe extern "C" {
 /// instance runs them (an `inventory` registration run twice would link its node to itself).
 #[wasm_bindgen(start)]
 pub fn start() {
-    static CONSTRUCTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    // SAFETY: wasm-bindgen calls `start` right after instantiation and before any other
-    // export runs Rust code that reads a registry; the flag lets one instance in.
     #[cfg(target_family = "wasm")]
-    if !CONSTRUCTED.swap(true, std::sync::atomic::Ordering::AcqRel) {
-        unsafe { __wasm_call_ctors() };
+    {
+        static CONSTRUCTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !CONSTRUCTED.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            // SAFETY: wasm-bindgen calls `start` right after instantiation and before any
+            // other export runs Rust code that reads a registry; the flag lets one instance in.
+            unsafe { __wasm_call_ctors() };
+        }
     }
-    #[cfg(not(target_family = "wasm"))]
-    let _ = &CONSTRUCTED;
     std::panic::set_hook(Box::new(|info| record_failure(info.to_string())));
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the npm package: the vidllm-web crate for wasm32, then wasm-bindgen's JS glue.
-# Two packages:
-# - web/pkg/: WebGPU and the CPU backend on one thread (stable Rust; needs the
-#   wasm32-unknown-unknown target);
+# Three packages (js/vidllm.js fetches only the one a model needs):
+# - web/pkg/: WebGPU alone (stable Rust; needs the wasm32-unknown-unknown target);
+# - web/pkg-cpu/: the CPU backend alone, on one thread (stable Rust): device "cpu" where
+#   threads cannot run;
 # - web/pkg-threads/: the CPU backend alone, its rayon pool on Web Workers over shared
 #   memory (what js/vidllm.js loads for device "cpu" in a worker of a cross-origin isolated
 #   page). wasm threads need a std built with atomics: nightly Rust's `-Z build-std`, from
@@ -24,6 +25,11 @@ BINDGEN="$TARGET_DIR/release/vidllm-wasm-bindgen"
 names=()
 [ "${VIDLLM_WASM_NAMES:-0}" = 1 ] && names=(--keep-names)
 "$BINDGEN" --out-dir web/pkg "${names[@]}" "$TARGET_DIR/wasm32-unknown-unknown/wasm-release/vidllm_web.wasm"
+# The same crate with the CPU backend instead (cargo keeps both builds apart by their
+# features, and relinks the one asked for).
+cargo build --profile wasm-release --target wasm32-unknown-unknown -p vidllm-web --no-default-features --features cpu
+rm -rf web/pkg-cpu
+"$BINDGEN" --out-dir web/pkg-cpu "${names[@]}" "$TARGET_DIR/wasm32-unknown-unknown/wasm-release/vidllm_web.wasm"
 if [ "${VIDLLM_WASM_THREADS:-1}" != 0 ]; then
   NIGHTLY=nightly-2026-05-19
   if ! rustup run "$NIGHTLY" rustc --version >/dev/null 2>&1 || ! rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q rust-src; then
@@ -49,4 +55,6 @@ MEDIABUNNY=web/node_modules/mediabunny
 [ -f "$MEDIABUNNY/dist/bundles/mediabunny.min.mjs" ] || (cd web && npm ci --no-audit --no-fund --silent)
 cp "$MEDIABUNNY/dist/bundles/mediabunny.min.mjs" web/pkg/mediabunny.min.mjs
 cp "$MEDIABUNNY/LICENSE" web/pkg/mediabunny.LICENSE
-gzip -9 -c web/pkg/vidllm_web_bg.wasm | wc -c | awk '{printf "vidllm_web_bg.wasm: %.1f MiB gzipped\n", $1 / 1048576}'
+for p in pkg pkg-cpu; do
+  gzip -9 -c web/$p/vidllm_web_bg.wasm | wc -c | awk -v p=$p '{printf "%s/vidllm_web_bg.wasm: %.1f MiB gzipped\n", p, $1 / 1048576}'
+done

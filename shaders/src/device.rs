@@ -3,7 +3,7 @@
 //! else the CPU.
 
 use burn::tensor::Device;
-#[cfg(feature = "gpu")]
+#[cfg(all(feature = "gpu", feature = "cpu"))]
 use burn::tensor::DeviceKind;
 
 /// The largest buffer one kernel may bind on a device (WebGPU's
@@ -162,7 +162,8 @@ impl std::fmt::Display for NoAdapter {
 
 impl std::error::Error for NoAdapter {}
 
-#[cfg(feature = "gpu")]
+// Native device choice, where the CPU backend is the fallback.
+#[cfg(all(feature = "gpu", feature = "cpu"))]
 pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
     let cpu = || Picked { device: Device::flex(), name: "cpu (flex)".into(), is_gpu: false, cap: BindingCap::NONE };
     if choice == DeviceChoice::Cpu {
@@ -189,7 +190,8 @@ pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
     Ok(Picked { device: Device::wgpu(kind), name, is_gpu: true, cap })
 }
 
-#[cfg(feature = "gpu")]
+// Native device choice, where the CPU backend is the fallback.
+#[cfg(all(feature = "gpu", feature = "cpu"))]
 /// One device of a list such as `--devices cpu,gpu:1`: `cpu`, `gpu` (as `--device gpu`
 /// picks), or `gpu:N`, the N-th adapter wgpu enumerates (`vidllm-native` lists them in
 /// `--device` errors and `bench`), opened as burn opens that adapter type's k-th device.
@@ -224,14 +226,16 @@ pub fn pick_named(name: &str) -> Result<Picked, String> {
     }
 }
 
-#[cfg(feature = "gpu")]
+// Native device choice, where the CPU backend is the fallback.
+#[cfg(all(feature = "gpu", feature = "cpu"))]
 /// The hardware GPUs wgpu sees, each as [`pick_named`] opens it (`--devices auto`).
 pub fn hardware_gpus() -> Vec<Picked> {
     let adapters = adapters_with_limits();
     (0..adapters.len()).filter(|&i| is_hardware(adapters[i].0.device_type)).filter_map(|i| pick_named(&format!("gpu:{i}")).ok()).collect()
 }
 
-#[cfg(feature = "gpu")]
+// Native device choice, where the CPU backend is the fallback.
+#[cfg(all(feature = "gpu", feature = "cpu"))]
 fn is_hardware(t: wgpu::DeviceType) -> bool {
     matches!(t, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu)
 }

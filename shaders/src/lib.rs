@@ -22,6 +22,8 @@ use crate::device::{MatmulKernels, Placement};
 
 mod block;
 pub mod check;
+// Compiled either way (burn-flex is a direct dependency); without `cpu` nothing dispatches
+// to it, and the linker drops it.
 pub mod cpu;
 pub mod cpu_attention;
 // Off x86-64 the batched kernels' instruction-set enum is empty (`available()` is false):
@@ -56,7 +58,7 @@ pub const STEP_WORDS: usize = 3;
 /// or 32 F16 / BF16 values.
 pub const GROUP: usize = 32;
 
-#[backend_extension(Cube: cfg(feature = "gpu"), Flex)]
+#[backend_extension(Cube: cfg(feature = "gpu"), Flex: cfg(feature = "cpu"))]
 pub trait QuantOps: Backend {
     /// `y[m, n] = sum_k x[m, k] * W[n, k]`, with `W` GGML blocks (or F16 / BF16 values) of
     /// type `ty` (a [`GgmlType::id`]) packed little-endian into u32 `words`.

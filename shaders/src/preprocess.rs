@@ -54,7 +54,7 @@ pub fn unpack_rgba_words(words: Tensor<3, Int>, w: usize) -> Tensor<4> {
 pub fn preprocess_planes(x: Tensor<4>, cfg: &PreprocessConfig) -> Tensor<4> {
     let [t, _, h, w] = x.dims();
     let device = x.device();
-    if device == Device::flex() && !cfg.resize_steps(h, w).is_empty() {
+    if on_cpu(&device) && !cfg.resize_steps(h, w).is_empty() {
         let host = x.into_data().try_into_vec::<f32>().expect("preprocess: f32 planes");
         return preprocess_on_cpu(Source::Planes(&host), t, h, w, cfg, &device).expect("a resize to run");
     }
@@ -100,7 +100,7 @@ fn resample(x: Tensor<4>, sh: usize, sw: usize, ys: Range<usize>, xs: Range<usiz
     let [t, _, h, w] = x.dims();
     let device = x.device();
     let (kh, kw) = (ys.len(), xs.len());
-    if device == Device::flex() {
+    if on_cpu(&device) {
         let host = x.into_data().try_into_vec::<f32>().expect("preprocess: f32 planes");
         let pass = Pass::new((h, w), (sh, sw), ys, xs, filter);
         let out = resize_on_cpu(Source::Planes(&host), h, w, std::slice::from_ref(&pass));
@@ -135,10 +135,21 @@ fn resize_steps(h: usize, w: usize, cfg: &PreprocessConfig) -> Vec<ResizeStep> {
         .collect()
 }
 
+/// Whether `device` is the CPU backend (a build without it has none).
+fn on_cpu(device: &Device) -> bool {
+    #[cfg(feature = "cpu")]
+    return *device == Device::flex();
+    #[cfg(not(feature = "cpu"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// `t` frames of `(h, w)` preprocessed on the CPU, resized through the filter taps; `None`
 /// off the CPU, or when `cfg` only crops.
 fn preprocess_on_cpu(src: Source, t: usize, h: usize, w: usize, cfg: &PreprocessConfig, device: &Device) -> Option<Tensor<4>> {
-    if *device != Device::flex() {
+    if !on_cpu(device) {
         return None;
     }
     let mut from = (h, w);

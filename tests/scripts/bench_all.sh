@@ -13,7 +13,7 @@
 #   at 8 frames, and SmolVLM2-500M-shaped at 8 and 32.
 # - `vidllm-native serve`'s continuous batching: tests/scripts/bench_serve.py, total
 #   tokens a second at --parallel 1, 4 and 8 on the first file.
-# - The wasm package: gzipped size of web/pkg/vidllm_web_bg.wasm, when built.
+# - The wasm packages: gzipped sizes of web/pkg*/vidllm_web_bg.wasm, when built.
 # - wgpu against llama.cpp's Vulkan backend on the same adapter (lavapipe here), when
 #   LLAMA_BENCH_VULKAN names a llama-bench built with it (how: tests/scripts/gpu_pack.sh;
 #   llama-cpp-python 0.3.8's llama.cpp builds against Debian 12's Vulkan headers): pp512
@@ -150,9 +150,12 @@ echo
 python3 "$ROOT/tests/scripts/bench_serve.py" --bin "$BIN" --model "${FILES[0]}" --parallel 1,4,8
 
 echo
-WASM="$ROOT/web/pkg/vidllm_web_bg.wasm"
-if [ -f "$WASM" ]; then
-  gzip -9 -c "$WASM" | wc -c | awk '{printf "wasm package: %.1f MiB gzipped (target <= 2.5)\n", $1 / 1048576}'
-else
-  echo "wasm package: not built (web/build.sh)"
-fi
+# The browser's three packages (web/build.sh); a model fetches one.
+for p in pkg pkg-cpu pkg-threads; do
+  WASM="$ROOT/web/$p/vidllm_web_bg.wasm"
+  if [ -f "$WASM" ]; then
+    gzip -9 -c "$WASM" | wc -c | awk -v p=$p '{printf "wasm package %s: %.1f MiB gzipped (target <= 2.5)\n", p, $1 / 1048576}'
+  else
+    echo "wasm package $p: not built (web/build.sh)"
+  fi
+done

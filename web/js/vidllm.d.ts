@@ -39,7 +39,8 @@ export interface LoadOptions {
    * Threads of the CPU backend (`device: "cpu"`; default: the logical cores, at most 8).
    * More than one runs the threaded package (`pkg-threads/`: wasm threads on
    * `SharedArrayBuffer`), which needs a worker and a cross-origin isolated page; elsewhere
-   * the model runs on one thread, with a console note saying why.
+   * the model runs on one thread (`pkg-cpu/`), with a console note saying why. A CPU model
+   * never downloads the WebGPU package (`pkg/`).
    */
   threads?: number;
 }

@@ -9,7 +9,6 @@
 // `model` is a Hugging Face-style folder URL (Video-LLaVA, PLLaVA, LLaVA-NeXT-Video), a
 // GGUF URL (a text decoder), a GGUF `File`/bytes, or the files of a folder (`File[]`).
 
-import * as onePackage from "../pkg/vidllm_web.js";
 import { startPool } from "./pool.js";
 import { demuxedFrames } from "./demux.js";
 import { queued } from "./channel.js";
@@ -70,21 +69,43 @@ export class VisualTokensError extends Error {
 }
 
 /**
- * The wasm package this thread runs, instantiated once, on first use:
- * - `pkg/`: WebGPU, and the CPU backend on one thread (the default);
+ * The wasm packages this thread runs, each instantiated once, on first use:
+ * - `pkg/`: WebGPU alone (WebGPU models, and the kernel checks);
+ * - `pkg-cpu/`: the CPU backend alone, on one thread;
  * - `pkg-threads/`: the CPU backend alone, on `threads` threads (the model's worker and
  *   `threads - 1` helper workers sharing its memory). Only a worker loading a model with
  *   `device: "cpu"` asks for it (`cpuThreads`); if it cannot start (no package, a helper
- *   that fails), the console says why and the default package runs on one thread.
+ *   that fails), the console says why and `pkg-cpu/` runs on one thread.
+ * CPU models use one package per thread, chosen by the first of them (a pool cannot be
+ * started twice); WebGPU models use `pkg/` beside it.
  */
-let bound = null;
-let boundPromise = null;
-/** Threads of the CPU backend on this thread's package (1: the single-thread path). */
+const packages = new Map();
+/** The package CPU models use on this thread, once one has been chosen. */
+let cpuPackage = null;
+/** Threads of the CPU backend on this thread's CPU package (1: the single-thread path). */
 let poolThreads = 1;
 
-function wasm(threads = 1) {
-  boundPromise ??= (threads > 1 ? threadedPackage(threads) : onePackage.default().then(() => onePackage)).then((pkg) => (bound = pkg));
-  return boundPromise;
+/** The package named `name` ("webgpu" or "cpu"), instantiated once on this thread. */
+function wasm(name = "webgpu") {
+  if (!packages.has(name)) {
+    const glue = name === "webgpu" ? import("../pkg/vidllm_web.js") : import("../pkg-cpu/vidllm_web.js");
+    packages.set(name, glue.then(async (pkg) => {
+      await pkg.default();
+      return pkg;
+    }));
+  }
+  return packages.get(name);
+}
+
+/** A package already started here, else the small CPU one: any serves the helpers below. */
+function anyPackage() {
+  return cpuPackage ?? packages.values().next().value ?? wasm("cpu");
+}
+
+/** The CPU models' package: on `threads` threads where that many can run, else one. */
+function cpuWasm(threads) {
+  cpuPackage ??= threads > 1 ? threadedPackage(threads) : wasm("cpu");
+  return cpuPackage;
 }
 
 async function threadedPackage(threads) {
@@ -98,8 +119,7 @@ async function threadedPackage(threads) {
     return pkg;
   } catch (e) {
     console.warn(`vidllm: the threaded CPU package did not start (${e?.message ?? e}); the CPU backend runs on one thread`);
-    await onePackage.default();
-    return onePackage;
+    return wasm("cpu");
   }
 }
 
@@ -131,10 +151,13 @@ function cpuThreads(threads) {
 // Errors the wasm runtime raises by name (`GenerateError::kind` in Rust), as classes.
 const NAMED = { ContextFullError, InvalidRequestError, TemplateError, TokenizerError, VisualTokensError, RuntimeFailedError };
 
-/** A wasm trap (panic) becomes a RuntimeFailedError carrying the panic's message; a named runtime error, its class. */
-function failure(e) {
+/**
+ * A wasm trap (panic) becomes a RuntimeFailedError carrying the panic's message (kept by
+ * `pkg`, the package that trapped); a named runtime error, its class.
+ */
+function failure(e, pkg) {
   if (e instanceof WebAssembly.RuntimeError || /unreachable/.test(String(e?.message))) {
-    return new RuntimeFailedError(`the runtime stopped: ${bound?.last_failure() ?? e.message}; reload the page to start again`);
+    return new RuntimeFailedError(`the runtime stopped: ${pkg?.last_failure() ?? e.message}; reload the page to start again`);
   }
   const Named = NAMED[e?.name];
   if (Named && !(e instanceof Named)) return new Named(e.message);
@@ -305,16 +328,19 @@ export class VidLLM {
   #busy = Promise.resolve();
   #seen = null;
   #info;
+  #pkg;
 
-  constructor(rt, video) {
+  /** `rt` from `pkg`, which runs the CPU backend on `threads` threads (1 on WebGPU). */
+  constructor(rt, video, pkg, threads) {
     this.#rt = rt;
     this.#video = video;
+    this.#pkg = pkg;
     // Read once: the wasm object is borrowed while an answer streams, so getters used
     // during a stream must not call into it.
     this.#info = {
       architecture: video ? rt.architecture() : "text",
       weightsDeviceBytes: rt.weights_device_bytes(),
-      threads: poolThreads,
+      threads,
       defaultFrames: video ? rt.default_frames() : 0,
       defaultSampling: video ? rt.default_sampling() : null,
       defaultFps: video ? rt.default_fps() : 1,
@@ -361,13 +387,17 @@ export class VidLLM {
   }
 
   static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, kv, threads }) {
-    const threadsWanted = device === "webgpu" ? 1 : cpuThreads(threads);
-    // This thread's package is chosen once: by an earlier call, it may be the one-thread one
-    // (a failed start of the threaded package says so itself).
-    const started = boundPromise !== null;
-    const pkg = await wasm(threadsWanted);
-    if (started && threadsWanted > poolThreads) {
-      console.info(`vidllm: the CPU backend runs on ${poolThreads} thread(s): this thread's wasm was already started`);
+    let pkg;
+    if (device === "webgpu") pkg = await wasm("webgpu");
+    else {
+      const threadsWanted = cpuThreads(threads);
+      // This thread's CPU package is chosen once: by an earlier call, it may be the
+      // one-thread one (a failed start of the threaded package says so itself).
+      const started = cpuPackage !== null;
+      pkg = await cpuWasm(threadsWanted);
+      if (started && threadsWanted > poolThreads) {
+        console.info(`vidllm: the CPU backend runs on ${poolThreads} thread(s): this thread's CPU package was already started`);
+      }
     }
     if (device === "webgpu") {
       if (!globalThis.navigator?.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing); use device: \"cpu\"");
@@ -386,11 +416,12 @@ export class VidLLM {
     if (mmproj !== undefined && !bytes) throw new TypeError("mmproj goes with a GGUF model (a .gguf URL, File or bytes), not a folder");
     const vision = mmproj === undefined ? null : await ggufBytes(mmproj, onProgress);
     try {
-      if (vision) return new VidLLM(await pkg.VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap, kv), true);
-      if (bytes) return new VidLLM(await pkg.Runtime.load_gguf(bytes, gpu, context, cap, kv), false);
-      return new VidLLM(await loadFolder(pkg, folderSource(model, onProgress), gpu, context, cap, loraAlpha, kv), true);
+      const threadsRun = gpu ? 1 : poolThreads;
+      if (vision) return new VidLLM(await pkg.VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap, kv), true, pkg, threadsRun);
+      if (bytes) return new VidLLM(await pkg.Runtime.load_gguf(bytes, gpu, context, cap, kv), false, pkg, threadsRun);
+      return new VidLLM(await loadFolder(pkg, folderSource(model, onProgress), gpu, context, cap, loraAlpha, kv), true, pkg, threadsRun);
     } catch (e) {
-      const f = failure(e);
+      const f = failure(e, pkg);
       // The runtime's own refusals of the files arrive unnamed.
       throw f.constructor === Error ? new ModelLoadError(f.message) : f;
     }
@@ -420,7 +451,7 @@ export class VidLLM {
   /** Run `work` after whatever the runtime is doing; its pieces stream through a channel. */
   #stream(work) {
     const [ch, next] = queued(this.#busy, (push) => work((text, id) => push({ text, id: id ?? null, producedAt: performance.timeOrigin + performance.now() })), (e) => {
-      const err = failure(e);
+      const err = failure(e, this.#pkg);
       if (err instanceof RuntimeFailedError) this.#rt = null;
       return err;
     });
@@ -547,7 +578,7 @@ export class VidLLM {
       this.#liveQueue = { window, pending: [], scheduled: false, taken: 0, skipped: 0, error: null, barriers: [] };
     });
     this.#busy = started.catch(() => {});
-    try { await started; } catch (e) { throw failure(e); }
+    try { await started; } catch (e) { throw failure(e, this.#pkg); }
   }
 
   /** A live frame `{bitmap, index, time}` (the bitmap is closed once encoded): queued behind
@@ -566,7 +597,7 @@ export class VidLLM {
   #liveSchedule(q) {
     if (q.scheduled || !q.pending.length) return;
     q.scheduled = true;
-    this.#busy = this.#busy.then(() => this.#liveDrain(q, q.barriers[0] ?? Infinity)).catch((e) => { q.error = failure(e); });
+    this.#busy = this.#busy.then(() => this.#liveDrain(q, q.barriers[0] ?? Infinity)).catch((e) => { q.error = failure(e, this.#pkg); });
   }
 
   /** Encode the frames queued (those handed over up to the `upTo`-th), the newest `window`. */
@@ -704,7 +735,7 @@ async function loadFolder(pkg, src, gpu, context, cap, loraAlpha, kv) {
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */
 export async function kernelTypes() {
-  return (await wasm()).kernel_types();
+  return (await wasm("webgpu")).kernel_types();
 }
 
 /**
@@ -715,12 +746,12 @@ export async function kernelTypes() {
  * when the difference is within f32 rounding of a k-long sum (the native tests' bound).
  */
 export async function checkKernels({ types } = {}) {
-  const pkg = await wasm();
+  const pkg = await wasm("webgpu");
   if (!navigator.gpu) throw new WebGPUNotAvailableError("this browser has no WebGPU (navigator.gpu is missing)");
   const rows = [];
   for (const type of types ?? pkg.kernel_types()) {
     for (const [m, n] of [[1, 67], [37, 70]]) {
-      const c = await pkg.check_kernel(type, m, n).catch((e) => { throw failure(e); });
+      const c = await pkg.check_kernel(type, m, n).catch((e) => { throw failure(e, pkg); });
       rows.push({ type, m, n, k: c.k, maxDiff: c.maxDiff, maxAbs: c.maxAbs, ok: c.ok });
       c.free();
     }
@@ -740,7 +771,7 @@ export async function times(video, n, policy) {
 
 /** `times` for a video of `d` seconds (what a worker computes for the page). */
 export async function samplingTimes(d, n, { sampling = "hf", fps = 1, maxFrames = 32, frameRate = 30 } = {}) {
-  const pkg = await wasm();
+  const pkg = await anyPackage();
   if (!Number.isFinite(d) || d <= 0) throw new VideoError("the video has no known duration (still loading, or a live stream)");
   try {
     return Array.from(pkg.sampling_times(String(sampling), n, fps, maxFrames, d, frameRate));
@@ -755,7 +786,7 @@ export async function samplingTimes(d, n, { sampling = "hf", fps = 1, maxFrames 
  * `vidllm-native` on a file it numbers.
  */
 export async function samplingIndices(frameTimes, rate, { sampling = "hf", n = 8, fps = 1, maxFrames = 32 } = {}) {
-  const pkg = await wasm();
+  const pkg = await anyPackage();
   try {
     return Array.from(pkg.sampling_indices(String(sampling), n, fps, maxFrames, Float64Array.from(frameTimes), rate));
   } catch (e) {

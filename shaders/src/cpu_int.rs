@@ -926,6 +926,9 @@ mod speed {
         let n = std::env::var("ROWS").map_or(4096, |v| v.parse().unwrap());
         let k = std::env::var("K").map_or(1536, |v| v.parse().unwrap());
         let only = std::env::var("TYPE").ok();
+        // This thread one of the pool's, as in vidllm-native: a product is not a handoff.
+        // One pool for every type: a second one on this thread fails (CurrentThreadAlreadyInPool).
+        let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().unwrap();
         for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t) && only.as_deref().is_none_or(|o| o == t.name())) {
             let w = crate::check::weight(ty, n, k, 5);
             let acts = IntActs::quantize(&crate::check::values(k, 9), k);
@@ -954,8 +957,6 @@ mod speed {
             }
             let passes = std::env::var("PASSES").map_or(101, |v| v.parse().unwrap());
             let mut times = vec![Vec::with_capacity(passes); variants.len()];
-            // This thread one of the pool's, as in vidllm-native: a product is not a handoff.
-            let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().unwrap();
             pool.install(|| {
                 for _ in 0..passes {
                     for ((_, f), t) in variants.iter_mut().zip(&mut times) {

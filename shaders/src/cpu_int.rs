@@ -565,6 +565,15 @@ pub(crate) mod avx2 {
                 let b: &BlockQ4_1 = bytemuck::from_bytes(bytes);
                 Some((nibbles(&b.qs), f16c(b.d), f16c(b.m)))
             }
+            GgmlType::Q5_0 => {
+                let b: &BlockQ5_0 = bytemuck::from_bytes(bytes);
+                let d = f16c(b.d);
+                Some((fifth_bits(nibbles(&b.qs), b.qh), d, -16.0 * d))
+            }
+            GgmlType::Q5_1 => {
+                let b: &BlockQ5_1 = bytemuck::from_bytes(bytes);
+                Some((fifth_bits(nibbles(&b.qs), b.qh), f16c(b.d), f16c(b.m)))
+            }
             GgmlType::Q8_0 => {
                 let b: &BlockQ8_0 = bytemuck::from_bytes(bytes);
                 // SAFETY: 32 bytes.
@@ -581,6 +590,20 @@ pub(crate) mod avx2 {
             }
             _ => None,
         }
+    }
+
+    /// Q5 codes from their nibbles (`c`, element j in byte j) and `qh`, whose bit j is element
+    /// j's fifth bit: each byte takes its element's byte of `qh` (one shuffle), keeps its
+    /// bit, and adds 16 where it is set ([`q5_codes`] in registers).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn fifth_bits(c: __m256i, qh: [u8; 4]) -> __m256i {
+        let at = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(i32::from_le_bytes(qh)), at);
+        // Byte k of each 8 tests bit k.
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        _mm256_or_si256(c, _mm256_and_si256(set, _mm256_set1_epi8(16)))
     }
 
     /// The products of 32 codes with 32 activations (at `x`), as two vectors of 8 i32 sums
@@ -768,6 +791,20 @@ mod simd128 {
         f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v) + f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v) + off[0] + off[1]
     }
 
+    /// Q5 codes from their nibbles (elements 0-15, 16-31) and `qh`, whose bit j is element
+    /// j's fifth bit: each byte takes its element's byte of `qh` (a swizzle), keeps its bit,
+    /// and adds 16 where it is set ([`q5_codes`] in registers).
+    #[inline(always)]
+    fn fifth_bits((lo, hi): (v128, v128), qh: [u8; 4]) -> (v128, v128) {
+        let qh = u32x4_splat(u32::from_le_bytes(qh));
+        let bit = u8x16(1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128);
+        let with = |c: v128, at: v128| {
+            let b = v128_and(i8x16_swizzle(qh, at), bit);
+            v128_or(c, v128_and(i8x16_eq(b, bit), u8x16_splat(16)))
+        };
+        (with(lo, u8x16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)), with(hi, u8x16(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)))
+    }
+
     /// The 32 codes (elements 0-15, 16-31), scale and offset of a 32-element block in
     /// registers, for the types where that is a few instructions; `None` for the others.
     #[inline(always)]
@@ -788,6 +825,16 @@ mod simd128 {
             GgmlType::Q4_1 => {
                 let b: &BlockQ4_1 = bytemuck::from_bytes(bytes);
                 let (lo, hi) = nibbles(&b.qs);
+                Some((lo, hi, f16(b.d), f16(b.m)))
+            }
+            GgmlType::Q5_0 => {
+                let b: &BlockQ5_0 = bytemuck::from_bytes(bytes);
+                let ((lo, hi), d) = (fifth_bits(nibbles(&b.qs), b.qh), f16(b.d));
+                Some((lo, hi, d, -16.0 * d))
+            }
+            GgmlType::Q5_1 => {
+                let b: &BlockQ5_1 = bytemuck::from_bytes(bytes);
+                let (lo, hi) = fifth_bits(nibbles(&b.qs), b.qh);
                 Some((lo, hi, f16(b.d), f16(b.m)))
             }
             GgmlType::Q8_0 => {

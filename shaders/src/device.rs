@@ -162,7 +162,7 @@ impl std::fmt::Display for NoAdapter {
 
 impl std::error::Error for NoAdapter {}
 
-// Native device choice, where the CPU backend is the fallback.
+// Native device choice (this and the three below), where the CPU backend is the fallback.
 #[cfg(all(feature = "gpu", feature = "cpu"))]
 pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
     let cpu = || Picked { device: Device::flex(), name: "cpu (flex)".into(), is_gpu: false, cap: BindingCap::NONE };
@@ -190,7 +190,6 @@ pub fn pick(choice: DeviceChoice) -> Result<Picked, NoAdapter> {
     Ok(Picked { device: Device::wgpu(kind), name, is_gpu: true, cap })
 }
 
-// Native device choice, where the CPU backend is the fallback.
 #[cfg(all(feature = "gpu", feature = "cpu"))]
 /// One device of a list such as `--devices cpu,gpu:1`: `cpu`, `gpu` (as `--device gpu`
 /// picks), or `gpu:N`, the N-th adapter wgpu enumerates (`vidllm-native` lists them in
@@ -226,7 +225,6 @@ pub fn pick_named(name: &str) -> Result<Picked, String> {
     }
 }
 
-// Native device choice, where the CPU backend is the fallback.
 #[cfg(all(feature = "gpu", feature = "cpu"))]
 /// The hardware GPUs wgpu sees, each as [`pick_named`] opens it (`--devices auto`).
 pub fn hardware_gpus() -> Vec<Picked> {
@@ -234,7 +232,6 @@ pub fn hardware_gpus() -> Vec<Picked> {
     (0..adapters.len()).filter(|&i| is_hardware(adapters[i].0.device_type)).filter_map(|i| pick_named(&format!("gpu:{i}")).ok()).collect()
 }
 
-// Native device choice, where the CPU backend is the fallback.
 #[cfg(all(feature = "gpu", feature = "cpu"))]
 fn is_hardware(t: wgpu::DeviceType) -> bool {
     matches!(t, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu)

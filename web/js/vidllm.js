@@ -85,21 +85,26 @@ let cpuPackage = null;
 /** Threads of the CPU backend on this thread's CPU package (1: the single-thread path). */
 let poolThreads = 1;
 
+/** The one-thread packages by name: their folder, what the errors call them, their glue. */
+const ONE_THREAD = {
+  webgpu: { dir: "pkg", title: "WebGPU", glue: () => import("../pkg/vidllm_web.js") },
+  cpu: { dir: "pkg-cpu", title: "CPU", glue: () => import("../pkg-cpu/vidllm_web.js") },
+};
+
 /**
  * The package named `name` ("webgpu" or "cpu"), instantiated once on this thread. One that
  * cannot be fetched or instantiated rejects with the folder's name, and is tried again on
  * the next call (a network error may pass).
  */
-function wasm(name = "webgpu") {
+function wasm(name) {
   if (!packages.has(name)) {
-    const dir = name === "webgpu" ? "pkg" : "pkg-cpu";
-    const glue = name === "webgpu" ? import("../pkg/vidllm_web.js") : import("../pkg-cpu/vidllm_web.js");
-    const started = glue.then(async (pkg) => {
+    const { dir, title, glue } = ONE_THREAD[name];
+    const started = glue().then(async (pkg) => {
       await pkg.default();
       return pkg;
     }).catch((e) => {
       packages.delete(name);
-      throw new Error(`vidllm: the ${name === "webgpu" ? "WebGPU" : "CPU"} package (${dir}/, web/build.sh) could not be loaded: ${e?.message ?? e}`);
+      throw new Error(`vidllm: the ${title} package (${dir}/, web/build.sh) could not be loaded: ${e?.message ?? e}`);
     });
     packages.set(name, started);
   }

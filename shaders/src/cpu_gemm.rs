@@ -16,7 +16,8 @@
 //!   whose scale (`d_x a_w`, built for the whole tile beforehand) comes from memory.
 //!
 //! Before this, each weight row streamed every activation row through the caches once
-//! (`pp512` was 0.45x llama.cpp).
+//! (`pp512` was 0.45x llama.cpp). Where the processor has AVX-512 VNNI, the tasks run
+//! `cpu_gemm_vnni.rs`'s kernel, with the weight rows in the lanes.
 //!
 //! # Shapes
 //! - weights: `n` rows of `k / B::ELEMS` blocks; activations: [`IntActs`], `m` rows of `k`
@@ -51,6 +52,9 @@ pub fn available() -> bool {
 
 #[derive(Clone, Copy, Debug)]
 enum Isa {
+    /// `cpu_gemm_vnni.rs`: weight rows in the lanes, `vpdpwssd`.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -64,12 +68,38 @@ impl Isa {
         {
             use std::arch::is_x86_feature_detected as has;
             match self {
+                Isa::Avx512Vnni => crate::cpu_gemm_vnni::runs(),
                 Isa::Avx512 => has!("avx512f") && has!("avx512bw"),
                 Isa::Avx2 => has!("avx2") && has!("fma"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         match self {}
+    }
+}
+
+impl Isa {
+    /// Most activation rows per task. `cpu_gemm_vnni` sweeps its band once per tile of six
+    /// rows, whatever the task's rows, and widens the band once per task: its tasks are as
+    /// tall as the product.
+    fn max_task_rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => usize::MAX,
+            _ => MAX_TASK_ROWS,
+        }
+    }
+
+    /// Weight rows per register tile: a band is a multiple of it.
+    fn tile_rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => crate::cpu_gemm_vnni::TILE_ROWS,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx2 => RW,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!(),
+        }
     }
 }
 
@@ -81,7 +111,7 @@ fn kernel_isa() -> Option<Isa> {
 /// Every kernel this processor runs, best first.
 fn isas() -> impl Iterator<Item = Isa> {
     #[cfg(target_arch = "x86_64")]
-    let all = [Isa::Avx512, Isa::Avx2];
+    let all = [Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2];
     #[cfg(not(target_arch = "x86_64"))]
     let all: [Isa; 0] = [];
     all.into_iter().filter(|isa| isa.runs())
@@ -105,11 +135,12 @@ fn matmul_on(isa: Isa, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<
     // Bands of whole tiles, small enough to stay in L2, and enough tasks to keep every
     // thread busy (about four each: the last ones balance the load).
     let threads = rayon::current_num_threads();
-    let row_blocks = m.div_ceil(MAX_TASK_ROWS);
+    let row_blocks = m.div_ceil(isa.max_task_rows());
     let task_rows = m.div_ceil(row_blocks);
-    let band_cap = (BAND_BYTES / (2 * k)).max(RW) / RW * RW;
+    let tile_rows = isa.tile_rows();
+    let band_cap = (BAND_BYTES / (2 * k)).max(tile_rows) / tile_rows * tile_rows;
     let bands_wanted = (4 * threads).div_ceil(row_blocks).max(n.div_ceil(band_cap));
-    let band = n.div_ceil(bands_wanted).div_ceil(RW) * RW;
+    let band = n.div_ceil(bands_wanted).div_ceil(tile_rows) * tile_rows;
     let tasks: Vec<(Range<usize>, Range<usize>)> = (0..m)
         .step_by(task_rows)
         .flat_map(|i0| (0..n).step_by(band).map(move |j0| (i0..(i0 + task_rows).min(m), j0..(j0 + band).min(n))))
@@ -134,9 +165,9 @@ fn matmul_on(isa: Isa, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<
 /// Where a task writes its rectangle of `y`: value `(i, j)` of the rectangle at
 /// `at + i * ld + j`.
 #[derive(Clone, Copy)]
-struct Out {
-    at: *mut f32,
-    ld: usize,
+pub(crate) struct Out {
+    pub(crate) at: *mut f32,
+    pub(crate) ld: usize,
 }
 
 /// A band of weight rows widened for the micro-kernel.
@@ -191,6 +222,8 @@ fn task<B: IntCodes>(isa: Isa, wband: &[u8], nw: usize, acts: &IntActs, rows: Ra
     // SAFETY: the kernels' features were detected (`isas`).
     unsafe {
         match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => crate::cpu_gemm_vnni::task::<B>(wband, nw, acts, rows, out),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => avx512::task::<B>(wband, nw, acts, rows, out),
             #[cfg(target_arch = "x86_64")]
@@ -497,13 +530,21 @@ mod speed {
     #[test]
     #[ignore]
     fn prefill_product_speed() {
-        let (m, n, k) = (512, 1536, 576);
+        // `M=16` and the like time short prompts' products; `TYPE=q5_0` one type; `REPS=200`
+        // for a profile.
+        let m = std::env::var("M").ok().and_then(|m| m.parse().ok()).unwrap_or(512);
+        let (n, k) = (1536, 576);
+        let only = std::env::var("TYPE").ok();
+        let reps = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
         for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+            if only.as_deref().is_some_and(|t| t != ty.name()) {
+                continue;
+            }
             let kk = if ty.block_elems() == 32 { k } else { 1536 };
             let w = crate::check::weight(ty, n, kk, 3);
             let acts = IntActs::quantize(&crate::check::values(m * kk, 4), kk);
             for isa in isas() {
-                let best = (0..5)
+                let best = (0..reps)
                     .map(|_| {
                         let t = std::time::Instant::now();
                         std::hint::black_box(matmul_on(isa, ty, &w, n, &acts));

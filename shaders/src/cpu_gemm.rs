@@ -79,14 +79,17 @@ impl Isa {
 }
 
 impl Isa {
-    /// Most activation rows per task. `cpu_gemm_vnni` sweeps its band once per tile of six
-    /// rows, whatever the task's rows, and widens the band once per task: its tasks are as
-    /// tall as the product.
-    fn max_task_rows(self) -> usize {
+    /// Blocks of activation rows the tasks split `m` rows into. `cpu_gemm`'s tasks take
+    /// at most [`MAX_TASK_ROWS`] (a task's rows stay in L2 while its band is swept).
+    /// `cpu_gemm_vnni` sweeps its band once per tile of six rows, whatever the task's rows,
+    /// and widens the band once per task: its tasks are as tall as the product, unless
+    /// there are too few tiles of weight rows to give every thread about four tasks; then
+    /// the rows are split, down to 64 a task.
+    fn row_blocks(self, m: usize, n: usize, threads: usize) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => usize::MAX,
-            _ => MAX_TASK_ROWS,
+            Isa::Avx512Vnni => (4 * threads).div_ceil(n.div_ceil(self.tile_rows())).min(m.div_ceil(64)).max(1),
+            _ => m.div_ceil(MAX_TASK_ROWS),
         }
     }
 
@@ -135,7 +138,7 @@ fn matmul_on(isa: Isa, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<
     // Bands of whole tiles, small enough to stay in L2, and enough tasks to keep every
     // thread busy (about four each: the last ones balance the load).
     let threads = rayon::current_num_threads();
-    let row_blocks = m.div_ceil(isa.max_task_rows());
+    let row_blocks = isa.row_blocks(m, n, threads);
     let task_rows = m.div_ceil(row_blocks);
     let tile_rows = isa.tile_rows();
     let band_cap = (BAND_BYTES / (2 * k)).max(tile_rows) / tile_rows * tile_rows;

@@ -3,7 +3,7 @@
 //! - Block types, any number of rows of `x`: the integer path (`cpu_int.rs`): `x`
 //!   quantised to 16 bits once per product, weight blocks read as integer codes, integer
 //!   SIMD dot products. From 4 rows on, on x86-64, as a register-tiled GEMM
-//!   (`cpu_gemm.rs`, or `cpu_gemm_vnni.rs` where the processor has VNNI); one row on AVX-512 by `cpu_gemv.rs` (or `cpu_vnni.rs` where the
+//!   (`cpu_gemm.rs`, `cpu_gemm_lanes.rs`); one row on AVX-512 by `cpu_gemv.rs` (or `cpu_vnni.rs` where the
 //!   processor has VNNI), on hot workers (`cpu_hot.rs`); otherwise row by row, each
 //!   decoded block reused for up to 8 rows.
 //! - Attention: fused (`cpu_attention.rs`).
@@ -276,7 +276,7 @@ impl QuantOps for Flex {
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let y = if integer {
             let acts = IntActs::quantize(&x, k);
-            if m >= cpu_gemm::RA && cpu_gemm::available() {
+            if m >= cpu_gemm::MIN_ROWS && cpu_gemm::available() {
                 return FlexTensor::from_data(TensorData::new(cpu_gemm::matmul(ty, w, n, &acts), [m, n]));
             }
             if m == 1 && cpu_gemv::available() {

@@ -30,8 +30,8 @@ pub mod cpu_attention;
 // what follows its choice is unreachable there, and its parameters unused.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused, unreachable_code))]
 pub mod cpu_gemm;
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused))]
-pub mod cpu_gemm_vnni;
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused, unreachable_code))]
+pub mod cpu_gemm_lanes;
 pub mod cpu_gemv;
 pub mod cpu_hot;
 pub mod cpu_int;

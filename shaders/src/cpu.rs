@@ -3,9 +3,9 @@
 //! - Block types, any number of rows of `x`: the integer path (`cpu_int.rs`): `x`
 //!   quantised to 16 bits once per product, weight blocks read as integer codes, integer
 //!   SIMD dot products. From 4 rows on, on x86-64, as a register-tiled GEMM
-//!   (`cpu_gemm.rs`, `cpu_gemm_lanes.rs`); one row on AVX-512 by `cpu_gemv.rs` (or `cpu_vnni.rs` where the
-//!   processor has VNNI), on hot workers (`cpu_hot.rs`); otherwise row by row, each
-//!   decoded block reused for up to 8 rows.
+//!   (`cpu_gemm.rs`, `cpu_gemm_lanes.rs`); one row on AVX-512 by `cpu_gemv.rs` (or
+//!   `cpu_vnni.rs` where the processor has VNNI), on hot workers (`cpu_hot.rs`);
+//!   otherwise row by row, each decoded block reused for up to 8 rows.
 //! - Attention: fused (`cpu_attention.rs`).
 //! - F16 / BF16 / F32, few rows: each unit of 32 values decoded into a small buffer and
 //!   dotted with the rows of `x` in 16 f32 lanes (reads the packed row once; allocates

@@ -23,7 +23,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::cpu_gemm_lanes::{self as lanes, Kernel};
+use crate::cpu_gemm_lanes::{self as lanes, Kernel, TILE_ROWS};
 use crate::cpu_hot::SendPtr;
 use crate::cpu_int::IntActs;
 use vidllm_core::ggml::GgmlType;
@@ -62,12 +62,11 @@ fn matmul_on(kernel: Kernel, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -
     // widens the band once: tasks are as tall as the product, unless there are too few
     // tiles of weight rows to give every thread about four tasks; then the rows are
     // split, down to 64 a task.
-    let tile_rows = kernel.tile_rows();
-    let row_blocks = (4 * threads).div_ceil(n.div_ceil(tile_rows)).min(m.div_ceil(64)).max(1);
+    let row_blocks = (4 * threads).div_ceil(n.div_ceil(TILE_ROWS)).min(m.div_ceil(64)).max(1);
     let task_rows = m.div_ceil(row_blocks);
-    let band_cap = (BAND_BYTES / (2 * k)).max(tile_rows) / tile_rows * tile_rows;
+    let band_cap = (BAND_BYTES / (2 * k)).max(TILE_ROWS) / TILE_ROWS * TILE_ROWS;
     let bands_wanted = (4 * threads).div_ceil(row_blocks).max(n.div_ceil(band_cap));
-    let band = n.div_ceil(bands_wanted).div_ceil(tile_rows) * tile_rows;
+    let band = n.div_ceil(bands_wanted).div_ceil(TILE_ROWS) * TILE_ROWS;
     let tasks: Vec<(Range<usize>, Range<usize>)> = (0..m)
         .step_by(task_rows)
         .flat_map(|i0| (0..n).step_by(band).map(move |j0| (i0..(i0 + task_rows).min(m), j0..(j0 + band).min(n))))

@@ -47,7 +47,13 @@ use vidllm_core::ggml::{QK_K, blocks};
 /// Weight rows per panel.
 pub(crate) const LANES: usize = 16;
 /// Weight rows a band is a multiple of: two panels, the AVX-512 tile's width.
-const TILE_ROWS: usize = 2 * LANES;
+pub(crate) const TILE_ROWS: usize = 2 * LANES;
+
+/// Elements per slot of `B`: the span its lanes stay integer across, a chunk of 32 where
+/// both halves share a map, else a half of 16.
+const fn slot_len<B: IntCodes>() -> usize {
+    if B::SHARED32 { QB } else { G }
+}
 
 /// A register-tile kernel.
 #[derive(Clone, Copy, Debug)]
@@ -71,11 +77,6 @@ impl Kernel {
         }
         #[cfg(not(target_arch = "x86_64"))]
         match self {}
-    }
-
-    /// Weight rows a task's band is a multiple of.
-    pub(crate) fn tile_rows(self) -> usize {
-        TILE_ROWS
     }
 }
 
@@ -155,8 +156,7 @@ fn task_body<B: IntCodes, const RA: usize, const NP: usize>(
     tile: impl Fn(&Tile<RA>, Dest),
 ) {
     let k = acts.k;
-    let (nch, ng) = (k / QB, k / G);
-    let slots = if B::SHARED32 { nch } else { ng };
+    let (nch, ng, slots) = (k / QB, k / G, k / slot_len::<B>());
     let mut panels = PANELS.take();
     widen::<B>(wband, nw, k, &mut panels, transpose);
     for i0 in rows.clone().step_by(RA) {
@@ -189,8 +189,8 @@ fn task_body<B: IntCodes, const RA: usize, const NP: usize>(
 #[inline(always)]
 fn widen<B: IntCodes>(wband: &[u8], nw: usize, k: usize, panels: &mut Panels, transpose: impl Fn([*const i32; LANES], *mut i32)) {
     let npanels = nw.div_ceil(TILE_ROWS) * TILE_ROWS / LANES;
-    let (gpb, spb) = (B::ELEMS / G, if B::SHARED32 { B::ELEMS / QB } else { B::ELEMS / G });
-    let (slots, ng, row_blocks) = (k / B::ELEMS * spb, k / G, k / B::ELEMS);
+    let (gpb, spb) = (B::ELEMS / G, B::ELEMS / slot_len::<B>());
+    let (slots, ng, row_blocks) = (k / slot_len::<B>(), k / G, k / B::ELEMS);
     // Every word of the codes is written below; the small maps are zeroed for the rows
     // past the end.
     panels.codes.resize(npanels * k / 2 * LANES, 0);
@@ -321,7 +321,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile<B: IntCodes>(t: &Tile<RA>, d: Dest) {
         let k = t.k;
-        let (slot_len, ng) = (if B::SHARED32 { QB } else { G }, k / G);
+        let (slot_len, ng) = (slot_len::<B>(), k / G);
         let slots = k / slot_len;
         let mut acc = [[_mm512_setzero_ps(); RA]; NP];
         for s in 0..slots {
@@ -453,7 +453,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<B: IntCodes>(t: &Tile<RA>, d: Dest) {
         let k = t.k;
-        let (slot_len, ng) = (if B::SHARED32 { QB } else { G }, k / G);
+        let (slot_len, ng) = (slot_len::<B>(), k / G);
         let slots = k / slot_len;
         let mut acc = [[_mm256_setzero_ps(); RA]; 2];
         for s in 0..slots {

@@ -14,7 +14,7 @@ use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
 use vidllm_shaders::{Mask, attention, gelu_sigmoid};
 
-use crate::layers::{LayerNorm, Linear, vector};
+use crate::layers::{LayerNorm, Linear, TowerWeights, vector};
 
 /// A ViT `vision_config` as written in `config.json` (CLIP's, SigLIP's and SmolVLM's
 /// share these fields; their defaults differ, see [`VisionDefaults`]).
@@ -77,6 +77,9 @@ pub struct ClipVisionConfig {
     pub patch_size: usize,
     pub act: Activation,
     pub eps: f64,
+    /// How the blocks' linear layers are stored: a load option (`LoadOptions::tower`),
+    /// not the checkpoint's; f32 unless the architecture is told otherwise.
+    pub weights: TowerWeights,
 }
 
 /// transformers' defaults for the fields a `vision_config` leaves out; they differ per
@@ -109,6 +112,7 @@ impl ClipVisionConfigJson {
             patch_size: self.patch_size.unwrap_or(d.patch_size),
             act: Activation::parse(self.hidden_act.as_deref().unwrap_or(d.hidden_act))?,
             eps: self.layer_norm_eps.unwrap_or(d.layer_norm_eps),
+            weights: TowerWeights::F32,
         };
         if self.num_channels.unwrap_or(3) != 3
             || c.patch_size == 0
@@ -185,12 +189,18 @@ pub(crate) struct SelfAttention {
 }
 
 impl SelfAttention {
-    pub(crate) fn load(ck: &Checkpoint, [q, k, v, o]: [String; 4], d: usize, device: &burn::tensor::Device) -> Result<Self, LoadError> {
+    pub(crate) fn load(
+        ck: &Checkpoint,
+        [q, k, v, o]: [String; 4],
+        d: usize,
+        weights: TowerWeights,
+        at: &Placement,
+    ) -> Result<Self, LoadError> {
         Ok(Self {
-            q: Linear::load(ck, &q, d, d, device)?,
-            k: Linear::load(ck, &k, d, d, device)?,
-            v: Linear::load(ck, &v, d, d, device)?,
-            o: Linear::load(ck, &o, d, d, device)?,
+            q: Linear::load_as(ck, &q, d, d, weights, at)?,
+            k: Linear::load_as(ck, &k, d, d, weights, at)?,
+            v: Linear::load_as(ck, &v, d, d, weights, at)?,
+            o: Linear::load_as(ck, &o, d, d, weights, at)?,
         })
     }
 
@@ -266,7 +276,7 @@ impl ClipVisionTower {
         let positions = Tensor::from_data(TensorData::new(pos, [cfg.tokens(), d]), device);
         let pre_ln = LayerNorm::load(ck, &name("pre_layrnorm"), d, cfg.eps, device)?;
         let layers = (0..cfg.n_layers)
-            .map(|i| EncoderLayer::load(ck, &name(&format!("encoder.layers.{i}.")), &cfg, device))
+            .map(|i| EncoderLayer::load(ck, &name(&format!("encoder.layers.{i}.")), &cfg, at))
             .collect::<Result<Vec<_>, LoadError>>()?;
         Ok(Self { cfg, patch_t, class, positions, pre_ln, layers, cap: at.cap })
     }
@@ -319,8 +329,8 @@ impl ClipVisionTower {
 
 impl EncoderLayer {
     /// Load `{prefix}layer_norm1`, `{prefix}self_attn.*`, `{prefix}layer_norm2`, `{prefix}mlp.*`.
-    pub(crate) fn load(ck: &Checkpoint, prefix: &str, cfg: &ClipVisionConfig, device: &burn::tensor::Device) -> Result<Self, LoadError> {
-        Self::load_named(ck, prefix, &BlockNames::CLIP, cfg, device)
+    pub(crate) fn load(ck: &Checkpoint, prefix: &str, cfg: &ClipVisionConfig, at: &Placement) -> Result<Self, LoadError> {
+        Self::load_named(ck, prefix, &BlockNames::CLIP, cfg, at)
     }
 
     /// Load a block whose tensors are named by `names` under `prefix`.
@@ -329,19 +339,19 @@ impl EncoderLayer {
         prefix: &str,
         names: &BlockNames,
         cfg: &ClipVisionConfig,
-        device: &burn::tensor::Device,
+        at: &Placement,
     ) -> Result<Self, LoadError> {
-        let (d, l) = (cfg.d_model, |s: &str| format!("{prefix}{s}"));
+        let (d, l, device, w) = (cfg.d_model, |s: &str| format!("{prefix}{s}"), &at.device, cfg.weights);
         let layer_scale = match names.layer_scale {
             Some((a, b)) => Some((vector(ck, &l(a), d, device)?, vector(ck, &l(b), d, device)?)),
             None => None,
         };
         Ok(Self {
             ln1: LayerNorm::load(ck, &l(names.ln1), d, cfg.eps, device)?,
-            attn: SelfAttention::load(ck, [l(names.q), l(names.k), l(names.v), l(names.o)], d, device)?,
+            attn: SelfAttention::load(ck, [l(names.q), l(names.k), l(names.v), l(names.o)], d, w, at)?,
             ln2: LayerNorm::load(ck, &l(names.ln2), d, cfg.eps, device)?,
-            fc1: Linear::load(ck, &l(names.fc1), cfg.d_ff, d, device)?,
-            fc2: Linear::load(ck, &l(names.fc2), d, cfg.d_ff, device)?,
+            fc1: Linear::load_as(ck, &l(names.fc1), cfg.d_ff, d, w, at)?,
+            fc2: Linear::load_as(ck, &l(names.fc2), d, cfg.d_ff, w, at)?,
             layer_scale,
         })
     }

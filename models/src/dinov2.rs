@@ -18,7 +18,7 @@ use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
 
 use crate::clip::{Activation, BlockNames, ClipVisionConfig, EncoderLayer};
-use crate::layers::vector;
+use crate::layers::{TowerWeights, vector};
 
 /// A `Dinov2WithRegistersConfig` as written in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -70,7 +70,14 @@ impl Dinov2Tower {
     /// Load `{prefix}embeddings.*` and `{prefix}encoder.layer.{i}.*` (the final
     /// `layernorm` is not read: MERV takes an inner block's output), for `input_size`
     /// pixel frames.
-    pub fn load(ck: &Checkpoint, prefix: &str, j: &Dinov2ConfigJson, input_size: usize, at: &Placement) -> Result<Self, LoadError> {
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        j: &Dinov2ConfigJson,
+        input_size: usize,
+        weights: TowerWeights,
+        at: &Placement,
+    ) -> Result<Self, LoadError> {
         if j.use_swiglu_ffn == Some(true) || j.qkv_bias == Some(false) || j.num_channels.unwrap_or(3) != 3 {
             return Err(LoadError::Unsupported(
                 "DINOv2 config: SwiGLU feed-forward, attention without biases or other than 3 channels".into(),
@@ -88,6 +95,7 @@ impl Dinov2Tower {
             patch_size: p,
             act: Activation::parse(j.hidden_act.as_deref().unwrap_or("gelu"))?,
             eps: j.layer_norm_eps.unwrap_or(1e-6),
+            weights,
         };
         if p == 0 || !input_size.is_multiple_of(p) || cfg.n_heads == 0 || !d.is_multiple_of(cfg.n_heads) || table_side == 0 {
             return Err(LoadError::Unsupported(format!(
@@ -116,7 +124,7 @@ impl Dinov2Tower {
             register_tokens,
             positions: Tensor::from_data(TensorData::new(positions, [g * g, d]), device),
             layers: (0..cfg.n_layers)
-                .map(|i| EncoderLayer::load_named(ck, &name(&format!("encoder.layer.{i}.")), &BLOCK, &cfg, device))
+                .map(|i| EncoderLayer::load_named(ck, &name(&format!("encoder.layer.{i}.")), &BLOCK, &cfg, at))
                 .collect::<Result<Vec<_>, LoadError>>()?,
             cfg,
             cap: at.cap,

@@ -34,7 +34,7 @@ impl Architecture for Idefics3 {
     /// `Idefics3Config` has SmolVLM's fields and defaults (vision config, text config,
     /// `scale_factor` 2, `image_token_id` 128257), and the same checkpoint names.
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
-        Ok(Self(SmolVlm::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, at)?))
+        Ok(Self(SmolVlm::from_checkpoint(ck, &parse_config(config_json)?, opts, at)?))
     }
 
     fn decoder(&self) -> &Llama {

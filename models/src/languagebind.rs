@@ -19,7 +19,7 @@ use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::Placement;
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower, SelfAttention};
-use crate::layers::LayerNorm;
+use crate::layers::{LayerNorm, TowerWeights};
 
 /// LanguageBind's `vision_config`: CLIP's fields plus the temporal ones.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,8 +51,14 @@ impl LanguageBindVideoTower {
     /// Load from `{prefix}embeddings.*`, `{prefix}pre_layrnorm.*` and
     /// `{prefix}encoder.layers.{i}.*`, whose temporal tensors are `temporal_embedding`,
     /// `temporal_layer_norm1.*` and `temporal_attn.{q,k,v,out}_proj.*`.
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &LanguageBindConfigJson, at: &Placement) -> Result<Self, LoadError> {
-        let ccfg = ClipVisionConfig::try_from(&cfg.clip)?;
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &LanguageBindConfigJson,
+        weights: TowerWeights,
+        at: &Placement,
+    ) -> Result<Self, LoadError> {
+        let ccfg = ClipVisionConfig { weights, ..ClipVisionConfig::try_from(&cfg.clip)? };
         let clip = ClipVisionTower::load(ck, prefix, ccfg.clone(), at)?;
         let (d, device) = (ccfg.d_model, &at.device);
         let group = cfg.num_frames.unwrap_or(8);
@@ -72,7 +78,8 @@ impl LanguageBindVideoTower {
                             ck,
                             ["q_proj", "k_proj", "v_proj", "out_proj"].map(|p| l(&format!("temporal_attn.{p}"))),
                             d,
-                            device,
+                            weights,
+                            at,
                         )?,
                     })
                 })

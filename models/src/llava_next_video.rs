@@ -56,11 +56,11 @@ pub struct LlavaNextVideo {
 impl LlavaNextVideo {
     pub fn load(dir: &Path, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
         let cfg: LlavaNextVideoConfigJson = read_config(dir)?;
-        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, at)
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, &LoadOptions { quant, ..Default::default() }, at)
     }
 
     /// Build from a checkpoint already open (from files or from memory) and its config.
-    pub fn from_checkpoint(ck: &Checkpoint, cfg: &LlavaNextVideoConfigJson, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &LlavaNextVideoConfigJson, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
         if cfg.spatial_pool_mode.as_deref().unwrap_or("average") != "average" {
             return Err(LoadError::Unsupported(format!("spatial_pool_mode {:?} (supported: average)", cfg.spatial_pool_mode)));
         }
@@ -73,7 +73,7 @@ impl LlavaNextVideo {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
-        let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
+        let vcfg = ClipVisionConfig { weights: opts.tower, ..ClipVisionConfig::try_from(&cfg.vision_config)? };
         let text = LlamaConfig::try_from(&cfg.text_config)?;
         let pool_stride = cfg.spatial_pool_stride.unwrap_or(2);
         if pool_stride == 0 || pool_stride > vcfg.grid() {
@@ -86,7 +86,7 @@ impl LlavaNextVideo {
         Ok(Self {
             vision_tower: ClipVisionTower::load(ck, &tower, vcfg.clone(), at)?,
             projector: MultiModalProjector::load(ck, &proj, vcfg.d_model, text.d_model, &at.device)?,
-            decoder: load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, at)?,
+            decoder: load_llama_hf(ck, &LlamaNames { model, lm_head }, text, opts.quant, &Plain, at)?,
             video_token: cfg.video_token_index.unwrap_or(32000),
             feature_layer: feature_layer_index(cfg.vision_feature_layer.unwrap_or(-2), vcfg.n_layers)?,
             pool_stride,
@@ -138,7 +138,7 @@ pub fn avg_pool2d_frames(x: Tensor<4>, k: usize, device: &Device) -> Tensor<2> {
 
 impl Architecture for LlavaNextVideo {
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
-        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, at)
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts, at)
     }
 
     fn decoder(&self) -> &Llama {

@@ -51,9 +51,10 @@ use vidllm_core::{GenerateError, LoadError};
 use vidllm_shaders::device::Placement;
 use vidllm_shaders::preprocess::{normalise_planes, preprocess_planes};
 
-use crate::clip::ClipVisionConfigJson;
+use crate::clip::{ClipVisionConfig, ClipVisionConfigJson};
 use crate::dinov2::{Dinov2ConfigJson, Dinov2Tower};
 use crate::languagebind::{LanguageBindConfigJson, LanguageBindVideoTower};
+use crate::layers::TowerWeights;
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, load_llama_hf};
 use crate::llava::feature_layer_index;
@@ -215,7 +216,15 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    fn load(ck: &Checkpoint, j: &EncoderJson, clip: usize, pool: [usize; 3], d_text: usize, at: &Placement) -> Result<Self, LoadError> {
+    fn load(
+        ck: &Checkpoint,
+        j: &EncoderJson,
+        clip: usize,
+        pool: [usize; 3],
+        d_text: usize,
+        weights: TowerWeights,
+        at: &Placement,
+    ) -> Result<Self, LoadError> {
         let prefix = format!("encoders.{}.", j.name);
         let cfg = |what: &str| LoadError::Unsupported(format!("MERV encoder {} ({what}) config", j.name));
         let prep = j.preprocess.resolve()?;
@@ -230,7 +239,7 @@ impl Encoder {
         let (tower, blocks, d, default_prefix) = match j.model_type.as_str() {
             "languagebind_video" => {
                 let c: LanguageBindConfigJson = serde_json::from_value(j.config.clone()).map_err(|_| cfg("languagebind"))?;
-                let t = LanguageBindVideoTower::load(ck, &format!("{prefix}vision_model."), &c, at)?;
+                let t = LanguageBindVideoTower::load(ck, &format!("{prefix}vision_model."), &c, weights, at)?;
                 if !j.frames.is_multiple_of(t.group) {
                     return Err(LoadError::Unsupported(format!(
                         "MERV encoder {}: {} frames are not whole temporal groups of {}",
@@ -242,13 +251,13 @@ impl Encoder {
             }
             "dinov2_with_registers" => {
                 let c: Dinov2ConfigJson = serde_json::from_value(j.config.clone()).map_err(|_| cfg("dinov2"))?;
-                let t = Dinov2Tower::load(ck, &prefix, &c, side, at)?;
+                let t = Dinov2Tower::load(ck, &prefix, &c, side, weights, at)?;
                 let (n, d, r) = (t.cfg.n_layers, t.cfg.d_model, t.registers);
                 (Tower::Dinov2(Box::new(t)), layer(n)?, d, 1 + r)
             }
             "vivit" => {
                 let c: VivitConfigJson = serde_json::from_value(j.config.clone()).map_err(|_| cfg("vivit"))?;
-                let t = VivitTower::load(ck, &prefix, &c, at)?;
+                let t = VivitTower::load(ck, &prefix, &c, weights, at)?;
                 if j.frames != t.frames || j.feature_layer != serde_json::json!("last") {
                     return Err(LoadError::Unsupported(format!(
                         "MERV encoder {}: ViViT takes {} frames and gives its last hidden state",
@@ -260,7 +269,7 @@ impl Encoder {
             }
             "siglip_vision_model" => {
                 let c: ClipVisionConfigJson = serde_json::from_value(j.config.clone()).map_err(|_| cfg("siglip"))?;
-                let vc = c.resolve(&SiglipDefaults::SIGLIP)?;
+                let vc = ClipVisionConfig { weights, ..c.resolve(&SiglipDefaults::SIGLIP)? };
                 let t = SiglipVisionTower::load(ck, &format!("{prefix}vision_model."), vc, Positions::Identity, at)?;
                 let (n, d) = (t.cfg.n_layers, t.cfg.d_model);
                 (Tower::Siglip(Box::new(t)), layer(n)?, d, 0)
@@ -377,7 +386,7 @@ impl Merv {
             .enumerate()
             .map(|(i, e)| {
                 let placed = opts.encoder_placements.get(i % opts.encoder_placements.len().max(1)).unwrap_or(at);
-                Encoder::load(ck, e, clip_frames, pool, text.d_model, placed)
+                Encoder::load(ck, e, clip_frames, pool, text.d_model, opts.tower, placed)
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
         let fusion = FeatureFusion::load(ck, "fusion", text.d_model, &at.device)?;

@@ -4,13 +4,16 @@
 //!
 //! The mmproj's tensors are renamed to the Hugging Face names the tower and connector
 //! loaders read (`v.blk.0.attn_q.weight` -> `...encoder.layers.0.self_attn.q_proj.weight`)
-//! and dequantised to f32 (F16 and Q8_0 files alike: vision towers run in f32 here), so a
-//! pair and a folder go through one loader. `clip.projector_type` picks the architecture;
+//! and dequantised to f32, so a pair and a folder go through one loader. A file whose
+//! tower blocks' matrices are Q8_0 then has them quantised back to Q8_0 at load
+//! ([`TowerWeights::Q8_0`]), which gives the file's own blocks again: ggml's Q8_0 scale is
+//! `amax / 127` and the largest code 127, so a dequantised block maps back to its scale
+//! and codes exactly. `clip.projector_type` picks the architecture;
 //! its `clip.vision.*` hyper-parameters stand in for `config.json` and the preprocessor
 //! config.
 
 use vidllm_core::LoadError;
-use vidllm_core::ggml::dequantize;
+use vidllm_core::ggml::{GgmlType, dequantize};
 use vidllm_core::gguf::{Gguf, TensorInfo};
 use vidllm_core::preprocess::PreprocessorJson;
 use vidllm_core::safetensors::{Checkpoint, writer};
@@ -18,6 +21,7 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
 use crate::clip::ClipVisionConfigJson;
+use crate::layers::TowerWeights;
 use crate::model_files::Folder;
 use crate::smolvlm::SmolVlm;
 use crate::video_model::{Preprocessing, VideoModel};
@@ -36,6 +40,8 @@ pub struct Mmproj {
     pub projection_dim: usize,
     /// The preprocessor config the file's keys amount to.
     pub preprocessor: PreprocessorJson,
+    /// How the tower's linear layers are stored: Q8_0 where the file's are all Q8_0.
+    pub tower: TowerWeights,
     pub ck: Checkpoint,
 }
 
@@ -119,6 +125,12 @@ impl Mmproj {
             image_std: floats("clip.vision.image_std"),
             ..Default::default()
         };
+        let block_matrices: Vec<&TensorInfo> =
+            g.tensors.iter().filter(|t| t.name.starts_with("v.blk.") && t.name.ends_with(".weight") && t.shape().len() == 2).collect();
+        let tower = match !block_matrices.is_empty() && block_matrices.iter().all(|t| t.ty == GgmlType::Q8_0) {
+            true => TowerWeights::Q8_0,
+            false => TowerWeights::F32,
+        };
         let mut entries = Vec::new();
         for t in &g.tensors {
             let Some(name) = hf_name(&t.name, "model.vision_model.", "model.connector.") else { continue };
@@ -131,6 +143,7 @@ impl Mmproj {
             scale_factor: u("clip.vision.projector.scale_factor")?,
             projection_dim: u("clip.vision.projection_dim")?,
             preprocessor,
+            tower,
             ck,
         })
     }

@@ -122,22 +122,16 @@ impl Pllava {
         at: &Placement,
     ) -> Result<Self, LoadError> {
         let cfg: PllavaConfigJson = read_config(dir)?;
-        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, lora_alpha, pool, at)
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, &LoadOptions { quant, lora_alpha, pool, ..Default::default() }, at)
     }
 
     /// Build from a checkpoint already open (from files or from memory) and its config.
-    pub fn from_checkpoint(
-        ck: &Checkpoint,
-        cfg: &PllavaConfigJson,
-        quant: QuantChoice,
-        lora_alpha: Option<f32>,
-        pool: Option<[usize; 3]>,
-        at: &Placement,
-    ) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &PllavaConfigJson, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
+        let (quant, lora_alpha, pool) = (opts.quant, opts.lora_alpha, opts.pool);
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
-        let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
+        let vcfg = ClipVisionConfig { weights: opts.tower, ..ClipVisionConfig::try_from(&cfg.vision_config)? };
         let text = LlamaConfig::try_from(&cfg.text_config)?;
         let pooling_shape = pool.or(cfg.pooling_shape).unwrap_or([16, 12, 12]);
         if pooling_shape.contains(&0) {
@@ -197,7 +191,7 @@ impl Pllava {
 
 impl Architecture for Pllava {
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
-        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, opts.lora_alpha, opts.pool, at)
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts, at)
     }
 
     fn decoder(&self) -> &Llama {

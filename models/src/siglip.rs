@@ -103,7 +103,7 @@ impl SiglipVisionTower {
         let ids = Tensor::<1, Int>::from_data(TensorData::new(positions.ids(g), [g * g]), device);
         let positions = table.select(0, ids);
         let layers = (0..cfg.n_layers)
-            .map(|i| EncoderLayer::load(ck, &name(&format!("encoder.layers.{i}.")), &cfg, device))
+            .map(|i| EncoderLayer::load(ck, &name(&format!("encoder.layers.{i}.")), &cfg, at))
             .collect::<Result<Vec<_>, LoadError>>()?;
         let post_ln = LayerNorm::load(ck, &name("post_layernorm"), d, cfg.eps, device)?;
         Ok(Self { cfg, patch_t, patch_bias, positions, layers, post_ln, cap: at.cap })

@@ -30,9 +30,9 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_core::{GenerateError, LoadError};
 use vidllm_shaders::device::Placement;
 
-use crate::clip::ClipVisionConfigJson;
+use crate::clip::{ClipVisionConfig, ClipVisionConfigJson};
 use crate::llama::{Llama, LlamaConfig};
-use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
+use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, load_llama_hf};
 use crate::llava::find_prefix;
 use crate::merge::Visual;
 use crate::mmproj::Mmproj;
@@ -77,34 +77,36 @@ pub struct SmolVlm {
 
 impl SmolVlm {
     /// Build from a checkpoint already open (from files or from memory) and its config.
-    pub fn from_checkpoint(ck: &Checkpoint, cfg: &SmolVlmConfigJson, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &SmolVlmConfigJson, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
         let text = LlamaConfig::try_from(&cfg.text_config)?;
         let model = find_prefix(ck, &names::TEXT, "embed_tokens.weight")?;
-        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head: Some(names::LM_HEAD.into()) }, text, quant, &Plain, at)?;
+        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head: Some(names::LM_HEAD.into()) }, text, opts.quant, &Plain, at)?;
         let scale = cfg.scale_factor.unwrap_or(2);
-        Self::assemble(ck, &cfg.vision_config, scale, decoder, cfg.image_token_id.unwrap_or(128_257), "config.json: ", at)
+        let vcfg = ClipVisionConfig { weights: opts.tower, ..cfg.vision_config.resolve(&SiglipDefaults::SMOLVLM)? };
+        Self::assemble(ck, vcfg, scale, decoder, cfg.image_token_id.unwrap_or(128_257), "config.json: ", at)
     }
 
     /// Build from llama.cpp's pair: the mmproj's vision side, the text GGUF's decoder, whose
-    /// tokenizer names the `<image>` token.
+    /// tokenizer names the `<image>` token. The tower's matrices are stored as the mmproj
+    /// stores them (`Mmproj::tower`): a Q8_0 file runs its blocks, as llama.cpp does.
     pub fn from_mmproj(mm: &Mmproj, decoder: Llama, tok: &Tokenizer, at: &Placement) -> Result<Self, LoadError> {
         let image_token =
             tok.id_of("<image>").ok_or_else(|| LoadError::Tokenizer("the text GGUF's vocabulary has no <image> token".into()))?;
-        Self::assemble(&mm.ck, &mm.vision, mm.scale_factor, decoder, image_token, "mmproj: clip.vision.projector.", at)
+        let vcfg = ClipVisionConfig { weights: mm.tower, ..mm.vision.resolve(&SiglipDefaults::SMOLVLM)? };
+        Self::assemble(&mm.ck, vcfg, mm.scale_factor, decoder, image_token, "mmproj: clip.vision.projector.", at)
     }
 
     /// The tower and connector from `ck` (Hugging Face names), around `decoder`. `field`
     /// prefixes the name of the scale factor in errors.
     fn assemble(
         ck: &Checkpoint,
-        vision: &ClipVisionConfigJson,
+        vcfg: ClipVisionConfig,
         scale: usize,
         decoder: Llama,
         image_token: u32,
         field: &str,
         at: &Placement,
     ) -> Result<Self, LoadError> {
-        let vcfg = vision.resolve(&SiglipDefaults::SMOLVLM)?;
         let grid = vcfg.grid();
         if scale == 0 || !grid.is_multiple_of(scale) {
             return Err(LoadError::Unsupported(format!(
@@ -137,7 +139,7 @@ impl SmolVlm {
 
 impl Architecture for SmolVlm {
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
-        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, at)
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts, at)
     }
 
     fn decoder(&self) -> &Llama {

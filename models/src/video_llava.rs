@@ -82,15 +82,15 @@ impl VideoLlava {
     /// Load a Hugging Face folder.
     pub fn load(dir: &std::path::Path, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
         let cfg: VideoLlavaConfigJson = read_config(dir)?;
-        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, quant, at)
+        Self::from_checkpoint(&Checkpoint::open_dir(dir)?, &cfg, &LoadOptions { quant, ..Default::default() }, at)
     }
 
     /// Build from a checkpoint already open (from files or from memory) and its config.
-    pub fn from_checkpoint(ck: &Checkpoint, cfg: &VideoLlavaConfigJson, quant: QuantChoice, at: &Placement) -> Result<Self, LoadError> {
+    pub fn from_checkpoint(ck: &Checkpoint, cfg: &VideoLlavaConfigJson, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
         if cfg.projector_hidden_act.as_deref().is_some_and(|a| a != "gelu") {
             return Err(LoadError::Unsupported(format!("projector activation {:?}", cfg.projector_hidden_act)));
         }
-        let vcfg = ClipVisionConfig::try_from(&cfg.vision_config)?;
+        let vcfg = ClipVisionConfig { weights: opts.tower, ..ClipVisionConfig::try_from(&cfg.vision_config)? };
         let text = crate::llama::LlamaConfig::try_from(&cfg.text_config)?;
         let visual = VisualConfig {
             image_token: cfg.image_token_index.unwrap_or(32000),
@@ -112,7 +112,7 @@ impl VideoLlava {
         let projector = MultiModalProjector::load(ck, &proj_prefix, vcfg.d_model, text.d_model, &at.device)?;
         let model = find_prefix(ck, &names::LANGUAGE, "embed_tokens.weight")?;
         let lm_head = names::LM_HEAD.iter().find(|h| ck.contains(h)).map(|h| h.to_string());
-        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, quant, &Plain, at)?;
+        let decoder = load_llama_hf(ck, &LlamaNames { model, lm_head }, text, opts.quant, &Plain, at)?;
         Ok(Self { video_tower, image_tower, projector, decoder, visual })
     }
 
@@ -158,7 +158,7 @@ impl VideoLlava {
 
 impl Architecture for VideoLlava {
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
-        Self::from_checkpoint(ck, &parse_config(config_json)?, opts.quant, at)
+        Self::from_checkpoint(ck, &parse_config(config_json)?, opts, at)
     }
 
     fn decoder(&self) -> &Llama {

@@ -19,6 +19,7 @@ use vidllm_shaders::device::Placement;
 
 use crate::Llama;
 use crate::idefics3::Idefics3;
+use crate::layers::TowerWeights;
 use crate::llama_hf::QuantChoice;
 use crate::llava_next_video::LlavaNextVideo;
 use crate::merge::{Visual, expand_placeholders, expand_placeholders_counted};
@@ -33,6 +34,8 @@ use crate::video_llava::VideoLlava;
 pub struct LoadOptions {
     /// How the decoder's matrices are stored on the device.
     pub quant: QuantChoice,
+    /// How the vision towers' linear layers are stored on the device (f32 by default).
+    pub tower: TowerWeights,
     /// PLLaVA: LoRA alpha used when merging (default 4).
     pub lora_alpha: Option<f32>,
     /// PLLaVA: pool frame tokens to `(T, H, W)` (default: the config's).
@@ -44,7 +47,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { quant: QuantChoice::Q4_1, lora_alpha: None, pool: None, encoder_placements: Vec::new() }
+        Self { quant: QuantChoice::Q4_1, tower: TowerWeights::F32, lora_alpha: None, pool: None, encoder_placements: Vec::new() }
     }
 }
 

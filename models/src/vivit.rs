@@ -14,7 +14,7 @@ use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
 
 use crate::clip::{Activation, BlockNames, ClipVisionConfig, EncoderLayer};
-use crate::layers::{LayerNorm, vector};
+use crate::layers::{LayerNorm, TowerWeights, vector};
 
 /// A `VivitConfig` as written in `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,7 +63,7 @@ pub struct VivitTower {
 
 impl VivitTower {
     /// Load `{prefix}embeddings.*`, `{prefix}encoder.layer.{i}.*` and `{prefix}layernorm.*`.
-    pub fn load(ck: &Checkpoint, prefix: &str, j: &VivitConfigJson, at: &Placement) -> Result<Self, LoadError> {
+    pub fn load(ck: &Checkpoint, prefix: &str, j: &VivitConfigJson, weights: TowerWeights, at: &Placement) -> Result<Self, LoadError> {
         let d = j.hidden_size.unwrap_or(768);
         let tubelet = j.tubelet_size.unwrap_or([2, 16, 16]);
         let frames = j.num_frames.unwrap_or(32);
@@ -76,6 +76,7 @@ impl VivitTower {
             patch_size: tubelet[1],
             act: Activation::parse(j.hidden_act.as_deref().unwrap_or("gelu_fast"))?,
             eps: j.layer_norm_eps.unwrap_or(1e-6),
+            weights,
         };
         let [kt, kh, kw] = tubelet;
         if j.qkv_bias == Some(false)
@@ -110,7 +111,7 @@ impl VivitTower {
             class: Tensor::from_data(TensorData::new(cls, [d]), device),
             positions: Tensor::from_data(TensorData::new(pos, [n, d]), device),
             layers: (0..cfg.n_layers)
-                .map(|i| EncoderLayer::load_named(ck, &name(&format!("encoder.layer.{i}.")), &BLOCK, &cfg, device))
+                .map(|i| EncoderLayer::load_named(ck, &name(&format!("encoder.layer.{i}.")), &BLOCK, &cfg, at))
                 .collect::<Result<Vec<_>, LoadError>>()?,
             final_ln: LayerNorm::load(ck, &name("layernorm"), d, cfg.eps, device)?,
             cfg,

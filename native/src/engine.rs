@@ -344,8 +344,19 @@ impl Engine {
         let t0 = Instant::now();
         let (model, tok, frames, device_name) = if runtime::is_video_model(&m.model, cfg.mmproj.as_deref())? {
             let picked = pick(m.device)?;
-            let opts = LoadOptions { quant: m.quant.unwrap_or(QuantChoice::Q4_1), ..Default::default() };
-            let folder = runtime::load_video(&m.model, cfg.mmproj.as_deref(), opts, m.quant.is_some(), &picked.placement(), progress)?;
+            let opts = LoadOptions {
+                quant: m.quant.unwrap_or(QuantChoice::Q4_1),
+                tower: m.vision_quant.unwrap_or_default(),
+                ..Default::default()
+            };
+            let folder = runtime::load_video(
+                &m.model,
+                cfg.mmproj.as_deref(),
+                opts,
+                m.quant.is_some() || m.vision_quant.is_some(),
+                &picked.placement(),
+                progress,
+            )?;
             let prep = FramePrep { pre: folder.pre, default: folder.sampling, device: picked.device };
             (Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), Some(prep), picked.name)
         } else {

@@ -3,6 +3,7 @@
 
 use clap::Args;
 use vidllm_models::KvChoice;
+use vidllm_models::layers::TowerWeights;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_shaders::device::DeviceChoice;
 
@@ -34,6 +35,12 @@ pub struct ModelArgs {
     /// q4_1). A GGUF file keeps its own types.
     #[arg(long)]
     pub quant: Option<QuantChoice>,
+    /// f32 | q8_0: how a folder's vision towers store their attention and MLP matrices
+    /// (default f32, transformers' arithmetic). q8_0 quantises them on load to llama.cpp's
+    /// Q8_0 blocks, which the CPU multiplies about twice as fast. A GGUF pair keeps its
+    /// mmproj's types.
+    #[arg(long)]
+    pub vision_quant: Option<TowerWeights>,
     /// Where to run: a hardware GPU if present (auto), wgpu on any adapter (gpu), or the CPU.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,

@@ -106,7 +106,7 @@ pub fn load_video(
                 return Ok(ModelFiles::Dir(Path::new(model).to_path_buf()).load_reporting(opts, at, Some(on_read))?);
             };
             if quant_given {
-                bail!("--quant applies to a model folder; a GGUF pair keeps the types it was written with");
+                bail!("--quant and --vision-quant apply to a model folder; a GGUF pair keeps the types it was written with");
             }
             let mut text = Gguf::open(model)?;
             text.on_read(on_read);

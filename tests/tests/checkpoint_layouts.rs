@@ -10,6 +10,7 @@ use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::safetensors::writer::{Entry, write};
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::video_llava::VideoLlava;
+use vidllm_models::video_model::LoadOptions;
 use vidllm_tests::fixture;
 
 fn tmp_dir(tag: &str) -> PathBuf {
@@ -138,7 +139,7 @@ fn a_folder_read_into_memory_loads_the_same() {
     let cfg: vidllm_models::video_llava::VideoLlavaConfigJson = serde_json::from_str(&read("config.json")).unwrap();
     let at = vidllm_tests::cpu();
     let device = at.device.clone();
-    let from_memory = VideoLlava::from_checkpoint(&ck, &cfg, QuantChoice::F32, &at).unwrap();
+    let from_memory = VideoLlava::from_checkpoint(&ck, &cfg, &LoadOptions { quant: QuantChoice::F32, ..Default::default() }, &at).unwrap();
     let from_dir = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
     let ids = [1u32, 5, 9, 11];
     let logits = |m: &VideoLlava| {

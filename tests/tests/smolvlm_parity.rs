@@ -13,6 +13,7 @@ use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::FrameTimes;
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
+use vidllm_models::layers::TowerWeights;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::Visual;
 use vidllm_models::merge::merge_embeddings;
@@ -42,7 +43,8 @@ fn frame_times(r: &Checkpoint) -> FrameTimes {
 fn model(at: &vidllm_shaders::device::Placement) -> SmolVlm {
     let dir = fixture("tiny_smolvlm");
     let cfg: SmolVlmConfigJson = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    SmolVlm::from_checkpoint(&Checkpoint::open_dir(&dir).unwrap(), &cfg, QuantChoice::F32, at).unwrap()
+    SmolVlm::from_checkpoint(&Checkpoint::open_dir(&dir).unwrap(), &cfg, &LoadOptions { quant: QuantChoice::F32, ..Default::default() }, at)
+        .unwrap()
 }
 
 /// The video processor's choices: which frames, and their pixels (vidllm resamples in
@@ -185,6 +187,9 @@ fn llama_cpp_gguf_pair_matches_transformers() {
     for ty in ["F16", "Q8_0"] {
         let text = Gguf::open(fixture(&format!("tiny_smolvlm.{ty}.gguf"))).unwrap();
         let mm = Gguf::open(fixture(&format!("mmproj-tiny_smolvlm-{ty}.gguf"))).unwrap();
+        // A Q8_0 mmproj's tower runs its own blocks; an F16 one runs in f32.
+        let tower = vidllm_models::mmproj::Mmproj::read(&mm).unwrap().tower;
+        assert_eq!(tower, if ty == "Q8_0" { TowerWeights::Q8_0 } else { TowerWeights::F32 }, "{ty}");
         for (name, at) in test_devices() {
             let name = format!("{name} {ty}");
             let folder = load_pair(&text, &mm, &at).unwrap();

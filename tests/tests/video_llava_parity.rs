@@ -1,15 +1,19 @@
 //! Tiny random Video-LLaVA (made and run by transformers 4.57.1,
 //! `tests/fixtures/gen_video_fixtures.py`) against vidllm, stage by stage, on every device:
 //! the selected CLIP hidden state, the projected features, the logits, and the greedy
-//! continuation. f32 weights (`--quant f32`) so the comparison is exact to rounding.
+//! continuation. f32 weights (`--quant f32`) so the comparison is exact to rounding; and
+//! the towers stored as Q8_0 blocks (`--vision-quant q8_0`) against transformers run with
+//! the same blocks (`gen_tower_q8_0_fixtures.py`).
 
 use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_core::tokenizer::Tokenizer;
 
+use vidllm_models::layers::TowerWeights;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
 use vidllm_models::video_llava::VideoLlava;
+use vidllm_models::video_model::LoadOptions;
 
 use vidllm_tests::{check_stage, fixture, greedy as greedy_tokens, prefill_with_visuals, test_devices};
 
@@ -19,7 +23,11 @@ struct Reference {
 
 impl Reference {
     fn load() -> Self {
-        Self { ck: Checkpoint::open_files(&[fixture("tiny_video_llava_ref.safetensors")]).unwrap() }
+        Self::open("tiny_video_llava_ref.safetensors")
+    }
+
+    fn open(file: &str) -> Self {
+        Self { ck: Checkpoint::open_files(&[fixture(file)]).unwrap() }
     }
 
     fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
@@ -69,6 +77,42 @@ fn video_llava_stages_match_transformers_on_every_device() {
         assert_eq!(got, greedy, "{name}: greedy tokens");
         println!("{name}: greedy continuation {got:?} equals transformers'");
     }
+}
+
+/// The towers' attention and MLP matrices as Q8_0 blocks, multiplied by the block kernels
+/// (on the CPU the integer path, its activations rounded to 16 bits a value), against
+/// transformers running the same blocks dequantised (gguf-py's quantiser): each stage
+/// within the f32 paths' 1e-4, and the same greedy tokens, on every device.
+#[test]
+fn q8_0_towers_match_transformers_on_the_same_blocks() {
+    let r = Reference::load();
+    let q = Reference::open("tiny_video_llava_q8_0_tower_ref.safetensors");
+    let dir = fixture("tiny_video_llava");
+    let (pix, pshape) = r.f32("pixel_values_videos");
+    let (t, s) = (pshape[1], pshape[3]);
+    let ids = r.ids("input_ids");
+    let greedy = q.ids("greedy");
+    // The blocks change the tower's output by more than the tolerance, so passing is not
+    // an accident of the f32 reference being close.
+    assert!(vidllm_tests::rel_err(&q.f32("vision_hidden").0, &r.f32("vision_hidden").0) > 1e-3);
+    for (name, at) in test_devices() {
+        let device = at.device.clone();
+        let opts = LoadOptions { quant: QuantChoice::F32, tower: TowerWeights::Q8_0, ..Default::default() };
+        let model = VideoLlava::from_checkpoint(&Checkpoint::open_dir(&dir).unwrap(), &read_config(&dir), &opts, &at).unwrap();
+        let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
+        let hidden = model.video_hidden(pixels.clone());
+        check_stage("q8_0 vision hidden state", &name, &hidden.into_data().try_into_vec::<f32>().unwrap(), &q.f32("vision_hidden").0);
+        let features = model.video_features(pixels);
+        check_stage("q8_0 projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &q.f32("projected").0);
+        let visual = [Visual::new(model.visual.video_token, features, model.video_tokens(t))];
+        let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
+        check_stage("q8_0 logits", &name, &logits, &q.f32("logits").0);
+        assert_eq!(greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len()), greedy, "{name}: greedy tokens");
+    }
+}
+
+fn read_config(dir: &std::path::Path) -> vidllm_models::video_llava::VideoLlavaConfigJson {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
 }
 
 #[test]

@@ -27,6 +27,12 @@ export interface LoadOptions {
   /** PLLaVA: LoRA alpha used when merging the adapters (default 4). */
   loraAlpha?: number;
   /**
+   * A folder's vision towers: "f32" (default, transformers' arithmetic) or "q8_0" (their
+   * attention and MLP matrices quantised on load to Q8_0 blocks, as `vidllm-native
+   * --vision-quant q8_0`). A GGUF pair keeps its mmproj's types.
+   */
+  visionQuant?: "f32" | "q8_0";
+  /**
    * Run the model in a Web Worker (default: true in a page), so the page's main thread
    * stays free; `VidLLM.load` then resolves to a `VidLLMWorker`, which has the same members.
    * `false` runs it on the calling thread, which it blocks for the load, each video's

@@ -384,7 +384,7 @@ export class VidLLM {
    * of f32's memory), "q8_0" (a quarter) or "q4_0" (an eighth).
    * `threads` (`device: "cpu"`): see `cpuThreads`; `threads` of the result says how many run.
    * @param {{model: string|Uint8Array|File|File[]|FileList, mmproj?: string|Uint8Array|File, onProgress?: Function,
-   *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number, worker?: boolean,
+   *   device?: "webgpu"|"cpu", context?: number, maxBindingBytes?: number, loraAlpha?: number, visionQuant?: "f32"|"q8_0", worker?: boolean,
    *   kv?: "auto"|"f32"|"f16"|"q8_0"|"q4_0", threads?: number}} opts
    */
   static async load({ worker = onPageThread(), ...opts }) {
@@ -403,7 +403,7 @@ export class VidLLM {
     return VidLLM.#loadHere(opts);
   }
 
-  static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, kv, threads }) {
+  static async #loadHere({ model, mmproj, onProgress, device = "webgpu", context = 4096, maxBindingBytes, loraAlpha, visionQuant, kv, threads }) {
     if (device !== "webgpu" && device !== "cpu") throw new RangeError(`device must be "webgpu" or "cpu", not ${JSON.stringify(device)}`);
     let pkg;
     if (device === "webgpu") pkg = await wasm("webgpu");
@@ -437,7 +437,7 @@ export class VidLLM {
       const threadsRun = gpu ? 1 : poolThreads;
       if (vision) return new VidLLM(await pkg.VideoRuntime.load_gguf_pair(bytes, vision, gpu, context, cap, kv), true, pkg, threadsRun);
       if (bytes) return new VidLLM(await pkg.Runtime.load_gguf(bytes, gpu, context, cap, kv), false, pkg, threadsRun);
-      return new VidLLM(await loadFolder(pkg, folderSource(model, onProgress), gpu, context, cap, loraAlpha, kv), true, pkg, threadsRun);
+      return new VidLLM(await loadFolder(pkg, folderSource(model, onProgress), gpu, context, cap, loraAlpha, visionQuant, kv), true, pkg, threadsRun);
     } catch (e) {
       const f = failure(e, pkg);
       // The runtime's own refusals of the files arrive unnamed.
@@ -724,7 +724,7 @@ async function fetchText(url, optional = false, folder = null) {
  * same list and precedence as native folders), then the safetensors shards. The
  * architecture is checked before any weights are fetched.
  */
-async function loadFolder(pkg, src, gpu, context, cap, loraAlpha, kv) {
+async function loadFolder(pkg, src, gpu, context, cap, loraAlpha, visionQuant, kv) {
   const wanted = pkg.folder_files();
   const required = new Set(["config.json", "tokenizer.json"]);
   // Fetched together; a failure is reported in the list's order, so a missing folder is
@@ -748,7 +748,7 @@ async function loadFolder(pkg, src, gpu, context, cap, loraAlpha, kv) {
     names.push(name);
     files.push(bytes);
   }
-  return pkg.VideoRuntime.load(names, files, gpu, context, cap, loraAlpha, kv);
+  return pkg.VideoRuntime.load(names, files, gpu, context, cap, loraAlpha, visionQuant, kv);
 }
 
 /** The weight types the WebGPU kernels read in place (llama.cpp's names). */

@@ -13,6 +13,7 @@ use burn::tensor::{Int, Tensor};
 use vidllm_core::gguf::Gguf;
 use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
+use vidllm_models::layers::TowerWeights;
 use vidllm_models::live_window::LiveWindow;
 use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::mmproj::{Mmproj, load_pair};
@@ -98,15 +99,20 @@ impl VideoRuntime {
         context: usize,
         binding_cap: Option<f64>,
         lora_alpha: Option<f32>,
+        vision_quant: Option<String>,
         kv: Option<String>,
     ) -> Result<VideoRuntime, JsError> {
         let kv = kv_type(kv)?;
+        let tower = match vision_quant {
+            None => TowerWeights::F32,
+            Some(q) => q.parse::<TowerWeights>().map_err(|e| JsError::new(&format!("visionQuant: {e}")))?,
+        };
         let files = ModelFiles::Memory(names.into_iter().zip(files).map(|(n, b)| (n, b.to_vec())).collect());
         if let Some(config) = files.text("config.json").map_err(js_err)? {
             VideoModel::registration(&config).map_err(js_err)?;
         }
         let opened = open_device(gpu, binding_cap.map(|c| c as u64)).await?;
-        let opts = LoadOptions { quant: QuantChoice::Q4_1, lora_alpha, ..Default::default() };
+        let opts = LoadOptions { quant: QuantChoice::Q4_1, tower, lora_alpha, ..Default::default() };
         let folder = files.load(opts, &opened.placement()).map_err(js_err)?;
         Self::of(folder, opened, context, kv)
     }

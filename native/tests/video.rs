@@ -481,7 +481,10 @@ fn bad_gguf_pairs_give_one_line_errors() {
     );
     // The files swapped.
     assert_one_line_error(ask_pair(mm, text, &[]), "general.architecture");
-    assert_one_line_error(ask_pair(text, mm, &["--quant", "q8_0"]), "--quant applies to a model folder");
+    assert_one_line_error(ask_pair(text, mm, &["--quant", "q8_0"]), "--quant and --vision-quant apply to a model folder");
+    assert_one_line_error(ask_pair(text, mm, &["--vision-quant", "q8_0"]), "--quant and --vision-quant apply to a model folder");
+    let (ok, _, err) = ask_pair(text, mm, &["--vision-quant", "q4_0"]);
+    assert!(!ok && err.contains("unknown vision tower weights \"q4_0\" (f32, q8_0)"), "{err}");
 }
 
 /// `ask --image --json` (f32 decoder, 8 tokens, CPU) on the picture a reference file holds

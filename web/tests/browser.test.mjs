@@ -427,7 +427,7 @@ test("SmolVLM2 and Idefics3 answer about a still image, cut into tiles, with the
   }, { consoleErrors: false });
 });
 
-test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the page's tokens, and the CPU backend with native's", { timeout: 900_000 }, async () => {
+test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the page's tokens, and the CPU backend with native's; visionQuant as natively", { timeout: 900_000 }, async () => {
   const dir = makeClips();
   await testPage("/web/tests/page.html", async (page) => {
     const a = { base: "/tests/fixtures/tiny_video_llava/", clip: "/clip.webm", frames: 8, prompt: "What is happening in this video?", maxTokens: 6 };
@@ -439,6 +439,14 @@ test("a Web Worker answers about a <video> (ImageBitmaps transferred) with the p
     assert.equal(onCpu.where, "VidLLMWorker");
     assert.deepEqual(inWorker.ids, inPage.ids);
     assert.deepEqual(onCpu.ids, nativeAnswer(dir, "tiny_video_llava", onCpu, a.prompt, 6).tokens);
+    // The towers as Q8_0 blocks (`visionQuant`, `--vision-quant`): on the CPU backend in the
+    // default worker and on WebGPU in the page, the native runtime's tokens for the same frames.
+    for (const [device, worker] of [["cpu", true], ["webgpu", false]]) {
+      const q8 = await page.evaluate((x) => window.runVideo(x), { ...a, device, worker, visionQuant: "q8_0" });
+      const native = nativeAnswer(dir, "tiny_video_llava", q8, a.prompt, 6, null, ["--vision-quant", "q8_0"]).tokens;
+      console.log(`visionQuant q8_0 on ${device}: ${q8.ids} | native ${native}`);
+      assert.deepEqual(q8.ids, native);
+    }
   }, { consoleErrors: false });
 });
 

@@ -91,7 +91,9 @@ fn rgb_of(rgba: &[u8], t: usize, h: usize, w: usize) -> Result<Vec<u8>, JsError>
 impl VideoRuntime {
     /// A model folder's files, already fetched or picked: names and contents (the
     /// config files of `folder_files()` that exist, and the safetensors shards). Read by
-    /// the same loader as native folders.
+    /// the same loader as native folders. (Positional, as js/vidllm.js's `loadFolder` calls
+    /// it: the options object is unpacked there.)
+    #[allow(clippy::too_many_arguments)]
     pub async fn load(
         names: Vec<String>,
         files: Vec<js_sys::Uint8Array>,

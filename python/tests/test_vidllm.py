@@ -63,6 +63,16 @@ def test_video_answer_equals_ask(tiny_video):
     assert again["timings"]["video_cached"] and again["text"] == r["text"]
 
 
+def test_vision_quant_answer_equals_ask():
+    # The towers as Q8_0 blocks: the same answer as `ask --vision-quant q8_0`.
+    expected = cli_json("ask", "--device", "cpu", "--quant", "f32", "--vision-quant", "q8_0", "--json", "--max-tokens", "6",
+                        "--prompt", "What happens?", "--model", TINY_VIDEO_LLAVA, "--video", CLIP)
+    with vidllm.Model.load(TINY_VIDEO_LLAVA, device="cpu", quant="f32", vision_quant="q8_0") as m:
+        assert m.ask(CLIP, "What happens?", max_tokens=6).result()["text"] == expected["text"]
+    with pytest.raises(ValueError, match="vision_quant"):
+        vidllm.Model.load(TINY_VIDEO_LLAVA, device="cpu", vision_quant="q4_0")
+
+
 def test_concurrent_requests_equal_sequential(smollm2):
     alone = {q: smollm2.ask(None, q, max_tokens=16).text for q in QUESTIONS[:2]}
     together = {}

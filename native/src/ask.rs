@@ -14,8 +14,6 @@ use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampler::SamplerConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::layers::TowerWeights;
-use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::token_budget::{Budget, Reduce};
 use vidllm_models::video_model::{LoadOptions, VideoModel};
 use vidllm_models::{Conversation, GenerateParams, KvChoice, Model, Prompt};
@@ -24,8 +22,8 @@ use vidllm_shaders::preprocess::{preprocess, rgb_planes};
 
 use crate::chat::{drain, drain_with};
 use crate::progress::Progress;
-use crate::runtime;
 use crate::video::{Frame, VideoReader};
+use crate::{StorageArgs, runtime};
 
 #[derive(Args)]
 pub struct AskArgs {
@@ -69,16 +67,8 @@ pub struct AskArgs {
     /// PLLaVA: LoRA alpha used when merging the adapters (default 4, the paper's serving value).
     #[arg(long)]
     pub lora_alpha: Option<f32>,
-    /// q4_0 | q4_1 | q8_0 | f16 | f32: how a folder's decoder is stored on the device
-    /// (default q4_1; a GGUF keeps its own types).
-    #[arg(long)]
-    pub quant: Option<QuantChoice>,
-    /// f32 | q8_0: how a folder's vision towers store their attention and MLP matrices
-    /// (default f32, transformers' arithmetic). q8_0 quantises them on load to llama.cpp's
-    /// Q8_0 blocks, which the CPU multiplies about twice as fast. A GGUF pair keeps its
-    /// mmproj's types.
-    #[arg(long)]
-    pub vision_quant: Option<TowerWeights>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
     /// llama.cpp's vision file for a text GGUF given as `--model` (`mmproj-*.gguf`, as
     /// `convert_hf_to_gguf.py --mmproj` writes it): the pair is one video-language model.
     #[arg(long)]
@@ -293,11 +283,10 @@ fn load_options(a: &AskArgs, encoders: &[Picked]) -> Result<LoadOptions> {
         Some(p) => bail!("--pool takes T,H,W (got {p:?})"),
     };
     Ok(LoadOptions {
-        quant: a.quant.unwrap_or(QuantChoice::Q4_1),
-        tower: a.vision_quant.unwrap_or_default(),
         lora_alpha: a.lora_alpha,
         pool,
         encoder_placements: encoders.iter().map(|p| p.placement()).collect(),
+        ..Default::default()
     })
 }
 
@@ -310,14 +299,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let t_load = Instant::now();
-    let folder = runtime::load_video(
-        &a.model,
-        a.mmproj.as_deref(),
-        opts,
-        a.quant.is_some() || a.vision_quant.is_some(),
-        &picked.placement(),
-        progress,
-    )?;
+    let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), &a.storage, opts, &picked.placement(), progress)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let pcfg = folder.pre;
     let policy = a.sampling.policy_or(folder.sampling)?;

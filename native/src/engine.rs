@@ -27,7 +27,6 @@ use vidllm_core::preprocess::PreprocessConfig;
 use vidllm_core::sampling::{FrameTimes, Sampling};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::generate::read_row;
-use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::merge::Visual;
 use vidllm_models::token_budget::{Budget, Reduce, ReductionReport};
 use vidllm_models::video_model::LoadOptions;
@@ -344,19 +343,8 @@ impl Engine {
         let t0 = Instant::now();
         let (model, tok, frames, device_name) = if runtime::is_video_model(&m.model, cfg.mmproj.as_deref())? {
             let picked = pick(m.device)?;
-            let opts = LoadOptions {
-                quant: m.quant.unwrap_or(QuantChoice::Q4_1),
-                tower: m.vision_quant.unwrap_or_default(),
-                ..Default::default()
-            };
-            let folder = runtime::load_video(
-                &m.model,
-                cfg.mmproj.as_deref(),
-                opts,
-                m.quant.is_some() || m.vision_quant.is_some(),
-                &picked.placement(),
-                progress,
-            )?;
+            let folder =
+                runtime::load_video(&m.model, cfg.mmproj.as_deref(), &m.storage, LoadOptions::default(), &picked.placement(), progress)?;
             let prep = FramePrep { pre: folder.pre, default: folder.sampling, device: picked.device };
             (Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), Some(prep), picked.name)
         } else {

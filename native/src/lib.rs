@@ -5,6 +5,7 @@ use clap::Args;
 use vidllm_models::KvChoice;
 use vidllm_models::layers::TowerWeights;
 use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::video_model::LoadOptions;
 use vidllm_shaders::device::DeviceChoice;
 
 pub mod ask;
@@ -23,15 +24,12 @@ pub mod serve;
 pub mod video;
 pub mod watch;
 
-/// Options shared by every command that runs the model.
-#[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// GGUF model file, or a Hugging Face text-model folder (`llama`, `qwen2`, `qwen3`);
-    /// `serve` and `batch` also take what `ask` takes (a video-language folder, or a GGUF
-    /// with `--mmproj`).
-    #[arg(long)]
-    pub model: String,
-    /// A folder's decoder storage on the device: q4_0 | q4_1 | q8_0 | f16 | f32 (default
+/// How a model folder's matrices are stored on the device: the flags of every command that
+/// loads one. A GGUF file (or pair) keeps the types it was written with, and refuses them
+/// (`runtime::load`, `runtime::load_video`).
+#[derive(Args, Clone, Default)]
+pub struct StorageArgs {
+    /// q4_0 | q4_1 | q8_0 | f16 | f32: a folder's decoder storage on the device (default
     /// q4_1). A GGUF file keeps its own types.
     #[arg(long)]
     pub quant: Option<QuantChoice>,
@@ -41,6 +39,30 @@ pub struct ModelArgs {
     /// mmproj's types.
     #[arg(long)]
     pub vision_quant: Option<TowerWeights>,
+}
+
+impl StorageArgs {
+    /// Whether either flag was given.
+    pub fn given(&self) -> bool {
+        self.quant.is_some() || self.vision_quant.is_some()
+    }
+
+    /// `opts` with the decoder's and the towers' storage these flags (or their defaults) say.
+    pub fn apply(&self, opts: LoadOptions) -> LoadOptions {
+        LoadOptions { quant: self.quant.unwrap_or(QuantChoice::Q4_1), tower: self.vision_quant.unwrap_or_default(), ..opts }
+    }
+}
+
+/// Options shared by every command that runs the model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file, or a Hugging Face text-model folder (`llama`, `qwen2`, `qwen3`);
+    /// `serve` and `batch` also take what `ask` takes (a video-language folder, or a GGUF
+    /// with `--mmproj`).
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub storage: StorageArgs,
     /// Where to run: a hardware GPU if present (auto), wgpu on any adapter (gpu), or the CPU.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,

@@ -14,8 +14,8 @@ use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Llama, Model, config_from_gguf, load_llama};
 use vidllm_shaders::device::Placement;
 
-use crate::ModelArgs;
 use crate::progress::Progress;
+use crate::{ModelArgs, StorageArgs};
 use vidllm_shaders::device;
 
 pub struct Loaded {
@@ -31,10 +31,13 @@ pub struct Loaded {
 pub const DEFAULT_CTX: usize = 4096;
 
 pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
+    if args.storage.vision_quant.is_some() {
+        bail!("--vision-quant applies to video-language models (their vision towers): {} is a text model", args.model);
+    }
     if Path::new(&args.model).is_dir() {
         return load_folder(args, progress);
     }
-    if args.quant.is_some() {
+    if args.storage.quant.is_some() {
         bail!("--quant applies to Hugging Face folders: {} is a GGUF file, which keeps its own types", args.model);
     }
     let t0 = Instant::now();
@@ -75,7 +78,7 @@ fn load_folder(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     }
     let file_bytes = files.weight_files().with_context(loading)?.iter().filter_map(|f| dir.join(f).metadata().ok()).map(|m| m.len()).sum();
     let picked = device::pick(args.device)?;
-    let quant = args.quant.unwrap_or(QuantChoice::Q4_1);
+    let quant = args.storage.quant.unwrap_or(QuantChoice::Q4_1);
     let (model, tok) =
         progress.loading(&args.model, |on_read| files.load_text(quant, &picked.placement(), Some(on_read))).with_context(loading)?;
     Ok(Loaded::text(model, tok, picked.name, args, t0, file_bytes))
@@ -95,17 +98,17 @@ pub fn load_tokenizer(path: &str) -> Result<Tokenizer> {
 pub fn load_video(
     model: &str,
     mmproj: Option<&str>,
+    storage: &StorageArgs,
     opts: LoadOptions,
-    quant_given: bool,
     at: &Placement,
     progress: Progress,
 ) -> Result<Folder> {
     progress
         .loading(model, |on_read| -> Result<Folder> {
             let Some(mmproj) = mmproj else {
-                return Ok(ModelFiles::Dir(Path::new(model).to_path_buf()).load_reporting(opts, at, Some(on_read))?);
+                return Ok(ModelFiles::Dir(Path::new(model).to_path_buf()).load_reporting(storage.apply(opts), at, Some(on_read))?);
             };
-            if quant_given {
+            if storage.given() {
                 bail!("--quant and --vision-quant apply to a model folder; a GGUF pair keeps the types it was written with");
             }
             let mut text = Gguf::open(model)?;

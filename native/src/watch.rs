@@ -23,9 +23,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use vidllm_models::layers::TowerWeights;
 use vidllm_models::live_window::LiveWindow;
-use vidllm_models::llama_hf::QuantChoice;
 use vidllm_models::video_model::LoadOptions;
 use vidllm_models::{Model, Prompt};
 use vidllm_shaders::device::pick;
@@ -33,8 +31,8 @@ use vidllm_shaders::device::pick;
 use crate::ask::{AnswerArgs, BudgetArgs, pixels};
 use crate::live::{LiveInput, Ticks, read_live};
 use crate::progress::Progress;
-use crate::runtime;
 use crate::video::Frame;
+use crate::{StorageArgs, runtime};
 
 #[derive(Args)]
 pub struct WatchArgs {
@@ -67,12 +65,8 @@ pub struct WatchArgs {
     pub stall_after: f64,
     #[command(flatten)]
     pub budget: BudgetArgs,
-    /// q4_0 | q4_1 | q8_0 | f16 | f32: a folder's decoder storage (default q4_1).
-    #[arg(long)]
-    pub quant: Option<QuantChoice>,
-    /// f32 | q8_0: a folder's vision tower storage (default f32; see `ask --help`).
-    #[arg(long)]
-    pub vision_quant: Option<TowerWeights>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
     #[command(flatten)]
     pub answer: AnswerArgs,
     /// One JSON line per event on stdout (each frame taken, each answer, the stream's end).
@@ -110,20 +104,8 @@ pub fn run(a: WatchArgs) -> Result<()> {
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let encoders = a.answer.encoder_devices()?;
-    let opts = LoadOptions {
-        quant: a.quant.unwrap_or(QuantChoice::Q4_1),
-        tower: a.vision_quant.unwrap_or_default(),
-        encoder_placements: encoders.iter().map(|p| p.placement()).collect(),
-        ..Default::default()
-    };
-    let folder = runtime::load_video(
-        &a.model,
-        a.mmproj.as_deref(),
-        opts,
-        a.quant.is_some() || a.vision_quant.is_some(),
-        &picked.placement(),
-        progress,
-    )?;
+    let opts = LoadOptions { encoder_placements: encoders.iter().map(|p| p.placement()).collect(), ..Default::default() };
+    let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), &a.storage, opts, &picked.placement(), progress)?;
     let (pcfg, tok) = (folder.pre, Rc::new(folder.tok));
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");

@@ -143,6 +143,16 @@ fn chat_on_qwen_files_and_folders() {
     }
     let gguf = fixture("tiny_qwen2.Q8_0.gguf");
     assert_clean_failure(&["chat", "--model", &gguf, "--quant", "q8_0", "--prompt", "hi", "--device", "cpu"], "--quant applies");
+    // A text model has no vision tower: --vision-quant is refused, for a GGUF and a folder.
+    assert_clean_failure(
+        &["chat", "--model", &gguf, "--vision-quant", "q8_0", "--prompt", "hi", "--device", "cpu"],
+        "--vision-quant applies",
+    );
+    let folder = fixture("tiny_qwen2");
+    assert_clean_failure(
+        &["chat", "--model", &folder, "--vision-quant", "q8_0", "--prompt", "hi", "--device", "cpu"],
+        "--vision-quant applies",
+    );
     let video = fixture("tiny_video_llava");
     assert_clean_failure(&["chat", "--model", &video, "--prompt", "hi", "--device", "cpu"], "not name a text model");
 }

@@ -26,11 +26,11 @@ use pyo3::types::{PyDict, PyList};
 use serde_json::{Value as Json, json};
 use vidllm_models::layers::TowerWeights;
 use vidllm_models::llama_hf::QuantChoice;
-use vidllm_native::ModelArgs;
 use vidllm_native::batch::job_with_options;
 use vidllm_native::engine::{ApiError, Done, Engine, EngineArgs, Event, Job, ModelInfo, Role, Sink};
 use vidllm_native::metrics::Metrics;
 use vidllm_native::progress::Progress;
+use vidllm_native::{ModelArgs, StorageArgs};
 use vidllm_shaders::device::DeviceChoice;
 
 /// `max_tokens` of a request that gives none (as `vidllm-native batch`'s default).
@@ -77,7 +77,7 @@ impl Model {
             vision_quant.map(|q| q.parse::<TowerWeights>()).transpose().map_err(|e| PyValueError::new_err(format!("vision_quant: {e}")))?;
         let kv = kv.parse().map_err(|e| PyValueError::new_err(format!("kv: {e}")))?;
         let args = EngineArgs {
-            model: ModelArgs { model: path.to_string_lossy().into_owned(), quant, vision_quant, device, ctx, kv },
+            model: ModelArgs { model: path.to_string_lossy().into_owned(), storage: StorageArgs { quant, vision_quant }, device, ctx, kv },
             mmproj: mmproj.map(|p| p.to_string_lossy().into_owned()),
             parallel,
             media_cache,

@@ -11,6 +11,7 @@ use vidllm_core::tokenizer::Tokenizer;
 
 use vidllm_models::layers::TowerWeights;
 use vidllm_models::llama_hf::QuantChoice;
+use vidllm_models::llava::read_config;
 use vidllm_models::merge::{Visual, expand_placeholders, merge_embeddings};
 use vidllm_models::video_llava::VideoLlava;
 use vidllm_models::video_model::LoadOptions;
@@ -51,31 +52,41 @@ fn tokenizer_json_gives_the_fixture_ids() {
     assert_eq!(expanded, r.ids("input_ids"));
 }
 
+/// `model`'s stages on the fixture's frames and prompt (`inputs`) against `want`'s
+/// `vision_hidden`, `projected`, `logits` and `greedy`, each within the f32 paths' 1e-4;
+/// `what` prefixes the stages' names.
+fn check_video_stages(what: &str, name: &str, model: &VideoLlava, device: &burn::tensor::Device, inputs: &Reference, want: &Reference) {
+    let (pix, pshape) = inputs.f32("pixel_values_videos"); // [1, t, 3, s, s]
+    let (t, s) = (pshape[1], pshape[3]);
+    let (ids, greedy) = (inputs.ids("input_ids"), want.ids("greedy"));
+    let pixels = Tensor::<4>::from_data(TensorData::new(pix, [t, 3, s, s]), device);
+    let hidden = model.video_hidden(pixels.clone());
+    check_stage(
+        &format!("{what}vision hidden state"),
+        name,
+        &hidden.into_data().try_into_vec::<f32>().unwrap(),
+        &want.f32("vision_hidden").0,
+    );
+    let features = model.video_features(pixels);
+    check_stage(&format!("{what}projected features"), name, &features.to_data().try_into_vec::<f32>().unwrap(), &want.f32("projected").0);
+
+    let visual = [Visual::new(model.visual.video_token, features, model.video_tokens(t))];
+    let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, device);
+    check_stage(&format!("{what}logits"), name, &logits, &want.f32("logits").0);
+
+    // Greedy continuation: the last prompt position, then one token at a time.
+    let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());
+    assert_eq!(got, greedy, "{name}: {what}greedy tokens");
+    println!("{name}: {what}greedy continuation {got:?} equals transformers'");
+}
+
 #[test]
 fn video_llava_stages_match_transformers_on_every_device() {
     let r = Reference::load();
     let dir = fixture("tiny_video_llava");
-    let (pix, pshape) = r.f32("pixel_values_videos"); // [1, t, 3, s, s]
-    let (t, s) = (pshape[1], pshape[3]);
-    let ids = r.ids("input_ids");
-    let greedy = r.ids("greedy");
     for (name, at) in test_devices() {
-        let device = at.device.clone();
         let model = VideoLlava::load(&dir, QuantChoice::F32, &at).unwrap();
-        let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
-        let hidden = model.video_hidden(pixels.clone());
-        check_stage("vision hidden state", &name, &hidden.into_data().try_into_vec::<f32>().unwrap(), &r.f32("vision_hidden").0);
-        let features = model.video_features(pixels);
-        check_stage("projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &r.f32("projected").0);
-
-        let visual = [Visual::new(model.visual.video_token, features, model.video_tokens(t))];
-        let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
-        check_stage("logits", &name, &logits, &r.f32("logits").0);
-
-        // Greedy continuation: the last prompt position, then one token at a time.
-        let got = greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len());
-        assert_eq!(got, greedy, "{name}: greedy tokens");
-        println!("{name}: greedy continuation {got:?} equals transformers'");
+        check_video_stages("", &name, &model, &at.device, &r, &r);
     }
 }
 
@@ -88,31 +99,14 @@ fn q8_0_towers_match_transformers_on_the_same_blocks() {
     let r = Reference::load();
     let q = Reference::open("tiny_video_llava_q8_0_tower_ref.safetensors");
     let dir = fixture("tiny_video_llava");
-    let (pix, pshape) = r.f32("pixel_values_videos");
-    let (t, s) = (pshape[1], pshape[3]);
-    let ids = r.ids("input_ids");
-    let greedy = q.ids("greedy");
     // The blocks change the tower's output by more than the tolerance, so passing is not
     // an accident of the f32 reference being close.
     assert!(vidllm_tests::rel_err(&q.f32("vision_hidden").0, &r.f32("vision_hidden").0) > 1e-3);
+    let opts = LoadOptions { quant: QuantChoice::F32, tower: TowerWeights::Q8_0, ..Default::default() };
     for (name, at) in test_devices() {
-        let device = at.device.clone();
-        let opts = LoadOptions { quant: QuantChoice::F32, tower: TowerWeights::Q8_0, ..Default::default() };
-        let model = VideoLlava::from_checkpoint(&Checkpoint::open_dir(&dir).unwrap(), &read_config(&dir), &opts, &at).unwrap();
-        let pixels = Tensor::<4>::from_data(TensorData::new(pix.clone(), [t, 3, s, s]), &device);
-        let hidden = model.video_hidden(pixels.clone());
-        check_stage("q8_0 vision hidden state", &name, &hidden.into_data().try_into_vec::<f32>().unwrap(), &q.f32("vision_hidden").0);
-        let features = model.video_features(pixels);
-        check_stage("q8_0 projected features", &name, &features.to_data().try_into_vec::<f32>().unwrap(), &q.f32("projected").0);
-        let visual = [Visual::new(model.visual.video_token, features, model.video_tokens(t))];
-        let (logits, mut cache) = prefill_with_visuals(&model.decoder, &ids, &visual, greedy.len() + 1, &device);
-        check_stage("q8_0 logits", &name, &logits, &q.f32("logits").0);
-        assert_eq!(greedy_tokens(&model.decoder, &mut cache, &logits, greedy.len()), greedy, "{name}: greedy tokens");
+        let model = VideoLlava::from_checkpoint(&Checkpoint::open_dir(&dir).unwrap(), &read_config(&dir).unwrap(), &opts, &at).unwrap();
+        check_video_stages("q8_0 ", &name, &model, &at.device, &r, &q);
     }
-}
-
-fn read_config(dir: &std::path::Path) -> vidllm_models::video_llava::VideoLlavaConfigJson {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
 }
 
 #[test]

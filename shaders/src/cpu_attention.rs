@@ -257,6 +257,13 @@ pub fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// `x` (`[rows, cols]`, row-major) into `dst` as `cols` lines `stride` apart, each
+/// starting with the `rows` values of its column, by [`transpose_keys`]'s tiles.
+pub(crate) fn transpose_into(x: &[f32], rows: usize, cols: usize, dst: &mut [f32], stride: usize) {
+    assert!(x.len() == rows * cols && stride >= rows, "transpose_into: {rows} x {cols} values");
+    transpose_keys(x, cols, stride, dst);
+}
+
 /// One head's keys `k` (`[keys, d]`) into `kt` (`[d, kp]`); the padding past `keys` is left
 /// as it is.
 ///
@@ -496,7 +503,7 @@ mod x86 {
     pub(super) unsafe fn transpose_tiles(k: &[f32], d: usize, kp: usize, kt: &mut [f32]) -> usize {
         let keys = k.len() / d;
         let (key_tiles, channel_tiles) = (keys / L, d / L);
-        assert!(kt.len() >= d * kp && kp >= keys, "transpose_tiles: room for the keys");
+        assert!(kp >= keys && kt.len() >= (d.max(1) - 1) * kp + keys, "transpose_tiles: room for the keys");
         for j0 in (0..key_tiles * L).step_by(L) {
             for c0 in (0..channel_tiles * L).step_by(L) {
                 // SAFETY: rows j0..j0 + 16 of k hold channels c0..c0 + 16; rows c0..c0 + 16

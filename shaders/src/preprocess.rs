@@ -5,12 +5,15 @@
 //! On a GPU each pass is a matmul against a dense weight matrix, which keeps it to one
 //! well-tuned kernel. On the CPU that matrix is mostly zeros (a 1280 -> 384 bicubic pass
 //! has 14 taps per output, against 1280 columns), so the CPU backend walks the taps
-//! instead, planes split over threads, with the same sums in the same order.
+//! instead, planes split over threads, with the same sums in the same order. Each pass
+//! adds whole lines of the plane (the horizontal one on the plane turned, a block of lines
+//! at a time), so every inner loop is a contiguous multiply-add.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 use std::ops::Range;
 
+use crate::cpu_attention::transpose_into;
 use vidllm_core::preprocess::{PreprocessConfig, Resample, Taps, crop_origin, resample_taps, resample_weights};
 
 /// RGB u8 frames of one size, `[t, h, w, 3]` packed, -> pixel values `[t, 3, oh, ow]`.
@@ -103,7 +106,7 @@ fn resample(x: Tensor<4>, sh: usize, sw: usize, ys: Range<usize>, xs: Range<usiz
     if on_cpu(&device) {
         let host = x.into_data().try_into_vec::<f32>().expect("preprocess: f32 planes");
         let pass = Pass::new((h, w), (sh, sw), ys, xs, filter);
-        let out = resize_on_cpu(Source::Planes(&host), h, w, std::slice::from_ref(&pass));
+        let out = resize_on_cpu(Source::Planes(&host), h, w, std::slice::from_ref(&pass), None);
         return Tensor::<4>::from_data(TensorData::new(out, [t, 3, kh, kw]), &device);
     }
     let wx = resample_weights(w, sw, xs, filter);
@@ -156,14 +159,14 @@ fn preprocess_on_cpu(src: Source, t: usize, h: usize, w: usize, cfg: &Preprocess
     let mut passes = Vec::new();
     for (to, ys, xs) in resize_steps(h, w, cfg) {
         let pass = Pass::new(from, to, ys, xs, cfg.resample);
-        from = (pass.rows.len(), pass.cols.first.len());
+        from = (pass.rows.len(), pass.cols.len());
         passes.push(pass);
     }
     if passes.is_empty() {
         return None;
     }
-    let out = resize_on_cpu(src, h, w, &passes);
-    Some(normalise_planes(Tensor::<4>::from_data(TensorData::new(out, [t, 3, from.0, from.1]), device), cfg))
+    let out = resize_on_cpu(src, h, w, &passes, Some(cfg));
+    Some(Tensor::<4>::from_data(TensorData::new(out, [t, 3, from.0, from.1]), device))
 }
 
 /// Frames for the CPU resize.
@@ -174,164 +177,204 @@ enum Source<'a> {
     Planes(&'a [f32]),
 }
 
-/// One PIL resize on the CPU: from `(h, w)` to the outputs of `rows` x `cols`.
+/// One PIL resize on the CPU: from `from` to the kept outputs of `cols` (the horizontal
+/// pass) and `rows` (the vertical one).
 struct Pass {
-    w: usize,
+    from: (usize, usize),
     rows: Vec<Taps>,
-    cols: PaddedTaps,
+    cols: Vec<Taps>,
 }
 
 impl Pass {
     /// `from` resized to `to`, output rows `ys` and columns `xs` kept.
     fn new(from: (usize, usize), to: (usize, usize), ys: Range<usize>, xs: Range<usize>, filter: Resample) -> Self {
-        let rows = resample_taps(from.0, to.0, ys, filter);
-        Self { w: from.1, rows, cols: PaddedTaps::new(&resample_taps(from.1, to.1, xs, filter), from.1) }
+        Self { from, rows: resample_taps(from.0, to.0, ys, filter), cols: resample_taps(from.1, to.1, xs, filter) }
     }
 
     fn out_len(&self) -> usize {
-        self.rows.len() * self.cols.first.len()
+        self.rows.len() * self.cols.len()
     }
 
-    /// One plane `[h][w]` -> `[rows][cols]`: horizontal pass into `tmp`, then vertical,
-    /// each output a sum over its taps in input order from 0.0 (so equal, bit for bit, to
-    /// the dense reference, whose other terms are exact zeros), rounded to 8 bits.
-    fn apply(&self, src: &[f32], tmp: &mut Vec<f32>, dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was just detected.
-            return unsafe { self.apply_avx2(src, tmp, dst) };
-        }
-        self.apply_generic(src, tmp, dst)
-    }
-
-    /// The same loops with 8-lane vectors (still no fused multiply-add: the sums stay
-    /// the reference's).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn apply_avx2(&self, src: &[f32], tmp: &mut Vec<f32>, dst: &mut [f32]) {
-        self.apply_generic(src, tmp, dst)
-    }
-
-    #[inline(always)]
-    fn apply_generic(&self, src: &[f32], tmp: &mut Vec<f32>, dst: &mut [f32]) {
-        let kw = self.cols.first.len();
-        tmp.resize(src.len() / self.w * kw, 0.0);
-        self.cols.apply(src, self.w, tmp);
-        for (line, t) in dst.chunks_mut(kw).zip(&self.rows) {
-            // Written before it is read: a fresh zeroed allocation is the shared zero page
-            // until written, and a first read then write costs a copy-on-write fault and a
-            // TLB flush on every core, per page.
-            line.fill(0.0);
-            // Whole lines at a time: the sum for each output runs over the taps in order.
-            for (j, k) in t.weights.iter().enumerate() {
-                let src_line = &tmp[(t.first + j) * kw..][..kw];
-                line.iter_mut().zip(src_line).for_each(|(o, p)| *o += k * p);
-            }
-            line.iter_mut().for_each(|o| *o = to_u8(*o));
+    /// One plane, given turned in `t` (`[w][h]`) -> the resized plane, rounded to 8 bits:
+    /// as `[rows][cols]`, or turned (`[cols][rows]`) for a pass that follows.
+    ///
+    /// Both passes add whole lines: the horizontal one on the turned plane, where an output
+    /// column is a sum of input columns; the vertical one on the plane turned back. So
+    /// every output is its taps' sum in input order, from zero (equal, bit for bit, to the
+    /// dense reference's, whose other terms are exact zeros), and every inner loop is a
+    /// contiguous multiply-add over a line.
+    fn apply(&self, t: &[f32], u: &mut Vec<f32>, block: &mut Vec<f32>, out: PassOut) {
+        let (h, w, kw) = (self.from.0, self.from.1, self.cols.len());
+        let u = room(u, h * kw);
+        combine_turned(&self.cols, &t[..w * h], h, u, block);
+        match out {
+            PassOut::Rows(dst, finish) => combine_lines(&self.rows, u, kw, dst, finish),
+            PassOut::Turned(next) => combine_turned(&self.rows, u, kw, next, block),
         }
     }
 }
 
-/// Every plane of `src` (`(h, w)` frames) through `passes`, one plane per task, its
-/// intermediate pictures in the task's own scratch -> `[t * 3][oh][ow]`.
-fn resize_on_cpu(src: Source, h: usize, w: usize, passes: &[Pass]) -> Vec<f32> {
+/// Where a pass puts its plane.
+enum PassOut<'a> {
+    /// As `[rows][cols]`, each value then `finish`ed.
+    Rows(&'a mut [f32], Finish),
+    /// Turned, `[cols][rows]`, rounded.
+    Turned(&'a mut [f32]),
+}
+
+/// Lines summed, then turned, a block at a time: a block stays in the cache between its
+/// sums and its transposition, where a whole picture (2048 x 1152 floats for SmolVLM2's
+/// videos) would go out to memory and back.
+const BLOCK: usize = 16;
+
+/// [`combine_lines`] (rounded), turned: `dst` is `[len][taps.len()]`.
+fn combine_turned(taps: &[Taps], src: &[f32], len: usize, dst: &mut [f32], block: &mut Vec<f32>) {
+    for (b, chunk) in taps.chunks(BLOCK).enumerate() {
+        let lines = room(block, chunk.len() * len);
+        combine_lines(chunk, src, len, lines, Finish::Round);
+        transpose_into(lines, chunk.len(), len, &mut dst[b * BLOCK..], taps.len());
+    }
+}
+
+/// What becomes of a resized value.
+#[derive(Clone, Copy)]
+enum Finish {
+    /// Rounded to 8 bits, as PIL stores each pass.
+    Round,
+    /// Rounded, then rescaled and normalised as [`normalise_planes`] does:
+    /// `(v * rescale - mean) / std`, in that order, in f32.
+    Normalise { rescale: f32, mean: f32, std: f32 },
+}
+
+/// Line `i` of `dst` = the sum over `taps[i]` of each weight times its line of `src`
+/// (lines of `len` values), then `finish`ed.
+fn combine_lines(taps: &[Taps], src: &[f32], len: usize, dst: &mut [f32], finish: Finish) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the feature was just detected.
+        return unsafe { combine_lines_avx2(taps, src, len, dst, finish) };
+    }
+    combine_lines_generic(taps, src, len, dst, finish)
+}
+
+/// The same loops with 8-lane vectors (still no fused multiply-add: the sums stay the
+/// reference's).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn combine_lines_avx2(taps: &[Taps], src: &[f32], len: usize, dst: &mut [f32], finish: Finish) {
+    combine_lines_generic(taps, src, len, dst, finish)
+}
+
+#[inline(always)]
+fn combine_lines_generic(taps: &[Taps], src: &[f32], len: usize, dst: &mut [f32], finish: Finish) {
+    for (line, t) in dst.chunks_exact_mut(len).zip(taps) {
+        let mut weights = t.weights.iter().enumerate();
+        let src_line = |j: usize| &src[(t.first + j) * len..][..len];
+        // The first term written, not added to zero: `0 + x` is `x` but for the sign of a
+        // zero, which the rounding below makes +0 either way.
+        match weights.next() {
+            Some((j, &k)) => line.iter_mut().zip(src_line(j)).for_each(|(o, p)| *o = k * p),
+            None => line.fill(0.0),
+        }
+        for (j, &k) in weights {
+            line.iter_mut().zip(src_line(j)).for_each(|(o, p)| *o += k * p);
+        }
+        match finish {
+            Finish::Round => line.iter_mut().for_each(|o| *o = to_u8(*o)),
+            Finish::Normalise { rescale, mean, std } => {
+                line.iter_mut().for_each(|o| *o = (to_u8(*o) * rescale - mean) / std);
+            }
+        }
+    }
+}
+
+/// Every plane of `src` (`(h, w)` frames) through `passes`, a run of planes per thread, its
+/// intermediate pictures in the thread's own scratch -> `[t * 3][oh][ow]`, normalised per
+/// channel when `cfg` is given.
+fn resize_on_cpu(src: Source, h: usize, w: usize, passes: &[Pass], cfg: Option<&PreprocessConfig>) -> Vec<f32> {
     let planes = match &src {
         Source::Rgb(frames) => frames.len() * 3,
         Source::Planes(p) => p.len() / (h * w),
     };
     let out_len = passes.last().map_or(h * w, Pass::out_len);
     let mut out = vec![0f32; planes * out_len];
-    // Scratch pictures per worker, reused from plane to plane: a fresh buffer this size
-    // per plane costs more in page faults than the filtering.
-    let scratch = || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new());
-    out.par_chunks_mut(out_len).enumerate().for_each_init(scratch, |(picture, tmp, next), (p, dst)| {
-        picture.clear();
-        match &src {
-            Source::Rgb(frames) => picture.extend(frames[p / 3].iter().skip(p % 3).step_by(3).map(|&b| b as f32)),
-            Source::Planes(planes) => picture.extend_from_slice(&planes[p * h * w..(p + 1) * h * w]),
-        }
-        for (i, pass) in passes.iter().enumerate() {
-            if i + 1 == passes.len() {
-                pass.apply(picture, tmp, dst);
-            } else {
-                next.resize(pass.out_len(), 0.0);
-                pass.apply(picture, tmp, next);
-                std::mem::swap(picture, next);
-            }
+    if out.is_empty() {
+        return out;
+    }
+    // One run of planes per thread, each with its own scratch pictures, reused from plane
+    // to plane: fresh buffers per plane (or per rayon split) cost more in page faults and
+    // zeroing than the filtering, most of all on the first video, whose memory is all new.
+    let per_task = planes.div_ceil(rayon::current_num_threads().clamp(1, planes.max(1)));
+    out.par_chunks_mut(out_len * per_task).enumerate().for_each(|(g, run)| {
+        let mut scratch = Default::default();
+        for (i, dst) in run.chunks_mut(out_len).enumerate() {
+            resize_plane(&src, g * per_task + i, (h, w), passes, cfg, &mut scratch, dst);
         }
     });
     out
 }
 
+/// A thread's scratch: the turned plane a pass reads, the one it writes for the next, its
+/// horizontal pass's output, and a block of lines.
+type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Plane `p` of `src` (`(h, w)` frames) through `passes` into `dst`.
+fn resize_plane(
+    src: &Source,
+    p: usize,
+    (h, w): (usize, usize),
+    passes: &[Pass],
+    cfg: Option<&PreprocessConfig>,
+    (t, next, u, block): &mut Scratch,
+    dst: &mut [f32],
+) {
+    // The plane, turned (`[w][h]`), into `t`, a block of rows at a time.
+    let turned = room(t, h * w);
+    match src {
+        Source::Rgb(frames) => {
+            let c = p % 3;
+            for (y0, rgb) in frames[p / 3].chunks(BLOCK * w * 3).enumerate().map(|(i, rows)| (i * BLOCK, rows)) {
+                let rows = room(block, rgb.len() / 3);
+                rows.iter_mut().zip(rgb.chunks_exact(3)).for_each(|(v, px)| *v = px[c] as f32);
+                transpose_into(rows, rows.len() / w, w, &mut turned[y0..], h);
+            }
+        }
+        Source::Planes(planes) => transpose_into(&planes[p * h * w..(p + 1) * h * w], h, w, turned, h),
+    }
+    let finish = cfg.map_or(Finish::Round, |c| {
+        let ch = p % 3;
+        Finish::Normalise { rescale: c.rescale, mean: c.mean[ch], std: c.std[ch] }
+    });
+    let mut dst = Some(dst);
+    for (i, pass) in passes.iter().enumerate() {
+        if i + 1 == passes.len() {
+            pass.apply(t, u, block, PassOut::Rows(dst.take().expect("one last pass"), finish));
+        } else {
+            pass.apply(t, u, block, PassOut::Turned(room(next, pass.out_len())));
+            std::mem::swap(t, next);
+        }
+    }
+}
+
+/// The first `n` values of a scratch buffer, which only ever grows: shrinking and growing
+/// it again from plane to plane would zero the new part each time.
+fn room(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
 /// `s.round().clamp(0.0, 255.0)` without the library call `round` compiles to (rounding
 /// half away from zero has no instruction before AVX-512): clamping first changes
-/// nothing, and on 0..=255 a truncation and an exact remainder give the same result.
+/// nothing, and on 0..=255 the floor and an exact remainder give the same result.
 #[inline(always)]
 fn to_u8(s: f32) -> f32 {
     let s = s.clamp(0.0, 255.0);
-    let whole = s as u32 as f32;
+    // `floor`, not a cast to an integer: one instruction on 8 lanes (`vroundps`, wasm's
+    // `f32x4.floor`), where Rust's saturating casts go one lane at a time.
+    let whole = s.floor();
     if s - whole >= 0.5 { whole + 1.0 } else { whole }
-}
-
-/// Horizontal taps at one width: every output's taps padded with zeros to the longest
-/// count `k` (before its first tap near the right edge, after its last elsewhere), so
-/// that a block of rows runs through the same loop. An added `0 * p` term leaves a sum of
-/// finite values unchanged, so the results are those of the unpadded taps.
-struct PaddedTaps {
-    k: usize,
-    first: Vec<usize>,
-    /// `[outputs, k]`
-    weights: Vec<f32>,
-}
-
-impl PaddedTaps {
-    /// Rows filtered together, one SIMD lane each: the rows are transposed into a tile so
-    /// that a tap reads `ROWS` adjacent values.
-    const ROWS: usize = 16;
-
-    fn new(taps: &[Taps], w: usize) -> Self {
-        let k = taps.iter().map(|t| t.weights.len()).max().unwrap_or(0);
-        let mut first = Vec::with_capacity(taps.len());
-        let mut weights = vec![0f32; taps.len() * k];
-        for (t, dst) in taps.iter().zip(weights.chunks_mut(k.max(1))) {
-            // A window of k samples inside the row (k <= w: taps lie inside it).
-            let start = t.first.min(w - k);
-            let at = t.first - start;
-            dst[at..at + t.weights.len()].copy_from_slice(&t.weights);
-            first.push(start);
-        }
-        Self { k, first, weights }
-    }
-
-    /// A plane `[h][w]` -> its outputs `[h][outputs]`, rounded to 8 bits.
-    #[inline(always)]
-    fn apply(&self, plane: &[f32], w: usize, out: &mut [f32]) {
-        const R: usize = PaddedTaps::ROWS;
-        let (k, kw) = (self.k, self.first.len());
-        let mut tile = vec![0f32; w * R];
-        for (y0, rows) in plane.chunks(R * w).enumerate().map(|(i, c)| (i * R, c)) {
-            let n = rows.len() / w;
-            for (r, row) in rows.chunks(w).enumerate() {
-                for (i, &p) in row.iter().enumerate() {
-                    tile[i * R + r] = p;
-                }
-            }
-            for x in 0..kw {
-                let mut acc = [0f32; R];
-                let weights = &self.weights[x * k..(x + 1) * k];
-                let taken = &tile[self.first[x] * R..][..k * R];
-                for (wj, px) in weights.iter().zip(taken.chunks_exact(R)) {
-                    for r in 0..R {
-                        acc[r] += wj * px[r];
-                    }
-                }
-                let acc = acc.map(to_u8);
-                for (r, a) in acc.iter().enumerate().take(n) {
-                    out[(y0 + r) * kw + x] = *a;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -360,6 +403,34 @@ mod tests {
                     assert!(a.to_bits() == b.to_bits() || a == b, "{resample:?} {resize:?}: value {i}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    /// Milliseconds to preprocess eight 1280x720 frames, per processor shape; run by hand:
+    /// `cargo test --release -p vidllm-shaders --lib preprocess::tests::speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn speed() {
+        let (h, w, t) = (720, 1280, 8);
+        let frames: Vec<Vec<u8>> = (0..t).map(|f| (0..h * w * 3).map(|i| ((i * 2_654_435_761usize + f) >> 7) as u8).collect()).collect();
+        let frames: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        let device = Device::flex();
+        for (name, resize, crop) in [
+            ("CLIP 224", Resize::ShortestEdge(224), Some((224, 224))),
+            ("SmolVLM2 2048 -> 512", Resize::LongestEdgeThenSquare { longest: 2048, square: 512 }, None),
+        ] {
+            let cfg = PreprocessConfig { resize, crop, resample: Resample::Bicubic, ..PreprocessConfig::clip(224) };
+            // The first run is what a one-shot question pays: all its memory is new.
+            let times: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t0 = std::time::Instant::now();
+                    let x = preprocess(&frames, h, w, &cfg, &device);
+                    std::hint::black_box(x.into_data());
+                    t0.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+            eprintln!("{name}: {best:.1} ms for {t} frames (first run {:.1} ms)", times[0]);
         }
     }
 }

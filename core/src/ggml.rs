@@ -20,6 +20,7 @@
 //! - Q4_K (144 B), Q5_K (176 B): x = d sc q - dmin m, 6-bit sc and m
 //! - Q6_K (210 B): x = d sc (q6 - 32), i8 sc; IQ4_XS (136 B): x = d (ls - 32) KVALUES[q4]
 
+use rayon::prelude::*;
 use std::mem::offset_of;
 
 use bytemuck::{Pod, Zeroable};
@@ -694,7 +695,20 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         GgmlType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         GgmlType::F16 => x.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
         GgmlType::Bf16 => x.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => x.chunks(QK).for_each(|b| quantize_block(ty, b, &mut out)),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+            // Runs of blocks over the threads: a folder's matrices are quantised as they
+            // load (`--quant`, `--vision-quant`), one at a time.
+            const RUN: usize = 1024 * QK;
+            let runs: Vec<Vec<u8>> = x
+                .par_chunks(RUN)
+                .map(|run| {
+                    let mut bytes = Vec::with_capacity(ty.bytes_for(run.len() as u64).unwrap_or(0) as usize);
+                    run.chunks(QK).for_each(|b| quantize_block(ty, b, &mut bytes));
+                    bytes
+                })
+                .collect();
+            runs.iter().for_each(|r| out.extend_from_slice(r));
+        }
         other => panic!("quantize: vidllm quantises to q4_0, q4_1 and q8_0; {} comes from llama.cpp's quantizer", other.name()),
     }
     out

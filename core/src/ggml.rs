@@ -731,8 +731,10 @@ fn quantize_block(ty: GgmlType, b: &[f32], out: &mut Vec<u8>) {
             out.extend_from_slice(bytemuck::bytes_of(&blk));
         }
         GgmlType::Q4_1 => {
-            let min = b.iter().copied().fold(f32::INFINITY, f32::min);
-            let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // ggml's comparisons (`if (v < min) min = v`), which vectorise where `f32::min`'s
+            // NaN rules do not.
+            let min = b.iter().fold(f32::INFINITY, |m, &v| if v < m { v } else { m });
+            let max = b.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
             let d = (max - min) / 15.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut blk = BlockQ4_1 { d: f16_bytes(d), m: f16_bytes(min), qs: [0; QK / 2] };
@@ -749,11 +751,27 @@ fn quantize_block(ty: GgmlType, b: &[f32], out: &mut Vec<u8>) {
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut blk = BlockQ8_0 { d: f16_bytes(d), qs: [0; QK] };
             for (q, &v) in blk.qs.iter_mut().zip(b) {
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                *q = round_half_away(v * id).clamp(-127.0, 127.0) as i8;
             }
             out.extend_from_slice(bytemuck::bytes_of(&blk));
         }
         _ => unreachable!("quantize() passes only q4_0, q4_1 and q8_0"),
+    }
+}
+
+/// `x.round()` (`roundf`: halves away from zero) for `|x| < 2^31`, as a Q8_0 code's scaled
+/// value is, without the library call `round` compiles to: the truncation and its exact
+/// remainder. NaN gives NaN's code, 0, as `roundf` then the cast do.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let whole = x as i32 as f32;
+    let rest = x - whole;
+    if rest >= 0.5 {
+        whole + 1.0
+    } else if rest <= -0.5 {
+        whole - 1.0
+    } else {
+        whole
     }
 }
 
@@ -792,5 +810,39 @@ mod tests {
         let y = dequantize(GgmlType::Q4_1, &blk, 32);
         assert_eq!(y[3], 3.0 - 8.0);
         assert_eq!(y[16 + 3], 12.0 - 8.0);
+    }
+
+    /// [`round_half_away`] is `f32::round` on every value a Q8_0 code is taken from, and
+    /// around every half.
+    #[test]
+    fn rounding_without_roundf() {
+        for i in -(130 << 12)..(130 << 12) {
+            let x = i as f32 / 4096.0;
+            for x in [x, x.next_up(), x.next_down()] {
+                assert_eq!(round_half_away(x), x.round(), "{x}");
+            }
+        }
+        assert_eq!(round_half_away(0.499_999_97), 0.0);
+        assert_eq!(round_half_away(-0.499_999_97), -0.0);
+        assert_eq!(round_half_away(f32::NAN) as i8, f32::NAN.round() as i8);
+    }
+
+    /// Millions of values a second that [`quantize`] turns into blocks, per type (a folder's
+    /// `--quant` and `--vision-quant` on load); run by hand:
+    /// `cargo test --release -p vidllm-core --lib quantize_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn quantize_speed() {
+        let x: Vec<f32> = (0..1 << 24).map(|i| ((i * 2_654_435_761usize) >> 11) as f32 / 1e6 - 1.0).collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let best = (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(quantize(ty, &x));
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            eprintln!("{}: {:.0} M values/s", ty.name(), x.len() as f64 / best / 1e6);
+        }
     }
 }

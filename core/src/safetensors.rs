@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::LoadError;
@@ -163,9 +164,9 @@ impl Checkpoint {
         let v = self.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
         let b = self.bytes(v);
         let data = match v.dtype {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => widen::<4>(b, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::F16 => widen::<2>(b, |c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            Dtype::BF16 => widen::<2>(b, |c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
             Dtype::Other => {
                 return Err(LoadError::BadTensor { name: name.into(), reason: format!("dtype {} is not a float type", v.dtype_name) });
             }
@@ -181,6 +182,18 @@ impl Checkpoint {
         }
         Ok(data)
     }
+}
+
+/// Values of `N` little-endian bytes each, as f32, in runs over the threads: a folder's
+/// matrices are read one at a time, and each is copied out of the mapping (and its pages
+/// first touched) here.
+fn widen<const N: usize>(b: &[u8], value: impl Fn(&[u8]) -> f32 + Sync) -> Vec<f32> {
+    const RUN: usize = 1 << 16;
+    let mut out = vec![0f32; b.len() / N];
+    out.par_chunks_mut(RUN)
+        .zip(b.par_chunks(RUN * N))
+        .for_each(|(o, bytes)| o.iter_mut().zip(bytes.chunks_exact(N)).for_each(|(o, c)| *o = value(c)));
+    out
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {

@@ -406,6 +406,27 @@ mod tests {
         }
     }
 
+    /// The same at the edges of the tiling: pictures of one row or column, and sizes that
+    /// are not multiples of the 16 x 16 transposition tiles or of the 16-line blocks.
+    #[test]
+    fn cpu_taps_equal_the_dense_reference_at_odd_sizes() {
+        let device = Device::flex();
+        for (h, w) in [(1, 1), (1, 37), (37, 1), (17, 3), (33, 47), (16, 16)] {
+            let frame: Vec<u8> = (0..h * w * 3).map(|i| ((i * 2_654_435_761usize) >> 9) as u8).collect();
+            for (resize, crop) in
+                [(Resize::ShortestEdge(20), Some((20, 18))), (Resize::LongestEdgeThenSquare { longest: 50, square: 19 }, None)]
+            {
+                let cfg = PreprocessConfig { resize, crop, resample: Resample::Bicubic, ..PreprocessConfig::clip(20) };
+                let want = reference(&frame, h, w, &cfg);
+                let got = preprocess(&[&frame], h, w, &cfg, &device).into_data().try_into_vec::<f32>().unwrap();
+                assert_eq!(got.len(), want.len(), "{h}x{w} {resize:?}");
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(a == b, "{h}x{w} {resize:?}: value {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
     /// Milliseconds to preprocess eight 1280x720 frames, per processor shape; run by hand:
     /// `cargo test --release -p vidllm-shaders --lib preprocess::tests::speed -- --ignored --nocapture`.
     #[test]

@@ -843,7 +843,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // Horner's rule from the highest coefficient: 1 + r (1 + r (1/2 + ...)).
     let p = EXP_TAYLOR[1..].iter().fold(EXP_TAYLOR[0], |p, &k| k + r * p);
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from n's bits: `n + 127 + 2^23` holds n's biased exponent in its low mantissa
+    // bits, which the shift moves into place. The same bits as `(n as i32 + 127) << 23`,
+    // without Rust's saturating cast, which goes one lane at a time.
+    p * f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -878,6 +881,15 @@ mod tests {
                     assert_eq!(t[c * keys + j], k[j * d + c], "transposed {keys} x {d}: ({j}, {c})");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn exp_scales_by_the_cast_s_powers_of_two() {
+        // Every n the clamped argument gives.
+        for n in -127..=128 {
+            let n = n as f32;
+            assert_eq!((n + (127.0 + 8_388_608.0)).to_bits() << 23, ((n as i32 + 127) as u32) << 23, "{n}");
         }
     }
 

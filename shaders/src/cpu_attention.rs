@@ -251,9 +251,8 @@ fn direct_scores_available(d: usize) -> bool {
 /// `x` (`[rows, cols]`, row-major) transposed to `[cols, rows]`, by [`transpose_keys`]'s
 /// tiles.
 pub fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * cols, "transposed: {rows} x {cols} values");
     let mut t = vec![0f32; rows * cols];
-    transpose_keys(x, cols, rows, &mut t);
+    transpose_into(x, rows, cols, &mut t, rows);
     t
 }
 

@@ -328,6 +328,7 @@ fn resize_plane(
     (t, next, u, block): &mut Scratch,
     dst: &mut [f32],
 ) {
+    let Some((last, earlier)) = passes.split_last() else { return };
     // The plane, turned (`[w][h]`), into `t`, a block of rows at a time.
     let turned = room(t, h * w);
     match src {
@@ -345,15 +346,11 @@ fn resize_plane(
         let ch = p % 3;
         Finish::Normalise { rescale: c.rescale, mean: c.mean[ch], std: c.std[ch] }
     });
-    let mut dst = Some(dst);
-    for (i, pass) in passes.iter().enumerate() {
-        if i + 1 == passes.len() {
-            pass.apply(t, u, block, PassOut::Rows(dst.take().expect("one last pass"), finish));
-        } else {
-            pass.apply(t, u, block, PassOut::Turned(room(next, pass.out_len())));
-            std::mem::swap(t, next);
-        }
+    for pass in earlier {
+        pass.apply(t, u, block, PassOut::Turned(room(next, pass.out_len())));
+        std::mem::swap(t, next);
     }
+    last.apply(t, u, block, PassOut::Rows(dst, finish));
 }
 
 /// The first `n` values of a scratch buffer, which only ever grows: shrinking and growing

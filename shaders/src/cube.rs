@@ -17,7 +17,9 @@
 //!   lane by lane (lavapipe's loads from a buffer are a loop over the lanes), so a unit
 //!   takes a register tile: `UNIT_RB` outputs by `UNIT_MB` rows of `x`, each weight decoded
 //!   once for the tile's rows of `x` and each value of `x` loaded once for its outputs
-//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs). Grid
+//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs). It decodes codes with no shift
+//!   ([`nibble`]): SwiftShader's JIT (Subzero) has no vector shift by a vector and shifts
+//!   lane by lane, which was half its decode step. Grid
 //!   `(ceil(n/(UNIT_ROWS*rb)), ceil(m/mb))`, or `m` rows one at a time for rows of
 //!   different sequences (`q_matmul_rows`), so that a batched row equals its product alone.
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
@@ -83,6 +85,14 @@ fn legacy(ty: u32) -> bool {
     ty == TYPE_Q4_0 || ty == TYPE_Q4_1 || ty == TYPE_Q8_0
 }
 
+/// Whether every block of `ty` starts on a word, with its codes (and fifth bits) on words
+/// too: then a word of codes is one load, with no test of its alignment (a branch that a
+/// software GPU pays for on every word).
+fn word_aligned(ty: u32) -> bool {
+    let l = lay(ty);
+    ty_from_id(ty).block_bytes().is_multiple_of(4) && l.qs.is_multiple_of(4) && l.qh.is_multiple_of(4)
+}
+
 /// Whether `ty` keeps 32 values as 16 bytes of nibble pairs (Q4_0, Q4_1), with a fifth bit
 /// each in a `qh` word (Q5_0, Q5_1).
 fn nibbles(ty: u32) -> bool {
@@ -103,8 +113,10 @@ const UNIT_ROWS: u32 = 64;
 const UNIT_MB: u32 = 16;
 const UNIT_RB: u32 = 16;
 /// Outputs a unit for a lone row of `x` (decode). SwiftShader's decode step took 460, 491,
-/// 506 and 591 ms of GPU time at 4, 8, 2 and 16; lavapipe decoded alike at 4 and 8.
-const UNIT_RB_ONE: u32 = 4;
+/// 506 and 591 ms of GPU time at 4, 8, 2 and 16 when codes were shifted out; decoded with
+/// no shift (natively on SwiftShader, Q4_1, two rounds) it ran 4.5-4.6 tok/s at 8, 4.1-4.3
+/// at 4 and 3.6-3.8 at 2, Q8_0 alike at 4 and 8; lavapipe decoded alike at 4 and 8.
+const UNIT_RB_ONE: u32 = 8;
 /// Output tile edge of the tiled kernel, and its k step (one block).
 const TILE: u32 = 32;
 /// Padded shared-memory row, against bank conflicts.
@@ -581,21 +593,18 @@ fn f16_at(w: &[u32], off: u32) -> f32 {
     half_value((w[(off >> 2) as usize] >> ((off & 2) * 8)) & 0xffff)
 }
 
-/// IEEE half bits (`0..65536`) widened to f32.
+/// IEEE half bits (`0..65536`) widened to f32. Each case is computed and one is selected,
+/// with no branch: a software GPU pays for a branch whose lanes may differ.
 #[cube]
 fn half_value(h: u32) -> f32 {
     let sign = (h & 0x8000) << 16;
     let exp = (h >> 10) & 0x1f;
     let mant = h & 0x3ff;
-    let mut out = f32::reinterpret(sign | ((exp + 112) << 23) | (mant << 13));
-    if exp == 0 {
-        // Zero or subnormal: mant * 2^-24.
-        let mag = f32::cast_from(mant) * 5.960_464_5e-8;
-        out = f32::reinterpret(sign | u32::reinterpret(mag));
-    } else if exp == 31 {
-        out = f32::reinterpret(sign | 0x7f80_0000 | (mant << 13));
-    }
-    out
+    let normal = f32::reinterpret(sign | ((exp + 112) << 23) | (mant << 13));
+    // Zero or subnormal: mant * 2^-24.
+    let small = f32::reinterpret(sign | u32::reinterpret(f32::cast_from(mant) * 5.960_464_5e-8));
+    let special = f32::reinterpret(sign | 0x7f80_0000 | (mant << 13));
+    select(exp == 0, small, select(exp == 31, special, normal))
 }
 
 /// Scale, min (Q4_1; 0 otherwise) and first quant byte offset of the block at `base`.
@@ -886,6 +895,17 @@ fn gemv_units(
         let mut qh = Array::<u32>::new(comptime![rb as usize]);
         let mut wv = Array::<f32>::new(comptime![rb as usize]);
         let mut wh = Array::<f32>::new(comptime![rb as usize]);
+        // Q8_0: each row's first code word, whether its codes start half-way into it, and
+        // each code's byte mask and multiplier (4 a row).
+        let mut qw = Array::<u32>::new(comptime![rb as usize]);
+        let mut odd = Array::<bool>::new(comptime![rb as usize]);
+        let mut cmask = Array::<u32>::new(comptime![(4 * rb) as usize]);
+        let mut cup = Array::<u32>::new(comptime![(4 * rb) as usize]);
+        // Q4_0 / Q5_0: the next word of each row's codes, and each nibble's mask and scale
+        // (8 a row).
+        let mut nxt = Array::<u32>::new(comptime![rb as usize]);
+        let mut nmask = Array::<u32>::new(comptime![(8 * rb) as usize]);
+        let mut nscale = Array::<f32>::new(comptime![(8 * rb) as usize]);
         // The hand-arranged types sum `x q` over a block's (or sub-block's) integer codes
         // and `x` itself, then scale once: `sum x (d q + c) = d sum x q + c sum x`. Per
         // weight that is a decode and one multiply-add, where scaling each weight first
@@ -893,6 +913,14 @@ fn gemv_units(
         let coded = comptime![nibbles(ty) || ty == TYPE_Q8_0 || ty == TYPE_Q4_K || ty == TYPE_Q5_K];
         let mut bacc = Array::<f32>::new(comptime![(rb * mb) as usize]);
         let mut xsum = Array::<f32>::new(comptime![mb as usize]);
+        // The values of `x` a word step's codes meet, `xs[r * 8 + slot]`. For a lone row of
+        // `x` (`ahead`) all are loaded before the step's arithmetic: SwiftShader picks a
+        // broadcast, vector or lane-by-lane load at run time, a branch each, and Q8_0's
+        // decode ran 5% faster with its loads ahead (Q4_1's the same). A tile of several
+        // rows takes each column as it goes: LLVM (lavapipe) prefilled 20% slower with all
+        // of them staged. The sums are the same, in the same order.
+        let mut xs = Array::<f32>::new(comptime![(8 * mb) as usize]);
+        let ahead = comptime![mb == 1];
         for b in 0..nb {
             let blk = (b / per) * bb;
             let xo = b * 32;
@@ -944,40 +972,145 @@ fn gemv_units(
                 for rr in 0..rb {
                     mn[rr as usize] -= offset * d[rr as usize];
                 }
-                for j in 0..4u32 {
-                    tile_words(w, &qs, 4 * j, &mut word, rb);
+                // Q4_0 and Q5_0 blocks (18 and 22 bytes) put their codes on a word or
+                // half-way into one, a row at a time: then nibble `k` of a step's codes is
+                // nibble `k + 4` of its word (`k < 4`) or `k - 4` of the next, masked and
+                // scaled as `nibble` does, with the mask and scale picked once a block.
+                let aligned = comptime![word_aligned(ty)];
+                if comptime![!aligned] {
                     #[unroll]
-                    for s in 0..4u32 {
-                        let i = 4 * j + s;
+                    for rr in 0..rb {
+                        let q = qs[rr as usize];
+                        let half = (q & 2) != 0;
+                        odd[rr as usize] = half;
+                        qw[rr as usize] = q >> 2;
+                        #[unroll]
+                        for k in 0..8u32 {
+                            let i = (rr * 8 + k) as usize;
+                            let moved = comptime![(k + 4) % 8];
+                            nmask[i] = select(half, comptime![0xfu32 << (4 * moved)], comptime![0xfu32 << (4 * k)]);
+                            nscale[i] = select(
+                                half,
+                                comptime![1.0f32 / (1u64 << (4 * moved)) as f32],
+                                comptime![1.0f32 / (1u64 << (4 * k)) as f32],
+                            );
+                        }
+                        word[rr as usize] = w[qw[rr as usize] as usize];
+                    }
+                }
+                // Bit `4 j` of the `qh` words: the fifth bits of word `j`'s low codes are it
+                // times `1 << s`.
+                let mut bit = 1u32;
+                for j in 0..4u32 {
+                    if comptime![aligned] {
+                        tile_words(w, &qs, 4 * j, &mut word, rb, ty);
+                    } else {
                         #[unroll]
                         for rr in 0..rb {
-                            let byte = word[rr as usize] >> comptime![8 * s];
-                            let mut lo = byte & 15;
-                            let mut hi = (byte >> 4) & 15;
+                            nxt[rr as usize] = w[(qw[rr as usize] + j + 1) as usize];
+                        }
+                    }
+                    #[unroll]
+                    for s in 0..4u32 {
+                        if comptime![ahead] {
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], 8u32, mb);
+                        }
+                    }
+                    #[unroll]
+                    for s in 0..4u32 {
+                        #[unroll]
+                        for rr in 0..rb {
+                            let i = (rr * 8 + 2 * s) as usize;
+                            let mut src = word[rr as usize];
+                            if comptime![!aligned && s >= 2] {
+                                src = select(odd[rr as usize], nxt[rr as usize], src);
+                            }
+                            let mut lo =
+                                if comptime![aligned] { nibble(src, comptime![2 * s]) } else { nibble_at(src, nmask[i], nscale[i], false) };
+                            let mut hi = if comptime![aligned] {
+                                nibble(src, comptime![2 * s + 1])
+                            } else {
+                                nibble_at(src, nmask[i + 1], nscale[i + 1], comptime![s == 1 || s == 3])
+                            };
                             if comptime![five] {
                                 let h = high[rr as usize];
-                                lo |= ((h >> i) & 1) << 4;
-                                hi |= ((h >> (i + 16)) & 1) << 4;
+                                lo += fifth_bit(h, bit * comptime![1u32 << s]);
+                                hi += fifth_bit(h, bit * comptime![1u32 << (s + 16)]);
                             }
-                            wv[rr as usize] = f32::cast_from(lo);
-                            wh[rr as usize] = f32::cast_from(hi);
+                            wv[rr as usize] = lo;
+                            wh[rr as usize] = hi;
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, x, &xrow, xo + i, rb, mb, true);
-                        tile_fma(&mut bacc, &mut xsum, &wh, x, &xrow, xo + i + 16, rb, mb, true);
+                        if comptime![!ahead] {
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                        }
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, 8u32, rb, mb, true);
+                        if comptime![!ahead] {
+                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], 8u32, mb);
+                        }
+                        tile_fma(&mut bacc, &mut xsum, &wh, &xs, comptime![s + 4], 8u32, rb, mb, true);
+                    }
+                    bit *= 16u32;
+                    if comptime![!aligned] {
+                        #[unroll]
+                        for rr in 0..rb {
+                            word[rr as usize] = nxt[rr as usize];
+                        }
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
             } else if comptime![ty == TYPE_Q8_0] {
+                // A Q8_0 block is 34 bytes, so its codes start on a word or half-way into
+                // one, a row at a time. Code `c` of a word step is the byte `at[c]` of the
+                // step's word (`cur`) or, past its middle when the codes start half-way, of
+                // the next one: masked there and multiplied up to the top byte (an i32
+                // whose conversion is exact), with no shift. The next word is the next
+                // step's word, so each is loaded once.
+                #[unroll]
+                for rr in 0..rb {
+                    let q = qs[rr as usize];
+                    let half = (q & 2) != 0;
+                    qw[rr as usize] = q >> 2;
+                    #[unroll]
+                    for c in 0..4u32 {
+                        let i = (rr * 4 + c) as usize;
+                        cmask[i] = select(half, comptime![0xffu32 << (8 * ((c + 2) % 4))], comptime![0xffu32 << (8 * c)]);
+                        cup[i] = select(half, comptime![1u32 << (24 - 8 * ((c + 2) % 4))], comptime![1u32 << (24 - 8 * c)]);
+                    }
+                    odd[rr as usize] = half;
+                    word[rr as usize] = w[qw[rr as usize] as usize];
+                }
                 for j in 0..8u32 {
-                    tile_words(w, &qs, 4 * j, &mut word, rb);
+                    #[unroll]
+                    for rr in 0..rb {
+                        high[rr as usize] = w[(qw[rr as usize] + j + 1) as usize];
+                    }
+                    #[unroll]
+                    for s in 0..4u32 {
+                        if comptime![ahead] {
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                        }
+                    }
                     #[unroll]
                     for s in 0..4u32 {
                         #[unroll]
                         for rr in 0..rb {
-                            let code = (word[rr as usize] >> comptime![8 * s]) & 0xff;
-                            wv[rr as usize] = f32::cast_from(signed_byte(code));
+                            let i = (rr * 4 + s) as usize;
+                            let mut src = word[rr as usize];
+                            if comptime![s >= 2] {
+                                src = select(odd[rr as usize], high[rr as usize], src);
+                            }
+                            let top = i32::cast_from((src & cmask[i]) * cup[i]);
+                            wv[rr as usize] = f32::cast_from(top) * comptime![1.0f32 / 16_777_216.0];
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, false);
+                        if comptime![!ahead] {
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                        }
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, 8u32, rb, mb, false);
+                    }
+                    #[unroll]
+                    for rr in 0..rb {
+                        word[rr as usize] = high[rr as usize];
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, false);
@@ -986,7 +1119,20 @@ fn gemv_units(
                 // nibbles of 32 bytes (low for even sub-blocks, high for odd), Q5_K's fifth
                 // bit from bit `sub` of 32 more.
                 let sub = b % per;
-                let shift = 4 * (sub % 2);
+                // The sub-block's nibble of byte `s` (the same for every row): its mask and
+                // scale, as `nibble` takes them; the top one (an odd sub-block's byte 3)
+                // takes the u32 conversion. Q5_K's fifth bit of byte `s` is bit `sub` of
+                // its byte in `qh`.
+                let odd_sub = sub % 2 == 1;
+                let mut kmask = Array::<u32>::new(4usize);
+                let mut kscale = Array::<f32>::new(4usize);
+                #[unroll]
+                for s in 0..4u32 {
+                    kmask[s as usize] = select(odd_sub, comptime![0xf0u32 << (8 * s)], comptime![0xfu32 << (8 * s)]);
+                    kscale[s as usize] =
+                        select(odd_sub, comptime![1.0f32 / (1u64 << (8 * s + 4)) as f32], comptime![1.0f32 / (1u64 << (8 * s)) as f32]);
+                }
+                let sub_bit = 1u32 << sub;
                 #[unroll]
                 for rr in 0..rb {
                     let at = wrow[rr as usize] + blk;
@@ -998,21 +1144,30 @@ fn gemv_units(
                     qh[rr as usize] = at + comptime![lay(ty).qh as u32];
                 }
                 for j in 0..8u32 {
-                    tile_words(w, &qs, 4 * j, &mut word, rb);
+                    tile_words(w, &qs, 4 * j, &mut word, rb, ty);
                     if comptime![ty == TYPE_Q5_K] {
-                        tile_words(w, &qh, 4 * j, &mut high, rb);
+                        tile_words(w, &qh, 4 * j, &mut high, rb, ty);
+                    }
+                    #[unroll]
+                    for s in 0..4u32 {
+                        if comptime![ahead] {
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                        }
                     }
                     #[unroll]
                     for s in 0..4u32 {
                         #[unroll]
                         for rr in 0..rb {
-                            let mut q = (word[rr as usize] >> (comptime![8 * s] + shift)) & 15;
+                            let mut q = nibble_at(word[rr as usize], kmask[s as usize], kscale[s as usize], comptime![s == 3]);
                             if comptime![ty == TYPE_Q5_K] {
-                                q |= ((high[rr as usize] >> (comptime![8 * s] + sub)) & 1) << 4;
+                                q += fifth_bit(high[rr as usize], sub_bit * comptime![1u32 << (8 * s)]);
                             }
-                            wv[rr as usize] = f32::cast_from(q);
+                            wv[rr as usize] = q;
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, x, &xrow, xo + 4 * j + s, rb, mb, true);
+                        if comptime![!ahead] {
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                        }
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, 8u32, rb, mb, true);
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
@@ -1023,7 +1178,8 @@ fn gemv_units(
                     for rr in 0..rb {
                         wv[rr as usize] = dequant(w, wrow[rr as usize] + blk, sub, j, ty);
                     }
-                    tile_fma(&mut acc, &mut xsum, &wv, x, &xrow, xo + j, rb, mb, false);
+                    tile_x(x, &xrow, xo + j, &mut xs, 0u32, 8u32, mb);
+                    tile_fma(&mut acc, &mut xsum, &wv, &xs, 0u32, 8u32, rb, mb, false);
                 }
             }
         }
@@ -1039,34 +1195,78 @@ fn gemv_units(
     }
 }
 
-/// Word `at / 4` of each of a tile's `rb` weight blocks' codes (`qs`: their byte offsets).
+/// Nibble `k` (`0..8`, from the low end) of `word`, as f32: the word masked to it, converted
+/// (exactly: four significant bits) and scaled by `2^-4k`. SwiftShader's JIT has no vector
+/// shift by a vector, so a shift costs it a scalar shift a lane; masks, conversions and
+/// multiplies stay vector instructions. Below the top nibble the masked word is a positive
+/// i32, whose conversion is one instruction (the u32 one takes several).
 #[cube]
-fn tile_words(w: &[u32], qs: &Array<u32>, at: u32, word: &mut Array<u32>, #[comptime] rb: u32) {
+fn nibble(word: u32, #[comptime] k: u32) -> f32 {
+    let part = word & comptime![0xfu32 << (4 * k)];
+    let v = if comptime![k < 7] { f32::cast_from(i32::cast_from(part)) } else { f32::cast_from(part) };
+    v * comptime![1.0f32 / (1u64 << (4 * k)) as f32]
+}
+
+/// A nibble of `word` masked by `mask` (which may be the top one, `top`: then the u32
+/// conversion), converted and scaled by `scale`, as [`nibble`] with its mask and scale
+/// chosen at run time.
+#[cube]
+fn nibble_at(word: u32, mask: u32, scale: f32, #[comptime] top: bool) -> f32 {
+    let part = word & mask;
+    let v = if comptime![top] { f32::cast_from(part) } else { f32::cast_from(i32::cast_from(part)) };
+    v * scale
+}
+
+/// 16 where `h` has the bit `mask` set, else 0: a Q5 code's fifth bit, with no shift.
+#[cube]
+fn fifth_bit(h: u32, mask: u32) -> f32 {
+    select((h & mask) != 0, 16.0f32, 0.0f32)
+}
+
+/// Word `at / 4` of each of a tile's `rb` weight blocks' codes (`qs`: their byte offsets),
+/// read whole where `ty`'s blocks keep their codes on words.
+#[cube]
+fn tile_words(w: &[u32], qs: &Array<u32>, at: u32, word: &mut Array<u32>, #[comptime] rb: u32, #[comptime] ty: u32) {
     #[unroll]
     for rr in 0..rb {
-        word[rr as usize] = word_at(w, qs[rr as usize] + at);
+        if comptime![word_aligned(ty)] {
+            word[rr as usize] = w[((qs[rr as usize] + at) >> 2) as usize];
+        } else {
+            word[rr as usize] = word_at(w, qs[rr as usize] + at);
+        }
     }
 }
 
-/// A tile's products with one column of `x`: `acc[rr * mb + r] += wq[rr] * x[xrow[r] + i]`,
-/// each value of `x` loaded once for the `rb` weights (or integer codes, into a block's
-/// sums); with `with_sum`, each is also added to its row's `xsum`.
+/// Column `i` of each of the tile's rows of `x` into `xs[r * cols + slot]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn tile_x(x: &[f32], xrow: &Array<u32>, i: u32, xs: &mut Array<f32>, #[comptime] slot: u32, #[comptime] cols: u32, #[comptime] mb: u32) {
+    #[unroll]
+    for r in 0..mb {
+        xs[comptime![(r * cols + slot) as usize]] = x[(xrow[r as usize] + i) as usize];
+    }
+}
+
+/// A tile's products with one column of `x` (loaded by [`tile_x`] into `slot` of `xs`):
+/// `acc[rr * mb + r] += wq[rr] * xs[r * cols + slot]`, each value of `x` taken once for the
+/// `rb` weights (or integer codes, into a block's sums); with `with_sum`, each is also added
+/// to its row's `xsum`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn tile_fma(
     acc: &mut Array<f32>,
     xsum: &mut Array<f32>,
     wq: &Array<f32>,
-    x: &[f32],
-    xrow: &Array<u32>,
-    i: u32,
+    xs: &Array<f32>,
+    #[comptime] slot: u32,
+    #[comptime] cols: u32,
     #[comptime] rb: u32,
     #[comptime] mb: u32,
     #[comptime] with_sum: bool,
 ) {
     #[unroll]
     for r in 0..mb {
-        let xv = x[(xrow[r as usize] + i) as usize];
+        let xv = xs[comptime![(r * cols + slot) as usize]];
         if comptime![with_sum] {
             xsum[r as usize] += xv;
         }

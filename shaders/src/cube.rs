@@ -895,15 +895,14 @@ fn gemv_units(
         let mut qh = Array::<u32>::new(comptime![rb as usize]);
         let mut wv = Array::<f32>::new(comptime![rb as usize]);
         let mut wh = Array::<f32>::new(comptime![rb as usize]);
-        // Q8_0: each row's first code word, whether its codes start half-way into it, and
-        // each code's byte mask and multiplier (4 a row).
+        // Q4_0 / Q5_0 / Q8_0 (`half_words_start`): each row's code word, whether its codes
+        // start half-way into one, and its next word; Q8_0's byte masks and multipliers (4
+        // a row), Q4_0 / Q5_0's nibble masks and scales (8 a row).
         let mut qw = Array::<u32>::new(comptime![rb as usize]);
         let mut odd = Array::<bool>::new(comptime![rb as usize]);
+        let mut nxt = Array::<u32>::new(comptime![rb as usize]);
         let mut cmask = Array::<u32>::new(comptime![(4 * rb) as usize]);
         let mut cup = Array::<u32>::new(comptime![(4 * rb) as usize]);
-        // Q4_0 / Q5_0: the next word of each row's codes, and each nibble's mask and scale
-        // (8 a row).
-        let mut nxt = Array::<u32>::new(comptime![rb as usize]);
         let mut nmask = Array::<u32>::new(comptime![(8 * rb) as usize]);
         let mut nscale = Array::<f32>::new(comptime![(8 * rb) as usize]);
         // The hand-arranged types sum `x q` over a block's (or sub-block's) integer codes
@@ -913,13 +912,13 @@ fn gemv_units(
         let coded = comptime![nibbles(ty) || ty == TYPE_Q8_0 || ty == TYPE_Q4_K || ty == TYPE_Q5_K];
         let mut bacc = Array::<f32>::new(comptime![(rb * mb) as usize]);
         let mut xsum = Array::<f32>::new(comptime![mb as usize]);
-        // The values of `x` a word step's codes meet, `xs[r * 8 + slot]`. For a lone row of
+        // The values of `x` a word step's codes meet, `xs[r * XS_COLS + slot]`. For a lone row of
         // `x` (`ahead`) all are loaded before the step's arithmetic: SwiftShader picks a
         // broadcast, vector or lane-by-lane load at run time, a branch each, and Q8_0's
         // decode ran 5% faster with its loads ahead (Q4_1's the same). A tile of several
         // rows takes each column as it goes: LLVM (lavapipe) prefilled 20% slower with all
         // of them staged. The sums are the same, in the same order.
-        let mut xs = Array::<f32>::new(comptime![(8 * mb) as usize]);
+        let mut xs = Array::<f32>::new(comptime![(XS_COLS * mb) as usize]);
         let ahead = comptime![mb == 1];
         for b in 0..nb {
             let blk = (b / per) * bb;
@@ -978,12 +977,10 @@ fn gemv_units(
                 // scaled as `nibble` does, with the mask and scale picked once a block.
                 let aligned = comptime![word_aligned(ty)];
                 if comptime![!aligned] {
+                    half_words_start(w, &qs, &mut qw, &mut odd, &mut word, rb);
                     #[unroll]
                     for rr in 0..rb {
-                        let q = qs[rr as usize];
-                        let half = (q & 2) != 0;
-                        odd[rr as usize] = half;
-                        qw[rr as usize] = q >> 2;
+                        let half = odd[rr as usize];
                         #[unroll]
                         for k in 0..8u32 {
                             let i = (rr * 8 + k) as usize;
@@ -995,7 +992,6 @@ fn gemv_units(
                                 comptime![1.0f32 / (1u64 << (4 * k)) as f32],
                             );
                         }
-                        word[rr as usize] = w[qw[rr as usize] as usize];
                     }
                 }
                 // Bit `4 j` of the `qh` words: the fifth bits of word `j`'s low codes are it
@@ -1005,16 +1001,13 @@ fn gemv_units(
                     if comptime![aligned] {
                         tile_words(w, &qs, 4 * j, &mut word, rb, ty);
                     } else {
-                        #[unroll]
-                        for rr in 0..rb {
-                            nxt[rr as usize] = w[(qw[rr as usize] + j + 1) as usize];
-                        }
+                        half_words_next(w, &qw, j, &mut nxt, rb);
                     }
                     #[unroll]
                     for s in 0..4u32 {
                         if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
-                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], mb);
                         }
                     }
                     #[unroll]
@@ -1042,20 +1035,17 @@ fn gemv_units(
                             wh[rr as usize] = hi;
                         }
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, 8u32, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, rb, mb, true);
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wh, &xs, comptime![s + 4], 8u32, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wh, &xs, comptime![s + 4], rb, mb, true);
                     }
                     bit *= 16u32;
                     if comptime![!aligned] {
-                        #[unroll]
-                        for rr in 0..rb {
-                            word[rr as usize] = nxt[rr as usize];
-                        }
+                        half_words_advance(&mut word, &nxt, rb);
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
@@ -1066,29 +1056,23 @@ fn gemv_units(
                 // the next one: masked there and multiplied up to the top byte (an i32
                 // whose conversion is exact), with no shift. The next word is the next
                 // step's word, so each is loaded once.
+                half_words_start(w, &qs, &mut qw, &mut odd, &mut word, rb);
                 #[unroll]
                 for rr in 0..rb {
-                    let q = qs[rr as usize];
-                    let half = (q & 2) != 0;
-                    qw[rr as usize] = q >> 2;
+                    let half = odd[rr as usize];
                     #[unroll]
                     for c in 0..4u32 {
                         let i = (rr * 4 + c) as usize;
                         cmask[i] = select(half, comptime![0xffu32 << (8 * ((c + 2) % 4))], comptime![0xffu32 << (8 * c)]);
                         cup[i] = select(half, comptime![1u32 << (24 - 8 * ((c + 2) % 4))], comptime![1u32 << (24 - 8 * c)]);
                     }
-                    odd[rr as usize] = half;
-                    word[rr as usize] = w[qw[rr as usize] as usize];
                 }
                 for j in 0..8u32 {
-                    #[unroll]
-                    for rr in 0..rb {
-                        high[rr as usize] = w[(qw[rr as usize] + j + 1) as usize];
-                    }
+                    half_words_next(w, &qw, j, &mut nxt, rb);
                     #[unroll]
                     for s in 0..4u32 {
                         if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
                         }
                     }
                     #[unroll]
@@ -1098,20 +1082,17 @@ fn gemv_units(
                             let i = (rr * 4 + s) as usize;
                             let mut src = word[rr as usize];
                             if comptime![s >= 2] {
-                                src = select(odd[rr as usize], high[rr as usize], src);
+                                src = select(odd[rr as usize], nxt[rr as usize], src);
                             }
                             let top = i32::cast_from((src & cmask[i]) * cup[i]);
                             wv[rr as usize] = f32::cast_from(top) * comptime![1.0f32 / 16_777_216.0];
                         }
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, 8u32, rb, mb, false);
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, rb, mb, false);
                     }
-                    #[unroll]
-                    for rr in 0..rb {
-                        word[rr as usize] = high[rr as usize];
-                    }
+                    half_words_advance(&mut word, &nxt, rb);
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, false);
             } else if comptime![ty == TYPE_Q4_K || ty == TYPE_Q5_K] {
@@ -1151,7 +1132,7 @@ fn gemv_units(
                     #[unroll]
                     for s in 0..4u32 {
                         if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
                         }
                     }
                     #[unroll]
@@ -1165,9 +1146,9 @@ fn gemv_units(
                             wv[rr as usize] = q;
                         }
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, 8u32, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, 8u32, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, rb, mb, true);
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
@@ -1178,8 +1159,8 @@ fn gemv_units(
                     for rr in 0..rb {
                         wv[rr as usize] = dequant(w, wrow[rr as usize] + blk, sub, j, ty);
                     }
-                    tile_x(x, &xrow, xo + j, &mut xs, 0u32, 8u32, mb);
-                    tile_fma(&mut acc, &mut xsum, &wv, &xs, 0u32, 8u32, rb, mb, false);
+                    tile_x(x, &xrow, xo + j, &mut xs, 0u32, mb);
+                    tile_fma(&mut acc, &mut xsum, &wv, &xs, 0u32, rb, mb, false);
                 }
             }
         }
@@ -1237,18 +1218,54 @@ fn tile_words(w: &[u32], qs: &Array<u32>, at: u32, word: &mut Array<u32>, #[comp
     }
 }
 
-/// Column `i` of each of the tile's rows of `x` into `xs[r * cols + slot]`.
+/// For blocks whose codes start on a word or half-way into one (Q4_0, Q5_0 and Q8_0 are
+/// 18, 22 and 34 bytes), from each row's code byte offset `qs`: its word `qw`, whether it
+/// starts half-way (`odd`), and that first word into `word`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn tile_x(x: &[f32], xrow: &Array<u32>, i: u32, xs: &mut Array<f32>, #[comptime] slot: u32, #[comptime] cols: u32, #[comptime] mb: u32) {
+fn half_words_start(w: &[u32], qs: &Array<u32>, qw: &mut Array<u32>, odd: &mut Array<bool>, word: &mut Array<u32>, #[comptime] rb: u32) {
+    #[unroll]
+    for rr in 0..rb {
+        let q = qs[rr as usize];
+        odd[rr as usize] = (q & 2) != 0;
+        qw[rr as usize] = q >> 2;
+        word[rr as usize] = w[(q >> 2) as usize];
+    }
+}
+
+/// The word after step `j`'s of each of [`half_words_start`]'s rows, into `nxt`; at the
+/// end of the step it becomes the next step's word ([`half_words_advance`]), so each word
+/// is loaded once.
+#[cube]
+fn half_words_next(w: &[u32], qw: &Array<u32>, j: u32, nxt: &mut Array<u32>, #[comptime] rb: u32) {
+    #[unroll]
+    for rr in 0..rb {
+        nxt[rr as usize] = w[(qw[rr as usize] + j + 1) as usize];
+    }
+}
+
+/// The end of a word step of [`half_words_start`]'s rows: the next word becomes the word.
+#[cube]
+fn half_words_advance(word: &mut Array<u32>, nxt: &Array<u32>, #[comptime] rb: u32) {
+    #[unroll]
+    for rr in 0..rb {
+        word[rr as usize] = nxt[rr as usize];
+    }
+}
+
+/// Values of `x` a tile stages per row of `x`: one word step's (8 for nibble pairs).
+const XS_COLS: u32 = 8;
+
+/// Column `i` of each of the tile's rows of `x` into `xs[r * XS_COLS + slot]`.
+#[cube]
+fn tile_x(x: &[f32], xrow: &Array<u32>, i: u32, xs: &mut Array<f32>, #[comptime] slot: u32, #[comptime] mb: u32) {
     #[unroll]
     for r in 0..mb {
-        xs[comptime![(r * cols + slot) as usize]] = x[(xrow[r as usize] + i) as usize];
+        xs[comptime![(r * XS_COLS + slot) as usize]] = x[(xrow[r as usize] + i) as usize];
     }
 }
 
 /// A tile's products with one column of `x` (loaded by [`tile_x`] into `slot` of `xs`):
-/// `acc[rr * mb + r] += wq[rr] * xs[r * cols + slot]`, each value of `x` taken once for the
+/// `acc[rr * mb + r] += wq[rr] * xs[r * XS_COLS + slot]`, each value of `x` taken once for the
 /// `rb` weights (or integer codes, into a block's sums); with `with_sum`, each is also added
 /// to its row's `xsum`.
 #[cube]
@@ -1259,14 +1276,13 @@ fn tile_fma(
     wq: &Array<f32>,
     xs: &Array<f32>,
     #[comptime] slot: u32,
-    #[comptime] cols: u32,
     #[comptime] rb: u32,
     #[comptime] mb: u32,
     #[comptime] with_sum: bool,
 ) {
     #[unroll]
     for r in 0..mb {
-        let xv = xs[comptime![(r * cols + slot) as usize]];
+        let xv = xs[comptime![(r * XS_COLS + slot) as usize]];
         if comptime![with_sum] {
             xsum[r as usize] += xv;
         }

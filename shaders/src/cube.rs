@@ -17,11 +17,13 @@
 //!   lane by lane (lavapipe's loads from a buffer are a loop over the lanes), so a unit
 //!   takes a register tile: `UNIT_RB` outputs by `UNIT_MB` rows of `x`, each weight decoded
 //!   once for the tile's rows of `x` and each value of `x` loaded once for its outputs
-//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs). It decodes codes with no shift
-//!   ([`nibble`]): SwiftShader's JIT (Subzero) has no vector shift by a vector and shifts
-//!   lane by lane, which was half its decode step. Grid
-//!   `(ceil(n/(UNIT_ROWS*rb)), ceil(m/mb))`, or `m` rows one at a time for rows of
-//!   different sequences (`q_matmul_rows`), so that a batched row equals its product alone.
+//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs). It decodes codes, scales and indices
+//!   with no shift ([`nibble`], [`half_from`]): SwiftShader's JIT (Subzero) has no vector
+//!   shift by a vector and shifts lane by lane, which was half its decode step. Grid
+//!   `(ceil(n/(units*rb)), ceil(m/mb))` with `units` from [`unit_rows`] (a software GPU runs
+//!   a cube on one thread, so there must be enough of them), or `m` rows one at a time for
+//!   rows of different sequences (`q_matmul_rows`), so that a batched row equals its
+//!   product alone.
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
 //!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
 //!
@@ -103,8 +105,11 @@ fn nibbles(ty: u32) -> bool {
 const ROWS: u32 = 4;
 /// Lanes per output in the GEMV.
 const LANES: u32 = 32;
-/// Units per cube of the per-unit GEMV.
+/// Units per cube of the per-unit GEMV, and the fewest it takes to make `UNIT_CUBES` cubes
+/// ([`unit_rows`]); SIMD lanes are 4 (SwiftShader) or 8 (lavapipe on AVX2).
 const UNIT_ROWS: u32 = 64;
+const UNIT_ROWS_MIN: u32 = 8;
+const UNIT_CUBES: u32 = 16;
 /// Its tile when there are several rows of `x`: `UNIT_RB` outputs by `UNIT_MB` rows of `x`
 /// a unit. On lavapipe (pp64, one run each) tiles of 1x16, 4x16, 8x16, 16x16 and 32x16
 /// prefilled at 8.7, 23, 37, 46 and 51 tok/s (8x8: 35, 16x8: 44, 16x32: 48); on
@@ -295,11 +300,12 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
     if per_unit {
         let mb = if m == 1 || one_by_one { 1 } else { UNIT_MB };
         let rb = if mb == 1 { UNIT_RB_ONE } else { UNIT_RB };
-        let count = CubeCount::Static((n as u32).div_ceil(UNIT_ROWS * rb), (m as u32).div_ceil(mb), 1);
+        let units = unit_rows(n as u32, m as u32, rb, mb);
+        let count = CubeCount::Static((n as u32).div_ceil(units * rb), (m as u32).div_ceil(mb), 1);
         gemv_units::launch(
             &client,
             count,
-            CubeDim::new_1d(UNIT_ROWS),
+            CubeDim::new_1d(units),
             words.into_buffer_arg(),
             x.into_buffer_arg(),
             out.clone().into_buffer_arg(),
@@ -342,6 +348,18 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
         );
     }
     out
+}
+
+/// Units per cube of the per-unit GEMV for `n` outputs and `m` rows of `x`: `UNIT_ROWS`, or
+/// fewer where that would make fewer than `UNIT_CUBES` cubes. A software GPU runs a cube on
+/// one thread, so a 576-output product in cubes of 512 outputs kept one of two threads
+/// waiting for most of it.
+fn unit_rows(n: u32, m: u32, rb: u32, mb: u32) -> u32 {
+    let mut units = UNIT_ROWS;
+    while units > UNIT_ROWS_MIN && n.div_ceil(units * rb) * m.div_ceil(mb) < UNIT_CUBES {
+        units /= 2;
+    }
+    units
 }
 
 /// Whether the device is a CPU under a GPU API (lavapipe natively, a browser's fallback
@@ -590,21 +608,61 @@ fn word_at(w: &[u32], off: u32) -> u32 {
 /// IEEE half at an even byte offset, widened to f32.
 #[cube]
 fn f16_at(w: &[u32], off: u32) -> f32 {
-    half_value((w[(off >> 2) as usize] >> ((off & 2) * 8)) & 0xffff)
+    half_in(w[(off >> 2) as usize], (off & 2) != 0)
 }
 
-/// IEEE half bits (`0..65536`) widened to f32. Each case is computed and one is selected,
-/// with no branch: a software GPU pays for a branch whose lanes may differ.
+/// The IEEE half in the low 16 bits of `word`, widened to f32.
 #[cube]
-fn half_value(h: u32) -> f32 {
-    let sign = (h & 0x8000) << 16;
-    let exp = (h >> 10) & 0x1f;
-    let mant = h & 0x3ff;
-    let normal = f32::reinterpret(sign | ((exp + 112) << 23) | (mant << 13));
-    // Zero or subnormal: mant * 2^-24.
-    let small = f32::reinterpret(sign | u32::reinterpret(f32::cast_from(mant) * 5.960_464_5e-8));
-    let special = f32::reinterpret(sign | 0x7f80_0000 | (mant << 13));
-    select(exp == 0, small, select(exp == 31, special, normal))
+fn half_lo(word: u32) -> f32 {
+    half_from((word & 0x8000) * 65536, f32::cast_from(i32::cast_from(word & 0x7fff)))
+}
+
+/// The IEEE half in the high 16 bits of `word`, widened to f32.
+#[cube]
+fn half_hi(word: u32) -> f32 {
+    half_from(word & 0x8000_0000, high_em(word))
+}
+
+/// The IEEE half in the high (`high`) or low 16 bits of `word`, widened to f32: the half
+/// picked before the one conversion.
+#[cube]
+fn half_in(word: u32, high: bool) -> f32 {
+    let sign = select(high, word & 0x8000_0000, (word & 0x8000) * 65536);
+    let em = select(high, high_em(word), f32::cast_from(i32::cast_from(word & 0x7fff)));
+    half_from(sign, em)
+}
+
+/// The high 16 bits of `word`, with no shift.
+#[cube]
+fn high_half(word: u32) -> u32 {
+    let low15 = u32::reinterpret(high_em(word) + 8_388_608.0f32) & 0x7fff;
+    low15 | select((word & 0x8000_0000) != 0, 0x8000u32, 0u32)
+}
+
+/// The exponent-and-mantissa bits (15) of the half in the high 16 bits of `word`, as f32:
+/// brought down by a conversion and a power-of-two multiply (both exact) rather than a
+/// shift, which SwiftShader's JIT runs lane by lane.
+#[cube]
+fn high_em(word: u32) -> f32 {
+    f32::cast_from(i32::cast_from(word & 0x7fff_0000)) * comptime![1.0f32 / 65536.0]
+}
+
+/// A half from its sign bit (in place for f32, bit 31) and its exponent-and-mantissa bits
+/// `em` (`0..0x8000`, an integer as f32), with no shift:
+/// - `em + 2^23`'s low mantissa bits are `em`, and times `2^13` (wrapping: the exponent
+///   bits go out at the top) they are in f32's fields, to be rebiased;
+/// - a zero or subnormal (exponent 0, `em` the mantissa) is `em 2^-24`.
+///
+/// Each case is computed and one is selected, with no branch: a software GPU pays for a
+/// branch whose lanes may differ.
+#[cube]
+fn half_from(sign: u32, em: f32) -> f32 {
+    let moved = u32::reinterpret(em + 8_388_608.0f32) * 8192;
+    // Exponent 1..30: rebias by 127 - 15 = 112; 31 (infinity, NaN) becomes 255.
+    let bias = select(em >= 31744.0f32, comptime![(255u32 - 31) << 23], comptime![112u32 << 23]);
+    let wide = f32::reinterpret(sign | (moved + bias));
+    let small = f32::reinterpret(sign | u32::reinterpret(em * 5.960_464_5e-8));
+    select(em < 1024.0f32, small, wide)
 }
 
 /// Scale, min (Q4_1; 0 otherwise) and first quant byte offset of the block at `base`.
@@ -723,6 +781,50 @@ fn k_scale_min(w: &[u32], base: u32, j: u32, #[comptime] ty: u32) -> (f32, f32) 
     let sc = select(first, b_j & 63, (b_j4 & 15) | ((b_jm4 >> 6) << 4));
     let m = select(first, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4));
     (d * f32::cast_from(sc), dmin * f32::cast_from(m))
+}
+
+/// Sub-block `sub`'s 6-bit scale and min in a Q4_K / Q5_K block's three scale words, as
+/// `k_scale_min` packs them, picked with masks and powers of two instead of shifts: the
+/// same for every row, so chosen once a block. Sub-blocks 0-3: the low 6 bits of byte
+/// `sub` of the first word (scale) and of the second (min). 4-7 (`i = sub - 4`): the low
+/// (scale) and high (min) nibble of byte `i` of the third word, plus the top two bits of
+/// byte `i` of the first (scale) and second (min) words as bits 4-5.
+#[derive(CubeType)]
+struct KScaleFields {
+    /// Of the first and second words: 63 or 0xc0 at byte `i`.
+    low_mask: u32,
+    low_scale: f32,
+    /// Of the third word: 0 (sub-blocks 0-3), else 15 (scale) and 0xf0 (min) at byte `i`.
+    sc_mask: u32,
+    m_mask: u32,
+    sc_scale: f32,
+    m_scale: f32,
+}
+
+#[cube]
+impl KScaleFields {
+    fn of_sub(sub: u32) -> KScaleFields {
+        let i = sub & 3;
+        let first = sub < 4;
+        let at = select(i == 0, 1u32, select(i == 1, 256u32, select(i == 2, 65536u32, 16_777_216u32)));
+        let down = select(i == 0, 1.0f32, select(i == 1, 1.0f32 / 256.0, select(i == 2, 1.0f32 / 65536.0, 1.0f32 / 16_777_216.0)));
+        KScaleFields {
+            low_mask: select(first, 63u32, 0xc0u32) * at,
+            // Bits 6-7 of a byte become bits 4-5: down by 4.
+            low_scale: select(first, down, down * 0.25f32),
+            sc_mask: select(first, 0u32, 15u32 * at),
+            m_mask: select(first, 0u32, 0xf0u32 * at),
+            sc_scale: down,
+            m_scale: down * 0.0625f32,
+        }
+    }
+
+    /// The sub-block's (scale, min), integers as f32, from the block's scale words.
+    fn scale_min(&self, s0: u32, s1: u32, s2: u32) -> (f32, f32) {
+        let sc = f32::cast_from(s0 & self.low_mask) * self.low_scale + f32::cast_from(s2 & self.sc_mask) * self.sc_scale;
+        let m = f32::cast_from(s1 & self.low_mask) * self.low_scale + f32::cast_from(s2 & self.m_mask) * self.m_scale;
+        (sc, m)
+    }
 }
 
 /// Element `j` (0..32) of group `sub` of the block at `base`, dequantised.
@@ -864,18 +966,23 @@ fn gemv_units(
     #[comptime] rb: u32,
     #[comptime] mb: u32,
 ) {
-    let row0 = (CUBE_POS_X * UNIT_ROWS + UNIT_POS_X) * rb;
+    let row0 = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) * rb;
     let m0 = CUBE_POS_Y * mb;
     let k = nb * 32;
     let per = comptime![groups(ty)];
     if row0 < n {
         // Where each weight row and each row of `x` starts, once: rows past `n` read the
         // last row again and rows past `m` the last row of `x`; neither is written.
+        // Types whose blocks are whole words (`aligned`) count in words, so that no load's
+        // index needs a shift (SwiftShader's JIT shifts lane by lane); the others in bytes.
+        let aligned = comptime![word_aligned(ty)];
+        let bw = bb / 4;
         let row_bytes = (nb / per) * bb;
         let mut wrow = Array::<u32>::new(comptime![rb as usize]);
         #[unroll]
         for rr in 0..rb {
-            wrow[rr as usize] = u32::min(row0 + rr, n - 1) * row_bytes;
+            let row = u32::min(row0 + rr, n - 1);
+            wrow[rr as usize] = if comptime![aligned] { row * ((nb / per) * bw) } else { row * row_bytes };
         }
         let mut xrow = Array::<u32>::new(comptime![mb as usize]);
         #[unroll]
@@ -895,16 +1002,16 @@ fn gemv_units(
         let mut qh = Array::<u32>::new(comptime![rb as usize]);
         let mut wv = Array::<f32>::new(comptime![rb as usize]);
         let mut wh = Array::<f32>::new(comptime![rb as usize]);
-        // Q4_0 / Q5_0 / Q8_0 (`half_words_start`): each row's code word, whether its codes
-        // start half-way into one, and its next word; Q8_0's byte masks and multipliers (4
-        // a row), Q4_0 / Q5_0's nibble masks and scales (8 a row).
+        // Q4_0 / Q5_0 / Q8_0 (`halves`): each row's code word, whether its codes
+        // start half-way into one, and its next word.
         let mut qw = Array::<u32>::new(comptime![rb as usize]);
         let mut odd = Array::<bool>::new(comptime![rb as usize]);
         let mut nxt = Array::<u32>::new(comptime![rb as usize]);
+        // The step's code word of each row, realigned where it starts half-way (Q4_0,
+        // Q5_0); Q8_0's byte masks and multipliers, 4 a row.
+        let mut cur = Array::<u32>::new(comptime![rb as usize]);
         let mut cmask = Array::<u32>::new(comptime![(4 * rb) as usize]);
         let mut cup = Array::<u32>::new(comptime![(4 * rb) as usize]);
-        let mut nmask = Array::<u32>::new(comptime![(8 * rb) as usize]);
-        let mut nscale = Array::<f32>::new(comptime![(8 * rb) as usize]);
         // The hand-arranged types sum `x q` over a block's (or sub-block's) integer codes
         // and `x` itself, then scale once: `sum x (d q + c) = d sum x q + c sum x`. Per
         // weight that is a decode and one multiply-add, where scaling each weight first
@@ -919,27 +1026,71 @@ fn gemv_units(
         // rows takes each column as it goes: LLVM (lavapipe) prefilled 20% slower with all
         // of them staged. The sums are the same, in the same order.
         let mut xs = Array::<f32>::new(comptime![(XS_COLS * mb) as usize]);
+        let mut xq = Array::<f32>::new(comptime![(XS_COLS * mb) as usize]);
         let ahead = comptime![mb == 1];
+        // The block's start in its row (in words where `aligned`, else in bytes) and the
+        // group `sub` in it, counted rather than divided (a software GPU divides and shifts
+        // lane by lane).
+        let blk_step = if comptime![aligned] { bw } else { bb };
+        let mut blk = 0u32;
+        let mut sub = 0u32;
+        // Q4_0 / Q5_0 / Q8_0 blocks (18, 22 and 34 bytes) start on a word or half-way into
+        // one (`halves`): each row's start as a word and whether it is half-way (once), and
+        // the block's place in its row counted in half-words, so that no index needs a shift.
+        let halves = comptime![!aligned && (legacy(ty) || ty == TYPE_Q5_0 || ty == TYPE_Q6_K)];
+        let mut rw = Array::<u32>::new(comptime![rb as usize]);
+        let mut rodd = Array::<bool>::new(comptime![rb as usize]);
+        if comptime![halves] {
+            #[unroll]
+            for rr in 0..rb {
+                rw[rr as usize] = wrow[rr as usize] >> 2;
+                rodd[rr as usize] = (wrow[rr as usize] & 2) != 0;
+            }
+        }
+        let block_halves = bb / 2;
+        let block_words = block_halves / 2;
+        let block_odd = (block_halves & 1) == 1;
+        let mut blk_words = 0u32;
+        let mut blk_odd = false;
         for b in 0..nb {
-            let blk = (b / per) * bb;
             let xo = b * 32;
             if comptime![coded] {
-                #[unroll]
-                for i in 0..rb * mb {
-                    bacc[i as usize] = 0.0f32;
-                }
-                #[unroll]
-                for r in 0..mb {
-                    xsum[r as usize] = 0.0f32;
-                }
+                tile_open(&mut bacc, &mut xsum, rb, mb);
             }
             if comptime![legacy(ty)] {
                 #[unroll]
                 for rr in 0..rb {
-                    let (dd, mm, q) = block_header(w, wrow[rr as usize] + blk, ty);
-                    d[rr as usize] = dd;
-                    mn[rr as usize] = mm;
-                    qs[rr as usize] = q;
+                    if comptime![aligned] {
+                        // Q4_1: `d` and `m` share the block's first word.
+                        let at = wrow[rr as usize] + blk;
+                        let head = w[at as usize];
+                        d[rr as usize] = half_lo(head);
+                        mn[rr as usize] = half_hi(head);
+                        qs[rr as usize] = at + comptime![lay(ty).qs as u32 / 4];
+                    }
+                }
+            }
+            if comptime![halves && ty != TYPE_Q6_K] {
+                // Each row's block start (`start`, and whether half-way); `d` there, then
+                // Q5_0's `qh` (4 bytes), then the codes: their word `qw`, whether they start
+                // half-way (`odd`, the block's opposite), and that word.
+                #[unroll]
+                for rr in 0..rb {
+                    let o = rodd[rr as usize];
+                    let start = rw[rr as usize] + blk_words + u32::cast_from(o && blk_odd);
+                    let half_way = o != blk_odd;
+                    let head = w[start as usize];
+                    d[rr as usize] = half_in(head, half_way);
+                    mn[rr as usize] = 0.0f32;
+                    let mut q = start + u32::cast_from(half_way);
+                    if comptime![ty == TYPE_Q5_0] {
+                        let second = w[(start + 1) as usize];
+                        high[rr as usize] = select(half_way, second, high_half(head) | (second * 65536));
+                        q += 1;
+                    }
+                    odd[rr as usize] = !half_way;
+                    qw[rr as usize] = q;
+                    word[rr as usize] = w[q as usize];
                 }
             }
             if comptime![nibbles(ty)] {
@@ -953,17 +1104,18 @@ fn gemv_units(
                     TYPE_Q5_0 => 16.0f32,
                     _ => 0.0f32,
                 }];
-                if comptime![five] {
+                if comptime![ty == TYPE_Q5_1] {
                     #[unroll]
                     for rr in 0..rb {
                         let at = wrow[rr as usize] + blk;
-                        d[rr as usize] = f16_at(w, at + comptime![lay(ty).d as u32]);
-                        mn[rr as usize] = 0.0f32;
-                        if comptime![ty == TYPE_Q5_1] {
-                            mn[rr as usize] = f16_at(w, at + comptime![lay(ty).m as u32]);
+                        {
+                            // Q5_1: `d` and `m` in the first word, `qh` the second.
+                            let head = w[at as usize];
+                            d[rr as usize] = half_lo(head);
+                            mn[rr as usize] = half_hi(head);
+                            high[rr as usize] = w[(at + comptime![lay(ty).qh as u32 / 4]) as usize];
+                            qs[rr as usize] = at + comptime![lay(ty).qs as u32 / 4];
                         }
-                        high[rr as usize] = word_at(w, at + comptime![lay(ty).qh as u32]);
-                        qs[rr as usize] = at + comptime![lay(ty).qs as u32];
                     }
                 }
                 // A weight is `d (q - offset) + m`: `c = m - offset d` goes with `sum x`.
@@ -972,76 +1124,50 @@ fn gemv_units(
                     mn[rr as usize] -= offset * d[rr as usize];
                 }
                 // Q4_0 and Q5_0 blocks (18 and 22 bytes) put their codes on a word or
-                // half-way into one, a row at a time: then nibble `k` of a step's codes is
-                // nibble `k + 4` of its word (`k < 4`) or `k - 4` of the next, masked and
-                // scaled as `nibble` does, with the mask and scale picked once a block.
-                let aligned = comptime![word_aligned(ty)];
-                if comptime![!aligned] {
-                    half_words_start(w, &qs, &mut qw, &mut odd, &mut word, rb);
-                    #[unroll]
-                    for rr in 0..rb {
-                        let half = odd[rr as usize];
-                        #[unroll]
-                        for k in 0..8u32 {
-                            let i = (rr * 8 + k) as usize;
-                            let moved = comptime![(k + 4) % 8];
-                            nmask[i] = select(half, comptime![0xfu32 << (4 * moved)], comptime![0xfu32 << (4 * k)]);
-                            nscale[i] = select(
-                                half,
-                                comptime![1.0f32 / (1u64 << (4 * moved)) as f32],
-                                comptime![1.0f32 / (1u64 << (4 * k)) as f32],
-                            );
-                        }
-                    }
-                }
+                // half-way into one, a row at a time: those rows' words are realigned once a
+                // word step (`half_words_realign`), and decoded as the others.
                 // Bit `4 j` of the `qh` words: the fifth bits of word `j`'s low codes are it
                 // times `1 << s`.
                 let mut bit = 1u32;
                 for j in 0..4u32 {
                     if comptime![aligned] {
-                        tile_words(w, &qs, 4 * j, &mut word, rb, ty);
+                        tile_words(w, &qs, j, &mut cur, rb);
                     } else {
                         half_words_next(w, &qw, j, &mut nxt, rb);
+                        half_words_realign(&word, &nxt, &odd, &mut cur, rb);
                     }
+                    // The codes stay at their place values (`nibble`), the values of `x` they
+                    // meet scaled to match.
                     #[unroll]
                     for s in 0..4u32 {
                         if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
-                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, comptime![place(8 * s)], s, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, &mut xq, comptime![place(8 * s + 4)], comptime![s + 4], mb);
                         }
                     }
                     #[unroll]
                     for s in 0..4u32 {
                         #[unroll]
                         for rr in 0..rb {
-                            let i = (rr * 8 + 2 * s) as usize;
-                            let mut src = word[rr as usize];
-                            if comptime![!aligned && s >= 2] {
-                                src = select(odd[rr as usize], nxt[rr as usize], src);
-                            }
-                            let mut lo =
-                                if comptime![aligned] { nibble(src, comptime![2 * s]) } else { nibble_at(src, nmask[i], nscale[i], false) };
-                            let mut hi = if comptime![aligned] {
-                                nibble(src, comptime![2 * s + 1])
-                            } else {
-                                nibble_at(src, nmask[i + 1], nscale[i + 1], comptime![s == 1 || s == 3])
-                            };
+                            let src = cur[rr as usize];
+                            let mut lo = nibble(src, comptime![2 * s]);
+                            let mut hi = nibble(src, comptime![2 * s + 1]);
                             if comptime![five] {
                                 let h = high[rr as usize];
-                                lo += fifth_bit(h, bit * comptime![1u32 << s]);
-                                hi += fifth_bit(h, bit * comptime![1u32 << (s + 16)]);
+                                lo += fifth_bit(h, bit * comptime![1u32 << s], comptime![sixteen(8 * s)]);
+                                hi += fifth_bit(h, bit * comptime![1u32 << (s + 16)], comptime![sixteen(8 * s + 4)]);
                             }
                             wv[rr as usize] = lo;
                             wh[rr as usize] = hi;
                         }
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, comptime![place(8 * s)], s, mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, comptime![s + 4], mb);
+                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, &mut xq, comptime![place(8 * s + 4)], comptime![s + 4], mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wh, &xs, comptime![s + 4], rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wh, &xs, &xq, comptime![s + 4], rb, mb, true);
                     }
                     bit *= 16u32;
                     if comptime![!aligned] {
@@ -1052,11 +1178,11 @@ fn gemv_units(
             } else if comptime![ty == TYPE_Q8_0] {
                 // A Q8_0 block is 34 bytes, so its codes start on a word or half-way into
                 // one, a row at a time. Code `c` of a word step is the byte `at[c]` of the
-                // step's word (`cur`) or, past its middle when the codes start half-way, of
-                // the next one: masked there and multiplied up to the top byte (an i32
-                // whose conversion is exact), with no shift. The next word is the next
-                // step's word, so each is loaded once.
-                half_words_start(w, &qs, &mut qw, &mut odd, &mut word, rb);
+                // step's word or, past its middle when the codes start half-way, of the next
+                // one: masked there and multiplied up to the top byte (an i32 whose
+                // conversion is exact), with no shift. (Realigning the word, as Q4_0 and
+                // Q5_0 do, cost more than it saved on four codes a word: SwiftShader's decode
+                // 5.0-5.3 -> 4.7-4.8 tok/s.)
                 #[unroll]
                 for rr in 0..rb {
                     let half = odd[rr as usize];
@@ -1072,7 +1198,7 @@ fn gemv_units(
                     #[unroll]
                     for s in 0..4u32 {
                         if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, Q8_PLACE, s, mb);
                         }
                     }
                     #[unroll]
@@ -1084,13 +1210,14 @@ fn gemv_units(
                             if comptime![s >= 2] {
                                 src = select(odd[rr as usize], nxt[rr as usize], src);
                             }
-                            let top = i32::cast_from((src & cmask[i]) * cup[i]);
-                            wv[rr as usize] = f32::cast_from(top) * comptime![1.0f32 / 16_777_216.0];
+                            let top = (src & cmask[i]) * cup[i];
+                            // The code times 2^24; the values of `x` carry the 2^-24.
+                            wv[rr as usize] = f32::cast_from(i32::cast_from(top));
                         }
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, Q8_PLACE, s, mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, rb, mb, false);
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, false);
                     }
                     half_words_advance(&mut word, &nxt, rb);
                 }
@@ -1099,70 +1226,171 @@ fn gemv_units(
                 // Q4_K / Q5_K: the sub-block's scale and min once, then its 32 codes, the
                 // nibbles of 32 bytes (low for even sub-blocks, high for odd), Q5_K's fifth
                 // bit from bit `sub` of 32 more.
-                let sub = b % per;
                 // The sub-block's nibble of byte `s` (the same for every row): its mask and
                 // scale, as `nibble` takes them; the top one (an odd sub-block's byte 3)
                 // takes the u32 conversion. Q5_K's fifth bit of byte `s` is bit `sub` of
                 // its byte in `qh`.
-                let odd_sub = sub % 2 == 1;
+                let odd_sub = (sub & 1) == 1;
                 let mut kmask = Array::<u32>::new(4usize);
                 let mut kscale = Array::<f32>::new(4usize);
+                let mut k16 = Array::<f32>::new(4usize);
                 #[unroll]
                 for s in 0..4u32 {
                     kmask[s as usize] = select(odd_sub, comptime![0xf0u32 << (8 * s)], comptime![0xfu32 << (8 * s)]);
-                    kscale[s as usize] =
-                        select(odd_sub, comptime![1.0f32 / (1u64 << (8 * s + 4)) as f32], comptime![1.0f32 / (1u64 << (8 * s)) as f32]);
+                    kscale[s as usize] = select(odd_sub, comptime![place(8 * s + 4)], comptime![place(8 * s)]);
+                    k16[s as usize] = select(odd_sub, comptime![sixteen(8 * s + 4)], comptime![sixteen(8 * s)]);
                 }
                 let sub_bit = 1u32 << sub;
+                let fields = KScaleFields::of_sub(sub);
                 #[unroll]
                 for rr in 0..rb {
+                    // `at` in words: `d` and `dmin` share the first, the scales the next three.
                     let at = wrow[rr as usize] + blk;
-                    let (a, m) = k_scale_min(w, at, sub, ty);
-                    d[rr as usize] = a;
+                    let head = w[at as usize];
+                    let (sc, m) = fields.scale_min(w[(at + 1) as usize], w[(at + 2) as usize], w[(at + 3) as usize]);
+                    d[rr as usize] = half_lo(head) * sc;
                     // A weight is `d q - m`.
-                    mn[rr as usize] = -m;
-                    qs[rr as usize] = at + comptime![lay(ty).qs as u32] + 32 * (sub / 2);
-                    qh[rr as usize] = at + comptime![lay(ty).qh as u32];
+                    mn[rr as usize] = -(half_hi(head) * m);
+                    qs[rr as usize] = at + comptime![lay(ty).qs as u32 / 4] + 4 * (sub & 6);
+                    qh[rr as usize] = at + comptime![lay(ty).qh as u32 / 4];
                 }
                 for j in 0..8u32 {
-                    tile_words(w, &qs, 4 * j, &mut word, rb, ty);
+                    tile_words(w, &qs, j, &mut word, rb);
                     if comptime![ty == TYPE_Q5_K] {
-                        tile_words(w, &qh, 4 * j, &mut high, rb, ty);
+                        tile_words(w, &qh, j, &mut high, rb);
                     }
-                    #[unroll]
-                    for s in 0..4u32 {
-                        if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
-                        }
+                    if comptime![ahead] {
+                        tile_x_word(x, &xrow, xo + 4 * j, &mut xs, &mut xq, &kscale, mb);
                     }
                     #[unroll]
                     for s in 0..4u32 {
                         #[unroll]
                         for rr in 0..rb {
-                            let mut q = nibble_at(word[rr as usize], kmask[s as usize], kscale[s as usize], comptime![s == 3]);
+                            // At its place value: `x` carries the sub-block's nibble scale.
+                            let mut q = placed(word[rr as usize] & kmask[s as usize], comptime![s == 3]);
                             if comptime![ty == TYPE_Q5_K] {
-                                q += fifth_bit(high[rr as usize], sub_bit * comptime![1u32 << (8 * s)]);
+                                q += fifth_bit(high[rr as usize], sub_bit * comptime![1u32 << (8 * s)], k16[s as usize]);
                             }
                             wv[rr as usize] = q;
                         }
                         if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, s, mb);
+                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, kscale[s as usize], s, mb);
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, s, rb, mb, true);
+                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
                     }
                 }
                 tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
+            } else if comptime![ty == TYPE_Q6_K] {
+                // Q6_K, 210 bytes: a block starts on a word or half-way into one, and so do
+                // all its fields, so a row's words are realigned as Q5_0's. Group `sub` is
+                // quarter `g` of half `h` of the block: its low nibbles are bytes `64 h +
+                // 32 (g & 1)..` of `ql` (their high nibbles for `g >= 2`), its high two bits
+                // bits `2 g..` of bytes `32 h..` of `qh`, its scales the i8s `8 h + 2 g` (values
+                // 0-15) and the next (16-31); a weight is `d sc (q - 32)`. Per byte `s` of a
+                // word the nibble stays at its place value (`x` carries it) and the high bits,
+                // at theirs, are lifted to meet it: by 16 or 4, by `g`'s parity.
+                let half = u32::cast_from(sub >= 4);
+                let g = sub & 3;
+                let high_nibbles = g >= 2;
+                let g_odd = (g & 1) == 1;
+                let at_g = select(g == 0, 1u32, select(g == 1, 4u32, select(g == 2, 16u32, 64u32)));
+                let lift = select(g_odd, 4.0f32, 16.0f32);
+                let mut lmask = Array::<u32>::new(4usize);
+                let mut hmask = Array::<u32>::new(4usize);
+                let mut lplace = Array::<f32>::new(4usize);
+                #[unroll]
+                for s in 0..4u32 {
+                    lmask[s as usize] = select(high_nibbles, comptime![0xf0u32 << (8 * s)], comptime![0xfu32 << (8 * s)]);
+                    hmask[s as usize] = comptime![3u32 << (8 * s)] * at_g;
+                    lplace[s as usize] = select(high_nibbles, comptime![place(8 * s + 4)], comptime![place(8 * s)]);
+                }
+                // The scales' word holds the group's two at bytes 0-1 (even `g`) or 2-3:
+                // each masked and multiplied up to the top byte, a signed i32 times 2^24.
+                let sc0_mask = select(g_odd, 0x00ff_0000u32, 0x0000_00ffu32);
+                let sc0_up = select(g_odd, 256u32, 16_777_216u32);
+                let sc1_mask = select(g_odd, 0xff00_0000u32, 0x0000_ff00u32);
+                let sc1_up = select(g_odd, 1u32, 65536u32);
+                let mut dsc = Array::<f32>::new(comptime![(2 * rb) as usize]);
+                let mut hcur = Array::<u32>::new(comptime![rb as usize]);
+                #[unroll]
+                for rr in 0..rb {
+                    let o = rodd[rr as usize];
+                    let start = rw[rr as usize] + blk_words + u32::cast_from(o && blk_odd);
+                    let half_way = o != blk_odd;
+                    // `d` at byte 208 and the scales at 192: words 52 and 48 on.
+                    let dd = half_in(w[(start + 52) as usize], half_way);
+                    let sw = start + 48 + 2 * half + u32::cast_from(high_nibbles);
+                    let sc_word = realign(w[sw as usize], w[(sw + 1) as usize], half_way);
+                    let sc0 = f32::cast_from(i32::cast_from((sc_word & sc0_mask) * sc0_up)) * Q8_PLACE;
+                    let sc1 = f32::cast_from(i32::cast_from((sc_word & sc1_mask) * sc1_up)) * Q8_PLACE;
+                    dsc[(2 * rr) as usize] = dd * sc0;
+                    dsc[(2 * rr + 1) as usize] = dd * sc1;
+                    odd[rr as usize] = half_way;
+                    let lw = start + 16 * half + 8 * u32::cast_from(g_odd);
+                    let hw = start + 32 + 8 * half;
+                    qw[rr as usize] = lw;
+                    qh[rr as usize] = hw;
+                    word[rr as usize] = w[lw as usize];
+                    high[rr as usize] = w[hw as usize];
+                }
+                // Values 0-15 (scale 0), then 16-31 (scale 1): four word steps each.
+                #[unroll]
+                for part in 0..2u32 {
+                    tile_open(&mut bacc, &mut xsum, rb, mb);
+                    for jj in 0..4u32 {
+                        let j = jj + comptime![4 * part];
+                        #[unroll]
+                        for rr in 0..rb {
+                            let lo_next = w[(qw[rr as usize] + j + 1) as usize];
+                            let hi_next = w[(qh[rr as usize] + j + 1) as usize];
+                            let half_way = odd[rr as usize];
+                            cur[rr as usize] = realign(word[rr as usize], lo_next, half_way);
+                            hcur[rr as usize] = realign(high[rr as usize], hi_next, half_way);
+                            word[rr as usize] = lo_next;
+                            high[rr as usize] = hi_next;
+                        }
+                        if comptime![ahead] {
+                            tile_x_word(x, &xrow, xo + 4 * j, &mut xs, &mut xq, &lplace, mb);
+                        }
+                        #[unroll]
+                        for s in 0..4u32 {
+                            #[unroll]
+                            for rr in 0..rb {
+                                let low = placed(cur[rr as usize] & lmask[s as usize], comptime![s == 3]);
+                                let top = placed(hcur[rr as usize] & hmask[s as usize], comptime![s == 3]);
+                                wv[rr as usize] = top * lift + low;
+                            }
+                            if comptime![!ahead] {
+                                tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, lplace[s as usize], s, mb);
+                            }
+                            tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
+                        }
+                    }
+                    #[unroll]
+                    for rr in 0..rb {
+                        let v = dsc[(2 * rr + part) as usize];
+                        d[rr as usize] = v;
+                        mn[rr as usize] = -32.0f32 * v;
+                    }
+                    tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
+                }
             } else {
-                let sub = b % per;
                 for j in 0..32u32 {
                     #[unroll]
                     for rr in 0..rb {
-                        wv[rr as usize] = dequant(w, wrow[rr as usize] + blk, sub, j, ty);
+                        let at = wrow[rr as usize] + blk;
+                        wv[rr as usize] = dequant(w, if comptime![aligned] { at * 4 } else { at }, sub, j, ty);
                     }
-                    tile_x(x, &xrow, xo + j, &mut xs, 0u32, mb);
-                    tile_fma(&mut acc, &mut xsum, &wv, &xs, 0u32, rb, mb, false);
+                    tile_x(x, &xrow, xo + j, &mut xs, &mut xq, 1.0f32, 0u32, mb);
+                    tile_fma(&mut acc, &mut xsum, &wv, &xs, &xq, 0u32, rb, mb, false);
                 }
             }
+            let next = sub + 1 == per;
+            let carry = blk_odd && block_odd;
+            blk_words = select(next, blk_words + block_words + u32::cast_from(carry), blk_words);
+            blk_odd = select(next, blk_odd != block_odd, blk_odd);
+            blk = select(next, blk + blk_step, blk);
+            sub = select(next, 0u32, sub + 1);
         }
         #[unroll]
         for rr in 0..rb {
@@ -1177,62 +1405,53 @@ fn gemv_units(
 }
 
 /// Nibble `k` (`0..8`, from the low end) of `word`, as f32: the word masked to it, converted
-/// (exactly: four significant bits) and scaled by `2^-4k`. SwiftShader's JIT has no vector
-/// shift by a vector, so a shift costs it a scalar shift a lane; masks, conversions and
-/// multiplies stay vector instructions. Below the top nibble the masked word is a positive
-/// i32, whose conversion is one instruction (the u32 one takes several).
+/// (exactly: four significant bits), left at its place value `q 2^4k`: the value of `x` it
+/// meets carries the `2^-4k` ([`tile_x`]), taken once for the tile's rows instead of once a
+/// weight, and the product is the same. SwiftShader's JIT has no vector shift by a vector,
+/// so a shift costs it a scalar shift a lane; masks, conversions and multiplies stay vector
+/// instructions.
 #[cube]
 fn nibble(word: u32, #[comptime] k: u32) -> f32 {
-    let part = word & comptime![0xfu32 << (4 * k)];
-    let v = if comptime![k < 7] { f32::cast_from(i32::cast_from(part)) } else { f32::cast_from(part) };
-    v * comptime![1.0f32 / (1u64 << (4 * k)) as f32]
+    placed(word & comptime![0xfu32 << (4 * k)], comptime![k == 7])
 }
 
-/// A nibble of `word` masked by `mask` (which may be the top one, `top`: then the u32
-/// conversion), converted and scaled by `scale`, as [`nibble`] with its mask and scale
-/// chosen at run time.
-#[cube]
-fn nibble_at(word: u32, mask: u32, scale: f32, #[comptime] top: bool) -> f32 {
-    let part = word & mask;
-    let v = if comptime![top] { f32::cast_from(part) } else { f32::cast_from(i32::cast_from(part)) };
-    v * scale
+/// What a value of `x` is scaled by to meet a code decoded at place value `2^e` ([`nibble`]).
+const fn place(e: u32) -> f32 {
+    1.0 / (1u64 << e) as f32
 }
 
-/// 16 where `h` has the bit `mask` set, else 0: a Q5 code's fifth bit, with no shift.
-#[cube]
-fn fifth_bit(h: u32, mask: u32) -> f32 {
-    select((h & mask) != 0, 16.0f32, 0.0f32)
+/// A Q5 code's fifth bit, 16, at the code's place value `2^e`.
+const fn sixteen(e: u32) -> f32 {
+    (16u64 << e) as f32
 }
 
-/// Word `at / 4` of each of a tile's `rb` weight blocks' codes (`qs`: their byte offsets),
-/// read whole where `ty`'s blocks keep their codes on words.
+/// A masked word as f32, exactly (its few significant bits), at its place value. Below the
+/// top nibble it is a positive i32, whose conversion is one instruction (the u32 one, `top`,
+/// takes several).
 #[cube]
-fn tile_words(w: &[u32], qs: &Array<u32>, at: u32, word: &mut Array<u32>, #[comptime] rb: u32, #[comptime] ty: u32) {
+fn placed(part: u32, #[comptime] top: bool) -> f32 {
+    if comptime![top] { f32::cast_from(part) } else { f32::cast_from(i32::cast_from(part)) }
+}
+
+/// `sixteen` (16 at the code's place value) where `h` has the bit `mask` set, else 0: a Q5
+/// code's fifth bit, with no shift.
+#[cube]
+fn fifth_bit(h: u32, mask: u32, sixteen: f32) -> f32 {
+    select((h & mask) != 0, sixteen, 0.0f32)
+}
+
+/// Word `j` of each of a tile's `rb` weight blocks' codes (`qs`: their word indices; types
+/// whose blocks are whole words).
+#[cube]
+fn tile_words(w: &[u32], qs: &Array<u32>, j: u32, word: &mut Array<u32>, #[comptime] rb: u32) {
     #[unroll]
     for rr in 0..rb {
-        if comptime![word_aligned(ty)] {
-            word[rr as usize] = w[((qs[rr as usize] + at) >> 2) as usize];
-        } else {
-            word[rr as usize] = word_at(w, qs[rr as usize] + at);
-        }
+        word[rr as usize] = w[(qs[rr as usize] + j) as usize];
     }
 }
 
-/// For blocks whose codes start on a word or half-way into one (Q4_0, Q5_0 and Q8_0 are
-/// 18, 22 and 34 bytes), from each row's code byte offset `qs`: its word `qw`, whether it
-/// starts half-way (`odd`), and that first word into `word`.
-#[cube]
-fn half_words_start(w: &[u32], qs: &Array<u32>, qw: &mut Array<u32>, odd: &mut Array<bool>, word: &mut Array<u32>, #[comptime] rb: u32) {
-    #[unroll]
-    for rr in 0..rb {
-        let q = qs[rr as usize];
-        odd[rr as usize] = (q & 2) != 0;
-        qw[rr as usize] = q >> 2;
-        word[rr as usize] = w[(q >> 2) as usize];
-    }
-}
-
-/// The word after step `j`'s of each of [`half_words_start`]'s rows, into `nxt`; at the
+/// The word after step `j`'s of each row of codes that start on a word or half-way into
+/// one (`qw`: their first words), into `nxt`; at the
 /// end of the step it becomes the next step's word ([`half_words_advance`]), so each word
 /// is loaded once.
 #[cube]
@@ -1243,7 +1462,24 @@ fn half_words_next(w: &[u32], qw: &Array<u32>, j: u32, nxt: &mut Array<u32>, #[c
     }
 }
 
-/// The end of a word step of [`half_words_start`]'s rows: the next word becomes the word.
+/// Each row's code word for the step (`cur`): `word`, or where the row's codes start
+/// half-way into it (`odd`), its high half then the low half of `nxt` ([`realign`]).
+#[cube]
+fn half_words_realign(word: &Array<u32>, nxt: &Array<u32>, odd: &Array<bool>, cur: &mut Array<u32>, #[comptime] rb: u32) {
+    #[unroll]
+    for rr in 0..rb {
+        cur[rr as usize] = realign(word[rr as usize], nxt[rr as usize], odd[rr as usize]);
+    }
+}
+
+/// The word at `w0` where `half_way` is false, else the four bytes from its middle: its
+/// high half then the low half of the next word `w1`, with no shift.
+#[cube]
+fn realign(w0: u32, w1: u32, half_way: bool) -> u32 {
+    select(half_way, high_half(w0) | (w1 * 65536), w0)
+}
+
+/// The end of a word step of such rows: the next word becomes the word.
 #[cube]
 fn half_words_advance(word: &mut Array<u32>, nxt: &Array<u32>, #[comptime] rb: u32) {
     #[unroll]
@@ -1252,22 +1488,49 @@ fn half_words_advance(word: &mut Array<u32>, nxt: &Array<u32>, #[comptime] rb: u
     }
 }
 
+/// Q8_0's codes are decoded at place value 2^24 (the top byte of an i32).
+const Q8_PLACE: f32 = 1.0 / 16_777_216.0;
+
 /// Values of `x` a tile stages per row of `x`: one word step's (8 for nibble pairs).
 const XS_COLS: u32 = 8;
 
-/// Column `i` of each of the tile's rows of `x` into `xs[r * XS_COLS + slot]`.
+/// Column `i` of each of the tile's rows of `x` into `xs[r * XS_COLS + slot]`, and times
+/// `place` (the inverse of the place value its codes are decoded at, a power of two, so the
+/// products are unchanged) into `xq` for the products.
 #[cube]
-fn tile_x(x: &[f32], xrow: &Array<u32>, i: u32, xs: &mut Array<f32>, #[comptime] slot: u32, #[comptime] mb: u32) {
+#[allow(clippy::too_many_arguments)]
+fn tile_x(
+    x: &[f32],
+    xrow: &Array<u32>,
+    i: u32,
+    xs: &mut Array<f32>,
+    xq: &mut Array<f32>,
+    place: f32,
+    #[comptime] slot: u32,
+    #[comptime] mb: u32,
+) {
     #[unroll]
     for r in 0..mb {
-        xs[comptime![(r * XS_COLS + slot) as usize]] = x[(xrow[r as usize] + i) as usize];
+        let at = comptime![(r * XS_COLS + slot) as usize];
+        let v = x[(xrow[r as usize] + i) as usize];
+        xs[at] = v;
+        xq[at] = v * place;
     }
 }
 
-/// A tile's products with one column of `x` (loaded by [`tile_x`] into `slot` of `xs`):
-/// `acc[rr * mb + r] += wq[rr] * xs[r * XS_COLS + slot]`, each value of `x` taken once for the
-/// `rb` weights (or integer codes, into a block's sums); with `with_sum`, each is also added
-/// to its row's `xsum`.
+/// A word step's four columns of `x` from `i` ([`tile_x`]), column `s` scaled by `place[s]`.
+#[cube]
+fn tile_x_word(x: &[f32], xrow: &Array<u32>, i: u32, xs: &mut Array<f32>, xq: &mut Array<f32>, place: &Array<f32>, #[comptime] mb: u32) {
+    #[unroll]
+    for s in 0..4u32 {
+        tile_x(x, xrow, i + s, xs, xq, place[s as usize], s, mb);
+    }
+}
+
+/// A tile's products with one column of `x` (loaded by [`tile_x`] into `slot` of `xs` and,
+/// scaled to its codes' place value, of `xq`): `acc[rr * mb + r] += wq[rr] * xq[r * XS_COLS +
+/// slot]`, each value of `x` taken once for the `rb` weights (or integer codes, into a block's
+/// sums); with `with_sum`, each (unscaled) is also added to its row's `xsum`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn tile_fma(
@@ -1275,6 +1538,7 @@ fn tile_fma(
     xsum: &mut Array<f32>,
     wq: &Array<f32>,
     xs: &Array<f32>,
+    xq: &Array<f32>,
     #[comptime] slot: u32,
     #[comptime] rb: u32,
     #[comptime] mb: u32,
@@ -1282,15 +1546,28 @@ fn tile_fma(
 ) {
     #[unroll]
     for r in 0..mb {
-        let xv = xs[comptime![(r * XS_COLS + slot) as usize]];
         if comptime![with_sum] {
-            xsum[r as usize] += xv;
+            xsum[r as usize] += xs[comptime![(r * XS_COLS + slot) as usize]];
         }
+        let xv = xq[comptime![(r * XS_COLS + slot) as usize]];
         #[unroll]
         for rr in 0..rb {
             let a = (rr * mb + r) as usize;
             acc[a] += wq[rr as usize] * xv;
         }
+    }
+}
+
+/// A block's sums (of `x q` and of `x`) start at zero.
+#[cube]
+fn tile_open(bacc: &mut Array<f32>, xsum: &mut Array<f32>, #[comptime] rb: u32, #[comptime] mb: u32) {
+    #[unroll]
+    for i in 0..rb * mb {
+        bacc[i as usize] = 0.0f32;
+    }
+    #[unroll]
+    for r in 0..mb {
+        xsum[r as usize] = 0.0f32;
     }
 }
 
@@ -1611,8 +1888,8 @@ fn kv_scores(
                     #[unroll]
                     for j in 0..rk {
                         let word = cache[(kw[j as usize] + c2) as usize];
-                        klo[j as usize] = half_value(word & 0xffff);
-                        khi[j as usize] = half_value(word >> 16);
+                        klo[j as usize] = half_lo(word);
+                        khi[j as usize] = half_hi(word);
                     }
                     #[unroll]
                     for i in 0..rq {
@@ -1838,8 +2115,8 @@ fn kv_weigh(
                     #[unroll]
                     for c2 in 0..rc / 2 {
                         let word = cache[(base + c0 / 2 + c2) as usize];
-                        v[(2 * c2) as usize] = half_value(word & 0xffff);
-                        v[(2 * c2 + 1) as usize] = half_value(word >> 16);
+                        v[(2 * c2) as usize] = half_lo(word);
+                        v[(2 * c2 + 1) as usize] = half_hi(word);
                     }
                 } else {
                     #[unroll]

@@ -27,8 +27,8 @@
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
 //!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
 //!
-//! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products (and Q5_0, Q5_1, Q4_K and Q5_K in
-//! `gemv_units`); the other types decode element by element (`elem`), from the same field
+//! Q4_0, Q4_1 and Q8_0 have hand-arranged dot products (and Q5_0, Q5_1, Q4_K, Q5_K and Q6_K
+//! in `gemv_units`); the other types decode element by element (`elem`), from the same field
 //! offsets as the CPU's typed blocks.
 
 use burn::tensor::{DType, Shape, TensorData};

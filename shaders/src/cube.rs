@@ -1017,7 +1017,7 @@ fn gemv_units(
         let mut qh = Array::<u32>::new(comptime![rb as usize]);
         let mut wv = Array::<f32>::new(comptime![rb as usize]);
         let mut wh = Array::<f32>::new(comptime![rb as usize]);
-        // Q4_0 / Q5_0 / Q8_0 (`halves`): each row's code word, whether its codes
+        // Q4_0 / Q5_0 / Q8_0 / Q6_K (`halves`): each row's code word, whether its codes
         // start half-way into one, and its next word.
         let mut qw = Array::<u32>::new(comptime![rb as usize]);
         let mut odd = Array::<bool>::new(comptime![rb as usize]);
@@ -1049,7 +1049,7 @@ fn gemv_units(
         let blk_step = if comptime![aligned] { bw } else { bb };
         let mut blk = 0u32;
         let mut sub = 0u32;
-        // Q4_0 / Q5_0 / Q8_0 blocks (18, 22 and 34 bytes) start on a word or half-way into
+        // Q4_0 / Q5_0 / Q8_0 / Q6_K blocks (18, 22, 34, 210 bytes) start on a word or half-way into
         // one (`halves`): each row's start as a word and whether it is half-way (once), and
         // the block's place in its row counted in half-words, so that no index needs a shift.
         let halves = comptime![!aligned && (legacy(ty) || ty == TYPE_Q5_0 || ty == TYPE_Q6_K)];
@@ -1072,17 +1072,18 @@ fn gemv_units(
             if comptime![coded] {
                 tile_open(&mut bacc, &mut xsum, rb, mb);
             }
-            if comptime![legacy(ty)] {
+            if comptime![ty == TYPE_Q4_1 || ty == TYPE_Q5_1] {
+                // `d` and `m` share the block's first word; Q5_1's `qh` is the second.
                 #[unroll]
                 for rr in 0..rb {
-                    if comptime![aligned] {
-                        // Q4_1: `d` and `m` share the block's first word.
-                        let at = wrow[rr as usize] + blk;
-                        let head = w[at as usize];
-                        d[rr as usize] = half_lo(head);
-                        mn[rr as usize] = half_hi(head);
-                        qs[rr as usize] = at + comptime![lay(ty).qs as u32 / 4];
+                    let at = wrow[rr as usize] + blk;
+                    let head = w[at as usize];
+                    d[rr as usize] = half_lo(head);
+                    mn[rr as usize] = half_hi(head);
+                    if comptime![ty == TYPE_Q5_1] {
+                        high[rr as usize] = w[(at + comptime![lay(ty).qh as u32 / 4]) as usize];
                     }
+                    qs[rr as usize] = at + comptime![lay(ty).qs as u32 / 4];
                 }
             }
             if comptime![halves && ty != TYPE_Q6_K] {
@@ -1119,20 +1120,6 @@ fn gemv_units(
                     TYPE_Q5_0 => 16.0f32,
                     _ => 0.0f32,
                 }];
-                if comptime![ty == TYPE_Q5_1] {
-                    #[unroll]
-                    for rr in 0..rb {
-                        let at = wrow[rr as usize] + blk;
-                        {
-                            // Q5_1: `d` and `m` in the first word, `qh` the second.
-                            let head = w[at as usize];
-                            d[rr as usize] = half_lo(head);
-                            mn[rr as usize] = half_hi(head);
-                            high[rr as usize] = w[(at + comptime![lay(ty).qh as u32 / 4]) as usize];
-                            qs[rr as usize] = at + comptime![lay(ty).qs as u32 / 4];
-                        }
-                    }
-                }
                 // A weight is `d (q - offset) + m`: `c = m - offset d` goes with `sum x`.
                 #[unroll]
                 for rr in 0..rb {
@@ -1327,6 +1314,7 @@ fn gemv_units(
                 let sc1_up = select(g_odd, 1u32, 65536u32);
                 let mut dsc = Array::<f32>::new(comptime![(2 * rb) as usize]);
                 let mut hcur = Array::<u32>::new(comptime![rb as usize]);
+                let mut hnxt = Array::<u32>::new(comptime![rb as usize]);
                 #[unroll]
                 for rr in 0..rb {
                     let o = rodd[rr as usize];
@@ -1354,16 +1342,12 @@ fn gemv_units(
                     tile_open(&mut bacc, &mut xsum, rb, mb);
                     for jj in 0..4u32 {
                         let j = jj + comptime![4 * part];
-                        #[unroll]
-                        for rr in 0..rb {
-                            let lo_next = w[(qw[rr as usize] + j + 1) as usize];
-                            let hi_next = w[(qh[rr as usize] + j + 1) as usize];
-                            let half_way = odd[rr as usize];
-                            cur[rr as usize] = realign(word[rr as usize], lo_next, half_way);
-                            hcur[rr as usize] = realign(high[rr as usize], hi_next, half_way);
-                            word[rr as usize] = lo_next;
-                            high[rr as usize] = hi_next;
-                        }
+                        half_words_next(w, &qw, j, &mut nxt, rb);
+                        half_words_realign(&word, &nxt, &odd, &mut cur, rb);
+                        half_words_advance(&mut word, &nxt, rb);
+                        half_words_next(w, &qh, j, &mut hnxt, rb);
+                        half_words_realign(&high, &hnxt, &odd, &mut hcur, rb);
+                        half_words_advance(&mut high, &hnxt, rb);
                         if comptime![ahead] {
                             tile_x_word(x, &xrow, xo + 4 * j, &mut xs, &mut xq, &lplace, mb);
                         }

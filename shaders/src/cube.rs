@@ -17,7 +17,7 @@
 //!   lane by lane (lavapipe's loads from a buffer are a loop over the lanes), so a unit
 //!   takes a register tile: `UNIT_RB` outputs by `UNIT_MB` rows of `x`, each weight decoded
 //!   once for the tile's rows of `x` and each value of `x` loaded once for its outputs
-//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs). It decodes codes, scales and indices
+//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs), four values a load ([`tile_x4`]). It decodes codes, scales and indices
 //!   with no shift ([`nibble`], [`half_from`]): SwiftShader's JIT (Subzero) has no vector
 //!   shift by a vector and shifts lane by lane, which was half its decode step. Grid
 //!   `(ceil(n/(units*rb)), ceil(m/mb))` with `units` from [`unit_rows`] (a software GPU runs
@@ -971,7 +971,7 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
 #[cube(launch)]
 fn gemv_units(
     w: &[u32],
-    x: &[f32],
+    x4: &[Vector<f32, Const<4>>],
     out: &mut [f32],
     m: u32,
     n: u32,
@@ -983,7 +983,6 @@ fn gemv_units(
 ) {
     let row0 = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) * rb;
     let m0 = CUBE_POS_Y * mb;
-    let k = nb * 32;
     let per = comptime![groups(ty)];
     if row0 < n {
         // Where each weight row and each row of `x` starts, once: rows past `n` read the
@@ -999,10 +998,23 @@ fn gemv_units(
             let row = u32::min(row0 + rr, n - 1);
             wrow[rr as usize] = if comptime![aligned] { row * ((nb / per) * bw) } else { row * row_bytes };
         }
-        let mut xrow = Array::<u32>::new(comptime![mb as usize]);
+        // `x` is read four values at a time: its rows and blocks start on multiples of 4.
+        let mut xrow4 = Array::<u32>::new(comptime![mb as usize]);
         #[unroll]
         for r in 0..mb {
-            xrow[r as usize] = u32::min(m0 + r, m - 1) * k;
+            xrow4[r as usize] = u32::min(m0 + r, m - 1) * (nb * 8);
+        }
+        // Place values of a word's four low nibbles, of its four high ones, and Q8_0's.
+        let mut lo_places = Array::<f32>::new(4usize);
+        let mut hi_places = Array::<f32>::new(4usize);
+        let mut q8_places = Array::<f32>::new(4usize);
+        let mut ones = Array::<f32>::new(4usize);
+        #[unroll]
+        for s in 0..4u32 {
+            lo_places[s as usize] = comptime![place(8 * s)];
+            hi_places[s as usize] = comptime![place(8 * s + 4)];
+            q8_places[s as usize] = Q8_PLACE;
+            ones[s as usize] = 1.0f32;
         }
         let mut acc = Array::<f32>::new(comptime![(rb * mb) as usize]);
         #[unroll]
@@ -1034,12 +1046,13 @@ fn gemv_units(
         let coded = comptime![nibbles(ty) || ty == TYPE_Q8_0 || ty == TYPE_Q4_K || ty == TYPE_Q5_K];
         let mut bacc = Array::<f32>::new(comptime![(rb * mb) as usize]);
         let mut xsum = Array::<f32>::new(comptime![mb as usize]);
-        // The values of `x` a word step's codes meet, `xs[r * XS_COLS + slot]`. For a lone row of
-        // `x` (`ahead`) all are loaded before the step's arithmetic: SwiftShader picks a
-        // broadcast, vector or lane-by-lane load at run time, a branch each, and Q8_0's
-        // decode ran 5% faster with its loads ahead (Q4_1's the same). A tile of several
-        // rows takes each column as it goes: LLVM (lavapipe) prefilled 20% slower with all
-        // of them staged. The sums are the same, in the same order.
+        // The values of `x` a word step's codes meet, `xs[r * XS_COLS + slot]`, four columns
+        // a load ([`tile_x4`]). For a lone row of `x` (`ahead`) all are loaded before the
+        // step's arithmetic: SwiftShader picks a broadcast, vector or lane-by-lane load at run
+        // time, a branch each, and Q8_0's decode ran 5% faster with its loads ahead (Q4_1's
+        // the same). A tile of several rows stages four columns at a time: LLVM (lavapipe)
+        // prefilled 20% slower with a nibble word's eight staged, and there its low codes
+        // take their four columns before its high codes take theirs.
         let mut xs = Array::<f32>::new(comptime![(XS_COLS * mb) as usize]);
         let mut xq = Array::<f32>::new(comptime![(XS_COLS * mb) as usize]);
         let ahead = comptime![mb == 1];
@@ -1068,7 +1081,6 @@ fn gemv_units(
         let mut blk_words = 0u32;
         let mut blk_odd = false;
         for b in 0..nb {
-            let xo = b * 32;
             if comptime![coded] {
                 tile_open(&mut bacc, &mut xsum, rb, mb);
             }
@@ -1140,36 +1152,51 @@ fn gemv_units(
                     }
                     // The codes stay at their place values (`nibble`), the values of `x` they
                     // meet scaled to match.
-                    #[unroll]
-                    for s in 0..4u32 {
-                        if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, comptime![place(8 * s)], s, mb);
-                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, &mut xq, comptime![place(8 * s + 4)], comptime![s + 4], mb);
-                        }
-                    }
-                    #[unroll]
-                    for s in 0..4u32 {
+                    if comptime![ahead] {
+                        tile_x4(x4, &xrow4, b * 8 + j, &mut xs, &mut xq, &lo_places, 0u32, mb);
+                        tile_x4(x4, &xrow4, b * 8 + j + 4, &mut xs, &mut xq, &hi_places, 4u32, mb);
                         #[unroll]
-                        for rr in 0..rb {
-                            let src = cur[rr as usize];
-                            let mut lo = nibble(src, comptime![2 * s]);
-                            let mut hi = nibble(src, comptime![2 * s + 1]);
-                            if comptime![five] {
-                                let h = high[rr as usize];
-                                lo += fifth_bit(h, bit * comptime![1u32 << s], comptime![sixteen(8 * s)]);
-                                hi += fifth_bit(h, bit * comptime![1u32 << (s + 16)], comptime![sixteen(8 * s + 4)]);
+                        for s in 0..4u32 {
+                            #[unroll]
+                            for rr in 0..rb {
+                                let src = cur[rr as usize];
+                                let mut lo = nibble(src, comptime![2 * s]);
+                                let mut hi = nibble(src, comptime![2 * s + 1]);
+                                if comptime![five] {
+                                    let h = high[rr as usize];
+                                    lo += fifth_bit(h, bit * comptime![1u32 << s], comptime![sixteen(8 * s)]);
+                                    hi += fifth_bit(h, bit * comptime![1u32 << (s + 16)], comptime![sixteen(8 * s + 4)]);
+                                }
+                                wv[rr as usize] = lo;
+                                wh[rr as usize] = hi;
                             }
-                            wv[rr as usize] = lo;
-                            wh[rr as usize] = hi;
+                            tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
+                            tile_fma(&mut bacc, &mut xsum, &wh, &xs, &xq, comptime![s + 4], rb, mb, true);
                         }
-                        if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, comptime![place(8 * s)], s, mb);
+                    } else {
+                        // Several rows of `x`: the word's low codes with four columns of each
+                        // row (one load of four each), then its high codes with four more.
+                        #[unroll]
+                        for half in 0..2u32 {
+                            let places = if comptime![half == 0] { &lo_places } else { &hi_places };
+                            tile_x4(x4, &xrow4, b * 8 + j + comptime![4 * half], &mut xs, &mut xq, places, 0u32, mb);
+                            #[unroll]
+                            for s in 0..4u32 {
+                                #[unroll]
+                                for rr in 0..rb {
+                                    let mut q = nibble(cur[rr as usize], comptime![2 * s + half]);
+                                    if comptime![five] {
+                                        q += fifth_bit(
+                                            high[rr as usize],
+                                            bit * comptime![1u32 << (s + 16 * half)],
+                                            comptime![sixteen(8 * s + 4 * half)],
+                                        );
+                                    }
+                                    wv[rr as usize] = q;
+                                }
+                                tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
+                            }
                         }
-                        tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
-                        if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s + 16, &mut xs, &mut xq, comptime![place(8 * s + 4)], comptime![s + 4], mb);
-                        }
-                        tile_fma(&mut bacc, &mut xsum, &wh, &xs, &xq, comptime![s + 4], rb, mb, true);
                     }
                     bit *= 16u32;
                     if comptime![!aligned] {
@@ -1197,12 +1224,7 @@ fn gemv_units(
                 }
                 for j in 0..8u32 {
                     half_words_next(w, &qw, j, &mut nxt, rb);
-                    #[unroll]
-                    for s in 0..4u32 {
-                        if comptime![ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, Q8_PLACE, s, mb);
-                        }
-                    }
+                    tile_x4(x4, &xrow4, b * 8 + j, &mut xs, &mut xq, &q8_places, 0u32, mb);
                     #[unroll]
                     for s in 0..4u32 {
                         #[unroll]
@@ -1215,9 +1237,6 @@ fn gemv_units(
                             let top = (src & cmask[i]) * cup[i];
                             // The code times 2^24; the values of `x` carry the 2^-24.
                             wv[rr as usize] = f32::cast_from(i32::cast_from(top));
-                        }
-                        if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, Q8_PLACE, s, mb);
                         }
                         tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, false);
                     }
@@ -1261,9 +1280,7 @@ fn gemv_units(
                     if comptime![ty == TYPE_Q5_K] {
                         tile_words(w, &qh, j, &mut high, rb);
                     }
-                    if comptime![ahead] {
-                        tile_x_word(x, &xrow, xo + 4 * j, &mut xs, &mut xq, &kscale, mb);
-                    }
+                    tile_x4(x4, &xrow4, b * 8 + j, &mut xs, &mut xq, &kscale, 0u32, mb);
                     #[unroll]
                     for s in 0..4u32 {
                         #[unroll]
@@ -1274,9 +1291,6 @@ fn gemv_units(
                                 q += fifth_bit(high[rr as usize], sub_bit * comptime![1u32 << (8 * s)], k16[s as usize]);
                             }
                             wv[rr as usize] = q;
-                        }
-                        if comptime![!ahead] {
-                            tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, kscale[s as usize], s, mb);
                         }
                         tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
                     }
@@ -1348,9 +1362,7 @@ fn gemv_units(
                         half_words_next(w, &qh, j, &mut hnxt, rb);
                         half_words_realign(&high, &hnxt, &odd, &mut hcur, rb);
                         half_words_advance(&mut high, &hnxt, rb);
-                        if comptime![ahead] {
-                            tile_x_word(x, &xrow, xo + 4 * j, &mut xs, &mut xq, &lplace, mb);
-                        }
+                        tile_x4(x4, &xrow4, b * 8 + j, &mut xs, &mut xq, &lplace, 0u32, mb);
                         #[unroll]
                         for s in 0..4u32 {
                             #[unroll]
@@ -1358,9 +1370,6 @@ fn gemv_units(
                                 let low = placed(cur[rr as usize] & lmask[s as usize], comptime![s == 3]);
                                 let top = placed(hcur[rr as usize] & hmask[s as usize], comptime![s == 3]);
                                 wv[rr as usize] = top * lift + low;
-                            }
-                            if comptime![!ahead] {
-                                tile_x(x, &xrow, xo + 4 * j + s, &mut xs, &mut xq, lplace[s as usize], s, mb);
                             }
                             tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
                         }
@@ -1374,14 +1383,17 @@ fn gemv_units(
                     tile_close(&mut acc, &bacc, &xsum, &d, &mn, rb, mb, true);
                 }
             } else {
-                for j in 0..32u32 {
+                for j4 in 0..8u32 {
+                    tile_x4(x4, &xrow4, b * 8 + j4, &mut xs, &mut xq, &ones, 0u32, mb);
                     #[unroll]
-                    for rr in 0..rb {
-                        let at = wrow[rr as usize] + blk;
-                        wv[rr as usize] = dequant(w, if comptime![aligned] { at * 4 } else { at }, sub, j, ty);
+                    for s in 0..4u32 {
+                        #[unroll]
+                        for rr in 0..rb {
+                            let at = wrow[rr as usize] + blk;
+                            wv[rr as usize] = dequant(w, if comptime![aligned] { at * 4 } else { at }, sub, 4 * j4 + s, ty);
+                        }
+                        tile_fma(&mut acc, &mut xsum, &wv, &xs, &xq, s, rb, mb, false);
                     }
-                    tile_x(x, &xrow, xo + j, &mut xs, &mut xq, 1.0f32, 0u32, mb);
-                    tile_fma(&mut acc, &mut xsum, &wv, &xs, &xq, 0u32, rb, mb, false);
                 }
             }
             let next = sub + 1 == per;
@@ -1405,7 +1417,7 @@ fn gemv_units(
 
 /// Nibble `k` (`0..8`, from the low end) of `word`, as f32: the word masked to it, converted
 /// (exactly: four significant bits), left at its place value `q 2^4k`: the value of `x` it
-/// meets carries the `2^-4k` ([`tile_x`]), taken once for the tile's rows instead of once a
+/// meets carries the `2^-4k` ([`tile_x4`]), taken once for the tile's rows instead of once a
 /// weight, and the product is the same. SwiftShader's JIT has no vector shift by a vector,
 /// so a shift costs it a scalar shift a lane; masks, conversions and multiplies stay vector
 /// instructions.
@@ -1493,40 +1505,38 @@ const Q8_PLACE: f32 = 1.0 / 16_777_216.0;
 /// Values of `x` a tile stages per row of `x`: one word step's (8 for nibble pairs).
 const XS_COLS: u32 = 8;
 
-/// Column `i` of each of the tile's rows of `x` into `xs[r * XS_COLS + slot]`, and times
-/// `place` (the inverse of the place value its codes are decoded at, a power of two, so the
-/// products are unchanged) into `xq` for the products.
+/// Columns `4 i4..4 i4 + 4` of each of the tile's rows of `x` (`x4`: `x` as vectors of four;
+/// `xrow4`: each row's start in them) into slots `slot..slot + 4` of `xs` (`xs[r * XS_COLS +
+/// slot + s]`), and column `s` times `place[s]` (the inverse of the place value its codes
+/// are decoded at, a power of two, so the products are unchanged) into `xq`. One load for
+/// four values: in the browser every load from a buffer also takes Tint's bounds clamp,
+/// whose buffer length SwiftShader computes with a division a lane.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn tile_x(
-    x: &[f32],
-    xrow: &Array<u32>,
-    i: u32,
+fn tile_x4(
+    x4: &[Vector<f32, Const<4>>],
+    xrow4: &Array<u32>,
+    i4: u32,
     xs: &mut Array<f32>,
     xq: &mut Array<f32>,
-    place: f32,
+    place: &Array<f32>,
     #[comptime] slot: u32,
     #[comptime] mb: u32,
 ) {
     #[unroll]
     for r in 0..mb {
-        let at = comptime![(r * XS_COLS + slot) as usize];
-        let v = x[(xrow[r as usize] + i) as usize];
-        xs[at] = v;
-        xq[at] = v * place;
+        let v = x4[(xrow4[r as usize] + i4) as usize];
+        #[unroll]
+        for s in 0..4u32 {
+            let at = comptime![(r * XS_COLS + slot + s) as usize];
+            let e = v.extract(comptime![s as usize]);
+            xs[at] = e;
+            xq[at] = e * place[s as usize];
+        }
     }
 }
 
-/// A word step's four columns of `x` from `i` ([`tile_x`]), column `s` scaled by `place[s]`.
-#[cube]
-fn tile_x_word(x: &[f32], xrow: &Array<u32>, i: u32, xs: &mut Array<f32>, xq: &mut Array<f32>, place: &Array<f32>, #[comptime] mb: u32) {
-    #[unroll]
-    for s in 0..4u32 {
-        tile_x(x, xrow, i + s, xs, xq, place[s as usize], s, mb);
-    }
-}
-
-/// A tile's products with one column of `x` (loaded by [`tile_x`] into `slot` of `xs` and,
+/// A tile's products with one column of `x` (loaded by [`tile_x4`] into `slot` of `xs` and,
 /// scaled to its codes' place value, of `xq`): `acc[rr * mb + r] += wq[rr] * xq[r * XS_COLS +
 /// slot]`, each value of `x` taken once for the `rb` weights (or integer codes, into a block's
 /// sums); with `with_sum`, each (unscaled) is also added to its row's `xsum`.

@@ -107,7 +107,10 @@ const rate = (x) => x.toFixed(x < 1 ? 3 : 1);
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; };
 const b = await chromium.launch({
   executablePath: "/usr/bin/chromium", headless: true,
-  args: ["--no-sandbox", "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
+  // VIDLLM_CHROMIUM_FLAGS: more switches, for a diagnosis (e.g.
+  // --enable-dawn-features=disable_robustness, which a page cannot set).
+  args: ["--no-sandbox", "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--disable-background-networking", "--disable-component-update", "--no-first-run",
+    ...(process.env.VIDLLM_CHROMIUM_FLAGS ?? "").split(" ").filter(Boolean)],
 });
 const version = b.version();
 const rows = {};

@@ -17,9 +17,10 @@
 //!   lane by lane (lavapipe's loads from a buffer are a loop over the lanes), so a unit
 //!   takes a register tile: `UNIT_RB` outputs by `UNIT_MB` rows of `x`, each weight decoded
 //!   once for the tile's rows of `x` and each value of `x` loaded once for its outputs
-//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs), four values a load ([`tile_x4`]). It decodes codes, scales and indices
-//!   with no shift ([`nibble`], [`half_from`]): SwiftShader's JIT (Subzero) has no vector
-//!   shift by a vector and shifts lane by lane, which was half its decode step. Grid
+//!   (for a lone row of `x`, `UNIT_RB_ONE` outputs), four values a load ([`tile_x4`]). It
+//!   decodes codes, scales and indices with no shift ([`nibble`], [`half_from`]):
+//!   SwiftShader's JIT (Subzero) has no vector shift by a vector and shifts lane by lane,
+//!   which was half its decode step. Grid
 //!   `(ceil(n/(units*rb)), ceil(m/mb))` with `units` from [`unit_rows`] (a software GPU runs
 //!   a cube on one thread, so there must be enough of them), or `m` rows one at a time for
 //!   rows of different sequences (`q_matmul_rows`), so that a batched row equals its
@@ -1159,16 +1160,8 @@ fn gemv_units(
                         for s in 0..4u32 {
                             #[unroll]
                             for rr in 0..rb {
-                                let src = cur[rr as usize];
-                                let mut lo = nibble(src, comptime![2 * s]);
-                                let mut hi = nibble(src, comptime![2 * s + 1]);
-                                if comptime![five] {
-                                    let h = high[rr as usize];
-                                    lo += fifth_bit(h, bit * comptime![1u32 << s], comptime![sixteen(8 * s)]);
-                                    hi += fifth_bit(h, bit * comptime![1u32 << (s + 16)], comptime![sixteen(8 * s + 4)]);
-                                }
-                                wv[rr as usize] = lo;
-                                wh[rr as usize] = hi;
+                                wv[rr as usize] = nibble_code(cur[rr as usize], high[rr as usize], bit, s, 0u32, five);
+                                wh[rr as usize] = nibble_code(cur[rr as usize], high[rr as usize], bit, s, 1u32, five);
                             }
                             tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
                             tile_fma(&mut bacc, &mut xsum, &wh, &xs, &xq, comptime![s + 4], rb, mb, true);
@@ -1184,15 +1177,7 @@ fn gemv_units(
                             for s in 0..4u32 {
                                 #[unroll]
                                 for rr in 0..rb {
-                                    let mut q = nibble(cur[rr as usize], comptime![2 * s + half]);
-                                    if comptime![five] {
-                                        q += fifth_bit(
-                                            high[rr as usize],
-                                            bit * comptime![1u32 << (s + 16 * half)],
-                                            comptime![sixteen(8 * s + 4 * half)],
-                                        );
-                                    }
-                                    wv[rr as usize] = q;
+                                    wv[rr as usize] = nibble_code(cur[rr as usize], high[rr as usize], bit, s, half, five);
                                 }
                                 tile_fma(&mut bacc, &mut xsum, &wv, &xs, &xq, s, rb, mb, true);
                             }
@@ -1442,6 +1427,18 @@ const fn sixteen(e: u32) -> f32 {
 #[cube]
 fn placed(part: u32, #[comptime] top: bool) -> f32 {
     if comptime![top] { f32::cast_from(part) } else { f32::cast_from(i32::cast_from(part)) }
+}
+
+/// The code of byte `s`'s low (`half` 0) or high (1) nibble of a Q4 / Q5 word step's `word`,
+/// at its place value ([`nibble`]); with `five`, plus its fifth bit from the block's `qh`
+/// word `high` (bit `4 j` of it is word step `j`'s, `bit` = `16^j`).
+#[cube]
+fn nibble_code(word: u32, high: u32, bit: u32, #[comptime] s: u32, #[comptime] half: u32, #[comptime] five: bool) -> f32 {
+    let mut q = nibble(word, comptime![2 * s + half]);
+    if comptime![five] {
+        q += fifth_bit(high, bit * comptime![1u32 << (s + 16 * half)], comptime![sixteen(8 * s + 4 * half)]);
+    }
+    q
 }
 
 /// `sixteen` (16 at the code's place value) where `h` has the bit `mask` set, else 0: a Q5

@@ -1506,9 +1506,9 @@ const XS_COLS: u32 = 8;
 /// `xrow4`: each row's start in them) into slots `slot..slot + 4` of `xs` (`xs[r * XS_COLS +
 /// slot + s]`), and column `s` times `place[s]` (the inverse of the place value its codes
 /// are decoded at, a power of two, so the products are unchanged) into `xq`. One load for
-/// four values: on SwiftShader every load from a buffer also takes a bounds clamp (Tint's
-/// in the browser, naga's natively), whose buffer length it computes with a division a
-/// lane.
+/// four values: a software GPU takes each load lane by lane, and in the browser each also
+/// takes Tint's bounds clamp (natively CubeCL turns naga's off). Lavapipe prefilled 10%
+/// faster with it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn tile_x4(

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::LoadError;
 use crate::ggml::{GgmlType, unsupported_type_name};
@@ -109,8 +110,44 @@ impl TensorInfo {
 
 /// The file's bytes: memory-mapped natively, owned when they came from elsewhere (a browser).
 pub enum Source {
-    Mmap(memmap2::Mmap),
+    Mmap(Arc<memmap2::Mmap>),
     Owned(Vec<u8>),
+}
+
+/// A tensor's bytes in a memory-mapped file, used where they lie rather than copied
+/// ([`Gguf::mapped_tensor`]); the file stays mapped while any of these lives. As with
+/// llama.cpp's mapped weights, the file must not be truncated while the model runs.
+#[derive(Clone)]
+pub struct MappedBytes {
+    map: Arc<memmap2::Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for MappedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedBytes({} bytes at {})", self.len, self.start)
+    }
+}
+
+impl Source {
+    /// Let go of the pages of a mapped file that this process has read (`MADV_DONTNEED`);
+    /// bytes read later come in again from the page cache or the file. Owned bytes stay.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Source::Mmap(map) = self {
+            // SAFETY: the mapping is a read-only map of a file: released pages hold no
+            // writes, and the next read of them reads the file again. Failing is harmless.
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
 }
 
 impl std::ops::Deref for Source {
@@ -142,7 +179,7 @@ impl Gguf {
         let file = std::fs::File::open(path).map_err(open_err)?;
         // SAFETY: the map is read-only; vidllm never writes model files while they are open.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(open_err)?;
-        Self::parse(Source::Mmap(map))
+        Self::parse(Source::Mmap(Arc::new(map)))
     }
 
     /// Parse bytes already in memory.
@@ -195,6 +232,27 @@ impl Gguf {
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
         self.progress.advance(t.n_bytes);
         &self.source[t.start as usize..(t.start + t.n_bytes) as usize]
+    }
+
+    /// A tensor's bytes where the file is memory-mapped, without a copy (`None` for bytes
+    /// handed over in memory): a loader keeps these for tables it reads a row at a time,
+    /// such as the token embeddings, whose pages then come into memory as rows are used.
+    pub fn mapped_tensor(&self, t: &TensorInfo) -> Option<MappedBytes> {
+        match &self.source {
+            Source::Mmap(map) => {
+                self.progress.advance(t.n_bytes);
+                Some(MappedBytes { map: map.clone(), start: t.start as usize, len: t.n_bytes as usize })
+            }
+            Source::Owned(_) => None,
+        }
+    }
+
+    /// Let go of the file's pages that loading has read into this process's memory
+    /// (`MADV_DONTNEED` on the mapping). A loader that copies tensors to a device calls it
+    /// as it goes, so that its peak memory is the copies, not the copies and the file.
+    /// Bytes read later (a [`MappedBytes`]) come in again from the page cache or the file.
+    pub fn release_pages(&self) {
+        self.source.release_pages();
     }
 
     /// Report tensor reads (bytes so far, bytes of all tensors) to `f`: a loader's progress.
@@ -469,6 +527,24 @@ mod tests {
         let t = g.tensor("w").unwrap();
         assert_eq!(t.shape(), vec![2, 4]);
         assert_eq!(g.tensor_bytes(t).len(), 32);
+    }
+
+    #[test]
+    fn mapped_tensors_read_as_copied_ones_after_pages_are_released() {
+        let data: Vec<u8> = (0..32u8).collect();
+        let b = write(&[], &[TensorSpec { name: "w", dims: vec![8], ty_id: 0, data: &data }]);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &b).unwrap();
+        let g = Gguf::open(file.path()).unwrap();
+        let t = g.tensor("w").unwrap().clone();
+        let mapped = g.mapped_tensor(&t).expect("a mapped file");
+        g.release_pages();
+        assert_eq!(&*mapped, &data[..]);
+        assert_eq!(g.tensor_bytes(&t), &data[..]);
+        drop(g);
+        // The bytes outlive the parsed file: they hold the mapping.
+        assert_eq!(&*mapped, &data[..]);
+        assert!(Gguf::from_bytes(b).unwrap().mapped_tensor(&t).is_none());
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl Checkpoint {
             let f = std::fs::File::open(p).map_err(open_err)?;
             // SAFETY: read-only map of a file vidllm does not modify.
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(open_err)?;
-            sources.push((p.display().to_string(), Source::Mmap(map)));
+            sources.push((p.display().to_string(), Source::Mmap(std::sync::Arc::new(map))));
         }
         Self::from_sources(sources)
     }
@@ -132,6 +132,14 @@ impl Checkpoint {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
+    }
+
+    /// Let go of the files' pages that loading has read ([`Gguf::release_pages`]): a
+    /// loader that copies (or quantises) tensors to a device calls it as it goes.
+    ///
+    /// [`Gguf::release_pages`]: crate::gguf::Gguf::release_pages
+    pub fn release_pages(&self) {
+        self.files.iter().for_each(Source::release_pages);
     }
 
     fn bytes(&self, v: &TensorView) -> &[u8] {

@@ -44,8 +44,26 @@ pub struct LlamaConfig {
 /// looked up (a few KB per token), so the device holds only the output projection.
 pub struct HostEmbedding {
     pub ty: vidllm_core::ggml::GgmlType,
-    pub bytes: Vec<u8>,
+    pub bytes: TableBytes,
     pub d_model: usize,
+}
+
+/// Where an embedding table's bytes live: in the model file's mapping, where it is one
+/// (a GGUF opened natively: the table is used where it lies, and only the pages of rows
+/// looked up come into memory; SmolLM2's is 30 MB of Q8_0), else in memory of its own.
+pub enum TableBytes {
+    Mapped(vidllm_core::gguf::MappedBytes),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for TableBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            TableBytes::Mapped(m) => m,
+            TableBytes::Owned(v) => v,
+        }
+    }
 }
 
 impl HostEmbedding {

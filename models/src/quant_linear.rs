@@ -19,14 +19,21 @@ pub enum QuantLinear {
 impl QuantLinear {
     /// Build from the raw bytes of a `[out, in]` weight of type `ty`.
     pub fn from_raw(name: &str, ty: GgmlType, bytes: &[u8], out: usize, inp: usize, at: &Placement) -> Result<Self, LoadError> {
+        Self::from_raw_stacked(name, ty, &[bytes], out, inp, at)
+    }
+
+    /// [`QuantLinear::from_raw`] of `[out_i, in]` weights of one type stacked into `[out, in]`
+    /// (`parts`: their bytes, in order).
+    pub fn from_raw_stacked(name: &str, ty: GgmlType, parts: &[&[u8]], out: usize, inp: usize, at: &Placement) -> Result<Self, LoadError> {
         // Block types and 16-bit floats stay as the file has them; F16 / BF16 rows that are
         // not whole groups of 32 (never seen in practice) are widened instead.
         if ty.is_quantized() || (ty.stays_packed() && inp.is_multiple_of(vidllm_shaders::GROUP)) {
-            let m = QuantMatrix::upload(ty, bytes, out, inp, at)
+            let m = QuantMatrix::upload_stacked(ty, parts, out, inp, at)
                 .map_err(|e| LoadError::BadTensor { name: name.to_string(), reason: e.to_string() })?;
             return Ok(Self::Blocks(m));
         }
-        let w = dequantize(ty, bytes, out * inp);
+        let bytes = parts.concat();
+        let w = dequantize(ty, &bytes, out * inp);
         let rows = at.cap.per_binding(inp * 4, 0);
         let bands = w
             .chunks(rows * inp)
@@ -99,9 +106,9 @@ impl StackedLinear {
             return Ok(Self { outs, layers });
         }
         // Rows are whole blocks, so stacking `[out_i, in]` matrices is concatenating bytes.
-        let bytes = parts.iter().flat_map(|p| p.2.iter().copied()).collect::<Vec<u8>>();
+        let bytes: Vec<&[u8]> = parts.iter().map(|p| p.2).collect();
         let name = parts.iter().map(|p| p.0).collect::<Vec<_>>().join(" + ");
-        Ok(Self { layers: vec![QuantLinear::from_raw(&name, ty, &bytes, outs.iter().sum(), inp, at)?], outs })
+        Ok(Self { layers: vec![QuantLinear::from_raw_stacked(&name, ty, &bytes, outs.iter().sum(), inp, at)?], outs })
     }
 
     /// # Shapes

@@ -422,6 +422,13 @@ impl QuantMatrix {
     /// Upload `bytes` (exactly `n` rows of `k / block_elems` blocks) to the placement's device,
     /// unchanged, in bands under its binding cap.
     pub fn upload(ty: GgmlType, bytes: &[u8], n: usize, k: usize, at: &Placement) -> Result<Self, QuantError> {
+        Self::upload_stacked(ty, &[bytes], n, k, at)
+    }
+
+    /// [`QuantMatrix::upload`] of matrices of whole rows stacked (their bytes end to end,
+    /// `n` rows in all), each band's words filled straight from the pieces: no stacked copy
+    /// is made on the way, which left a hole in the heap per matrix.
+    pub fn upload_stacked(ty: GgmlType, parts: &[&[u8]], n: usize, k: usize, at: &Placement) -> Result<Self, QuantError> {
         if !ty.stays_packed() {
             return Err(QuantError::NotQuantized(ty));
         }
@@ -431,19 +438,22 @@ impl QuantMatrix {
             return Err(QuantError::RowNotBlocks { k, block: group });
         }
         let expected = n * k / ty.block_elems() * ty.block_bytes();
-        if bytes.len() != expected {
-            return Err(QuantError::WrongSize { expected, got: bytes.len() });
+        let got = parts.iter().map(|p| p.len()).sum();
+        if got != expected {
+            return Err(QuantError::WrongSize { expected, got });
         }
         let row_bytes = expected / n.max(1);
         // Room for the padding and the spare word of each band.
         let rows_per_band = at.cap.per_binding(row_bytes, 8);
-        let bands = bytes
-            .chunks(rows_per_band * row_bytes)
-            .map(|chunk| {
-                let words = pack_words(chunk);
+        let band_bytes = rows_per_band * row_bytes;
+        let bands = (0..expected)
+            .step_by(band_bytes.max(1))
+            .map(|start| {
+                let end = (start + band_bytes).min(expected);
+                let words = pack_words(parts, start, end);
                 let len = words.len();
                 let opts = TensorCreationOptions::new(at.device.clone()).with_dtype(DType::U32);
-                Band { words: Tensor::from_data(TensorData::new(words, [len]), opts), n: chunk.len() / row_bytes }
+                Band { words: Tensor::from_data(TensorData::new(words, [len]), opts), n: (end - start) / row_bytes }
             })
             .collect();
         Ok(Self { bands, ty, n, k, matmul: at.matmul })
@@ -505,14 +515,49 @@ type DispatchProduct = fn(
     u32,
 ) -> FloatTensor<burn::backend::Dispatch>;
 
-/// Little-endian u32 words of `bytes`, zero-padded, plus one spare word so that kernels
-/// may read an unaligned u32 at the very end without leaving the buffer.
-fn pack_words(bytes: &[u8]) -> Vec<u32> {
-    let mut words = vec![0u32; bytes.len().div_ceil(4) + 1];
-    for (w, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
-        let mut b = [0u8; 4];
-        b[..chunk.len()].copy_from_slice(chunk);
-        *w = u32::from_le_bytes(b);
+/// Little-endian u32 words of bytes `start..end` of `parts` laid end to end, zero-padded,
+/// plus one spare word so that kernels may read an unaligned u32 at the very end without
+/// leaving the buffer.
+fn pack_words(parts: &[&[u8]], start: usize, end: usize) -> Vec<u32> {
+    let mut words = vec![0u32; (end - start).div_ceil(4) + 1];
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+    // `at`: where the part starts in the stacked bytes.
+    let mut at = 0;
+    for p in parts {
+        let (lo, hi) = (start.max(at), end.min(at + p.len()));
+        if lo < hi {
+            bytes[lo - start..hi - start].copy_from_slice(&p[lo - at..hi - at]);
+        }
+        at += p.len();
+    }
+    // The bytes were copied in file order: each word is read little-endian (a no-op on
+    // little-endian targets).
+    for w in &mut words {
+        *w = u32::from_le(*w);
     }
     words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pack_words;
+
+    #[test]
+    fn stacked_parts_pack_as_their_concatenation() {
+        let a: Vec<u8> = (0..10).collect();
+        let b: Vec<u8> = (10..27).collect();
+        let c: Vec<u8> = (27..33).collect();
+        let whole = [a.as_slice(), &b, &c].concat();
+        // Every band boundary, across and inside the parts, and odd lengths (zero padding).
+        for start in 0..whole.len() {
+            for end in start..=whole.len() {
+                let packed = pack_words(&[&a, &b, &c], start, end);
+                assert_eq!(packed.len(), (end - start).div_ceil(4) + 1, "{start}..{end}: the spare word");
+                let mut bytes: Vec<u8> = packed.iter().flat_map(|w| w.to_le_bytes()).collect();
+                assert!(bytes[end - start..].iter().all(|&x| x == 0), "{start}..{end}: padding");
+                bytes.truncate(end - start);
+                assert_eq!(bytes, &whole[start..end], "{start}..{end}");
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! its first picture. Only the frames the caller takes are converted to RGB.
 
 use std::ffi::CString;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
@@ -43,7 +44,6 @@ impl LiveInput {
 
     fn open(&self) -> Result<ffmpeg::format::context::Input> {
         ffmpeg::init().map_err(|e| anyhow!("ffmpeg init: {e}"))?;
-        ffmpeg::device::register_all();
         ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Fatal);
         let url = self.url();
         let mut opts = Dictionary::new();
@@ -58,7 +58,14 @@ impl LiveInput {
             Some(name) => {
                 let cname = CString::new(name).map_err(|_| anyhow!("input format {name:?}"))?;
                 // SAFETY: a NUL-terminated name; the result is a static table entry or null.
-                let f = unsafe { ffmpeg::ffi::av_find_input_format(cname.as_ptr()) };
+                let find = || unsafe { ffmpeg::ffi::av_find_input_format(cname.as_ptr()) };
+                let mut f = find();
+                if f.is_null() {
+                    // Not a demuxer: a device's (v4l2, lavfi, x11grab...), once libavdevice
+                    // has registered them.
+                    register_devices().map_err(|e| anyhow!("{url}: input format {name:?}: {e}"))?;
+                    f = find();
+                }
                 if f.is_null() {
                     bail!("{url}: unknown input format {name:?} (see `ffmpeg -demuxers` / `ffmpeg -devices`)");
                 }
@@ -69,6 +76,40 @@ impl LiveInput {
             None => ffmpeg::format::input_with_dictionary(&url, opts),
         };
         opened.map_err(|e| fail(url, "cannot open the live stream", e))
+    }
+}
+
+/// Register ffmpeg's capture devices (v4l2, lavfi, x11grab...) with the libavformat this
+/// binary links, once. They are libavdevice's, which is opened when a source names one
+/// rather than linked: linked, it and what it pulls in (libavfilter, SDL, OpenAL, GL,
+/// speech synthesis: 214 shared libraries against 134) held 16 MiB of every run's memory,
+/// video or not.
+fn register_devices() -> Result<()> {
+    static DEVICES: OnceLock<Result<libloading::Library, String>> = OnceLock::new();
+    let loaded = DEVICES.get_or_init(|| {
+        // The libavdevice of the linked libavformat: FFmpeg releases them with one major.
+        // SAFETY: a version query without arguments.
+        let major = unsafe { ffmpeg::ffi::avformat_version() } >> 16;
+        let name = if cfg!(target_os = "macos") {
+            format!("libavdevice.{major}.dylib")
+        } else if cfg!(windows) {
+            format!("avdevice-{major}.dll")
+        } else {
+            format!("libavdevice.so.{major}")
+        };
+        // SAFETY: FFmpeg's own library; its initialisers set up its static tables only.
+        let lib = unsafe { libloading::Library::new(&name) }.map_err(|e| format!("{name}: {e}"))?;
+        // SAFETY: `avdevice_register_all(void)` registers libavdevice's formats with the
+        // libavformat already loaded; the library stays loaded for the process's life.
+        unsafe {
+            let register = lib.get::<unsafe extern "C" fn()>(b"avdevice_register_all\0").map_err(|e| format!("{name}: {e}"))?;
+            register();
+        }
+        Ok(lib)
+    });
+    match loaded {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("capture devices need FFmpeg's libavdevice, which could not be loaded ({e})"),
     }
 }
 

@@ -259,6 +259,26 @@ fn fails(args: &[&str], needle: &str) {
 }
 
 #[test]
+fn a_device_source_opens_through_libavdevice() {
+    // lavfi is one of libavdevice's inputs, as v4l2 is: the binary does not link it, and
+    // loads it when a source names a format libavformat alone does not have.
+    let mut child = bin()
+        .args(["watch", "--model", &fixture("tiny_video_llava").display().to_string(), "--format", "lavfi"])
+        .args(["--video", "testsrc=size=64x48:rate=5:duration=1", "--device", "cpu", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: Json = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "frame", "{first}");
+    drop(child.stdin.take());
+    child.kill().ok();
+    child.wait().unwrap();
+}
+
+#[test]
 fn bad_streams_and_settings_are_named() {
     let model = fixture("tiny_video_llava").display().to_string();
     let m = model.as_str();

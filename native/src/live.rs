@@ -82,7 +82,7 @@ impl LiveInput {
 /// Register ffmpeg's capture devices (v4l2, lavfi, x11grab...) with the libavformat this
 /// binary links, once. They are libavdevice's, which is opened when a source names one
 /// rather than linked: linked, it and what it pulls in (libavfilter, SDL, OpenAL, GL,
-/// speech synthesis: 214 shared libraries against 134) held 16 MiB of every run's memory,
+/// speech synthesis: 214 shared libraries against 135) held 16 MiB of every run's memory,
 /// video or not.
 fn register_devices() -> Result<()> {
     static DEVICES: OnceLock<Result<libloading::Library, String>> = OnceLock::new();

@@ -108,20 +108,34 @@ impl TensorInfo {
     }
 }
 
-/// The file's bytes: memory-mapped natively, owned when they came from elsewhere (a browser).
-pub enum Source {
-    Mmap(Arc<memmap2::Mmap>),
+/// A file's bytes, or some of them: memory-mapped natively (the file stays mapped while
+/// any holder lives), owned when they came from elsewhere (a browser). A parsed file holds
+/// the whole of it; a loader may keep a tensor's part ([`Gguf::kept_tensor`]).
+pub enum FileBytes {
+    Mapped(MappedBytes),
     Owned(Vec<u8>),
 }
 
-/// A tensor's bytes in a memory-mapped file, used where they lie rather than copied
-/// ([`Gguf::mapped_tensor`]); the file stays mapped while any of these lives. As with
+/// Bytes of a memory-mapped file, used where they lie rather than copied. As with
 /// llama.cpp's mapped weights, the file must not be truncated while the model runs.
 #[derive(Clone)]
 pub struct MappedBytes {
     map: Arc<memmap2::Mmap>,
     start: usize,
     len: usize,
+}
+
+impl MappedBytes {
+    /// The whole mapped file.
+    pub fn whole(map: memmap2::Mmap) -> Self {
+        let len = map.len();
+        Self { map: Arc::new(map), start: 0, len }
+    }
+
+    /// `len` bytes from `start` (within these bytes), sharing the mapping.
+    fn part(&self, start: usize, len: usize) -> Self {
+        Self { map: self.map.clone(), start: self.start + start, len }
+    }
 }
 
 impl std::ops::Deref for MappedBytes {
@@ -137,25 +151,26 @@ impl std::fmt::Debug for MappedBytes {
     }
 }
 
-impl Source {
-    /// Let go of the pages of a mapped file that this process has read (`MADV_DONTNEED`);
-    /// bytes read later come in again from the page cache or the file. Owned bytes stay.
+impl FileBytes {
+    /// Let go of the pages of a mapped file that this process has read (`MADV_DONTNEED` on
+    /// the whole mapping); bytes read later come in again from the page cache or the file.
+    /// Owned bytes stay.
     pub fn release_pages(&self) {
         #[cfg(unix)]
-        if let Source::Mmap(map) = self {
+        if let FileBytes::Mapped(m) = self {
             // SAFETY: the mapping is a read-only map of a file: released pages hold no
             // writes, and the next read of them reads the file again. Failing is harmless.
-            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+            let _ = unsafe { m.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
         }
     }
 }
 
-impl std::ops::Deref for Source {
+impl std::ops::Deref for FileBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Source::Mmap(m) => m,
-            Source::Owned(v) => v,
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
         }
     }
 }
@@ -166,7 +181,7 @@ pub struct Gguf {
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
     pub alignment: u64,
-    source: Source,
+    source: FileBytes,
     /// Tensor bytes read so far through [`Gguf::tensor_bytes`].
     progress: ReadProgress,
 }
@@ -179,15 +194,15 @@ impl Gguf {
         let file = std::fs::File::open(path).map_err(open_err)?;
         // SAFETY: the map is read-only; vidllm never writes model files while they are open.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(open_err)?;
-        Self::parse(Source::Mmap(Arc::new(map)))
+        Self::parse(FileBytes::Mapped(MappedBytes::whole(map)))
     }
 
     /// Parse bytes already in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, LoadError> {
-        Self::parse(Source::Owned(bytes))
+        Self::parse(FileBytes::Owned(bytes))
     }
 
-    fn parse(source: Source) -> Result<Self, LoadError> {
+    fn parse(source: FileBytes) -> Result<Self, LoadError> {
         let mut r = Reader { buf: &source, pos: 0 };
         let magic: [u8; 4] = r.take(4, "magic")?.try_into().expect("4 bytes");
         if magic != MAGIC {
@@ -234,23 +249,24 @@ impl Gguf {
         &self.source[t.start as usize..(t.start + t.n_bytes) as usize]
     }
 
-    /// A tensor's bytes where the file is memory-mapped, without a copy (`None` for bytes
-    /// handed over in memory): a loader keeps these for tables it reads a row at a time,
-    /// such as the token embeddings, whose pages then come into memory as rows are used.
-    pub fn mapped_tensor(&self, t: &TensorInfo) -> Option<MappedBytes> {
+    /// A tensor's bytes to keep: where the file is memory-mapped, its part of the mapping,
+    /// without a copy, else a copy. A loader keeps these for tables it reads a row at a
+    /// time, such as the token embeddings, whose pages then come into memory as rows are
+    /// used.
+    pub fn kept_tensor(&self, t: &TensorInfo) -> FileBytes {
         match &self.source {
-            Source::Mmap(map) => {
+            FileBytes::Mapped(m) => {
                 self.progress.advance(t.n_bytes);
-                Some(MappedBytes { map: map.clone(), start: t.start as usize, len: t.n_bytes as usize })
+                FileBytes::Mapped(m.part(t.start as usize, t.n_bytes as usize))
             }
-            Source::Owned(_) => None,
+            FileBytes::Owned(_) => FileBytes::Owned(self.tensor_bytes(t).to_vec()),
         }
     }
 
     /// Let go of the file's pages that loading has read into this process's memory
     /// (`MADV_DONTNEED` on the mapping). A loader that copies tensors to a device calls it
     /// as it goes, so that its peak memory is the copies, not the copies and the file.
-    /// Bytes read later (a [`MappedBytes`]) come in again from the page cache or the file.
+    /// Bytes read later (a kept tensor) come in again from the page cache or the file.
     pub fn release_pages(&self) {
         self.source.release_pages();
     }
@@ -530,21 +546,25 @@ mod tests {
     }
 
     #[test]
-    fn mapped_tensors_read_as_copied_ones_after_pages_are_released() {
+    fn kept_tensors_read_as_copied_ones_after_pages_are_released() {
         let data: Vec<u8> = (0..32u8).collect();
         let b = write(&[], &[TensorSpec { name: "w", dims: vec![8], ty_id: 0, data: &data }]);
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), &b).unwrap();
         let g = Gguf::open(file.path()).unwrap();
         let t = g.tensor("w").unwrap().clone();
-        let mapped = g.mapped_tensor(&t).expect("a mapped file");
+        let kept = g.kept_tensor(&t);
+        assert!(matches!(kept, FileBytes::Mapped(_)), "a mapped file's tensor is kept mapped");
         g.release_pages();
-        assert_eq!(&*mapped, &data[..]);
+        assert_eq!(&*kept, &data[..]);
         assert_eq!(g.tensor_bytes(&t), &data[..]);
         drop(g);
         // The bytes outlive the parsed file: they hold the mapping.
-        assert_eq!(&*mapped, &data[..]);
-        assert!(Gguf::from_bytes(b).unwrap().mapped_tensor(&t).is_none());
+        assert_eq!(&*kept, &data[..]);
+        let in_memory = Gguf::from_bytes(b).unwrap();
+        let copied = in_memory.kept_tensor(&t);
+        assert!(matches!(copied, FileBytes::Owned(_)), "bytes in memory are copied");
+        assert_eq!(&*copied, &data[..]);
     }
 
     #[test]

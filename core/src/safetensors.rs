@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::LoadError;
-use crate::gguf::Source;
+use crate::gguf::{FileBytes, MappedBytes};
 use crate::progress::{OnRead, ReadProgress};
 
 /// Headers larger than this are refused (real ones are a few MB at most).
@@ -66,7 +66,7 @@ pub struct TensorView {
 
 /// All tensors of a checkpoint folder (one file or several shards).
 pub struct Checkpoint {
-    files: Vec<Source>,
+    files: Vec<FileBytes>,
     tensors: BTreeMap<String, TensorView>,
     /// `__metadata__` of every file, merged.
     pub metadata: BTreeMap<String, String>,
@@ -98,17 +98,17 @@ impl Checkpoint {
             let f = std::fs::File::open(p).map_err(open_err)?;
             // SAFETY: read-only map of a file vidllm does not modify.
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(open_err)?;
-            sources.push((p.display().to_string(), Source::Mmap(std::sync::Arc::new(map))));
+            sources.push((p.display().to_string(), FileBytes::Mapped(MappedBytes::whole(map))));
         }
         Self::from_sources(sources)
     }
 
     /// Files already in memory (a browser's fetches), each with a name for errors.
     pub fn from_buffers(buffers: Vec<(String, Vec<u8>)>) -> Result<Self, LoadError> {
-        Self::from_sources(buffers.into_iter().map(|(name, b)| (name, Source::Owned(b))).collect())
+        Self::from_sources(buffers.into_iter().map(|(name, b)| (name, FileBytes::Owned(b))).collect())
     }
 
-    fn from_sources(sources: Vec<(String, Source)>) -> Result<Self, LoadError> {
+    fn from_sources(sources: Vec<(String, FileBytes)>) -> Result<Self, LoadError> {
         let mut files = Vec::new();
         let mut tensors = BTreeMap::new();
         let mut metadata = BTreeMap::new();
@@ -139,7 +139,7 @@ impl Checkpoint {
     ///
     /// [`Gguf::release_pages`]: crate::gguf::Gguf::release_pages
     pub fn release_pages(&self) {
-        self.files.iter().for_each(Source::release_pages);
+        self.files.iter().for_each(FileBytes::release_pages);
     }
 
     fn bytes(&self, v: &TensorView) -> &[u8] {

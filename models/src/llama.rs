@@ -11,6 +11,7 @@
 //! RoPE ("QK-norm"), with a head size that need not be `d_model / n_heads`.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use vidllm_core::gguf::FileBytes;
 use vidllm_shaders::device::BindingCap;
 use vidllm_shaders::{Mask, silu_mul};
 
@@ -44,26 +45,10 @@ pub struct LlamaConfig {
 /// looked up (a few KB per token), so the device holds only the output projection.
 pub struct HostEmbedding {
     pub ty: vidllm_core::ggml::GgmlType,
-    pub bytes: TableBytes,
+    /// In the model file's mapping where it is one (a GGUF opened natively: only the pages
+    /// of rows looked up come into memory; SmolLM2's table is 30 MB of Q8_0), else owned.
+    pub bytes: FileBytes,
     pub d_model: usize,
-}
-
-/// Where an embedding table's bytes live: in the model file's mapping, where it is one
-/// (a GGUF opened natively: the table is used where it lies, and only the pages of rows
-/// looked up come into memory; SmolLM2's is 30 MB of Q8_0), else in memory of its own.
-pub enum TableBytes {
-    Mapped(vidllm_core::gguf::MappedBytes),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for TableBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            TableBytes::Mapped(m) => m,
-            TableBytes::Owned(v) => v,
-        }
-    }
 }
 
 impl HostEmbedding {

@@ -8,7 +8,7 @@ use vidllm_core::gguf::{Gguf, TensorInfo};
 use vidllm_shaders::device::Placement;
 
 use crate::decoder_family::Family;
-use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX, TableBytes};
+use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
 use crate::quant_linear::{QuantLinear, RawWeight, StackedLinear};
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
@@ -207,11 +207,7 @@ pub fn load_llama(g: &Gguf, at: &Placement) -> Result<Llama, LoadError> {
     let l = Loader { g, at };
     let emb = l.info(names::TOKEN_EMBD)?;
     l.check_shape(emb, &[cfg.vocab_size, cfg.d_model])?;
-    let bytes = match g.mapped_tensor(emb) {
-        Some(mapped) => TableBytes::Mapped(mapped),
-        None => TableBytes::Owned(g.tensor_bytes(emb).to_vec()),
-    };
-    let embed = HostEmbedding { ty: emb.ty, bytes, d_model: cfg.d_model };
+    let embed = HostEmbedding { ty: emb.ty, bytes: g.kept_tensor(emb), d_model: cfg.d_model };
     // The weights are copied to the device, and the file's pages they came from are let go
     // of as loading goes, so that memory peaks at the copies, not the copies and the file.
     // The output projection (the largest matrix, 30 MB of SmolLM2's 94) goes first, while

@@ -4,12 +4,13 @@
 use serde::Deserialize;
 use vidllm_core::LoadError;
 use vidllm_core::ggml::{GgmlType, quantize};
+use vidllm_core::gguf::FileBytes;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::Placement;
 
 use crate::decoder_family::Family;
 use crate::layers::vector;
-use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX, TableBytes};
+use crate::llama::{Attention, Block, HostEmbedding, Llama, LlamaConfig, Mlp, ROPE_TABLE_MAX};
 use crate::quant_linear::{QuantLinear, RawWeight, StackedLinear};
 use crate::rms_norm::RmsNorm;
 use crate::rope::{Rope, RopeStyle};
@@ -178,7 +179,7 @@ pub fn load_llama_hf(
     let blocks = (0..cfg.n_layers)
         .map(|i| {
             let l = |s: &str| n(&format!("layers.{i}.{s}"));
-            let block = Ok(Block {
+            let block = Block {
                 attn_norm: norm(&l("input_layernorm.weight"))?,
                 attn: Attention {
                     qkv: stacked(
@@ -201,18 +202,18 @@ pub fn load_llama_hf(
                     gate_up: stacked(&[(&l("mlp.gate_proj.weight"), cfg.d_ff), (&l("mlp.up_proj.weight"), cfg.d_ff)], cfg.d_model)?,
                     down: linear(&l("mlp.down_proj.weight"), cfg.d_model, cfg.d_ff)?,
                 },
-            });
+            };
             // The block is on the device in its own format: let the files' pages go, so
             // that memory peaks at the copies, not the copies and the files.
             ck.release_pages();
-            block
+            Ok(block)
         })
         .collect::<Result<Vec<_>, LoadError>>()?;
     let emb_name = n("embed_tokens.weight");
     let emb = ck.f32_shaped(&emb_name, &[cfg.vocab_size, cfg.d_model])?;
     let embed = HostEmbedding {
         ty: GgmlType::F32,
-        bytes: TableBytes::Owned(emb.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        bytes: FileBytes::Owned(emb.iter().flat_map(|v| v.to_le_bytes()).collect()),
         d_model: cfg.d_model,
     };
     // Tied embeddings: save_pretrained omits lm_head.weight.

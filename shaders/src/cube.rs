@@ -20,11 +20,10 @@
 //!   (for a lone row of `x`, `UNIT_RB_ONE` outputs), four values a load ([`tile_x4`]). It
 //!   decodes codes, scales and indices with no shift ([`nibble`], [`half_from`]):
 //!   SwiftShader's JIT (Subzero) has no vector shift by a vector and shifts lane by lane,
-//!   which was half its decode step. Grid
-//!   `(ceil(n/(units*rb)), ceil(m/mb))` with `units` from [`unit_rows`] (a software GPU runs
-//!   a cube on one thread, so there must be enough of them), or `m` rows one at a time for
-//!   rows of different sequences (`q_matmul_rows`), so that a batched row equals its
-//!   product alone.
+//!   which was half its decode step. Grid `(ceil(n/(units*rb)), ceil(m/mb))` with `units`
+//!   from [`unit_rows`] (a software GPU runs a cube on one thread, so there must be enough
+//!   of them), or `m` rows one at a time for rows of different sequences
+//!   (`q_matmul_rows`), so that a batched row equals its product alone.
 //! - `tiled`: 32x32 output tile per cube of 16x16 units, each unit 2x2 outputs; one group
 //!   (32 k) of `x` and of dequantised `W` staged in shared memory per step.
 //!

@@ -6,9 +6,8 @@ use std::rc::Rc;
 
 use serde::Deserialize;
 use vidllm_core::chat::{Message, render};
-use vidllm_core::gguf::Gguf;
+use vidllm_core::gguf::{FileBytes, Gguf};
 use vidllm_core::tokenizer::Tokenizer;
-use vidllm_models::llama::TableBytes;
 use vidllm_models::{Model, load_llama};
 use vidllm_tests::llamacpp::{Case, greedy_matches, teacher_forcing};
 use vidllm_tests::{fixture, max_abs_diff, smollm2_path, test_devices};
@@ -71,7 +70,7 @@ fn parity_with_llama_cpp_on_every_device() {
         println!("{name}: weights on device {resident} B, file {} B ({:.3}x)", g.file_len(), resident as f64 / g.file_len() as f64);
         assert!(resident as f64 <= 1.1 * g.file_len() as f64, "{name}: 4-bit weights not resident");
         // The token embeddings are read where the file's mapping has them, not copied.
-        assert!(matches!(model.decoder().embed.bytes, TableBytes::Mapped(_)), "{name}: embedding table copied");
+        assert!(matches!(model.decoder().embed.bytes, FileBytes::Mapped(_)), "{name}: embedding table copied");
         logits.push((name.clone(), teacher_forcing(model.decoder(), &f.cases, &name).1));
         greedy_matches(&model, &tok, &f.cases, &name);
     }

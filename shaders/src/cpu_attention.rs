@@ -192,10 +192,14 @@ pub fn attention(q: &[f32], k: &[Rows], v: &[Rows], rows: usize, keys: usize, d:
     // again, per layer and token).
     if rows <= R && direct_scores_available(d) {
         let mut out = vec![0f32; heads * rows * d];
-        out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
-            let head = Head { keys_by: KeysBy::Rows(k[h]), v: v[h], d, keys, scale, mask };
-            block(&head, &q[h * rows * d..][..out.len()], 0, out);
-        });
+        if keys <= SPLIT_KEYS {
+            out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
+                let head = Head { keys_by: KeysBy::Rows(k[h]), v: v[h], d, first: 0, keys, scale, mask };
+                block(&head, &q[h * rows * d..][..out.len()], 0, out, None);
+            });
+        } else {
+            split_keys(q, k, v, rows, keys, d, scale, mask, &mut out);
+        }
         return out;
     }
     // Keys transposed per head, `[heads, d, padded keys]`, zero past the last key. The
@@ -224,13 +228,66 @@ pub fn attention(q: &[f32], k: &[Rows], v: &[Rows], rows: usize, keys: usize, d:
         let mut out = vec![0f32; heads * rows * d];
         // Tasks: blocks of rows of one head.
         out.par_chunks_mut(rows * d).enumerate().for_each(|(h, out)| {
-            let head = Head { keys_by: KeysBy::Transposed { kt: &kt[h * d * kp..][..d * kp], kp }, v: v[h], d, keys, scale, mask };
+            let head =
+                Head { keys_by: KeysBy::Transposed { kt: &kt[h * d * kp..][..d * kp], kp }, v: v[h], d, first: 0, keys, scale, mask };
             out.par_chunks_mut(R * d).enumerate().for_each(|(b, out)| {
-                block(&head, &q[(h * rows + b * R) * d..][..out.len()], b * R, out);
+                block(&head, &q[(h * rows + b * R) * d..][..out.len()], b * R, out, None);
             });
         });
         out
     })
+}
+
+/// Keys per task of a decode step's attention past which a head's keys are split
+/// ([`split_keys`]).
+const SPLIT_KEYS: usize = 256;
+
+/// A decode step's attention with each head's keys split into runs of [`SPLIT_KEYS`],
+/// one task each, as flash-decoding does: SmolLM2 has 3 key-value heads, so on 2 threads
+/// (or a browser's 8) a task per head left threads idle while the others read a long
+/// context's keys and values, at a video prompt's 2,000 tokens a third of a decode step.
+/// Each run gives its rows' unnormalised weighted sums of values with the run's largest
+/// score and its sum of exponentials; the runs are then combined, each scaled by
+/// `e^(top - largest top)`, and divided by the combined sum. The runs depend on `keys`
+/// alone, so the result does not depend on the number of threads.
+#[allow(clippy::too_many_arguments)]
+fn split_keys(q: &[f32], k: &[Rows], v: &[Rows], rows: usize, keys: usize, d: usize, scale: f32, mask: Mask, out: &mut [f32]) {
+    let (heads, runs) = (k.len(), keys.div_ceil(SPLIT_KEYS));
+    // Per task: the rows' sums `[rows, d]`, then each row's (top, sum of exponentials).
+    let part = rows * d + 2 * R;
+    let mut parts = vec![0f32; heads * runs * part];
+    crate::cpu_hot::for_each_chunk_mut(&mut parts, part, |task, p| {
+        let (h, run) = (task / runs, task % runs);
+        let first = run * SPLIT_KEYS;
+        let head = Head { keys_by: KeysBy::Rows(k[h]), v: v[h], d, first, keys: (first + SPLIT_KEYS).min(keys), scale, mask };
+        let (sums, stats) = p.split_at_mut(rows * d);
+        let mut tops = [[0f32; 2]; R];
+        block(&head, &q[h * rows * d..][..rows * d], 0, sums, Some(&mut tops));
+        stats.copy_from_slice(tops.as_flattened());
+    });
+    for (h, out) in out.chunks_exact_mut(rows * d).enumerate() {
+        let head_parts = &parts[h * runs * part..][..runs * part];
+        for (r, out) in out.chunks_exact_mut(d).enumerate() {
+            let stat = |run: usize| -> [f32; 2] { std::array::from_fn(|i| head_parts[run * part + rows * d + 2 * r + i]) };
+            // Every row sees the first key, so some run has a finite top.
+            let top = (0..runs).map(stat).filter(|s| s[1] > 0.0).fold(f32::NEG_INFINITY, |a, s| a.max(s[0]));
+            let mut total = 0f32;
+            out.fill(0.0);
+            for run in 0..runs {
+                let [run_top, sum] = stat(run);
+                if sum == 0.0 {
+                    continue;
+                }
+                let w = exp(run_top - top);
+                total += w * sum;
+                for (o, &x) in out.iter_mut().zip(&head_parts[run * part + r * d..][..d]) {
+                    *o += w * x;
+                }
+            }
+            let inv = 1.0 / total;
+            out.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
 }
 
 /// Whether [`KeysBy::Rows`] can be scored here: whole vectors of channels, and on x86-64
@@ -338,7 +395,7 @@ mod x86 {
     /// # Safety
     /// AVX-512 F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn softmax(row: &mut [f32], scale: f32) {
+    pub(super) unsafe fn softmax(row: &mut [f32], scale: f32, normalise: bool) -> [f32; 2] {
         let n = row.len();
         let tail = |j: usize| -> __mmask16 { if j + L <= n { !0 } else { (1u16 << (n - j)) - 1 } };
         let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -366,15 +423,21 @@ mod x86 {
         }
         // SAFETY: as above.
         let lanes: [f32; L] = unsafe { std::mem::transmute(sum) };
-        let inv = _mm512_set1_ps(1.0 / lanes.iter().sum::<f32>());
-        for j in (0..n).step_by(L) {
-            let m = tail(j);
-            // SAFETY: as above.
-            unsafe {
-                let p = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
-                _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), m, _mm512_mul_ps(p, inv));
+        let sum = lanes.iter().sum::<f32>();
+        if normalise {
+            let inv = _mm512_set1_ps(1.0 / sum);
+            for j in (0..n).step_by(L) {
+                let m = tail(j);
+                // SAFETY: as above.
+                unsafe {
+                    let p = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
+                    _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), m, _mm512_mul_ps(p, inv));
+                }
             }
         }
+        // SAFETY: a vector is sixteen f32 lanes.
+        let top: [f32; L] = unsafe { std::mem::transmute(top) };
+        [top[0], sum]
     }
 
     /// [`super::exp`] on sixteen lanes, step for step.
@@ -590,34 +653,41 @@ struct Head<'a> {
     /// The values, `[keys, d]`.
     v: Rows<'a>,
     d: usize,
+    /// The first key read ([`KeysBy::Rows`] only; 0 otherwise): the keys before it are
+    /// another task's ([`split_keys`]).
+    first: usize,
+    /// One past the last key read.
     keys: usize,
     scale: f32,
     mask: Mask,
 }
 
-/// `n <= R` query rows (`q`, `[n, d]`) from row `r0` of one head, into `out`.
-fn block(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
+/// `n <= R` query rows (`q`, `[n, d]`) from row `r0` of one head, into `out`. With
+/// `tops`, the weights are left unnormalised: each row's sum of `e^(s scale - top)` over
+/// its keys (`top` its largest scaled score) goes to `tops[r]` as `[top, sum]`, a sum of 0
+/// for a row that sees none of the head's keys.
+fn block(head: &Head, q: &[f32], r0: usize, out: &mut [f32], tops: Option<&mut [[f32; 2]; R]>) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") {
             #[target_feature(enable = "avx512f")]
-            fn avx512(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
-                block_generic::<true, true>(head, q, r0, out)
+            fn avx512(head: &Head, q: &[f32], r0: usize, out: &mut [f32], tops: Option<&mut [[f32; 2]; R]>) {
+                block_generic::<true, true>(head, q, r0, out, tops)
             }
             // SAFETY: the feature was just detected.
-            return unsafe { avx512(head, q, r0, out) };
+            return unsafe { avx512(head, q, r0, out, tops) };
         }
         if has!("avx2") && has!("fma") {
             #[target_feature(enable = "avx2,fma")]
-            fn avx2(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
-                block_generic::<true, false>(head, q, r0, out)
+            fn avx2(head: &Head, q: &[f32], r0: usize, out: &mut [f32], tops: Option<&mut [[f32; 2]; R]>) {
+                block_generic::<true, false>(head, q, r0, out, tops)
             }
             // SAFETY: the features were just detected.
-            return unsafe { avx2(head, q, r0, out) };
+            return unsafe { avx2(head, q, r0, out, tops) };
         }
     }
-    block_generic::<false, false>(head, q, r0, out)
+    block_generic::<false, false>(head, q, r0, out, tops)
 }
 
 /// `a b + c`: one fused instruction where the caller's target has FMA (`FMA`), a multiply
@@ -632,16 +702,24 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// only) takes [`WIDTH`] keys, or value columns, per pass: each sum is still taken in the
 /// same order, so the result does not depend on it.
 #[inline(always)]
-fn block_generic<const FMA: bool, const WIDE: bool>(head: &Head, q: &[f32], r0: usize, out: &mut [f32]) {
-    let &Head { keys_by, v, d, keys, scale, mask } = head;
+fn block_generic<const FMA: bool, const WIDE: bool>(
+    head: &Head,
+    q: &[f32],
+    r0: usize,
+    out: &mut [f32],
+    mut tops: Option<&mut [[f32; 2]; R]>,
+) {
+    let &Head { keys_by, v, d, first, keys, scale, mask } = head;
     let n = out.len() / d;
-    let seen: [usize; R] = std::array::from_fn(|r| if r < n { mask.visible(r0 + r, keys) } else { 0 });
+    // Keys each row sees, counted from `first`.
+    let seen: [usize; R] = std::array::from_fn(|r| if r < n { mask.visible(r0 + r, keys).saturating_sub(first) } else { 0 });
     let most = seen.iter().copied().max().unwrap_or(0);
     let span = most.next_multiple_of(L);
     // Scores of the block's rows, `[R, span]`.
     let mut scores = vec![0f32; R * span];
     match keys_by {
         KeysBy::Transposed { kt, kp } => {
+            assert_eq!(first, 0, "transposed keys are read from the first");
             // The block's queries by channel, `[d][R]` (rows past the block's end repeat
             // its first): channels and keys are walked by iterators, without an index
             // check per multiply-add.
@@ -663,7 +741,7 @@ fn block_generic<const FMA: bool, const WIDE: bool>(head: &Head, q: &[f32], r0: 
             let step = if let Rows::F32(_) = k { most.max(1) } else { C };
             let mut buf = vec![0f32; if step == C { C * d } else { 0 }];
             for j0 in (0..most).step_by(step) {
-                let k = k.get(j0, step.min(most - j0), d, &mut buf);
+                let k = k.get(first + j0, step.min(most - j0), d, &mut buf);
                 #[cfg(target_arch = "x86_64")]
                 if WIDE {
                     // SAFETY: `WIDE` is AVX-512, and on x86-64 `Rows` is chosen only where
@@ -677,17 +755,21 @@ fn block_generic<const FMA: bool, const WIDE: bool>(head: &Head, q: &[f32], r0: 
             }
         }
     }
+    let normalise = tops.is_none();
     for r in 0..n {
         let row = &mut scores[r * span..][..seen[r]];
         #[cfg(target_arch = "x86_64")]
-        if WIDE {
+        let top_sum = if WIDE {
             // SAFETY: `WIDE` only where AVX-512 was detected.
-            unsafe { x86::softmax(row, scale) };
+            unsafe { x86::softmax(row, scale, normalise) }
         } else {
-            softmax::<FMA>(row, scale);
-        }
+            softmax::<FMA>(row, scale, normalise)
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        softmax::<FMA>(row, scale);
+        let top_sum = softmax::<FMA>(row, scale, normalise);
+        if let Some(tops) = tops.as_deref_mut() {
+            tops[r] = top_sum;
+        }
         // The keys past this row's last (computed for a longer row of the block) weigh
         // nothing.
         scores[r * span + seen[r]..(r + 1) * span].fill(0.0);
@@ -701,7 +783,7 @@ fn block_generic<const FMA: bool, const WIDE: bool>(head: &Head, q: &[f32], r0: 
     let step = if let Rows::F32(_) = v { most.max(1) } else { C };
     let mut buf = vec![0f32; if step == C { C * d } else { 0 }];
     for j0 in (0..most).step_by(step) {
-        let values = v.get(j0, step.min(most - j0), d, &mut buf);
+        let values = v.get(first + j0, step.min(most - j0), d, &mut buf);
         let weights = Weights { scores: &scores, span, j0 };
         let mut c0 = 0;
         while c0 < d {
@@ -718,9 +800,10 @@ fn block_generic<const FMA: bool, const WIDE: bool>(head: &Head, q: &[f32], r0: 
 }
 
 /// A row of scores into its softmax, in place: the maximum in lanes, then the
-/// exponentials and their sum, then each divided by it.
+/// exponentials and their sum, then each divided by it where `normalise`. Returns the
+/// scaled maximum and the sum of the exponentials (`[-inf, 0]` for an empty row).
 #[inline(always)]
-fn softmax<const FMA: bool>(row: &mut [f32], scale: f32) {
+fn softmax<const FMA: bool>(row: &mut [f32], scale: f32, normalise: bool) -> [f32; 2] {
     let mut top = [f32::NEG_INFINITY; L];
     for c in row.chunks(L) {
         for (t, &s) in top.iter_mut().zip(c) {
@@ -735,8 +818,12 @@ fn softmax<const FMA: bool>(row: &mut [f32], scale: f32) {
             *acc += *s;
         }
     }
-    let inv = 1.0 / sum.iter().sum::<f32>();
-    row.iter_mut().for_each(|p| *p *= inv);
+    let sum = sum.iter().sum::<f32>();
+    if normalise {
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|p| *p *= inv);
+    }
+    [top, sum]
 }
 
 /// A block's weights for the keys from `j0`: row `r`'s for key `j0 + j` is
@@ -912,6 +999,16 @@ mod tests {
             (3, 2 * 7, 23, 20, [Mask::None, Mask::Causal { t: 7, start: 16 }]),
             (3, 3, 37, 64, [Mask::None, Mask::Causal { t: 1, start: 36 }]),
             (2, 4, 16, 32, [Mask::Causal { t: 2, start: 13 }, Mask::Causal { t: 1, start: 9 }]),
+            // Decode steps whose keys are split into runs (`split_keys`), the last run
+            // short; with two tokens a step, one row sees none of the last run's key.
+            (3, 3, 300, 64, [Mask::None, Mask::Causal { t: 1, start: 299 }]),
+            (
+                2,
+                4,
+                2 * SPLIT_KEYS + 1,
+                64,
+                [Mask::Causal { t: 2, start: 2 * SPLIT_KEYS - 1 }, Mask::Causal { t: 4, start: 2 * SPLIT_KEYS - 3 }],
+            ),
         ];
         for (heads, rows, keys, d, masks) in shapes {
             check_attention(heads, rows, keys, d, masks);
@@ -926,6 +1023,7 @@ mod tests {
         for ty in Rows::PACKED {
             check_packed(ty, 3, 3, 150, 64, [Mask::None, Mask::Causal { t: 1, start: 149 }]);
             check_packed(ty, 2, 2 * 7, 70, 32, [Mask::None, Mask::Causal { t: 7, start: 63 }]);
+            check_packed(ty, 3, 3, 3 * SPLIT_KEYS + 40, 64, [Mask::None, Mask::Causal { t: 1, start: 3 * SPLIT_KEYS + 39 }]);
         }
     }
 
@@ -940,8 +1038,8 @@ mod tests {
         }
         #[target_feature(enable = "avx512f")]
         fn both(head: &Head, q: &[f32], r0: usize, one: &mut [f32], wide: &mut [f32]) {
-            block_generic::<true, false>(head, q, r0, one);
-            block_generic::<true, true>(head, q, r0, wide);
+            block_generic::<true, false>(head, q, r0, one, None);
+            block_generic::<true, true>(head, q, r0, wide, None);
         }
         let (keys, d) = (150, 80);
         let (k, v, q) = (crate::check::values(keys * d, 2), crate::check::values(keys * d, 3), crate::check::values(R * d, 1));
@@ -952,7 +1050,7 @@ mod tests {
         let f16 = Rows::Packed { ty: GgmlType::F16, bytes: &packed, stride: d * 2 };
         for v in [Rows::F32(&v), f16] {
             for (r0, mask) in [(0, Mask::None), (3, Mask::Causal { t: 8, start: keys - 8 }), (0, Mask::Causal { t: keys, start: 0 })] {
-                let head = Head { keys_by: KeysBy::Transposed { kt: &kt, kp }, v, d, keys, scale: 0.3, mask };
+                let head = Head { keys_by: KeysBy::Transposed { kt: &kt, kp }, v, d, first: 0, keys, scale: 0.3, mask };
                 let (mut one, mut wide) = (vec![0f32; R * d], vec![0f32; R * d]);
                 // SAFETY: the feature was just detected.
                 unsafe { both(&head, &q, r0, &mut one, &mut wide) };
@@ -972,9 +1070,9 @@ mod tests {
         let kh = vidllm_core::ggml::dequantize(GgmlType::F16, &kq, keys * d);
         for (keys_by, kf) in [(Rows::F32(&k), &k), (Rows::Packed { ty: GgmlType::F16, bytes: &kq, stride: d * 2 }, &kh)] {
             for (n, mask) in [(1, Mask::None), (R, Mask::Causal { t: R, start: keys - R })] {
-                let head = Head { keys_by: KeysBy::Rows(keys_by), v: Rows::F32(&v), d, keys, scale: 0.3, mask };
+                let head = Head { keys_by: KeysBy::Rows(keys_by), v: Rows::F32(&v), d, first: 0, keys, scale: 0.3, mask };
                 let mut out = vec![0f32; n * d];
-                block_generic::<false, false>(&head, &q[..n * d], 0, &mut out);
+                block_generic::<false, false>(&head, &q[..n * d], 0, &mut out, None);
                 for i in 0..n {
                     let seen = mask.visible(i, keys);
                     let s: Vec<f64> =
@@ -987,6 +1085,34 @@ mod tests {
                         let g = out[i * d + c] as f64;
                         assert!((g - want).abs() < 1e-5 * want.abs().max(1.0), "{keys_by:?} {mask:?} row {i} [{c}]: {g} vs {want}");
                     }
+                }
+            }
+        }
+    }
+
+    /// One run of a split decode step on the portable path (WebAssembly): keys from
+    /// `first`, weights left unnormalised, against f64 with the run's own top.
+    #[test]
+    fn portable_runs_match_f64() {
+        let (keys, d, first) = (300, 64, 130);
+        let (k, v, q) = (crate::check::values(keys * d, 2), crate::check::values(keys * d, 3), crate::check::values(R * d, 1));
+        for (n, mask) in [(1, Mask::None), (R, Mask::Causal { t: R, start: keys - R })] {
+            let head = Head { keys_by: KeysBy::Rows(Rows::F32(&k)), v: Rows::F32(&v), d, first, keys, scale: 0.3, mask };
+            let (mut out, mut tops) = (vec![0f32; n * d], [[0f32; 2]; R]);
+            block_generic::<false, false>(&head, &q[..n * d], 0, &mut out, Some(&mut tops));
+            for i in 0..n {
+                let s: Vec<f64> = (first..mask.visible(i, keys))
+                    .map(|j| (0..d).map(|c| q[i * d + c] as f64 * k[j * d + c] as f64).sum::<f64>() * 0.3)
+                    .collect();
+                let top = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                assert!((tops[i][0] as f64 - top).abs() < 1e-5 * top.abs().max(1.0), "row {i}: top {} vs {top}", tops[i][0]);
+                let e: Vec<f64> = s.iter().map(|x| (x - tops[i][0] as f64).exp()).collect();
+                let z: f64 = e.iter().sum();
+                assert!((tops[i][1] as f64 - z).abs() < 1e-5 * z, "row {i}: sum {} vs {z}", tops[i][1]);
+                for c in 0..d {
+                    let want: f64 = e.iter().enumerate().map(|(j, e)| e * v[(first + j) * d + c] as f64).sum();
+                    let g = out[i * d + c] as f64;
+                    assert!((g - want).abs() < 1e-5 * want.abs().max(z), "{mask:?} row {i} [{c}]: {g} vs {want}");
                 }
             }
         }
@@ -1119,7 +1245,7 @@ mod speed {
         let (heads, rows, d) = (3, 3, 64);
         let pool = rayon::ThreadPoolBuilder::new().use_current_thread().build().unwrap();
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
-            for keys in [64, 256, 1024] {
+            for keys in [64, 256, 1024, 2048] {
                 let q = crate::check::values(heads * rows * d, 3);
                 let kv: Vec<Vec<f32>> = (0..2 * heads).map(|i| crate::check::values(keys * d, 5 + i as u64)).collect();
                 let packed: Vec<Vec<u8>> = kv.iter().map(|x| vidllm_core::ggml::quantize(ty, x)).collect();

@@ -167,7 +167,7 @@ fn greedy<'a>(model: &Rc<Model>, tok: &Rc<Tokenizer>, cases: impl IntoIterator<I
     let mut total = 0;
     for c in cases.into_iter().filter(|c| c.kind == "chat") {
         let clear = (0..c.continuation.len()).take_while(|&i| c.margin(c.tokens.len() - 1 + i) >= MARGIN).count();
-        let mut conv = Conversation::new(model.clone(), tok.clone(), 256);
+        let mut conv = Conversation::new(model.clone(), tok.clone(), (c.tokens.len() + c.continuation.len()).max(256));
         conv.set_kv(kv).unwrap();
         conv.ask(Prompt::Tokens(&c.tokens), GenerateParams { max_tokens: clear, ..Default::default() }).unwrap();
         let got = conv.answer(|_| true).unwrap().tokens;

@@ -42,7 +42,7 @@ fn batched_greedy_decoding_equals_llama_cpp_on_every_device() {
         let (mut step, mut widest) = (0, 0);
         loop {
             if let Some(c) = cases.get(convs.len()) {
-                let mut conv = Conversation::new(model.clone(), tok.clone(), 128);
+                let mut conv = Conversation::new(model.clone(), tok.clone(), (c.tokens.len() + c.continuation.len()).max(128));
                 conv.ask(Prompt::Tokens(&c.tokens), GenerateParams { max_tokens: c.continuation.len(), ..Default::default() }).unwrap();
                 convs.push(Some(conv));
             }

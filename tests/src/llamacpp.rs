@@ -40,9 +40,10 @@ impl Case {
     }
 
     /// Run on `device`: every case on the CPU; on a software GPU the short raw prompt,
-    /// the multi-byte one and one chat turn (see `every_case_on`).
+    /// the multi-byte one, one chat turn and the long chat turn (568 tokens: decode steps
+    /// that attend to hundreds of keys) (see `every_case_on`).
     pub fn runs_on(&self, device: &str) -> bool {
-        every_case_on(device) || ["plain", "unicode", "chat_question"].contains(&self.name.as_str())
+        every_case_on(device) || ["plain", "unicode", "chat_question", "chat_timetable"].contains(&self.name.as_str())
     }
 }
 

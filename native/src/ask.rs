@@ -285,7 +285,7 @@ fn load_options(a: &AskArgs, encoders: &[Picked]) -> Result<LoadOptions> {
     Ok(LoadOptions {
         lora_alpha: a.lora_alpha,
         pool,
-        encoder_placements: encoders.iter().map(|p| p.placement()).collect(),
+        encoder_placements: encoders.iter().map(|p| a.storage.placement(p)).collect::<Result<_>>()?,
         ..Default::default()
     })
 }
@@ -299,7 +299,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let t_load = Instant::now();
-    let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), &a.storage, opts, &picked.placement(), progress)?;
+    let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), &a.storage, opts, &a.storage.placement(&picked)?, progress)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let pcfg = folder.pre;
     let policy = a.sampling.policy_or(folder.sampling)?;

@@ -343,8 +343,8 @@ impl Engine {
         let t0 = Instant::now();
         let (model, tok, frames, device_name) = if runtime::is_video_model(&m.model, cfg.mmproj.as_deref())? {
             let picked = pick(m.device)?;
-            let folder =
-                runtime::load_video(&m.model, cfg.mmproj.as_deref(), &m.storage, LoadOptions::default(), &picked.placement(), progress)?;
+            let at = m.storage.placement(&picked)?;
+            let folder = runtime::load_video(&m.model, cfg.mmproj.as_deref(), &m.storage, LoadOptions::default(), &at, progress)?;
             let prep = FramePrep { pre: folder.pre, default: folder.sampling, device: picked.device };
             (Rc::new(Model::Video(folder.model)), Rc::new(folder.tok), Some(prep), picked.name)
         } else {

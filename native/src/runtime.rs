@@ -46,9 +46,10 @@ pub fn load(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     config_from_gguf(&g).with_context(|| format!("loading {}", args.model))?;
     let tok = Tokenizer::from_gguf(&g).context("building the tokenizer")?;
     let picked = device::pick(args.device)?;
+    let placement = args.storage.placement(&picked)?;
     let model = progress.loading(&args.model, |on_read| {
         g.on_read(on_read);
-        load_llama(&g, &picked.placement())
+        load_llama(&g, &placement)
     });
     let model = model.with_context(|| format!("loading {}", args.model))?;
     Ok(Loaded::text(model, tok, picked.name, args, t0, g.file_len()))
@@ -79,8 +80,8 @@ fn load_folder(args: &ModelArgs, progress: Progress) -> Result<Loaded> {
     let file_bytes = files.weight_files().with_context(loading)?.iter().filter_map(|f| dir.join(f).metadata().ok()).map(|m| m.len()).sum();
     let picked = device::pick(args.device)?;
     let quant = args.storage.quant.unwrap_or(QuantChoice::Q4_1);
-    let (model, tok) =
-        progress.loading(&args.model, |on_read| files.load_text(quant, &picked.placement(), Some(on_read))).with_context(loading)?;
+    let placement = args.storage.placement(&picked)?;
+    let (model, tok) = progress.loading(&args.model, |on_read| files.load_text(quant, &placement, Some(on_read))).with_context(loading)?;
     Ok(Loaded::text(model, tok, picked.name, args, t0, file_bytes))
 }
 

@@ -104,8 +104,9 @@ pub fn run(a: WatchArgs) -> Result<()> {
     let device = picked.device.clone();
     let progress = Progress::new(a.json);
     let encoders = a.answer.encoder_devices()?;
-    let opts = LoadOptions { encoder_placements: encoders.iter().map(|p| p.placement()).collect(), ..Default::default() };
-    let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), &a.storage, opts, &picked.placement(), progress)?;
+    let encoder_placements = encoders.iter().map(|p| a.storage.placement(p)).collect::<Result<_>>()?;
+    let opts = LoadOptions { encoder_placements, ..Default::default() };
+    let folder = runtime::load_video(&a.model, a.mmproj.as_deref(), &a.storage, opts, &a.storage.placement(&picked)?, progress)?;
     let (pcfg, tok) = (folder.pre, Rc::new(folder.tok));
     let model = Rc::new(Model::Video(folder.model));
     let vm = model.video().expect("a video-language model was loaded");

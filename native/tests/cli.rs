@@ -157,6 +157,29 @@ fn chat_on_qwen_files_and_folders() {
     assert_clean_failure(&["chat", "--model", &video, "--prompt", "hi", "--device", "cpu"], "not name a text model");
 }
 
+/// `--activations int8` runs a GGUF file and a folder on the CPU; an unknown precision is
+/// refused by name, and on a GPU (whose kernels take f32 activations) the flag is an error.
+#[test]
+fn activations_flag() {
+    for model in ["tiny_qwen2.Q8_0.gguf", "tiny_qwen3"] {
+        let path = fixture(model);
+        let (ok, out, err) =
+            run(&["chat", "--model", &path, "--prompt", "hi", "--max-tokens", "3", "--device", "cpu", "--activations", "int8", "--json"]);
+        assert!(ok, "{model}: {err}");
+        let v: Json = serde_json::from_str(out.trim()).unwrap();
+        assert!(!v["tokens"].as_array().unwrap().is_empty(), "{model}: {out}");
+    }
+    let gguf = fixture("tiny_qwen2.Q8_0.gguf");
+    let (ok, _, err) = run(&["chat", "--model", &gguf, "--prompt", "hi", "--device", "cpu", "--activations", "int4"]);
+    assert!(!ok && err.contains("unknown activation precision \"int4\" (int16, int8)") && !err.contains("panicked"), "{err}");
+    if !std::env::var("VIDLLM_TEST_NO_GPU").is_ok_and(|v| v == "1") {
+        assert_clean_failure(
+            &["chat", "--model", &gguf, "--prompt", "hi", "--device", "gpu", "--activations", "int8"],
+            "--activations applies to the cpu backend",
+        );
+    }
+}
+
 #[test]
 fn qwen2_file_without_a_bias_names_the_tensor() {
     // Qwen2 always has q/k/v biases: a file without one is broken, not a LLaMA.

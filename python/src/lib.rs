@@ -50,13 +50,15 @@ impl Model {
     /// Load a model: a GGUF file (with `mmproj=` for llama.cpp's vision file), or a
     /// Hugging Face folder (text or video-language). `device` is "auto", "gpu" or "cpu";
     /// `quant` a folder's decoder storage (q4_0, q4_1, q8_0, f16, f32); `vision_quant` its
-    /// vision towers' (f32, q8_0; default f32); `ctx` the tokens of
+    /// vision towers' (f32, q8_0; default f32); `activations` how the CPU's quantised
+    /// products quantise activations (int16, the default; int8, llama.cpp's arithmetic,
+    /// faster prefill and towers); `ctx` the tokens of
     /// context per sequence; `kv` what the KV cache keeps keys and values in (auto, f32,
     /// f16, q8_0, q4_0; auto: f16 where the decoder's heads are whole 32-value blocks, else
     /// f32); `parallel` the requests decoded together; `queue` the
     /// requests that may wait beyond those (a full queue raises at once).
     #[staticmethod]
-    #[pyo3(signature = (path, *, device = "auto", mmproj = None, quant = None, vision_quant = None, ctx = None, kv = "auto", parallel = 1, queue = 64, media_cache = 8))]
+    #[pyo3(signature = (path, *, device = "auto", mmproj = None, quant = None, vision_quant = None, activations = "int16", ctx = None, kv = "auto", parallel = 1, queue = 64, media_cache = 8))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
@@ -65,6 +67,7 @@ impl Model {
         mmproj: Option<std::path::PathBuf>,
         quant: Option<&str>,
         vision_quant: Option<&str>,
+        activations: &str,
         ctx: Option<usize>,
         kv: &str,
         parallel: usize,
@@ -75,9 +78,16 @@ impl Model {
         let quant = quant.map(|q| q.parse::<QuantChoice>()).transpose().map_err(|e| PyValueError::new_err(format!("quant: {e}")))?;
         let vision_quant =
             vision_quant.map(|q| q.parse::<TowerWeights>()).transpose().map_err(|e| PyValueError::new_err(format!("vision_quant: {e}")))?;
+        let activations = activations.parse().map_err(|e| PyValueError::new_err(format!("activations: {e}")))?;
         let kv = kv.parse().map_err(|e| PyValueError::new_err(format!("kv: {e}")))?;
         let args = EngineArgs {
-            model: ModelArgs { model: path.to_string_lossy().into_owned(), storage: StorageArgs { quant, vision_quant }, device, ctx, kv },
+            model: ModelArgs {
+                model: path.to_string_lossy().into_owned(),
+                storage: StorageArgs { quant, vision_quant, activations },
+                device,
+                ctx,
+                kv,
+            },
             mmproj: mmproj.map(|p| p.to_string_lossy().into_owned()),
             parallel,
             media_cache,

@@ -73,6 +73,16 @@ def test_vision_quant_answer_equals_ask():
         vidllm.Model.load(TINY_VIDEO_LLAVA, device="cpu", vision_quant="q4_0")
 
 
+def test_int8_activations_answer_equals_ask():
+    # 8-bit activations (llama.cpp's arithmetic): the same answer as `ask --activations int8`.
+    args = ["--device", "cpu", "--vision-quant", "q8_0", "--activations", "int8", "--json", "--max-tokens", "6"]
+    expected = cli_json("ask", *args, "--prompt", "What happens?", "--model", TINY_VIDEO_LLAVA, "--video", CLIP)
+    with vidllm.Model.load(TINY_VIDEO_LLAVA, device="cpu", vision_quant="q8_0", activations="int8") as m:
+        assert m.ask(CLIP, "What happens?", max_tokens=6).result()["text"] == expected["text"]
+    with pytest.raises(ValueError, match="activations"):
+        vidllm.Model.load(TINY_VIDEO_LLAVA, device="cpu", activations="int4")
+
+
 def test_concurrent_requests_equal_sequential(smollm2):
     alone = {q: smollm2.ask(None, q, max_tokens=16).text for q in QUESTIONS[:2]}
     together = {}

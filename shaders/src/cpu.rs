@@ -24,7 +24,7 @@ use vidllm_core::ggml::{GgmlType, QK, dequant_block};
 use crate::QuantOps;
 use crate::block::ty_from_id;
 use crate::cpu_attention::Rows;
-use crate::cpu_int::{self, IntActs};
+use crate::cpu_int::{self, ActBits, IntActs};
 use crate::{cpu_gemm, cpu_gemv};
 
 /// Rows of `x` sharing one decode of a weight block.
@@ -245,6 +245,7 @@ impl QuantOps for Flex {
         if m <= 1 {
             return Self::q_matmul(x, words, ty, n, k, kernels);
         }
+        let bits = ActBits::from_kernels(kernels);
         let ty = ty_from_id(ty);
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul_rows: x must be f32");
@@ -254,7 +255,7 @@ impl QuantOps for Flex {
             if !cpu_int::takes_integer_path(ty) {
                 return q_matmul_decoded(ty, rows, w, g, n, k);
             }
-            let acts = IntActs::quantize(rows, k);
+            let acts = IntActs::quantize_to(rows, k, bits);
             if cpu_gemv::available() {
                 return cpu_gemv::matvec(ty, w, n, &acts);
             }
@@ -264,8 +265,9 @@ impl QuantOps for Flex {
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
-    /// `kernels` names wgpu's kernels: the CPU has one set.
-    fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize, _kernels: u32) -> FlexTensor {
+    /// `kernels` names wgpu's kernels (the CPU has one set) and, here, the activations'
+    /// precision ([`ActBits::from_kernels`]).
+    fn q_matmul(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize, kernels: u32) -> FlexTensor {
         let ty = ty_from_id(ty);
         let m = x.layout().shape().num_elements() / k;
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
@@ -275,7 +277,7 @@ impl QuantOps for Flex {
         }
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let y = if integer {
-            let acts = IntActs::quantize(&x, k);
+            let acts = IntActs::quantize_to(&x, k, ActBits::from_kernels(kernels));
             if m >= cpu_gemm::MIN_ROWS && cpu_gemm::available() {
                 return FlexTensor::from_data(TensorData::new(cpu_gemm::matmul(ty, w, n, &acts), [m, n]));
             }

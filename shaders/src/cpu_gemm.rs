@@ -123,7 +123,7 @@ pub(crate) mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_int::takes_integer_path;
+    use crate::cpu_int::{ActBits, takes_integer_path};
 
     /// Every kernel the processor runs, every block type, shapes with ragged tiles and
     /// panels and several tasks: each value equals the f64 product of the dequantised weights with
@@ -135,18 +135,51 @@ mod tests {
             let (m, n, k) = (133, 38, 2 * vidllm_core::ggml::QK_K);
             let w = crate::check::weight(ty, n, k, 3);
             let x = crate::check::values(m * k, 4);
-            let acts = IntActs::quantize(&x, k);
-            let (xq, wf) = (acts.dequantize(), vidllm_core::ggml::dequantize(ty, &w, n * k));
-            let y = matmul_on(kernel, ty, &w, n, &acts);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k).map(|t| xq[i * k + t] as f64 * wf[j * k + t] as f64).sum();
-                    let got = y[i * n + j];
-                    let mag = want.abs().max(1.0) as f32;
-                    assert!(
-                        crate::check::within_rounding((got - want as f32).abs(), mag, k),
-                        "{kernel:?} {ty:?} y[{i}, {j}]: {got} vs {want}"
-                    );
+            for bits in [ActBits::Int16, ActBits::Int8] {
+                let acts = IntActs::quantize_to(&x, k, bits);
+                let (xq, wf) = (acts.dequantize(), vidllm_core::ggml::dequantize(ty, &w, n * k));
+                let y = matmul_on(kernel, ty, &w, n, &acts);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|t| xq[i * k + t] as f64 * wf[j * k + t] as f64).sum();
+                        let got = y[i * n + j];
+                        let mag = want.abs().max(1.0) as f32;
+                        assert!(
+                            crate::check::within_rounding((got - want as f32).abs(), mag, k),
+                            "{kernel:?} {ty:?} {bits:?} y[{i}, {j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// At 8 bits the AVX-512 kernel multiplies bytes (`vpdpbusd`); its integer sums equal
+    /// the i16 panels' on the same codes, so every value does to the bit, except where the
+    /// byte kernel adds a 32's offsets once (the types whose halves share them): there to
+    /// f32 rounding. Rows of 576 (18 blocks: a run of two blocks left half full) and of 1,536.
+    #[test]
+    fn byte_panels_equal_word_panels() {
+        for kernel in lanes::kernels() {
+            for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t)) {
+                for k in [576usize, 1536] {
+                    if !k.is_multiple_of(ty.block_elems()) {
+                        continue;
+                    }
+                    let (m, n) = (37, 70);
+                    let w = crate::check::weight(ty, n, k, 5);
+                    let bytes = IntActs::quantize_to(&crate::check::values(m * k, 6), k, ActBits::Int8);
+                    let words = IntActs { bytes: None, qs: bytes.qs.clone(), d: bytes.d.clone(), dsums: bytes.dsums.clone(), k };
+                    let (got, want) = (matmul_on(kernel, ty, &w, n, &bytes), matmul_on(kernel, ty, &w, n, &words));
+                    let merged = vidllm_core::with_block!(ty, B => <B as crate::cpu_int::IntCodes>::OFFSET && <B as crate::cpu_int::IntCodes>::SHARED32, else false);
+                    if !merged || !matches!(kernel, lanes::Kernel::Avx512Vnni) {
+                        assert_eq!(got, want, "{kernel:?} {ty:?} k {k}");
+                        continue;
+                    }
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(crate::check::within_rounding((g - w).abs(), w.abs(), k), "{kernel:?} {ty:?} k {k}: {g} vs {w}");
+                    }
+                    assert_ne!(got, want, "{ty:?}: the offsets were to be added per 32");
                 }
             }
         }
@@ -163,18 +196,20 @@ mod speed {
     #[ignore]
     fn prefill_product_speed() {
         // `M=16` and the like time short prompts' products; `TYPE=q5_0` one type; `REPS=200`
-        // for a profile.
+        // for a profile; `BITS=8` 8-bit activations; `N=3072 K=768` other shapes.
         let m = std::env::var("M").ok().and_then(|m| m.parse().ok()).unwrap_or(512);
-        let (n, k) = (1536, 576);
+        let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        let (n, k) = (env("N", 1536), env("K", 576));
         let only = std::env::var("TYPE").ok();
         let reps = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
         for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
             if only.as_deref().is_some_and(|t| t != ty.name()) {
                 continue;
             }
-            let kk = if ty.block_elems() == 32 { k } else { 1536 };
+            let kk = if ty.block_elems() == 32 { k } else { env("K", 1536).next_multiple_of(256) };
             let w = crate::check::weight(ty, n, kk, 3);
-            let acts = IntActs::quantize(&crate::check::values(m * kk, 4), kk);
+            let bits = if std::env::var("BITS").as_deref() == Ok("8") { crate::cpu_int::ActBits::Int8 } else { Default::default() };
+            let acts = IntActs::quantize_to(&crate::check::values(m * kk, 4), kk, bits);
             for kernel in lanes::kernels() {
                 let best = (0..reps)
                     .map(|_| {

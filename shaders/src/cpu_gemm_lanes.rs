@@ -28,6 +28,15 @@
 //! within a slot they fit i32 (at most 32 products of a code below 256 and an activation
 //! below 2^15, under 2^28), and each slot is scaled in f32.
 //!
+//! With 8-bit activations (`ActBits::Int8`) the AVX-512 tile takes *byte panels*: four
+//! codes of a row to a word, unsigned (signed codes plus 128), against four activation
+//! bytes broadcast, by `vpdpbusd`; a slot's sum then loses `128 sum q` for the signed
+//! types. The integer sums are the i16 panels' (`cpu_gemm::tests::byte_panels_equal_word_panels`);
+//! the types whose two halves of 32 share one offset add it once per 32 (a fifth of
+//! Q4_1's instructions were the offsets). One thread, 512 x 1536 x 576 (K types x 1536),
+//! multiply-adds a ns, 8-bit against 16-bit: Q4_1 144 / 87, Q5_0 141 / 86, Q8_0 156 / 97,
+//! Q4_K 138 / 87, Q6_K 112 / 63. AVX2 reads the same codes from the i16 panels.
+//!
 //! A band is widened once per task (`cpu_gemm` makes tasks as tall as the product): the
 //! 16 rows of a panel are decoded side by side and their pairs transposed 16 x 16 in
 //! registers. Scattering each pair to its lane, with 128-row tasks, took a fifth of a
@@ -35,7 +44,8 @@
 //!
 //! # Shapes
 //! - a band of `nw` weight rows is widened to `ceil(nw / 32)` pairs of panels; a panel is
-//!   `[k / 2, 16]` i32 (two i16 codes each, elements `2t`, `2t + 1` of lane `l`'s row)
+//!   `[k / 2, 16]` i32 (two i16 codes each, elements `2t`, `2t + 1` of lane `l`'s row), or
+//!   with bytes `[ceil(k / 64) * 16, 16]` i32 (four codes each, zero past `k`)
 //! - scales: `[panels, slots, 16]`; offsets: `[panels, k / 16, 16]`
 
 use std::ops::Range;
@@ -130,11 +140,16 @@ struct Dest {
 
 /// One register tile's operands: `NP` panels against `RA` activation rows.
 struct Tile<const RA: usize> {
-    /// The tile's first panel; the next one follows it (`k / 2 * 16` words on).
+    /// The tile's first panel; the next one follows it (`kw * 16` words on).
     w: *const i32,
     k: usize,
+    /// Words of a panel's row: `k` codes, padded to whole transposes.
+    kw: usize,
     /// `RA` rows of `k` activations, their `d` per chunk of 32 and `d sum q` per 16.
     x: [*const i16; RA],
+    /// At 8 bits, the same codes as bytes and their integer sums per 16 (else dangling).
+    x8: [*const i8; RA],
+    xsums: [*const i32; RA],
     xd: [*const f32; RA],
     dsums: [*const f32; RA],
     /// The first panel's scales per slot, and offsets per 16 (dangling for the types
@@ -146,7 +161,7 @@ struct Tile<const RA: usize> {
 /// The task's loops, inlined into each instruction set's `task`: widen the band, then
 /// sweep it with tiles of `NP` panels x `RA` activation rows.
 #[inline(always)]
-fn task_body<B: IntCodes, const RA: usize, const NP: usize>(
+fn task_body<B: IntCodes, C: PanelCode, const RA: usize, const NP: usize>(
     wband: &[u8],
     nw: usize,
     acts: &IntActs,
@@ -158,16 +173,21 @@ fn task_body<B: IntCodes, const RA: usize, const NP: usize>(
     let k = acts.k;
     let (nch, ng, slots) = (k / QB, k / G, k / slot_len::<B>());
     let mut panels = PANELS.take();
-    widen::<B>(wband, nw, k, &mut panels, transpose);
+    let kw = widen::<B, C>(wband, nw, k, &mut panels, transpose);
+    let bytes = acts.bytes.as_ref().filter(|_| C::PER_WORD == 4);
+    assert!(C::PER_WORD == 2 || bytes.is_some(), "cpu_gemm_lanes: byte panels need 8-bit activations");
     for i0 in rows.clone().step_by(RA) {
         // Rows past the end repeat the last one; their results are dropped.
         let xi: [usize; RA] = std::array::from_fn(|i| (i0 + i).min(rows.end - 1));
         for (t, j0) in (0..nw).step_by(NP * LANES).enumerate() {
             let p0 = t * NP;
             let operands = Tile {
-                w: panels.codes[p0 * k / 2 * LANES..].as_ptr(),
+                w: panels.codes[p0 * kw * LANES..].as_ptr(),
                 k,
+                kw,
                 x: xi.map(|x| acts.qs[x * k..].as_ptr()),
+                x8: xi.map(|x| bytes.map_or(std::ptr::null(), |b| b.qs[x * k..].as_ptr())),
+                xsums: xi.map(|x| bytes.map_or(std::ptr::null(), |b| b.sums[x * ng..].as_ptr())),
                 xd: xi.map(|x| acts.d[x * nch..].as_ptr()),
                 dsums: xi.map(|x| acts.dsums[x * ng..].as_ptr()),
                 scale: panels.scale[p0 * slots * LANES..].as_ptr(),
@@ -181,44 +201,78 @@ fn task_body<B: IntCodes, const RA: usize, const NP: usize>(
     PANELS.set(panels);
 }
 
+/// A code as a panel holds it: `i16` (two to a word, for `vpdpwssd` / `vpmaddwd`) or
+/// `u8` (four to a word, for `vpdpbusd`, whose code operand is unsigned: signed codes are
+/// stored plus 128, and the kernel takes `128 sum q` off each slot's sum).
+pub(crate) trait PanelCode: Copy + Default {
+    const PER_WORD: usize;
+    fn from_code(c: u8, signed: bool) -> Self;
+}
+
+impl PanelCode for i16 {
+    const PER_WORD: usize = 2;
+    #[inline(always)]
+    fn from_code(c: u8, signed: bool) -> Self {
+        if signed { c as i8 as i16 } else { c as i16 }
+    }
+}
+
+impl PanelCode for u8 {
+    const PER_WORD: usize = 4;
+    #[inline(always)]
+    fn from_code(c: u8, signed: bool) -> Self {
+        if signed { c ^ 0x80 } else { c }
+    }
+}
+
 /// The band's blocks decoded into panels; rows past `nw` (up to a whole tile) are zero.
+/// Returns the words of a panel's row (`kw`): `k` codes padded to whole transposes of
+/// 16 words (the padding is zero).
 ///
-/// Per panel and column of blocks, the 16 rows' blocks are decoded side by side (codes to
-/// i16, contiguous), then turned into the panel's layout by 16 x 16 transposes of their
-/// pairs (`transpose`).
+/// Per panel and run of blocks, the 16 rows' blocks are decoded side by side (codes
+/// contiguous), then turned into the panel's layout by 16 x 16 transposes of their words
+/// (`transpose`). A run is a block, or two 32-element blocks where a transpose takes 64
+/// byte codes.
 #[inline(always)]
-fn widen<B: IntCodes>(wband: &[u8], nw: usize, k: usize, panels: &mut Panels, transpose: impl Fn([*const i32; LANES], *mut i32)) {
+fn widen<B: IntCodes, C: PanelCode>(
+    wband: &[u8],
+    nw: usize,
+    k: usize,
+    panels: &mut Panels,
+    transpose: impl Fn([*const i32; LANES], *mut i32),
+) -> usize {
     let npanels = nw.div_ceil(TILE_ROWS) * TILE_ROWS / LANES;
     let (gpb, spb) = (B::ELEMS / G, B::ELEMS / slot_len::<B>());
     let (slots, ng, row_blocks) = (k / slot_len::<B>(), k / G, k / B::ELEMS);
+    // Codes a transpose takes from each row, and a run of them.
+    let chunk = LANES * C::PER_WORD;
+    let run = B::ELEMS.max(chunk);
+    let kw = k.next_multiple_of(chunk) / C::PER_WORD;
     // Every word of the codes is written below; the small maps are zeroed for the rows
     // past the end.
-    panels.codes.resize(npanels * k / 2 * LANES, 0);
+    panels.codes.resize(npanels * kw * LANES, 0);
     panels.scale.clear();
     panels.scale.resize(npanels * slots * LANES, 0.0);
     panels.offset.clear();
     panels.offset.resize(if B::OFFSET { npanels * ng * LANES } else { 0 }, 0.0);
     let blks = blocks::<B>(wband);
     let (mut c, mut a, mut b) = ([0u8; QK_K], [0f32; QK_K / G], [0f32; QK_K / G]);
-    // The 16 rows' codes of one column of blocks, `[16, ELEMS]` i16: read as i32, each
-    // word is a pair (element 2t in the low half). Packing the pairs as words here made
+    // The 16 rows' codes of one run, `[16, run]`: read as i32, each word is a pair or a
+    // quad (the first element in the low bits). Packing the pairs as words here made
     // Q5_0's decode half as fast as Q4_1's.
-    let mut rows = [[0i16; QK_K]; LANES];
+    let mut rows = [[C::default(); QK_K]; LANES];
     for p in 0..npanels {
         let live = nw.saturating_sub(p * LANES).min(LANES);
         for col in 0..row_blocks {
+            let at = col * B::ELEMS % run;
             for (l, row) in rows.iter_mut().enumerate() {
-                let row = &mut row[..B::ELEMS];
+                let row = &mut row[at..at + B::ELEMS];
                 if l >= live {
-                    row.fill(0);
+                    row.fill(C::default());
                     continue;
                 }
                 blks[(p * LANES + l) * row_blocks + col].codes(&mut c, &mut a, &mut b);
-                if B::SIGNED {
-                    row.iter_mut().zip(&c).for_each(|(v, &c)| *v = c as i8 as i16);
-                } else {
-                    row.iter_mut().zip(&c).for_each(|(v, &c)| *v = c as i16);
-                }
+                row.iter_mut().zip(&c).for_each(|(v, &c)| *v = C::from_code(c, B::SIGNED));
                 for s in 0..spb {
                     panels.scale[(p * slots + col * spb + s) * LANES + l] = if B::SHARED32 { a[2 * s] } else { a[s] };
                 }
@@ -228,14 +282,22 @@ fn widen<B: IntCodes>(wband: &[u8], nw: usize, k: usize, panels: &mut Panels, tr
                     }
                 }
             }
-            let dst = &mut panels.codes[(p * k / 2 + col * B::ELEMS / 2) * LANES..][..B::ELEMS / 2 * LANES];
-            for (t0, dst) in (0..B::ELEMS / 2).step_by(LANES).zip(dst.chunks_exact_mut(LANES * LANES)) {
-                // 16 rows of 16 words from `t0` (ELEMS / 2 is a multiple of 16), and 256
-                // words of `dst`.
-                transpose(std::array::from_fn(|l| rows[l][2 * t0..].as_ptr() as *const i32), dst.as_mut_ptr());
+            let filled = at + B::ELEMS;
+            if filled < run && col + 1 < row_blocks {
+                continue;
+            }
+            // The run is complete (or the row ends inside it): pad to whole transposes.
+            let used = filled.next_multiple_of(chunk);
+            rows.iter_mut().for_each(|r| r[filled..used].fill(C::default()));
+            let first = (col * B::ELEMS - at) / C::PER_WORD;
+            let dst = &mut panels.codes[(p * kw + first) * LANES..][..used / C::PER_WORD * LANES];
+            for (t0, dst) in (0..used).step_by(chunk).zip(dst.chunks_exact_mut(LANES * LANES)) {
+                // 16 rows of 16 words from code `t0`, and 256 words of `dst`.
+                transpose(std::array::from_fn(|l| rows[l][t0..].as_ptr() as *const i32), dst.as_mut_ptr());
             }
         }
     }
+    kw
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -254,17 +316,15 @@ mod avx512 {
     /// AVX-512 F, BW and VNNI; `out` covers `rows.len() x nw` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: Out) {
-        task_body::<B, RA, NP>(
-            wband,
-            nw,
-            acts,
-            rows,
-            out,
-            // SAFETY: `widen`'s rows and destination; features as ours.
-            |rows, dst| unsafe { transpose16(rows, dst) },
+        // SAFETY: `widen`'s rows and destination; features as ours.
+        let transpose = |rows, dst| unsafe { transpose16(rows, dst) };
+        if acts.bytes.is_some() {
             // SAFETY: the tile's pointers cover its panels and rows; features as ours.
-            |t, d| unsafe { tile::<B>(t, d) },
-        )
+            task_body::<B, u8, RA, NP>(wband, nw, acts, rows, out, transpose, |t, d| unsafe { tile::<B, true>(t, d) })
+        } else {
+            // SAFETY: as above.
+            task_body::<B, i16, RA, NP>(wband, nw, acts, rows, out, transpose, |t, d| unsafe { tile::<B, false>(t, d) })
+        }
     }
 
     /// Write the 16 x 16 words whose rows start at `rows` to `dst` transposed: word `l` of
@@ -312,29 +372,59 @@ mod avx512 {
     /// Panel `p`'s rows against activation row `i`, 16 values of `y` per accumulator,
     /// offsets included, stored at `d`.
     ///
-    /// Per pair of elements: two panel loads, `RA` broadcasts of the activations' pair, and
-    /// `NP x RA` `vpdpwssd`.
+    /// With i16 panels, per pair of elements: two panel loads, `RA` broadcasts of the
+    /// activations' pair, and `NP x RA` `vpdpwssd`. With byte panels (`BYTES`, 8-bit
+    /// activations) the same per quad with `vpdpbusd`: twice the multiply-adds an
+    /// instruction, and the same integer sums.
     ///
     /// # Safety
-    /// AVX-512 F, BW and VNNI; the tile's pointers cover its panels and rows; `d` its
-    /// values.
+    /// AVX-512 F, BW and VNNI; the tile's pointers cover its panels and rows (at `BYTES`,
+    /// byte panels and the rows' bytes); `d` its values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile<B: IntCodes>(t: &Tile<RA>, d: Dest) {
+    unsafe fn tile<B: IntCodes, const BYTES: bool>(t: &Tile<RA>, d: Dest) {
         let k = t.k;
         let (slot_len, ng) = (slot_len::<B>(), k / G);
         let slots = k / slot_len;
         let mut acc = [[_mm512_setzero_ps(); RA]; NP];
         for s in 0..slots {
             let mut sums = [[_mm512_setzero_si512(); RA]; NP];
-            for pair in s * slot_len / 2..(s + 1) * slot_len / 2 {
-                // SAFETY: pair `pair` lies inside every panel and row.
-                unsafe {
-                    let w: [__m512i; NP] =
-                        std::array::from_fn(|p| _mm512_loadu_si512(t.w.add((p * k / 2 + pair) * LANES) as *const __m512i));
-                    for (i, &xi) in t.x.iter().enumerate() {
-                        let x = _mm512_set1_epi32((xi.add(2 * pair) as *const i32).read_unaligned());
-                        for (sums, &w) in sums.iter_mut().zip(&w) {
-                            sums[i] = _mm512_dpwssd_epi32(sums[i], w, x);
+            if BYTES {
+                for quad in s * slot_len / 4..(s + 1) * slot_len / 4 {
+                    // SAFETY: quad `quad` lies inside every panel and row.
+                    unsafe {
+                        let w: [__m512i; NP] =
+                            std::array::from_fn(|p| _mm512_loadu_si512(t.w.add((p * t.kw + quad) * LANES) as *const __m512i));
+                        for (i, &xi) in t.x8.iter().enumerate() {
+                            let x = _mm512_set1_epi32((xi.add(4 * quad) as *const i32).read_unaligned());
+                            for (sums, &w) in sums.iter_mut().zip(&w) {
+                                sums[i] = _mm512_dpbusd_epi32(sums[i], w, x);
+                            }
+                        }
+                    }
+                }
+                if B::SIGNED {
+                    // The codes were stored plus 128: sum (c + 128) q - 128 sum q.
+                    for (i, &xs) in t.xsums.iter().enumerate() {
+                        let g = s * slot_len / G;
+                        // SAFETY: the slot's groups of the row.
+                        let q = unsafe { if slot_len == QB { *xs.add(g) + *xs.add(g + 1) } else { *xs.add(g) } };
+                        let off = _mm512_set1_epi32(128 * q);
+                        for sums in sums.iter_mut() {
+                            sums[i] = _mm512_sub_epi32(sums[i], off);
+                        }
+                    }
+                }
+            } else {
+                for pair in s * slot_len / 2..(s + 1) * slot_len / 2 {
+                    // SAFETY: pair `pair` lies inside every panel and row.
+                    unsafe {
+                        let w: [__m512i; NP] =
+                            std::array::from_fn(|p| _mm512_loadu_si512(t.w.add((p * t.kw + pair) * LANES) as *const __m512i));
+                        for (i, &xi) in t.x.iter().enumerate() {
+                            let x = _mm512_set1_epi32((xi.add(2 * pair) as *const i32).read_unaligned());
+                            for (sums, &w) in sums.iter_mut().zip(&w) {
+                                sums[i] = _mm512_dpwssd_epi32(sums[i], w, x);
+                            }
                         }
                     }
                 }
@@ -350,7 +440,22 @@ mod avx512 {
                 }
             }
         }
-        if B::OFFSET {
+        if B::OFFSET && BYTES && B::SHARED32 {
+            // Both halves of a 32 share their offset: one FMA per 32 with the two halves'
+            // `d sum q` added (at 8 bits the offsets were a fifth of Q4_1's instructions).
+            for c in 0..k / QB {
+                // SAFETY: groups `2c` and `2c + 1` of every panel and row.
+                unsafe {
+                    let ds: [__m512; RA] = std::array::from_fn(|i| _mm512_set1_ps(*t.dsums[i].add(2 * c) + *t.dsums[i].add(2 * c + 1)));
+                    for (p, acc) in acc.iter_mut().enumerate() {
+                        let b = _mm512_loadu_ps(t.offset.add((p * ng + 2 * c) * LANES));
+                        for (a, &ds) in acc.iter_mut().zip(&ds) {
+                            *a = _mm512_fmadd_ps(b, ds, *a);
+                        }
+                    }
+                }
+            }
+        } else if B::OFFSET {
             for g in 0..ng {
                 // SAFETY: group `g` of every panel and row.
                 unsafe {
@@ -393,7 +498,8 @@ mod avx2 {
     /// AVX2 and FMA; `out` covers `rows.len() x nw` values.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn task<B: IntCodes>(wband: &[u8], nw: usize, acts: &IntActs, rows: Range<usize>, out: Out) {
-        task_body::<B, RA, 1>(
+        // 8-bit activations are also in `qs`: the same integer sums through i16 panels.
+        task_body::<B, i16, RA, 1>(
             wband,
             nw,
             acts,

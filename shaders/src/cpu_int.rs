@@ -24,6 +24,17 @@
 //! rounding changes (f32 to f16), against 0.003 at 16 bits, so matching llama.cpp's
 //! codes would take bit-identical inputs to every product (README, "Speed").
 //!
+//! 8 bits are a choice ([`ActBits::Int8`], `--activations int8`), not the default: the
+//! codes are llama.cpp's (`quantize_row_q8_0`'s scale, rounded to f16), kept both as i16
+//! (what every kernel above reads, so every path computes the same integers) and as bytes
+//! ([`ActBytes`]), which AVX-512 VNNI multiplies with `vpdpbusd`: 64 multiply-adds an
+//! instruction against `vpdpwssd`'s 32. Prefill's products (`cpu_gemm_lanes.rs`) went
+//! from 86-97 to 138-156 multiply-adds a ns on one Zen 4 thread, and a video's first token
+//! (whose time is prefill and the vision tower's products) about 1.4x sooner. Decode is
+//! bound by reading the weights and gains little (`cpu_vnni.rs`). SmolLM2 Q4_1 still
+//! meets llama.cpp's tokens where its lead is 0.5 (`llama_parity`), and a Q8_0 GGUF pair
+//! transformers' (`smolvlm_parity`); the parity tests hold the 16-bit default.
+//!
 //! What this computes is exact for the quantised activations: the result equals the f64
 //! product of the dequantised weights with [`IntActs::dequantize`] up to f32 rounding
 //! (`tests/tests/kernels.rs` checks that bound).
@@ -45,6 +56,9 @@ pub(crate) const G: usize = 16;
 const MC: usize = 8;
 /// The largest activation code.
 const Q_MAX: f32 = 32767.0;
+/// `x + ROUNDER - ROUNDER` is `x` rounded to the nearest integer, ties to even, in f32's
+/// default rounding, for `|x| <= 2^22`.
+const ROUNDER: f32 = 12582912.0;
 
 /// `m` rows of `k` activations quantised to 16 bits in blocks of [`QB`].
 ///
@@ -56,6 +70,62 @@ pub struct IntActs {
     pub(crate) qs: Vec<i16>,
     pub(crate) d: Vec<f32>,
     pub(crate) dsums: Vec<f32>,
+    /// At [`ActBits::Int8`], the codes again as bytes (they fit) with their integer sums,
+    /// for the kernels that multiply bytes (`vpdpbusd`); the others read `qs`.
+    pub(crate) bytes: Option<ActBytes>,
+}
+
+/// The 8-bit codes of [`IntActs`] as bytes.
+///
+/// # Shapes
+/// - `qs`: `[m * k]`; `sums`: `[m * k / 16]` (the sum of `qs` per 16)
+pub(crate) struct ActBytes {
+    pub(crate) qs: Vec<i8>,
+    pub(crate) sums: Vec<i32>,
+}
+
+/// How finely the integer path quantises a row of activations: each block of 32 values
+/// becomes a scale and 32 codes of this many bits.
+///
+/// - `Int16` (the default): codes up to 32767, within `max|x| / 65534` of each value;
+///   products close to the f32 ones, which is what the parity tests hold every backend to.
+/// - `Int8`: llama.cpp's activations (`quantize_row_q8_0` / `_q8_1`, a scale rounded to
+///   f16): codes up to 127, and the kernels that multiply bytes do twice the
+///   multiply-adds an instruction (AVX-512 VNNI's `vpdpbusd` against `vpdpwssd`), which
+///   is what prefill and the vision towers are bound by. The error per value grows to
+///   `max|x| / 254` (see the module's doc for what that does to tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActBits {
+    #[default]
+    Int16,
+    Int8,
+}
+
+impl ActBits {
+    /// The flag this setting adds to a product's `kernels` id (`QuantOps::q_matmul`).
+    pub const INT8_FLAG: u32 = 1 << 8;
+
+    pub fn flag(self) -> u32 {
+        match self {
+            Self::Int16 => 0,
+            Self::Int8 => Self::INT8_FLAG,
+        }
+    }
+
+    pub fn from_kernels(kernels: u32) -> Self {
+        if kernels & Self::INT8_FLAG != 0 { Self::Int8 } else { Self::Int16 }
+    }
+}
+
+impl std::str::FromStr for ActBits {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "int16" => Ok(Self::Int16),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!("unknown activation precision {other:?} (int16, int8)")),
+        }
+    }
 }
 
 impl IntActs {
@@ -63,6 +133,14 @@ impl IntActs {
     /// `quantize_row_q8_0` does to 8 (but ties round to even, not away from zero). Long
     /// inputs (prefill) are split over the thread pool.
     pub fn quantize(x: &[f32], k: usize) -> Self {
+        Self::quantize_to(x, k, ActBits::Int16)
+    }
+
+    /// [`IntActs::quantize`] at `bits`.
+    pub fn quantize_to(x: &[f32], k: usize, bits: ActBits) -> Self {
+        if bits == ActBits::Int8 {
+            return Self::quantize8(x, k);
+        }
         assert!(k.is_multiple_of(QB) && x.len().is_multiple_of(k), "IntActs: rows of a multiple of 32");
         let mut qs = vec![0i16; x.len()];
         let mut d = vec![0f32; x.len() / QB];
@@ -79,7 +157,31 @@ impl IntActs {
         } else {
             quantize_blocks(x, &mut qs, &mut d, &mut dsums);
         }
-        IntActs { k, qs, d, dsums }
+        IntActs { k, qs, d, dsums, bytes: None }
+    }
+
+    /// 8-bit codes as llama.cpp's x86 `quantize_row_q8_0` / `_q8_1` make them: `d =
+    /// max|x| / 127` rounded to f16 (the scale the products use), codes `x * 127 / max|x|`
+    /// rounded to nearest, ties to even. Written to vectorise; long inputs are split over
+    /// the thread pool.
+    fn quantize8(x: &[f32], k: usize) -> Self {
+        assert!(k.is_multiple_of(QB) && x.len().is_multiple_of(k), "IntActs: rows of a multiple of 32");
+        let (mut qs, mut q8) = (vec![0i16; x.len()], vec![0i8; x.len()]);
+        let (mut d, mut dsums, mut sums) = (vec![0f32; x.len() / QB], vec![0f32; x.len() / G], vec![0i32; x.len() / G]);
+        const TASK: usize = 256;
+        if x.len() >= 4 * TASK * QB {
+            use rayon::prelude::*;
+            x.par_chunks(TASK * QB)
+                .zip(qs.par_chunks_mut(TASK * QB))
+                .zip(q8.par_chunks_mut(TASK * QB))
+                .zip(d.par_chunks_mut(TASK))
+                .zip(dsums.par_chunks_mut(TASK * QB / G))
+                .zip(sums.par_chunks_mut(TASK * QB / G))
+                .for_each(|(((((x, qs), q8), d), dsums), sums)| quantize8_blocks(x, qs, q8, d, dsums, sums));
+        } else {
+            quantize8_blocks(x, &mut qs, &mut q8, &mut d, &mut dsums, &mut sums);
+        }
+        IntActs { k, qs, d, dsums, bytes: Some(ActBytes { qs: q8, sums }) }
     }
 
     /// The activations the integer kernels multiply: `d q`, as f32.
@@ -89,6 +191,37 @@ impl IntActs {
 
     pub(crate) fn rows(&self) -> usize {
         self.qs.len() / self.k
+    }
+}
+
+/// [`IntActs::quantize_to`] at 8 bits on whole blocks of 32, on the best instruction set
+/// available.
+fn quantize8_blocks(x: &[f32], qs: &mut [i16], q8: &mut [i8], d: &mut [f32], dsums: &mut [f32], sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features were just detected.
+        return unsafe { avx2::quantize8_blocks(x, qs, q8, d, dsums, sums) };
+    }
+    quantize8_blocks_generic(x, qs, q8, d, dsums, sums)
+}
+
+fn quantize8_blocks_generic(x: &[f32], qs: &mut [i16], q8: &mut [i8], d: &mut [f32], dsums: &mut [f32], sums: &mut [i32]) {
+    for (b, xb) in x.chunks_exact(QB).enumerate() {
+        let amax = xb.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a });
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let (qb, cb) = (&mut qs[b * QB..][..QB], &mut q8[b * QB..][..QB]);
+        for ((q, c), v) in qb.iter_mut().zip(cb.iter_mut()).zip(xb) {
+            // Rounded to nearest, ties to even, by adding and taking off 1.5 * 2^23 (exact
+            // for |v| <= 2^22): `round_ties_even` is a call where the target lacks SSE4.1's
+            // `roundps`, and the loop then does not vectorise.
+            let r = ((v * inv).clamp(-127.0, 127.0) + ROUNDER - ROUNDER) as i8;
+            (*q, *c) = (r as i16, r);
+        }
+        d[b] = half::f16::from_f32(amax / 127.0).to_f32();
+        for (h, c) in cb.chunks_exact(G).enumerate() {
+            let s: i32 = c.iter().map(|&c| c as i32).sum();
+            (sums[b * 2 + h], dsums[b * 2 + h]) = (s, d[b] * s as f32);
+        }
     }
 }
 
@@ -676,6 +809,52 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// [`IntActs::quantize_to`] at 8 bits on whole blocks of 32, as the 16-bit
+    /// [`quantize_blocks`] with llama.cpp's scale (`max|x| / 127`, rounded to f16) and
+    /// inverse (`127 / max|x|`); the codes are also packed to bytes, and their sums per 16
+    /// kept as integers. Left to the compiler, the loop took a fifth of a video prefill.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn quantize8_blocks(x: &[f32], qs: &mut [i16], q8: &mut [i8], d: &mut [f32], dsums: &mut [f32], sums: &mut [i32]) {
+        let sign = _mm256_set1_ps(-0.0);
+        let (hi, lo) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
+        let blocks = x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)).zip(q8.chunks_exact_mut(QB)).zip(d.iter_mut());
+        for ((((xb, qb), cb), d), (ds, ss)) in blocks.zip(dsums.chunks_exact_mut(QB / G).zip(sums.chunks_exact_mut(QB / G))) {
+            // SAFETY: a block is 32 values, 32 codes of each width.
+            unsafe {
+                let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xb.as_ptr().add(8 * i)));
+                let a: [__m256; 4] = v.map(|v| _mm256_andnot_ps(sign, v));
+                let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+                // The scale llama.cpp stores (f16) is the one the products use.
+                let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm_set_ss(amax / 127.0))));
+                let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+                let q: [__m256i; 4] = v.map(|v| {
+                    let p = _mm256_mul_ps(v, inv);
+                    let p = _mm256_and_ps(p, _mm256_cmp_ps::<_CMP_ORD_Q>(p, p));
+                    _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(p, hi), lo))
+                });
+                // As in `quantize_blocks`: `packs` interleaves 128-bit lanes, the permutes
+                // put them back in order.
+                let h0 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[0], q[1]));
+                let h1 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[2], q[3]));
+                _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, h0);
+                _mm256_storeu_si256(qb.as_mut_ptr().add(16) as *mut __m256i, h1);
+                let b = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(h0, h1));
+                _mm256_storeu_si256(cb.as_mut_ptr() as *mut __m256i, b);
+                *d = scale;
+                for ((s, n), h) in ds.iter_mut().zip(ss.iter_mut()).zip([_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])]) {
+                    let t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+                    let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+                    let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+                    *n = _mm_cvtsi128_si32(t);
+                    *s = scale * *n as f32;
+                }
+            }
+        }
+    }
+
     /// The sum of the 8 lanes (AVX alone: every caller's features include it).
     #[target_feature(enable = "avx")]
     #[inline]
@@ -864,6 +1043,49 @@ mod tests {
     use super::*;
     use vidllm_core::ggml::dequant_block;
 
+    /// 8-bit activations as llama.cpp's x86 `quantize_row_q8_0` makes them: the scale is
+    /// `max|x| / 127` rounded to f16, the codes `x * 127 / max|x|` rounded to nearest with
+    /// ties to even (a block whose values are exact halves checks the ties), the bytes and
+    /// the 16-bit codes equal, and the sums per 16 those of the codes. Long inputs split
+    /// over the pool give the same codes as short ones.
+    #[test]
+    fn eight_bit_activations_are_llama_cpp_codes() {
+        let mut x = crate::check::values(5 * 4096, 7);
+        // Block 0: max 127, so the codes are x * 1, and x holds halves: ties.
+        for (i, v) in x[..QB].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        x[0] = 127.0;
+        x[1..QB].iter_mut().for_each(|v| *v = v.clamp(-120.0, 120.0));
+        x[QB..2 * QB].fill(0.0);
+        let k = 4096;
+        let acts = IntActs::quantize_to(&x, k, ActBits::Int8);
+        let bytes = acts.bytes.as_ref().unwrap();
+        for (b, xb) in x.chunks_exact(QB).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert_eq!(acts.d[b], half::f16::from_f32(amax / 127.0).to_f32(), "block {b}");
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (i, &v) in xb.iter().enumerate() {
+                let want = (v * id).round_ties_even() as i16;
+                assert_eq!(acts.qs[b * QB + i], want, "block {b} value {i} ({v})");
+                assert_eq!(bytes.qs[b * QB + i] as i16, want);
+            }
+            for h in 0..2 {
+                let sum: i32 = acts.qs[b * QB + h * G..][..G].iter().map(|&q| q as i32).sum();
+                assert_eq!(bytes.sums[2 * b + h], sum);
+                assert_eq!(acts.dsums[2 * b + h], acts.d[b] * sum as f32);
+            }
+        }
+        assert_eq!(acts.qs[..8], [127, -8, -7, -6, -6, -6, -5, -4], "ties to even");
+        let one_row = IntActs::quantize_to(&x[..k], k, ActBits::Int8);
+        assert_eq!(one_row.qs, acts.qs[..k]);
+        // The portable loop (WebAssembly's, other architectures') gives the same.
+        let n = x.len();
+        let (mut qs, mut q8, mut d, mut dsums, mut sums) = (vec![0; n], vec![0; n], vec![0.0; n / QB], vec![0.0; n / G], vec![0; n / G]);
+        quantize8_blocks_generic(&x, &mut qs, &mut q8, &mut d, &mut dsums, &mut sums);
+        assert_eq!((qs, q8, d, dsums, sums), (acts.qs.clone(), bytes.qs.clone(), acts.d.clone(), acts.dsums.clone(), bytes.sums.clone()));
+    }
+
     #[test]
     fn f16_conversion_is_exact() {
         for h in 0..=u16::MAX {
@@ -983,6 +1205,7 @@ mod speed {
         for ty in GgmlType::ALL.into_iter().filter(|t| takes_integer_path(*t) && only.as_deref().is_none_or(|o| o == t.name())) {
             let w = crate::check::weight(ty, n, k, 5);
             let acts = IntActs::quantize(&crate::check::values(k, 9), k);
+            let acts8 = IntActs::quantize_to(&crate::check::values(k, 9), k, ActBits::Int8);
             let rb = k / ty.block_elems() * ty.block_bytes();
             let mut out = [0f32];
             let mut out2 = [0f32];
@@ -1004,6 +1227,7 @@ mod speed {
                 variants.push(("AVX-512 matvec", Box::new(|| drop(matvec_with(ty, &w, n, &acts, Kernel::Widening)))));
                 if crate::cpu_vnni::available() && crate::cpu_vnni::covers(ty) {
                     variants.push(("AVX-512 VNNI matvec", Box::new(|| drop(matvec_with(ty, &w, n, &acts, Kernel::Vnni)))));
+                    variants.push(("same, 8-bit activations", Box::new(|| drop(matvec_with(ty, &w, n, &acts8, Kernel::Vnni)))));
                 }
             }
             let passes = std::env::var("PASSES").map_or(101, |v| v.parse().unwrap());

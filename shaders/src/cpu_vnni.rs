@@ -34,6 +34,11 @@
 //! row loop's 2.36; Q8_0 1.63 against 1.54 (its codes are whole bytes already, so
 //! `vpdpbusd` saves less than the split costs, and the two kernels are level).
 //!
+//! With 8-bit activations (`ActBits::Int8`) `hi` is only their sign, and one `vpdpbusd` a
+//! pair does, the codes (signed ones plus 128) as its unsigned operand: Q4_1 1.16 ns a
+//! block against 1.32, Q8_0 1.33 against 1.56, Q5_0 1.65 against 1.82 (4,096 rows of
+//! 1,536, one thread, medians of 31), the same integers as the widening kernel's.
+//!
 //! The 5-bit types (Q5_0, Q5_1) add 16 to the codes whose fifth bit is set, under a mask
 //! made from the blocks' `qh` words in vector registers. On a later 2-core AMD EPYC host
 //! (same test, one thread, 4,096 rows of 1,536, 31 passes), Q5_0 went from 1.73 ns a
@@ -84,9 +89,13 @@ pub(crate) struct PairRow {
     /// `f + 1` in the pair's order, then their high bytes.
     bytes: Vec<u8>,
     /// Per wrapped block, what comes off its integer sum: `o sum q` for the codes' offset
-    /// `o` (Q4_0's 8, Q5_0's 16), `32768 sum hi` for signed codes, else 0.
+    /// `o` (Q4_0's 8, Q5_0's 16), `32768 sum hi` for signed codes (`128 sum q` at 8 bits),
+    /// else 0.
     correction: Vec<i32>,
     wrapped: Wrapped,
+    /// The activations are 8-bit codes ([`crate::cpu_int::ActBits::Int8`]): the low bytes
+    /// are the codes themselves (as signed bytes), and one `vpdpbusd` a pair does.
+    eight: bool,
 }
 
 impl PairRow {
@@ -111,16 +120,18 @@ impl PairRow {
         }
         let block = |f: usize| &acts.qs[(row * nb + f) * QB..][..QB];
         let sum = |f: usize, part: fn(i16) -> i32| block(f).iter().map(|&v| part(v)).sum::<i32>();
+        let eight = acts.bytes.is_some();
         let per_block: Vec<i32> = (0..nb)
             .map(|f| match ty {
                 GgmlType::Q4_0 => 8 * sum(f, |v| v as i32),
                 GgmlType::Q5_0 => 16 * sum(f, |v| v as i32),
+                _ if signed(ty) && eight => 128 * sum(f, |v| v as i32),
                 _ if signed(ty) => 32768 * sum(f, |v| (v >> 8) as i32),
                 _ => 0,
             })
             .collect();
         let correction = (0..nb + 16).map(|f| per_block[f % nb]).collect();
-        Self { bytes, correction, wrapped: Wrapped::scales(acts, row) }
+        Self { bytes, correction, wrapped: Wrapped::scales(acts, row), eight }
     }
 }
 
@@ -152,11 +163,16 @@ pub(crate) mod x86 {
         // The band in runs of SUB rows, whose block products stay in L1 until summed.
         let row_bytes = nb * std::mem::size_of::<B>();
         let mut vals = vec![0f32; m * SUB * nb];
+        let eight = rows.first().is_some_and(|r| r.eight);
         for (band, out) in band.chunks(SUB * row_bytes).zip(out.chunks_mut(SUB * m)) {
             let vals = &mut vals[..m * band.len() / row_bytes * nb];
             // SAFETY: as ours.
             unsafe {
-                run_dot::<B>(band, nb, rows, &heads, vals);
+                if eight {
+                    run_dot::<B, true>(band, nb, rows, &heads, vals);
+                } else {
+                    run_dot::<B, false>(band, nb, rows, &heads, vals);
+                }
                 crate::cpu_gemv::x86::sum_rows(vals, nb, m, out);
             }
         }
@@ -166,8 +182,10 @@ pub(crate) mod x86 {
     const SUB: usize = 64;
 
     /// `vals[i * blocks + f]`: block `f` of `band` against activation row `i`, scaled.
+    /// `EIGHT`: the rows are 8-bit codes, one `vpdpbusd` a pair with the codes (signed ones
+    /// plus 128) as the unsigned operand.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn run_dot<B: IntCodes>(band: &[u8], nb: usize, rows: &[PairRow], heads: &Heads, vals: &mut [f32]) {
+    unsafe fn run_dot<B: IntCodes, const EIGHT: bool>(band: &[u8], nb: usize, rows: &[PairRow], heads: &Heads, vals: &mut [f32]) {
         let blks = blocks::<B>(band);
         let signed = super::signed(B::TYPE);
         let corrected = signed || matches!(B::TYPE, GgmlType::Q4_0 | GgmlType::Q5_0);
@@ -222,8 +240,12 @@ pub(crate) mod x86 {
                         (_mm512_loadu_si512(at as *const __m512i), _mm512_loadu_si512(at.add(PAIR / 2) as *const __m512i))
                     };
                     let c = codes[j];
-                    // Signed codes as unsigned, `c + 128`, against `hi`.
+                    // Signed codes as unsigned, `c + 128`, against `hi` (or the 8-bit codes).
                     let cu = if signed { _mm512_xor_si512(c, _mm512_set1_epi8(-128)) } else { c };
+                    if EIGHT {
+                        p[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cu, lo);
+                        return;
+                    }
                     let high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cu, hi);
                     p[j] = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(high), lo, c);
                 };
@@ -434,10 +456,11 @@ pub(crate) mod x86 {
 mod tests {
     use super::*;
     use crate::check;
+    use crate::cpu_int::ActBits;
 
-    /// Every covered type, 1 to 16 rows of activations, rows of 2, 3 (a pair across two
-    /// rows), 18 and 48 blocks, 37 weight rows (bands ending mid-step, an odd last step):
-    /// the product equals the widening AVX-512 kernel's to the bit.
+    /// Every covered type, 1 to 16 rows of activations at 16 and 8 bits, rows of 2, 3 (a
+    /// pair across two rows), 18 and 48 blocks, 37 weight rows (bands ending mid-step, an
+    /// odd last step): the product equals the widening AVX-512 kernel's to the bit.
     #[test]
     fn equals_the_widening_kernel() {
         if !available() {
@@ -448,12 +471,12 @@ mod tests {
             for blocks in [2, 3, 18, 48] {
                 let (n, k) = (37, blocks * QB);
                 let w = check::weight(ty, n, k, 5);
-                for m in [1, 3, crate::cpu_gemv::MAX_ROWS] {
-                    let acts = IntActs::quantize(&check::values(m * k, 13), k);
+                for (m, bits) in [1, 3, crate::cpu_gemv::MAX_ROWS].into_iter().flat_map(|m| [(m, ActBits::Int16), (m, ActBits::Int8)]) {
+                    let acts = IntActs::quantize_to(&check::values(m * k, 13), k, bits);
                     let vnni = crate::cpu_gemv::matvec_with(ty, &w, n, &acts, crate::cpu_gemv::Kernel::Vnni);
                     let widening = crate::cpu_gemv::matvec_with(ty, &w, n, &acts, crate::cpu_gemv::Kernel::Widening);
                     let same = vnni.iter().zip(&widening).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{} k={k} m={m}: {:?} vs {:?}", ty.name(), &vnni[..4], &widening[..4]);
+                    assert!(same, "{} k={k} m={m} {bits:?}: {:?} vs {:?}", ty.name(), &vnni[..4], &widening[..4]);
                 }
             }
         }

@@ -6,6 +6,8 @@ use burn::tensor::Device;
 #[cfg(all(feature = "gpu", feature = "cpu"))]
 use burn::tensor::DeviceKind;
 
+use crate::cpu_int::ActBits;
+
 /// The largest buffer one kernel may bind on a device (WebGPU's
 /// `maxStorageBufferBindingSize`, or less where a caller asks for less). Weights above it
 /// are stored as row bands; prefill chunks and vision batches are sized under it.
@@ -79,8 +81,9 @@ impl MatmulKernels {
         self as u32
     }
 
+    /// The kernels of a product's id (its low byte; [`Placement::product_id`]).
     pub fn from_id(id: u32) -> Self {
-        match id {
+        match id & 0xff {
             1 => Self::Cooperative,
             2 => Self::PerUnit,
             _ => Self::Auto,
@@ -88,29 +91,42 @@ impl MatmulKernels {
     }
 }
 
-/// Where a model is loaded: the device, the binding cap it was opened under, and the
-/// matmul kernels its quantised matrices run.
+/// Where a model is loaded: the device, the binding cap it was opened under, the matmul
+/// kernels its quantised matrices run, and (on the CPU) how finely their products
+/// quantise the activations.
 #[derive(Clone)]
 pub struct Placement {
     pub device: Device,
     pub cap: BindingCap,
     pub matmul: MatmulKernels,
+    /// The CPU backend's integer products; wgpu's kernels take f32 activations and ignore it.
+    pub activations: ActBits,
 }
 
 impl Placement {
     /// `device` with no binding cap (the CPU, and tests of the unsplit paths).
     pub fn new(device: Device) -> Self {
-        Self { device, cap: BindingCap::NONE, matmul: MatmulKernels::Auto }
+        Self { device, cap: BindingCap::NONE, matmul: MatmulKernels::Auto, activations: ActBits::Int16 }
     }
 
     /// The same device under a tighter cap (tests of the split paths, small GPUs).
     pub fn capped(&self, bytes: u64) -> Self {
-        Self { device: self.device.clone(), cap: self.cap.lower(bytes), matmul: self.matmul }
+        Self { cap: self.cap.lower(bytes), ..self.clone() }
     }
 
     /// The same device with these matmul kernels (tests of both kinds on one device).
     pub fn with_matmul(&self, matmul: MatmulKernels) -> Self {
         Self { matmul, ..self.clone() }
+    }
+
+    /// The same device with the CPU's activations at `bits`.
+    pub fn with_activations(&self, activations: ActBits) -> Self {
+        Self { activations, ..self.clone() }
+    }
+
+    /// What a quantised product passes as its `kernels` (`QuantOps::q_matmul`).
+    pub fn product_id(&self) -> u32 {
+        self.matmul.id() | self.activations.flag()
     }
 }
 
@@ -147,7 +163,7 @@ pub struct Picked {
 impl Picked {
     /// Where models load on this device.
     pub fn placement(&self) -> Placement {
-        Placement { device: self.device.clone(), cap: self.cap, matmul: MatmulKernels::from_env() }
+        Placement { device: self.device.clone(), cap: self.cap, matmul: MatmulKernels::from_env(), activations: ActBits::Int16 }
     }
 }
 

@@ -18,7 +18,7 @@ use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData};
 use vidllm_core::ggml::GgmlType;
 
 pub use crate::cpu_attention::Mask;
-use crate::device::{MatmulKernels, Placement};
+use crate::device::Placement;
 
 mod block;
 pub mod check;
@@ -65,7 +65,8 @@ pub trait QuantOps: Backend {
     /// `y[m, n] = sum_k x[m, k] * W[n, k]`, with `W` GGML blocks (or F16 / BF16 values) of
     /// type `ty` (a [`GgmlType::id`]) packed little-endian into u32 `words`.
     ///
-    /// `kernels` (a [`MatmulKernels::id`]) picks wgpu's kernels; the CPU has its own.
+    /// `kernels` (a [`Placement::product_id`]) picks wgpu's kernels ([`device::MatmulKernels`]) and
+    /// the CPU's activation precision ([`cpu_int::ActBits`]).
     ///
     /// # Shapes
     /// - x: `[m, k]` (f32), words: `[ceil(n * row_bytes / 4) + 1]`
@@ -388,7 +389,8 @@ pub struct QuantMatrix {
     ty: GgmlType,
     n: usize,
     k: usize,
-    matmul: MatmulKernels,
+    /// What its products pass as `kernels` ([`Placement::product_id`]).
+    kernels: u32,
 }
 
 /// Rows `n` of a [`QuantMatrix`], as u32 words.
@@ -456,7 +458,7 @@ impl QuantMatrix {
                 Band { words: Tensor::from_data(TensorData::new(words, [len]), opts), n: (end - start) / row_bytes }
             })
             .collect();
-        Ok(Self { bands, ty, n, k, matmul: at.matmul })
+        Ok(Self { bands, ty, n, k, kernels: at.product_id() })
     }
 
     /// `x W^T`.
@@ -478,7 +480,7 @@ impl QuantMatrix {
 
     fn product(&self, x: Tensor<2>, op: DispatchProduct) -> Tensor<2> {
         let band = |b: &Band, x: Tensor<2>| {
-            Tensor::<2>::from_dispatch(op(x.into_dispatch(), b.words.clone().into_dispatch(), self.ty.id(), b.n, self.k, self.matmul.id()))
+            Tensor::<2>::from_dispatch(op(x.into_dispatch(), b.words.clone().into_dispatch(), self.ty.id(), b.n, self.k, self.kernels))
         };
         match self.bands.as_slice() {
             [one] => band(one, x),

@@ -10,7 +10,8 @@
 #   $VIDLLM_CACHE/llama-bench.
 # - Video time to first token against transformers: tests/scripts/bench_video.py, when
 #   torch and transformers are importable (skipped, and said so, otherwise): Video-LLaVA
-#   at 8 frames, and SmolVLM2-500M-shaped at 8 and 32 (when torchvision is importable too).
+#   at 8 frames, and SmolVLM2-500M-shaped at 8 and 32 (when torchvision is importable too),
+#   each also with Q8_0 towers and 8-bit activations (`q4_1+q8_0:int8`).
 # - `vidllm-native serve`'s continuous batching: tests/scripts/bench_serve.py, total
 #   tokens a second at --parallel 1, 4 and 8 on the first file.
 # - The wasm packages: gzipped sizes of web/pkg*/vidllm_web_bg.wasm, when built.
@@ -77,6 +78,10 @@ vidllm_rates() { # file -> "pp tg"
   RAYON_NUM_THREADS="$THREADS" "$BIN" bench --model "$1" --device cpu --prompt-tokens 512 --gen-tokens 128 --reps "$REPS" --json |
     python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["prefill_tok_s"], v["decode_tok_s"])'
 }
+vidllm_pp_int8() { # file -> pp with 8-bit activations (llama.cpp's arithmetic)
+  RAYON_NUM_THREADS="$THREADS" "$BIN" bench --model "$1" --device cpu --activations int8 --prompt-tokens 512 --gen-tokens 16 --reps "$REPS" --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["prefill_tok_s"])'
+}
 vidllm_depth_rate() { # file -> tg at depth
   RAYON_NUM_THREADS="$THREADS" "$BIN" bench --model "$1" --device cpu --depth "$DEPTH" --prompt-tokens 16 --gen-tokens 128 --reps "$REPS" --json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tok_s"])'
@@ -89,17 +94,19 @@ echo "|---|---|---|---|---|"
 for f in "${FILES[@]}"; do
   read -r vpp vtg < <(vidllm_rates "$f")
   lpp=$(llama_rate "$f" pp)
+  vpp8=$(vidllm_pp_int8 "$f")
   ltg=$(llama_rate "$f" tg)
   vtd=nan ltd=nan
   if [ "$DEPTH" -gt 0 ]; then
     vtd=$(vidllm_depth_rate "$f")
     ltd=$(llama_rate "$f" tgd)
   fi
-  python3 - "$(basename "$f")" "$DEPTH" "$vpp" "$lpp" "$vtg" "$ltg" "$vtd" "$ltd" <<'PY'
+  python3 - "$(basename "$f")" "$DEPTH" "$vpp" "$lpp" "$vtg" "$ltg" "$vtd" "$ltd" "$vpp8" <<'PY'
 import sys
 name, depth = sys.argv[1], int(sys.argv[2])
-vpp, lpp, vtg, ltg, vtd, ltd = map(float, sys.argv[3:])
+vpp, lpp, vtg, ltg, vtd, ltd, vpp8 = map(float, sys.argv[3:])
 print(f"| {name} | pp512 | {vpp:.1f} | {lpp:.1f} | {vpp / lpp:.2f}x |")
+print(f"| {name} | pp512, --activations int8 | {vpp8:.1f} | {lpp:.1f} | {vpp8 / lpp:.2f}x |")
 print(f"| {name} | tg128 | {vtg:.1f} | {ltg:.1f} | {vtg / ltg:.2f}x |")
 if depth > 0:
     print(f"| {name} | tg128 @ d{depth} | {vtd:.1f} | {ltd:.1f} | {vtd / ltd:.2f}x |")
@@ -114,7 +121,7 @@ if python3 -c 'import torch, transformers' 2>/dev/null; then
   # transformers' SmolVLM processor reads videos through torchvision, which not every
   # mirror has for the torch it has.
   if python3 -c 'import torchvision' 2>/dev/null; then
-    python3 "$ROOT/tests/scripts/bench_video.py" "$CLIPS/bigbuckbunny.mp4" --bin "$BIN" --arch smolvlm --frames 8,32 --quant q4_1 \
+    python3 "$ROOT/tests/scripts/bench_video.py" "$CLIPS/bigbuckbunny.mp4" --bin "$BIN" --arch smolvlm --frames 8,32 --quant q4_1,q4_1+q8_0:int8 \
       --devices cpu --threads "$THREADS" --reps "$REPS"
   else
     echo "SmolVLM2 time to first token: skipped (torchvision is not importable here)"

@@ -12,8 +12,9 @@ one run. The models have random weights in the hub format (nothing is downloaded
     python3 tests/scripts/bench_video.py VIDEO.mp4 --bin target/release/vidllm-native \
         [--arch video_llava|smolvlm] [--frames 8[,32]] [--devices cpu,gpu] [--quant q4_1,q4_1+q8_0,f32] [--reps 3] [--threads 2]
 
-`--quant` lists vidllm's configurations: the decoder's `--quant`, and after a `+` the
-towers' `--vision-quant` (f32 when left out).
+`--quant` lists vidllm's configurations: the decoder's `--quant`, after a `+` the
+towers' `--vision-quant` (f32 when left out), and after a `:` the CPU's `--activations`
+(int16 when left out), as in `q4_1+q8_0:int8`.
 """
 import argparse, json, os, statistics, subprocess, tempfile, time
 
@@ -158,10 +159,11 @@ def hf_time_to_first_token(model, proc, video, n, ids):
 
 
 def vidllm_time_to_first_token(binary, model_dir, video, n, device, quant):
+    quant, _, acts = quant.partition(":")
     decoder, _, tower = quant.partition("+")
     out = subprocess.run([binary, "ask", "--model", model_dir, "--video", video, "--prompt",
                           "What is happening in this video?", "--frames", str(n), "--device", device, "--quant", decoder,
-                          "--vision-quant", tower or "f32", "--max-tokens", "1", "--json"],
+                          "--vision-quant", tower or "f32", "--activations", acts or "int16", "--max-tokens", "1", "--json"],
                          check=True, capture_output=True, text=True).stdout
     v = json.loads(out)
     t = v["timings"]
@@ -180,8 +182,8 @@ def main():
     ap.add_argument("--arch", default="video_llava", choices=["video_llava", "smolvlm"])
     ap.add_argument("--frames", default="8", help="frame counts, comma-separated")
     ap.add_argument("--devices", default="cpu")
-    ap.add_argument("--quant", default="q4_1,q4_1+q8_0,f32",
-                    help="decoder quant[+tower quant], comma-separated")
+    ap.add_argument("--quant", default="q4_1,q4_1+q8_0,q4_1+q8_0:int8,f32",
+                    help="decoder quant[+tower quant][:activations], comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()

@@ -9,8 +9,9 @@ use vidllm_core::chat::{Message, render};
 use vidllm_core::gguf::{FileBytes, Gguf};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_models::{Model, load_llama};
+use vidllm_shaders::cpu_int::ActBits;
 use vidllm_tests::llamacpp::{Case, greedy_matches, teacher_forcing};
-use vidllm_tests::{fixture, max_abs_diff, smollm2_path, test_devices};
+use vidllm_tests::{cpu, fixture, max_abs_diff, smollm2_path, test_devices};
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -81,4 +82,18 @@ fn parity_with_llama_cpp_on_every_device() {
         println!("{name} vs {cpu_name}: max |logit diff| {diff:.2e} (max |logit| {mag:.1})");
         assert!(diff < 1e-2, "{name} vs {cpu_name}: {diff}");
     }
+}
+
+/// `--activations int8`: the CPU's products take 8-bit activations as llama.cpp's do, and
+/// still meet llama.cpp where its top-1 lead is clear, teacher-forced and greedy. The
+/// prefill products then multiply bytes (`vpdpbusd`), decode the same codes as words.
+#[test]
+fn parity_with_llama_cpp_at_8_bit_activations() {
+    let f = load_fixture();
+    let g = gguf();
+    let tok = Rc::new(Tokenizer::from_gguf(&g).unwrap());
+    let at = cpu().with_activations(ActBits::Int8);
+    let model = Rc::new(Model::Text(load_llama(&g, &at).unwrap()));
+    teacher_forcing(model.decoder(), &f.cases, "cpu int8");
+    greedy_matches(&model, &tok, &f.cases, "cpu int8");
 }

@@ -21,8 +21,9 @@ use vidllm_models::model_files::ModelFiles;
 use vidllm_models::smolvlm::{SmolVlm, SmolVlmConfigJson};
 use vidllm_models::video_model::{Architecture, LoadOptions, VideoModel};
 use vidllm_models::{Conversation, GenerateParams, KvCache, Logits, Model, Prompt};
+use vidllm_shaders::cpu_int::ActBits;
 use vidllm_shaders::preprocess::{preprocess, rgb_planes};
-use vidllm_tests::{check_stage, check_tiles, fixture, greedy as greedy_tokens, prefill_with_visuals, test_devices};
+use vidllm_tests::{check_stage, check_tiles, cpu, fixture, greedy as greedy_tokens, prefill_with_visuals, test_devices};
 
 fn refs() -> Checkpoint {
     Checkpoint::open_files(&[fixture("tiny_smolvlm_ref.safetensors")]).unwrap()
@@ -174,7 +175,9 @@ fn follow_up_logits_match_transformers() {
 /// Q8_0): the GGUF tokenizer's prompt ids, then the connector, logits and greedy tokens
 /// against transformers, on every device. F16 rounds the checkpoint's bf16 weights
 /// exactly, so its stages meet the folder's tolerance; Q8_0 is held to the greedy tokens
-/// and to llama.cpp's teacher-forcing rule (argmax wherever transformers leads by 0.5).
+/// and to llama.cpp's teacher-forcing rule (argmax wherever transformers leads by 0.5),
+/// also on the CPU with 8-bit activations (`--activations int8`, llama.cpp's arithmetic
+/// for a Q8_0 tower and decoder).
 #[test]
 fn llama_cpp_gguf_pair_matches_transformers() {
     use vidllm_core::gguf::Gguf;
@@ -190,7 +193,12 @@ fn llama_cpp_gguf_pair_matches_transformers() {
         // A Q8_0 mmproj's tower runs its own blocks; an F16 one runs in f32.
         let tower = vidllm_models::mmproj::Mmproj::read(&mm).unwrap().tower;
         assert_eq!(tower, if ty == "Q8_0" { TowerWeights::Q8_0 } else { TowerWeights::F32 }, "{ty}");
-        for (name, at) in test_devices() {
+        let mut devices = test_devices();
+        if ty == "Q8_0" {
+            devices.push(("cpu int8".into(), cpu().with_activations(ActBits::Int8)));
+        }
+        let mut cpu_logits = Vec::new();
+        for (name, at) in devices {
             let name = format!("{name} {ty}");
             let folder = load_pair(&text, &mm, &at).unwrap();
             let m = &folder.model;
@@ -205,6 +213,14 @@ fn llama_cpp_gguf_pair_matches_transformers() {
                 check_stage("connector", &name, &features, &r.f32("connector").unwrap().0);
                 check_stage("logits", &name, &logits, &want_logits);
             } else {
+                // The 8-bit run took its own path: its logits are not the 16-bit CPU's.
+                if name.starts_with("cpu ") && !name.contains("int8") {
+                    cpu_logits = logits.clone();
+                } else if name.contains("int8") {
+                    let (diff, _) = vidllm_tests::max_abs_diff(&logits, &cpu_logits);
+                    println!("{name}: max |logit - the 16-bit CPU's| {diff:.2e}");
+                    assert!(diff > 0.0, "{name}: 8-bit activations changed nothing");
+                }
                 let vocab = m.decoder().cfg.vocab_size;
                 for (pos, (got, want)) in logits.chunks(vocab).zip(want_logits.chunks(vocab)).enumerate() {
                     let mut order: Vec<usize> = (0..vocab).collect();

@@ -24,7 +24,7 @@ pub struct Opened {
 impl Opened {
     /// Where this load's model goes: the CPU, under this load's cap.
     pub fn placement(&self) -> Placement {
-        Placement { device: self.device.clone(), cap: self.cap, matmul: MatmulKernels::Auto }
+        Placement { device: self.device.clone(), cap: self.cap, matmul: MatmulKernels::Auto, activations: Default::default() }
     }
 }
 

@@ -25,7 +25,8 @@
 //! codes would take bit-identical inputs to every product (README, "Speed").
 //!
 //! 8 bits are a choice ([`ActBits::Int8`], `--activations int8`), not the default: the
-//! codes are llama.cpp's (`quantize_row_q8_0`'s scale, rounded to f16), kept both as i16
+//! codes are llama.cpp's `quantize_row_q8_0`'s (the scale rounded to f16; per 32 for the
+//! K-quants too, where llama.cpp's `q8_K` takes 256 with an f32 scale), kept both as i16
 //! (what every kernel above reads, so every path computes the same integers) and as bytes
 //! ([`ActBytes`]), which AVX-512 VNNI multiplies with `vpdpbusd`: 64 multiply-adds an
 //! instruction against `vpdpwssd`'s 32. Prefill's products (`cpu_gemm_lanes.rs`) went

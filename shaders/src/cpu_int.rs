@@ -137,52 +137,37 @@ impl IntActs {
         Self::quantize_to(x, k, ActBits::Int16)
     }
 
-    /// [`IntActs::quantize`] at `bits`.
+    /// [`IntActs::quantize`] at `bits`. At [`ActBits::Int8`] the codes are llama.cpp's x86
+    /// `quantize_row_q8_0` / `_q8_1` ones: `d = max|x| / 127` rounded to f16 (the scale
+    /// the products use), codes `x * 127 / max|x|` rounded to nearest, ties to even.
     pub fn quantize_to(x: &[f32], k: usize, bits: ActBits) -> Self {
-        if bits == ActBits::Int8 {
-            return Self::quantize8(x, k);
-        }
         assert!(k.is_multiple_of(QB) && x.len().is_multiple_of(k), "IntActs: rows of a multiple of 32");
+        let eight = bits == ActBits::Int8;
         let mut qs = vec![0i16; x.len()];
         let mut d = vec![0f32; x.len() / QB];
         let mut dsums = vec![0f32; x.len() / G];
+        let (mut q8, mut sums) = if eight { (vec![0i8; x.len()], vec![0i32; x.len() / G]) } else { (Vec::new(), Vec::new()) };
         // Blocks per task: a decode row is not worth waking the pool for.
         const TASK: usize = 256;
         if x.len() >= 4 * TASK * QB {
             use rayon::prelude::*;
-            x.par_chunks(TASK * QB)
+            let runs = x
+                .par_chunks(TASK * QB)
                 .zip(qs.par_chunks_mut(TASK * QB))
                 .zip(d.par_chunks_mut(TASK))
-                .zip(dsums.par_chunks_mut(TASK * QB / G))
-                .for_each(|(((x, qs), d), dsums)| quantize_blocks(x, qs, d, dsums));
+                .zip(dsums.par_chunks_mut(TASK * QB / G));
+            if eight {
+                runs.zip(q8.par_chunks_mut(TASK * QB)).zip(sums.par_chunks_mut(TASK * QB / G)).for_each(
+                    |(((((x, qs), d), dsums), q8), sums)| quantize_blocks(x, Quantised { qs, d, dsums, bytes: Some((q8, sums)) }),
+                );
+            } else {
+                runs.for_each(|(((x, qs), d), dsums)| quantize_blocks(x, Quantised { qs, d, dsums, bytes: None }));
+            }
         } else {
-            quantize_blocks(x, &mut qs, &mut d, &mut dsums);
+            let bytes = eight.then_some((&mut q8[..], &mut sums[..]));
+            quantize_blocks(x, Quantised { qs: &mut qs, d: &mut d, dsums: &mut dsums, bytes });
         }
-        IntActs { k, qs, d, dsums, bytes: None }
-    }
-
-    /// 8-bit codes as llama.cpp's x86 `quantize_row_q8_0` / `_q8_1` make them: `d =
-    /// max|x| / 127` rounded to f16 (the scale the products use), codes `x * 127 / max|x|`
-    /// rounded to nearest, ties to even. Written to vectorise; long inputs are split over
-    /// the thread pool.
-    fn quantize8(x: &[f32], k: usize) -> Self {
-        assert!(k.is_multiple_of(QB) && x.len().is_multiple_of(k), "IntActs: rows of a multiple of 32");
-        let (mut qs, mut q8) = (vec![0i16; x.len()], vec![0i8; x.len()]);
-        let (mut d, mut dsums, mut sums) = (vec![0f32; x.len() / QB], vec![0f32; x.len() / G], vec![0i32; x.len() / G]);
-        const TASK: usize = 256;
-        if x.len() >= 4 * TASK * QB {
-            use rayon::prelude::*;
-            x.par_chunks(TASK * QB)
-                .zip(qs.par_chunks_mut(TASK * QB))
-                .zip(q8.par_chunks_mut(TASK * QB))
-                .zip(d.par_chunks_mut(TASK))
-                .zip(dsums.par_chunks_mut(TASK * QB / G))
-                .zip(sums.par_chunks_mut(TASK * QB / G))
-                .for_each(|(((((x, qs), q8), d), dsums), sums)| quantize8_blocks(x, qs, q8, d, dsums, sums));
-        } else {
-            quantize8_blocks(x, &mut qs, &mut q8, &mut d, &mut dsums, &mut sums);
-        }
-        IntActs { k, qs, d, dsums, bytes: Some(ActBytes { qs: q8, sums }) }
+        IntActs { k, qs, d, dsums, bytes: eight.then_some(ActBytes { qs: q8, sums }) }
     }
 
     /// The activations the integer kernels multiply: `d q`, as f32.
@@ -195,52 +180,37 @@ impl IntActs {
     }
 }
 
-/// [`IntActs::quantize_to`] at 8 bits on whole blocks of 32, on the best instruction set
-/// available.
-fn quantize8_blocks(x: &[f32], qs: &mut [i16], q8: &mut [i8], d: &mut [f32], dsums: &mut [f32], sums: &mut [i32]) {
+/// Where a run of whole blocks of 32 is quantised to: [`IntActs`]'s parts for those blocks,
+/// and at 8 bits their codes as bytes with the codes' sums per 16.
+struct Quantised<'a> {
+    qs: &'a mut [i16],
+    d: &'a mut [f32],
+    dsums: &'a mut [f32],
+    bytes: Option<(&'a mut [i8], &'a mut [i32])>,
+}
+
+/// [`IntActs::quantize_to`] on whole blocks of 32 (8 bits where `out` takes bytes), on the
+/// best instruction set available.
+fn quantize_blocks(x: &[f32], out: Quantised) {
+    let eight = out.bytes.is_some();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
         // SAFETY: the features were just detected.
-        return unsafe { avx2::quantize8_blocks(x, qs, q8, d, dsums, sums) };
+        return unsafe { if eight { avx2::quantize_blocks::<true>(x, out) } else { avx2::quantize_blocks::<false>(x, out) } };
     }
-    quantize8_blocks_generic(x, qs, q8, d, dsums, sums)
+    if eight { quantize_blocks_generic::<true>(x, out) } else { quantize_blocks_generic::<false>(x, out) }
 }
 
-fn quantize8_blocks_generic(x: &[f32], qs: &mut [i16], q8: &mut [i8], d: &mut [f32], dsums: &mut [f32], sums: &mut [i32]) {
-    for (b, xb) in x.chunks_exact(QB).enumerate() {
-        let amax = xb.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a });
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        let (qb, cb) = (&mut qs[b * QB..][..QB], &mut q8[b * QB..][..QB]);
-        for ((q, c), v) in qb.iter_mut().zip(cb.iter_mut()).zip(xb) {
-            // Rounded to nearest, ties to even, by adding and taking off 1.5 * 2^23 (exact
-            // for |v| <= 2^22): `round_ties_even` is a call where the target lacks SSE4.1's
-            // `roundps`, and the loop then does not vectorise.
-            let r = ((v * inv).clamp(-127.0, 127.0) + ROUNDER - ROUNDER) as i8;
-            (*q, *c) = (r as i16, r);
-        }
-        d[b] = half::f16::from_f32(amax / 127.0).to_f32();
-        for (h, c) in cb.chunks_exact(G).enumerate() {
-            let s: i32 = c.iter().map(|&c| c as i32).sum();
-            (sums[b * 2 + h], dsums[b * 2 + h]) = (s, d[b] * s as f32);
-        }
-    }
-}
-
-/// [`IntActs::quantize`] on whole blocks of 32, on the best instruction set available.
-fn quantize_blocks(x: &[f32], qs: &mut [i16], d: &mut [f32], dsums: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was just detected.
-        return unsafe { avx2::quantize_blocks(x, qs, d, dsums) };
-    }
-    quantize_blocks_generic(x, qs, d, dsums)
-}
-
-/// Written to vectorise: the maximum in lanes, rounding ties to even (one instruction
-/// where `round` is a call).
+/// Written to vectorise: the maximum in lanes, and rounding to nearest, ties to even, by
+/// adding and taking off 1.5 * 2^23 (exact below 2^22): `round_ties_even` is a call where
+/// the target lacks SSE4.1's `roundps`, and the loop then does not vectorise.
 #[inline(always)]
-fn quantize_blocks_generic(x: &[f32], qs: &mut [i16], d: &mut [f32], dsums: &mut [f32]) {
-    for (((xb, qb), d), ds) in x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)).zip(d.iter_mut()).zip(dsums.chunks_exact_mut(QB / G)) {
+fn quantize_blocks_generic<const EIGHT: bool>(x: &[f32], out: Quantised) {
+    let q_max = if EIGHT { 127.0 } else { Q_MAX };
+    let Quantised { qs, d, dsums, mut bytes } = out;
+    for (b, (((xb, qb), d), ds)) in
+        x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)).zip(d.iter_mut()).zip(dsums.chunks_exact_mut(QB / G)).enumerate()
+    {
         let mut lanes = [0f32; 8];
         for c in xb.chunks_exact(8) {
             for (l, v) in lanes.iter_mut().zip(c) {
@@ -248,14 +218,23 @@ fn quantize_blocks_generic(x: &[f32], qs: &mut [i16], d: &mut [f32], dsums: &mut
             }
         }
         let amax = lanes.iter().fold(0f32, |a, &l| if l > a { l } else { a });
-        let scale = amax / Q_MAX;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let (scale, inv) = if EIGHT {
+            (half::f16::from_f32(amax / 127.0).to_f32(), if amax > 0.0 { 127.0 / amax } else { 0.0 })
+        } else {
+            let scale = amax / Q_MAX;
+            (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
+        };
         for (q, v) in qb.iter_mut().zip(xb) {
-            *q = (v * inv).round_ties_even().clamp(-Q_MAX, Q_MAX) as i16;
+            *q = ((v * inv).clamp(-q_max, q_max) + ROUNDER - ROUNDER) as i16;
         }
         *d = scale;
-        for (s, h) in ds.iter_mut().zip(qb.chunks_exact(G)) {
-            *s = scale * h.iter().map(|&q| q as i32).sum::<i32>() as f32;
+        for (h, (s, c)) in ds.iter_mut().zip(qb.chunks_exact(G)).enumerate() {
+            let n = c.iter().map(|&q| q as i32).sum::<i32>();
+            *s = scale * n as f32;
+            if let Some((q8, sums)) = bytes.as_mut() {
+                sums[2 * b + h] = n;
+                q8[b * QB + h * G..][..G].iter_mut().zip(c).for_each(|(o, &q)| *o = q as i8);
+            }
         }
     }
 }
@@ -769,14 +748,18 @@ pub(crate) mod avx2 {
     /// [`quantize_blocks_generic`] in registers, to the bit (`tests::quantisers_agree`): a
     /// block's four vectors give its maximum magnitude in a tree; each value is scaled,
     /// clamped and converted with the processor's rounding (ties to even, the default
-    /// mode), then packed to i16. Left to the compiler, the loop converted and stored one
-    /// value at a time, and quantising took a twentieth of a prefill.
-    #[target_feature(enable = "avx2")]
-    pub(super) fn quantize_blocks(x: &[f32], qs: &mut [i16], d: &mut [f32], dsums: &mut [f32]) {
+    /// mode), then packed to i16 (and at 8 bits to bytes). Left to the compiler, the loop
+    /// converted and stored one value at a time: quantising took a twentieth of a prefill
+    /// at 16 bits, and a fifth of a video prefill at 8.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn quantize_blocks<const EIGHT: bool>(x: &[f32], out: Quantised) {
         let sign = _mm256_set1_ps(-0.0);
-        let (hi, lo) = (_mm256_set1_ps(Q_MAX), _mm256_set1_ps(-Q_MAX));
-        for (((xb, qb), d), ds) in x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)).zip(d.iter_mut()).zip(dsums.chunks_exact_mut(QB / G)) {
-            // SAFETY: a block is 32 values and 32 codes: four vectors in, two out.
+        let q_max = if EIGHT { 127.0 } else { Q_MAX };
+        let (hi, lo) = (_mm256_set1_ps(q_max), _mm256_set1_ps(-q_max));
+        let Quantised { qs, d, dsums, mut bytes } = out;
+        let blocks = x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)).zip(d.iter_mut()).zip(dsums.chunks_exact_mut(QB / G));
+        for (b, (((xb, qb), d), ds)) in blocks.enumerate() {
+            // SAFETY: a block is 32 values and 32 codes of each width.
             unsafe {
                 let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xb.as_ptr().add(8 * i)));
                 let a: [__m256; 4] = v.map(|v| _mm256_andnot_ps(sign, v));
@@ -784,8 +767,15 @@ pub(crate) mod avx2 {
                 let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
                 let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
                 let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-                let scale = amax / Q_MAX;
-                let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+                let (scale, inv) = if EIGHT {
+                    // llama.cpp's scale is stored as f16, and that is the one the products use.
+                    let h = _mm_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm_set_ss(amax / 127.0));
+                    (_mm_cvtss_f32(_mm_cvtph_ps(h)), if amax > 0.0 { 127.0 / amax } else { 0.0 })
+                } else {
+                    let scale = amax / Q_MAX;
+                    (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
+                };
+                let inv = _mm256_set1_ps(inv);
                 // A scale so small that its inverse is infinite makes `0 * inv` NaN, which
                 // the scalar loop's `as i16` turns into 0: so do the masks.
                 let q: [__m256i; 4] = v.map(|v| {
@@ -794,63 +784,25 @@ pub(crate) mod avx2 {
                     _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(p, hi), lo))
                 });
                 // `packs` interleaves 128-bit lanes: elements 0-3, 8-11, 4-7, 12-15; the
-                // permute puts them back in order.
+                // permute puts them back in order (and the bytes' quarters likewise).
                 let h0 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[0], q[1]));
                 let h1 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[2], q[3]));
                 _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, h0);
                 _mm256_storeu_si256(qb.as_mut_ptr().add(16) as *mut __m256i, h1);
-                *d = scale;
-                for (s, h) in ds.iter_mut().zip([_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])]) {
-                    let t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-                    let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
-                    let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
-                    *s = scale * _mm_cvtsi128_si32(t) as f32;
+                if let Some((q8, _)) = bytes.as_mut() {
+                    let c = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(h0, h1));
+                    _mm256_storeu_si256(q8[b * QB..][..QB].as_mut_ptr() as *mut __m256i, c);
                 }
-            }
-        }
-    }
-
-    /// [`IntActs::quantize_to`] at 8 bits on whole blocks of 32, as the 16-bit
-    /// [`quantize_blocks`] with llama.cpp's scale (`max|x| / 127`, rounded to f16) and
-    /// inverse (`127 / max|x|`); the codes are also packed to bytes, and their sums per 16
-    /// kept as integers. Left to the compiler, the loop took a fifth of a video prefill.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) fn quantize8_blocks(x: &[f32], qs: &mut [i16], q8: &mut [i8], d: &mut [f32], dsums: &mut [f32], sums: &mut [i32]) {
-        let sign = _mm256_set1_ps(-0.0);
-        let (hi, lo) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
-        let blocks = x.chunks_exact(QB).zip(qs.chunks_exact_mut(QB)).zip(q8.chunks_exact_mut(QB)).zip(d.iter_mut());
-        for ((((xb, qb), cb), d), (ds, ss)) in blocks.zip(dsums.chunks_exact_mut(QB / G).zip(sums.chunks_exact_mut(QB / G))) {
-            // SAFETY: a block is 32 values, 32 codes of each width.
-            unsafe {
-                let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xb.as_ptr().add(8 * i)));
-                let a: [__m256; 4] = v.map(|v| _mm256_andnot_ps(sign, v));
-                let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
-                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-                // The scale llama.cpp stores (f16) is the one the products use.
-                let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm_set_ss(amax / 127.0))));
-                let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
-                let q: [__m256i; 4] = v.map(|v| {
-                    let p = _mm256_mul_ps(v, inv);
-                    let p = _mm256_and_ps(p, _mm256_cmp_ps::<_CMP_ORD_Q>(p, p));
-                    _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(p, hi), lo))
-                });
-                // As in `quantize_blocks`: `packs` interleaves 128-bit lanes, the permutes
-                // put them back in order.
-                let h0 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[0], q[1]));
-                let h1 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q[2], q[3]));
-                _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, h0);
-                _mm256_storeu_si256(qb.as_mut_ptr().add(16) as *mut __m256i, h1);
-                let b = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(h0, h1));
-                _mm256_storeu_si256(cb.as_mut_ptr() as *mut __m256i, b);
                 *d = scale;
-                for ((s, n), h) in ds.iter_mut().zip(ss.iter_mut()).zip([_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])]) {
-                    let t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+                for (h, (s, v)) in ds.iter_mut().zip([_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])]).enumerate() {
+                    let t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
                     let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
                     let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
-                    *n = _mm_cvtsi128_si32(t);
-                    *s = scale * *n as f32;
+                    let n = _mm_cvtsi128_si32(t);
+                    *s = scale * n as f32;
+                    if let Some((_, sums)) = bytes.as_mut() {
+                        sums[2 * b + h] = n;
+                    }
                 }
             }
         }
@@ -1083,7 +1035,7 @@ mod tests {
         // The portable loop (WebAssembly's, other architectures') gives the same.
         let n = x.len();
         let (mut qs, mut q8, mut d, mut dsums, mut sums) = (vec![0; n], vec![0; n], vec![0.0; n / QB], vec![0.0; n / G], vec![0; n / G]);
-        quantize8_blocks_generic(&x, &mut qs, &mut q8, &mut d, &mut dsums, &mut sums);
+        quantize_blocks_generic::<true>(&x, Quantised { qs: &mut qs, d: &mut d, dsums: &mut dsums, bytes: Some((&mut q8, &mut sums)) });
         assert_eq!((qs, q8, d, dsums, sums), (acts.qs.clone(), bytes.qs.clone(), acts.d.clone(), acts.dsums.clone(), bytes.sums.clone()));
     }
 
@@ -1125,7 +1077,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn quantisers_agree() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")) {
             return;
         }
         let mut x: Vec<f32> =
@@ -1140,10 +1092,10 @@ mod tests {
         x[4 * QB..5 * QB].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 3 == 0 { 0.0 } else { *v * 1e-36 });
         let n = x.len();
         let (mut qs, mut d, mut ds) = (vec![0i16; n], vec![0f32; n / QB], vec![0f32; n / G]);
-        quantize_blocks_generic(&x, &mut qs, &mut d, &mut ds);
+        quantize_blocks_generic::<false>(&x, Quantised { qs: &mut qs, d: &mut d, dsums: &mut ds, bytes: None });
         let (mut qs2, mut d2, mut ds2) = (vec![0i16; n], vec![0f32; n / QB], vec![0f32; n / G]);
         // SAFETY: detected above.
-        unsafe { avx2::quantize_blocks(&x, &mut qs2, &mut d2, &mut ds2) };
+        unsafe { avx2::quantize_blocks::<false>(&x, Quantised { qs: &mut qs2, d: &mut d2, dsums: &mut ds2, bytes: None }) };
         assert_eq!(qs, qs2);
         assert_eq!(d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         assert_eq!(ds.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), ds2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());

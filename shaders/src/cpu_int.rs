@@ -31,7 +31,7 @@
 //! ([`ActBytes`]), which AVX-512 VNNI multiplies with `vpdpbusd`: 64 multiply-adds an
 //! instruction against `vpdpwssd`'s 32. Prefill's products (`cpu_gemm_lanes.rs`) went
 //! from 86-97 to 138-156 multiply-adds a ns on one Zen 4 thread, and a video's first token
-//! (whose time is prefill and the vision tower's products) about 1.4x sooner. Decode is
+//! (prefill and the vision tower's products) 1.17-1.46x sooner (README). Decode is
 //! bound by reading the weights and gains little (`cpu_vnni.rs`). SmolLM2 Q4_1 still
 //! meets llama.cpp's tokens where its lead is 0.5 (`llama_parity`), and a Q8_0 GGUF pair
 //! transformers' (`smolvlm_parity`); the parity tests hold the 16-bit default.

@@ -145,10 +145,11 @@ struct Tile<const RA: usize> {
     k: usize,
     /// Words of a panel's row: `k` codes, padded to whole transposes.
     kw: usize,
-    /// `RA` rows of `k` activations, their `d` per chunk of 32 and `d sum q` per 16.
-    x: [*const i16; RA],
-    /// At 8 bits, the same codes as bytes and their integer sums per 16 (else dangling).
-    x8: [*const i8; RA],
+    /// `RA` rows of `k` activation codes in the panels' width (i16, or bytes at 8 bits),
+    /// read four bytes (a pair or a quad) at a time; their `d` per chunk of 32 and `d sum
+    /// q` per 16.
+    x: [*const u8; RA],
+    /// With byte panels, the codes' integer sums per 16 (else dangling).
     xsums: [*const i32; RA],
     xd: [*const f32; RA],
     dsums: [*const f32; RA],
@@ -185,8 +186,7 @@ fn task_body<B: IntCodes, C: PanelCode, const RA: usize, const NP: usize>(
                 w: panels.codes[p0 * kw * LANES..].as_ptr(),
                 k,
                 kw,
-                x: xi.map(|x| acts.qs[x * k..].as_ptr()),
-                x8: xi.map(|x| bytes.map_or(std::ptr::null(), |b| b.qs[x * k..].as_ptr())),
+                x: xi.map(|x| bytes.map_or(acts.qs[x * k..].as_ptr() as *const u8, |b| b.qs[x * k..].as_ptr() as *const u8)),
                 xsums: xi.map(|x| bytes.map_or(std::ptr::null(), |b| b.sums[x * ng..].as_ptr())),
                 xd: xi.map(|x| acts.d[x * nch..].as_ptr()),
                 dsums: xi.map(|x| acts.dsums[x * ng..].as_ptr()),
@@ -388,44 +388,30 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); RA]; NP];
         for s in 0..slots {
             let mut sums = [[_mm512_setzero_si512(); RA]; NP];
-            if BYTES {
-                for quad in s * slot_len / 4..(s + 1) * slot_len / 4 {
-                    // SAFETY: quad `quad` lies inside every panel and row.
-                    unsafe {
-                        let w: [__m512i; NP] =
-                            std::array::from_fn(|p| _mm512_loadu_si512(t.w.add((p * t.kw + quad) * LANES) as *const __m512i));
-                        for (i, &xi) in t.x8.iter().enumerate() {
-                            let x = _mm512_set1_epi32((xi.add(4 * quad) as *const i32).read_unaligned());
-                            for (sums, &w) in sums.iter_mut().zip(&w) {
-                                sums[i] = _mm512_dpbusd_epi32(sums[i], w, x);
-                            }
+            // Codes a word holds: a pair of i16, or a quad of bytes.
+            let per_word = if BYTES { 4 } else { 2 };
+            for word in s * slot_len / per_word..(s + 1) * slot_len / per_word {
+                // SAFETY: word `word` lies inside every panel and row.
+                unsafe {
+                    let w: [__m512i; NP] =
+                        std::array::from_fn(|p| _mm512_loadu_si512(t.w.add((p * t.kw + word) * LANES) as *const __m512i));
+                    for (i, &xi) in t.x.iter().enumerate() {
+                        let x = _mm512_set1_epi32((xi.add(4 * word) as *const i32).read_unaligned());
+                        for (sums, &w) in sums.iter_mut().zip(&w) {
+                            sums[i] = if BYTES { _mm512_dpbusd_epi32(sums[i], w, x) } else { _mm512_dpwssd_epi32(sums[i], w, x) };
                         }
                     }
                 }
-                if B::SIGNED {
-                    // The codes were stored plus 128: sum (c + 128) q - 128 sum q.
-                    for (i, &xs) in t.xsums.iter().enumerate() {
-                        let g = s * slot_len / G;
-                        // SAFETY: the slot's groups of the row.
-                        let q = unsafe { if slot_len == QB { *xs.add(g) + *xs.add(g + 1) } else { *xs.add(g) } };
-                        let off = _mm512_set1_epi32(128 * q);
-                        for sums in sums.iter_mut() {
-                            sums[i] = _mm512_sub_epi32(sums[i], off);
-                        }
-                    }
-                }
-            } else {
-                for pair in s * slot_len / 2..(s + 1) * slot_len / 2 {
-                    // SAFETY: pair `pair` lies inside every panel and row.
-                    unsafe {
-                        let w: [__m512i; NP] =
-                            std::array::from_fn(|p| _mm512_loadu_si512(t.w.add((p * t.kw + pair) * LANES) as *const __m512i));
-                        for (i, &xi) in t.x.iter().enumerate() {
-                            let x = _mm512_set1_epi32((xi.add(2 * pair) as *const i32).read_unaligned());
-                            for (sums, &w) in sums.iter_mut().zip(&w) {
-                                sums[i] = _mm512_dpwssd_epi32(sums[i], w, x);
-                            }
-                        }
+            }
+            if BYTES && B::SIGNED {
+                // The codes were stored plus 128: sum (c + 128) q - 128 sum q.
+                for (i, &xs) in t.xsums.iter().enumerate() {
+                    let g = s * slot_len / G;
+                    // SAFETY: the slot's groups of the row.
+                    let q = unsafe { if slot_len == QB { *xs.add(g) + *xs.add(g + 1) } else { *xs.add(g) } };
+                    let off = _mm512_set1_epi32(128 * q);
+                    for sums in sums.iter_mut() {
+                        sums[i] = _mm512_sub_epi32(sums[i], off);
                     }
                 }
             }
@@ -569,7 +555,7 @@ mod avx2 {
                 unsafe {
                     let w: [__m256i; 2] = std::array::from_fn(|h| _mm256_loadu_si256(t.w.add(pair * LANES + H * h) as *const __m256i));
                     for (i, &xi) in t.x.iter().enumerate() {
-                        let x = _mm256_set1_epi32((xi.add(2 * pair) as *const i32).read_unaligned());
+                        let x = _mm256_set1_epi32((xi.add(4 * pair) as *const i32).read_unaligned());
                         for (sums, &w) in sums.iter_mut().zip(&w) {
                             sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(w, x));
                         }

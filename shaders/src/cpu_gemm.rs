@@ -75,6 +75,7 @@ fn matmul_on(kernel: Kernel, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -
     // y, so every value is written once (a copy of each task's part into y, and the
     // zeroing of a fresh y, were a twentieth of a prefill).
     let mut y = Vec::<f32>::with_capacity(m * n);
+    crate::cpu_pages::advise_huge(&mut y);
     let base = SendPtr(y.as_mut_ptr());
     tasks.par_iter().for_each(|(rows, cols)| {
         let wband = &w[cols.start * row_bytes..cols.end * row_bytes];

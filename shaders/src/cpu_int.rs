@@ -147,6 +147,9 @@ impl IntActs {
         let mut d = vec![0f32; x.len() / QB];
         let mut dsums = vec![0f32; x.len() / G];
         let (mut q8, mut sums) = if eight { (vec![0i8; x.len()], vec![0i32; x.len() / G]) } else { (Vec::new(), Vec::new()) };
+        // Large ones are fresh mappings, untouched by calloc: advised before the writes below.
+        crate::cpu_pages::advise_huge(&mut qs);
+        crate::cpu_pages::advise_huge(&mut q8);
         // Blocks per task: a decode row is not worth waking the pool for.
         const TASK: usize = 256;
         if x.len() >= 4 * TASK * QB {

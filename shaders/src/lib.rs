@@ -35,6 +35,7 @@ pub mod cpu_gemm_lanes;
 pub mod cpu_gemv;
 pub mod cpu_hot;
 pub mod cpu_int;
+mod cpu_pages;
 pub mod cpu_vnni;
 #[cfg(feature = "gpu")]
 pub mod cube;

@@ -237,6 +237,34 @@ impl SelfAttention {
     }
 }
 
+/// The query and key projections of a tower's feature block (the last block whose output
+/// the features are), over its input: what FastVID's salience reads from the vision tower
+/// ([`crate::fastvid::tower_salience`]), as the authors' code reads it from the last vision
+/// block. Each image's tokens may then be pooled as the connector pools the features
+/// ([`AttentionProbe::pooled`]).
+///
+/// # Shapes
+/// - q, k: `[images, tokens, d]` (heads side by side, as the projections give them)
+pub struct AttentionProbe {
+    pub q: Tensor<3>,
+    pub k: Tensor<3>,
+    pub heads: usize,
+}
+
+impl AttentionProbe {
+    /// Both projections through the same token pooling.
+    pub fn pooled(self, pool: impl Fn(Tensor<3>) -> Tensor<3>) -> Self {
+        Self { q: pool(self.q), k: pool(self.k), heads: self.heads }
+    }
+
+    /// Probes of batches of images, in order.
+    pub(crate) fn cat(parts: Vec<Self>) -> Self {
+        let heads = parts[0].heads;
+        let (q, k) = parts.into_iter().map(|p| (p.q, p.k)).unzip();
+        Self { q: Tensor::cat(q, 0), k: Tensor::cat(k, 0), heads }
+    }
+}
+
 /// One pre-norm transformer block of a ViT (CLIP, SigLIP, DINOv2, ViViT):
 /// `x + ls1 * attn(ln1(x))`, then `h + ls2 * fc2(act(fc1(ln2(h))))`, the layer scales
 /// `ls` being 1 except in DINOv2.
@@ -303,19 +331,39 @@ impl ClipVisionTower {
     /// # Shapes
     /// - pixels: `[t, 3, h, w]` -> `[t, tokens, d_model]`
     pub fn hidden_state(&self, pixels: Tensor<4>, index: usize) -> Tensor<3> {
+        self.run(pixels, index, false).0
+    }
+
+    /// [`ClipVisionTower::hidden_state`] and the attention probe of block `index`, the
+    /// block that makes it (none for the embeddings, `index` 0).
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, h, w]` -> `[t, tokens, d_model]`, probe `[t, tokens, d_model]` each
+    pub fn hidden_state_probed(&self, pixels: Tensor<4>, index: usize) -> (Tensor<3>, Option<AttentionProbe>) {
+        self.run(pixels, index, true)
+    }
+
+    fn run(&self, pixels: Tensor<4>, index: usize, probe: bool) -> (Tensor<3>, Option<AttentionProbe>) {
         let t = pixels.dims()[0];
         let batch = self.frames_per_batch();
         if t > batch {
             // Frames are independent: encode them in batches whose attention scores
             // fit one storage binding, then put the batches back together.
-            let parts = (0..t).step_by(batch).map(|s| self.hidden_state(pixels.clone().narrow(0, s, batch.min(t - s)), index));
-            return Tensor::cat(parts.collect(), 0);
+            let (parts, probes): (Vec<_>, Vec<_>) =
+                (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), index, probe)).unzip();
+            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
+            return (Tensor::cat(parts, 0), probes.map(AttentionProbe::cat));
         }
+        let n = self.cfg.tokens();
         let mut x = self.embed(pixels);
-        for layer in &self.layers[..index] {
-            x = layer.forward(x, t, self.cfg.tokens(), &self.cfg);
+        let mut seen = None;
+        for (i, layer) in self.layers[..index].iter().enumerate() {
+            if probe && i + 1 == index {
+                seen = Some(layer.probe(x.clone(), t, n, &self.cfg));
+            }
+            x = layer.forward(x, t, n, &self.cfg);
         }
-        x.reshape([t, self.cfg.tokens(), self.cfg.d_model])
+        (x.reshape([t, n, self.cfg.d_model]), seen)
     }
 
     /// Frames encoded together: as many as keep the largest activation, the attention
@@ -354,6 +402,19 @@ impl EncoderLayer {
             fc2: Linear::load_as(ck, &l(names.fc2), d, cfg.d_ff, w, at)?,
             layer_scale,
         })
+    }
+
+    /// The block's query and key projections of its input `x` (`ln1` first, biases
+    /// included), for FastVID's salience.
+    ///
+    /// # Shapes
+    /// - x: `[t * n, d]` -> `[t, n, d]` each
+    pub(crate) fn probe(&self, x: Tensor<2>, t: usize, n: usize, cfg: &ClipVisionConfig) -> AttentionProbe {
+        let y = self.ln1.forward(x);
+        let d = y.dims()[1];
+        let q = self.attn.q.forward(y.clone()).reshape([t, n, d]);
+        let k = self.attn.k.forward(y).reshape([t, n, d]);
+        AttentionProbe { q, k, heads: cfg.n_heads }
     }
 
     /// # Shapes

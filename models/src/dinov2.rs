@@ -17,7 +17,7 @@ use vidllm_core::preprocess::{Resample, resample_weights};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
 
-use crate::clip::{Activation, BlockNames, ClipVisionConfig, EncoderLayer};
+use crate::clip::{Activation, AttentionProbe, BlockNames, ClipVisionConfig, EncoderLayer};
 use crate::layers::{TowerWeights, vector};
 
 /// A `Dinov2WithRegistersConfig` as written in `config.json`.
@@ -142,18 +142,34 @@ impl Dinov2Tower {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` -> `[t, tokens, d]`
     pub fn hidden_state(&self, pixels: Tensor<4>, blocks: usize) -> Tensor<3> {
+        self.run(pixels, blocks, false).0
+    }
+
+    /// [`Dinov2Tower::hidden_state`] and the attention probe of its last block (FastVID's
+    /// salience; none for `blocks` 0).
+    pub fn hidden_state_probed(&self, pixels: Tensor<4>, blocks: usize) -> (Tensor<3>, Option<AttentionProbe>) {
+        self.run(pixels, blocks, true)
+    }
+
+    fn run(&self, pixels: Tensor<4>, blocks: usize, probe: bool) -> (Tensor<3>, Option<AttentionProbe>) {
         let t = pixels.dims()[0];
         let (n, d, c) = (self.tokens(), self.cfg.d_model, &self.cfg);
         let batch = self.cap.per_binding(4 * (c.n_heads * n * n).max(n * c.d_ff), 0);
         if t > batch {
-            let parts = (0..t).step_by(batch).map(|s| self.hidden_state(pixels.clone().narrow(0, s, batch.min(t - s)), blocks));
-            return Tensor::cat(parts.collect(), 0);
+            let (parts, probes): (Vec<_>, Vec<_>) =
+                (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, probe)).unzip();
+            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
+            return (Tensor::cat(parts, 0), probes.map(AttentionProbe::cat));
         }
         let mut x = self.embed(pixels);
-        for layer in &self.layers[..blocks] {
+        let mut seen = None;
+        for (i, layer) in self.layers[..blocks].iter().enumerate() {
+            if probe && i + 1 == blocks {
+                seen = Some(layer.probe(x.clone(), t, n, c));
+            }
             x = layer.forward(x, t, n, c);
         }
-        x.reshape([t, n, d])
+        (x.reshape([t, n, d]), seen)
     }
 
     /// # Shapes

@@ -27,13 +27,20 @@
 //! Where this differs, and why:
 //! - The retention ratio is the budget: `r = budget / frames` tokens a frame (the
 //!   authors' `int(tokens_per_frame * ratio)` with `ratio = budget / tokens`).
-//! - Inputs the authors take from the vision tower are taken from the projected tokens,
-//!   so that every architecture (CLIP, SigLIP without its pooling head, MERV) gets them
-//!   without a second model or a hook inside its encoder:
-//!   - a frame's global feature is the mean of its tokens (as their Qwen2.5-VL code does);
-//!   - salience is the attention of that mean, as the query, over the frame's tokens,
-//!     `softmax(mean . x_i / sqrt(d))` (their Qwen2.5-VL code attends a frame's mean query
-//!     to its keys in the last vision block; LLaVA-Video uses SigLIP's pooling probe).
+//! - Salience comes from the vision tower, as the authors' Qwen2.5-VL code takes it: in
+//!   the feature block (the last block whose output the features are), each frame's mean
+//!   query attends to the block's keys, averaged over the tokens the connector merges into
+//!   one, head by head, and the heads' weights are averaged ([`tower_salience`]). Their
+//!   LLaVA-Video code uses SigLIP's attention-pooling head instead, which none of vidllm's
+//!   towers has. Each architecture pools the block's queries and keys as it pools its
+//!   features ([`crate::video_model::Architecture::video_probed`]): Video-LLaVA not at all
+//!   (the class token is a video token), LLaVA-NeXT-Video 2-D and PLLaVA 3-D average
+//!   pooling, SmolVLM2 the mean of each block its pixel shuffle folds.
+//! - Where no tower gives it, the salience is that of the frame's mean projected token over
+//!   its tokens, `softmax(mean . x_i / sqrt(d))`: MERV (four towers, fused) and a live
+//!   window's frames (encoded one by one before any question names a method).
+//! - A frame's global feature is the mean of its projected tokens (as their Qwen2.5-VL
+//!   code does).
 //! - Where the counts would ask for more tokens than an anchor frame has (budgets above
 //!   about 45%), the context count is capped at half a frame and the salient count at
 //!   what remains, as their Qwen2.5-VL code caps them: fewer tokens than the budget are
@@ -48,6 +55,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::clip::AttentionProbe;
 use crate::token_budget::{FrameGrid, Kept, top_k};
 
 /// DySeg: cut after at least this many segments' worth of least similar pairs (`c`).
@@ -93,19 +101,46 @@ pub fn per_frame(g: &FrameGrid, budget: usize) -> Result<usize, String> {
     Ok(r)
 }
 
+/// FastVID's salience from the vision tower, as the authors' Qwen2.5-VL code takes it in
+/// the last vision block: each frame's mean query attends to its keys, pooled as the
+/// connector pools the tokens, head by head; the heads' weights are then averaged. A
+/// frame's salience is a distribution over its tokens.
+///
+/// The probe's tokens are already pooled as the features are (a frame here is a frame of
+/// the [`FrameGrid`]); the mean query is the mean of the pooled queries, which is the
+/// mean of the frame's queries wherever the pooling windows tile the grid (every shipped
+/// configuration).
+///
+/// # Shapes
+/// - probe q, k: `[frames, n, d]` -> `[frames * n]`
+pub fn tower_salience(probe: AttentionProbe) -> Tensor<1> {
+    let AttentionProbe { q, k, heads } = probe;
+    let [t, n, d] = k.dims();
+    let dh = d / heads;
+    let mean = q.mean_dim(1).reshape([t, heads, 1, dh]);
+    let k = k.reshape([t, n, heads, dh]).swap_dims(1, 2); // [t, heads, n, dh]
+    let weights = burn::tensor::activation::softmax(mean.matmul(k.swap_dims(2, 3)) / (dh as f32).sqrt(), 3); // [t, heads, 1, n]
+    weights.mean_dim(1).reshape([t * n])
+}
+
 /// The device's part before the selection, as one vector to read back: the adjacent
 /// frames' global cosine similarities `[frames - 1]`, the salience `[frames, n]` and each
 /// frame's token distances `cdist / sqrt(d)` `[frames, n, n]`, `n = g.tokens_per_frame()`.
+/// The salience is the tower's ([`tower_salience`]) where the architecture gave it, else
+/// that of the frame's mean token over its tokens.
 ///
 /// # Shapes
-/// - features: `[g.tokens(), d]` -> `[(frames - 1) + frames * n + frames * n * n]`
-pub fn statistics(features: Tensor<2>, g: FrameGrid) -> Tensor<1> {
+/// - features: `[g.tokens(), d]`, salience `[g.tokens()]` -> `[(frames - 1) + frames * n + frames * n * n]`
+pub fn statistics(features: Tensor<2>, salience: Option<Tensor<1>>, g: FrameGrid) -> Tensor<1> {
     let [_, d] = features.dims();
     let (t, n) = (g.frames, g.tokens_per_frame());
     let x = features.reshape([t, n, d]);
     let mean = x.clone().mean_dim(1); // [t, 1, d]
     let scale = (d as f32).sqrt();
-    let salience = burn::tensor::activation::softmax(mean.clone().matmul(x.clone().swap_dims(1, 2)) / scale, 2); // [t, 1, n]
+    let salience = match salience {
+        Some(s) => s,
+        None => burn::tensor::activation::softmax(mean.clone().matmul(x.clone().swap_dims(1, 2)) / scale, 2).reshape([t * n]), // [t, 1, n]
+    };
     let sq = x.clone().powi_scalar(2).sum_dim(2); // [t, n, 1]
     let dist = (sq.clone() + sq.swap_dims(1, 2) - x.clone().matmul(x.swap_dims(1, 2)) * 2.0).clamp_min(0.0).sqrt() / scale;
     let mean = mean.reshape([t, d]);
@@ -114,7 +149,7 @@ pub fn statistics(features: Tensor<2>, g: FrameGrid) -> Tensor<1> {
     if t > 1 {
         parts.push((unit.clone().narrow(0, 0, t - 1) * unit.narrow(0, 1, t - 1)).sum_dim(1).reshape([t - 1]));
     }
-    parts.push(salience.reshape([t * n]));
+    parts.push(salience);
     parts.push(dist.reshape([t * n * n]));
     Tensor::cat(parts, 0)
 }
@@ -313,10 +348,10 @@ fn ints(data: TensorData) -> Result<Vec<i64>, String> {
 /// FastVID under `budget` tokens.
 ///
 /// # Shapes
-/// - features: `[g.tokens(), d]` -> kept `[at most budget, d]`
-pub fn reduce(features: Tensor<2>, g: FrameGrid, budget: usize) -> Result<Kept, String> {
+/// - features: `[g.tokens(), d]`, salience `[g.tokens()]` -> kept `[at most budget, d]`
+pub fn reduce(features: Tensor<2>, salience: Option<Tensor<1>>, g: FrameGrid, budget: usize) -> Result<Kept, String> {
     per_frame(&g, budget)?;
-    let stats = floats(statistics(features.clone(), g).into_data())?;
+    let stats = floats(statistics(features.clone(), salience, g).into_data())?;
     let sel = select(&stats, g, budget)?;
     let assigned = match assignments(features.clone(), &sel) {
         Some(a) => ints(a.into_data())?,
@@ -326,9 +361,9 @@ pub fn reduce(features: Tensor<2>, g: FrameGrid, budget: usize) -> Result<Kept, 
 }
 
 /// [`reduce`], reading back without blocking (WebGPU in a browser).
-pub async fn reduce_async(features: Tensor<2>, g: FrameGrid, budget: usize) -> Result<Kept, String> {
+pub async fn reduce_async(features: Tensor<2>, salience: Option<Tensor<1>>, g: FrameGrid, budget: usize) -> Result<Kept, String> {
     per_frame(&g, budget)?;
-    let stats = floats(statistics(features.clone(), g).into_data_async().await.map_err(|e| format!("{e:?}"))?)?;
+    let stats = floats(statistics(features.clone(), salience, g).into_data_async().await.map_err(|e| format!("{e:?}"))?)?;
     let sel = select(&stats, g, budget)?;
     let assigned = match assignments(features.clone(), &sel) {
         Some(a) => ints(a.into_data_async().await.map_err(|e| format!("{e:?}"))?)?,

@@ -18,7 +18,7 @@ use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::Placement;
 
-use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower, SelfAttention};
+use crate::clip::{AttentionProbe, ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower, SelfAttention};
 use crate::layers::{LayerNorm, TowerWeights};
 
 /// LanguageBind's `vision_config`: CLIP's fields plus the temporal ones.
@@ -94,6 +94,16 @@ impl LanguageBindVideoTower {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]`, t a multiple of [`Self::group`] -> `[t, tokens, d_model]`
     pub fn hidden_state(&self, pixels: Tensor<4>, index: usize) -> Result<Tensor<3>, LoadError> {
+        Ok(self.run(pixels, index, false)?.0)
+    }
+
+    /// [`LanguageBindVideoTower::hidden_state`] and the attention probe of block `index`'s
+    /// spatial attention, after its temporal mixing (FastVID's salience; none for `index` 0).
+    pub fn hidden_state_probed(&self, pixels: Tensor<4>, index: usize) -> Result<(Tensor<3>, Option<AttentionProbe>), LoadError> {
+        self.run(pixels, index, true)
+    }
+
+    fn run(&self, pixels: Tensor<4>, index: usize, probe: bool) -> Result<(Tensor<3>, Option<AttentionProbe>), LoadError> {
         let t = pixels.dims()[0];
         if !t.is_multiple_of(self.group) {
             return Err(LoadError::Unsupported(format!(
@@ -104,19 +114,25 @@ impl LanguageBindVideoTower {
         // Groups are independent: encode as many whole groups together as fit a binding.
         let batch = (self.clip.frames_per_batch() / self.group).max(1) * self.group;
         if t > batch {
-            let parts = (0..t).step_by(batch).map(|s| self.hidden_state(pixels.clone().narrow(0, s, batch.min(t - s)), index));
-            return Ok(Tensor::cat(parts.collect::<Result<Vec<_>, _>>()?, 0));
+            let parts = (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), index, probe));
+            let (parts, probes): (Vec<_>, Vec<_>) = parts.collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
+            return Ok((Tensor::cat(parts, 0), probes.map(AttentionProbe::cat)));
         }
         let cfg = &self.clip.cfg;
         let (n, d) = (cfg.tokens(), cfg.d_model);
         let mut x = self.clip.embed(pixels);
+        let mut seen = None;
         for (i, layer) in self.clip.layers[..index].iter().enumerate() {
             if let Some(tm) = self.temporal.get(i) {
                 x = self.mix_time(tm, x, t / self.group, n, d);
             }
+            if probe && i + 1 == index {
+                seen = Some(layer.probe(x.clone(), t, n, cfg));
+            }
             x = layer.forward(x, t, n, cfg);
         }
-        Ok(x.reshape([t, n, d]))
+        Ok((x.reshape([t, n, d]), seen))
     }
 
     /// The temporal embedding, then attention across each group's frames, token by token.

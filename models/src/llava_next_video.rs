@@ -16,6 +16,7 @@ use vidllm_core::sampling::FrameTimes;
 use vidllm_core::{GenerateError, LoadError};
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
+use crate::fastvid::tower_salience;
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
@@ -102,12 +103,19 @@ impl LlavaNextVideo {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` -> `[t * tokens_per_frame, d_text]`
     pub fn video_features(&self, pixels: Tensor<4>) -> Tensor<2> {
-        let device = pixels.device();
-        let h = self.vision_tower.hidden_state(pixels, self.feature_layer);
-        let [t, n, d] = h.dims();
+        self.projector.forward(self.pooled(self.vision_tower.hidden_state(pixels, self.feature_layer)))
+    }
+
+    /// Each frame's patches (class token dropped) average-pooled: the video's tokens before
+    /// the projector, and the tower's probe pooled the same way.
+    ///
+    /// # Shapes
+    /// - h: `[t, 1 + g * g, c]` -> `[t * tokens_per_frame, c]`
+    fn pooled(&self, h: Tensor<3>) -> Tensor<2> {
+        let [t, n, c] = h.dims();
         let g = self.vision_tower.cfg.grid();
-        let grid = h.narrow(1, 1, n - 1).reshape([t, g, g, d]);
-        self.projector.forward(avg_pool2d_frames(grid, self.pool_stride, &device))
+        let device = h.device();
+        avg_pool2d_frames(h.narrow(1, 1, n - 1).reshape([t, g, g, c]), self.pool_stride, &device)
     }
 }
 
@@ -152,6 +160,21 @@ impl Architecture for LlavaNextVideo {
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = pixels.dims()[0] * self.tokens_per_frame();
         Visual::new(self.video_token, self.video_features(pixels), per_placeholder)
+    }
+
+    /// The probe's queries and keys pooled as the frame's patches are.
+    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
+        let t = pixels.dims()[0];
+        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
+        let m = self.tokens_per_frame();
+        let salience = probe.map(|p| {
+            tower_salience(p.pooled(|x| {
+                let c = x.dims()[2];
+                self.pooled(x).reshape([t, m, c])
+            }))
+        });
+        let visual = Visual::new(self.video_token, self.projector.forward(self.pooled(h)), t * m);
+        Visual { salience, ..visual }
     }
 
     /// Each frame is encoded and pooled on its own: its share is its pooled tokens.

@@ -26,13 +26,16 @@ pub struct Visual {
     pub kept_at: Option<KeptAt>,
     /// A video that FrameFusion reduces inside the decoder, during the prefill.
     pub fusion: Option<crate::framefusion::Plan>,
+    /// FastVID's salience of each token, from the vision tower
+    /// ([`crate::fastvid::tower_salience`]), where the architecture gave it. `[n]`
+    pub salience: Option<Tensor<1>>,
 }
 
 impl Visual {
     /// `features` filling the `token` placeholders, `per_placeholder` rows each: one run,
     /// unreduced, not tiled.
     pub fn new(token: u32, features: Tensor<2>, per_placeholder: usize) -> Self {
-        Self { token, features, per_placeholder, counts: None, tiles: None, kept_at: None, fusion: None }
+        Self { token, features, per_placeholder, counts: None, tiles: None, kept_at: None, fusion: None, salience: None }
     }
 }
 

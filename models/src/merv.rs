@@ -53,6 +53,7 @@ use vidllm_shaders::preprocess::{normalise_planes, preprocess_planes};
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson};
 use crate::dinov2::{Dinov2ConfigJson, Dinov2Tower};
+use crate::fastvid::tower_salience;
 use crate::languagebind::{LanguageBindConfigJson, LanguageBindVideoTower};
 use crate::layers::TowerWeights;
 use crate::llama::{Llama, LlamaConfig};
@@ -320,22 +321,55 @@ impl Encoder {
     /// # Shapes
     /// - pixels: `[frames, 3, s, s]` -> `[steps, g, g, d]`
     pub fn features(&self, pixels: Tensor<4>) -> Tensor<4> {
+        self.run(pixels, false).0
+    }
+
+    /// [`Encoder::features`] and, where `probe`, the salience of its tokens pooled to the
+    /// common grid ([`tower_salience`] of the feature block's queries and keys, which are
+    /// laid out and pooled as the features are): `[T * h * w]`.
+    fn run(&self, pixels: Tensor<4>, probe: bool) -> (Tensor<4>, Option<Tensor<1>>) {
         let t = pixels.dims()[0];
-        let (h, steps) = match &self.tower {
-            Tower::LanguageBind(tw) => (tw.hidden_state(pixels, self.blocks).expect("frames checked at load"), t),
-            Tower::Dinov2(tw) => (tw.hidden_state(pixels, self.blocks), t),
-            Tower::Siglip(tw) => (tw.hidden_state(pixels, self.blocks), t),
-            Tower::Vivit(tw) => {
-                let x = tw.forward(pixels).expect("frames and size checked at load");
+        let (h, seen, steps) = match (&self.tower, probe) {
+            (Tower::LanguageBind(tw), true) => {
+                let (h, p) = tw.hidden_state_probed(pixels, self.blocks).expect("frames checked at load");
+                (h, p, t)
+            }
+            (Tower::LanguageBind(tw), false) => (tw.hidden_state(pixels, self.blocks).expect("frames checked at load"), None, t),
+            (Tower::Dinov2(tw), true) => {
+                let (h, p) = tw.hidden_state_probed(pixels, self.blocks);
+                (h, p, t)
+            }
+            (Tower::Dinov2(tw), false) => (tw.hidden_state(pixels, self.blocks), None, t),
+            (Tower::Siglip(tw), true) => {
+                let (h, p) = tw.hidden_state_probed(pixels, self.blocks);
+                (h, p, t)
+            }
+            (Tower::Siglip(tw), false) => (tw.hidden_state(pixels, self.blocks), None, t),
+            (Tower::Vivit(tw), probe) => {
+                let (x, p) = match probe {
+                    true => tw.forward_probed(pixels),
+                    false => tw.forward(pixels).map(|x| (x, None)),
+                }
+                .expect("frames and size checked at load");
                 let [n, d] = x.dims();
-                (x.reshape([1, n, d]), tw.steps())
+                (x.reshape([1, n, d]), p, tw.steps())
             }
         };
-        let [b, n, d] = h.dims();
-        let patches = n - self.drop_prefix;
-        let per_step = b * patches / steps;
-        let g = (per_step as f64).sqrt() as usize;
-        h.narrow(1, self.drop_prefix, patches).reshape([steps, g, g, d])
+        let grid = |h: Tensor<3>| {
+            let [b, n, d] = h.dims();
+            let patches = n - self.drop_prefix;
+            let per_step = b * patches / steps;
+            let g = (per_step as f64).sqrt() as usize;
+            h.narrow(1, self.drop_prefix, patches).reshape([steps, g, g, d])
+        };
+        let [frames, rows, cols] = self.projector.pool;
+        let salience = seen.map(|p| {
+            tower_salience(p.pooled(|x| {
+                let d = x.dims()[2];
+                self.projector.pooled(grid(x)).reshape([frames, rows * cols, d])
+            }))
+        });
+        (grid(h), salience)
     }
 
     /// Pooled and projected: `[T * h * w, d_text]`.
@@ -425,14 +459,24 @@ impl Merv {
     /// # Shapes
     /// - frames: `[t, 3, h, w]` RGB planes -> encoders x `[T * h * w, d_text]`
     pub fn projected(&self, frames: Tensor<4>) -> Vec<Tensor<2>> {
+        self.encoded(frames, false).into_iter().map(|(tokens, _)| tokens).collect()
+    }
+
+    /// [`Merv::projected`], each encoder's tokens with their salience from its tower where
+    /// `probe` ([`Encoder::run`]).
+    fn encoded(&self, frames: Tensor<4>, probe: bool) -> Vec<(Tensor<2>, Option<Tensor<1>>)> {
         let clip = self.clip(frames);
         // An encoder on a device of its own takes the clip there; its tokens come back to
         // the fusion's device.
         let home = clip.device();
         let run = |e: &Encoder, clip: Tensor<4>| {
             let clip = if e.device == home { clip } else { clip.to_device(&e.device) };
-            let tokens = e.projected(e.features(e.pixels(clip)));
-            if e.device == home { tokens } else { tokens.to_device(&home) }
+            let (features, salience) = e.run(e.pixels(clip), probe);
+            let tokens = e.projected(features);
+            match e.device == home {
+                true => (tokens, salience),
+                false => (tokens.to_device(&home), salience.map(|s| s.to_device(&home))),
+            }
         };
         // The encoders are independent until the fusion: natively each may run on a thread
         // of its own (on a GPU, each thread submits its own stream of work).
@@ -494,6 +538,20 @@ impl Architecture for Merv {
         let fused = self.fusion.forward(self.projected(pixels));
         *self.last_weights.borrow_mut() = Some(fused.weights);
         Visual::new(self.video_token, fused.tokens, self.tokens())
+    }
+
+    /// Each encoder's salience from its own feature block, pooled to the common grid as
+    /// its features are; the video's is their mix by the fusion's weights, as the tokens
+    /// are mixed (each frame's still a distribution over its tokens).
+    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
+        let (tokens, saliences): (Vec<_>, Vec<_>) = self.encoded(pixels, true).into_iter().unzip();
+        let fused = self.fusion.forward(tokens);
+        let salience = saliences.into_iter().collect::<Option<Vec<Tensor<1>>>>().map(|s| {
+            let e = s.len();
+            (Tensor::stack::<2>(s, 0) * fused.weights.clone().reshape([e, 1])).sum_dim(0).reshape([self.tokens()])
+        });
+        *self.last_weights.borrow_mut() = Some(fused.weights);
+        Visual { salience, ..Visual::new(self.video_token, fused.tokens, self.tokens()) }
     }
 
     fn video_grid(&self, _frames: usize) -> FrameGrid {

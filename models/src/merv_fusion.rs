@@ -41,12 +41,20 @@ impl PreFusionProjector {
     /// # Shapes
     /// - features: `[t, h, w, d_encoder]` (frame-major grid) -> `[T * h' * w', d_text]`
     pub fn forward(&self, features: Tensor<4>) -> Tensor<2> {
-        let device = features.device();
-        let t = features.dims()[0];
+        self.linear.forward(self.pooled(features))
+    }
+
+    /// The pooling alone (of the features, or of the tower's queries and keys laid out as
+    /// they are).
+    ///
+    /// # Shapes
+    /// - x: `[t, h, w, c]` -> `[T * h' * w', c]`
+    pub fn pooled(&self, x: Tensor<4>) -> Tensor<2> {
+        let device = x.device();
+        let t = x.dims()[0];
         // Time is already aligned when every encoder gives `T` steps; otherwise it is
         // pooled too (adaptive bins), as `AdaptiveAvgPool3d` does.
-        let pooled = pool3d(features, self.pool, (t != self.pool[0]).then_some(t), &device);
-        self.linear.forward(pooled)
+        pool3d(x, self.pool, (t != self.pool[0]).then_some(t), &device)
     }
 }
 

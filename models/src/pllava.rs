@@ -27,6 +27,7 @@ use vidllm_core::sampling::FrameTimes;
 use vidllm_core::{GenerateError, LoadError};
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
+use crate::fastvid::tower_salience;
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, QuantChoice, WeightSource, load_llama_hf};
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
@@ -166,13 +167,27 @@ impl Pllava {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` -> `[t, grid, grid, d_text]`
     pub fn projected(&self, pixels: Tensor<4>) -> Tensor<4> {
-        let h = self.vision_tower.hidden_state(pixels, self.feature_layer);
+        self.project(self.vision_tower.hidden_state(pixels, self.feature_layer))
+    }
+
+    /// # Shapes
+    /// - h: `[t, 1 + grid * grid, d_vis]` -> `[t, grid, grid, d_text]`
+    fn project(&self, h: Tensor<3>) -> Tensor<4> {
         let [t, n, d] = h.dims();
         let g = self.vision_tower.cfg.grid();
         let h = h.narrow(1, 1, n - 1).reshape([t * (n - 1), d]);
         let p = self.projector.forward(h);
         let dt = p.dims()[1];
         p.reshape([t, g, g, dt])
+    }
+
+    /// Frames' grids `[t, grid, grid, c]` pooled to the video's tokens `[T * h * w, c]`,
+    /// short clips repeated first.
+    fn pool(&self, x: Tensor<4>) -> Tensor<2> {
+        let t = x.dims()[0];
+        let device = x.device();
+        let repeat = (t < self.num_frames).then_some(self.num_frames);
+        pool3d(x, self.pooling_shape, repeat, &device)
     }
 
     /// Pooled video tokens: projector first, then `AdaptiveAvgPool3d`. Clips shorter than
@@ -182,10 +197,7 @@ impl Pllava {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` -> `[T * h * w, d_text]`
     pub fn video_features(&self, pixels: Tensor<4>) -> Tensor<2> {
-        let t = pixels.dims()[0];
-        let device = pixels.device();
-        let repeat = (t < self.num_frames).then_some(self.num_frames);
-        pool3d(self.projected(pixels), self.pooling_shape, repeat, &device)
+        self.pool(self.projected(pixels))
     }
 }
 
@@ -211,6 +223,22 @@ impl Architecture for Pllava {
         Visual::new(self.image_token, self.video_features(pixels), self.video_tokens())
     }
 
+    /// The probe's queries and keys (class token dropped) pooled in 3-D as the projected
+    /// patches are: a pooled time step is a frame of the salience.
+    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
+        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
+        let [frames, rows, cols] = self.pooling_shape;
+        let g = self.vision_tower.cfg.grid();
+        let salience = probe.map(|p| {
+            tower_salience(p.pooled(|x| {
+                let [t, n, c] = x.dims();
+                self.pool(x.narrow(1, 1, n - 1).reshape([t, g, g, c])).reshape([frames, rows * cols, c])
+            }))
+        });
+        let visual = Visual::new(self.image_token, self.pool(self.project(h)), self.video_tokens());
+        Visual { salience, ..visual }
+    }
+
     /// The tower and the projector see each frame alone; the pooling spans frames, so a
     /// frame's share is its projected grid, and the window is pooled at question time.
     fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
@@ -223,9 +251,7 @@ impl Architecture for Pllava {
         let (rows, t) = joined_shares(shares)?;
         let g = self.vision_tower.cfg.grid();
         let d = rows.dims()[1];
-        let device = rows.device();
-        let repeat = (t < self.num_frames).then_some(self.num_frames);
-        let features = pool3d(rows.reshape([t, g, g, d]), self.pooling_shape, repeat, &device);
+        let features = self.pool(rows.reshape([t, g, g, d]));
         Ok(Visual::new(self.image_token, features, self.video_tokens()))
     }
 

@@ -14,7 +14,7 @@ use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
 
-use crate::clip::{ClipVisionConfig, EncoderLayer, VisionDefaults};
+use crate::clip::{AttentionProbe, ClipVisionConfig, EncoderLayer, VisionDefaults};
 use crate::layers::{LayerNorm, vector};
 
 /// transformers' defaults for a SigLIP `vision_config`'s missing fields, per config class.
@@ -119,7 +119,16 @@ impl SiglipVisionTower {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` (s = the config's `image_size`) -> `[t, tokens, d_model]`
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
-        self.encode(pixels, self.layers.len(), true)
+        self.encode(pixels, self.layers.len(), true, false).0
+    }
+
+    /// [`SiglipVisionTower::forward`] and the attention probe of its last block (FastVID's
+    /// salience).
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, s, s]` -> `[t, tokens, d_model]`, probe `[t, tokens, d_model]` each
+    pub fn forward_probed(&self, pixels: Tensor<4>) -> (Tensor<3>, Option<AttentionProbe>) {
+        self.encode(pixels, self.layers.len(), true, true)
     }
 
     /// The output of the first `blocks` blocks (`hidden_states[blocks]`), without the
@@ -128,27 +137,41 @@ impl SiglipVisionTower {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` -> `[t, tokens, d_model]`
     pub fn hidden_state(&self, pixels: Tensor<4>, blocks: usize) -> Tensor<3> {
-        self.encode(pixels, blocks, false)
+        self.encode(pixels, blocks, false, false).0
     }
 
-    fn encode(&self, pixels: Tensor<4>, blocks: usize, post_norm: bool) -> Tensor<3> {
+    /// [`SiglipVisionTower::hidden_state`] and the attention probe of block `blocks`
+    /// (none for 0).
+    pub fn hidden_state_probed(&self, pixels: Tensor<4>, blocks: usize) -> (Tensor<3>, Option<AttentionProbe>) {
+        self.encode(pixels, blocks, false, true)
+    }
+
+    /// The first `blocks` blocks, then `post_layernorm` where `post_norm`; with `probe`, the
+    /// attention probe of the last of them.
+    fn encode(&self, pixels: Tensor<4>, blocks: usize, post_norm: bool, probe: bool) -> (Tensor<3>, Option<AttentionProbe>) {
         let t = pixels.dims()[0];
         let batch = self.images_per_batch();
         if t > batch {
             // Images are independent: encode them in batches whose attention scores fit
             // one storage binding, then put the batches back together.
-            let parts = (0..t).step_by(batch).map(|s| self.encode(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, post_norm));
-            return Tensor::cat(parts.collect(), 0);
+            let (parts, probes): (Vec<_>, Vec<_>) =
+                (0..t).step_by(batch).map(|s| self.encode(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, post_norm, probe)).unzip();
+            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
+            return (Tensor::cat(parts, 0), probes.map(AttentionProbe::cat));
         }
         let (n, d) = (self.tokens(), self.cfg.d_model);
         let mut x = self.embed(pixels);
-        for layer in &self.layers[..blocks] {
+        let mut seen = None;
+        for (i, layer) in self.layers[..blocks].iter().enumerate() {
+            if probe && i + 1 == blocks {
+                seen = Some(layer.probe(x.clone(), t, n, &self.cfg));
+            }
             x = layer.forward(x, t, n, &self.cfg);
         }
         if post_norm {
             x = self.post_ln.forward(x);
         }
-        x.reshape([t, n, d])
+        (x.reshape([t, n, d]), seen)
     }
 
     /// Patch embeddings (conv with bias) plus positions.

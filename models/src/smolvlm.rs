@@ -31,13 +31,14 @@ use vidllm_core::{GenerateError, LoadError};
 use vidllm_shaders::device::Placement;
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson};
+use crate::fastvid::tower_salience;
 use crate::llama::{Llama, LlamaConfig};
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, load_llama_hf};
 use crate::llava::find_prefix;
 use crate::merge::Visual;
 use crate::mmproj::Mmproj;
 use crate::siglip::{Positions, SiglipDefaults, SiglipVisionTower};
-use crate::smolvlm_connector::SmolVlmConnector;
+use crate::smolvlm_connector::{SmolVlmConnector, block_mean};
 use crate::token_budget::FrameGrid;
 use crate::video_model::{Architecture, LoadOptions, Preprocessing, Tiling, joined_shares, parse_config};
 use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
@@ -203,6 +204,19 @@ impl Architecture for SmolVlm {
 
     fn video(&self, pixels: Tensor<4>) -> Visual {
         Visual::new(self.image_token, self.image_features(pixels), self.image_seq_len())
+    }
+
+    /// The probe's keys averaged over each block of `r x r` patches that the pixel shuffle
+    /// folds into one token, as the authors' Qwen2.5-VL code averages them over its
+    /// merger's 2 x 2 blocks.
+    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
+        let (h, probe) = self.vision.forward_probed(pixels);
+        let [t, n, _] = h.dims();
+        let y = self.connector.forward(h);
+        let d = y.dims()[2];
+        let salience = probe.map(|p| tower_salience(p.pooled(|x| block_mean(x, self.connector.scale))));
+        let visual = Visual::new(self.image_token, y.reshape([t * self.connector.tokens(n), d]), self.image_seq_len());
+        Visual { salience, ..visual }
     }
 
     /// Each frame is encoded on its own: its share is its connector's tokens.

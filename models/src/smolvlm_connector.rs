@@ -59,3 +59,18 @@ pub fn pixel_shuffle(x: Tensor<3>, r: usize) -> Tensor<3> {
         .swap_dims(1, 2) // [b, h/r, w/r, r^2 d]
         .reshape([b, n / (r * r), d * r * r])
 }
+
+/// The mean of each `r x r` block of patches that [`pixel_shuffle`] folds into one token,
+/// in its token order.
+///
+/// # Shapes
+/// - x: `[b, g * g, d]` -> `[b, (g / r)^2, d]`
+pub fn block_mean(x: Tensor<3>, r: usize) -> Tensor<3> {
+    let [b, n, d] = x.dims();
+    let g = (n as f64).sqrt() as usize;
+    x.reshape([b * g / r, r, g / r, r * d]) // [b h/r, r rows, w/r, r cols d]
+        .mean_dim(1)
+        .reshape([b * n / (r * r), r, d])
+        .mean_dim(1)
+        .reshape([b, n / (r * r), d])
+}

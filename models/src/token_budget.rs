@@ -189,7 +189,9 @@ pub fn reduce(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduce
 pub async fn reduce_async(visual: Visual, grid: FrameGrid, budget: &Budget) -> Result<Reduced, GenerateError> {
     if budget.reduce == Reduce::FastVid && visual.features.dims()[0] == grid.tokens() && visual.features.dims()[0] > budget.max_tokens {
         let t0 = web_time::Instant::now();
-        let kept = crate::fastvid::reduce_async(visual.features.clone(), grid, budget.max_tokens).await.map_err(GenerateError::Visual)?;
+        let kept = crate::fastvid::reduce_async(visual.features.clone(), visual.salience.clone(), grid, budget.max_tokens)
+            .await
+            .map_err(GenerateError::Visual)?;
         return Ok(finish(visual, grid, budget, kept, t0));
     }
     let read = match budget.reduce {
@@ -228,7 +230,7 @@ fn reduce_with(visual: Visual, grid: FrameGrid, budget: &Budget, read: Option<Ve
         Reduce::None => unreachable!("handled above"),
         Reduce::SlowFast => crate::slowfast::reduce(visual.features.clone(), grid, budget.max_tokens),
         Reduce::MaxInfo => crate::maxinfo::reduce(visual.features.clone(), grid, budget.max_tokens, budget.frames, read),
-        Reduce::FastVid => crate::fastvid::reduce(visual.features.clone(), grid, budget.max_tokens),
+        Reduce::FastVid => crate::fastvid::reduce(visual.features.clone(), visual.salience.clone(), grid, budget.max_tokens),
         Reduce::FrameFusion => {
             // The decoder reduces it during the prefill: mark the video, keep its tokens.
             let plan = crate::framefusion::Plan { budget: budget.max_tokens, tokens: before, tokens_per_frame: grid.tokens_per_frame() };
@@ -259,7 +261,7 @@ fn finish(visual: Visual, grid: FrameGrid, budget: &Budget, kept: Kept, t0: web_
         true => KeptAt { spans: vec![per; frames.len()], offsets: at.iter().map(|i| i % per).collect() },
         false => KeptAt { spans: vec![before], offsets: at },
     });
-    let visual = Visual { features: kept.features, per_placeholder, counts, kept_at, ..visual };
+    let visual = Visual { features: kept.features, per_placeholder, counts, kept_at, salience: None, ..visual };
     let report = ReductionReport::of(budget, grid, after, frames.len(), None, t0);
     Reduced { visual, frames, report }
 }

@@ -15,6 +15,7 @@ use vidllm_core::sampling::FrameTimes;
 use vidllm_core::{GenerateError, LoadError};
 
 use crate::clip::{ClipVisionConfig, ClipVisionConfigJson, ClipVisionTower};
+use crate::fastvid::tower_salience;
 use crate::llama::Llama;
 use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llama_hf};
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
@@ -134,7 +135,12 @@ impl VideoLlava {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]` -> `[t * tokens, d_text]`
     pub fn video_features(&self, pixels: Tensor<4>) -> Tensor<2> {
-        let h = self.video_hidden(pixels);
+        self.project(self.video_hidden(pixels))
+    }
+
+    /// # Shapes
+    /// - h: `[t, tokens, d_vis]` -> `[t * tokens, d_text]`
+    fn project(&self, h: Tensor<3>) -> Tensor<2> {
         let [t, n, d] = h.dims();
         self.projector.forward(h.reshape([t * n, d]))
     }
@@ -172,6 +178,15 @@ impl Architecture for VideoLlava {
     fn video(&self, pixels: Tensor<4>) -> Visual {
         let per_placeholder = self.video_tokens(pixels.dims()[0]);
         Visual::new(self.visual.video_token, self.video_features(pixels), per_placeholder)
+    }
+
+    /// Every token of a frame (its class token too) is a video token: the probe's keys are
+    /// taken as they are.
+    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
+        let t = pixels.dims()[0];
+        let (h, probe) = self.video_tower.hidden_state_probed(pixels, self.visual.feature_layer);
+        let visual = Visual::new(self.visual.video_token, self.project(h), self.video_tokens(t));
+        Visual { salience: probe.map(tower_salience), ..visual }
     }
 
     /// The video tower sees each frame alone: a frame's share is its projected tokens.

@@ -26,7 +26,7 @@ use crate::merge::{Visual, expand_placeholders, expand_placeholders_counted};
 use crate::merv::Merv;
 use crate::pllava::Pllava;
 use crate::smolvlm::SmolVlm;
-use crate::token_budget::{Budget, FrameGrid, Reduced, ReductionReport, reduce, reduce_async};
+use crate::token_budget::{Budget, FrameGrid, Reduce, Reduced, ReductionReport, reduce, reduce_async};
 use crate::video_llava::VideoLlava;
 
 /// Load-time choices a user may override.
@@ -114,6 +114,15 @@ pub trait Architecture {
     /// # Shapes
     /// - pixels: `[t, 3, s, s]`
     fn video(&self, pixels: Tensor<4>) -> Visual;
+
+    /// [`Architecture::video`] with FastVID's salience of each token taken from the vision
+    /// tower ([`Visual::salience`], [`crate::fastvid::tower_salience`]): the feature block's
+    /// queries and keys, pooled as the connector pools the features. Where the tower gives
+    /// none (MERV's four towers), the video alone, and FastVID takes the salience from the
+    /// projected tokens.
+    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
+        self.video(pixels)
+    }
 
     /// How [`Architecture::video`]'s tokens for `frames` frames are laid out (what a
     /// visual-token budget works on).
@@ -290,7 +299,15 @@ impl VideoModel {
     /// when one is given ([`crate::token_budget`]).
     pub fn encode_video(&self, pixels: Tensor<4>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
         let t = pixels.dims()[0];
-        self.budgeted(self.arch.video(pixels), t, budget)
+        self.budgeted(self.video_for(pixels, budget), t, budget)
+    }
+
+    /// The video's tokens, with the tower's salience where FastVID will read it.
+    fn video_for(&self, pixels: Tensor<4>, budget: Option<&Budget>) -> Visual {
+        match budget {
+            Some(b) if b.reduce == Reduce::FastVid => self.arch.video_probed(pixels),
+            _ => self.arch.video(pixels),
+        }
     }
 
     /// A video's visual tokens from its `t` frames' shares ([`Architecture::frame_share`]:
@@ -310,7 +327,7 @@ impl VideoModel {
     /// [`VideoModel::encode_video`] without blocking on the device (the browser).
     pub async fn encode_video_async(&self, pixels: Tensor<4>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
         let t = pixels.dims()[0];
-        let visual = self.arch.video(pixels);
+        let visual = self.video_for(pixels, budget);
         let Some(budget) = budget else { return Ok(EncodedVideo { visual, frames: None, reduction: None }) };
         let grid = self.arch.video_grid(t);
         Ok(Self::encoded(reduce_async(visual, grid, budget).await?, grid, t))

@@ -13,7 +13,7 @@ use vidllm_core::LoadError;
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_shaders::device::{BindingCap, Placement};
 
-use crate::clip::{Activation, BlockNames, ClipVisionConfig, EncoderLayer};
+use crate::clip::{Activation, AttentionProbe, BlockNames, ClipVisionConfig, EncoderLayer};
 use crate::layers::{LayerNorm, TowerWeights, vector};
 
 /// A `VivitConfig` as written in `config.json`.
@@ -135,6 +135,16 @@ impl VivitTower {
     /// # Shapes
     /// - pixels: `[frames, 3, s, s]` (one clip) -> `[tokens, d]`
     pub fn forward(&self, pixels: Tensor<4>) -> Result<Tensor<2>, LoadError> {
+        Ok(self.run(pixels, false)?.0)
+    }
+
+    /// [`VivitTower::forward`] and the attention probe of its last block (FastVID's
+    /// salience), `[1, tokens, d]` each.
+    pub fn forward_probed(&self, pixels: Tensor<4>) -> Result<(Tensor<2>, Option<AttentionProbe>), LoadError> {
+        self.run(pixels, true)
+    }
+
+    fn run(&self, pixels: Tensor<4>, probe: bool) -> Result<(Tensor<2>, Option<AttentionProbe>), LoadError> {
         let [t, _, h, w] = pixels.dims();
         let s = self.cfg.image_size;
         if t != self.frames || h != s || w != s {
@@ -145,10 +155,14 @@ impl VivitTower {
         // query rows at a time where they would not fit one storage binding.
         let rows = self.cap.per_binding(4 * self.cfg.n_heads * n, 0).min(n);
         let mut x = self.embed(pixels);
-        for layer in &self.layers {
+        let mut seen = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if probe && i + 1 == self.layers.len() {
+                seen = Some(layer.probe(x.clone(), 1, n, &self.cfg));
+            }
             x = layer.forward_rows(x, 1, n, &self.cfg, rows);
         }
-        Ok(self.final_ln.forward(x))
+        Ok((self.final_ln.forward(x), seen))
     }
 
     /// # Shapes

@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 use vidllm_core::safetensors::Checkpoint;
 use vidllm_models::merge::Visual;
 use vidllm_models::token_budget::{Budget, FrameGrid, Reduce, reduce};
-use vidllm_tests::{fixture, test_devices};
+use vidllm_tests::{check_stage, fixture, test_devices};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -199,6 +199,76 @@ fn every_architecture_answers_under_a_budget() {
                     assert_eq!(skipped, 0, "{name} {arch} {method:?}");
                 }
             }
+        }
+    }
+}
+
+/// FastVID's salience from each architecture's vision tower against the Qwen2.5-VL code's
+/// formula on transformers' own blocks (`tests/fixtures/gen_fastvid_salience_fixtures.py`:
+/// forward hooks on the feature block's `q_proj` / `k_proj`, pooled as each connector pools;
+/// MERV's four towers as `gen_merv_fixtures.py` writes them, mixed by the fusion's weights),
+/// then the tokens FastVID keeps with it against the reference's, on every device.
+#[test]
+fn fastvid_salience_comes_from_the_tower() {
+    use vidllm_models::llama_hf::QuantChoice;
+    use vidllm_models::model_files::ModelFiles;
+    use vidllm_models::video_model::LoadOptions;
+
+    #[derive(serde::Deserialize)]
+    struct SalienceCase {
+        name: String,
+        frames: usize,
+        per: usize,
+        budget: Option<usize>,
+    }
+    let path = fixture("fastvid_salience_ref.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let cases: Vec<SalienceCase> = serde_json::from_str(header["__metadata__"]["cases"].as_str().unwrap()).unwrap();
+    assert_eq!(cases.len(), 5);
+    let ck = Checkpoint::open_files(&[path]).unwrap();
+    for (device, at) in test_devices() {
+        for c in &cases {
+            let opts = LoadOptions { quant: QuantChoice::F32, ..Default::default() };
+            let vm = ModelFiles::Dir(fixture(&format!("tiny_{}", c.name))).load(opts, &at).unwrap().model;
+            let (px, shape) = ck.f32(&format!("{}.pixels", c.name)).unwrap();
+            let pixels = || Tensor::<4>::from_data(TensorData::new(px.clone(), [shape[0], shape[1], shape[2], shape[3]]), &at.device);
+            let want = ck.f32(&format!("{}.salience", c.name)).unwrap().0;
+            let visual = vm.video_probed(pixels());
+            let got = visual.salience.expect("the tower's salience").into_data().try_into_vec::<f32>().unwrap();
+            assert_eq!(got.len(), c.frames * c.per, "{device} {}", c.name);
+            // A stage of f32 parity, as every other (MERV's from the decoded frames through
+            // vidllm's resizes, which are within one 8-bit level of PIL's).
+            check_stage(&format!("{} salience of {} tokens", c.name, got.len()), &device, &got, &want);
+            // Each frame's salience is a distribution over its tokens.
+            for f in got.chunks_exact(c.per) {
+                assert!((f.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{device} {}", c.name);
+            }
+            let Some(budget) = c.budget else { continue };
+            let kept: Vec<usize> = ck.i64(&format!("{}.kept", c.name)).unwrap().0.iter().map(|&i| i as usize).collect();
+            let e = vm.encode_video(pixels(), Some(&Budget::new(budget, Reduce::FastVid, shape[0]).unwrap())).unwrap();
+            let at = e.visual.kept_at.as_ref().expect("fastvid keeps positions");
+            let frames = e.frames.clone().unwrap_or_else(|| (0..c.frames).collect());
+            // Kept video token indices: per-frame runs (SmolVLM2) hold offsets within their frame.
+            let got: Vec<usize> = if at.spans.len() == 1 {
+                at.offsets.clone()
+            } else {
+                let counts = e.visual.counts.clone().unwrap();
+                let mut i = 0;
+                frames
+                    .iter()
+                    .zip(&counts)
+                    .flat_map(|(&f, &k)| (0..k).map(move |j| (f, j)))
+                    .map(|(f, _)| {
+                        let o = at.offsets[i];
+                        i += 1;
+                        f * c.per + o
+                    })
+                    .collect()
+            };
+            println!("{device} {}: FastVID kept {:?}", c.name, got);
+            assert_eq!(got, kept, "{device} {}: the tokens FastVID keeps", c.name);
         }
     }
 }

@@ -245,6 +245,7 @@ impl SelfAttention {
 ///
 /// # Shapes
 /// - q, k: `[images, tokens, d]` (heads side by side, as the projections give them)
+#[derive(Clone)]
 pub struct AttentionProbe {
     pub q: Tensor<3>,
     pub k: Tensor<3>,

@@ -36,9 +36,13 @@
 //!   features ([`crate::video_model::Architecture::video_probed`]): Video-LLaVA not at all
 //!   (the class token is a video token), LLaVA-NeXT-Video 2-D and PLLaVA 3-D average
 //!   pooling, SmolVLM2 the mean of each block its pixel shuffle folds.
-//! - Where no tower gives it, the salience is that of the frame's mean projected token over
-//!   its tokens, `softmax(mean . x_i / sqrt(d))`: MERV (four towers, fused) and a live
-//!   window's frames (encoded one by one before any question names a method).
+//!   MERV mixes its four encoders' saliences by the fusion's weights, as it mixes their
+//!   tokens. A live window's frames keep their probe from their arrival
+//!   ([`crate::video_model::FrameShare`]), so a question asking for FastVID finds the
+//!   same salience without encoding a frame again.
+//! - Where no tower gives one (a feature layer that is the embeddings, before any block),
+//!   the salience is that of the frame's mean projected token over its tokens,
+//!   `softmax(mean . x_i / sqrt(d))`.
 //! - A frame's global feature is the mean of its projected tokens (as their Qwen2.5-VL
 //!   code does).
 //! - Where the counts would ask for more tokens than an anchor frame has (budgets above

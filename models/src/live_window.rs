@@ -6,7 +6,9 @@
 //! ([`frame_share`](crate::video_model::Architecture::frame_share): Video-LLaVA, LLaVA-NeXT-Video, PLLaVA before its pooling,
 //! SmolVLM2), the frame is encoded once, as it arrives, and the window keeps its share; a
 //! question then only joins the shares (and, for PLLaVA, pools them), so the time to the
-//! first token does not include the encoding of the frames seen earlier. A model that
+//! first token does not include the encoding of the frames seen earlier. A share keeps the
+//! frame's attention probe too (its tower's feature block), from which FastVID takes its
+//! salience if the question asks for it. A model that
 //! encodes frames together (MERV) keeps the prepared frames instead, and encodes the
 //! window when asked.
 //!
@@ -21,7 +23,7 @@ use vidllm_core::GenerateError;
 use vidllm_core::sampling::FrameTimes;
 
 use crate::token_budget::Budget;
-use crate::video_model::{EncodedVideo, VideoModel};
+use crate::video_model::{EncodedVideo, FrameShare, VideoModel};
 
 /// One frame in the window.
 pub struct WindowFrame {
@@ -34,10 +36,10 @@ pub struct WindowFrame {
 
 /// What the window keeps of a frame.
 enum Held {
-    /// Its share of the video's encoding (`[n, d]`): the model encodes frames alone.
-    Share(Tensor<2>),
+    /// Its share of the video's encoding: the model encodes frames alone.
+    Share(Box<FrameShare>),
     /// Its prepared pixels (`[1, 3, s, s]`), encoded with the others when asked.
-    Pixels(Tensor<4>),
+    Pixels(Box<Tensor<4>>),
 }
 
 /// A question's video, from the window as it was when asked.
@@ -102,9 +104,9 @@ impl LiveWindow {
         let held = match model.frame_share(pixels.clone()) {
             Some(share) => {
                 self.frame_encodes += 1;
-                Held::Share(share)
+                Held::Share(Box::new(share))
             }
-            None => Held::Pixels(pixels),
+            None => Held::Pixels(Box::new(pixels)),
         };
         if self.frames.len() == self.capacity {
             self.frames.pop_front();
@@ -121,8 +123,8 @@ impl LiveWindow {
         let (mut shares, mut pixels) = (Vec::new(), Vec::new());
         for f in &self.frames {
             match &f.held {
-                Held::Share(s) => shares.push(s.clone()),
-                Held::Pixels(p) => pixels.push(p.clone()),
+                Held::Share(s) => shares.push(FrameShare::clone(s)),
+                Held::Pixels(p) => pixels.push(Tensor::clone(p)),
             }
         }
         let (encoded, encoded_now) = match (shares.is_empty(), pixels.is_empty()) {

@@ -22,7 +22,7 @@ use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llam
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, LoadOptions, joined_shares, parse_config};
+use crate::video_model::{Architecture, FrameShare, LoadOptions, joined_shares, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
@@ -106,6 +106,27 @@ impl LlavaNextVideo {
         self.projector.forward(self.pooled(self.vision_tower.hidden_state(pixels, self.feature_layer)))
     }
 
+    /// Frames' projected tokens and their probe, pooled as the tokens are.
+    fn share(&self, pixels: Tensor<4>) -> FrameShare {
+        let t = pixels.dims()[0];
+        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
+        let m = self.tokens_per_frame();
+        let probe = probe.map(|p| {
+            p.pooled(|x| {
+                let c = x.dims()[2];
+                self.pooled(x).reshape([t, m, c])
+            })
+        });
+        FrameShare { tokens: self.projector.forward(self.pooled(h)), probe }
+    }
+
+    /// The video of frames' share.
+    fn video_of(&self, share: FrameShare) -> Visual {
+        let rows = share.tokens.dims()[0];
+        let visual = Visual::new(self.video_token, share.tokens, rows);
+        Visual { salience: share.probe.map(tower_salience), ..visual }
+    }
+
     /// Each frame's patches (class token dropped) average-pooled: the video's tokens before
     /// the projector, and the tower's probe pooled the same way.
     ///
@@ -164,27 +185,16 @@ impl Architecture for LlavaNextVideo {
 
     /// The probe's queries and keys pooled as the frame's patches are.
     fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        let t = pixels.dims()[0];
-        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
-        let m = self.tokens_per_frame();
-        let salience = probe.map(|p| {
-            tower_salience(p.pooled(|x| {
-                let c = x.dims()[2];
-                self.pooled(x).reshape([t, m, c])
-            }))
-        });
-        let visual = Visual::new(self.video_token, self.projector.forward(self.pooled(h)), t * m);
-        Visual { salience, ..visual }
+        self.video_of(self.share(pixels))
     }
 
     /// Each frame is encoded and pooled on its own: its share is its pooled tokens.
-    fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
-        Some(self.video_features(pixels))
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
+        Some(self.share(pixels))
     }
 
-    fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
-        let (features, t) = joined_shares(shares)?;
-        Ok(Visual::new(self.video_token, features, t * self.tokens_per_frame()))
+    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
+        Ok(self.video_of(joined_shares(shares)?))
     }
 
     /// Each frame's pooled grid.

@@ -40,7 +40,7 @@ use crate::mmproj::Mmproj;
 use crate::siglip::{Positions, SiglipDefaults, SiglipVisionTower};
 use crate::smolvlm_connector::{SmolVlmConnector, block_mean};
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, LoadOptions, Preprocessing, Tiling, joined_shares, parse_config};
+use crate::video_model::{Architecture, FrameShare, LoadOptions, Preprocessing, Tiling, joined_shares, parse_config};
 use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
 
 /// `SmolVLMConfig` as in `config.json`.
@@ -138,6 +138,25 @@ impl SmolVlm {
     }
 }
 
+impl SmolVlm {
+    /// Frames' connector tokens and their probe, each block the pixel shuffle folds
+    /// averaged.
+    fn share(&self, pixels: Tensor<4>) -> FrameShare {
+        let (h, probe) = self.vision.forward_probed(pixels);
+        let [t, n, _] = h.dims();
+        let y = self.connector.forward(h);
+        let d = y.dims()[2];
+        let probe = probe.map(|p| p.pooled(|x| block_mean(x, self.connector.scale)));
+        FrameShare { tokens: y.reshape([t * self.connector.tokens(n), d]), probe }
+    }
+
+    /// The video of frames' share.
+    fn video_of(&self, share: FrameShare) -> Visual {
+        let visual = Visual::new(self.image_token, share.tokens, self.image_seq_len());
+        Visual { salience: share.probe.map(tower_salience), ..visual }
+    }
+}
+
 impl Architecture for SmolVlm {
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
         Self::from_checkpoint(ck, &parse_config(config_json)?, opts, at)
@@ -210,23 +229,16 @@ impl Architecture for SmolVlm {
     /// folds into one token, as the authors' Qwen2.5-VL code averages them over its
     /// merger's 2 x 2 blocks.
     fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        let (h, probe) = self.vision.forward_probed(pixels);
-        let [t, n, _] = h.dims();
-        let y = self.connector.forward(h);
-        let d = y.dims()[2];
-        let salience = probe.map(|p| tower_salience(p.pooled(|x| block_mean(x, self.connector.scale))));
-        let visual = Visual::new(self.image_token, y.reshape([t * self.connector.tokens(n), d]), self.image_seq_len());
-        Visual { salience, ..visual }
+        self.video_of(self.share(pixels))
     }
 
     /// Each frame is encoded on its own: its share is its connector's tokens.
-    fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
-        Some(self.image_features(pixels))
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
+        Some(self.share(pixels))
     }
 
-    fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
-        let (features, _) = joined_shares(shares)?;
-        Ok(Visual::new(self.image_token, features, self.image_seq_len()))
+    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
+        Ok(self.video_of(joined_shares(shares)?))
     }
 
     /// Each frame's pixel-shuffled grid, one timestamped placeholder a frame.

@@ -21,7 +21,7 @@ use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llam
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, LoadOptions, Preprocessing, joined_shares, parse_config};
+use crate::video_model::{Architecture, FrameShare, LoadOptions, Preprocessing, joined_shares, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 use vidllm_shaders::preprocess::preprocess_planes;
@@ -138,6 +138,19 @@ impl VideoLlava {
         self.project(self.video_hidden(pixels))
     }
 
+    /// Frames' projected tokens and their probe (FastVID's salience).
+    fn share(&self, pixels: Tensor<4>) -> FrameShare {
+        let (h, probe) = self.video_tower.hidden_state_probed(pixels, self.visual.feature_layer);
+        FrameShare { tokens: self.project(h), probe }
+    }
+
+    /// The video of frames' share.
+    fn video_of(&self, share: FrameShare) -> Visual {
+        let t = share.tokens.dims()[0] / self.video_tower.cfg.tokens();
+        let visual = Visual::new(self.visual.video_token, share.tokens, self.video_tokens(t));
+        Visual { salience: share.probe.map(tower_salience), ..visual }
+    }
+
     /// # Shapes
     /// - h: `[t, tokens, d_vis]` -> `[t * tokens, d_text]`
     fn project(&self, h: Tensor<3>) -> Tensor<2> {
@@ -183,20 +196,16 @@ impl Architecture for VideoLlava {
     /// Every token of a frame (its class token too) is a video token: the probe's keys are
     /// taken as they are.
     fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        let t = pixels.dims()[0];
-        let (h, probe) = self.video_tower.hidden_state_probed(pixels, self.visual.feature_layer);
-        let visual = Visual::new(self.visual.video_token, self.project(h), self.video_tokens(t));
-        Visual { salience: probe.map(tower_salience), ..visual }
+        self.video_of(self.share(pixels))
     }
 
     /// The video tower sees each frame alone: a frame's share is its projected tokens.
-    fn frame_share(&self, pixels: Tensor<4>) -> Option<Tensor<2>> {
-        Some(self.video_features(pixels))
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
+        Some(self.share(pixels))
     }
 
-    fn video_from_shares(&self, shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
-        let (features, t) = joined_shares(shares)?;
-        Ok(Visual::new(self.visual.video_token, features, self.video_tokens(t)))
+    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
+        Ok(self.video_of(joined_shares(shares)?))
     }
 
     /// Each frame: CLIP's class token, then its patch grid.

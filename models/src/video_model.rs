@@ -18,6 +18,7 @@ use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
 use crate::Llama;
+use crate::clip::AttentionProbe;
 use crate::idefics3::Idefics3;
 use crate::layers::TowerWeights;
 use crate::llama_hf::QuantChoice;
@@ -117,9 +118,9 @@ pub trait Architecture {
 
     /// [`Architecture::video`] with FastVID's salience of each token taken from the vision
     /// tower ([`Visual::salience`], [`crate::fastvid::tower_salience`]): the feature block's
-    /// queries and keys, pooled as the connector pools the features. Where the tower gives
-    /// none (MERV's four towers), the video alone, and FastVID takes the salience from the
-    /// projected tokens.
+    /// queries and keys, pooled as the connector pools the features. By default (an
+    /// architecture without a tower to probe) the video alone, and FastVID takes the
+    /// salience from the projected tokens.
     fn video_probed(&self, pixels: Tensor<4>) -> Visual {
         self.video(pixels)
     }
@@ -134,15 +135,19 @@ pub trait Architecture {
     /// (MERV: ViViT's tubelets span frames, LanguageBind attends across them); a window
     /// then holds such a model's prepared frames and encodes them at question time.
     ///
+    /// The share holds the frame's attention probe too (its tower's feature block, pooled
+    /// within the frame as its tokens are), so that FastVID, should a question ask for it,
+    /// finds the tower's salience without encoding the frame again.
+    ///
     /// # Shapes
-    /// - pixels: `[1, 3, s, s]` (one preprocessed frame) -> `[n, d]`
-    fn frame_share(&self, _pixels: Tensor<4>) -> Option<Tensor<2>> {
+    /// - pixels: `[1, 3, s, s]` (one preprocessed frame) -> tokens `[n, d]`, probe `[1, m, d_vis]`
+    fn frame_share(&self, _pixels: Tensor<4>) -> Option<FrameShare> {
         None
     }
 
     /// A video's visual tokens from its frames' shares ([`Architecture::frame_share`]), in
-    /// order: what [`Architecture::video`] gives for those frames.
-    fn video_from_shares(&self, _shares: Vec<Tensor<2>>) -> Result<Visual, GenerateError> {
+    /// order: what [`Architecture::video_probed`] gives for those frames.
+    fn video_from_shares(&self, _shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
         Err(GenerateError::Unsupported("this architecture encodes a video's frames together".into()))
     }
 
@@ -191,15 +196,29 @@ pub trait Architecture {
     }
 }
 
-/// Frames' shares ([`Architecture::frame_share`]) one after another, and how many there are.
+/// One frame's share of a video's encoding ([`Architecture::frame_share`]), or frames'
+/// shares joined.
+#[derive(Clone)]
+pub struct FrameShare {
+    /// `[t * n, d]`
+    pub tokens: Tensor<2>,
+    /// The frames' attention probe, `[t, m, d_vis]` each (none where the tower has no
+    /// feature block to probe).
+    pub probe: Option<AttentionProbe>,
+}
+
+/// Frames' shares ([`Architecture::frame_share`]) one after another, as one share of them
+/// all (the probe where every frame has one).
 ///
 /// # Shapes
-/// - shares: t x `[n, d]` -> `[t * n, d]`
-pub(crate) fn joined_shares(shares: Vec<Tensor<2>>) -> Result<(Tensor<2>, usize), GenerateError> {
-    match shares.len() {
-        0 => Err(GenerateError::Unsupported("a video of no frames".into())),
-        t => Ok((Tensor::cat(shares, 0), t)),
+/// - shares: t x (`[n, d]`, `[1, m, d_vis]`) -> `[t * n, d]`, `[t, m, d_vis]`
+pub(crate) fn joined_shares(shares: Vec<FrameShare>) -> Result<FrameShare, GenerateError> {
+    if shares.is_empty() {
+        return Err(GenerateError::Unsupported("a video of no frames".into()));
     }
+    let (tokens, probes): (Vec<_>, Vec<_>) = shares.into_iter().map(|s| (s.tokens, s.probe)).unzip();
+    let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
+    Ok(FrameShare { tokens: Tensor::cat(tokens, 0), probe: probes.map(AttentionProbe::cat) })
 }
 
 /// How a registry entry loads its architecture (see [`Architecture::load`]).
@@ -313,8 +332,12 @@ impl VideoModel {
     /// A video's visual tokens from its `t` frames' shares ([`Architecture::frame_share`]:
     /// a live window's frames, each encoded as it arrived), reduced to `budget` as
     /// [`VideoModel::encode_video`] does.
-    pub fn encode_shares(&self, shares: Vec<Tensor<2>>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
+    pub fn encode_shares(&self, mut shares: Vec<FrameShare>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
         let t = shares.len();
+        // The probes are read by FastVID alone.
+        if budget.is_none_or(|b| b.reduce != Reduce::FastVid) {
+            shares.iter_mut().for_each(|s| s.probe = None);
+        }
         self.budgeted(self.arch.video_from_shares(shares)?, t, budget)
     }
 

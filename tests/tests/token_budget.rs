@@ -207,9 +207,11 @@ fn every_architecture_answers_under_a_budget() {
 /// formula on transformers' own blocks (`tests/fixtures/gen_fastvid_salience_fixtures.py`:
 /// forward hooks on the feature block's `q_proj` / `k_proj`, pooled as each connector pools;
 /// MERV's four towers as `gen_merv_fixtures.py` writes them, mixed by the fusion's weights),
-/// then the tokens FastVID keeps with it against the reference's, on every device.
+/// then the tokens FastVID keeps with it against the reference's, on every device; the
+/// same from a live window's frames, each encoded alone as it arrived.
 #[test]
 fn fastvid_salience_comes_from_the_tower() {
+    use vidllm_models::live_window::LiveWindow;
     use vidllm_models::llama_hf::QuantChoice;
     use vidllm_models::model_files::ModelFiles;
     use vidllm_models::video_model::LoadOptions;
@@ -245,6 +247,15 @@ fn fastvid_salience_comes_from_the_tower() {
             for f in got.chunks_exact(c.per) {
                 assert!((f.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{device} {}", c.name);
             }
+            // A live window's frames, encoded one by one as they arrive, give the same
+            // salience (MERV encodes its window's frames together, as above).
+            if c.name != "merv" {
+                let frame = |i: usize| pixels().narrow(0, i, 1);
+                let shares = (0..shape[0]).map(|i| vm.frame_share(frame(i)).expect("frames encoded alone")).collect();
+                let visual = vm.video_from_shares(shares).unwrap();
+                let got = visual.salience.expect("the shares' salience").into_data().try_into_vec::<f32>().unwrap();
+                check_stage(&format!("{} salience from frame shares", c.name), &device, &got, &want);
+            }
             let Some(budget) = c.budget else { continue };
             let kept: Vec<usize> = ck.i64(&format!("{}.kept", c.name)).unwrap().0.iter().map(|&i| i as usize).collect();
             let e = vm.encode_video(pixels(), Some(&Budget::new(budget, Reduce::FastVid, shape[0]).unwrap())).unwrap();
@@ -269,6 +280,15 @@ fn fastvid_salience_comes_from_the_tower() {
             };
             println!("{device} {}: FastVID kept {:?}", c.name, got);
             assert_eq!(got, kept, "{device} {}: the tokens FastVID keeps", c.name);
+            // The same from a live window fed frame by frame.
+            let mut window = LiveWindow::new(shape[0]).unwrap();
+            for i in 0..shape[0] {
+                window.push(&vm, pixels().narrow(0, i, 1), i as u64, i as f64);
+            }
+            let live = window.video(&vm, Some(&Budget::new(budget, Reduce::FastVid, shape[0]).unwrap())).unwrap();
+            assert_eq!(live.encoded_now, 0, "{device} {}", c.name);
+            let (a, b) = (live.encoded.visual.kept_at.as_ref().unwrap(), e.visual.kept_at.as_ref().unwrap());
+            assert_eq!((&a.spans, &a.offsets), (&b.spans, &b.offsets), "{device} {}: a live window's FastVID", c.name);
         }
     }
 }

@@ -5,9 +5,10 @@
 //! whole `[rows, keys]` score matrix several times and takes its exponentials one libm
 //! call at a time: a fifth of a 512-token prefill. Here a block of [`R`] query rows
 //! computes its scores in registers against the keys (transposed once per call, so that
-//! sixteen keys are one vector), takes the softmax in place with a vectorised `exp`, and
-//! accumulates the values, the block's scores staying in L1. Keys a causal row may not
-//! see are not computed at all.
+//! sixteen keys are one vector), takes the softmax's numerators in place with a vectorised
+//! `exp`, and accumulates the values, the block's scores staying in L1; each row's output
+//! is then divided by its sum of exponentials (64 values, where dividing the weights was a
+//! pass over every key). Keys a causal row may not see are not computed at all.
 //!
 //! Keys and values come as [`Rows`]: f32 rows read in place, or rows of GGML blocks (a
 //! quantised KV cache: F16, Q8_0, Q4_0) dequantised [`C`] rows at a time into a buffer that
@@ -389,13 +390,13 @@ mod x86 {
     }
 
     /// [`super::softmax`] sixteen lanes at a time, the last vector masked: the same
-    /// maximum, the same exponentials ([`super::exp`]'s steps, unfused, in its order), the
-    /// same lane sums added up in the same order.
+    /// maximum, the same exponentials ([`super::exp_with`]'s fused steps, in its order),
+    /// the same lane sums added up in the same order.
     ///
     /// # Safety
     /// AVX-512 F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn softmax(row: &mut [f32], scale: f32, normalise: bool) -> [f32; 2] {
+    pub(super) unsafe fn softmax(row: &mut [f32], scale: f32) -> [f32; 2] {
         let n = row.len();
         let tail = |j: usize| -> __mmask16 { if j + L <= n { !0 } else { (1u16 << (n - j)) - 1 } };
         let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -416,7 +417,7 @@ mod x86 {
             let m = tail(j);
             // SAFETY: as above.
             let s = unsafe { _mm512_maskz_loadu_ps(m, row.as_ptr().add(j)) };
-            let e = exp(_mm512_sub_ps(_mm512_mul_ps(s, scale), top));
+            let e = exp(_mm512_fmsub_ps(s, scale, top));
             sum = _mm512_mask_add_ps(sum, m, sum, e);
             // SAFETY: as above.
             unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), m, e) };
@@ -424,33 +425,22 @@ mod x86 {
         // SAFETY: as above.
         let lanes: [f32; L] = unsafe { std::mem::transmute(sum) };
         let sum = lanes.iter().sum::<f32>();
-        if normalise {
-            let inv = _mm512_set1_ps(1.0 / sum);
-            for j in (0..n).step_by(L) {
-                let m = tail(j);
-                // SAFETY: as above.
-                unsafe {
-                    let p = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
-                    _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), m, _mm512_mul_ps(p, inv));
-                }
-            }
-        }
         // SAFETY: a vector is sixteen f32 lanes.
         let top: [f32; L] = unsafe { std::mem::transmute(top) };
         [top[0], sum]
     }
 
-    /// [`super::exp`] on sixteen lanes, step for step.
+    /// [`super::exp_with`] (fused) on sixteen lanes, step for step.
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn exp(x: __m512) -> __m512 {
         let c = _mm512_set1_ps;
         let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(88.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, c(super::LOG2E)));
-        let r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, c(super::LN2_HI))), _mm512_mul_ps(n, c(super::LN2_LO)));
+        let r = _mm512_fnmadd_ps(n, c(super::LN2_LO), _mm512_fnmadd_ps(n, c(super::LN2_HI), x));
         let mut p = c(super::EXP_TAYLOR[0]);
         for &k in &super::EXP_TAYLOR[1..] {
-            p = _mm512_add_ps(c(k), _mm512_mul_ps(r, p));
+            p = _mm512_fmadd_ps(r, p, c(k));
         }
         let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127))));
         _mm512_mul_ps(p, two_n)
@@ -755,18 +745,21 @@ fn block_generic<const FMA: bool, const WIDE: bool>(
             }
         }
     }
-    let normalise = tops.is_none();
+    // Each row's weights stay unnormalised: its output is divided by their sum once the
+    // values are mixed (d values, not another pass over every key's weight).
+    let mut sums = [1f32; R];
     for r in 0..n {
         let row = &mut scores[r * span..][..seen[r]];
         #[cfg(target_arch = "x86_64")]
         let top_sum = if WIDE {
             // SAFETY: `WIDE` only where AVX-512 was detected.
-            unsafe { x86::softmax(row, scale, normalise) }
+            unsafe { x86::softmax(row, scale) }
         } else {
-            softmax::<FMA>(row, scale, normalise)
+            softmax::<FMA>(row, scale)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let top_sum = softmax::<FMA>(row, scale, normalise);
+        let top_sum = softmax::<FMA>(row, scale);
+        sums[r] = top_sum[1];
         if let Some(tops) = tops.as_deref_mut() {
             tops[r] = top_sum;
         }
@@ -797,13 +790,22 @@ fn block_generic<const FMA: bool, const WIDE: bool>(
             c0 += mix_values::<FMA>(weights, values, d, c0, n, j0 > 0, out);
         }
     }
+    if tops.is_none() {
+        // (A row that sees no key, which only a split decode step's run has, sums to 0
+        // and stays 0.)
+        for (row, &sum) in out.chunks_exact_mut(d).zip(&sums).filter(|(_, s)| **s > 0.0) {
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
 }
 
-/// A row of scores into its softmax, in place: the maximum in lanes, then the
-/// exponentials and their sum, then each divided by it where `normalise`. Returns the
-/// scaled maximum and the sum of the exponentials (`[-inf, 0]` for an empty row).
+/// A row of scores into its softmax's numerators, in place: the maximum in lanes, then
+/// the exponentials and their sum. Returns the scaled maximum and the sum of the
+/// exponentials (`[-inf, 0]` for an empty row); the caller divides by the sum once the
+/// values are mixed.
 #[inline(always)]
-fn softmax<const FMA: bool>(row: &mut [f32], scale: f32, normalise: bool) -> [f32; 2] {
+fn softmax<const FMA: bool>(row: &mut [f32], scale: f32) -> [f32; 2] {
     let mut top = [f32::NEG_INFINITY; L];
     for c in row.chunks(L) {
         for (t, &s) in top.iter_mut().zip(c) {
@@ -814,16 +816,11 @@ fn softmax<const FMA: bool>(row: &mut [f32], scale: f32, normalise: bool) -> [f3
     let mut sum = [0f32; L];
     for c in row.chunks_mut(L) {
         for (s, acc) in c.iter_mut().zip(sum.iter_mut()) {
-            *s = exp(*s * scale - top);
+            *s = exp_with::<FMA>(madd::<FMA>(*s, scale, -top));
             *acc += *s;
         }
     }
-    let sum = sum.iter().sum::<f32>();
-    if normalise {
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|p| *p *= inv);
-    }
-    [top, sum]
+    [top, sum.iter().sum::<f32>()]
 }
 
 /// A block's weights for the keys from `j0`: row `r`'s for key `j0 + j` is
@@ -924,11 +921,18 @@ fn mix_values<const FMA: bool>(weights: Weights, values: &[f32], d: usize, c0: u
 /// `2^n` put into the exponent. Large negative `x` (a masked score) gives 0.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// [`exp`] with its multiply-adds fused where `FMA` (the softmax's, on x86-64: 6 fewer
+/// instructions a vector, and `x86::exp` makes the same ones).
+#[inline(always)]
+fn exp_with<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E).round_ties_even();
-    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, x));
     // Horner's rule from the highest coefficient: 1 + r (1 + r (1/2 + ...)).
-    let p = EXP_TAYLOR[1..].iter().fold(EXP_TAYLOR[0], |p, &k| k + r * p);
+    let p = EXP_TAYLOR[1..].iter().fold(EXP_TAYLOR[0], |p, &k| madd::<FMA>(r, p, k));
     // 2^n from n's bits: `n + 127 + 2^23` holds n's biased exponent in its low mantissa
     // bits, which the shift moves into place. The same bits as `(n as i32 + 127) << 23`,
     // without Rust's saturating cast, which goes one lane at a time.
@@ -983,11 +987,15 @@ mod tests {
     fn exp_is_within_two_ulps() {
         let mut x = -87.0f32;
         while x < 88.0 {
-            let (got, want) = (exp(x), (x as f64).exp());
-            assert!(((got as f64 - want) / want).abs() < 2.5e-7, "exp({x}) = {got}, want {want}");
+            let want = (x as f64).exp();
+            // Unfused (the portable path) and fused (x86-64's softmax).
+            for got in [exp(x), exp_with::<true>(x)] {
+                assert!(((got as f64 - want) / want).abs() < 2.5e-7, "exp({x}) = {got}, want {want}");
+            }
             x += 0.0137;
         }
         assert_eq!(exp(-1e30), exp(-87.0));
+        assert_eq!(exp_with::<true>(-1e30), exp_with::<true>(-87.0));
     }
 
     /// Against the f64 softmax-weighted sum, causal and not, with rows that do not fill
@@ -1212,7 +1220,7 @@ mod speed {
     fn prefill_attention_speed() {
         let (heads, d) = (9, 64);
         for ty in [GgmlType::F32, GgmlType::F16] {
-            for rows in [512, 1600] {
+            for rows in [512, 1024, 1600] {
                 let q = crate::check::values(heads * rows * d, 3);
                 let kv: Vec<Vec<f32>> = (0..2 * heads).map(|i| crate::check::values(rows * d, 5 + i as u64)).collect();
                 let packed: Vec<Vec<u8>> = kv.iter().map(|x| vidllm_core::ggml::quantize(ty, x)).collect();
@@ -1221,7 +1229,8 @@ mod speed {
                     _ => Rows::Packed { ty, bytes: &packed[i], stride: d * 2 },
                 };
                 let (k, v): (Vec<Rows>, Vec<Rows>) = ((0..heads).map(rows_of).collect(), (heads..2 * heads).map(rows_of).collect());
-                let mask = Mask::Causal { t: rows, start: 0 };
+                // 1,024 rows: a vision tower's frame (SigLIP at 512 px), every key seen.
+                let mask = if rows == 1024 { Mask::None } else { Mask::Causal { t: rows, start: 0 } };
                 let mut times: Vec<f64> = (0..9)
                     .map(|_| {
                         let t0 = std::time::Instant::now();
@@ -1230,7 +1239,8 @@ mod speed {
                     })
                     .collect();
                 times.sort_by(f64::total_cmp);
-                let gflop = (heads * rows * rows * d * 2) as f64 / 1e9; // half the pairs, two products, two flops
+                let pairs = if rows == 1024 { rows * rows } else { rows * rows / 2 };
+                let gflop = (heads * pairs * d * 4) as f64 / 1e9; // two products, two flops each
                 eprintln!("{} {rows} rows: {:.2} ms median, {:.0} GFLOP/s", ty.name(), times[4], gflop / times[4] * 1e3);
             }
         }

@@ -37,9 +37,9 @@
 //!   (the class token is a video token), LLaVA-NeXT-Video 2-D and PLLaVA 3-D average
 //!   pooling, SmolVLM2 the mean of each block its pixel shuffle folds.
 //!   MERV mixes its four encoders' saliences by the fusion's weights, as it mixes their
-//!   tokens. A live window's frames keep their probe from their arrival
-//!   ([`crate::video_model::FrameShare`]), so a question asking for FastVID finds the
-//!   same salience without encoding a frame again.
+//!   tokens. A live window's frames keep their salience (PLLaVA: their probe) from their
+//!   arrival ([`crate::video_model::FrameShare`]), so a question asking for FastVID finds
+//!   the same salience without encoding a frame again.
 //! - Where no tower gives one (a feature layer that is the embeddings, before any block),
 //!   the salience is that of the frame's mean projected token over its tokens,
 //!   `softmax(mean . x_i / sqrt(d))`.

@@ -6,9 +6,9 @@
 //! ([`frame_share`](crate::video_model::Architecture::frame_share): Video-LLaVA, LLaVA-NeXT-Video, PLLaVA before its pooling,
 //! SmolVLM2), the frame is encoded once, as it arrives, and the window keeps its share; a
 //! question then only joins the shares (and, for PLLaVA, pools them), so the time to the
-//! first token does not include the encoding of the frames seen earlier. A share keeps the
-//! frame's attention probe too (its tower's feature block), from which FastVID takes its
-//! salience if the question asks for it. A model that
+//! first token does not include the encoding of the frames seen earlier. A share keeps
+//! FastVID's salience of the frame's tokens too, from its tower's feature block (PLLaVA:
+//! that block's probe, pooled across frames when asked), should a question ask for it. A model that
 //! encodes frames together (MERV) keeps the prepared frames instead, and encodes the
 //! window when asked.
 //!

@@ -106,7 +106,8 @@ impl LlavaNextVideo {
         self.projector.forward(self.pooled(self.vision_tower.hidden_state(pixels, self.feature_layer)))
     }
 
-    /// Frames' projected tokens and their probe, pooled as the tokens are.
+    /// Frames' projected tokens, and FastVID's salience of them from the tower's probe
+    /// pooled as the tokens are.
     fn share(&self, pixels: Tensor<4>) -> FrameShare {
         let t = pixels.dims()[0];
         let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
@@ -117,14 +118,14 @@ impl LlavaNextVideo {
                 self.pooled(x).reshape([t, m, c])
             })
         });
-        FrameShare { tokens: self.projector.forward(self.pooled(h)), probe }
+        FrameShare::with_salience(self.projector.forward(self.pooled(h)), probe.map(tower_salience))
     }
 
     /// The video of frames' share.
     fn video_of(&self, share: FrameShare) -> Visual {
         let rows = share.tokens.dims()[0];
         let visual = Visual::new(self.video_token, share.tokens, rows);
-        Visual { salience: share.probe.map(tower_salience), ..visual }
+        Visual { salience: share.salience, ..visual }
     }
 
     /// Each frame's patches (class token dropped) average-pooled: the video's tokens before

@@ -193,7 +193,7 @@ impl Pllava {
                 x.narrow(1, 1, n - 1)
             })
         });
-        FrameShare { tokens: p.reshape([t * g * g, d]), probe }
+        FrameShare { tokens: p.reshape([t * g * g, d]), salience: None, probe }
     }
 
     /// The video of frames' share: pooled, and the probe pooled as the patches are.

@@ -139,21 +139,21 @@ impl SmolVlm {
 }
 
 impl SmolVlm {
-    /// Frames' connector tokens and their probe, each block the pixel shuffle folds
-    /// averaged.
+    /// Frames' connector tokens, and FastVID's salience of them from the tower's probe,
+    /// each block the pixel shuffle folds averaged.
     fn share(&self, pixels: Tensor<4>) -> FrameShare {
         let (h, probe) = self.vision.forward_probed(pixels);
         let [t, n, _] = h.dims();
         let y = self.connector.forward(h);
         let d = y.dims()[2];
         let probe = probe.map(|p| p.pooled(|x| block_mean(x, self.connector.scale)));
-        FrameShare { tokens: y.reshape([t * self.connector.tokens(n), d]), probe }
+        FrameShare::with_salience(y.reshape([t * self.connector.tokens(n), d]), probe.map(tower_salience))
     }
 
     /// The video of frames' share.
     fn video_of(&self, share: FrameShare) -> Visual {
         let visual = Visual::new(self.image_token, share.tokens, self.image_seq_len());
-        Visual { salience: share.probe.map(tower_salience), ..visual }
+        Visual { salience: share.salience, ..visual }
     }
 }
 

@@ -138,17 +138,17 @@ impl VideoLlava {
         self.project(self.video_hidden(pixels))
     }
 
-    /// Frames' projected tokens and their probe (FastVID's salience).
+    /// Frames' projected tokens, and FastVID's salience of them from the tower's probe.
     fn share(&self, pixels: Tensor<4>) -> FrameShare {
         let (h, probe) = self.video_tower.hidden_state_probed(pixels, self.visual.feature_layer);
-        FrameShare { tokens: self.project(h), probe }
+        FrameShare::with_salience(self.project(h), probe.map(tower_salience))
     }
 
     /// The video of frames' share.
     fn video_of(&self, share: FrameShare) -> Visual {
         let t = share.tokens.dims()[0] / self.video_tower.cfg.tokens();
         let visual = Visual::new(self.visual.video_token, share.tokens, self.video_tokens(t));
-        Visual { salience: share.probe.map(tower_salience), ..visual }
+        Visual { salience: share.salience, ..visual }
     }
 
     /// # Shapes

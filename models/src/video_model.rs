@@ -135,12 +135,12 @@ pub trait Architecture {
     /// (MERV: ViViT's tubelets span frames, LanguageBind attends across them); a window
     /// then holds such a model's prepared frames and encodes them at question time.
     ///
-    /// The share holds the frame's attention probe too (its tower's feature block, pooled
-    /// within the frame as its tokens are), so that FastVID, should a question ask for it,
-    /// finds the tower's salience without encoding the frame again.
+    /// The share holds FastVID's salience of the frame's tokens too (or its tower's probe,
+    /// where the tokens are pooled across frames), so that FastVID, should a question ask
+    /// for it, finds the tower's salience without encoding the frame again.
     ///
     /// # Shapes
-    /// - pixels: `[1, 3, s, s]` (one preprocessed frame) -> tokens `[n, d]`, probe `[1, m, d_vis]`
+    /// - pixels: `[1, 3, s, s]` (one preprocessed frame) -> tokens `[n, d]`, salience `[n]`
     fn frame_share(&self, _pixels: Tensor<4>) -> Option<FrameShare> {
         None
     }
@@ -197,28 +197,55 @@ pub trait Architecture {
 }
 
 /// One frame's share of a video's encoding ([`Architecture::frame_share`]), or frames'
-/// shares joined.
+/// shares joined. FastVID's salience of a frame's tokens comes with it: as the salience
+/// itself where it depends on the frame alone, or as the tower's probe where the tokens
+/// are pooled across frames later (PLLaVA), so that the window holds no more than it
+/// needs.
 #[derive(Clone)]
 pub struct FrameShare {
     /// `[t * n, d]`
     pub tokens: Tensor<2>,
-    /// The frames' attention probe, `[t, m, d_vis]` each (none where the tower has no
-    /// feature block to probe).
+    /// `[t * n]` ([`crate::fastvid::tower_salience`])
+    pub salience: Option<Tensor<1>>,
+    /// The frames' attention probe, `[t, m, d_vis]` each.
     pub probe: Option<AttentionProbe>,
 }
 
+impl FrameShare {
+    /// Tokens with FastVID's salience of them.
+    pub(crate) fn with_salience(tokens: Tensor<2>, salience: Option<Tensor<1>>) -> Self {
+        Self { tokens, salience, probe: None }
+    }
+
+    /// Without what only FastVID reads.
+    fn tokens_only(self) -> Self {
+        Self { tokens: self.tokens, salience: None, probe: None }
+    }
+}
+
 /// Frames' shares ([`Architecture::frame_share`]) one after another, as one share of them
-/// all (the probe where every frame has one).
+/// all (the salience, or the probe, where every frame has one).
 ///
 /// # Shapes
-/// - shares: t x (`[n, d]`, `[1, m, d_vis]`) -> `[t * n, d]`, `[t, m, d_vis]`
+/// - shares: t x (`[n, d]`, `[n]`, `[1, m, d_vis]`) -> `[t * n, d]`, `[t * n]`, `[t, m, d_vis]`
 pub(crate) fn joined_shares(shares: Vec<FrameShare>) -> Result<FrameShare, GenerateError> {
     if shares.is_empty() {
         return Err(GenerateError::Unsupported("a video of no frames".into()));
     }
-    let (tokens, probes): (Vec<_>, Vec<_>) = shares.into_iter().map(|s| (s.tokens, s.probe)).unzip();
-    let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
-    Ok(FrameShare { tokens: Tensor::cat(tokens, 0), probe: probes.map(AttentionProbe::cat) })
+    let mut tokens = Vec::with_capacity(shares.len());
+    let (mut salience, mut probes) = (Some(Vec::new()), Some(Vec::new()));
+    for s in shares {
+        tokens.push(s.tokens);
+        salience = salience.zip(s.salience).map(|(mut v, x)| {
+            v.push(x);
+            v
+        });
+        probes = probes.zip(s.probe).map(|(mut v, x)| {
+            v.push(x);
+            v
+        });
+    }
+    Ok(FrameShare { tokens: Tensor::cat(tokens, 0), salience: salience.map(|v| Tensor::cat(v, 0)), probe: probes.map(AttentionProbe::cat) })
 }
 
 /// How a registry entry loads its architecture (see [`Architecture::load`]).
@@ -334,9 +361,8 @@ impl VideoModel {
     /// [`VideoModel::encode_video`] does.
     pub fn encode_shares(&self, mut shares: Vec<FrameShare>, budget: Option<&Budget>) -> Result<EncodedVideo, GenerateError> {
         let t = shares.len();
-        // The probes are read by FastVID alone.
         if budget.is_none_or(|b| b.reduce != Reduce::FastVid) {
-            shares.iter_mut().for_each(|s| s.probe = None);
+            shares = shares.into_iter().map(FrameShare::tokens_only).collect();
         }
         self.budgeted(self.arch.video_from_shares(shares)?, t, budget)
     }

@@ -22,7 +22,7 @@ use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llam
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, FrameShare, LoadOptions, joined_shares, parse_config};
+use crate::video_model::{Architecture, FrameShare, FramesAlone, LoadOptions, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
@@ -106,28 +106,6 @@ impl LlavaNextVideo {
         self.projector.forward(self.pooled(self.vision_tower.hidden_state(pixels, self.feature_layer)))
     }
 
-    /// Frames' projected tokens, and FastVID's salience of them from the tower's probe
-    /// pooled as the tokens are.
-    fn share(&self, pixels: Tensor<4>) -> FrameShare {
-        let t = pixels.dims()[0];
-        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
-        let m = self.tokens_per_frame();
-        let probe = probe.map(|p| {
-            p.pooled(|x| {
-                let c = x.dims()[2];
-                self.pooled(x).reshape([t, m, c])
-            })
-        });
-        FrameShare::with_salience(self.projector.forward(self.pooled(h)), probe.map(tower_salience))
-    }
-
-    /// The video of frames' share.
-    fn video_of(&self, share: FrameShare) -> Visual {
-        let rows = share.tokens.dims()[0];
-        let visual = Visual::new(self.video_token, share.tokens, rows);
-        Visual { salience: share.salience, ..visual }
-    }
-
     /// Each frame's patches (class token dropped) average-pooled: the video's tokens before
     /// the projector, and the tower's probe pooled the same way.
     ///
@@ -166,6 +144,29 @@ pub fn avg_pool2d_frames(x: Tensor<4>, k: usize, device: &Device) -> Tensor<2> {
     ph.matmul(x.reshape([t, h, wo * d])).reshape([t * ho * wo, d])
 }
 
+impl FramesAlone for LlavaNextVideo {
+    /// Each frame is encoded and pooled on its own: its share is its pooled tokens, and the
+    /// probe's queries and keys are pooled as the frame's patches are.
+    fn share(&self, pixels: Tensor<4>) -> FrameShare {
+        let t = pixels.dims()[0];
+        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
+        let m = self.tokens_per_frame();
+        let probe = probe.map(|p| {
+            p.pooled(|x| {
+                let c = x.dims()[2];
+                self.pooled(x).reshape([t, m, c])
+            })
+        });
+        FrameShare::with_salience(self.projector.forward(self.pooled(h)), probe.map(tower_salience))
+    }
+
+    fn video_of(&self, share: FrameShare) -> Visual {
+        let rows = share.tokens.dims()[0];
+        let visual = Visual::new(self.video_token, share.tokens, rows);
+        Visual { salience: share.salience, ..visual }
+    }
+}
+
 impl Architecture for LlavaNextVideo {
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
         Self::from_checkpoint(ck, &parse_config(config_json)?, opts, at)
@@ -184,18 +185,8 @@ impl Architecture for LlavaNextVideo {
         Visual::new(self.video_token, self.video_features(pixels), per_placeholder)
     }
 
-    /// The probe's queries and keys pooled as the frame's patches are.
-    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        self.video_of(self.share(pixels))
-    }
-
-    /// Each frame is encoded and pooled on its own: its share is its pooled tokens.
-    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
-        Some(self.share(pixels))
-    }
-
-    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
-        Ok(self.video_of(joined_shares(shares)?))
+    fn frames_alone(&self) -> Option<&dyn FramesAlone> {
+        Some(self)
     }
 
     /// Each frame's pooled grid.

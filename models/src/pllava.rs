@@ -34,7 +34,7 @@ use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_c
 use crate::merge::Visual;
 use crate::pllava_pool::pool3d;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, FrameShare, LoadOptions, joined_shares, parse_config};
+use crate::video_model::{Architecture, FrameShare, FramesAlone, LoadOptions, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 
@@ -181,37 +181,6 @@ impl Pllava {
         p.reshape([t, g, g, dt])
     }
 
-    /// Frames' projected patches `[t * grid * grid, d_text]` and their probe's, class
-    /// tokens dropped, not yet pooled.
-    fn share(&self, pixels: Tensor<4>) -> FrameShare {
-        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
-        let p = self.project(h);
-        let [t, g, _, d] = p.dims();
-        let probe = probe.map(|p| {
-            p.pooled(|x| {
-                let n = x.dims()[1];
-                x.narrow(1, 1, n - 1)
-            })
-        });
-        FrameShare { tokens: p.reshape([t * g * g, d]), salience: None, probe }
-    }
-
-    /// The video of frames' share: pooled, and the probe pooled as the patches are.
-    fn video_of(&self, share: FrameShare) -> Visual {
-        let g = self.vision_tower.cfg.grid();
-        let [rows, d] = share.tokens.dims();
-        let t = rows / (g * g);
-        let [frames, h, w] = self.pooling_shape;
-        let salience = share.probe.map(|p| {
-            tower_salience(p.pooled(|x| {
-                let c = x.dims()[2];
-                self.pool(x.reshape([t, g, g, c])).reshape([frames, h * w, c])
-            }))
-        });
-        let visual = Visual::new(self.image_token, self.pool(share.tokens.reshape([t, g, g, d])), self.video_tokens());
-        Visual { salience, ..visual }
-    }
-
     /// Frames' grids `[t, grid, grid, c]` pooled to the video's tokens `[T * h * w, c]`,
     /// short clips repeated first.
     fn pool(&self, x: Tensor<4>) -> Tensor<2> {
@@ -229,6 +198,40 @@ impl Pllava {
     /// - pixels: `[t, 3, s, s]` -> `[T * h * w, d_text]`
     pub fn video_features(&self, pixels: Tensor<4>) -> Tensor<2> {
         self.pool(self.projected(pixels))
+    }
+}
+
+impl FramesAlone for Pllava {
+    /// The tower and the projector see each frame alone; the pooling spans frames, so a
+    /// frame's share is its projected grid and its probe's patches (class token dropped),
+    /// and the window is pooled at question time, the probe in 3-D as the patches (a
+    /// pooled time step is a frame of the salience).
+    fn share(&self, pixels: Tensor<4>) -> FrameShare {
+        let (h, probe) = self.vision_tower.hidden_state_probed(pixels, self.feature_layer);
+        let p = self.project(h);
+        let [t, g, _, d] = p.dims();
+        let probe = probe.map(|p| {
+            p.pooled(|x| {
+                let n = x.dims()[1];
+                x.narrow(1, 1, n - 1)
+            })
+        });
+        FrameShare { tokens: p.reshape([t * g * g, d]), salience: None, probe }
+    }
+
+    fn video_of(&self, share: FrameShare) -> Visual {
+        let g = self.vision_tower.cfg.grid();
+        let [rows, d] = share.tokens.dims();
+        let t = rows / (g * g);
+        let [frames, h, w] = self.pooling_shape;
+        let salience = share.probe.map(|p| {
+            tower_salience(p.pooled(|x| {
+                let c = x.dims()[2];
+                self.pool(x.reshape([t, g, g, c])).reshape([frames, h * w, c])
+            }))
+        });
+        let visual = Visual::new(self.image_token, self.pool(share.tokens.reshape([t, g, g, d])), self.video_tokens());
+        Visual { salience, ..visual }
     }
 }
 
@@ -254,21 +257,8 @@ impl Architecture for Pllava {
         Visual::new(self.image_token, self.video_features(pixels), self.video_tokens())
     }
 
-    /// The probe's queries and keys (class token dropped) pooled in 3-D as the projected
-    /// patches are: a pooled time step is a frame of the salience.
-    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        self.video_of(self.share(pixels))
-    }
-
-    /// The tower and the projector see each frame alone; the pooling spans frames, so a
-    /// frame's share is its projected grid (and its probe's patches), and the window is
-    /// pooled at question time.
-    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
-        Some(self.share(pixels))
-    }
-
-    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
-        Ok(self.video_of(joined_shares(shares)?))
+    fn frames_alone(&self) -> Option<&dyn FramesAlone> {
+        Some(self)
     }
 
     /// The pooled time steps, each a pooled grid.

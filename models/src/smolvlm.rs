@@ -40,7 +40,7 @@ use crate::mmproj::Mmproj;
 use crate::siglip::{Positions, SiglipDefaults, SiglipVisionTower};
 use crate::smolvlm_connector::{SmolVlmConnector, block_mean};
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, FrameShare, LoadOptions, Preprocessing, Tiling, joined_shares, parse_config};
+use crate::video_model::{Architecture, FrameShare, FramesAlone, LoadOptions, Preprocessing, Tiling, parse_config};
 use vidllm_shaders::preprocess::{normalise_planes, resize_planes};
 
 /// `SmolVLMConfig` as in `config.json`.
@@ -138,9 +138,11 @@ impl SmolVlm {
     }
 }
 
-impl SmolVlm {
-    /// Frames' connector tokens, and FastVID's salience of them from the tower's probe,
-    /// each block the pixel shuffle folds averaged.
+impl FramesAlone for SmolVlm {
+    /// Each frame is encoded on its own: its share is its connector's tokens. The probe's
+    /// keys are averaged over each block of `r x r` patches that the pixel shuffle folds
+    /// into one token, as the authors' Qwen2.5-VL code averages them over its merger's
+    /// 2 x 2 blocks.
     fn share(&self, pixels: Tensor<4>) -> FrameShare {
         let (h, probe) = self.vision.forward_probed(pixels);
         let [t, n, _] = h.dims();
@@ -150,7 +152,6 @@ impl SmolVlm {
         FrameShare::with_salience(y.reshape([t * self.connector.tokens(n), d]), probe.map(tower_salience))
     }
 
-    /// The video of frames' share.
     fn video_of(&self, share: FrameShare) -> Visual {
         let visual = Visual::new(self.image_token, share.tokens, self.image_seq_len());
         Visual { salience: share.salience, ..visual }
@@ -225,20 +226,8 @@ impl Architecture for SmolVlm {
         Visual::new(self.image_token, self.image_features(pixels), self.image_seq_len())
     }
 
-    /// The probe's keys averaged over each block of `r x r` patches that the pixel shuffle
-    /// folds into one token, as the authors' Qwen2.5-VL code averages them over its
-    /// merger's 2 x 2 blocks.
-    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        self.video_of(self.share(pixels))
-    }
-
-    /// Each frame is encoded on its own: its share is its connector's tokens.
-    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
-        Some(self.share(pixels))
-    }
-
-    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
-        Ok(self.video_of(joined_shares(shares)?))
+    fn frames_alone(&self) -> Option<&dyn FramesAlone> {
+        Some(self)
     }
 
     /// Each frame's pixel-shuffled grid, one timestamped placeholder a frame.

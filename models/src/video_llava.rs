@@ -21,7 +21,7 @@ use crate::llama_hf::{LlamaConfigJson, LlamaNames, Plain, QuantChoice, load_llam
 use crate::llava::{MultiModalProjector, feature_layer_index, find_prefix, read_config, vicuna};
 use crate::merge::Visual;
 use crate::token_budget::FrameGrid;
-use crate::video_model::{Architecture, FrameShare, LoadOptions, Preprocessing, joined_shares, parse_config};
+use crate::video_model::{Architecture, FrameShare, FramesAlone, LoadOptions, Preprocessing, parse_config};
 use vidllm_core::tokenizer::Tokenizer;
 use vidllm_shaders::device::Placement;
 use vidllm_shaders::preprocess::preprocess_planes;
@@ -138,19 +138,6 @@ impl VideoLlava {
         self.project(self.video_hidden(pixels))
     }
 
-    /// Frames' projected tokens, and FastVID's salience of them from the tower's probe.
-    fn share(&self, pixels: Tensor<4>) -> FrameShare {
-        let (h, probe) = self.video_tower.hidden_state_probed(pixels, self.visual.feature_layer);
-        FrameShare::with_salience(self.project(h), probe.map(tower_salience))
-    }
-
-    /// The video of frames' share.
-    fn video_of(&self, share: FrameShare) -> Visual {
-        let t = share.tokens.dims()[0] / self.video_tower.cfg.tokens();
-        let visual = Visual::new(self.visual.video_token, share.tokens, self.video_tokens(t));
-        Visual { salience: share.salience, ..visual }
-    }
-
     /// # Shapes
     /// - h: `[t, tokens, d_vis]` -> `[t * tokens, d_text]`
     fn project(&self, h: Tensor<3>) -> Tensor<2> {
@@ -175,6 +162,22 @@ impl VideoLlava {
     }
 }
 
+impl FramesAlone for VideoLlava {
+    /// The video tower sees each frame alone: a frame's share is its projected tokens.
+    /// Every token of a frame (its class token too) is a video token: the probe's keys are
+    /// taken as they are.
+    fn share(&self, pixels: Tensor<4>) -> FrameShare {
+        let (h, probe) = self.video_tower.hidden_state_probed(pixels, self.visual.feature_layer);
+        FrameShare::with_salience(self.project(h), probe.map(tower_salience))
+    }
+
+    fn video_of(&self, share: FrameShare) -> Visual {
+        let t = share.tokens.dims()[0] / self.video_tower.cfg.tokens();
+        let visual = Visual::new(self.visual.video_token, share.tokens, self.video_tokens(t));
+        Visual { salience: share.salience, ..visual }
+    }
+}
+
 impl Architecture for VideoLlava {
     fn load(config_json: &str, ck: &Checkpoint, opts: &LoadOptions, at: &Placement) -> Result<Self, LoadError> {
         Self::from_checkpoint(ck, &parse_config(config_json)?, opts, at)
@@ -193,19 +196,8 @@ impl Architecture for VideoLlava {
         Visual::new(self.visual.video_token, self.video_features(pixels), per_placeholder)
     }
 
-    /// Every token of a frame (its class token too) is a video token: the probe's keys are
-    /// taken as they are.
-    fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        self.video_of(self.share(pixels))
-    }
-
-    /// The video tower sees each frame alone: a frame's share is its projected tokens.
-    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
-        Some(self.share(pixels))
-    }
-
-    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
-        Ok(self.video_of(joined_shares(shares)?))
+    fn frames_alone(&self) -> Option<&dyn FramesAlone> {
+        Some(self)
     }
 
     /// Each frame: CLIP's class token, then its patch grid.

@@ -118,37 +118,44 @@ pub trait Architecture {
 
     /// [`Architecture::video`] with FastVID's salience of each token taken from the vision
     /// tower ([`Visual::salience`], [`crate::fastvid::tower_salience`]): the feature block's
-    /// queries and keys, pooled as the connector pools the features. By default (an
-    /// architecture without a tower to probe) the video alone, and FastVID takes the
-    /// salience from the projected tokens.
+    /// queries and keys, pooled as the connector pools the features. A model that encodes
+    /// frames alone gets it from its frames' share; without a tower to probe, the video
+    /// alone, and FastVID takes the salience from the projected tokens.
     fn video_probed(&self, pixels: Tensor<4>) -> Visual {
-        self.video(pixels)
+        match self.frames_alone() {
+            Some(f) => f.video_of(f.share(pixels)),
+            None => self.video(pixels),
+        }
     }
 
     /// How [`Architecture::video`]'s tokens for `frames` frames are laid out (what a
     /// visual-token budget works on).
     fn video_grid(&self, frames: usize) -> FrameGrid;
 
-    /// Live video ([`crate::live_window`]): one frame's own share of a video's encoding,
-    /// where that share depends on the frame alone, so that a rolling window encodes each
-    /// frame once, as it arrives. `None` where a video's frames are encoded together
-    /// (MERV: ViViT's tubelets span frames, LanguageBind attends across them); a window
-    /// then holds such a model's prepared frames and encodes them at question time.
-    ///
-    /// The share holds FastVID's salience of the frame's tokens too (or its tower's probe,
-    /// where the tokens are pooled across frames), so that FastVID, should a question ask
-    /// for it, finds the tower's salience without encoding the frame again.
+    /// Where the model encodes each frame alone (Video-LLaVA, LLaVA-NeXT-Video, PLLaVA
+    /// before its pooling, SmolVLM2), how: a live window ([`crate::live_window`]) then
+    /// encodes each frame once, as it arrives. `None` where a video's frames are encoded
+    /// together (MERV: ViViT's tubelets span frames, LanguageBind attends across them); a
+    /// window then holds such a model's prepared frames and encodes them at question time.
+    fn frames_alone(&self) -> Option<&dyn FramesAlone> {
+        None
+    }
+
+    /// Live video: one frame's own share of a video's encoding ([`FramesAlone::share`]),
+    /// `None` where frames are encoded together.
     ///
     /// # Shapes
     /// - pixels: `[1, 3, s, s]` (one preprocessed frame) -> tokens `[n, d]`, salience `[n]`
-    fn frame_share(&self, _pixels: Tensor<4>) -> Option<FrameShare> {
-        None
+    fn frame_share(&self, pixels: Tensor<4>) -> Option<FrameShare> {
+        self.frames_alone().map(|f| f.share(pixels))
     }
 
     /// A video's visual tokens from its frames' shares ([`Architecture::frame_share`]), in
     /// order: what [`Architecture::video_probed`] gives for those frames.
-    fn video_from_shares(&self, _shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
-        Err(GenerateError::Unsupported("this architecture encodes a video's frames together".into()))
+    fn video_from_shares(&self, shares: Vec<FrameShare>) -> Result<Visual, GenerateError> {
+        let f =
+            self.frames_alone().ok_or_else(|| GenerateError::Unsupported("this architecture encodes a video's frames together".into()))?;
+        Ok(f.video_of(joined_shares(shares)?))
     }
 
     /// Whether the model takes a video at all (Idefics3 takes only still images); front
@@ -196,6 +203,23 @@ pub trait Architecture {
     }
 }
 
+/// A model whose frames' encodings depend on each frame alone
+/// ([`Architecture::frames_alone`]).
+pub trait FramesAlone {
+    /// Frames' share of the video's encoding, for any number of frames: their tokens (as
+    /// far as they depend on each frame alone), and FastVID's salience of them, or the
+    /// tower's probe where the tokens are pooled across frames later. The share holds
+    /// that, so that FastVID, should a question ask for it, finds the tower's salience
+    /// without encoding a frame again.
+    ///
+    /// # Shapes
+    /// - pixels: `[t, 3, s, s]` -> tokens `[t * n, d]`, salience `[t * n]`
+    fn share(&self, pixels: Tensor<4>) -> FrameShare;
+
+    /// The video of frames' share (one share, or frames' shares joined).
+    fn video_of(&self, share: FrameShare) -> Visual;
+}
+
 /// One frame's share of a video's encoding ([`Architecture::frame_share`]), or frames'
 /// shares joined. FastVID's salience of a frame's tokens comes with it: as the salience
 /// itself where it depends on the frame alone, or as the tower's probe where the tokens
@@ -228,7 +252,7 @@ impl FrameShare {
 ///
 /// # Shapes
 /// - shares: t x (`[n, d]`, `[n]`, `[1, m, d_vis]`) -> `[t * n, d]`, `[t * n]`, `[t, m, d_vis]`
-pub(crate) fn joined_shares(shares: Vec<FrameShare>) -> Result<FrameShare, GenerateError> {
+fn joined_shares(shares: Vec<FrameShare>) -> Result<FrameShare, GenerateError> {
     if shares.is_empty() {
         return Err(GenerateError::Unsupported("a video of no frames".into()));
     }

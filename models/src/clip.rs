@@ -258,6 +258,14 @@ impl AttentionProbe {
         Self { q: pool(self.q), k: pool(self.k), heads: self.heads }
     }
 
+    /// Batches of images' hidden states, each with its probe where asked for, in order,
+    /// as one (a tower that encodes its images a batch at a time).
+    pub(crate) fn joined_batches(batches: impl IntoIterator<Item = (Tensor<3>, Option<Self>)>) -> (Tensor<3>, Option<Self>) {
+        let (parts, probes): (Vec<_>, Vec<_>) = batches.into_iter().unzip();
+        let probes: Option<Vec<Self>> = probes.into_iter().collect();
+        (Tensor::cat(parts, 0), probes.map(Self::cat))
+    }
+
     /// Probes of batches of images, in order.
     pub(crate) fn cat(parts: Vec<Self>) -> Self {
         let heads = parts[0].heads;
@@ -350,10 +358,9 @@ impl ClipVisionTower {
         if t > batch {
             // Frames are independent: encode them in batches whose attention scores
             // fit one storage binding, then put the batches back together.
-            let (parts, probes): (Vec<_>, Vec<_>) =
-                (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), index, probe)).unzip();
-            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
-            return (Tensor::cat(parts, 0), probes.map(AttentionProbe::cat));
+            return AttentionProbe::joined_batches(
+                (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), index, probe)),
+            );
         }
         let n = self.cfg.tokens();
         let mut x = self.embed(pixels);

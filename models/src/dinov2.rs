@@ -156,10 +156,9 @@ impl Dinov2Tower {
         let (n, d, c) = (self.tokens(), self.cfg.d_model, &self.cfg);
         let batch = self.cap.per_binding(4 * (c.n_heads * n * n).max(n * c.d_ff), 0);
         if t > batch {
-            let (parts, probes): (Vec<_>, Vec<_>) =
-                (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, probe)).unzip();
-            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
-            return (Tensor::cat(parts, 0), probes.map(AttentionProbe::cat));
+            return AttentionProbe::joined_batches(
+                (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, probe)),
+            );
         }
         let mut x = self.embed(pixels);
         let mut seen = None;

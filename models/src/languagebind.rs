@@ -115,9 +115,7 @@ impl LanguageBindVideoTower {
         let batch = (self.clip.frames_per_batch() / self.group).max(1) * self.group;
         if t > batch {
             let parts = (0..t).step_by(batch).map(|s| self.run(pixels.clone().narrow(0, s, batch.min(t - s)), index, probe));
-            let (parts, probes): (Vec<_>, Vec<_>) = parts.collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
-            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
-            return Ok((Tensor::cat(parts, 0), probes.map(AttentionProbe::cat)));
+            return Ok(AttentionProbe::joined_batches(parts.collect::<Result<Vec<_>, _>>()?));
         }
         let cfg = &self.clip.cfg;
         let (n, d) = (cfg.tokens(), cfg.d_model);

@@ -154,10 +154,9 @@ impl SiglipVisionTower {
         if t > batch {
             // Images are independent: encode them in batches whose attention scores fit
             // one storage binding, then put the batches back together.
-            let (parts, probes): (Vec<_>, Vec<_>) =
-                (0..t).step_by(batch).map(|s| self.encode(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, post_norm, probe)).unzip();
-            let probes: Option<Vec<AttentionProbe>> = probes.into_iter().collect();
-            return (Tensor::cat(parts, 0), probes.map(AttentionProbe::cat));
+            return AttentionProbe::joined_batches(
+                (0..t).step_by(batch).map(|s| self.encode(pixels.clone().narrow(0, s, batch.min(t - s)), blocks, post_norm, probe)),
+            );
         }
         let (n, d) = (self.tokens(), self.cfg.d_model);
         let mut x = self.embed(pixels);

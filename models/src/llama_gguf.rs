@@ -225,15 +225,8 @@ pub fn load_llama(g: &Gguf, at: &Placement) -> Result<Llama, LoadError> {
         .collect::<Result<Vec<_>, _>>()?;
     let rope_len = cfg.max_context.min(ROPE_TABLE_MAX);
     let rope = Rope::new(cfg.d_head, cfg.rope_theta, rope_len, cfg.rope_style, &at.device);
-    Ok(Llama {
-        norm: l.norm(names::OUTPUT_NORM, &cfg)?,
-        cfg,
-        embed,
-        blocks,
-        lm_head,
-        rope,
-        device: at.device.clone(),
-        cap: at.cap,
-        id: crate::step_graph::next_model_id(),
-    })
+    let norm = l.norm(names::OUTPUT_NORM, &cfg)?;
+    // Every decode step reads the whole of them: in huge pages on the CPU.
+    vidllm_shaders::settle_weights();
+    Ok(Llama { norm, cfg, embed, blocks, lm_head, rope, device: at.device.clone(), cap: at.cap, id: crate::step_graph::next_model_id() })
 }

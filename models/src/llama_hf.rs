@@ -221,17 +221,10 @@ pub fn load_llama_hf(
     let lm_head = linear(head, cfg.vocab_size, cfg.d_model)?;
     ck.release_pages();
     let rope = Rope::new(cfg.d_head, cfg.rope_theta, cfg.max_context.min(ROPE_TABLE_MAX), cfg.rope_style, device);
-    Ok(Llama {
-        norm: norm(&n("norm.weight"))?,
-        cfg,
-        embed,
-        blocks,
-        lm_head,
-        rope,
-        device: device.clone(),
-        cap: at.cap,
-        id: crate::step_graph::next_model_id(),
-    })
+    let norm = norm(&n("norm.weight"))?;
+    // Every decode step reads the whole of them: in huge pages on the CPU.
+    vidllm_shaders::settle_weights();
+    Ok(Llama { norm, cfg, embed, blocks, lm_head, rope, device: device.clone(), cap: at.cap, id: crate::step_graph::next_model_id() })
 }
 
 /// The decoder configuration of a `*ForCausalLM` folder (`LlamaForCausalLM`,

@@ -183,6 +183,8 @@ pub fn load_pair(text: &Gguf, mmproj: &Gguf, at: &Placement) -> Result<Folder, L
         other => unreachable!("{other} passed the PROJECTORS check"),
     };
     let model = VideoModel::new(model_type, Box::new(model), &mm.preprocessor, &mm.preprocessor)?;
+    // The tower's block matrices too (the decoder's were settled as it loaded).
+    vidllm_shaders::settle_weights();
     let Preprocessing { pixels, sampling, .. } = model.preprocessing().clone();
     Ok(Folder { model, tok, pre: pixels, sampling })
 }

@@ -199,6 +199,8 @@ impl ModelFiles {
         }
         // The folder's preprocessor configs as the architecture's processors read them.
         let model = VideoModel::from_checkpoint(&config, &ck, opts, &pre, &image_pre, at)?;
+        // The towers' block matrices too (the decoder's were settled as it loaded).
+        vidllm_shaders::settle_weights();
         let Preprocessing { pixels: pre, sampling, .. } = model.preprocessing().clone();
         Ok(Folder { model, tok, pre, sampling })
     }

@@ -155,6 +155,11 @@ impl QuantOps for Flex {
         overwrite(t, &values)
     }
 
+    fn note_weights(words: FlexTensor) -> FlexTensor {
+        crate::cpu_pages::note_weights(bytemuck::cast_slice(words.storage::<u32>()));
+        words
+    }
+
     /// Row by row, the sum of squares in f64 (as ggml sums it); rows split over threads
     /// from [`PAR_MIN_VALUES`] values on.
     fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f64) -> FlexTensor {

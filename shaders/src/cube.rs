@@ -284,6 +284,11 @@ impl QuantOps for CubeBackend {
         overwrite(t, Bytes::from_elems(values), len)
     }
 
+    /// The device's own memory: nothing for the host to settle.
+    fn note_weights(words: CubeTensor) -> CubeTensor {
+        words
+    }
+
     /// The cooperative GEMV computes each row on its own already; past its rows, the tiled
     /// matmul's per-row sums run in the same order whatever the other rows are. The
     /// per-unit kernel takes one row of `x` at a time here, as for a lone row.

@@ -213,6 +213,17 @@ pub trait QuantOps: Backend {
 
     /// [`QuantOps::overwrite_f32`] for a u32 tensor.
     fn overwrite_u32(t: IntTensor<Self>, values: Vec<u32>) -> IntTensor<Self>;
+
+    /// `words` (a matrix's packed weights), noted as weights to be kept in huge pages by
+    /// [`settle_weights`] where the device's memory is the host's (the CPU); unchanged.
+    fn note_weights(words: IntTensor<Self>) -> IntTensor<Self>;
+}
+
+/// Moves the weights loaded on the CPU since the last call into transparent huge pages,
+/// where Linux has them ([`cpu_pages::settle_weights`]): call once a model is loaded.
+/// Elsewhere, and for GPU weights, nothing happens. Returns the bytes advised.
+pub fn settle_weights() -> usize {
+    cpu_pages::settle_weights()
 }
 
 /// `softmax(q k^T scale + bias) v` on any device ([`QuantOps::attention`]).
@@ -456,7 +467,9 @@ impl QuantMatrix {
                 let words = pack_words(parts, start, end);
                 let len = words.len();
                 let opts = TensorCreationOptions::new(at.device.clone()).with_dtype(DType::U32);
-                Band { words: Tensor::from_data(TensorData::new(words, [len]), opts), n: (end - start) / row_bytes }
+                let words = Tensor::<1, Int>::from_data(TensorData::new(words, [len]), opts);
+                let words = Tensor::from_dispatch(<burn::backend::Dispatch as QuantOps>::note_weights(words.into_dispatch()));
+                Band { words, n: (end - start) / row_bytes }
             })
             .collect();
         Ok(Self { bands, ty, n, k, kernels: at.product_id() })

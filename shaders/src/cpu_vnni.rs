@@ -162,20 +162,31 @@ pub(crate) mod x86 {
         let heads = Heads::new(std::mem::size_of::<B>());
         // The band in runs of SUB rows, whose block products stay in L1 until summed.
         let row_bytes = nb * std::mem::size_of::<B>();
-        let mut vals = vec![0f32; m * SUB * nb];
         let eight = rows.first().is_some_and(|r| r.eight);
-        for (band, out) in band.chunks(SUB * row_bytes).zip(out.chunks_mut(SUB * m)) {
-            let vals = &mut vals[..m * band.len() / row_bytes * nb];
-            // SAFETY: as ours.
-            unsafe {
-                if eight {
-                    run_dot::<B, true>(band, nb, rows, &heads, vals);
-                } else {
-                    run_dot::<B, false>(band, nb, rows, &heads, vals);
-                }
-                crate::cpu_gemv::x86::sum_rows(vals, nb, m, out);
-            }
+        // A decode step makes about a thousand of these calls: the products go to this
+        // thread's buffer, not a fresh one each time (its allocation, zeroing and freeing
+        // were 1.2-1.4% of each thread's samples decoding Q8_0). Every value read is
+        // written first.
+        thread_local! {
+            static VALS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        VALS.with_borrow_mut(|vals| {
+            if vals.len() < m * SUB * nb {
+                vals.resize(m * SUB * nb, 0.0);
+            }
+            for (band, out) in band.chunks(SUB * row_bytes).zip(out.chunks_mut(SUB * m)) {
+                let vals = &mut vals[..m * band.len() / row_bytes * nb];
+                // SAFETY: as ours.
+                unsafe {
+                    if eight {
+                        run_dot::<B, true>(band, nb, rows, &heads, vals);
+                    } else {
+                        run_dot::<B, false>(band, nb, rows, &heads, vals);
+                    }
+                    crate::cpu_gemv::x86::sum_rows(vals, nb, m, out);
+                }
+            }
+        })
     }
 
     /// Weight rows summed per run in [`rows_dot`].
@@ -279,8 +290,10 @@ pub(crate) mod x86 {
         /// Bytes of sixteen blocks.
         span: usize,
         /// Per window of 64 words: the index of each output word in it, and which output
-        /// words it holds.
-        windows: Vec<(__m512i, __mmask32)>,
+        /// words it holds; the first `count` are used (sixteen blocks of the largest type,
+        /// Q8_0's 34 bytes, span five).
+        windows: [(__m512i, __mmask32); 5],
+        count: usize,
     }
 
     impl Heads {
@@ -290,15 +303,13 @@ pub(crate) mod x86 {
             let span = 16 * size;
             // Output word j is word `size / 2 * (j / 2) + j % 2` of the blocks.
             let src: [usize; 32] = std::array::from_fn(|j| size / 2 * (j / 2) + j % 2);
-            let windows = (0..span.div_ceil(128))
-                .map(|c| {
-                    let idx: [i16; 32] = std::array::from_fn(|j| (src[j] % 64) as i16);
-                    let mask = (0..32).filter(|&j| src[j] / 64 == c).fold(0u32, |m, j| m | 1 << j);
-                    // SAFETY: 32 i16.
-                    (unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) }, mask)
-                })
-                .collect();
-            Self { span, windows }
+            let count = span.div_ceil(128);
+            assert!(count <= 5, "Heads: blocks of {size} bytes");
+            let idx: [i16; 32] = std::array::from_fn(|j| (src[j] % 64) as i16);
+            // SAFETY: 32 i16.
+            let idx = unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) };
+            let windows = std::array::from_fn(|c| (idx, (0..32).filter(|&j| src[j] / 64 == c).fold(0u32, |m, j| m | 1 << j)));
+            Self { span, windows, count }
         }
 
         /// # Safety
@@ -306,7 +317,7 @@ pub(crate) mod x86 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn read(&self, at: *const u8) -> __m512i {
             let mut out = _mm512_setzero_si512();
-            for (c, &(idx, mask)) in self.windows.iter().enumerate() {
+            for (c, &(idx, mask)) in self.windows[..self.count].iter().enumerate() {
                 // The window's two 64-byte halves, masked to the sixteen blocks.
                 let half = |h: usize| {
                     let start = 128 * c + 64 * h;

@@ -19,8 +19,8 @@
 //! since its last call fill (buffers side by side in the heap taken as one run) into huge
 //! pages, once, after a model loads: `MADV_HUGEPAGE`, then `MADV_COLLAPSE` (Linux 6.1 on)
 //! to copy them there at once rather than when `khugepaged` gets to them. On a 2-core
-//! Zen 4, that took SmolLM2-135M's Q8_0 decode from 115-144 to 134-155 tok/s (eight
-//! interleaved rounds), for about 45 ms at load.
+//! Zen 4 that made SmolLM2-135M's Q8_0 decode about 5% faster (README, "Speed"), for
+//! about 30 ms at load.
 
 use std::sync::Mutex;
 

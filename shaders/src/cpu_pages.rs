@@ -66,9 +66,11 @@ pub fn settle_weights() -> usize {
     for &(start, end) in &runs {
         /// `MADV_COLLAPSE` (Linux 6.1): the `libc` crate names it for glibc targets only.
         const MADV_COLLAPSE: libc::c_int = 25;
-        // SAFETY: the runs lie within buffers noted as live weights (and the heap between
-        // them); the advice changes how their pages are backed, not what they hold. Errors
-        // (an older kernel, no THP) leave the pages as they were: the results are ignored.
+        // SAFETY: the runs lie within buffers noted as weights (and the heap between them);
+        // if one was freed since, its memory is the heap's or unmapped. Either way the
+        // advice changes how pages are backed, never what they hold, and an unmapped range
+        // is refused. Errors (an older kernel, no THP) leave the pages as they were: the
+        // results are ignored.
         unsafe {
             libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
             libc::madvise(start as *mut libc::c_void, end - start, MADV_COLLAPSE);

@@ -289,10 +289,12 @@ pub(crate) mod x86 {
     struct Heads {
         /// Bytes of sixteen blocks.
         span: usize,
-        /// Per window of 64 words: the index of each output word in it, and which output
-        /// words it holds; the first `count` are used (sixteen blocks of the largest type,
-        /// Q8_0's 34 bytes, span five).
-        windows: [(__m512i, __mmask32); 5],
+        /// The index of each output word within its window of 64 words (the same for
+        /// every window).
+        idx: __m512i,
+        /// Per window, which output words it holds; the first `count` are used (sixteen
+        /// blocks of the largest type, Q8_0's 34 bytes, span five).
+        masks: [__mmask32; 5],
         count: usize,
     }
 
@@ -308,8 +310,8 @@ pub(crate) mod x86 {
             let idx: [i16; 32] = std::array::from_fn(|j| (src[j] % 64) as i16);
             // SAFETY: 32 i16.
             let idx = unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) };
-            let windows = std::array::from_fn(|c| (idx, (0..32).filter(|&j| src[j] / 64 == c).fold(0u32, |m, j| m | 1 << j)));
-            Self { span, windows, count }
+            let masks = std::array::from_fn(|c| (0..32).filter(|&j| src[j] / 64 == c).fold(0u32, |m, j| m | 1 << j));
+            Self { span, idx, masks, count }
         }
 
         /// # Safety
@@ -317,7 +319,7 @@ pub(crate) mod x86 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn read(&self, at: *const u8) -> __m512i {
             let mut out = _mm512_setzero_si512();
-            for (c, &(idx, mask)) in self.windows[..self.count].iter().enumerate() {
+            for (c, &mask) in self.masks[..self.count].iter().enumerate() {
                 // The window's two 64-byte halves, masked to the sixteen blocks.
                 let half = |h: usize| {
                     let start = 128 * c + 64 * h;
@@ -326,7 +328,7 @@ pub(crate) mod x86 {
                     // SAFETY: the mask keeps the load to the blocks.
                     unsafe { _mm512_maskz_loadu_epi8(m, at.add(start.min(self.span)) as *const i8) }
                 };
-                out = _mm512_mask_mov_epi16(out, mask, _mm512_permutex2var_epi16(half(0), idx, half(1)));
+                out = _mm512_mask_mov_epi16(out, mask, _mm512_permutex2var_epi16(half(0), self.idx, half(1)));
             }
             out
         }

@@ -5,7 +5,10 @@
 //!   SIMD dot products. From 4 rows on, on x86-64, as a register-tiled GEMM
 //!   (`cpu_gemm.rs`, `cpu_gemm_lanes.rs`); one row on AVX-512 by `cpu_gemv.rs` (or
 //!   `cpu_vnni.rs` where the processor has VNNI), on hot workers (`cpu_hot.rs`);
-//!   otherwise row by row, each decoded block reused for up to 8 rows.
+//!   otherwise row by row, each decoded block reused for up to 8 rows. Where the
+//!   processor has VNNI, Q8_0 matrices are repacked on upload with sixteen rows side by
+//!   side (`cpu_repack.rs`, [`QuantOps::lay_out_weights`]): decode reads them so, and
+//!   each prefill task unpacks its band.
 //! - Attention: fused (`cpu_attention.rs`).
 //! - F16 / BF16 / F32, few rows: each unit of 32 values decoded into a small buffer and
 //!   dotted with the rows of `x` in 16 f32 lanes (reads the packed row once; allocates
@@ -25,7 +28,7 @@ use crate::QuantOps;
 use crate::block::ty_from_id;
 use crate::cpu_attention::Rows;
 use crate::cpu_int::{self, ActBits, IntActs};
-use crate::{cpu_gemm, cpu_gemv};
+use crate::{cpu_gemm, cpu_gemv, cpu_repack};
 
 /// Rows of `x` sharing one decode of a weight block.
 const MC: usize = 8;
@@ -155,7 +158,15 @@ impl QuantOps for Flex {
         overwrite(t, &values)
     }
 
-    fn note_weights(words: FlexTensor) -> FlexTensor {
+    /// Q8_0 bands repacked for the decode kernel where it runs ([`cpu_repack::applies`]),
+    /// in place; every band noted for the huge pages.
+    fn lay_out_weights(mut words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
+        let ty = ty_from_id(ty);
+        if cpu_repack::applies(ty, n, k) {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(words.storage_mut::<u32>());
+            let nb = k / ty.block_elems();
+            cpu_repack::repack(&mut bytes[..n * nb * ty.block_bytes()], nb);
+        }
         crate::cpu_pages::note_weights(bytemuck::cast_slice(words.storage::<u32>()));
         words
     }
@@ -256,8 +267,12 @@ impl QuantOps for Flex {
         let w: &[u8] = bytemuck::cast_slice(words.storage::<u32>());
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul_rows: x must be f32");
         let row_bytes = k / ty.block_elems() * ty.block_bytes();
+        let repacked = cpu_repack::applies(ty, n, k);
         let group = |rows: &[f32]| -> Vec<f32> {
             let g = rows.len() / k;
+            if repacked {
+                return cpu_repack::matvec(w, n, &IntActs::quantize_to(rows, k, bits));
+            }
             if !cpu_int::takes_integer_path(ty) {
                 return q_matmul_decoded(ty, rows, w, g, n, k);
             }
@@ -284,8 +299,12 @@ impl QuantOps for Flex {
         let x = x.into_data().try_into_vec::<f32>().expect("q_matmul: x must be f32");
         let y = if integer {
             let acts = IntActs::quantize_to(&x, k, ActBits::from_kernels(kernels));
+            let layout = if cpu_repack::applies(ty, n, k) { cpu_gemm::Layout::Repacked } else { cpu_gemm::Layout::File };
             if m >= cpu_gemm::MIN_ROWS && cpu_gemm::available() {
-                return FlexTensor::from_data(TensorData::new(cpu_gemm::matmul(ty, w, n, &acts), [m, n]));
+                return FlexTensor::from_data(TensorData::new(cpu_gemm::matmul(ty, w, layout, n, &acts), [m, n]));
+            }
+            if layout == cpu_gemm::Layout::Repacked {
+                return FlexTensor::from_data(TensorData::new(cpu_repack::matvec(w, n, &acts), [m, n]));
             }
             if m == 1 && cpu_gemv::available() {
                 return FlexTensor::from_data(TensorData::new(cpu_gemv::matvec(ty, w, n, &acts), [m, n]));

@@ -40,17 +40,33 @@ pub fn available() -> bool {
     lanes::kernels().next().is_some()
 }
 
-/// `y = x W^T` for `W` (`n` rows of type `ty`, packed) and the quantised rows of `x`,
-/// split into tasks over the thread pool.
+/// How a matrix's blocks lie in its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// As in the model file: row after row.
+    File,
+    /// Repacked for the decode kernel, sixteen rows side by side (`cpu_repack.rs`): each
+    /// task unpacks its band into the file's layout first (a copy of the band, about a
+    /// hundred KiB, against its sweep by every tile of activation rows).
+    Repacked,
+}
+
+/// `y = x W^T` for `W` (`n` rows of type `ty`, packed, laid out as `layout` says) and the
+/// quantised rows of `x`, split into tasks over the thread pool.
 ///
 /// # Panics
 /// If no batched kernel is [`available`], if `ty` is not a block type, or if the shapes do
 /// not agree.
-pub fn matmul(ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
-    matmul_on(lanes::kernels().next().expect("cpu_gemm::matmul: no batched kernel on this processor"), ty, w, n, acts)
+pub fn matmul(ty: GgmlType, w: &[u8], layout: Layout, n: usize, acts: &IntActs) -> Vec<f32> {
+    matmul_on(lanes::kernels().next().expect("cpu_gemm::matmul: no batched kernel on this processor"), ty, w, layout, n, acts)
 }
 
-fn matmul_on(kernel: Kernel, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -> Vec<f32> {
+thread_local! {
+    /// A task's band unpacked into the file's layout ([`Layout::Repacked`]).
+    static UNPACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn matmul_on(kernel: Kernel, ty: GgmlType, w: &[u8], layout: Layout, n: usize, acts: &IntActs) -> Vec<f32> {
     let (m, k) = (acts.rows(), acts.k);
     let row_bytes = k / ty.block_elems() * ty.block_bytes();
     // The words holding W may end in padding.
@@ -81,9 +97,20 @@ fn matmul_on(kernel: Kernel, ty: GgmlType, w: &[u8], n: usize, acts: &IntActs) -
         let wband = &w[cols.start * row_bytes..cols.end * row_bytes];
         // SAFETY: inside y's capacity; no other task writes this rectangle.
         let out = Out { at: unsafe { base.get().add(rows.start * n + cols.start) }, ld: n };
-        // SAFETY: `kernel` runs here (`lanes::kernels`); `out` covers the rectangle.
-        vidllm_core::with_block!(ty, B => unsafe { lanes::task::<B>(kernel, wband, cols.len(), acts, rows.clone(), out) },
-            else unreachable!("float types take the f32 path"));
+        let run = |wband: &[u8]| {
+            // SAFETY: `kernel` runs here (`lanes::kernels`); `out` covers the rectangle.
+            vidllm_core::with_block!(ty, B => unsafe { lanes::task::<B>(kernel, wband, cols.len(), acts, rows.clone(), out) },
+                else unreachable!("float types take the f32 path"))
+        };
+        match layout {
+            Layout::File => run(wband),
+            // Bands start and end on whole tiles (or at `n`), so on whole groups.
+            Layout::Repacked => UNPACKED.with_borrow_mut(|file| {
+                file.resize(wband.len(), 0);
+                crate::cpu_repack::unpack(wband, k / ty.block_elems(), file);
+                run(file)
+            }),
+        }
     });
     // SAFETY: the tasks wrote all m * n values.
     unsafe { y.set_len(m * n) };
@@ -139,7 +166,7 @@ mod tests {
             for bits in [ActBits::Int16, ActBits::Int8] {
                 let acts = IntActs::quantize_to(&x, k, bits);
                 let (xq, wf) = (acts.dequantize(), vidllm_core::ggml::dequantize(ty, &w, n * k));
-                let y = matmul_on(kernel, ty, &w, n, &acts);
+                let y = matmul_on(kernel, ty, &w, Layout::File, n, &acts);
                 for i in 0..m {
                     for j in 0..n {
                         let want: f64 = (0..k).map(|t| xq[i * k + t] as f64 * wf[j * k + t] as f64).sum();
@@ -171,7 +198,8 @@ mod tests {
                     let w = crate::check::weight(ty, n, k, 5);
                     let bytes = IntActs::quantize_to(&crate::check::values(m * k, 6), k, ActBits::Int8);
                     let words = IntActs { bytes: None, qs: bytes.qs.clone(), d: bytes.d.clone(), dsums: bytes.dsums.clone(), k };
-                    let (got, want) = (matmul_on(kernel, ty, &w, n, &bytes), matmul_on(kernel, ty, &w, n, &words));
+                    let (got, want) =
+                        (matmul_on(kernel, ty, &w, Layout::File, n, &bytes), matmul_on(kernel, ty, &w, Layout::File, n, &words));
                     let merged = vidllm_core::with_block!(ty, B => <B as crate::cpu_int::IntCodes>::OFFSET && <B as crate::cpu_int::IntCodes>::SHARED32, else false);
                     if !merged || !matches!(kernel, lanes::Kernel::Avx512Vnni) {
                         assert_eq!(got, want, "{kernel:?} {ty:?} k {k}");
@@ -215,7 +243,7 @@ mod speed {
                 let best = (0..reps)
                     .map(|_| {
                         let t = std::time::Instant::now();
-                        std::hint::black_box(matmul_on(kernel, ty, &w, n, &acts));
+                        std::hint::black_box(matmul_on(kernel, ty, &w, Layout::File, n, &acts));
                         t.elapsed().as_secs_f64()
                     })
                     .fold(f64::INFINITY, f64::min);

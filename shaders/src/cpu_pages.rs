@@ -81,17 +81,17 @@ pub fn settle_weights() -> usize {
 
 /// Blocks at least this large are advised: glibc's largest mmap threshold, past which
 /// every block is a mapping of its own.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const MIN_BYTES: usize = 32 << 20;
 
 /// Advise the pages of `v`'s capacity as huge pages, before anything is written there.
 /// The values do not change; nothing happens for small vectors or off Linux.
 pub(crate) fn advise_huge<T>(v: &mut Vec<T>) {
     let bytes = v.capacity() * size_of::<T>();
-    if bytes < MIN_BYTES {
-        return;
-    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (v, bytes);
     #[cfg(target_os = "linux")]
-    {
+    if bytes >= MIN_BYTES {
         const HUGE: usize = 2 << 20;
         let at = v.as_mut_ptr() as usize;
         let (start, end) = (at.next_multiple_of(HUGE), (at + bytes) / HUGE * HUGE);

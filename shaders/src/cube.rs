@@ -284,8 +284,9 @@ impl QuantOps for CubeBackend {
         overwrite(t, Bytes::from_elems(values), len)
     }
 
-    /// The device's own memory: nothing for the host to settle.
-    fn note_weights(words: CubeTensor) -> CubeTensor {
+    /// The file's layout, which the kernels read; the device's own memory: nothing for
+    /// the host to settle.
+    fn lay_out_weights(words: CubeTensor, _ty: u32, _n: usize, _k: usize) -> CubeTensor {
         words
     }
 

@@ -36,6 +36,7 @@ pub mod cpu_gemv;
 pub mod cpu_hot;
 pub mod cpu_int;
 mod cpu_pages;
+pub mod cpu_repack;
 pub mod cpu_vnni;
 #[cfg(feature = "gpu")]
 pub mod cube;
@@ -214,9 +215,12 @@ pub trait QuantOps: Backend {
     /// [`QuantOps::overwrite_f32`] for a u32 tensor.
     fn overwrite_u32(t: IntTensor<Self>, values: Vec<u32>) -> IntTensor<Self>;
 
-    /// `words` (a matrix's packed weights), noted as weights to be kept in huge pages by
-    /// [`settle_weights`] where the device's memory is the host's (the CPU); unchanged.
-    fn note_weights(words: IntTensor<Self>) -> IntTensor<Self>;
+    /// `words` (a band of `n` rows of `k` values of type `ty`, packed as
+    /// [`QuantMatrix::upload`] packs them) laid out as this device keeps weights, which
+    /// its products then read: on the CPU, Q8_0 bands of whole groups of sixteen rows are
+    /// repacked where the processor has the kernel for them (`cpu_repack.rs`), and every
+    /// band is noted to be moved into huge pages by [`settle_weights`]; on wgpu, unchanged.
+    fn lay_out_weights(words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> IntTensor<Self>;
 }
 
 /// Moves the weights loaded on the CPU since the last call into transparent huge pages,
@@ -468,8 +472,9 @@ impl QuantMatrix {
                 let len = words.len();
                 let opts = TensorCreationOptions::new(at.device.clone()).with_dtype(DType::U32);
                 let words = Tensor::<1, Int>::from_data(TensorData::new(words, [len]), opts);
-                let words = Tensor::from_dispatch(<burn::backend::Dispatch as QuantOps>::note_weights(words.into_dispatch()));
-                Band { words, n: (end - start) / row_bytes }
+                let n = (end - start) / row_bytes;
+                let words = <burn::backend::Dispatch as QuantOps>::lay_out_weights(words.into_dispatch(), ty.id(), n, k);
+                Band { words: Tensor::from_dispatch(words), n }
             })
             .collect();
         Ok(Self { bands, ty, n, k, kernels: at.product_id() })

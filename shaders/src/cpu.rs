@@ -6,7 +6,7 @@
 //!   (`cpu_gemm.rs`, `cpu_gemm_lanes.rs`); one row on AVX-512 by `cpu_gemv.rs` (or
 //!   `cpu_vnni.rs` where the processor has VNNI), on hot workers (`cpu_hot.rs`);
 //!   otherwise row by row, each decoded block reused for up to 8 rows. Where the
-//!   processor has VNNI, Q8_0 matrices are repacked on upload with sixteen rows side by
+//!   processor has VNNI, the 32-element block types' matrices are repacked on upload with sixteen rows side by
 //!   side (`cpu_repack.rs`, [`QuantOps::lay_out_weights`]): decode reads them so, and
 //!   each prefill task unpacks its band.
 //! - Attention: fused (`cpu_attention.rs`).
@@ -158,14 +158,14 @@ impl QuantOps for Flex {
         overwrite(t, &values)
     }
 
-    /// Q8_0 bands repacked for the decode kernel where it runs ([`cpu_repack::applies`]),
+    /// Bands of the 32-element block types repacked for the decode kernel where it runs ([`cpu_repack::applies`]),
     /// in place; every band noted for the huge pages.
     fn lay_out_weights(mut words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
         let ty = ty_from_id(ty);
         if cpu_repack::applies(ty, n, k) {
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(words.storage_mut::<u32>());
             let nb = k / ty.block_elems();
-            cpu_repack::repack(&mut bytes[..n * nb * ty.block_bytes()], nb);
+            cpu_repack::repack(ty, &mut bytes[..n * nb * ty.block_bytes()], nb);
         }
         crate::cpu_pages::note_weights(bytemuck::cast_slice(words.storage::<u32>()));
         words
@@ -271,7 +271,7 @@ impl QuantOps for Flex {
         let group = |rows: &[f32]| -> Vec<f32> {
             let g = rows.len() / k;
             if repacked {
-                return cpu_repack::matvec(w, n, &IntActs::quantize_to(rows, k, bits));
+                return cpu_repack::matvec(ty, w, n, &IntActs::quantize_to(rows, k, bits));
             }
             if !cpu_int::takes_integer_path(ty) {
                 return q_matmul_decoded(ty, rows, w, g, n, k);
@@ -304,7 +304,7 @@ impl QuantOps for Flex {
                 return FlexTensor::from_data(TensorData::new(cpu_gemm::matmul(ty, w, layout, n, &acts), [m, n]));
             }
             if layout == cpu_gemm::Layout::Repacked {
-                return FlexTensor::from_data(TensorData::new(cpu_repack::matvec(w, n, &acts), [m, n]));
+                return FlexTensor::from_data(TensorData::new(cpu_repack::matvec(ty, w, n, &acts), [m, n]));
             }
             if m == 1 && cpu_gemv::available() {
                 return FlexTensor::from_data(TensorData::new(cpu_gemv::matvec(ty, w, n, &acts), [m, n]));

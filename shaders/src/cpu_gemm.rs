@@ -107,7 +107,7 @@ fn matmul_on(kernel: Kernel, ty: GgmlType, w: &[u8], layout: Layout, n: usize, a
             // Bands start and end on whole tiles (or at `n`), so on whole groups.
             Layout::Repacked => UNPACKED.with_borrow_mut(|file| {
                 file.resize(wband.len(), 0);
-                crate::cpu_repack::unpack(wband, k / ty.block_elems(), file);
+                crate::cpu_repack::unpack(ty, wband, k / ty.block_elems(), file);
                 run(file)
             }),
         }

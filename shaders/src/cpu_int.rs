@@ -1187,11 +1187,11 @@ mod speed {
                 }
                 if crate::cpu_repack::applies(ty, n, k) {
                     let mut packed = w.clone();
-                    crate::cpu_repack::repack(&mut packed[..n * rb], k / QB);
+                    crate::cpu_repack::repack(ty, &mut packed[..n * rb], k / QB);
                     let packed = std::sync::Arc::new(packed);
                     let (p8, a16, a8) = (packed.clone(), &acts, &acts8);
-                    variants.push(("repacked VNNI", Box::new(move || drop(crate::cpu_repack::matvec(&packed, n, a16)))));
-                    variants.push(("same, 8-bit activations", Box::new(move || drop(crate::cpu_repack::matvec(&p8, n, a8)))));
+                    variants.push(("repacked VNNI", Box::new(move || drop(crate::cpu_repack::matvec(ty, &packed, n, a16)))));
+                    variants.push(("same, 8-bit activations", Box::new(move || drop(crate::cpu_repack::matvec(ty, &p8, n, a8)))));
                 }
             }
             let passes = std::env::var("PASSES").map_or(101, |v| v.parse().unwrap());

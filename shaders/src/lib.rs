@@ -217,8 +217,9 @@ pub trait QuantOps: Backend {
 
     /// `words` (a band of `n` rows of `k` values of type `ty`, packed as
     /// [`QuantMatrix::upload`] packs them) laid out as this device keeps weights, which
-    /// its products then read: on the CPU, Q8_0 bands of whole groups of sixteen rows are
-    /// repacked where the processor has the kernel for them (`cpu_repack.rs`), and every
+    /// its products then read: on the CPU, bands of the 32-element block types (Q8_0, Q4_0,
+    /// Q4_1, Q5_0, Q5_1) of whole groups of sixteen rows are repacked where the processor
+    /// has the kernel for them (`cpu_repack.rs`), and every
     /// band is noted to be moved into huge pages by [`settle_weights`]; on wgpu, unchanged.
     fn lay_out_weights(words: IntTensor<Self>, ty: u32, n: usize, k: usize) -> IntTensor<Self>;
 }

@@ -6,9 +6,9 @@
 //!   (`cpu_gemm.rs`, `cpu_gemm_lanes.rs`); one row on AVX-512 by `cpu_gemv.rs` (or
 //!   `cpu_vnni.rs` where the processor has VNNI), on hot workers (`cpu_hot.rs`);
 //!   otherwise row by row, each decoded block reused for up to 8 rows. Where the
-//!   processor has VNNI, the 32-element block types' matrices are repacked on upload with sixteen rows side by
-//!   side (`cpu_repack.rs`, [`QuantOps::lay_out_weights`]): decode reads them so, and
-//!   each prefill task unpacks its band.
+//!   processor has VNNI, the 32-element block types' matrices are repacked on upload
+//!   with sixteen rows side by side (`cpu_repack.rs`, [`QuantOps::lay_out_weights`]):
+//!   decode reads them so, and each prefill task unpacks its band.
 //! - Attention: fused (`cpu_attention.rs`).
 //! - F16 / BF16 / F32, few rows: each unit of 32 values decoded into a small buffer and
 //!   dotted with the rows of `x` in 16 f32 lanes (reads the packed row once; allocates
@@ -158,8 +158,8 @@ impl QuantOps for Flex {
         overwrite(t, &values)
     }
 
-    /// Bands of the 32-element block types repacked for the decode kernel where it runs ([`cpu_repack::applies`]),
-    /// in place; every band noted for the huge pages.
+    /// Bands of the 32-element block types repacked for the decode kernel where it runs
+    /// ([`cpu_repack::applies`]), in place; every band noted for the huge pages.
     fn lay_out_weights(mut words: FlexTensor, ty: u32, n: usize, k: usize) -> FlexTensor {
         let ty = ty_from_id(ty);
         if cpu_repack::applies(ty, n, k) {

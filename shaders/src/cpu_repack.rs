@@ -80,9 +80,9 @@ pub fn available(ty: GgmlType) -> bool {
 }
 
 /// Whether the CPU keeps a band of `n` rows of `k` values of type `ty` repacked (and so
-/// must read it so): Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1, whole groups of sixteen rows, where [`available`] and
-/// `VIDLLM_CPU_REPACK` is not `0`. The same answer for the same band every time in a
-/// process: the upload and the products agree on the layout.
+/// must read it so): Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1, whole groups of sixteen rows,
+/// where [`available`] and `VIDLLM_CPU_REPACK` is not `0`. The same answer for the same
+/// band every time in a process: the upload and the products agree on the layout.
 pub fn applies(ty: GgmlType, n: usize, k: usize) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("VIDLLM_CPU_REPACK").map_or(true, |v| v != "0"));
@@ -193,7 +193,6 @@ impl LaneRow {
     pub(crate) fn new(acts: &IntActs, row: usize, ty: GgmlType) -> Self {
         let (k, nb) = (acts.k, acts.k / QB);
         let d = acts.d[row * nb..][..nb].to_vec();
-        let per_block = |q: &[i32], times: i32| q.chunks_exact(QB).map(|b| times * b.iter().sum::<i32>()).collect();
         // What the codes' offset multiplies: the sum of the activations' codes.
         let offset = match ty {
             GgmlType::Q8_0 => 128,
@@ -209,17 +208,14 @@ impl LaneRow {
         };
         if let Some(bytes) = &acts.bytes {
             let q = &bytes.qs[row * k..][..k];
-            let correction = per_block(&q.iter().map(|&v| v as i32).collect::<Vec<_>>(), offset);
+            let correction = block_sums(q, |v| offset * v as i32);
             return Self { hi: q.to_vec(), lo: Vec::new(), correction, dsum, d };
         }
         let q = &acts.qs[row * k..][..k];
         let hi: Vec<i8> = q.iter().map(|&v| (v >> 8) as i8).collect();
         let lo = q.iter().map(|&v| v as u8).collect();
-        let correction = if ty == GgmlType::Q8_0 {
-            per_block(&hi.iter().map(|&v| v as i32).collect::<Vec<_>>(), 32768)
-        } else {
-            per_block(&q.iter().map(|&v| v as i32).collect::<Vec<_>>(), offset)
-        };
+        let correction =
+            if ty == GgmlType::Q8_0 { block_sums(q, |v| 32768 * (v >> 8) as i32) } else { block_sums(q, |v| offset * v as i32) };
         Self { hi, lo, correction, dsum, d }
     }
 
@@ -227,6 +223,11 @@ impl LaneRow {
     fn eight(&self) -> bool {
         self.lo.is_empty()
     }
+}
+
+/// `f` summed over each block of 32 values.
+fn block_sums<T: Copy>(values: &[T], f: impl Fn(T) -> i32) -> Vec<i32> {
+    values.chunks_exact(QB).map(|b| b.iter().map(|&v| f(v)).sum()).collect()
 }
 
 /// `y = W x` for `m` rows of activations (1 to `cpu_gemv::MAX_ROWS`) and `W` repacked

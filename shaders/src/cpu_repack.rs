@@ -275,6 +275,12 @@ mod x86 {
     /// A repacked Q8_0 group block: 32 bytes of scales, eight 64-byte pieces of codes.
     const Q8_0_BLOCK: usize = ROWS * 34;
 
+    /// A repacked group block of a nibble type: sixteen blocks of 18 bytes (scale and
+    /// nibbles), 22 with `qh` (`FIFTH`), 2 more with a minimum (`MIN`).
+    const fn nibbles_block(fifth: bool, min: bool) -> usize {
+        ROWS * (18 + 4 * fifth as usize + 2 * min as usize)
+    }
+
     /// How far ahead of the block being read to fetch weights (bytes), into L2: as
     /// `cpu_vnni.rs` found best for Q8_0.
     const PREFETCH: usize = 2048;
@@ -299,8 +305,7 @@ mod x86 {
     /// As [`rows_dot`], and AVX-512 BITALG where `FIFTH` ([`super::available`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn rows_dot_nibbles<const FIFTH: bool, const MIN: bool>(band: &[u8], nb: usize, rows: &[LaneRow], out: &mut [f32]) {
-        let gb = ROWS * (18 + 4 * FIFTH as usize + 2 * MIN as usize);
-        rows_dot_of(band, nb * gb, rows, out, |group, row, fetch| {
+        rows_dot_of(band, nb * nibbles_block(FIFTH, MIN), rows, out, |group, row, fetch| {
             // SAFETY: as ours.
             unsafe {
                 match (FIFTH, row.eight()) {
@@ -348,27 +353,15 @@ mod x86 {
         for (g, o) in band.chunks_exact(nb * Q8_0_BLOCK).zip(out.chunks_exact_mut(nb * Q8_0_BLOCK)) {
             for b in 0..nb {
                 let packed = &g[b * Q8_0_BLOCK..][..Q8_0_BLOCK];
-                // SAFETY: eight chunks of 64 bytes after the scales.
-                let c: [__m512i; 8] =
-                    std::array::from_fn(|c| unsafe { _mm512_loadu_si512(packed[2 * ROWS + 64 * c..].as_ptr() as *const __m512i) });
-                // Within each quarter q (rows 4q..4q + 4): pairs of chunks interleaved.
-                let lo: [__m512i; 4] = std::array::from_fn(|p| _mm512_unpacklo_epi32(c[2 * p], c[2 * p + 1]));
-                let hi: [__m512i; 4] = std::array::from_fn(|p| _mm512_unpackhi_epi32(c[2 * p], c[2 * p + 1]));
-                // words[j][h]: quarter q holds chunks 4h..4h + 4 of row 4q + j.
-                let words: [[__m512i; 2]; 4] = [
-                    [_mm512_unpacklo_epi64(lo[0], lo[1]), _mm512_unpacklo_epi64(lo[2], lo[3])],
-                    [_mm512_unpackhi_epi64(lo[0], lo[1]), _mm512_unpackhi_epi64(lo[2], lo[3])],
-                    [_mm512_unpacklo_epi64(hi[0], hi[1]), _mm512_unpacklo_epi64(hi[2], hi[3])],
-                    [_mm512_unpackhi_epi64(hi[0], hi[1]), _mm512_unpackhi_epi64(hi[2], hi[3])],
-                ];
+                // SAFETY (both): eight chunks of 64 bytes after the scales.
+                let (first, second) = unsafe { (pieces_by_row(packed, 2 * ROWS), pieces_by_row(packed, 2 * ROWS + 256)) };
                 for r in 0..ROWS {
                     let blk = &mut o[r * row_bytes + b * 34..][..34];
                     blk[..2].copy_from_slice(&packed[2 * r..2 * r + 2]);
-                    let [first, second] = words[r % 4];
                     // SAFETY: 32 bytes after the scale.
                     unsafe {
-                        _mm_storeu_si128(blk[2..].as_mut_ptr() as *mut __m128i, quarter(first, r / 4));
-                        _mm_storeu_si128(blk[18..].as_mut_ptr() as *mut __m128i, quarter(second, r / 4));
+                        _mm_storeu_si128(blk[2..].as_mut_ptr() as *mut __m128i, quarter(first[r % 4], r / 4));
+                        _mm_storeu_si128(blk[18..].as_mut_ptr() as *mut __m128i, quarter(second[r % 4], r / 4));
                     }
                 }
             }
@@ -390,19 +383,7 @@ mod x86 {
             for b in 0..nb {
                 let packed = &g[b * gb..][..gb];
                 // SAFETY: four pieces of 64 bytes from `from`.
-                let c: [__m512i; 4] =
-                    std::array::from_fn(|c| unsafe { _mm512_loadu_si512(packed[from + 64 * c..].as_ptr() as *const __m512i) });
-                let (lo, hi) = (
-                    [_mm512_unpacklo_epi32(c[0], c[1]), _mm512_unpacklo_epi32(c[2], c[3])],
-                    [_mm512_unpackhi_epi32(c[0], c[1]), _mm512_unpackhi_epi32(c[2], c[3])],
-                );
-                // words[j]: quarter q holds the four pieces of row 4q + j.
-                let words = [
-                    _mm512_unpacklo_epi64(lo[0], lo[1]),
-                    _mm512_unpackhi_epi64(lo[0], lo[1]),
-                    _mm512_unpacklo_epi64(hi[0], hi[1]),
-                    _mm512_unpackhi_epi64(hi[0], hi[1]),
-                ];
+                let words = unsafe { pieces_by_row(packed, from) };
                 for r in 0..ROWS {
                     let blk = &mut o[r * row_bytes + b * bb..][..bb];
                     for f in 0..halves {
@@ -417,6 +398,29 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// Four pieces of sixteen rows (64 bytes each, from `at`) transposed: quarter `q` of
+    /// word `j` holds the four pieces of row `4q + j`, in order.
+    ///
+    /// # Safety
+    /// `packed` holds 256 bytes from `at`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn pieces_by_row(packed: &[u8], at: usize) -> [__m512i; 4] {
+        // SAFETY: the caller's.
+        let c: [__m512i; 4] = std::array::from_fn(|c| unsafe { _mm512_loadu_si512(packed[at + 64 * c..].as_ptr() as *const __m512i) });
+        // Within each quarter: pieces 0 and 1, then 2 and 3, interleaved by row.
+        let (lo, hi) = (
+            [_mm512_unpacklo_epi32(c[0], c[1]), _mm512_unpacklo_epi32(c[2], c[3])],
+            [_mm512_unpackhi_epi32(c[0], c[1]), _mm512_unpackhi_epi32(c[2], c[3])],
+        );
+        [
+            _mm512_unpacklo_epi64(lo[0], lo[1]),
+            _mm512_unpackhi_epi64(lo[0], lo[1]),
+            _mm512_unpacklo_epi64(hi[0], hi[1]),
+            _mm512_unpackhi_epi64(hi[0], hi[1]),
+        ]
     }
 
     /// 128-bit quarter `q` of `v`.
@@ -460,12 +464,26 @@ mod x86 {
                     lo = _mm512_dpbusd_epi32(lo, bytes4(unsafe { row.lo.as_ptr().add(at) }), w);
                 }
             }
-            let sum = if EIGHT { hi } else { _mm512_add_epi32(_mm512_slli_epi32::<8>(hi), lo) };
-            let sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(row.correction[b]));
-            let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk as *const __m256i) });
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(row.d[b])), acc);
+            // SAFETY: the block starts with the sixteen scales.
+            acc = unsafe { add_block::<EIGHT>(acc, hi, lo, row, b, blk) };
         }
         acc
+    }
+
+    /// `acc` plus block `b`'s sixteen products: the integer sums (`256 hi + lo`, or `hi`
+    /// at 8 bits) less the row's correction, times the weights' scales (the group block's
+    /// first 32 bytes, at `blk`) and the activations'.
+    ///
+    /// # Safety
+    /// `blk` points at a repacked group block.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn add_block<const EIGHT: bool>(acc: __m512, hi: __m512i, lo: __m512i, row: &LaneRow, b: usize, blk: *const u8) -> __m512 {
+        let sum = if EIGHT { hi } else { _mm512_add_epi32(_mm512_slli_epi32::<8>(hi), lo) };
+        let sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(row.correction[b]));
+        // SAFETY: the caller's.
+        let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk as *const __m256i) });
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(row.d[b])), acc)
     }
 
     /// [`group_dot`] for the nibble types: each piece of packed nibbles gives two
@@ -486,7 +504,7 @@ mod x86 {
         row: &LaneRow,
         fetch: bool,
     ) -> __m512 {
-        let gb = ROWS * (18 + 4 * FIFTH as usize + 2 * MIN as usize);
+        let gb = nibbles_block(FIFTH, MIN);
         // Where the `qh` words and the nibbles start, after the f16 fields.
         let qh_at = 2 * ROWS * (1 + MIN as usize);
         let nibbles_at = qh_at + if FIFTH { ROWS * PER_LANE } else { 0 };
@@ -526,10 +544,7 @@ mod x86 {
                         }
                     }
                 }
-                let sum = if EIGHT { hi } else { _mm512_add_epi32(_mm512_slli_epi32::<8>(hi), lo) };
-                let sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(row.correction[b]));
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(row.d[b])), acc);
+                acc = add_block::<EIGHT>(acc, hi, lo, row, b, blk);
                 if MIN {
                     let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * ROWS) as *const __m256i));
                     acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(row.dsum[b]), acc);

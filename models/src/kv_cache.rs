@@ -26,6 +26,7 @@ use vidllm_shaders::{Mask, attention, kv_attention, kv_attention_step, kv_row_wo
 use crate::step_graph::StepGraphState;
 
 use crate::llama::LlamaConfig;
+use crate::rope::Rope;
 
 /// What the cache keeps its keys and values in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -505,6 +506,38 @@ impl KvCache {
             |cache, x, ty| kv_write_step(cache, x, ty, step),
             |q, ks, vs, ty| kv_attention_step(q, ks, vs, ty, step, scale),
         )
+    }
+
+    /// Whether a decode step can rotate its queries and keys and write its keys and values
+    /// in one kernel ([`KvCache::attend_step_rope`]): a packed cache with no rotation.
+    pub(crate) fn fuses_rope(&self) -> bool {
+        matches!(self.store, Store::Packed { rotation: None, .. })
+    }
+
+    /// [`KvCache::attend_step`] from the joined projection's row, unrotated: RoPE and the
+    /// cache writes in one kernel ([`Rope::kv_step`]), then the attention.
+    ///
+    /// # Shapes
+    /// - qkv: `[1, (n_heads + 2 n_kv_heads) d_head]` -> `[1, n_kv_heads, n_heads / n_kv_heads, d_head]`
+    pub(crate) fn attend_step_rope(
+        &mut self,
+        layer: usize,
+        qkv: Tensor<2>,
+        rope: &Rope,
+        [heads, kv_heads]: [usize; 2],
+        step: &Tensor<1, Int>,
+        scale: f64,
+    ) -> Tensor<4> {
+        let Store::Packed { ty, k: ks, v: vs, rotation: None, placeholder } = &mut self.store else {
+            panic!("attend_step_rope: a packed cache with no rotation (KvCache::fuses_rope)");
+        };
+        let old_k = std::mem::replace(&mut ks[layer], placeholder.as_ref().clone());
+        let old_v = std::mem::replace(&mut vs[layer], placeholder.as_ref().clone());
+        let (q, k, v) = rope.kv_step(qkv, step, old_k, old_v, *ty, heads, kv_heads);
+        (ks[layer], vs[layer]) = (k, v);
+        let [_, _, _, dh] = q.dims();
+        let q = q.reshape([1, kv_heads, heads / kv_heads, dh]);
+        kv_attention_step(q, ks[layer].clone(), vs[layer].clone(), *ty, step, scale)
     }
 
     /// Whether a decode step over this cache can be recorded: packed, every layer at the

@@ -115,8 +115,9 @@ pub struct Llama {
 
 impl Attention {
     /// `positions`: each row's RoPE position (consecutive except after a reduced video).
-    /// Returns the output, and the rotated queries and keys (FrameFusion ranks tokens by
-    /// the last row's attention).
+    /// Returns the output (plus `residual` where given, in the output projection's
+    /// kernel), and the rotated queries and keys (FrameFusion ranks tokens by the last
+    /// row's attention).
     ///
     /// # Shapes
     /// - x: `[t, d_model]` -> `[t, d_model]`, q `[1, n_heads, t, d_head]`, k `[1, n_kv_heads, t, d_head]`
@@ -130,9 +131,14 @@ impl Attention {
         cache: &mut KvCache,
         layer: usize,
         mask: &CausalMask,
+        residual: Option<Tensor<2>>,
     ) -> (Tensor<2>, Tensor<4>, Tensor<4>) {
         let [q, k, v] = self.heads(self.qkv.forward(x), cfg, rope, At::Rows(positions));
-        let out = self.o.forward(self.attend(q.clone(), k.clone(), v, cfg, cache, layer, mask));
+        let ctx = self.attend(q.clone(), k.clone(), v, cfg, cache, layer, mask);
+        let out = match residual {
+            Some(r) => self.o.forward_add(ctx, r),
+            None => self.o.forward(ctx),
+        };
         (out, q, k)
     }
 
@@ -218,10 +224,11 @@ impl Attention {
 
     /// [`Attention::forward_parts`] for a decode step whose position, cache row and keys
     /// a step tensor holds ([`crate::step_graph`]): nothing in it depends on them, so it
-    /// can be recorded once and replayed.
+    /// can be recorded once and replayed. Returns `residual` plus the output.
     ///
     /// # Shapes
-    /// - x: `[1, d_model]` -> `[1, d_model]`
+    /// - x, residual: `[1, d_model]` -> `[1, d_model]`
+    #[allow(clippy::too_many_arguments)]
     fn forward_step(
         &self,
         x: Tensor<2>,
@@ -230,12 +237,21 @@ impl Attention {
         step: &Tensor<1, Int>,
         cache: &mut KvCache,
         layer: usize,
+        residual: Tensor<2>,
     ) -> Tensor<2> {
-        let [q, k, v] = self.heads(self.qkv.forward(x), cfg, rope, At::Step(step));
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
-        let q = q.reshape([1, kvh, h / kvh, dh]);
-        let ctx = cache.attend_step(layer, q, k, v, step, (dh as f64).powf(-0.5)); // [1, kvh, r, dh]
-        self.o.forward(ctx.reshape([1, h * dh]))
+        let scale = (dh as f64).powf(-0.5);
+        // With no biases or QK-norm between the projection and RoPE, the joined row goes
+        // straight to one kernel that rotates and writes the cache.
+        let plain =
+            [&self.q_bias, &self.k_bias, &self.v_bias].iter().all(|b| b.is_none()) && self.q_norm.is_none() && self.k_norm.is_none();
+        let ctx = if plain && cache.fuses_rope() {
+            cache.attend_step_rope(layer, self.qkv.forward_joined(x), rope, [h, kvh], step, scale)
+        } else {
+            let [q, k, v] = self.heads(self.qkv.forward(x), cfg, rope, At::Step(step));
+            cache.attend_step(layer, q.reshape([1, kvh, h / kvh, dh]), k, v, step, scale)
+        }; // [1, kvh, r, dh]
+        self.o.forward_add(ctx.reshape([1, h * dh]), residual)
     }
 }
 
@@ -268,8 +284,12 @@ fn causal_mask(r: usize, t: usize, start: usize, device: &Device) -> CausalMask 
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.down.forward(silu_mul(self.gate_up.forward_joined(x)))
+    /// `residual` plus the MLP's output, added in the down projection's kernel.
+    ///
+    /// # Shapes
+    /// - x, residual: `[t, d_model]` -> `[t, d_model]`
+    fn forward_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+        self.down.forward_add(silu_mul(self.gate_up.forward_joined(x)), residual)
     }
 
     /// [`Mlp::forward`] for rows of different sequences.
@@ -290,8 +310,9 @@ impl Block {
         layer: usize,
         mask: &CausalMask,
     ) -> Tensor<2> {
-        let h = x.clone() + self.attn.forward_parts(self.attn_norm.forward(x), cfg, rope, positions, cache, layer, mask).0;
-        h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
+        // Each residual add runs in the kernel of the projection it follows.
+        let h = self.attn.forward_parts(self.attn_norm.forward(x.clone()), cfg, rope, positions, cache, layer, mask, Some(x)).0;
+        self.mlp.forward_add(self.mlp_norm.forward(h.clone()), h)
     }
 
     /// [`Block::forward`] for a decode step ([`Attention::forward_step`]).
@@ -304,8 +325,8 @@ impl Block {
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor<2> {
-        let h = x.clone() + self.attn.forward_step(self.attn_norm.forward(x), cfg, rope, step, cache, layer);
-        h.clone() + self.mlp.forward(self.mlp_norm.forward(h))
+        let h = self.attn.forward_step(self.attn_norm.forward(x.clone()), cfg, rope, step, cache, layer, x);
+        self.mlp.forward_add(self.mlp_norm.forward(h.clone()), h)
     }
 
     /// [`Block::forward`] for one token of each of several sequences.
@@ -534,10 +555,11 @@ impl Llama {
                     let block = &self.blocks[layer];
                     let n = h.dims()[0];
                     let normed = block.mlp_norm.forward(h.clone());
+                    let rows = |t: &Tensor<2>, s: usize| t.clone().narrow(0, s, chunk.min(n - s));
                     let mlp: Vec<Tensor<2>> =
-                        (0..n).step_by(chunk.max(1)).map(|s| block.mlp.forward(normed.clone().narrow(0, s, chunk.min(n - s)))).collect();
+                        (0..n).step_by(chunk.max(1)).map(|s| block.mlp.forward_add(rows(&normed, s), rows(&h, s))).collect();
                     run.layer = layer + 1;
-                    h + Tensor::cat(mlp, 0)
+                    Tensor::cat(mlp, 0)
                 }
                 None => return Err("FrameFusion: the prefill has nothing to run".into()),
             };
@@ -576,7 +598,9 @@ impl Llama {
             let len = chunk.min(n - start);
             let mask = causal_mask(r, len, cache.next_row(layer), &self.device);
             let rows = normed.clone().narrow(0, start, len);
-            let (out, q, k) = block.attn.forward_parts(rows, &self.cfg, &self.rope, &at[start..start + len], cache, layer, &mask);
+            let residual = x.clone().narrow(0, start, len);
+            let (out, q, k) =
+                block.attn.forward_parts(rows, &self.cfg, &self.rope, &at[start..start + len], cache, layer, &mask, Some(residual));
             outs.push(out);
             if want {
                 keys.push(k);
@@ -584,7 +608,7 @@ impl Llama {
             }
         }
         let attention = last_q.map(|q| last_row_attention(q, Tensor::cat(keys, 2), scale));
-        (x + Tensor::cat(outs, 0), attention)
+        (Tensor::cat(outs, 0), attention)
     }
 
     /// After the last layer: record what each layer's cache holds, and the last row's logits.

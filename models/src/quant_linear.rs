@@ -67,6 +67,19 @@ impl QuantLinear {
         }
     }
 
+    /// `residual + x W^T`: the layer joining the residual stream (a block's attention
+    /// output and down projections), in the product's own kernel for block weights
+    /// ([`QuantMatrix::forward_add`]); the values are those of the add after the product.
+    ///
+    /// # Shapes
+    /// - x: `[m, in]`, residual: `[m, out]` -> `[m, out]`
+    pub fn forward_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::Blocks(w) => w.forward_add(x, residual),
+            Self::Dense(_) => residual + self.forward(x),
+        }
+    }
+
     /// Bytes of device memory held by the weight.
     pub fn device_bytes(&self) -> usize {
         match self {

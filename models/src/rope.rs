@@ -7,6 +7,7 @@
 //! - `Halves`: `(x[i], x[i + d/2])` ("rotate_half"), Hugging Face checkpoints.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use vidllm_core::ggml::GgmlType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -57,5 +58,28 @@ impl Rope {
     /// - x: `[1, heads * d_head]` -> `[1, heads, 1, d_head]`
     pub fn heads_step(&self, x: Tensor<2>, heads: usize, step: &Tensor<1, Int>) -> Tensor<4> {
         vidllm_shaders::rope_heads_step(x, &self.cos, &self.sin, step, heads, self.style == RopeStyle::Halves)
+    }
+
+    /// A decode step's queries and keys rotated as [`Rope::heads_step`] rotates them, the
+    /// rotated keys and the values written into the step's row of the packed caches `k`
+    /// and `v`, in one kernel (`vidllm_shaders::rope_kv_step`). Returns the queries and
+    /// the caches.
+    ///
+    /// # Shapes
+    /// - qkv: `[1, (heads + 2 kv_heads) d_head]`; k, v: `[kv_heads, rows, words]` ->
+    ///   `[1, heads, 1, d_head]` and the caches
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_step(
+        &self,
+        qkv: Tensor<2>,
+        step: &Tensor<1, Int>,
+        k: Tensor<3, Int>,
+        v: Tensor<3, Int>,
+        ty: GgmlType,
+        heads: usize,
+        kv_heads: usize,
+    ) -> (Tensor<4>, Tensor<3, Int>, Tensor<3, Int>) {
+        let halves = self.style == RopeStyle::Halves;
+        vidllm_shaders::rope_kv_step(qkv, &self.cos, &self.sin, step, k, v, ty, heads, kv_heads, halves)
     }
 }

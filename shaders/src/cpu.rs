@@ -144,6 +144,34 @@ impl QuantOps for Flex {
         Self::kv_attention(q, k, v, ty, keys, unused, scale, crate::Mask::None)
     }
 
+    /// The rotations and the writes one after the other ([`QuantOps::rope_heads_step`],
+    /// [`QuantOps::kv_write_step`]): on the CPU they are a few hundred values.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_step(
+        qkv: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        step: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        ty: u32,
+        heads: usize,
+        kv_heads: usize,
+        halves: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let d = qkv.layout().shape().num_elements() / (heads + 2 * kv_heads);
+        let values = qkv.into_data().try_into_vec::<f32>().expect("rope_kv_step: f32 projections");
+        let part = |from: usize, n: usize, shape: Vec<usize>| {
+            FlexTensor::from_data(TensorData::new(values[from * d..(from + n) * d].to_vec(), shape))
+        };
+        let q = Self::rope_heads_step(part(0, heads, vec![1, heads * d]), cos.clone(), sin.clone(), step.clone(), heads, halves);
+        let keys = Self::rope_heads_step(part(heads, kv_heads, vec![1, kv_heads * d]), cos, sin, step.clone(), kv_heads, halves);
+        let keys = <Flex as FloatTensorOps<Flex>>::float_reshape(keys, Shape::new([kv_heads, 1, d]));
+        let k = Self::kv_write_step(k, keys, ty, step.clone());
+        let v = Self::kv_write_step(v, part(heads + kv_heads, kv_heads, vec![kv_heads, 1, d]), ty, step);
+        (q, k, v)
+    }
+
     /// The step's values read here, then [`QuantOps::rope_heads`].
     fn rope_heads_step(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, step: FlexTensor, heads: usize, halves: bool) -> FlexTensor {
         let position = step_values(&step)[crate::STEP_POSITION as usize];
@@ -284,6 +312,12 @@ impl QuantOps for Flex {
         };
         let y: Vec<f32> = x.chunks(cpu_gemv::MAX_ROWS * k).flat_map(group).collect();
         FlexTensor::from_data(TensorData::new(y, [m, n]))
+    }
+
+    /// The product, then the add: on the CPU the add is one pass over `[m, n]` values.
+    fn q_matmul_add(x: FlexTensor, words: FlexTensor, ty: u32, n: usize, k: usize, kernels: u32, residual: FlexTensor) -> FlexTensor {
+        let y = Self::q_matmul(x, words, ty, n, k, kernels);
+        <Flex as FloatTensorOps<Flex>>::float_add(residual, y)
     }
 
     /// `kernels` names wgpu's kernels (the CPU has one set) and, here, the activations'

@@ -43,7 +43,7 @@ use vidllm_core::ggml::{GgmlType, KVALUES_IQ4NL, Layout};
 
 use crate::block::ty_from_id;
 use crate::device::MatmulKernels;
-use crate::{GEMV_MAX_M, QuantOps, STEP_KEYS, STEP_ROW};
+use crate::{GEMV_MAX_M, QuantOps, STEP_KEYS, STEP_POSITION, STEP_ROW};
 
 const TYPE_Q4_0: u32 = GgmlType::Q4_0.id();
 const TYPE_Q4_1: u32 = GgmlType::Q4_1.id();
@@ -147,6 +147,53 @@ impl QuantOps for CubeBackend {
     /// [`QuantOps::kv_write`]'s kernel, reading the row from `step` when it runs.
     fn kv_write_step(cache: CubeTensor, x: CubeTensor, ty: u32, step: CubeTensor) -> CubeTensor {
         pack_rows(cache, x, ty, 0, Some(step))
+    }
+
+    /// One launch of [`rope_kv`], where the queries' and keys' RoPE and the two cache
+    /// writes took four.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_step(
+        qkv: CubeTensor,
+        cos: CubeTensor,
+        sin: CubeTensor,
+        step: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        ty: u32,
+        heads: usize,
+        kv_heads: usize,
+        halves: bool,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let d = qkv.meta.shape().num_elements() / (heads + 2 * kv_heads);
+        let [_, rows, words] = k.meta.shape().dims::<3>();
+        let qkv = into_contiguous(qkv);
+        let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
+        // Written in place unless another tensor shares the storage.
+        let k = if k.can_mut() { k } else { k.copy() };
+        let v = if v.can_mut() { v } else { v.copy() };
+        let q = empty_f32(&qkv, [1, heads, 1, d]);
+        let units = (heads * d / 2 + 2 * kv_heads) as u32;
+        let client = qkv.client.clone();
+        rope_kv::launch(
+            &client,
+            grid(units.div_ceil(KV_UNITS)),
+            CubeDim::new_1d(KV_UNITS),
+            qkv.into_buffer_arg(),
+            cos.into_buffer_arg(),
+            sin.into_buffer_arg(),
+            step.into_buffer_arg(),
+            q.clone().into_buffer_arg(),
+            k.clone().into_buffer_arg(),
+            v.clone().into_buffer_arg(),
+            heads as u32,
+            kv_heads as u32,
+            d as u32,
+            rows as u32,
+            words as u32,
+            ty,
+            halves,
+        );
+        (q, k, v)
     }
 
     /// Kernels that read the packed rows where they use them, with no f32 copy of the
@@ -294,21 +341,46 @@ impl QuantOps for CubeBackend {
     /// matmul's per-row sums run in the same order whatever the other rows are. The
     /// per-unit kernel takes one row of `x` at a time here, as for a lone row.
     fn q_matmul_rows(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kernels: u32) -> CubeTensor {
-        q_product(x, words, ty, n, k, kernels, true)
+        q_product(x, words, ty, n, k, kernels, true, None)
     }
 
     fn q_matmul(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kernels: u32) -> CubeTensor {
-        q_product(x, words, ty, n, k, kernels, false)
+        q_product(x, words, ty, n, k, kernels, false, None)
+    }
+
+    /// The residual is added where each output value is written ([`with_residual`]).
+    fn q_matmul_add(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kernels: u32, residual: CubeTensor) -> CubeTensor {
+        q_product(x, words, ty, n, k, kernels, false, Some(residual))
     }
 }
 
 /// [`QuantOps::q_matmul`] on wgpu; `one_by_one`: the per-unit kernel takes each row of `x`
-/// as it takes a lone row.
-fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kernels: u32, one_by_one: bool) -> CubeTensor {
+/// as it takes a lone row; `residual` (`[m, n]`): added to each output value as it is
+/// written ([`QuantOps::q_matmul_add`]).
+#[allow(clippy::too_many_arguments)]
+fn q_product(
+    x: CubeTensor,
+    words: CubeTensor,
+    ty: u32,
+    n: usize,
+    k: usize,
+    kernels: u32,
+    one_by_one: bool,
+    residual: Option<CubeTensor>,
+) -> CubeTensor {
     let gt = ty_from_id(ty);
     let x = into_contiguous(x);
     let m = x.meta.shape().num_elements() / k;
     let out = empty_f32(&x, [m, n]);
+    let add = residual.is_some();
+    // Without a residual it is not read: `x` stands in (both bindings read-only).
+    let res = match residual {
+        Some(r) => {
+            assert_eq!(r.meta.shape().num_elements(), m * n, "q_matmul_add: the residual is [m, n]");
+            into_contiguous(r)
+        }
+        None => x.clone(),
+    };
     // Bytes per block, or per group of 32 for F16 / BF16 (blocks of one element).
     let bb = (gt.block_bytes() * (crate::GROUP / gt.block_elems()).max(1)) as u32;
     let nb = (k / crate::GROUP) as u32;
@@ -329,6 +401,7 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
             CubeDim::new_1d(units),
             words.into_buffer_arg(),
             x.into_buffer_arg(),
+            res.into_buffer_arg(),
             out.clone().into_buffer_arg(),
             m as u32,
             n as u32,
@@ -337,6 +410,7 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
             ty,
             rb,
             mb,
+            add,
         );
     } else if m <= GEMV_MAX_M {
         let count = CubeCount::Static((n as u32).div_ceil(ROWS), m as u32, 1);
@@ -346,11 +420,13 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
             CubeDim::new_2d(LANES, ROWS),
             words.into_buffer_arg(),
             x.into_buffer_arg(),
+            res.into_buffer_arg(),
             out.clone().into_buffer_arg(),
             n as u32,
             nb,
             bb,
             ty,
+            add,
         );
     } else {
         let count = CubeCount::Static((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), 1);
@@ -360,12 +436,14 @@ fn q_product(x: CubeTensor, words: CubeTensor, ty: u32, n: usize, k: usize, kern
             CubeDim::new_2d(16, 16),
             words.into_buffer_arg(),
             x.into_buffer_arg(),
+            res.into_buffer_arg(),
             out.clone().into_buffer_arg(),
             m as u32,
             n as u32,
             nb,
             bb,
             ty,
+            add,
         );
     }
     out
@@ -949,7 +1027,8 @@ fn tree_sum32(sums: &mut [f32], slot: u32, lane: u32) {
 }
 
 #[cube(launch)]
-fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[comptime] ty: u32) {
+#[allow(clippy::too_many_arguments)]
+fn gemv(w: &[u32], x: &[f32], res: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[comptime] ty: u32, #[comptime] add: bool) {
     let lane = UNIT_POS_X;
     let row = CUBE_POS_X * ROWS + UNIT_POS_Y;
     let mrow = CUBE_POS_Y;
@@ -970,7 +1049,8 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
     sync_cube();
     tree_sum32(&mut sums, slot, lane);
     if lane == 0 && row < n {
-        out[(mrow * n + row) as usize] = sums[slot as usize];
+        let at = mrow * n + row;
+        out[at as usize] = with_residual(res, at, sums[slot as usize], add);
     }
 }
 
@@ -978,6 +1058,7 @@ fn gemv(w: &[u32], x: &[f32], out: &mut [f32], n: u32, nb: u32, bb: u32, #[compt
 fn gemv_units(
     w: &[u32],
     x4: &[Vector<f32, Const<4>>],
+    res: &[f32],
     out: &mut [f32],
     m: u32,
     n: u32,
@@ -986,6 +1067,7 @@ fn gemv_units(
     #[comptime] ty: u32,
     #[comptime] rb: u32,
     #[comptime] mb: u32,
+    #[comptime] add: bool,
 ) {
     let row0 = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) * rb;
     let m0 = CUBE_POS_Y * mb;
@@ -1398,7 +1480,8 @@ fn gemv_units(
             #[unroll]
             for r in 0..mb {
                 if row0 + rr < n && m0 + r < m {
-                    out[((m0 + r) * n + row0 + rr) as usize] = acc[(rr * mb + r) as usize];
+                    let at = (m0 + r) * n + row0 + rr;
+                    out[at as usize] = with_residual(res, at, acc[(rr * mb + r) as usize], add);
                 }
             }
         }
@@ -1612,7 +1695,8 @@ fn tile_close(
 }
 
 #[cube(launch)]
-fn tiled(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32, #[comptime] ty: u32) {
+#[allow(clippy::too_many_arguments)]
+fn tiled(w: &[u32], x: &[f32], res: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32, #[comptime] ty: u32, #[comptime] add: bool) {
     let tx = UNIT_POS_X;
     let ty_ = UNIT_POS_Y;
     let tid = ty_ * 16 + tx;
@@ -1659,17 +1743,26 @@ fn tiled(w: &[u32], x: &[f32], out: &mut [f32], m: u32, n: u32, nb: u32, bb: u32
     }
     let (r0, r1, c0, c1) = (m0 + ty_, m0 + ty_ + 16, n0 + tx, n0 + tx + 16);
     if r0 < m && c0 < n {
-        out[(r0 * n + c0) as usize] = a00;
+        out[(r0 * n + c0) as usize] = with_residual(res, r0 * n + c0, a00, add);
     }
     if r0 < m && c1 < n {
-        out[(r0 * n + c1) as usize] = a01;
+        out[(r0 * n + c1) as usize] = with_residual(res, r0 * n + c1, a01, add);
     }
     if r1 < m && c0 < n {
-        out[(r1 * n + c0) as usize] = a10;
+        out[(r1 * n + c0) as usize] = with_residual(res, r1 * n + c0, a10, add);
     }
     if r1 < m && c1 < n {
-        out[(r1 * n + c1) as usize] = a11;
+        out[(r1 * n + c1) as usize] = with_residual(res, r1 * n + c1, a11, add);
     }
+}
+
+/// A product's output value `v` at `at`, plus the residual `res[at]` where `add`: a
+/// transformer block's output projections join the residual stream in the product's own
+/// kernel (`QuantOps::q_matmul_add`), one dispatch where the add was another. `res + v`
+/// is the f32 sum the add after the product took.
+#[cube]
+fn with_residual(res: &[f32], at: u32, v: f32, #[comptime] add: bool) -> f32 {
+    if comptime![add] { res[at as usize] + v } else { v }
 }
 
 /// Units per cube of the KV cache kernels.
@@ -1755,53 +1848,164 @@ fn kv_pack(
 ) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
     if u < units {
-        let src = u * d;
         let mut first = start;
         if comptime![dynamic] {
             first = step[STEP_ROW as usize];
         }
         let row = ((u / t) * rows + first + u % t) * words;
-        if comptime![ty == TYPE_F16] {
-            for i in 0..d / 2 {
-                let lo = half_bits(x[(src + 2 * i) as usize]);
-                let hi = half_bits(x[(src + 2 * i + 1) as usize]);
-                cache[(row + i) as usize] = lo | (hi << 16);
+        // Not rotated: `x` stands in for the tables.
+        pack_row(x, u * d, x, x, 0u32, false, cache, row, d, ty, false);
+    }
+}
+
+/// Value `c` of the row of `d` values at `x[src..]`, rotated for position `p` where `rot`
+/// (the pair it belongs to as [`rope_pairs`] pairs them, by the same expressions).
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn row_value(x: &[f32], src: u32, c: u32, cos: &[f32], sin: &[f32], p: u32, d: u32, rot: bool, #[comptime] halves: bool) -> f32 {
+    let mut v = x[(src + c) as usize];
+    if rot {
+        let half = d / 2;
+        // Pair `j` is `(a, b)`; `c` is its first value or its second.
+        let mut j = c / 2;
+        let mut first = (c & 1) == 0;
+        let mut a = 2 * j;
+        let mut b = a + 1;
+        if comptime![halves] {
+            first = c < half;
+            j = select(first, c, c - half);
+            a = j;
+            b = j + half;
+        }
+        let cs = cos[(p * half + j) as usize];
+        let sn = sin[(p * half + j) as usize];
+        let x0 = x[(src + a) as usize];
+        let x1 = x[(src + b) as usize];
+        v = select(first, x0 * cs - x1 * sn, x0 * sn + x1 * cs);
+    }
+    v
+}
+
+/// The row of `d` values at `x[src..]` (rotated for position `p` where `rot`,
+/// [`row_value`]) packed into `cache` from word `row`: f16 pairs, or Q8_0 / Q4_0 blocks
+/// as ggml's reference quantisers make them.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn pack_row(
+    x: &[f32],
+    src: u32,
+    cos: &[f32],
+    sin: &[f32],
+    p: u32,
+    rot: bool,
+    cache: &mut [u32],
+    row: u32,
+    d: u32,
+    #[comptime] ty: u32,
+    #[comptime] halves: bool,
+) {
+    if comptime![ty == TYPE_F16] {
+        for i in 0..d / 2 {
+            let lo = half_bits(row_value(x, src, 2 * i, cos, sin, p, d, rot, halves));
+            let hi = half_bits(row_value(x, src, 2 * i + 1, cos, sin, p, d, rot, halves));
+            cache[(row + i) as usize] = lo | (hi << 16);
+        }
+    } else {
+        let bb = comptime![ty_from_id(ty).block_bytes() as u32];
+        for blk in 0..d / 32 {
+            let at = blk * 32;
+            let base = row * 4 + blk * bb;
+            // Q8_0: the largest magnitude maps to 127; Q4_0: the signed value of largest
+            // magnitude maps to -8 (ggml's reference quantisers).
+            let mut top = 0.0f32;
+            for j in 0..32u32 {
+                let v = row_value(x, src, at + j, cos, sin, p, d, rot, halves);
+                if f32::abs(v) > f32::abs(top) {
+                    top = v;
+                }
             }
-        } else {
-            let bb = comptime![ty_from_id(ty).block_bytes() as u32];
-            for blk in 0..d / 32 {
-                let at = src + blk * 32;
-                let base = row * 4 + blk * bb;
-                // Q8_0: the largest magnitude maps to 127; Q4_0: the signed value of largest
-                // magnitude maps to -8 (ggml's reference quantisers).
-                let mut top = 0.0f32;
+            let mut dd = f32::abs(top) / 127.0f32;
+            if comptime![ty == TYPE_Q4_0] {
+                dd = top / -8.0f32;
+            }
+            let id = select(dd != 0.0f32, 1.0f32 / dd, 0.0f32);
+            let h = half_bits(dd);
+            set_byte(cache, base, h & 0xff);
+            set_byte(cache, base + 1, h >> 8);
+            if comptime![ty == TYPE_Q8_0] {
                 for j in 0..32u32 {
-                    let v = x[(at + j) as usize];
-                    if f32::abs(v) > f32::abs(top) {
-                        top = v;
-                    }
+                    let v = row_value(x, src, at + j, cos, sin, p, d, rot, halves);
+                    let q = f32::clamp(round_away(v * id), -127.0f32, 127.0f32);
+                    set_byte(cache, base + 2 + j, u32::cast_from(i32::cast_from(q)) & 0xff);
                 }
-                let mut dd = f32::abs(top) / 127.0f32;
-                if comptime![ty == TYPE_Q4_0] {
-                    dd = top / -8.0f32;
-                }
-                let id = select(dd != 0.0f32, 1.0f32 / dd, 0.0f32);
-                let h = half_bits(dd);
-                set_byte(cache, base, h & 0xff);
-                set_byte(cache, base + 1, h >> 8);
-                if comptime![ty == TYPE_Q8_0] {
-                    for j in 0..32u32 {
-                        let q = f32::clamp(round_away(x[(at + j) as usize] * id), -127.0f32, 127.0f32);
-                        set_byte(cache, base + 2 + j, u32::cast_from(i32::cast_from(q)) & 0xff);
-                    }
-                } else {
-                    for j in 0..16u32 {
-                        let q0 = u32::min(u32::cast_from(x[(at + j) as usize] * id + 8.5f32), 15);
-                        let q1 = u32::min(u32::cast_from(x[(at + j + 16) as usize] * id + 8.5f32), 15);
-                        set_byte(cache, base + 2 + j, q0 | (q1 << 4));
-                    }
+            } else {
+                for j in 0..16u32 {
+                    let v0 = row_value(x, src, at + j, cos, sin, p, d, rot, halves);
+                    let v1 = row_value(x, src, at + j + 16, cos, sin, p, d, rot, halves);
+                    let q0 = u32::min(u32::cast_from(v0 * id + 8.5f32), 15);
+                    let q1 = u32::min(u32::cast_from(v1 * id + 8.5f32), 15);
+                    set_byte(cache, base + 2 + j, q0 | (q1 << 4));
                 }
             }
+        }
+    }
+}
+
+/// A decode step's RoPE and KV cache writes as one launch ([`QuantOps::rope_kv_step`]):
+/// `qkv` is the joined projection's row (`heads` query heads, then `kv_heads` key heads,
+/// then as many value heads, `d` values each); the position and the cache row are the
+/// step tensor's. Units `..heads * d / 2` rotate query pair `j` of head `h` into `q_out`
+/// (`[heads, d]`) as [`rope_pairs`] does; the next `kv_heads` units each write one key
+/// row, rotated, and the last `kv_heads` one value row, as [`kv_pack`] packs them.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch)]
+fn rope_kv(
+    qkv: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    step: &[u32],
+    q_out: &mut [f32],
+    k_cache: &mut [u32],
+    v_cache: &mut [u32],
+    heads: u32,
+    kv_heads: u32,
+    d: u32,
+    rows: u32,
+    words: u32,
+    #[comptime] ty: u32,
+    #[comptime] halves: bool,
+) {
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
+    let half = d / 2;
+    let q_units = heads * half;
+    let p = step[STEP_POSITION as usize];
+    if u < q_units {
+        let j = u % half;
+        let h = u / half;
+        let mut a = 2 * j;
+        let mut b = a + 1;
+        if comptime![halves] {
+            a = j;
+            b = j + half;
+        }
+        let c = cos[(p * half + j) as usize];
+        let s = sin[(p * half + j) as usize];
+        let x0 = qkv[(h * d + a) as usize];
+        let x1 = qkv[(h * d + b) as usize];
+        q_out[(h * d + a) as usize] = x0 * c - x1 * s;
+        q_out[(h * d + b) as usize] = x0 * s + x1 * c;
+    } else if u < q_units + 2 * kv_heads {
+        // Key head `r`, or value head `r - kv_heads`: either's row starts `(heads + r) d`
+        // into `qkv`.
+        let r = u - q_units;
+        let src = (heads + r) * d;
+        let key = r < kv_heads;
+        let g = select(key, r, r - kv_heads);
+        let row = (g * rows + step[STEP_ROW as usize]) * words;
+        if key {
+            pack_row(qkv, src, cos, sin, p, true, k_cache, row, d, ty, halves);
+        } else {
+            pack_row(qkv, src, cos, sin, p, false, v_cache, row, d, ty, halves);
         }
     }
 }

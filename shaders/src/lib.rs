@@ -84,6 +84,24 @@ pub trait QuantOps: Backend {
     /// - as [`QuantOps::q_matmul`]
     fn q_matmul_rows(x: FloatTensor<Self>, words: IntTensor<Self>, ty: u32, n: usize, k: usize, kernels: u32) -> FloatTensor<Self>;
 
+    /// `residual + x W^T`: [`QuantOps::q_matmul`] joining the residual stream, as a
+    /// transformer block's output projections do. wgpu adds each value as the product
+    /// writes it (one dispatch where the add after the product was another); every value
+    /// is the f32 sum `residual + product` that the add took.
+    ///
+    /// # Shapes
+    /// - as [`QuantOps::q_matmul`]; residual: `[m, n]` (f32)
+    #[allow(clippy::too_many_arguments)]
+    fn q_matmul_add(
+        x: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        ty: u32,
+        n: usize,
+        k: usize,
+        kernels: u32,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
     /// Scaled dot-product attention: `softmax(q k^T scale + bias) v`.
     ///
     /// `mask` says which keys each query row sees and `bias` is its additive form
@@ -179,6 +197,31 @@ pub trait QuantOps: Backend {
     /// # Shapes
     /// - cache: `[heads, rows, words]` (u32); x: `[heads, 1, d]`; step: `[STEP_WORDS]` (u32)
     fn kv_write_step(cache: IntTensor<Self>, x: FloatTensor<Self>, ty: u32, step: IntTensor<Self>) -> IntTensor<Self>;
+
+    /// A decode step's RoPE and KV cache writes as one kernel: the queries and keys of
+    /// the joined projection's row `qkv` rotated for position `step[STEP_POSITION]` as
+    /// [`QuantOps::rope_heads_step`] rotates them, and the rotated keys and the values
+    /// written to row `step[STEP_ROW]` of the packed caches `k` and `v` as
+    /// [`QuantOps::kv_write_step`] writes them (caches with no rotation). Returns the
+    /// rotated queries and the two caches (written in place where not shared).
+    ///
+    /// # Shapes
+    /// - qkv: `[1, (heads + 2 kv_heads) d]` (queries, keys, values); cos, sin: `[max_pos, d / 2]`;
+    ///   step: `[STEP_WORDS]` (u32); k, v: `[kv_heads, rows, words]` (u32)
+    /// - returns `[1, heads, 1, d]` and the caches' shapes
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_step(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        step: IntTensor<Self>,
+        k: IntTensor<Self>,
+        v: IntTensor<Self>,
+        ty: u32,
+        heads: usize,
+        kv_heads: usize,
+        halves: bool,
+    ) -> (FloatTensor<Self>, IntTensor<Self>, IntTensor<Self>);
 
     /// [`QuantOps::kv_attention`] of a decode step (every query row sees every key) over
     /// the first `step[STEP_KEYS]` rows.
@@ -287,6 +330,39 @@ pub fn kv_write_step(cache: Tensor<3, Int>, x: Tensor<3>, ty: GgmlType, step: &T
         step.clone().into_dispatch(),
     );
     Tensor::<3, Int>::from_dispatch(out)
+}
+
+/// [`QuantOps::rope_kv_step`] on any device: the rotated queries `[1, heads, 1, d]` and the
+/// two caches.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_step(
+    qkv: Tensor<2>,
+    cos: &Tensor<2>,
+    sin: &Tensor<2>,
+    step: &Tensor<1, Int>,
+    k: Tensor<3, Int>,
+    v: Tensor<3, Int>,
+    ty: GgmlType,
+    heads: usize,
+    kv_heads: usize,
+    halves: bool,
+) -> (Tensor<4>, Tensor<3, Int>, Tensor<3, Int>) {
+    let [t, width] = qkv.dims();
+    let d = 2 * cos.dims()[1];
+    assert!(t == 1 && width == (heads + 2 * kv_heads) * d, "rope_kv_step: {t} rows of {width} for {heads} + 2 x {kv_heads} heads of {d}");
+    let (q, k, v) = <burn::backend::Dispatch as QuantOps>::rope_kv_step(
+        qkv.into_dispatch(),
+        cos.clone().into_dispatch(),
+        sin.clone().into_dispatch(),
+        step.clone().into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        ty.id(),
+        heads,
+        kv_heads,
+        halves,
+    );
+    (Tensor::<4>::from_dispatch(q), Tensor::<3, Int>::from_dispatch(k), Tensor::<3, Int>::from_dispatch(v))
 }
 
 /// [`QuantOps::kv_attention_step`] on any device.
@@ -496,6 +572,26 @@ impl QuantMatrix {
     /// - x: `[m, k]` -> `[m, n]`
     pub fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
         self.product(x, <burn::backend::Dispatch as QuantOps>::q_matmul_rows)
+    }
+
+    /// `residual + x W^T` ([`QuantOps::q_matmul_add`]); a matrix stored in several bands
+    /// adds after its product.
+    ///
+    /// # Shapes
+    /// - x: `[m, k]`, residual: `[m, n]` -> `[m, n]`
+    pub fn forward_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+        match self.bands.as_slice() {
+            [b] => Tensor::<2>::from_dispatch(<burn::backend::Dispatch as QuantOps>::q_matmul_add(
+                x.into_dispatch(),
+                b.words.clone().into_dispatch(),
+                self.ty.id(),
+                b.n,
+                self.k,
+                self.kernels,
+                residual.into_dispatch(),
+            )),
+            _ => residual + self.forward(x),
+        }
     }
 
     fn product(&self, x: Tensor<2>, op: DispatchProduct) -> Tensor<2> {

@@ -15,7 +15,9 @@ For example, the weights' huge pages on and off in one binary:
         --a target/release/vidllm-native --a-env VIDLLM_HUGE_PAGES=0
 
 Each run is `bench --device cpu --prompt-tokens 16 --gen-tokens 128 --reps 1 --json` unless
-the extra arguments say otherwise (`--metric prefill` with `--prompt-tokens 512`, say).
+the extra arguments say otherwise (`--metric prefill` with `--prompt-tokens 512`, say; a
+software GPU with `--device gpu` and the driver in both sides' environment, e.g.
+`--a-env VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json` and the same `--b-env`).
 """
 import argparse, json, os, statistics, subprocess, sys
 
@@ -31,8 +33,8 @@ def env_of(pairs, threads):
 
 
 def rate(binary, env, model, extra, metric):
-    args = [binary, "bench", "--model", model, "--device", "cpu", "--json"]
-    defaults = {"--prompt-tokens": "16", "--gen-tokens": "128", "--reps": "1"}
+    args = [binary, "bench", "--model", model, "--json"]
+    defaults = {"--device": "cpu", "--prompt-tokens": "16", "--gen-tokens": "128", "--reps": "1"}
     for flag, value in defaults.items():
         if flag not in extra:
             args += [flag, value]

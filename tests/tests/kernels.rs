@@ -102,6 +102,29 @@ fn file_types_gemv_and_tiled() {
     }
 }
 
+/// `forward_add` (the residual added where the product writes each value: GEMV, per-unit
+/// and tiled kernels) gives bit for bit the add after the product, on every device.
+#[test]
+fn forward_add_is_the_add_after_the_product() {
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q6K] {
+        for (m, n, k) in [(1, 1536, 768), (7, 1537, 768), (33, 200, 256)] {
+            let x = values(m * k, 11 + m as u64);
+            let r = values(m * n, 13 + n as u64);
+            let blocks = weight(ty, n, k, 17 + n as u64);
+            for (name, at) in devices_and_kernels() {
+                let device = at.device.clone();
+                let qm = QuantMatrix::upload(ty, &blocks, n, k, &at).unwrap();
+                let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+                let rt = Tensor::<2>::from_data(TensorData::new(r.clone(), [m, n]), &device);
+                let after = (rt.clone() + qm.forward(xt.clone())).into_data().try_into_vec::<f32>().unwrap();
+                let fused = qm.forward_add(xt, rt).into_data().try_into_vec::<f32>().unwrap();
+                let same = after.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{ty:?} m={m} n={n} k={k} on {name}: forward_add differs from the add after the product");
+            }
+        }
+    }
+}
+
 #[test]
 fn upload_keeps_blocks_as_they_are() {
     let at = vidllm_tests::cpu();

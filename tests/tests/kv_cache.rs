@@ -22,7 +22,7 @@ use vidllm_models::generate::read_row;
 use vidllm_models::{KvCache, KvType, Logits, Model, load_llama};
 use vidllm_shaders::check::{values, within_rounding};
 use vidllm_shaders::{
-    Mask, kv_attention, kv_attention_step, kv_row_words, kv_write, kv_write_step, rope_heads, rope_heads_step, step_tensor,
+    Mask, kv_attention, kv_attention_step, kv_row_words, kv_write, kv_write_step, rope_heads, rope_heads_step, rope_kv_step, step_tensor,
 };
 use vidllm_tests::llamacpp::{Case, MARGIN, greedy_matches_kv, teacher_forcing_kv};
 use vidllm_tests::{fixture, max_abs_diff, smollm2_path, test_devices};
@@ -165,6 +165,47 @@ fn step_ops_equal_the_host_valued_ops_on_every_device() {
             let step = step_tensor([7, 0, 1], dev);
             let got = rope_heads_step(x(), &cos, &sin, &step, 3, halves).into_data().try_into_vec::<f32>().unwrap();
             assert_eq!(got, host, "rope_heads_step on {name} (halves {halves})");
+        }
+    }
+}
+
+/// The fused decode-step kernel (`rope_kv_step`: RoPE of the queries and keys, and both
+/// cache writes, from the joined projection's row) gives bit for bit what the ops it
+/// replaces give (`rope_heads_step` twice, `kv_write_step` twice), on every device, for
+/// each cache type and both pair layouts; the caches' other rows are kept.
+#[test]
+fn rope_kv_step_equals_the_ops_it_replaces() {
+    let (max_pos, capacity, row) = (16, 12, 5);
+    for ty in PACKED {
+        for (heads, kv_heads, d) in [(9, 3, 64), (4, 2, 32)] {
+            let words = kv_row_words(ty, d);
+            let qkv = values((heads + 2 * kv_heads) * d, 51 + heads as u64);
+            let old: Vec<u32> = values(kv_heads * capacity * words, 52).iter().map(|v| v.to_bits()).collect();
+            for halves in [false, true] {
+                for (name, at) in test_devices() {
+                    let dev = &at.device;
+                    let table = |seed| Tensor::<2>::from_data(TensorData::new(values(max_pos * d / 2, seed), [max_pos, d / 2]), dev);
+                    let (cos, sin) = (table(53), table(54));
+                    let cache = || words_tensor(old.clone(), [kv_heads, capacity, words], dev);
+                    let part = |from: usize, n: usize| {
+                        Tensor::<2>::from_data(TensorData::new(qkv[from * d..(from + n) * d].to_vec(), [1, n * d]), dev)
+                    };
+                    let step = step_tensor([7, row as u32, row as u32 + 1], dev);
+                    let q_want = rope_heads_step(part(0, heads), &cos, &sin, &step, heads, halves);
+                    let k_rot = rope_heads_step(part(heads, kv_heads), &cos, &sin, &step, kv_heads, halves).reshape([kv_heads, 1, d]);
+                    let k_want = kv_write_step(cache(), k_rot, ty, &step);
+                    let v_want = kv_write_step(cache(), part(heads + kv_heads, kv_heads).reshape([kv_heads, 1, d]), ty, &step);
+                    let joined = Tensor::<2>::from_data(TensorData::new(qkv.clone(), [1, qkv.len()]), dev);
+                    let (q, k, v) = rope_kv_step(joined, &cos, &sin, &step, cache(), cache(), ty, heads, kv_heads, halves);
+                    let what = format!("{} {heads}+{kv_heads}x{d} (halves {halves}) on {name}", ty.name());
+                    assert_eq!(q.dims(), [1, heads, 1, d], "{what}: the queries' shape");
+                    let floats = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
+                    let words_of = |t: Tensor<3, Int>| t.into_data().try_into_vec::<u32>().unwrap();
+                    assert_eq!(floats(q), floats(q_want), "{what}: rotated queries");
+                    assert_eq!(words_of(k), words_of(k_want), "{what}: key cache");
+                    assert_eq!(words_of(v), words_of(v_want), "{what}: value cache");
+                }
+            }
         }
     }
 }

@@ -292,7 +292,8 @@ impl Mlp {
         self.down.forward_add(silu_mul(self.gate_up.forward_joined(x)), residual)
     }
 
-    /// [`Mlp::forward`] for rows of different sequences.
+    /// The MLP's output (without the residual) for rows of different sequences, each row's
+    /// product its own ([`QuantLinear::forward_rows`]).
     fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
         self.down.forward_rows(silu_mul(self.gate_up.forward_rows_joined(x)))
     }

@@ -168,11 +168,9 @@ impl QuantOps for CubeBackend {
         let [_, rows, words] = k.meta.shape().dims::<3>();
         let qkv = into_contiguous(qkv);
         let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
-        // Written in place unless another tensor shares the storage.
-        let k = if k.can_mut() { k } else { k.copy() };
-        let v = if v.can_mut() { v } else { v.copy() };
+        let (k, v) = (writable(k), writable(v));
         let q = empty_f32(&qkv, [1, heads, 1, d]);
-        let units = (heads * d / 2 + 2 * kv_heads) as u32;
+        let units = ((heads * d) + 2 * kv_heads) as u32;
         let client = qkv.client.clone();
         rope_kv::launch(
             &client,
@@ -472,14 +470,18 @@ fn empty_f32<const D: usize>(like: &CubeTensor, dims: [usize; D]) -> CubeTensor 
     empty_device_dtype(like.client.clone(), like.device.clone(), Shape::new(dims), DType::F32)
 }
 
+/// `t` itself, to be written in place, or its copy where another tensor shares the storage.
+fn writable(t: CubeTensor) -> CubeTensor {
+    if t.can_mut() { t } else { t.copy() }
+}
+
 /// `kv_pack` over `x`'s rows (`[heads, t, d]`) into `cache`, from row `start`, or from the
 /// row `step` holds.
 fn pack_rows(cache: CubeTensor, x: CubeTensor, ty: u32, start: usize, step: Option<CubeTensor>) -> CubeTensor {
     let [heads, rows, words] = cache.meta.shape().dims::<3>();
     let [_, t, d] = x.meta.shape().dims::<3>();
     let x = into_contiguous(x);
-    // Written in place unless another tensor shares the storage.
-    let cache = if cache.can_mut() { cache } else { cache.copy() };
+    let cache = writable(cache);
     let units = (heads * t) as u32;
     let client = x.client.clone();
     let dynamic = step.is_some();
@@ -1862,9 +1864,19 @@ fn kv_pack(
 /// (the pair it belongs to as [`rope_pairs`] pairs them, by the same expressions).
 #[allow(clippy::too_many_arguments)]
 #[cube]
-fn row_value(x: &[f32], src: u32, c: u32, cos: &[f32], sin: &[f32], p: u32, d: u32, rot: bool, #[comptime] halves: bool) -> f32 {
+fn row_value(
+    x: &[f32],
+    src: u32,
+    c: u32,
+    cos: &[f32],
+    sin: &[f32],
+    p: u32,
+    d: u32,
+    #[comptime] rot: bool,
+    #[comptime] halves: bool,
+) -> f32 {
     let mut v = x[(src + c) as usize];
-    if rot {
+    if comptime![rot] {
         let half = d / 2;
         // Pair `j` is `(a, b)`; `c` is its first value or its second.
         let mut j = c / 2;
@@ -1897,7 +1909,7 @@ fn pack_row(
     cos: &[f32],
     sin: &[f32],
     p: u32,
-    rot: bool,
+    #[comptime] rot: bool,
     cache: &mut [u32],
     row: u32,
     d: u32,
@@ -1954,9 +1966,9 @@ fn pack_row(
 /// A decode step's RoPE and KV cache writes as one launch ([`QuantOps::rope_kv_step`]):
 /// `qkv` is the joined projection's row (`heads` query heads, then `kv_heads` key heads,
 /// then as many value heads, `d` values each); the position and the cache row are the
-/// step tensor's. Units `..heads * d / 2` rotate query pair `j` of head `h` into `q_out`
-/// (`[heads, d]`) as [`rope_pairs`] does; the next `kv_heads` units each write one key
-/// row, rotated, and the last `kv_heads` one value row, as [`kv_pack`] packs them.
+/// step tensor's. Units `..heads * d` each write one rotated query value into `q_out`
+/// (`[heads, d]`, [`row_value`]); the next `kv_heads` units each write one key row,
+/// rotated, and the last `kv_heads` one value row, as [`kv_pack`] packs them.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 fn rope_kv(
@@ -1976,24 +1988,12 @@ fn rope_kv(
     #[comptime] halves: bool,
 ) {
     let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * KV_UNITS + UNIT_POS_X;
-    let half = d / 2;
-    let q_units = heads * half;
+    let q_units = heads * d;
     let p = step[STEP_POSITION as usize];
     if u < q_units {
-        let j = u % half;
-        let h = u / half;
-        let mut a = 2 * j;
-        let mut b = a + 1;
-        if comptime![halves] {
-            a = j;
-            b = j + half;
-        }
-        let c = cos[(p * half + j) as usize];
-        let s = sin[(p * half + j) as usize];
-        let x0 = qkv[(h * d + a) as usize];
-        let x1 = qkv[(h * d + b) as usize];
-        q_out[(h * d + a) as usize] = x0 * c - x1 * s;
-        q_out[(h * d + b) as usize] = x0 * s + x1 * c;
+        // Value `u % d` of head `u / d`: the row starts at `u - u % d`.
+        let c = u % d;
+        q_out[u as usize] = row_value(qkv, u - c, c, cos, sin, p, d, true, halves);
     } else if u < q_units + 2 * kv_heads {
         // Key head `r`, or value head `r - kv_heads`: either's row starts `(heads + r) d`
         // into `qkv`.
